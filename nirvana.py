@@ -1,0 +1,758 @@
+"""
+Nirvana: a Specialized Generalist Model with a Task-Aware Memory Mechanism (arXiv 2510.26083), in one file.
+
+Read it top to bottom:
+  1. NirvanaConfig: every knob, the six variants and the named presets.
+  2. The three hot functions, in plain PyTorch: the gated delta rule (token-by-token recurrence = the
+     executable spec, plus a chunked form), sliding-window attention, and the Trigger's CL-OGD step.
+     `backend="triton"` swaps them for the compiled versions in kernels/; the model code does not change.
+  3. Small modules in reading order: norms, causal conv, RoPE, attention with its cache, Gated DeltaNet,
+     the Trigger, the Updater, the mixers, the block, and the model with generate().
+
+Shapes: B batch, T tokens, H heads, Dk key/query head size, Dv value head size (= expand_v * Dk),
+d_t trigger space (64), K bank size (64). Equation numbers refer to the paper; ../shared/SPEC.md fixes the
+details the paper leaves open, and a one-line comment marks each choice this file makes on its own.
+"""
+
+import math
+from dataclasses import dataclass, fields
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Configuration
+
+
+# Each variant fixes the layer layout; the paper's tables compare them side by side (Tables 2-9, Fig. 4).
+VARIANTS = {
+    # name:              (layout,     trigger, RoPE in the SWA branch)
+    "nirvana":           ("nirvana",  True,    False),
+    "nirvana-notrigger": ("nirvana",  False,   False),  # t = sigmoid(u . x), zeta sees [a; b]
+    "nirvana-rope":      ("nirvana",  True,    True),   # Appendix A.4
+    "gated-deltanet":    ("gdn",      False,   False),  # every layer is the Gated DeltaNet branch alone
+    "hybrid":            ("hybrid",   False,   True),   # GDN and SWA layers alternating; SWA with RoPE as in Samba
+    "transformer":       ("attention", False,  True),   # Transformer++: full causal attention with RoPE
+}
+
+# Sizes. Parameter counts with vocab 32000 and untied embeddings (test_nirvana.py checks them):
+#          nirvana        nirvana-notrigger  gated-deltanet  hybrid         transformer
+#   125m   146,903,568    145,100,688        141,406,608     137,756,232    134,105,856
+#   350m   417,496,832    412,723,584        399,724,928     386,796,224    373,867,520
+#   1.3b   1,386,310,336  1,377,850,816      1,338,488,256   1,291,357,920  1,244,227,584
+# (nirvana-rope has nirvana's count). "tiny" (366,832 for nirvana, vocab 512) is for tests and the CPU.
+PRESETS = {
+    "tiny": dict(vocab_size=512, context_length=256, d_model=64, n_layers=4, n_heads=2, window=32,
+                 lowrank=8, trigger_dim=16, bank_size=8),
+    "125m": dict(d_model=768, n_layers=12, n_heads=6, window=2048, context_length=4096),
+    "350m": dict(d_model=1024, n_layers=24, n_heads=8, window=2048, context_length=4096),
+    "1.3b": dict(d_model=2048, n_layers=22, n_heads=16, window=2048, context_length=4096),
+}
+
+
+@dataclass
+class NirvanaConfig:
+    variant: str = "nirvana"        # a key of VARIANTS
+    vocab_size: int = 32000         # LLaMA-2-sized sentencepiece vocabulary (Sec. 3)
+    context_length: int = 4096      # training context (Sec. 3); the model itself has no length limit
+    d_model: int = 2048
+    n_layers: int = 22
+    n_heads: int = 16               # shared by both memory branches (SPEC: same heads, same head sizes)
+    head_dim: int | None = None     # Dk; None means d_model // n_heads
+    expand_v: int = 1               # Dv = expand_v * Dk
+    n_prelude: int = 2              # first layers are Gated DeltaNet only (Sec. 2.2)
+    window: int = 2048              # W: keys (i-W, i] including the query itself (Sec. 3)
+    lowrank: int = 32               # r of the low-rank q/k/v deltas of the SWA branch (Sec. 2.1)
+    trigger_dim: int = 64           # d_t, "a compact 64-dimensional space" (Sec. 3.1)
+    bank_size: int = 64             # K blocks in the shared fast-weight bank (Sec. 2.2)
+    eta_ref: float = 0.1            # eq.(5); our choice: |Δp| about 0.06 per layer at init (d_t = 64)
+    detach_inner_grad: bool = False  # True stops training gradients through the inner gradient of eq.(4)
+    conv_size: int = 4              # causal depthwise conv of Gated DeltaNet
+    ffn_hidden: int | None = None   # SwiGLU hidden size; None means 8/3 d_model rounded up to 128
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    backend: str = "torch"          # "torch" (this file) or "triton" (kernels/)
+
+    def __post_init__(self):
+        def fail(message):
+            raise ValueError(f"NirvanaConfig: {message}")
+
+        if self.variant not in VARIANTS:
+            fail(f"unknown variant {self.variant!r}; choose one of {sorted(VARIANTS)}")
+        if self.backend not in ("torch", "triton"):
+            fail(f"unknown backend {self.backend!r}; choose 'torch' or 'triton'")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "window", "lowrank", "trigger_dim",
+                     "bank_size", "conv_size", "expand_v"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                fail(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                fail(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model}), or set head_dim")
+            self.head_dim = self.d_model // self.n_heads
+        if self.head_dim < 1:
+            fail(f"head_dim must be positive, got {self.head_dim}")
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 128 * math.ceil(8 * self.d_model / 3 / 128)
+        if not 0 <= self.n_prelude <= self.n_layers:
+            fail(f"n_prelude must be in [0, n_layers={self.n_layers}], got {self.n_prelude}")
+        if self.layout == "nirvana" and self.n_prelude == self.n_layers:
+            fail("a Nirvana model needs at least one post-prelude layer (n_prelude < n_layers)")
+        if self.value_dim < 8:
+            fail(f"n_heads * head_dim * expand_v must be >= 8 (zeta's hidden size is 1/8 of it), got {self.value_dim}")
+        if self.eta_ref < 0:
+            fail(f"eta_ref must be >= 0, got {self.eta_ref}")
+
+    @property
+    def layout(self):
+        return VARIANTS[self.variant][0]
+
+    @property
+    def trigger(self):
+        return VARIANTS[self.variant][1]
+
+    @property
+    def swa_rope(self):
+        return VARIANTS[self.variant][2]
+
+    @property
+    def value_dim(self):
+        return self.n_heads * self.head_dim * self.expand_v  # len(a) = len(b) = H * Dv
+
+    def layer_kind(self, layer):
+        """What mixer layer `layer` uses: 'gdn', 'swa', 'attention' or 'nirvana'."""
+        if self.layout == "nirvana":
+            return "gdn" if layer < self.n_prelude else "nirvana"
+        if self.layout == "hybrid":
+            return "gdn" if layer % 2 == 0 else "swa"
+        return self.layout
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """'<variant>-<size>' (e.g. 'nirvana-125m', 'gated-deltanet-350m') or a bare size (the nirvana variant)."""
+        variant, size = "nirvana", name
+        for candidate in sorted(VARIANTS, key=len, reverse=True):
+            if name.startswith(candidate + "-"):
+                variant, size = candidate, name[len(candidate) + 1:]
+                break
+        if size not in PRESETS:
+            names = [f"{v}-{s}" for v in VARIANTS for s in PRESETS]
+            raise ValueError(f"unknown preset {name!r}; sizes are {list(PRESETS)}, e.g. {names[:3]} ... {names[-1]}")
+        return cls.from_dict({"variant": variant, **PRESETS[size], **overrides})
+
+    @classmethod
+    def from_dict(cls, values):
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"NirvanaConfig: unknown fields {sorted(unknown)}")
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. The three hot functions (torch backend). kernels/ exports the same names with the same signatures.
+
+CHUNK_SIZE = 64
+
+
+def gated_delta_rule_recurrent(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                               cu_seqlens=None):
+    """The gated delta rule token by token: the executable spec (Gated DeltaNet, Yang et al. 2025).
+
+    q, k (B, T, H, Dk) L2-normalised; v (B, T, H, Dv); g (B, T, H) log-decay; beta (B, T, H) in (0, 1).
+    Per head, with S of shape (Dk, Dv):  S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
+    o_t = S_t^T (scale q_t). Returns o (B, T, H, Dv) in v's dtype and the final state (N, H, Dk, Dv) float32.
+    """
+    if cu_seqlens is not None:
+        return _per_sequence(gated_delta_rule_recurrent, q, k, v, g, beta, scale, initial_state,
+                             output_final_state, cu_seqlens)
+    B, T, H, Dk = q.shape
+    scale = Dk ** -0.5 if scale is None else scale
+    out_dtype, dtype = v.dtype, _compute_dtype(v)
+    q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
+    S = q.new_zeros(B, H, Dk, v.shape[-1]) if initial_state is None else initial_state.to(dtype).clone()
+    out = []
+    for t in range(T):
+        k_t, v_t, beta_t = k[:, t], v[:, t], beta[:, t, :, None]                    # (B, H, Dk), (B, H, Dv)
+        S = S * g[:, t, :, None, None].exp()                                         # alpha_t S
+        S = S - torch.einsum("bhk,bhv->bhkv", k_t, beta_t * torch.einsum("bhk,bhkv->bhv", k_t, S))
+        S = S + torch.einsum("bhk,bhv->bhkv", beta_t * k_t, v_t)                    # + beta_t k_t v_t^T
+        out.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))              # S_t^T q_t
+    o = torch.stack(out, dim=1) if out else v.new_zeros(B, 0, H, v.shape[-1])
+    return o.to(out_dtype), (S if output_final_state else None)
+
+
+def gated_delta_rule_chunked(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                             cu_seqlens=None, chunk_size=CHUNK_SIZE):
+    """The same function as gated_delta_rule_recurrent, chunk by chunk (the WY/UT form of Gated DeltaNet).
+
+    Inside a chunk with cumulative log-decay G_t = sum_{s<=t} g_s, the delta-rule "new values"
+    u_t = beta_t (v_t - exp(g_t) S_{t-1}^T k_t) solve the unit lower-triangular system
+        (I + L) U = beta V - beta exp(G) K S_0,   L_ts = beta_t exp(G_t - G_s) k_t.k_s  (s < t),
+    then  O = exp(G) Q S_0 + (Q K^T * exp(G_t - G_s), s <= t) U  and
+          S_C = exp(G_C) S_0 + (K * exp(G_C - G))^T U.
+    """
+    if cu_seqlens is not None:
+        return _per_sequence(gated_delta_rule_chunked, q, k, v, g, beta, scale, initial_state,
+                             output_final_state, cu_seqlens)
+    B, T, H, Dk = q.shape
+    Dv, out_dtype = v.shape[-1], v.dtype
+    C = chunk_size
+    scale = Dk ** -0.5 if scale is None else scale
+    pad = (-T) % C  # padded tokens have k = 0, beta = 0, g = 0: they leave the state unchanged
+
+    dtype = _compute_dtype(v)
+
+    def chunks(x):  # (B, T, H, ...) -> (B, H, N, C, ...) float32 (float64 stays float64)
+        x = x.to(dtype)
+        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, 0, 0, pad))
+        return x.view(B, (T + pad) // C, C, H, *x.shape[3:]).transpose(1, 3).transpose(2, 3)
+
+    q, k, v, g, beta = chunks(q) * scale, chunks(k), chunks(v), chunks(g), chunks(beta)
+    G = g.cumsum(-1)                                                                 # (B, H, N, C)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, -math.inf).exp()  # exp(G_t - G_s), s <= t
+    L = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)
+    I_plus_L = L + torch.eye(C, device=q.device, dtype=dtype)
+    U0 = torch.linalg.solve_triangular(I_plus_L, beta[..., None] * v, upper=False, unitriangular=True)
+    W = torch.linalg.solve_triangular(I_plus_L, (beta * G.exp())[..., None] * k, upper=False, unitriangular=True)
+    attn = (q @ k.transpose(-1, -2)) * decay                                         # (B, H, N, C, C)
+    S = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(dtype)
+    out = []
+    for n in range(q.shape[2]):
+        U = U0[:, :, n] - W[:, :, n] @ S                                             # (B, H, C, Dv)
+        out.append((q[:, :, n] * G[:, :, n, :, None].exp()) @ S + attn[:, :, n] @ U)
+        G_last = G[:, :, n, -1:]                                                     # (B, H, 1)
+        S = G_last[..., None].exp() * S + (k[:, :, n] * (G_last - G[:, :, n]).exp()[..., None]).transpose(-1, -2) @ U
+    o = torch.stack(out, dim=2).reshape(B, H, T + pad, Dv)[:, :, :T].transpose(1, 2)
+    return o.to(out_dtype), (S if output_final_state else None)
+
+
+def _compute_dtype(x):
+    """The delta rule runs in float32 (float64 inputs stay float64, for gradcheck)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _per_sequence(fn, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+    """Packed sequences (B == 1, offsets cu_seqlens of length N+1): run fn on each; no state crosses."""
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got q of shape {tuple(q.shape)}")
+    offsets = [int(x) for x in cu_seqlens]
+    if offsets[0] != 0 or offsets[-1] != q.shape[1] or any(a > b for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to T={q.shape[1]}, got {offsets}")
+    outs, states = [], []
+    for n, (start, end) in enumerate(zip(offsets[:-1], offsets[1:])):
+        state = None if initial_state is None else initial_state[n:n + 1]
+        o, s = fn(*(x[:, start:end] for x in (q, k, v, g, beta)), scale=scale, initial_state=state,
+                  output_final_state=True)
+        outs.append(o)
+        states.append(s)
+    return torch.cat(outs, dim=1), (torch.cat(states) if output_final_state else None)
+
+
+def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Torch backend: the chunked form for sequences, the recurrence for one-token decoding."""
+    rule = gated_delta_rule_recurrent if q.shape[1] == 1 else gated_delta_rule_chunked
+    return rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def windowed_attention(q, k, v, q_positions, k_positions, window=None, scale=None):
+    """Softmax attention where query at position i sees keys at positions j with i - window < j <= i.
+
+    q (B, Tq, H, Dk), k (B, Tk, H, Dk), v (B, Tk, H, Dv); positions (Tq,), (Tk,) absolute, a key position < 0
+    marks an empty cache slot; window None means full causal attention. Returns (B, Tq, H, Dv).
+    """
+    delta = q_positions[:, None] - k_positions[None, :]                              # (Tq, Tk) = i - j
+    visible = (delta >= 0) & (k_positions[None, :] >= 0)
+    if window is not None:
+        visible &= delta < window
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=visible, scale=scale)
+    return o.transpose(1, 2)
+
+
+def sliding_window_attention(q, k, v, window, scale=None):
+    """Causal sliding-window attention, SPEC: query i attends keys (i - window, i], itself included.
+
+    q, k (B, T, H, Dk), v (B, T, H, Dv) -> (B, T, H, Dv); scale defaults to Dk ** -0.5.
+    """
+    positions = torch.arange(q.shape[1], device=q.device)
+    return windowed_attention(q, k, v, positions, positions, window, scale)
+
+
+def fast_weight_function(x, p, bank_weight, bank_bias):
+    """f(x; p) = x + LN(W(p) x + b(p)), LN without affine parameters (Sec. 2.2).
+
+    x (..., d_t), p (..., K), bank_weight (K, d_t, d_t), bank_bias (K, d_t); W(p) = sum_k p_k W_k eq.(6).
+    Contracting the bank with x first, z = sum_k p_k (W_k x + b_k), never forms W(p) per token.
+    """
+    z = torch.einsum("...k,kij,...j->...i", p, bank_weight, x) + p @ bank_bias        # (..., d_t)
+    return x + F.layer_norm(z, z.shape[-1:])
+
+
+def trigger_step(q, k, v, p_prev, eta, bank_weight, bank_bias, detach_inner_grad=False):
+    """One CL-OGD step of the Trigger (Sec. 2.2), for every token at once; tokens never share p.
+
+    q, k, v (..., d_t) are q~, k~, v~; p_prev (..., K); eta (...,). In SPEC's order:
+      L = ||f(k~; p_prev) - v~||^2                eq.(3)
+      grad = dL/dp at p_prev                      eq.(4), (7): by autograd, kept in the graph
+      p = p_prev - eta * grad                     eq.(5)
+      c = f(q~; p)                                eq.(2): learn on (k~, v~), then read with q~
+    Returns c (..., d_t) and p (..., K).
+    """
+    differentiable = torch.is_grad_enabled() and not detach_inner_grad
+    with torch.enable_grad():
+        p_in = p_prev if p_prev.requires_grad else p_prev.detach().requires_grad_()
+        loss = (fast_weight_function(k, p_in, bank_weight, bank_bias) - v).pow(2).sum()  # eq.(3), summed over tokens
+        (grad,) = torch.autograd.grad(loss, p_in, create_graph=differentiable, retain_graph=True)
+    p = p_prev - eta[..., None] * grad                                                # eq.(5)
+    return fast_weight_function(q, p, bank_weight, bank_bias), p                     # eq.(2)
+
+
+TORCH_OPS = SimpleNamespace(gated_delta_rule=gated_delta_rule, sliding_window_attention=sliding_window_attention,
+                            trigger_step=trigger_step)
+
+
+def load_backend(name):
+    """The three hot functions for `backend`: this file's ("torch") or the Triton kernels ("triton")."""
+    if name == "torch":
+        return TORCH_OPS
+    try:
+        import kernels
+    except ImportError as error:
+        raise RuntimeError(f"backend='triton' needs the kernels/ package and Triton ({error}); "
+                           "use backend='torch' or install triton") from error
+    return SimpleNamespace(gated_delta_rule=kernels.gated_delta_rule,
+                           sliding_window_attention=kernels.sliding_window_attention,
+                           trigger_step=kernels.trigger_step)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Modules, in reading order
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over each head's Dv values, times SiLU of an output gate (Gated DeltaNet's output norm)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x, gate):  # (B, T, H, Dv), (B, T, H, Dv)
+        return F.rms_norm(x, x.shape[-1:], self.weight, self.eps) * F.silu(gate)
+
+
+class CausalConv(nn.Module):
+    """Depthwise causal conv over time, kernel conv_size; its cache is the last conv_size - 1 inputs."""
+
+    def __init__(self, channels, kernel_size):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size).uniform_(-1, 1) / math.sqrt(kernel_size))
+        self.register_buffer("tail", None, persistent=False)
+
+    def setup_cache(self, batch_size, max_seq_len, device, dtype):
+        self.tail = torch.zeros(batch_size, self.weight.shape[-1] - 1, self.weight.shape[0], device=device, dtype=dtype)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        B, T, C = x.shape
+        tail = x.new_zeros(B, self.weight.shape[-1] - 1, C) if self.tail is None else self.tail.to(x.dtype)
+        x = torch.cat([tail, x], dim=1)
+        if self.tail is not None:
+            self.tail.copy_(x[:, -tail.shape[1]:])
+        return F.conv1d(x.transpose(1, 2), self.weight.to(x.dtype), groups=C).transpose(1, 2)
+
+
+def apply_rope(x, positions, base):
+    """Rotary position embedding (Su et al.) on (B, T, H, D) at absolute `positions` (T,)."""
+    half = x.shape[-1] // 2
+    frequencies = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.float()[:, None] * frequencies                                # (T, D/2)
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+    x1, x2 = x.float()[..., :half], x.float()[..., half:2 * half]
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x.float()[..., 2 * half:]], dim=-1)
+    return rotated.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal softmax attention over a window of W keys (SWA) or all keys (window None), optional RoPE.
+
+    Cache: a ring buffer of the last W keys/values (SWA) or max_seq_len of them (full attention), with the
+    absolute position of each slot, so decoding one token costs O(W), not O(context).
+    """
+
+    def __init__(self, config, window, rope, ops):
+        super().__init__()
+        self.window, self.rope, self.rope_base, self.ops = window, rope, config.rope_base, ops
+        for name in ("k_cache", "v_cache", "slot_positions"):
+            self.register_buffer(name, None, persistent=False)
+
+    def setup_cache(self, batch_size, max_seq_len, device, dtype, n_heads, head_dim, value_dim):
+        slots = max_seq_len if self.window is None else min(self.window, max_seq_len)
+        self.k_cache = torch.zeros(batch_size, slots, n_heads, head_dim, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(batch_size, slots, n_heads, value_dim, device=device, dtype=dtype)
+        self.slot_positions = torch.full((slots,), -1, device=device)                  # -1: empty slot
+
+    def forward(self, q, k, v, start):  # (B, T, H, Dk), (B, T, H, Dk), (B, T, H, Dv); start: position of q[:, 0]
+        positions = torch.arange(start, start + q.shape[1], device=q.device)
+        if self.rope:
+            q, k = apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base)
+        if self.k_cache is None:
+            if self.window is None:
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                      is_causal=True).transpose(1, 2)
+            return self.ops.sliding_window_attention(q, k, v, self.window)
+        keys = torch.cat([self.k_cache.to(k.dtype), k], dim=1)
+        values = torch.cat([self.v_cache.to(v.dtype), v], dim=1)
+        key_positions = torch.cat([self.slot_positions, positions])
+        o = windowed_attention(q, keys, values, positions, key_positions, self.window)
+        kept = min(q.shape[1], self.slot_positions.shape[0])                       # write the newest into the ring
+        slots = positions[-kept:] % self.slot_positions.shape[0]
+        self.k_cache[:, slots] = k[:, -kept:].to(self.k_cache.dtype)
+        self.v_cache[:, slots] = v[:, -kept:].to(self.v_cache.dtype)
+        self.slot_positions[slots] = positions[-kept:]
+        return o
+
+
+class GatedDeltaNet(nn.Module):
+    """The linear-attention branch (Gated DeltaNet), given the shared projections q, k, v of x.
+
+    q1, k1 = L2norm(SiLU(conv(q))), L2norm(SiLU(conv(k))); v1 = SiLU(conv(v));
+    g = -exp(A_log) softplus(Wa x + dt_bias), beta = sigmoid(Wb x); b = GatedRMSNorm(S^T q1, SiLU(Wg x)).
+    Cache: the conv tails and the state S (B, H, Dk, Dv) in float32.
+    """
+
+    def __init__(self, config, ops):
+        super().__init__()
+        H, Dk, Dv = config.n_heads, config.head_dim, config.head_dim * config.expand_v
+        self.H, self.Dk, self.Dv, self.ops = H, Dk, Dv, ops
+        self.q_conv, self.k_conv = CausalConv(H * Dk, config.conv_size), CausalConv(H * Dk, config.conv_size)
+        self.v_conv = CausalConv(H * Dv, config.conv_size)
+        self.a_proj = nn.Linear(config.d_model, H, bias=False)
+        self.b_proj = nn.Linear(config.d_model, H, bias=False)
+        self.g_proj = nn.Linear(config.d_model, H * Dv, bias=False)
+        # Gated DeltaNet's initialisation: decay rate A ~ U(0, 16), time step dt ~ logU(1e-3, 1e-1)
+        self.A_log = nn.Parameter(torch.empty(H).uniform_(0, 16).clamp_(min=1e-4).log())
+        dt = torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)).exp()
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))                 # softplus^-1(dt)
+        self.norm = GatedRMSNorm(Dv, config.norm_eps)
+        self.register_buffer("state", None, persistent=False)
+
+    def setup_cache(self, batch_size, max_seq_len, device, dtype):
+        self.state = torch.zeros(batch_size, self.H, self.Dk, self.Dv, device=device)
+
+    def forward(self, x, q, k, v):  # x (B, T, d_model); q, k (B, T, H*Dk); v (B, T, H*Dv) -> b (B, T, H*Dv)
+        B, T, _ = x.shape
+        q1 = F.normalize(F.silu(self.q_conv(q)).view(B, T, self.H, self.Dk), dim=-1)
+        k1 = F.normalize(F.silu(self.k_conv(k)).view(B, T, self.H, self.Dk), dim=-1)
+        v1 = F.silu(self.v_conv(v)).view(B, T, self.H, self.Dv)
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)   # (B, T, H) log alpha
+        beta = self.b_proj(x).float().sigmoid()                                          # (B, T, H)
+        o, state = self.ops.gated_delta_rule(q1, k1, v1, g, beta, initial_state=self.state,
+                                             output_final_state=self.state is not None)
+        if self.state is not None:
+            self.state.copy_(state)
+        gate = self.g_proj(x).view(B, T, self.H, self.Dv)
+        return self.norm(o.to(gate.dtype), gate).view(B, T, self.H * self.Dv)
+
+
+class LowRank(nn.Module):
+    """U D x with rank r: the cheap difference between the SWA and the linear-attention projections (Sec. 2.1)."""
+
+    def __init__(self, d_in, rank, d_out):
+        super().__init__()
+        self.down, self.up = nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=False)
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+class TriggerBank(nn.Module):
+    """W^bank: K blocks, each a (d_t x d_t) matrix and a d_t bias, shared by all layers and tokens, eq.(6)."""
+
+    def __init__(self, config):
+        super().__init__()
+        K, d_t = config.bank_size, config.trigger_dim
+        # with p = all-ones, W(p) = sum_k W_k has entries of variance 1/d_t: f starts near a random linear map
+        self.weight = nn.Parameter(torch.randn(K, d_t, d_t) / math.sqrt(K * d_t))
+        self.bias = nn.Parameter(torch.randn(K, d_t) / math.sqrt(K * d_t))
+
+
+class Trigger(nn.Module):
+    """Per layer: q~, k~, v~ = Linear(d_model -> d_t) of x, theta_l (d_model,); one CL-OGD step (Sec. 2.2)."""
+
+    def __init__(self, config, ops):
+        super().__init__()
+        d_t = config.trigger_dim
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(config.d_model, d_t, bias=False) for _ in range(3))
+        self.theta = nn.Parameter(torch.zeros(config.d_model))
+        self.eta_ref, self.detach_inner_grad, self.ops = config.eta_ref, config.detach_inner_grad, ops
+
+    def forward(self, x, p_prev, bank):  # x (B, T, d_model), p_prev (B, T, K) -> c (B, T, d_t), p (B, T, K)
+        eta = self.eta_ref * torch.sigmoid(x.float() @ self.theta.float())             # (B, T) eq.(5)
+        q, k, v = (proj(x).float() for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return self.ops.trigger_step(q, k, v, p_prev.float(), eta, bank.weight.float(), bank.bias.float(),
+                                     self.detach_inner_grad)
+
+
+class Updater(nn.Module):
+    """Conditional interpolation eq.(8): o = t a + (1 - t) b + zeta([a; b; c]), t = sigmoid(u . c).
+
+    zeta: Linear -> Swish -> Linear with hidden size len(a)/8. Without the Trigger (nirvana-notrigger),
+    t = sigmoid(u . x) from the block input and zeta sees [a; b].
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        D = config.value_dim
+        condition_dim = config.trigger_dim if config.trigger else config.d_model
+        self.u = nn.Parameter(torch.zeros(condition_dim))
+        self.zeta = nn.Sequential(nn.Linear(2 * D + (config.trigger_dim if config.trigger else 0), D // 8, bias=False),
+                                  nn.SiLU(), nn.Linear(D // 8, D, bias=False))
+
+    def forward(self, a, b, condition, c=None):  # a, b (B, T, H*Dv); condition (B, T, d_t or d_model)
+        t = torch.sigmoid(condition.float() @ self.u.float()).to(a.dtype)             # (B, T)
+        zeta_in = torch.cat([a, b] if c is None else [a, b, c.to(a.dtype)], dim=-1)
+        return t[..., None] * a + (1 - t[..., None]) * b + self.zeta(zeta_in), t
+
+
+class GatedDeltaNetMixer(nn.Module):
+    """Prelude layers and the gated-deltanet baseline: the linear-attention branch alone."""
+
+    def __init__(self, config, ops):
+        super().__init__()
+        H, Dk, Dv = config.n_heads, config.head_dim, config.head_dim * config.expand_v
+        self.q_proj = nn.Linear(config.d_model, H * Dk, bias=False)
+        self.k_proj = nn.Linear(config.d_model, H * Dk, bias=False)
+        self.v_proj = nn.Linear(config.d_model, H * Dv, bias=False)
+        self.gated_deltanet = GatedDeltaNet(config, ops)
+        self.o_proj = nn.Linear(H * Dv, config.d_model, bias=False)
+
+    def forward(self, x, p, bank, start):
+        b = self.gated_deltanet(x, self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        return self.o_proj(b), p, None
+
+
+class AttentionMixer(nn.Module):
+    """The SWA layers of the hybrid baseline (window W) and the transformer's full attention (window None)."""
+
+    def __init__(self, config, window, ops):
+        super().__init__()
+        H, Dk, Dv = config.n_heads, config.head_dim, config.head_dim * config.expand_v
+        self.H, self.Dk, self.Dv = H, Dk, Dv
+        self.q_proj = nn.Linear(config.d_model, H * Dk, bias=False)
+        self.k_proj = nn.Linear(config.d_model, H * Dk, bias=False)
+        self.v_proj = nn.Linear(config.d_model, H * Dv, bias=False)
+        self.attention = Attention(config, window, config.swa_rope, ops)
+        self.o_proj = nn.Linear(H * Dv, config.d_model, bias=False)
+
+    def forward(self, x, p, bank, start):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.Dk)
+        k = self.k_proj(x).view(B, T, self.H, self.Dk)
+        v = self.v_proj(x).view(B, T, self.H, self.Dv)
+        return self.o_proj(self.attention(q, k, v, start).reshape(B, T, -1)), p, None
+
+
+class NirvanaMixer(nn.Module):
+    """A post-prelude Nirvana layer: both memory branches on shared q, k, v, the Trigger, the Updater."""
+
+    def __init__(self, config, ops):
+        super().__init__()
+        H, Dk, Dv = config.n_heads, config.head_dim, config.head_dim * config.expand_v
+        self.H, self.Dk, self.Dv = H, Dk, Dv
+        self.q_proj = nn.Linear(config.d_model, H * Dk, bias=False)                    # shared by both branches
+        self.k_proj = nn.Linear(config.d_model, H * Dk, bias=False)
+        self.v_proj = nn.Linear(config.d_model, H * Dv, bias=False)
+        self.gated_deltanet = GatedDeltaNet(config, ops)
+        self.q_delta = LowRank(config.d_model, config.lowrank, H * Dk)
+        self.k_delta = LowRank(config.d_model, config.lowrank, H * Dk)
+        self.v_delta = LowRank(config.d_model, config.lowrank, H * Dv)
+        self.attention = Attention(config, config.window, config.swa_rope, ops)
+        self.trigger = Trigger(config, ops) if config.trigger else None
+        self.updater = Updater(config)
+        self.o_proj = nn.Linear(H * Dv, config.d_model, bias=False)
+
+    def forward(self, x, p, bank, start):  # x (B, T, d_model); p (B, T, K) from the layer below
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        b = self.gated_deltanet(x, q, k, v)                                            # (B, T, H*Dv) linear attention
+        q2 = (q + self.q_delta(x)).view(B, T, self.H, self.Dk)                         # Sec. 2.1 low-rank deltas
+        k2 = (k + self.k_delta(x)).view(B, T, self.H, self.Dk)
+        v2 = (v + self.v_delta(x)).view(B, T, self.H, self.Dv)
+        a = self.attention(q2, k2, v2, start).reshape(B, T, -1)                        # (B, T, H*Dv) SWA
+        if self.trigger is None:
+            o, t = self.updater(a, b, condition=x)
+        else:
+            c, p = self.trigger(x, p, bank)                                            # (B, T, d_t), (B, T, K)
+            o, t = self.updater(a, b, condition=c, c=c)                                # eq.(8)
+        return self.o_proj(o), p, t
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.up = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.down = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """h = h + Wo mixer(RMSNorm(h)); h = h + SwiGLU(RMSNorm(h))."""
+
+    def __init__(self, config, layer, ops):
+        super().__init__()
+        kind = config.layer_kind(layer)
+        self.kind = kind
+        self.mixer_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        if kind == "gdn":
+            self.mixer = GatedDeltaNetMixer(config, ops)
+        elif kind == "nirvana":
+            self.mixer = NirvanaMixer(config, ops)
+        else:
+            self.mixer = AttentionMixer(config, config.window if kind == "swa" else None, ops)
+        self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.ffn = SwiGLU(config)
+
+    def forward(self, h, p, bank, start):
+        out, p, t = self.mixer(self.mixer_norm(h), p, bank, start)
+        h = h + out
+        return h + self.ffn(self.ffn_norm(h)), p, t
+
+
+class Nirvana(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        ops = load_backend(config.backend)
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.trigger_bank = TriggerBank(config) if config.trigger else None
+        self.blocks = nn.ModuleList(Block(config, layer, ops) for layer in range(config.n_layers))
+        self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.cache_position = 0
+        self.max_seq_len = None
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                # GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layers)
+                residual = name.endswith(("o_proj", "ffn.down"))
+                std = config.init_std / math.sqrt(2 * config.n_layers) if residual else config.init_std
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.token_embedding.weight.numel() if non_embedding else n
+
+    def embed(self, idx):  # (B, T) token ids -> (B, T, d_model)
+        if idx.dim() != 2:
+            raise ValueError(f"token ids must have shape (B, T), got {tuple(idx.shape)}")
+        if idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"token ids must be integers, got {idx.dtype}")
+        if idx.numel() and bool(((idx < 0) | (idx >= self.config.vocab_size)).any()):
+            raise ValueError(f"token id out of range: ids must lie in [0, {self.config.vocab_size}), "
+                             f"got min {int(idx.min())} and max {int(idx.max())}")
+        return self.token_embedding(idx)
+
+    def backbone(self, h, trace=None):
+        """All blocks and the final norm on embeddings h (B, T, d_model); continues from the caches if set.
+
+        trace: a dict to fill with per-Nirvana-layer lists "gate" (B, T) (t of eq.8) and "p" (B, T, K) (eq.5).
+        """
+        if h.dim() != 3 or h.shape[-1] != self.config.d_model:
+            raise ValueError(f"embeddings must have shape (B, T, {self.config.d_model}), got {tuple(h.shape)}")
+        start = self.cache_position
+        if self.max_seq_len is not None and start + h.shape[1] > self.max_seq_len:
+            raise ValueError(f"the caches hold {self.max_seq_len} tokens; {start} + {h.shape[1]} do not fit: "
+                             "call setup_caches with a larger max_seq_len")
+        p = None
+        if self.config.trigger:
+            p = h.new_ones(h.shape[0], h.shape[1], self.config.bank_size, dtype=torch.float32)  # p^0 = all-ones
+        for block in self.blocks:
+            h, p, t = block(h, p, self.trigger_bank, start)
+            if trace is not None and t is not None:
+                trace.setdefault("gate", []).append(t.detach())
+                if self.config.trigger:
+                    trace.setdefault("p", []).append(p.detach())
+        if self.max_seq_len is not None:
+            self.cache_position += h.shape[1]
+        return self.final_norm(h)
+
+    def forward(self, idx, targets=None, return_trace=False):
+        """idx (B, T) -> logits (B, T, vocab) and, given targets (B, T) (-1 = ignore), the mean cross-entropy."""
+        trace = {} if return_trace else None
+        logits = self.lm_head(self.backbone(self.embed(idx), trace))
+        loss = None
+        if targets is not None:
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return (logits, loss, trace) if return_trace else (logits, loss)
+
+    # Inference: caches are plain buffers on the modules; decoding runs the same forward as training.
+
+    def setup_caches(self, batch_size, max_seq_len):
+        """Allocate every layer's cache: delta-rule state, conv tails, SWA ring buffer, full-attention KV."""
+        weight = self.lm_head.weight
+        self.cache_position, self.max_seq_len = 0, max_seq_len
+        c = self.config
+        for module in self.modules():
+            if isinstance(module, (CausalConv, GatedDeltaNet)):
+                module.setup_cache(batch_size, max_seq_len, weight.device, weight.dtype)
+            elif isinstance(module, Attention):
+                module.setup_cache(batch_size, max_seq_len, weight.device, weight.dtype, c.n_heads, c.head_dim,
+                                   c.head_dim * c.expand_v)
+
+    def clear_caches(self):
+        for module in self.modules():
+            for name in ("tail", "state", "k_cache", "v_cache", "slot_positions"):
+                if hasattr(module, name) and isinstance(getattr(module, name), torch.Tensor):
+                    setattr(module, name, None)
+        self.cache_position, self.max_seq_len = 0, None
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Continue idx (B, T) by max_new_tokens sampled tokens: prefill, then O(1)-per-token decoding.
+
+        temperature 0 picks the most likely token; top_k keeps only the k most likely.
+        """
+        self.setup_caches(idx.shape[0], idx.shape[1] + max_new_tokens)
+        try:
+            logits, _ = self(idx)
+            tokens = [idx]
+            for step in range(max_new_tokens):
+                tokens.append(sample_next(logits[:, -1], temperature, top_k))
+                if step + 1 < max_new_tokens:
+                    logits, _ = self(tokens[-1])
+        finally:
+            self.clear_caches()
+        return torch.cat(tokens, dim=1)
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location="cpu", **overrides):
+        """A model from a checkpoint holding "config" (a dict of NirvanaConfig fields) and "model" (state dict)."""
+        try:
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"checkpoint not found: {path}") from None
+        except Exception as error:
+            raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+        if not isinstance(checkpoint, dict) or not {"config", "model"} <= set(checkpoint):
+            raise ValueError(f"checkpoint {path} lacks the 'config' and 'model' entries")
+        model = cls(NirvanaConfig.from_dict({**checkpoint["config"], **overrides}))
+        model.load_state_dict(checkpoint["model"])
+        return model
+
+
+def sample_next(logits, temperature=1.0, top_k=None):
+    """One token per row of logits (B, vocab): greedy at temperature 0, else softmax(logits / T) over the top k."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
