@@ -285,9 +285,10 @@ def fast_weight_function(x, p, bank_weight, bank_bias):
     """f(x; p) = x + LN(W(p) x + b(p)), LN without affine parameters (Sec. 2.2).
 
     x (..., d_t), p (..., K), bank_weight (K, d_t, d_t), bank_bias (K, d_t); W(p) = sum_k p_k W_k eq.(6).
-    Contracting the bank with x first, z = sum_k p_k (W_k x + b_k), never forms W(p) per token.
+    Contracting the bank with x first, z = sum_k p_k (W_k x + b_k), never forms W(p) per token
+    (torch.einsum contracts left to right: bank with x gives (..., K, d_t), then p sums over K).
     """
-    z = torch.einsum("...k,kij,...j->...i", p, bank_weight, x) + p @ bank_bias        # (..., d_t)
+    z = torch.einsum("kij,...j,...k->...i", bank_weight, x, p) + p @ bank_bias        # (..., d_t)
     return x + F.layer_norm(z, z.shape[-1:])
 
 
