@@ -396,7 +396,7 @@ class Attention(nn.Module):
         self.slot_positions = torch.full((slots,), -1, device=device)                  # -1: empty slot
 
     def forward(self, q, k, v, start):  # (B, T, H, Dk), (B, T, H, Dk), (B, T, H, Dv); start: position of q[:, 0]
-        positions = torch.arange(start, start + q.shape[1], device=q.device)
+        positions = start + torch.arange(q.shape[1], device=q.device)                # start: int or device tensor
         if self.rope:
             q, k = apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base)
         if self.k_cache is None:
@@ -635,8 +635,12 @@ class Nirvana(nn.Module):
         self.blocks = nn.ModuleList(Block(config, layer, ops) for layer in range(config.n_layers))
         self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # Decoding state: cache_position counts tokens on the host (for users and the size check); the buffer
+        # `position` holds the same count on the device, so a one-token step has no host sync and can be
+        # captured in a CUDA graph (only the buffer advances when such a graph is replayed).
         self.cache_position = 0
         self.max_seq_len = None
+        self.register_buffer("position", None, persistent=False)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 # GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layers)
@@ -653,7 +657,8 @@ class Nirvana(nn.Module):
             raise ValueError(f"token ids must have shape (B, T), got {tuple(idx.shape)}")
         if idx.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"token ids must be integers, got {idx.dtype}")
-        if idx.numel() and bool(((idx < 0) | (idx >= self.config.vocab_size)).any()):
+        capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()        # a host check cannot run in a graph
+        if idx.numel() and not capturing and bool(((idx < 0) | (idx >= self.config.vocab_size)).any()):
             raise ValueError(f"token id out of range: ids must lie in [0, {self.config.vocab_size}), "
                              f"got min {int(idx.min())} and max {int(idx.max())}")
         return self.token_embedding(idx)
@@ -665,10 +670,10 @@ class Nirvana(nn.Module):
         """
         if h.dim() != 3 or h.shape[-1] != self.config.d_model:
             raise ValueError(f"embeddings must have shape (B, T, {self.config.d_model}), got {tuple(h.shape)}")
-        start = self.cache_position
-        if self.max_seq_len is not None and start + h.shape[1] > self.max_seq_len:
-            raise ValueError(f"the caches hold {self.max_seq_len} tokens; {start} + {h.shape[1]} do not fit: "
-                             "call setup_caches with a larger max_seq_len")
+        if self.max_seq_len is not None and self.cache_position + h.shape[1] > self.max_seq_len:
+            raise ValueError(f"the caches hold {self.max_seq_len} tokens; {self.cache_position} + {h.shape[1]} "
+                             "do not fit: call setup_caches with a larger max_seq_len")
+        start = 0 if self.position is None else self.position                          # position of h[:, 0]
         p = None
         if self.config.trigger:
             p = h.new_ones(h.shape[0], h.shape[1], self.config.bank_size, dtype=torch.float32)  # p^0 = all-ones
@@ -678,7 +683,8 @@ class Nirvana(nn.Module):
                 trace.setdefault("gate", []).append(t.detach())
                 if self.config.trigger:
                     trace.setdefault("p", []).append(p.detach())
-        if self.max_seq_len is not None:
+        if self.position is not None:
+            self.position.add_(h.shape[1])
             self.cache_position += h.shape[1]
         return self.final_norm(h)
 
@@ -699,6 +705,7 @@ class Nirvana(nn.Module):
         """Allocate every layer's cache: delta-rule state, conv tails, SWA ring buffer, full-attention KV."""
         weight = self.lm_head.weight
         self.cache_position, self.max_seq_len = 0, max_seq_len
+        self.position = torch.zeros((), dtype=torch.long, device=weight.device)
         c = self.config
         for module in self.modules():
             if isinstance(module, (CausalConv, GatedDeltaNet)):
@@ -712,7 +719,7 @@ class Nirvana(nn.Module):
             for name in ("tail", "state", "k_cache", "v_cache", "slot_positions"):
                 if hasattr(module, name) and isinstance(getattr(module, name), torch.Tensor):
                     setattr(module, name, None)
-        self.cache_position, self.max_seq_len = 0, None
+        self.cache_position, self.max_seq_len, self.position = 0, None, None
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
