@@ -448,6 +448,7 @@ class GatedDeltaNet(nn.Module):
         q1 = F.normalize(F.silu(self.q_conv(q)).view(B, T, self.H, self.Dk), dim=-1)
         k1 = F.normalize(F.silu(self.k_conv(k)).view(B, T, self.H, self.Dk), dim=-1)
         v1 = F.silu(self.v_conv(v)).view(B, T, self.H, self.Dv)
+        q1, k1 = q1.to(v1.dtype), k1.to(v1.dtype)                                     # autocast normalises in float32
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)   # (B, T, H) log alpha
         beta = self.b_proj(x).float().sigmoid()                                          # (B, T, H)
         o, state = self.ops.gated_delta_rule(q1, k1, v1, g, beta, initial_state=self.state,
