@@ -1,0 +1,611 @@
+"""Triton kernels for the gated delta rule (Gated DeltaNet, Yang et al. 2025), forward and backward.
+
+The recurrence, per sequence and head (S is a Dk x Dv float32 state):
+
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T        o_t = S_t^T (scale q_t)
+
+Chunked form (chunk C = 64; inside a chunk G_t = g_1 + ... + g_t, Gamma_t = exp(G_t); S = state at the
+chunk start; the WY/UT transform of the Gated DeltaNet paper):
+
+    A     = diag(beta) (K K^T * exp(G_t - G_i))_{i<t}          (C, C) strictly lower triangular
+    Tinv  = (I + A)^-1                                          (C, C) forward substitution
+    W     = Tinv diag(beta Gamma) K,   U = Tinv diag(beta) V    (C, Dk), (C, Dv)
+    Vnew  = U - W S                                             (C, Dv) the "new values" of the chunk
+    O     = diag(Gamma) Qs S + (Qs K^T * exp(G_t - G_i))_{i<=t} Vnew       Qs = scale Q
+    S'    = Gamma_C S + (diag(exp(G_C - G)) K)^T Vnew
+
+Kernels (reading order): the WY preparation (parallel over chunks), the state pass (sequential over a
+sequence's chunks, also writes the output), the single-token/recurrent decode kernel, then the backward:
+the reverse state pass (gradients of the chunk-end states and of Vnew) and two per-chunk gradient kernels
+((C, C) part with dv; then dq, dk, dbeta, dg). Every kernel is Triton; the backward recomputes the forward's
+intermediates (W, U, chunk states, Vnew) instead of keeping them.
+
+Layout: (B, T, H, D), i.e. head after time. Packed sequences: B == 1 with cu_seqlens (N+1 offsets); a batch
+of B equal-length sequences is run as B packed sequences of length T. Supported: Dk and Dv powers of two in
+[16, 256]; q, k, v in float32, bfloat16 or float16 (all arithmetic in float32; float32 inputs and Dk = 256
+use exact float32 dot products, otherwise tf32 ones); g <= 0 (log-decay) and beta of any float dtype.
+On CPU the kernels run only under TRITON_INTERPRET=1.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 64  # tokens per chunk (C)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward kernels
+
+
+@triton.jit
+def _load_rows(ptr, rows, valid, i_h, cols, H: tl.constexpr, D: tl.constexpr):
+    """Rows `rows` of head i_h, columns `cols`, of a (TT, H, D) tensor as float32; rows without `valid` read 0."""
+    return tl.load(ptr + (rows[:, None] * H + i_h) * D + cols[None, :], mask=valid[:, None], other=0.).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, x, rows, valid, i_h, cols, H: tl.constexpr, D: tl.constexpr):
+    """Writes x (len(rows), len(cols)) into the valid rows of head i_h of a (TT, H, D) tensor, in its dtype."""
+    tl.store(ptr + (rows[:, None] * H + i_h) * D + cols[None, :], x.to(ptr.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def _wy_prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end_ptr,
+                       gcum_ptr, tinv_ptr, w_ptr, u_ptr,
+                       H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+                       PREC: tl.constexpr):
+    """One program = one chunk (C=64 tokens) of one head. Blocks: K (C, DK), V (C, DV), A and Tinv (C, C).
+
+    Writes the in-chunk cumulative log-decay G (C,), Tinv = (I + A)^-1 (C, C) and the WY factors
+    W = Tinv diag(beta Gamma) K (C, DK), U = Tinv diag(beta) V (C, DV), all float32.
+    """
+    i_c = tl.program_id(0).to(tl.int64)  # 64-bit offsets: n_chunks * H * Dk * Dv may pass 2**31
+    i_h = tl.program_id(1)
+    start = tl.load(chunk_start_ptr + i_c).to(tl.int64)
+    end = tl.load(chunk_end_ptr + i_c).to(tl.int64)
+    r = tl.arange(0, C)
+    rows = start + r
+    valid = rows < end
+    dk = tl.arange(0, DK)
+    dv = tl.arange(0, DV)
+
+    k = _load_rows(k_ptr, rows, valid, i_h, dk, H, DK)
+    v = _load_rows(v_ptr, rows, valid, i_h, dv, H, DV)
+    g = tl.load(g_ptr + rows * H + i_h, mask=valid, other=0.)
+    beta = tl.load(beta_ptr + rows * H + i_h, mask=valid, other=0.)
+    G = tl.cumsum(g, 0)  # (C,) padded rows keep the last valid value since their g is 0
+
+    strict = r[:, None] > r[None, :]
+    decay = tl.where(strict, tl.exp(tl.where(strict, G[:, None] - G[None, :], 0.)), 0.)
+    A = beta[:, None] * tl.dot(k, tl.trans(k), input_precision=PREC) * decay  # (C, C)
+
+    # Forward substitution: row t of Tinv = e_t - A[t, :] Tinv (rows < t are already final).
+    tinv = tl.where(r[:, None] == r[None, :], 1., 0.)
+    for t in range(1, C):
+        a_row = tl.sum(tl.where(r[:, None] == t, A, 0.), 0)  # (C,)
+        tinv = tl.where(r[:, None] == t, tinv - tl.sum(a_row[:, None] * tinv, 0)[None, :], tinv)
+
+    w = tl.dot(tinv, k * (beta * tl.exp(G))[:, None], input_precision=PREC)  # (C, DK)
+    u = tl.dot(tinv, v * beta[:, None], input_precision=PREC)  # (C, DV)
+
+    tl.store(gcum_ptr + rows * H + i_h, G, mask=valid)
+    tl.store(tinv_ptr + ((i_c * H + i_h) * C + r[:, None]) * C + r[None, :], tinv)
+    _store_rows(w_ptr, w, rows, valid, i_h, dk, H, DK)
+    _store_rows(u_ptr, u, rows, valid, i_h, dv, H, DV)
+
+
+@triton.jit
+def _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H: tl.constexpr):
+    """G (C,) of a chunk, padded rows set to G_C; and G_C (the last valid row's G)."""
+    G_last = tl.load(gcum_ptr + last * H + i_h)
+    G = tl.load(gcum_ptr + rows * H + i_h, mask=valid, other=0.)
+    return tl.where(valid, G, G_last), G_last
+
+
+@triton.jit
+def _state_forward_kernel(q_ptr, k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, cu_ptr, chunk_offsets_ptr,
+                          o_ptr, ht_ptr, h_ptr, vnew_ptr, scale,
+                          H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+                          C: tl.constexpr, PREC: tl.constexpr, WRITE_OUTPUT: tl.constexpr,
+                          STORE_STATES: tl.constexpr):
+    """One program = one sequence, one head, BV columns of the state; walks the sequence's chunks in order.
+
+    Blocks: state S (DK, BV) float32 in registers, Q/K/W (C, DK), U/Vnew/O (C, BV), scores (C, C).
+    Per chunk: Vnew = U - W S; O = diag(Gamma) Qs S + (Qs K^T * decay) Vnew; S <- Gamma_C S + (eK)^T Vnew.
+    Writes O (if WRITE_OUTPUT), the final state, and for the backward (if STORE_STATES) the chunk-start
+    states and Vnew.
+    """
+    i_n = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    bos = tl.load(cu_ptr + i_n).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    first_chunk = tl.load(chunk_offsets_ptr + i_n).to(tl.int64)
+    n_chunks = tl.load(chunk_offsets_ptr + i_n + 1).to(tl.int64) - first_chunk
+    r = tl.arange(0, C)
+    dk = tl.arange(0, DK)
+    cv = i_v * BV + tl.arange(0, BV)
+    state_offsets = dk[:, None] * DV + cv[None, :]  # (DK, BV) inside one (DK, DV) state
+
+    S = tl.load(h0_ptr + (i_n * H + i_h) * DK * DV + state_offsets)
+    incl = r[:, None] >= r[None, :]
+    for c in range(n_chunks):
+        rows = bos + c * C + r
+        valid = rows < eos
+        last = tl.minimum(bos + c * C + C, eos) - 1
+        if STORE_STATES:
+            tl.store(h_ptr + ((first_chunk + c) * H + i_h) * DK * DV + state_offsets, S)
+        G, G_last = _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H)
+        k = _load_rows(k_ptr, rows, valid, i_h, dk, H, DK)
+        w = _load_rows(w_ptr, rows, valid, i_h, dk, H, DK)
+        u = _load_rows(u_ptr, rows, valid, i_h, cv, H, DV)
+        vnew = u - tl.dot(w, S, input_precision=PREC)  # (C, BV)
+        if STORE_STATES:
+            _store_rows(vnew_ptr, vnew, rows, valid, i_h, cv, H, DV)
+        if WRITE_OUTPUT:
+            q = _load_rows(q_ptr, rows, valid, i_h, dk, H, DK) * scale
+            decay = tl.where(incl, tl.exp(tl.where(incl, G[:, None] - G[None, :], 0.)), 0.)
+            scores = tl.dot(q, tl.trans(k), input_precision=PREC) * decay  # (C, C)
+            o = tl.dot(q * tl.exp(G)[:, None], S, input_precision=PREC) + tl.dot(scores, vnew, input_precision=PREC)
+            _store_rows(o_ptr, o, rows, valid, i_h, cv, H, DV)
+        k_decayed = k * tl.exp(G_last - G)[:, None]
+        S = S * tl.exp(G_last) + tl.dot(tl.trans(k_decayed), vnew, input_precision=PREC)
+    tl.store(ht_ptr + (i_n * H + i_h) * DK * DV + state_offsets, S)
+
+
+@triton.jit
+def _recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, cu_ptr, o_ptr, ht_ptr, scale,
+                      H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
+    """One program = one sequence, one head, BV columns of the state; one token at a time (the decode path).
+
+    Blocks: state S (DK, BV) float32, q/k (DK,), v/o (BV,). Per token:
+    S <- exp(g) S; S <- S + beta k (v - S^T k)^T; o = S^T (scale q). Writes o and the final state.
+    """
+    i_n = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    bos = tl.load(cu_ptr + i_n).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    dk = tl.arange(0, DK)
+    cv = i_v * BV + tl.arange(0, BV)
+    state_offsets = dk[:, None] * DV + cv[None, :]
+    S = tl.load(h0_ptr + (i_n * H + i_h) * DK * DV + state_offsets)
+    for t in range(bos, eos):
+        q = tl.load(q_ptr + (t * H + i_h) * DK + dk).to(tl.float32) * scale
+        k = tl.load(k_ptr + (t * H + i_h) * DK + dk).to(tl.float32)
+        v = tl.load(v_ptr + (t * H + i_h) * DV + cv).to(tl.float32)
+        g = tl.load(g_ptr + t * H + i_h)
+        beta = tl.load(beta_ptr + t * H + i_h)
+        S = S * tl.exp(g)
+        correction = beta * (v - tl.sum(k[:, None] * S, 0))  # (BV,)
+        S = S + k[:, None] * correction[None, :]
+        o = tl.sum(q[:, None] * S, 0)
+        tl.store(o_ptr + (t * H + i_h) * DV + cv, o.to(o_ptr.dtype.element_ty))
+    tl.store(ht_ptr + (i_n * H + i_h) * DK * DV + state_offsets, S)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backward kernels
+
+
+@triton.jit
+def _state_backward_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dht_ptr, cu_ptr, chunk_offsets_ptr,
+                           dh_ptr, dvnew_ptr, dh0_ptr, scale,
+                           H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+                           C: tl.constexpr, PREC: tl.constexpr):
+    """One program = one sequence, one head, BV state columns; walks the chunks backwards.
+
+    Blocks: dS (DK, BV) float32 (gradient of the state at the current chunk's end), Q/K/W (C, DK),
+    dO/dVnew (C, BV), scores (C, C). Per chunk (last first):
+    dVnew = (Qs K^T * decay)^T dO + diag(exp(G_C - G)) K dS;
+    dS <- Gamma_C dS + (diag(Gamma) Qs)^T dO - W^T dVnew.
+    Writes dS of each chunk end, dVnew, and the initial-state gradient.
+    """
+    i_n = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    bos = tl.load(cu_ptr + i_n).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    first_chunk = tl.load(chunk_offsets_ptr + i_n).to(tl.int64)
+    n_chunks = tl.load(chunk_offsets_ptr + i_n + 1).to(tl.int64) - first_chunk
+    r = tl.arange(0, C)
+    dk = tl.arange(0, DK)
+    cv = i_v * BV + tl.arange(0, BV)
+    state_offsets = dk[:, None] * DV + cv[None, :]
+
+    dS = tl.load(dht_ptr + (i_n * H + i_h) * DK * DV + state_offsets)
+    incl = r[:, None] >= r[None, :]
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        rows = bos + c * C + r
+        valid = rows < eos
+        last = tl.minimum(bos + c * C + C, eos) - 1
+        tl.store(dh_ptr + ((first_chunk + c) * H + i_h) * DK * DV + state_offsets, dS)
+        G, G_last = _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H)
+        q = _load_rows(q_ptr, rows, valid, i_h, dk, H, DK) * scale
+        k = _load_rows(k_ptr, rows, valid, i_h, dk, H, DK)
+        w = _load_rows(w_ptr, rows, valid, i_h, dk, H, DK)
+        do = _load_rows(do_ptr, rows, valid, i_h, cv, H, DV)
+        decay = tl.where(incl, tl.exp(tl.where(incl, G[:, None] - G[None, :], 0.)), 0.)
+        scores = tl.dot(q, tl.trans(k), input_precision=PREC) * decay  # (C, C)
+        k_decayed = k * tl.exp(G_last - G)[:, None]
+        dvnew = tl.dot(tl.trans(scores), do, input_precision=PREC) + tl.dot(k_decayed, dS, input_precision=PREC)
+        _store_rows(dvnew_ptr, dvnew, rows, valid, i_h, cv, H, DV)
+        q_decayed = q * tl.exp(G)[:, None]
+        dS = (dS * tl.exp(G_last) + tl.dot(tl.trans(q_decayed), do, input_precision=PREC)
+              - tl.dot(tl.trans(w), dvnew, input_precision=PREC))
+    tl.store(dh0_ptr + (i_n * H + i_h) * DK * DV + state_offsets, dS)
+
+
+@triton.jit
+def _load_chunk_vectors(beta_ptr, gcum_ptr, chunk_start_ptr, chunk_end_ptr, i_c, i_h, H: tl.constexpr,
+                        C: tl.constexpr):
+    """Chunk i_c of head i_h: token rows (C,), their validity, the last valid row's index in the chunk,
+    beta (C,), G (C,) and G_C."""
+    start = tl.load(chunk_start_ptr + i_c).to(tl.int64)
+    end = tl.load(chunk_end_ptr + i_c).to(tl.int64)
+    rows = start + tl.arange(0, C)
+    valid = rows < end
+    last = tl.minimum(start + C, end) - 1
+    beta = tl.load(beta_ptr + rows * H + i_h, mask=valid, other=0.)
+    G, G_last = _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H)
+    return rows, valid, last - start, beta, G, G_last
+
+
+@triton.jit
+def _chunk_grad_wy_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gcum_ptr, tinv_ptr, h_ptr, dh_ptr, vnew_ptr, dvnew_ptr,
+                          do_ptr, chunk_start_ptr, chunk_end_ptr, dqk_ptr, dkk_ptr, dv_ptr, dbeta_ptr, dg_ptr, scale,
+                          H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          C: tl.constexpr, PREC: tl.constexpr):
+    """One program = one chunk of one head: the (C, C) part of the backward, dv, and the parts of dbeta and dG
+    that need no Dk-sized accumulator. Blocks: (C, C) matrices; Q/K (C, BK); V/O/Vnew (C, BV); states (BK, BV).
+
+    With the chunk-start state S, the chunk-end state gradient dS', Vnew and dVnew:
+      dTinv = dVnew (diag(beta) V - B_w S)^T    (= dU B_u^T + dW B_w^T, dW = -dVnew S^T, B_w = diag(beta Gamma) K)
+      dA = -Tinv^T dTinv Tinv^T (strictly lower);  dv = diag(beta) Tinv^T dVnew.
+    Writes dQK = dO Vnew^T * decay and dKK = diag(beta) dA * decay (the (C, C) gradients the second kernel needs),
+    dv, and partial dbeta, dG (G_C's gradient is added at the chunk's last row).
+    """
+    i_c = tl.program_id(0).to(tl.int64)  # 64-bit offsets: n_chunks * H * Dk * Dv may pass 2**31
+    i_h = tl.program_id(1)
+    rows, valid, last, beta, G, G_last = _load_chunk_vectors(beta_ptr, gcum_ptr, chunk_start_ptr, chunk_end_ptr,
+                                                             i_c, i_h, H, C)
+    r = tl.arange(0, C)
+    bw_scale = beta * tl.exp(G)
+    cc_offsets = ((i_c * H + i_h) * C + r[:, None]) * C + r[None, :]
+    state_base = (i_c * H + i_h) * DK * DV
+    tinv = tl.load(tinv_ptr + cc_offsets)
+
+    qk = tl.zeros((C, C), dtype=tl.float32)
+    kk = tl.zeros((C, C), dtype=tl.float32)
+    for i_k in range(DK // BK):
+        ck = i_k * BK + tl.arange(0, BK)
+        q = _load_rows(q_ptr, rows, valid, i_h, ck, H, DK) * scale
+        k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK)
+        qk += tl.dot(q, tl.trans(k), input_precision=PREC)
+        kk += tl.dot(k, tl.trans(k), input_precision=PREC)
+
+    dscores = tl.zeros((C, C), dtype=tl.float32)  # dO Vnew^T
+    dtinv = tl.zeros((C, C), dtype=tl.float32)
+    dbeta = tl.zeros((C, ), dtype=tl.float32)
+    dS_dot_S = tl.zeros((BV, ), dtype=tl.float32)  # <dS', S> partial sums
+    for i_v in range(DV // BV):
+        cv = i_v * BV + tl.arange(0, BV)
+        do = _load_rows(do_ptr, rows, valid, i_h, cv, H, DV)
+        v = _load_rows(v_ptr, rows, valid, i_h, cv, H, DV)
+        vnew = _load_rows(vnew_ptr, rows, valid, i_h, cv, H, DV)
+        dvnew = _load_rows(dvnew_ptr, rows, valid, i_h, cv, H, DV)
+        rhs = v * beta[:, None]  # diag(beta) V - B_w S, (C, BV)
+        for i_k in range(DK // BK):
+            ck = i_k * BK + tl.arange(0, BK)
+            k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK)
+            S = tl.load(h_ptr + state_base + ck[:, None] * DV + cv[None, :])  # (BK, BV)
+            dS = tl.load(dh_ptr + state_base + ck[:, None] * DV + cv[None, :])
+            rhs -= tl.dot(k * bw_scale[:, None], S, input_precision=PREC)
+            dS_dot_S += tl.sum(dS * S, 0)
+        dscores += tl.dot(do, tl.trans(vnew), input_precision=PREC)
+        dtinv += tl.dot(dvnew, tl.trans(rhs), input_precision=PREC)
+        du = tl.dot(tl.trans(tinv), dvnew, input_precision=PREC)  # gradient of diag(beta) V
+        dbeta += tl.sum(du * v, 1)
+        _store_rows(dv_ptr, du * beta[:, None], rows, valid, i_h, cv, H, DV)
+
+    # O's intra-chunk term (Qs K^T * decay) Vnew: gradient of G through the decay is dM * M
+    incl = r[:, None] >= r[None, :]
+    decay = tl.where(incl, tl.exp(tl.where(incl, G[:, None] - G[None, :], 0.)), 0.)
+    dscores_scores = dscores * qk * decay
+    dG = tl.sum(dscores_scores, 1) - tl.sum(dscores_scores, 0)
+    tl.store(dqk_ptr + cc_offsets, dscores * decay)
+    # Tinv = (I + A)^-1, A = diag(beta) P, P = K K^T * strict decay
+    strict = r[:, None] > r[None, :]
+    strict_decay = tl.where(strict, decay, 0.)
+    dA = -tl.dot(tl.dot(tl.trans(tinv), dtinv, input_precision=PREC), tl.trans(tinv), input_precision=PREC)
+    dA = tl.where(strict, dA, 0.)
+    P = kk * strict_decay
+    dbeta += tl.sum(dA * P, 1)
+    dP = dA * beta[:, None]
+    dP_P = dP * P
+    dG += tl.sum(dP_P, 1) - tl.sum(dP_P, 0)
+    tl.store(dkk_ptr + cc_offsets, dP * strict_decay)
+    # S' = Gamma_C S + ...: G_C's gradient, placed at the last row so that the reverse cumsum spreads it
+    dG += tl.where(r == last, tl.exp(G_last) * tl.sum(dS_dot_S, 0), 0.)
+    tl.store(dbeta_ptr + rows * H + i_h, dbeta, mask=valid)
+    tl.store(dg_ptr + rows * H + i_h, dG, mask=valid)
+
+
+@triton.jit
+def _chunk_grad_qk_kernel(q_ptr, k_ptr, beta_ptr, gcum_ptr, tinv_ptr, h_ptr, dh_ptr, vnew_ptr, dvnew_ptr, do_ptr,
+                          chunk_start_ptr, chunk_end_ptr, dqk_ptr, dkk_ptr, dq_ptr, dk_ptr, dbeta_ptr, dg_ptr, scale,
+                          H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          C: tl.constexpr, PREC: tl.constexpr):
+    """One program = one chunk of one head: dq, dk, and the rest of dbeta and dg (after _chunk_grad_wy_kernel).
+
+    Walks Dk in BK-column blocks; for each, accumulates over Dv blocks the (C, BK) products dO S^T, Vnew dS'^T
+    and dW = -dVnew S^T (S, dS' blocks (BK, BV); dO/Vnew/dVnew (C, BV)), then
+      dq = Gamma dO S^T + dQK K,   dB_w = Tinv^T dW,
+      dk = dQK^T Qs + exp(G_C - G) Vnew dS'^T + diag(beta Gamma) dB_w + (dKK + dKK^T) K.
+    Finally dg = reverse in-chunk cumsum of dG (G_t = g_1 + ... + g_t).
+    """
+    i_c = tl.program_id(0).to(tl.int64)  # 64-bit offsets: n_chunks * H * Dk * Dv may pass 2**31
+    i_h = tl.program_id(1)
+    rows, valid, last, beta, G, G_last = _load_chunk_vectors(beta_ptr, gcum_ptr, chunk_start_ptr, chunk_end_ptr,
+                                                             i_c, i_h, H, C)
+    r = tl.arange(0, C)
+    gamma = tl.exp(G)
+    to_end = tl.exp(G_last - G)
+    bw_scale = beta * gamma
+    cc_offsets = ((i_c * H + i_h) * C + r[:, None]) * C + r[None, :]
+    state_base = (i_c * H + i_h) * DK * DV
+    tinv = tl.load(tinv_ptr + cc_offsets)
+    dqk = tl.load(dqk_ptr + cc_offsets)
+    dkk = tl.load(dkk_ptr + cc_offsets)
+    dkk = dkk + tl.trans(dkk)
+
+    dG = tl.zeros((C, ), dtype=tl.float32)
+    dbeta = tl.zeros((C, ), dtype=tl.float32)
+    dG_last = tl.zeros((C, ), dtype=tl.float32)
+    for i_k in range(DK // BK):
+        ck = i_k * BK + tl.arange(0, BK)
+        q = _load_rows(q_ptr, rows, valid, i_h, ck, H, DK) * scale
+        k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK)
+        do_St = tl.zeros((C, BK), dtype=tl.float32)
+        vnew_dSt = tl.zeros((C, BK), dtype=tl.float32)
+        dw = tl.zeros((C, BK), dtype=tl.float32)
+        for i_v in range(DV // BV):
+            cv = i_v * BV + tl.arange(0, BV)
+            S = tl.load(h_ptr + state_base + ck[:, None] * DV + cv[None, :])  # (BK, BV)
+            dS = tl.load(dh_ptr + state_base + ck[:, None] * DV + cv[None, :])
+            do = _load_rows(do_ptr, rows, valid, i_h, cv, H, DV)
+            vnew = _load_rows(vnew_ptr, rows, valid, i_h, cv, H, DV)
+            dvnew = _load_rows(dvnew_ptr, rows, valid, i_h, cv, H, DV)
+            do_St += tl.dot(do, tl.trans(S), input_precision=PREC)
+            vnew_dSt += tl.dot(vnew, tl.trans(dS), input_precision=PREC)
+            dw -= tl.dot(dvnew, tl.trans(S), input_precision=PREC)
+        dq = do_St * gamma[:, None] + tl.dot(dqk, k, input_precision=PREC)
+        dbw = tl.dot(tl.trans(tinv), dw, input_precision=PREC)
+        dk = (tl.dot(tl.trans(dqk), q, input_precision=PREC) + vnew_dSt * to_end[:, None] + dbw * bw_scale[:, None]
+              + tl.dot(dkk, k, input_precision=PREC))
+        k_dbw = tl.sum(dbw * k, 1)
+        dto_end = tl.sum(k * vnew_dSt, 1) * to_end
+        dG += gamma * tl.sum(q * do_St, 1) - dto_end + bw_scale * k_dbw
+        dG_last += dto_end
+        dbeta += gamma * k_dbw
+        _store_rows(dq_ptr, dq * scale, rows, valid, i_h, ck, H, DK)
+        _store_rows(dk_ptr, dk, rows, valid, i_h, ck, H, DK)
+
+    dG += tl.where(r == last, tl.sum(dG_last, 0), 0.)
+    dG += tl.load(dg_ptr + rows * H + i_h, mask=valid, other=0.)
+    dbeta += tl.load(dbeta_ptr + rows * H + i_h, mask=valid, other=0.)
+    dg = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
+    tl.store(dbeta_ptr + rows * H + i_h, dbeta, mask=valid)
+    tl.store(dg_ptr + rows * H + i_h, dg, mask=valid)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host side
+
+
+def _dot_precision(dtype, DK):
+    """Exact float32 dots for float32 inputs (1e-6-level agreement); tf32 for 16-bit inputs, except Dk = 256,
+    whose tf32 state passes need more shared memory than an H100 has (measured with Triton 3.6)."""
+    return "ieee" if dtype == torch.float32 or DK > 128 else "tf32"
+
+
+def _launch_config(DK, DV):
+    """Launch parameters: BV state columns per program of the state passes; BK, BV blocks of the gradient
+    kernels; warps; pipeline stages of the state passes (1 for large heads keeps shared memory in bounds)."""
+    return dict(BV=min(DV, 64 if DK <= 64 else 32), num_warps=4 if DK <= 64 else 8,
+                num_stages=2 if DK <= 64 else 1, grad_BK=min(DK, 64), grad_BV=min(DV, 64))
+
+
+def _chunk_index(cu_seqlens):
+    """Chunk table of packed sequences: per chunk its first token and its sequence's end; per sequence the
+    index of its first chunk (N+1 offsets). Chunks never cross a sequence boundary."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    n_chunks = (lengths + CHUNK - 1) // CHUNK
+    chunk_offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=cu_seqlens.device)
+    chunk_offsets[1:] = torch.cumsum(n_chunks, 0)
+    total = int(chunk_offsets[-1])
+    seq_of_chunk = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), n_chunks,
+                                           output_size=total)
+    chunk_start = cu_seqlens[seq_of_chunk] + (torch.arange(total, device=cu_seqlens.device)
+                                              - chunk_offsets[seq_of_chunk]) * CHUNK
+    chunk_end = cu_seqlens[seq_of_chunk + 1]
+    return chunk_start.contiguous(), chunk_end.contiguous(), chunk_offsets
+
+
+def _wy_prepare(k, v, g, beta, chunk_start, chunk_end):
+    """(G (TT,H), Tinv (n_chunks,H,C,C), W (TT,H,Dk), U (TT,H,Dv)) float32, from flattened (TT, H, D) inputs."""
+    TT, H, DK = k.shape
+    DV = v.shape[-1]
+    n_chunks = chunk_start.numel()
+    gcum = torch.empty(TT, H, dtype=torch.float32, device=k.device)
+    tinv = torch.empty(n_chunks, H, CHUNK, CHUNK, dtype=torch.float32, device=k.device)
+    w = torch.empty(TT, H, DK, dtype=torch.float32, device=k.device)
+    u = torch.empty(TT, H, DV, dtype=torch.float32, device=k.device)
+    if n_chunks > 0:
+        _wy_prepare_kernel[(n_chunks, H)](k, v, g, beta, chunk_start, chunk_end, gcum, tinv, w, u,
+                                          H=H, DK=DK, DV=DV, C=CHUNK, PREC=_dot_precision(k.dtype, DK),
+                                          num_warps=_launch_config(DK, DV)["num_warps"])
+    return gcum, tinv, w, u
+
+
+def _state_forward(q, k, w, u, gcum, h0, cu_seqlens, chunk_offsets, scale, write_output, store_states):
+    """The sequential state pass from h0 (N,H,Dk,Dv) float32.
+    Returns (o or None, final state (N,H,Dk,Dv), chunk-start states or None, Vnew or None)."""
+    TT, H, DK = k.shape
+    DV = u.shape[-1]
+    N = cu_seqlens.numel() - 1
+    config = _launch_config(DK, DV)
+    o = torch.empty(TT, H, DV, dtype=q.dtype, device=q.device) if write_output else None
+    ht = torch.empty(N, H, DK, DV, dtype=torch.float32, device=q.device)
+    h = torch.empty(int(chunk_offsets[-1]), H, DK, DV, dtype=torch.float32, device=q.device) if store_states else None
+    vnew = torch.empty(TT, H, DV, dtype=torch.float32, device=q.device) if store_states else None
+    _state_forward_kernel[(N, H, DV // config["BV"])](
+        q, k, w, u, gcum, h0, cu_seqlens, chunk_offsets, o if write_output else ht, ht,
+        h if store_states else ht, vnew if store_states else ht, scale,
+        H=H, DK=DK, DV=DV, BV=config["BV"], C=CHUNK, PREC=_dot_precision(q.dtype, DK), WRITE_OUTPUT=write_output,
+        STORE_STATES=store_states, num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return o, ht, h, vnew
+
+
+def _chunk_backward(q, k, v, g, beta, h0, cu_seqlens, scale, do, dht):
+    """All input gradients (dq, dk, dv, dg, dbeta, dh0), recomputing the forward intermediates first."""
+    TT, H, DK = k.shape
+    DV = v.shape[-1]
+    N = cu_seqlens.numel() - 1
+    chunk_start, chunk_end, chunk_offsets = _chunk_index(cu_seqlens)
+    gcum, tinv, w, u = _wy_prepare(k, v, g, beta, chunk_start, chunk_end)
+    _, _, h, vnew = _state_forward(q, k, w, u, gcum, h0, cu_seqlens, chunk_offsets, scale,
+                                   write_output=False, store_states=True)
+    config = _launch_config(DK, DV)
+    prec = _dot_precision(q.dtype, DK)
+    dh = torch.empty_like(h)
+    dvnew = torch.empty_like(vnew)
+    dh0 = torch.empty(N, H, DK, DV, dtype=torch.float32, device=q.device)
+    _state_backward_kernel[(N, H, DV // config["BV"])](
+        q, k, w, gcum, do, dht, cu_seqlens, chunk_offsets, dh, dvnew, dh0, scale,
+        H=H, DK=DK, DV=DV, BV=config["BV"], C=CHUNK, PREC=prec, num_warps=config["num_warps"],
+        num_stages=config["num_stages"])
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbeta = torch.empty(TT, H, dtype=torch.float32, device=q.device)
+    dg = torch.empty(TT, H, dtype=torch.float32, device=q.device)
+    n_chunks = chunk_start.numel()
+    if n_chunks > 0:
+        dqk = torch.empty_like(tinv)
+        dkk = torch.empty_like(tinv)
+        blocks = dict(H=H, DK=DK, DV=DV, BK=config["grad_BK"], BV=config["grad_BV"], C=CHUNK, PREC=prec,
+                      num_warps=config["num_warps"], num_stages=1)
+        _chunk_grad_wy_kernel[(n_chunks, H)](q, k, v, beta, gcum, tinv, h, dh, vnew, dvnew, do, chunk_start,
+                                             chunk_end, dqk, dkk, dv, dbeta, dg, scale, **blocks)
+        _chunk_grad_qk_kernel[(n_chunks, H)](q, k, beta, gcum, tinv, h, dh, vnew, dvnew, do, chunk_start,
+                                             chunk_end, dqk, dkk, dq, dk, dbeta, dg, scale, **blocks)
+    return dq, dk, dv, dg, dbeta, dh0
+
+
+class _ChunkGatedDeltaRule(torch.autograd.Function):
+    """Chunked forward and backward on flattened packed inputs q, k (TT,H,Dk), v (TT,H,Dv), g, beta (TT,H),
+    initial state h0 (N,H,Dk,Dv) float32 (zeros when the caller gave none)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, h0, cu_seqlens, scale):
+        chunk_start, chunk_end, chunk_offsets = _chunk_index(cu_seqlens)
+        gcum, _, w, u = _wy_prepare(k, v, g, beta, chunk_start, chunk_end)
+        o, ht, _, _ = _state_forward(q, k, w, u, gcum, h0, cu_seqlens, chunk_offsets, scale,
+                                     write_output=True, store_states=False)
+        ctx.save_for_backward(q, k, v, g, beta, h0, cu_seqlens)
+        ctx.scale = scale
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, beta, h0, cu_seqlens = ctx.saved_tensors
+        do = torch.zeros_like(v) if do is None else do.contiguous()
+        dht = torch.zeros_like(h0) if dht is None else dht.float().contiguous()
+        dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(q, k, v, g, beta, h0, cu_seqlens, ctx.scale, do, dht)
+        return dq, dk, dv, dg, dbeta, dh0, None, None
+
+
+def _recurrent_forward(q, k, v, g, beta, h0, cu_seqlens, scale):
+    """Token-by-token kernel on flattened packed inputs; returns (o (TT,H,Dv), final state (N,H,Dk,Dv))."""
+    TT, H, DK = q.shape
+    DV = v.shape[-1]
+    N = cu_seqlens.numel() - 1
+    config = _launch_config(DK, DV)
+    o = torch.empty(TT, H, DV, dtype=q.dtype, device=q.device)
+    ht = torch.empty(N, H, DK, DV, dtype=torch.float32, device=q.device)
+    _recurrent_kernel[(N, H, DV // config["BV"])](q, k, v, g, beta, h0, cu_seqlens, o, ht, scale,
+                                                  H=H, DK=DK, DV=DV, BV=config["BV"],
+                                                  num_warps=config["num_warps"])
+    return o, ht
+
+
+def _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens):
+    """Raises ValueError naming the first problem with the arguments; returns N (number of sequences)."""
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be (B, T, H, Dk); got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    B, T, H, DK = q.shape
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be (B, T, H, Dv) = ({B}, {T}, {H}, Dv); got {tuple(v.shape)}")
+    for name, x in (("g", g), ("beta", beta)):
+        if x.shape != q.shape[:3]:
+            raise ValueError(f"{name} must be (B, T, H) = {tuple(q.shape[:3])}; got {tuple(x.shape)}")
+    DV = v.shape[-1]
+    if DK not in SUPPORTED_HEAD_DIMS or DV not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dims must be one of {SUPPORTED_HEAD_DIMS}; got Dk={DK}, Dv={DV}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"q, k, v must share one dtype among float32/bfloat16/float16; "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not all(x.device == q.device for x in (k, v, g, beta)):
+        raise ValueError("q, k, v, g, beta must be on one device")
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the Triton gated delta rule runs on CPU tensors only under TRITON_INTERPRET=1; "
+                         "use a CUDA device or the torch backend")
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs B == 1 (packed sequences); got B={B}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor of N+1 offsets")
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to T={T}; got {cu_seqlens.tolist()}")
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is not None and initial_state.shape != (N, H, DK, DV):
+        raise ValueError(f"initial_state must be (N, H, Dk, Dv) = ({N}, {H}, {DK}, {DV}); "
+                         f"got {tuple(initial_state.shape)}")
+    return N
+
+
+def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Gated delta rule, Triton. q, k (B,T,H,Dk) L2-normalised by the caller; v (B,T,H,Dv); g (B,T,H) log-decay
+    (<= 0); beta (B,T,H) in (0,1); scale defaults to Dk**-0.5; initial_state (N,H,Dk,Dv) float32 or None;
+    cu_seqlens (N+1,) offsets of packed sequences with B == 1 (the state never crosses a boundary).
+    Returns (o (B,T,H,Dv) in q's dtype, final state (N,H,Dk,Dv) float32 or None).
+
+    T == 1 without gradients (decoding) runs the recurrent kernel; everything else the chunked kernels,
+    differentiable in q, k, v, g, beta and initial_state.
+    """
+    N = _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    B, T, H, DK = q.shape
+    DV = v.shape[-1]
+    scale = DK ** -0.5 if scale is None else float(scale)
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(B + 1, dtype=torch.int64, device=q.device) * T
+    cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int64).contiguous()
+    flat = [x.reshape(B * T, H, -1).contiguous() for x in (q, k, v)]
+    g_flat = g.reshape(B * T, H).float().contiguous()
+    beta_flat = beta.reshape(B * T, H).float().contiguous()
+    if initial_state is None:
+        h0 = torch.zeros(N, H, DK, DV, dtype=torch.float32, device=q.device)
+    else:
+        h0 = initial_state.float().contiguous()
+    inputs = (q, k, v, g, beta) + (() if initial_state is None else (initial_state, ))
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    if T == 1 and not needs_grad:
+        o, ht = _recurrent_forward(*flat, g_flat, beta_flat, h0, cu_seqlens, scale)
+    else:
+        o, ht = _ChunkGatedDeltaRule.apply(*flat, g_flat, beta_flat, h0, cu_seqlens, scale)
+    o = o.reshape(B, T, H, DV)
+    return o, (ht if output_final_state else None)

@@ -1,0 +1,331 @@
+"""Causal sliding-window attention in Triton, flash style (FlashAttention-2 tiling, online softmax).
+
+Query i attends to keys j with i - window < j <= i (SPEC.md: W keys including itself). Each program
+visits only the key blocks that intersect its window, so the cost is O(T * window), linear in T.
+
+Layout: q, k (B, T, H, Dk), v (B, T, H, Dv) as the model produces them; no transposes are made.
+Three kernels:
+  _swa_fwd      one program = one (batch, head) and BLOCK_M queries; loops over the key blocks of the
+                window; writes o (BLOCK_M, Dv) and the log2-sum-exp of each row (for the backward).
+  _swa_bwd_dkdv one program = one (batch, head) and BLOCK_N keys; loops over the query blocks that can
+                see those keys (j <= i < j + window); writes dk, dv.
+  _swa_bwd_dq   one program = one (batch, head) and BLOCK_M queries; loops like the forward; writes dq.
+Softmax runs in base 2: s2 = (q.k) * scale * log2(e), p = exp2(s2 - lse2). Each loop runs in three ranges:
+blocks that cross the window's edge or the diagonal apply the mask, the blocks between skip it.
+Block sizes (_launch_config): bf16/fp16 with head sizes <= 128: forward BLOCK_M x BLOCK_N = 128 x 64,
+dk/dv 64 queries x 128 keys, dq 128 x 64 (timed on an H100); float32 or larger heads: 64 x 32, 32 x 64,
+64 x 32; 16 x 16 under the CPU interpreter. BLOCK_DK, BLOCK_DV = head sizes rounded up to a power of two.
+
+No RoPE by default; sliding_window_attention_rope applies nirvana.apply_rope (positions 0..T-1) to q and k
+in PyTorch before the kernel, and autograd carries their gradients back.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr):
+    """a @ b with float32 accumulation; PRECISION "upcast" computes in float32 (the CPU interpreter
+    multiplies bfloat16 operands wrongly)."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _window_mask(offs_m, offs_n, T, WINDOW):
+    # (BLOCK_M, BLOCK_N) True where key j is visible to query i: i - W < j <= i, j < T
+    i = offs_m[:, None]
+    j = offs_n[None, :]
+    return (j <= i) & (j > i - WINDOW) & (j < T)
+
+
+@triton.jit
+def _key_blocks(start_m, T, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks seen by queries [start_m, start_m + BLOCK_M), as three consecutive ranges
+    [lo, mid_lo) needs the mask, [mid_lo, mid_hi) is fully visible, [mid_hi, hi) needs the mask."""
+    lo = (tl.maximum(start_m - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(start_m + BLOCK_M, T)
+    full_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M - WINDOW, 0), BLOCK_N) * BLOCK_N   # j > i - W for all i
+    full_hi = ((start_m + 1) // BLOCK_N) * BLOCK_N                                   # j <= i for all i
+    mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), hi)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _query_blocks(start_n, T, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query blocks that see keys [start_n, start_n + BLOCK_N) (j <= i < j + W), as three ranges like
+    _key_blocks; the middle one also stays inside T (pad query rows need the mask)."""
+    lo = (start_n // BLOCK_M) * BLOCK_M
+    hi = tl.minimum(start_n + BLOCK_N + WINDOW - 1, T)
+    full_lo = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M                       # i >= j for all j
+    full_hi = (tl.minimum(start_n + WINDOW, T) // BLOCK_M) * BLOCK_M                  # i < j + W for all j
+    mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), hi)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _load_tile(X, base, offs_t, offs_d, T, row_stride, D: tl.constexpr):
+    # rows offs_t of one (batch, head) of a (B, T, H, D) tensor -> (len(offs_t), BLOCK_D), zero outside
+    return tl.load(X + base + offs_t[:, None] * row_stride + offs_d[None, :],
+                   mask=(offs_t[:, None] < T) & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, base_qk, base_v, offs_m, lo, hi, scale_log2, T, H, WINDOW,
+               DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """Online softmax over key blocks [lo, hi) for the queries offs_m; updates acc, l_i, m_i."""
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(K, base_qk, offs_n, offs_dk, T, H * DK, DK)
+        s = _mm(q, tl.trans(k), PRECISION) * scale_log2                          # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            s = tl.where(_window_mask(offs_m, offs_n, T, WINDOW), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(V, base_v, offs_n, offs_dv, T, H * DV, DV)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["T", "H", "WINDOW"])
+def _swa_fwd(Q, K, V, O, LSE, scale_log2, T, H, WINDOW,
+             DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One program: queries [start_m, start_m + BLOCK_M) of one (batch, head); o (BLOCK_M, Dv)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    base_qk = b.to(tl.int64) * T * H * DK + h * DK       # element (b, 0, h, 0) of q and k
+    base_v = b.to(tl.int64) * T * H * DV + h * DV        # element (b, 0, h, 0) of v and o
+    q = _load_tile(Q, base_qk, offs_m, offs_dk, T, H * DK, DK)
+    # running max and sum of the online softmax; a finite start keeps fully masked pad rows NaN-free
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    lo, mid_lo, mid_hi, hi = _key_blocks(start_m, T, WINDOW, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, base_qk, base_v, offs_m, lo, mid_lo, scale_log2, T, H,
+                               WINDOW, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, PRECISION, True)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, base_qk, base_v, offs_m, mid_lo, mid_hi, scale_log2, T, H,
+                               WINDOW, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, PRECISION, False)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, base_qk, base_v, offs_m, mid_hi, hi, scale_log2, T, H,
+                               WINDOW, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, PRECISION, True)
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)      # pad rows past T may see no key
+    o = acc / l_i[:, None]
+    tl.store(O + base_v + offs_m[:, None] * (H * DV) + offs_dv[None, :], o.to(O.dtype.element_ty),
+             mask=(offs_m[:, None] < T) & (offs_dv[None, :] < DV))
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, base_qk, base_v, bh, offs_n, lo, hi, scale_log2, T, H, WINDOW,
+                DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """dk, dv of the keys offs_n over query blocks [lo, hi); works on transposed scores (keys x queries)."""
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_tile(Q, base_qk, offs_m, offs_dk, T, H * DK, DK)
+        do = _load_tile(DO, base_v, offs_m, offs_dv, T, H * DV, DV)
+        lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+        p_t = tl.math.exp2(_mm(k, tl.trans(q), PRECISION) * scale_log2 - lse[None, :])   # (BLOCK_N, BLOCK_M)
+        if MASKED:
+            p_t = tl.where(tl.trans(_window_mask(offs_m, offs_n, T, WINDOW)), p_t, 0.0)
+        dv += _mm(p_t.to(do.dtype), do, PRECISION)
+        ds_t = p_t * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])           # dS^T = P^T (dP^T - delta)
+        dk += _mm(ds_t.to(q.dtype), q, PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["T", "H", "WINDOW"])
+def _swa_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, scale, scale_log2, T, H, WINDOW,
+                  DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One program: keys [start_n, start_n + BLOCK_N) of one (batch, head); dk (BLOCK_N, Dk), dv (BLOCK_N, Dv)."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    base_qk = b.to(tl.int64) * T * H * DK + h * DK
+    base_v = b.to(tl.int64) * T * H * DV + h * DV
+    k = _load_tile(K, base_qk, offs_n, offs_dk, T, H * DK, DK)
+    v = _load_tile(V, base_v, offs_n, offs_dv, T, H * DV, DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    lo, mid_lo, mid_hi, hi = _query_blocks(start_n, T, WINDOW, BLOCK_M, BLOCK_N)
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, base_qk, base_v, bh, offs_n, lo, mid_lo, scale_log2,
+                         T, H, WINDOW, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_M, PRECISION, True)
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, base_qk, base_v, bh, offs_n, mid_lo, mid_hi, scale_log2,
+                         T, H, WINDOW, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_M, PRECISION, False)
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, base_qk, base_v, bh, offs_n, mid_hi, hi, scale_log2,
+                         T, H, WINDOW, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_M, PRECISION, True)
+    dk = dk * scale
+    tl.store(DK_OUT + base_qk + offs_n[:, None] * (H * DK) + offs_dk[None, :], dk.to(DK_OUT.dtype.element_ty),
+             mask=(offs_n[:, None] < T) & (offs_dk[None, :] < DK))
+    tl.store(DV_OUT + base_v + offs_n[:, None] * (H * DV) + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
+             mask=(offs_n[:, None] < T) & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, K, V, base_qk, base_v, offs_m, lo, hi, scale_log2, T, H, WINDOW,
+              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """dq of the queries offs_m over key blocks [lo, hi)."""
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(K, base_qk, offs_n, offs_dk, T, H * DK, DK)
+        v = _load_tile(V, base_v, offs_n, offs_dv, T, H * DV, DV)
+        p = tl.math.exp2(_mm(q, tl.trans(k), PRECISION) * scale_log2 - lse[:, None])   # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            p = tl.where(_window_mask(offs_m, offs_n, T, WINDOW), p, 0.0)
+        ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["T", "H", "WINDOW"])
+def _swa_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ_OUT, scale, scale_log2, T, H, WINDOW,
+                DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One program: queries [start_m, start_m + BLOCK_M) of one (batch, head); dq (BLOCK_M, Dk)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    base_qk = b.to(tl.int64) * T * H * DK + h * DK
+    base_v = b.to(tl.int64) * T * H * DV + h * DV
+    q = _load_tile(Q, base_qk, offs_m, offs_dk, T, H * DK, DK)
+    do = _load_tile(DO, base_v, offs_m, offs_dv, T, H * DV, DV)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
+    lo, mid_lo, mid_hi, hi = _key_blocks(start_m, T, WINDOW, BLOCK_M, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, K, V, base_qk, base_v, offs_m, lo, mid_lo, scale_log2, T, H, WINDOW,
+                   DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, PRECISION, True)
+    dq = _dq_inner(dq, q, do, lse, delta, K, V, base_qk, base_v, offs_m, mid_lo, mid_hi, scale_log2, T, H, WINDOW,
+                   DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, PRECISION, False)
+    dq = _dq_inner(dq, q, do, lse, delta, K, V, base_qk, base_v, offs_m, mid_hi, hi, scale_log2, T, H, WINDOW,
+                   DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, PRECISION, True)
+    dq = dq * scale
+    tl.store(DQ_OUT + base_qk + offs_m[:, None] * (H * DK) + offs_dk[None, :], dq.to(DQ_OUT.dtype.element_ty),
+             mask=(offs_m[:, None] < T) & (offs_dk[None, :] < DK))
+
+
+def _launch_config(dtype, dk, dv):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel: small blocks under the CPU interpreter,
+    tiles chosen by timing on an H100 for bf16 D=128 otherwise (bench.py)."""
+    if INTERPRET:
+        return dict(fwd=(16, 16, 1, 1), dkdv=(16, 16, 1, 1), dq=(16, 16, 1, 1))
+    if max(dk, dv) > 128 or dtype == torch.float32:
+        return dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
+    return dict(fwd=(128, 64, 8, 3), dkdv=CONFIG_DKDV, dq=CONFIG_DQ)   # fwd 0.56 ms; (64, 64, 4, 3) 0.59
+
+
+CONFIG_DKDV = (64, 128, 8, 3)   # H100, B4 T4096 H16 D128 W2048: 1.24 ms; (32, 64, 4, 3) 1.34; (32, 128, 4, 3) 3.7
+CONFIG_DQ = (128, 64, 8, 3)     # 0.64 ms; (64, 32, 4, 3) 0.71; (128, 32, 4, 3) 0.90
+
+
+def _dims(dk, dv, dtype):
+    return dict(DK=dk, DV=dv, BLOCK_DK=max(16, triton.next_power_of_2(dk)),
+                BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+                PRECISION="upcast" if INTERPRET else ("tf32x3" if dtype == torch.float32 else "tf32"))
+
+
+class _SlidingWindowAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, window, scale):
+        B, T, H, dk = q.shape
+        dv = v.shape[-1]
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o = torch.empty_like(v)
+        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+        cfg = _launch_config(q.dtype, dk, dv)
+        block_m, block_n, warps, stages = cfg["fwd"]
+        grid = (triton.cdiv(T, block_m), B * H)
+        _swa_fwd[grid](q, k, v, o, lse, scale * LOG2E, T, H, window, **_dims(dk, dv, q.dtype),
+                       BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.window, ctx.scale = window, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        B, T, H, dk = q.shape
+        dv = v.shape[-1]
+        do = do.contiguous()
+        delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()   # (B, H, T) rowsum(o * do)
+        dq, dk_, dv_ = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        cfg = _launch_config(q.dtype, dk, dv)
+        dims = _dims(dk, dv, q.dtype)
+        args = (ctx.scale, ctx.scale * LOG2E, T, H, ctx.window)
+        block_m, block_n, warps, stages = cfg["dkdv"]
+        _swa_bwd_dkdv[(triton.cdiv(T, block_n), B * H)](
+            q, k, v, do, lse, delta, dk_, dv_, *args, **dims,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        block_m, block_n, warps, stages = cfg["dq"]
+        _swa_bwd_dq[(triton.cdiv(T, block_m), B * H)](
+            q, k, v, do, lse, delta, dq, *args, **dims,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        return dq, dk_, dv_, None, None
+
+
+def _check_inputs(q, k, v, window):
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"sliding_window_attention: expected q, k (B,T,H,Dk) and v (B,T,H,Dv), "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"sliding_window_attention: q, k, v must share one dtype among float32, bfloat16, "
+                         f"float16; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if int(window) != window or window < 1:
+        raise ValueError(f"sliding_window_attention: window must be a positive integer, got {window}")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("sliding_window_attention (Triton): tensors must be on CUDA, "
+                           "or set TRITON_INTERPRET=1 before importing triton to run on the CPU")
+
+
+def sliding_window_attention(q, k, v, window, scale=None):
+    """Causal sliding-window attention. q, k (B,T,H,Dk), v (B,T,H,Dv) -> (B,T,H,Dv).
+
+    Query i attends to keys j with i - window < j <= i; scale defaults to Dk**-0.5. No RoPE.
+    """
+    _check_inputs(q, k, v, window)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return _SlidingWindowAttention.apply(q, k, v, int(window), float(scale))
+
+
+def sliding_window_attention_rope(q, k, v, window, rope_base, scale=None):
+    """The same with RoPE (nirvana.apply_rope, positions 0..T-1) on q and k, as the nirvana-rope variant."""
+    from nirvana import apply_rope   # the model's RoPE; nirvana.py imports kernels lazily, so no cycle
+    positions = torch.arange(q.shape[1], device=q.device)
+    return sliding_window_attention(apply_rope(q, positions, rope_base), apply_rope(k, positions, rope_base),
+                                    v, window, scale)
