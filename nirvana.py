@@ -342,7 +342,8 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x, gate):  # (B, T, H, Dv), (B, T, H, Dv)
-        return F.rms_norm(x, x.shape[-1:], self.weight, self.eps) * F.silu(gate)
+        normed = F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps)  # float32 under autocast too
+        return normed.to(gate.dtype) * F.silu(gate)
 
 
 class CausalConv(nn.Module):
