@@ -405,16 +405,25 @@ class Attention(nn.Module):
                 return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                       is_causal=True).transpose(1, 2)
             return self.ops.sliding_window_attention(q, k, v, self.window)
+        # Writing first overwrites no key that a query of this call still sees when every key fits (full
+        # attention) or one token arrives (its write evicts position i - W); then the cache alone is attended.
+        if self.window is None or q.shape[1] == 1:
+            self.write_cache(k, v, positions)
+            return windowed_attention(q, self.k_cache.to(q.dtype), self.v_cache.to(v.dtype), positions,
+                                      self.slot_positions, self.window)
         keys = torch.cat([self.k_cache.to(k.dtype), k], dim=1)
         values = torch.cat([self.v_cache.to(v.dtype), v], dim=1)
-        key_positions = torch.cat([self.slot_positions, positions])
-        o = windowed_attention(q, keys, values, positions, key_positions, self.window)
-        kept = min(q.shape[1], self.slot_positions.shape[0])                       # write the newest into the ring
+        o = windowed_attention(q, keys, values, positions, torch.cat([self.slot_positions, positions]), self.window)
+        self.write_cache(k, v, positions)
+        return o
+
+    def write_cache(self, k, v, positions):
+        """Put the newest keys/values (at most one per slot) into the ring at slot = position mod slots."""
+        kept = min(k.shape[1], self.slot_positions.shape[0])
         slots = positions[-kept:] % self.slot_positions.shape[0]
         self.k_cache[:, slots] = k[:, -kept:].to(self.k_cache.dtype)
         self.v_cache[:, slots] = v[:, -kept:].to(self.v_cache.dtype)
         self.slot_positions[slots] = positions[-kept:]
-        return o
 
 
 class GatedDeltaNet(nn.Module):

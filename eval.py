@@ -1,0 +1,1029 @@
+"""Nirvana evaluation: the paper's measurements as commands on a checkpoint written by train.py.
+
+    python eval.py ppl         --checkpoint out/ckpt.pt --data val.txt --context_length 4096
+    python eval.py extrapolate --checkpoint a.pt b.pt --data long.txt --lengths 4096,8192,12288,16384,20480
+    python eval.py niah        --checkpoint out/ckpt.pt --tasks pk,n,w --samples 10       # Table 3 (S-NIAH)
+    python eval.py lambada     --checkpoint out/ckpt.pt --data lambada_test.jsonl        # Table 2, LMB. ppl/acc
+    python eval.py harness     --checkpoint out/ckpt.pt --tasks piqa,hellaswag           # any lm-eval task
+    python eval.py gates       --checkpoint out/ckpt.pt --text "The patient's MRI shows"  # t and |p| heatmap
+    python eval.py speed       --size 350m --prompt_len 4096 --batch_size 4 --new_tokens 128  # Table 4
+
+Every command prints its table and writes it (Markdown + JSON) and its picture (PNG) under --out_dir.
+--data is a text file (tokenised with the checkpoint's tokenizer), a prepare.py folder or one of its shards.
+The lm-evaluation-harness adapter (class HarnessLM) needs `lm_eval` only for the `harness` command:
+    import lm_eval, eval; eval.register_lm_eval()      # registers model name "nirvana"
+    lm_eval.simple_evaluate(model="nirvana", model_args="checkpoint=out/ckpt.pt,device=cuda", tasks=[...])
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nirvana import Nirvana, NirvanaConfig
+from prepare import TokenShards, load_meta
+from tokenizer import load_tokenizer
+
+# -----------------------------------------------------------------------------------------------------------
+# Files: atomic writes (temp file in the same folder, then os.replace)
+
+
+def write_atomic(path, write):
+    """write(f) fills an open binary temp file; the result appears at path all at once."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_text(path, text):
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=130, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def new_figure(*args, **kwargs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Checkpoint, tokenizer, data
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_dtype(name, device):
+    if name is None:
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype '{name}': use one of {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def checkpoint_tokenizer_spec(path):
+    """The checkpoint's "tokenizer" key, read without loading the weights into memory."""
+    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    spec = ckpt.get("tokenizer") if isinstance(ckpt, dict) else None
+    if spec is None:
+        raise ValueError(f"checkpoint {path} names no tokenizer (key 'tokenizer'); pass --tokenizer SPEC "
+                         f"('bytes', '<path>.model' or 'tiktoken:<path>')")
+    return spec
+
+
+def load_model(checkpoint, device=None, dtype=None, tokenizer=None):
+    """-> (model in eval mode on device, tokenizer). tokenizer: a spec overriding the checkpoint's."""
+    device = device or default_device()
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint '{checkpoint}' not found")
+    tok = load_tokenizer(tokenizer or checkpoint_tokenizer_spec(checkpoint))
+    model = Nirvana.from_checkpoint(checkpoint, map_location="cpu")
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer '{tok.spec}' has {tok.vocab_size} tokens but the model's vocabulary is "
+                         f"{model.config.vocab_size}: wrong --tokenizer for this checkpoint?")
+    model.to(device=device, dtype=parse_dtype(dtype, device)).eval()
+    return model, tok
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def read_tokens(path, tok, split="val"):
+    """A 1-D int64 array of token ids from a folder written by prepare.py (its `split`), one .bin shard
+    of such a folder, or any other file read as UTF-8 text and encoded with `tok`."""
+    if os.path.isdir(path):
+        meta = load_meta(path)
+        check_tokenizer_matches(meta, tok, path)
+        shards = TokenShards(path, split)
+        tokens = shards.read(0, shards.num_tokens)
+    elif path.endswith(".bin"):
+        meta = load_meta(os.path.dirname(os.path.abspath(path)))
+        check_tokenizer_matches(meta, tok, path)
+        tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
+    elif os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            tokens = tok.encode(f.read())
+    else:
+        raise FileNotFoundError(f"data '{path}' not found (a text file, a prepare.py folder or one of its .bin shards)")
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= tok.vocab_size):
+        raise ValueError(f"{path}: token id {int(tokens.max())} is outside the tokenizer's vocabulary "
+                         f"[0, {tok.vocab_size})")
+    return tokens
+
+
+def check_tokenizer_matches(meta, tok, path):
+    if meta["vocab_size"] != tok.vocab_size:
+        raise ValueError(f"{path} was tokenised with '{meta['tokenizer']}' (vocab {meta['vocab_size']}), the model "
+                         f"uses '{tok.spec}' (vocab {tok.vocab_size}): re-run prepare.py with --tokenizer {tok.spec}")
+    if meta["tokenizer"] != tok.spec:
+        print(f"note: {path} names tokenizer '{meta['tokenizer']}', the model '{tok.spec}' (same vocab size)")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Scoring tokens. Every model variant is causal, so right-padding a batch never changes the scores of
+# the real tokens; long sequences go through the backbone once and the LM head in chunks (no (B,T,V)).
+
+
+@torch.no_grad()
+def score_tokens(model, idx, targets, head_chunk=1024):
+    """idx, targets (B, T) long -> (log p(targets) (B, T) float32, targets == argmax (B, T) bool)."""
+    h = model.backbone(model.embed(idx))                                  # (B, T, d_model)
+    logprob = torch.empty(targets.shape, dtype=torch.float32, device=idx.device)
+    greedy = torch.empty(targets.shape, dtype=torch.bool, device=idx.device)
+    for s in range(0, idx.shape[1], head_chunk):
+        logits = model.lm_head(h[:, s:s + head_chunk]).float()            # (B, chunk, V)
+        tgt = targets[:, s:s + head_chunk]
+        logprob[:, s:s + head_chunk] = -F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
+        greedy[:, s:s + head_chunk] = logits.argmax(-1) == tgt
+    return logprob, greedy
+
+
+def stream_logprob(model, tokens, context_length, batch_size=1, log_every=0):
+    """Sum over i >= 1 of log p(tokens[i] | tokens of its window before i), the stream cut into
+    non-overlapping windows of context_length predictions (the last may be shorter), each read from a
+    fresh state. -> (sum of log-probs, number of predicted tokens)."""
+    device = model_device(model)
+    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    n_pred = len(tokens) - 1
+    if n_pred < 1:
+        raise ValueError("need at least 2 tokens to measure perplexity")
+    starts = list(range(0, n_pred, context_length))
+    full = [s for s in starts if s + context_length <= n_pred]
+    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    batches += [[s] for s in starts if s + context_length > n_pred]       # the shorter last window
+    total, count = 0.0, 0
+    for b, batch in enumerate(batches):
+        length = min(context_length, n_pred - batch[0])
+        window = torch.stack([tokens[s:s + length + 1] for s in batch]).to(device)   # (B, length+1)
+        logprob, _ = score_tokens(model, window[:, :-1], window[:, 1:])
+        total += logprob.double().sum().item()
+        count += logprob.numel()
+        if log_every and (b + 1) % log_every == 0:
+            print(f"  {count}/{n_pred} tokens, ppl so far {math.exp(-total / count):.3f}", flush=True)
+    return total, count
+
+
+def perplexity(model, tokens, context_length, batch_size=1, log_every=0):
+    """exp of the mean next-token loss over the stream (see stream_logprob)."""
+    total, count = stream_logprob(model, tokens, context_length, batch_size, log_every)
+    return {"context_length": context_length, "tokens": count, "loss": -total / count,
+            "ppl": math.exp(-total / count)}
+
+
+def encode_pair(tok, context, continuation):
+    """Token ids of (context, continuation) as lm-evaluation-harness splits them: trailing spaces of the
+    context move to the continuation, the continuation is what encoding the whole adds after the
+    context's tokens, and an empty context is a single <eos>."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    if not context:
+        return [tok.eos_id], tok.encode(continuation)
+    context_ids = tok.encode(context)
+    whole = tok.encode(context + continuation)
+    return context_ids, whole[len(context_ids):]
+
+
+def continuation_scores(model, pairs, max_length, batch_size=1):
+    """pairs: [(context ids, continuation ids)] -> [(sum log p(continuation | context), all greedy)].
+    The context is cut from the left so that the whole fits max_length tokens."""
+    device = model_device(model)
+    results = [None] * len(pairs)
+    for i, (ctx, cont) in enumerate(pairs):
+        if not cont:
+            raise ValueError(f"request {i}: the continuation encodes to no tokens")
+        if len(cont) > max_length:
+            raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length {max_length}")
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+    for b in range(0, len(order), batch_size):
+        batch = order[b:b + batch_size]
+        seqs = [(pairs[i][0] + pairs[i][1])[-(max_length + 1):] for i in batch]
+        width = max(len(s) for s in seqs) - 1
+        idx = torch.zeros(len(batch), width, dtype=torch.long)
+        tgt = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, s in enumerate(seqs):
+            idx[row, :len(s) - 1] = torch.tensor(s[:-1])
+            tgt[row, :len(s) - 1] = torch.tensor(s[1:])
+        logprob, greedy = score_tokens(model, idx.to(device), tgt.to(device))
+        for row, (i, s) in enumerate(zip(batch, seqs)):
+            n = len(pairs[i][1])
+            span = slice(len(s) - 1 - n, len(s) - 1)
+            results[i] = (logprob[row, span].double().sum().item(), bool(greedy[row, span].all()))
+    return results
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Generation (the model's O(1)-per-token decode path)
+
+
+def generate_ids(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None):
+    """-> the new token ids after prompt_ids (one sequence); temperature 0 is greedy decoding."""
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=model_device(model))
+    return model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)[0, len(prompt_ids):].tolist()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# S-NIAH as RULER defines it (Hsieh et al. 2024): one key-value needle in a haystack, the model asked for
+# the value. pk: pass-key retrieval, repeated noise haystack, 7-digit number; n: number in an essay-like
+# haystack; w: word in an essay-like haystack (the paper's S-NIAH-W). The essay haystack (RULER: Paul
+# Graham essays) is generated locally from a small grammar, so nothing is downloaded.
+
+NOISE_SENTENCES = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                   "There and back again."]
+ESSAY_SUBJECTS = ["The old lighthouse keeper", "A patient gardener", "The village baker", "Our neighbour",
+                  "The tired traveller", "A curious child", "The morning ferry", "A quiet librarian",
+                  "The mountain guide", "An old fisherman", "The school teacher", "A wandering musician",
+                  "The harbour master", "My grandmother", "The young carpenter", "A shy painter"]
+ESSAY_PREDICATES = ["walked slowly", "waited patiently", "sang softly", "looked around", "rested for a while",
+                    "told a long story", "watched the clouds", "counted the boats", "mended the fence",
+                    "painted the door", "read a faded letter", "listened to the rain", "cleaned the windows",
+                    "planted some seeds", "carried a heavy basket", "wrote in a notebook"]
+ESSAY_PLACES = ["near the bridge", "after lunch", "in the garden", "before sunset", "under the tall trees",
+                "by the harbour", "on the hill", "during the storm", "beside the well", "at the edge of town",
+                "in the evening", "along the river bank", "behind the church", "on a cold morning"]
+KEY_ADJECTIVES = ["amber", "brisk", "cobalt", "dusty", "eager", "frosty", "hollow", "ivory", "jolly", "lively",
+                  "mellow", "nimble", "proud", "quaint", "rustic", "silent", "tawny", "vivid", "witty", "zesty"]
+KEY_NOUNS = ["anchor", "badger", "canyon", "dagger", "falcon", "goblet", "igloo", "jigsaw", "kettle",
+             "lantern", "meadow", "nectar", "pebble", "quiver", "rocket", "saddle", "thimble", "violin"]
+VALUE_WORDS = ["apricot", "blizzard", "compass", "dolphin", "emerald", "flamingo", "glacier", "hammock",
+               "iceberg", "juniper", "kayak", "lobster", "mosaic", "nutmeg", "octopus", "pelican", "quartz",
+               "raccoon", "sapphire", "tornado", "umbrella", "volcano", "waffle", "yogurt"]
+
+NIAH_INTRO = ("Some special magic {kinds} are hidden within the following text. Make sure to memorize it. "
+              "I will quiz you about the {kinds} afterwards.\n")
+NIAH_NEEDLE = "One of the special magic {kinds} for {key} is: {value}."
+NIAH_QUESTION = ("\nWhat is the special magic {kind} for {key} mentioned in the provided text? "
+                 "The special magic {kind} for {key} mentioned in the provided text is")
+
+
+@dataclass(frozen=True)
+class NiahTask:
+    name: str          # as in the paper's Table 3
+    haystack: str      # "noise" | "essay"
+    value: str         # "number" | "word"
+    lengths: tuple     # the paper's context lengths for this task
+
+
+NIAH_TASKS = {
+    "pk": NiahTask("S-NIAH-PK", "noise", "number", (2048, 4096, 8192)),
+    "n": NiahTask("S-NIAH-N", "essay", "number", (2048, 4096, 8192)),
+    "w": NiahTask("S-NIAH-W", "essay", "word", (1024, 2048, 4096)),
+}
+
+
+@dataclass
+class NiahSample:
+    task: str
+    length: int        # token budget: prompt plus the tokens the answer may take
+    depth: float       # where the needle sits in the haystack, 0 = first sentence, 1 = last
+    key: str
+    answer: str
+    prompt: str
+    needle_start: int  # character offset of the needle in the prompt
+    haystack_start: int
+    haystack_end: int
+    prompt_tokens: int
+
+
+def haystack_sentence(kind, index, rng):
+    """Sentence `index` of a haystack: the noise sentences in a cycle, or a random essay-like sentence."""
+    if kind == "noise":
+        return NOISE_SENTENCES[index % len(NOISE_SENTENCES)]
+    return f"{rng.choice(ESSAY_SUBJECTS)} {rng.choice(ESSAY_PREDICATES)} {rng.choice(ESSAY_PLACES)}."
+
+
+def render_niah(task, key, value, sentences, depth):
+    """-> (prompt, needle_start, haystack_start, haystack_end) with the needle inserted between sentences
+    at index round(depth * len(sentences))."""
+    kinds = task.value + "s"
+    needle = NIAH_NEEDLE.format(kinds=kinds, key=key, value=value)
+    at = round(depth * len(sentences))
+    intro = NIAH_INTRO.format(kinds=kinds)
+    before = " ".join(sentences[:at])
+    haystack = " ".join(sentences[:at] + [needle] + sentences[at:])
+    prompt = intro + haystack + NIAH_QUESTION.format(kind=task.value, key=key)
+    needle_start = len(intro) + len(before) + (1 if before else 0)
+    return prompt, needle_start, len(intro), len(intro) + len(haystack)
+
+
+def make_niah_sample(task_id, length, depth, tok, seed, answer_tokens=32):
+    """One S-NIAH prompt whose tokens plus answer_tokens fit `length`, the haystack as long as that allows."""
+    if task_id not in NIAH_TASKS:
+        raise ValueError(f"unknown S-NIAH task '{task_id}': use one of {', '.join(NIAH_TASKS)}")
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"needle depth {depth} is outside [0, 1]")
+    task = NIAH_TASKS[task_id]
+    rng = random.Random(f"{task_id}-{length}-{depth}-{seed}")
+    key = f"{rng.choice(KEY_ADJECTIVES)}-{rng.choice(KEY_NOUNS)}"
+    value = str(rng.randint(10**6, 10**7 - 1)) if task.value == "number" else rng.choice(VALUE_WORDS)
+    budget = length - answer_tokens
+    pool = []                                          # haystack sentences, drawn as the search needs them
+
+    def fits(n):
+        while len(pool) < n:
+            pool.append(haystack_sentence(task.haystack, len(pool), rng))
+        return len(tok.encode(render_niah(task, key, value, pool[:n], depth)[0])) <= budget
+
+    if not fits(0):
+        raise ValueError(f"S-NIAH length {length} is too short for the prompt template and "
+                         f"{answer_tokens} answer tokens")
+    hi = 16
+    while fits(hi):
+        hi *= 2
+    lo = hi // 2 if hi > 16 else 0                     # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    prompt, needle_start, hay_start, hay_end = render_niah(task, key, value, pool[:lo], depth)
+    return NiahSample(task_id, length, depth, key, value, prompt, needle_start, hay_start, hay_end,
+                      len(tok.encode(prompt)))
+
+
+def niah_correct(prediction, answer):
+    """RULER's string_match_all for one reference: the answer appears in the prediction, any case."""
+    return answer.lower() in prediction.lower()
+
+
+def run_niah(model, tok, task_ids, depths, samples, lengths=None, answer_tokens=32, seed=0):
+    """-> one record per generated answer (task, length, depth, answer, prediction, correct)."""
+    unknown = [t for t in task_ids if t not in NIAH_TASKS]
+    if unknown:
+        raise ValueError(f"unknown S-NIAH task(s) {unknown}: use {', '.join(NIAH_TASKS)}")
+    records = []
+    for task_id in task_ids:
+        for length in lengths or NIAH_TASKS[task_id].lengths:
+            for depth in depths:
+                for i in range(samples):
+                    s = make_niah_sample(task_id, length, depth, tok, seed * 1_000_003 + i, answer_tokens)
+                    new_ids = generate_ids(model, tok.encode(s.prompt), answer_tokens)
+                    prediction = tok.decode([t for t in new_ids if t != tok.eos_id])
+                    records.append({"task": task_id, "length": length, "depth": depth, "sample": i,
+                                    "answer": s.answer, "prediction": prediction,
+                                    "correct": niah_correct(prediction, s.answer)})
+            hits = [r["correct"] for r in records if r["task"] == task_id]
+            print(f"  {NIAH_TASKS[task_id].name}: {sum(hits)}/{len(hits)} correct so far", flush=True)
+    return records
+
+
+def niah_accuracy(records):
+    """-> {(task, length): accuracy in %} averaged over depths and samples."""
+    cells = {}
+    for r in records:
+        cells.setdefault((r["task"], r["length"]), []).append(r["correct"])
+    return {cell: 100.0 * sum(v) / len(v) for cell, v in cells.items()}
+
+
+def niah_table(accuracy_by_model):
+    """Table 3: a row per model, a column per (task, length), and the average."""
+    cells = sorted({c for acc in accuracy_by_model.values() for c in acc},
+                   key=lambda c: (list(NIAH_TASKS).index(c[0]), c[1]))
+    header = ["Model"] + [f"{NIAH_TASKS[t].name} {length // 1024}K" if length % 1024 == 0
+                          else f"{NIAH_TASKS[t].name} {length}" for t, length in cells] + ["Avg."]
+    rows = []
+    for name, acc in accuracy_by_model.items():
+        values = [acc.get(c) for c in cells]
+        shown = [v for v in values if v is not None]
+        rows.append([name] + ["-" if v is None else f"{v:.1f}" for v in values]
+                    + [f"{sum(shown) / len(shown):.1f}"])
+    return markdown_table(header, rows)
+
+
+def plot_niah(records, path, title):
+    """Accuracy over (needle depth, context length), a panel per task."""
+    task_ids = [t for t in NIAH_TASKS if any(r["task"] == t for r in records)]
+    fig, axes = new_figure(1, len(task_ids), figsize=(4.5 * len(task_ids), 3.8), squeeze=False,
+                           layout="constrained")
+    for ax, task_id in zip(axes[0], task_ids):
+        rs = [r for r in records if r["task"] == task_id]
+        lengths = sorted({r["length"] for r in rs})
+        depths = sorted({r["depth"] for r in rs})
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for i, d in enumerate(depths):
+            for j, length in enumerate(lengths):
+                hits = [r["correct"] for r in rs if r["depth"] == d and r["length"] == length]
+                grid[i, j] = 100.0 * sum(hits) / len(hits)
+                ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
+        im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(NIAH_TASKS[task_id].name)
+    fig.colorbar(im, ax=axes[0].tolist(), label="accuracy (%)")
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# LAMBADA: last-word prediction (lm-eval's lambada_openai: context = all but the last word, target = " "
+# + last word; acc = the target is the greedy continuation; ppl = exp(-mean log p(target | context)))
+
+
+def read_lambada(path):
+    """A .jsonl file with one {"text": ...} per line -> [(context, " " + last word)]."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LAMBADA file '{path}' not found (a .jsonl with a 'text' field per line)")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n} is not a JSON object with a 'text' field") from e
+            context, _, last = text.strip().rpartition(" ")
+            if not context or not last:
+                raise ValueError(f"{path}:{n}: text has no last word to predict")
+            examples.append((context, " " + last))
+    if not examples:
+        raise ValueError(f"{path} holds no examples")
+    return examples
+
+
+def lambada(model, tok, examples, max_length, batch_size=16):
+    """-> {"acc": % of targets that are the greedy continuation, "ppl": exp(-mean target log-prob)}."""
+    pairs = [encode_pair(tok, c, t) for c, t in examples]
+    scores = continuation_scores(model, pairs, max_length, batch_size)
+    logprobs = [lp for lp, _ in scores]
+    return {"examples": len(examples), "acc": 100.0 * sum(g for _, g in scores) / len(scores),
+            "ppl": math.exp(-sum(logprobs) / len(logprobs))}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# lm-evaluation-harness adapter. HarnessLM implements the harness's custom-LM interface (requests are
+# objects whose .args are the arguments) without importing lm_eval; register_lm_eval() makes the
+# harness's LM subclass of it and registers it as "nirvana".
+
+
+class HarnessLM:
+    def __init__(self, model, tok, batch_size=1, max_length=None):
+        self.model, self.tok = model, tok
+        self.batch_size = int(batch_size)
+        self.max_length = int(max_length or model.config.context_length)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        """lm-eval's constructor: "checkpoint=ckpt.pt,device=cuda,dtype=bfloat16,batch_size=8,tokenizer=..."."""
+        args = dict(kv.split("=", 1) for kv in arg_string.split(",") if kv.strip())
+        args.update({k: v for k, v in (additional_config or {}).items() if v is not None})
+        if "checkpoint" not in args:
+            raise ValueError("model_args must name checkpoint=<path to a train.py checkpoint>")
+        model, tok = load_model(args["checkpoint"], args.get("device"), args.get("dtype"), args.get("tokenizer"))
+        batch_size = args.get("batch_size", 1)
+        return cls(model, tok, 1 if batch_size in ("auto", None) else batch_size, args.get("max_length"))
+
+    def loglikelihood(self, requests):
+        """args (context, continuation) -> [(log p(continuation | context), continuation is greedy)]."""
+        pairs = [encode_pair(self.tok, *r.args) for r in requests]
+        return continuation_scores(self.model, pairs, self.max_length, self.batch_size)
+
+    def loglikelihood_rolling(self, requests):
+        """args (text,) -> [log p(text)], the text read after an <eos> in windows of max_length."""
+        return [stream_logprob(self.model, [self.tok.eos_id] + self.tok.encode(text), self.max_length)[0]
+                for (text,) in (r.args for r in requests)]
+
+    def generate_until(self, requests):
+        """args (context, {"until": [...], "max_gen_toks": n, "do_sample": b, "temperature": x}) -> [text]."""
+        outputs = []
+        for context, gen_kwargs in (r.args for r in requests):
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(gen_kwargs.get("max_gen_toks", 256))
+            temperature = float(gen_kwargs.get("temperature", 0.0))
+            sample = gen_kwargs.get("do_sample", False) and temperature > 0
+            prompt = self.tok.encode(context)[-max(1, self.max_length - max_new):] or [self.tok.eos_id]
+            new_ids = generate_ids(self.model, prompt, max_new, temperature if sample else 0.0)
+            if self.tok.eos_id in new_ids:
+                new_ids = new_ids[:new_ids.index(self.tok.eos_id)]
+            text = self.tok.decode(new_ids)
+            cuts = [text.index(stop) for stop in until if stop and stop in text]
+            outputs.append(text[:min(cuts)] if cuts else text)
+        return outputs
+
+
+_registered_lm_eval_class = None
+
+
+def register_lm_eval(name="nirvana"):
+    """Registers HarnessLM with lm-evaluation-harness under `name` (imports lm_eval; once per process)."""
+    global _registered_lm_eval_class
+    if _registered_lm_eval_class is None:
+        from lm_eval.api.model import LM
+        from lm_eval.api.registry import register_model
+
+        class NirvanaLM(HarnessLM, LM):
+            def __init__(self, *args, **kwargs):
+                LM.__init__(self)
+                HarnessLM.__init__(self, *args, **kwargs)
+
+        _registered_lm_eval_class = register_model(name)(NirvanaLM)
+    return _registered_lm_eval_class
+
+
+if "lm_eval" in sys.modules:  # `import lm_eval; import eval` registers "nirvana" without another call
+    register_lm_eval()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Gate and Trigger pictures: t of eq.(8) per Nirvana layer and token, and |p| of eq.(5)
+
+
+@torch.no_grad()
+def gate_maps(model, ids):
+    """-> (t (layers, T) in [0,1]: 1 = all SWA, 0 = all linear attention; |p| (layers, T) or None)."""
+    idx = torch.tensor([ids], dtype=torch.long, device=model_device(model))
+    _, _, trace = model(idx, None, return_trace=True)
+    if not trace.get("gate"):
+        raise ValueError(f"variant '{model.config.variant}' has no Updater gate t to show "
+                         f"(use a nirvana, nirvana-notrigger or nirvana-rope checkpoint)")
+    t = torch.stack([g[0] for g in trace["gate"]]).float().cpu().numpy()                  # (L, T)
+    p = trace.get("p")
+    p_norm = torch.stack([x[0].float().norm(dim=-1) for x in p]).cpu().numpy() if p else None  # (L, T)
+    return t, p_norm
+
+
+def plot_gates(t, p_norm, labels, first_layer, path, title):
+    """Heatmaps over (layer, token): the gate t (1 = all SWA, 0 = all linear attention) and |p|."""
+    panels = [("Updater gate t (1 = SWA, 0 = linear attention), eq. (8)", t, dict(vmin=0.0, vmax=1.0, cmap="coolwarm"))]
+    if p_norm is not None:
+        panels.append(("Trigger fast-weight norm |p|, eq. (5)", p_norm, dict(cmap="viridis")))
+    width = min(24.0, 5.0 + 0.2 * t.shape[1])
+    height = max(2.0, 1.0 + 0.3 * t.shape[0])
+    fig, axes = new_figure(len(panels), 1, figsize=(width, height * len(panels)), squeeze=False,
+                           layout="constrained")
+    for ax, (label, values, style) in zip(axes[:, 0], panels):
+        im = ax.imshow(values, aspect="auto", interpolation="nearest", **style)
+        ax.set_yticks(range(values.shape[0]), [str(first_layer + i) for i in range(values.shape[0])])
+        ax.set_ylabel("layer")
+        ax.set_title(label, fontsize=10)
+        fig.colorbar(im, ax=ax, pad=0.01)
+        if len(labels) <= 96:
+            ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+        else:
+            ax.set_xlabel("token position")
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def token_labels(tok, ids):
+    """One printable label per token id (spaces shown as ␣)."""
+    return [tok.decode([i]).replace(" ", "␣").replace("\n", "\\n") or "·" for i in ids]
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Inference speed (Table 4): generated tokens/s after a prompt, and decode time per token vs context
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+WARMUP_STEPS = 3      # eager decode steps before the timed ones (kernel autotuning, allocator warm-up)
+PREFILL_CHUNK = 4096  # prompts are prefilled through the caches in chunks of this many tokens
+
+
+def decode_step(model, token):
+    """token (B, 1) -> next-token logits (B, V) through the caches: the model's forward without the
+    host-side token-range check of model.embed (a device sync that would stall every eager step)."""
+    return model.lm_head(model.backbone(model.token_embedding(token)))[:, -1]
+
+
+class GraphedStep:
+    """One decode step captured as a CUDA graph and replayed at every position (gpt-fast style): the
+    model keeps its cache position in a device buffer that the replayed kernels advance."""
+
+    def __init__(self, model, batch_size):
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=model_device(model))  # static input
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decode_step(model, self.token)
+
+    def __call__(self, token):
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.logits
+
+
+@torch.no_grad()
+def prefill_and_decode(model, prompt, steps, use_graph, tokens=None):
+    """Fresh caches, prefill prompt (B, T) (timed), WARMUP_STEPS eager steps, then `steps` timed decode
+    steps (eager, or replays of a CUDA graph captured before the clock starts) fed `tokens` (steps, B, 1)
+    or the greedy choice. -> (prefill seconds, decode seconds, logits of the timed steps (steps, B, V))."""
+    device = prompt.device
+    model.setup_caches(prompt.shape[0], prompt.shape[1] + WARMUP_STEPS + steps)
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        for s in range(0, prompt.shape[1], PREFILL_CHUNK):
+            logits = model(prompt[:, s:s + PREFILL_CHUNK])[0][:, -1]
+        sync(device)
+        t1 = time.perf_counter()
+        token = logits.argmax(-1, keepdim=True) if tokens is None else tokens[0]
+        for _ in range(WARMUP_STEPS):
+            decode_step(model, token)
+        step = GraphedStep(model, prompt.shape[0]) if use_graph else lambda x: decode_step(model, x)
+        sync(device)
+        t2 = time.perf_counter()
+        out = []
+        for i in range(steps):
+            logits = step(token)
+            out.append(logits.to(torch.float32, copy=True))
+            token = logits.argmax(-1, keepdim=True) if tokens is None else tokens[min(i + 1, steps - 1)]
+        sync(device)
+        t3 = time.perf_counter()
+    finally:
+        model.clear_caches()
+    return t1 - t0, t3 - t2, torch.stack(out)
+
+
+def random_prompt(model, batch_size, length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch_size, length), generator=g).to(model_device(model))
+
+
+@torch.no_grad()
+def graph_is_safe(model, batch_size, steps=6):
+    """Does a replayed CUDA graph of the decode step give what eager decoding gives on the same tokens?"""
+    if model_device(model).type != "cuda":
+        return False
+    prompt = random_prompt(model, batch_size, 64, seed=1)
+    tokens = random_prompt(model, batch_size, steps, seed=2).T.unsqueeze(-1)        # (steps, B, 1)
+    eager = prefill_and_decode(model, prompt, steps, False, tokens)[2]
+    try:
+        graphed = prefill_and_decode(model, prompt, steps, True, tokens)[2]
+    except RuntimeError as e:
+        print(f"  CUDA graph capture failed: {str(e).splitlines()[0]}", flush=True)
+        return False
+    error = ((graphed - eager).norm() / eager.norm()).item()
+    if error > 1e-3:
+        print(f"  CUDA graph replay differs from eager decoding (rel. error {error:.2e})", flush=True)
+    return error <= 1e-3
+
+
+@torch.no_grad()
+def decode_speed(model, prompt_len=4096, batch_size=4, new_tokens=128, cuda_graph=True, seed=0):
+    """Table 4: prefill a random prompt (batch_size, prompt_len), then greedily generate new_tokens per
+    sequence through the cache path, replayed from CUDA graphs when cuda_graph and graph_is_safe, else
+    eager. decode_tokens_per_s = batch_size * new_tokens / decode seconds; end_to_end_tokens_per_s
+    also counts the prefill."""
+    use_graph = cuda_graph and graph_is_safe(model, batch_size)
+    prompt = random_prompt(model, batch_size, prompt_len, seed)
+    prefill_and_decode(model, prompt, 4, use_graph)                       # warm-up at this prompt length
+    prefill_s, decode_s, _ = prefill_and_decode(model, prompt, new_tokens, use_graph)
+    generated = batch_size * new_tokens
+    return {"prompt_len": prompt_len, "batch_size": batch_size, "new_tokens": new_tokens,
+            "cuda_graph": use_graph, "prefill_s": prefill_s, "decode_s": decode_s,
+            "ms_per_token": 1000.0 * decode_s / new_tokens,
+            "decode_tokens_per_s": generated / decode_s,
+            "end_to_end_tokens_per_s": generated / (prefill_s + decode_s)}
+
+
+@torch.no_grad()
+def decode_latency(model, contexts, batch_size=4, steps=32, cuda_graph=True, seed=0):
+    """Decode milliseconds per token after each context length: flat for O(1) decoding, growing with the
+    context for a KV-cache Transformer (its cache is sized to the context, as in a real deployment)."""
+    use_graph = cuda_graph and graph_is_safe(model, batch_size)
+    rows = []
+    for context in contexts:
+        prompt = random_prompt(model, batch_size, context, seed)
+        _, decode_s, _ = prefill_and_decode(model, prompt, steps, use_graph)
+        rows.append({"context": context, "ms_per_token": 1000.0 * decode_s / steps, "cuda_graph": use_graph})
+        print(f"  context {context}: {rows[-1]['ms_per_token']:.3f} ms/token", flush=True)
+    return rows
+
+
+def speed_model(variant, size, backend, device, dtype, vocab_size):
+    """A random-weight model of a preset, built directly on the device."""
+    cfg = NirvanaConfig.from_preset(f"{variant}-{size}", backend=backend, vocab_size=vocab_size)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return Nirvana(cfg).to(dtype=dtype).eval()
+
+
+def speed_backend(requested, device):
+    """The Triton kernels on a GPU when they import, else the PyTorch reference (said on stdout)."""
+    if requested != "triton":
+        return requested
+    if not device.startswith("cuda"):
+        print("  the Triton kernels need a GPU; using backend=torch on the CPU", flush=True)
+        return "torch"
+    try:
+        import kernels  # noqa: F401  (the Triton backend's package)
+    except ImportError as e:
+        print(f"  `import kernels` failed ({e}); using backend=torch", flush=True)
+        return "torch"
+    return "triton"
+
+
+def plot_speed(latency_by_model, path, title):
+    fig, ax = new_figure(figsize=(6, 4))
+    for name, rows in latency_by_model.items():
+        ax.plot([r["context"] for r in rows], [r["ms_per_token"] for r in rows], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("decode time per token (ms)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    save_figure(fig, path)
+
+
+def plot_extrapolation(results, path):
+    fig, ax = new_figure(figsize=(6, 4))
+    for name, rows in results.items():
+        ax.plot([r["context_length"] for r in rows], [r["ppl"] for r in rows], marker="o", label=name)
+    ax.set_xlabel("evaluation context length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Length extrapolation (paper Fig. 7)")
+    save_figure(fig, path)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def int_list(text):
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def float_list(text):
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def model_name(checkpoint):
+    return os.path.splitext(os.path.basename(checkpoint))[0]
+
+
+def cmd_ppl(args):
+    model, tok = load_model(args.checkpoint, args.device, args.dtype, args.tokenizer)
+    tokens = read_tokens(args.data, tok, args.split)
+    length = args.context_length or model.config.context_length
+    print(f"perplexity of {args.checkpoint} on {args.data} ({len(tokens)} tokens) at context {length}")
+    result = perplexity(model, tokens, length, args.batch_size, log_every=10)
+    result.update(checkpoint=args.checkpoint, data=args.data)
+    print(f"ppl {result['ppl']:.4f}  loss {result['loss']:.4f}  over {result['tokens']} tokens")
+    write_json(os.path.join(args.out_dir, f"ppl_{model_name(args.checkpoint)}.json"), result)
+
+
+def cmd_extrapolate(args):
+    results = {}
+    for checkpoint in args.checkpoint:
+        model, tok = load_model(checkpoint, args.device, args.dtype, args.tokenizer)
+        tokens = read_tokens(args.data, tok, args.split)[:args.max_tokens]
+        name = f"{model_name(checkpoint)} ({model.config.variant})"
+        results[name] = []
+        for length in args.lengths:
+            print(f"{name}: context {length}", flush=True)
+            results[name].append(perplexity(model, tokens, length, args.batch_size))
+            print(f"  ppl {results[name][-1]['ppl']:.4f}", flush=True)
+        del model
+    header = ["Model"] + [str(length) for length in args.lengths]
+    rows = [[name] + [f"{r['ppl']:.3f}" for r in rs] for name, rs in results.items()]
+    table = markdown_table(header, rows)
+    print(table)
+    write_text(os.path.join(args.out_dir, "extrapolation.md"), table)
+    write_json(os.path.join(args.out_dir, "extrapolation.json"), results)
+    plot_extrapolation(results, os.path.join(args.out_dir, "extrapolation.png"))
+
+
+def cmd_niah(args):
+    accuracy, all_records = {}, []
+    for checkpoint in args.checkpoint:
+        model, tok = load_model(checkpoint, args.device, args.dtype, args.tokenizer)
+        name = f"{model_name(checkpoint)} ({model.config.variant})"
+        print(f"S-NIAH on {name}", flush=True)
+        records = run_niah(model, tok, args.tasks, args.depths, args.samples, args.lengths, args.answer_tokens,
+                           args.seed)
+        accuracy[name] = niah_accuracy(records)
+        all_records += [dict(r, model=name) for r in records]
+        plot_niah(records, os.path.join(args.out_dir, f"niah_{model_name(checkpoint)}.png"), f"S-NIAH: {name}")
+        del model
+    table = niah_table(accuracy)
+    print(table)
+    write_text(os.path.join(args.out_dir, "niah.md"), table)
+    write_text(os.path.join(args.out_dir, "niah_predictions.jsonl"),
+               "".join(json.dumps(r) + "\n" for r in all_records))
+
+
+def cmd_lambada(args):
+    model, tok = load_model(args.checkpoint, args.device, args.dtype, args.tokenizer)
+    examples = read_lambada(args.data)[:args.limit]
+    print(f"LAMBADA: {len(examples)} examples from {args.data}", flush=True)
+    result = lambada(model, tok, examples, args.max_length or model.config.context_length, args.batch_size)
+    result.update(checkpoint=args.checkpoint, data=args.data)
+    print(f"LAMBADA acc {result['acc']:.2f}%  ppl {result['ppl']:.3f}")
+    write_json(os.path.join(args.out_dir, f"lambada_{model_name(args.checkpoint)}.json"), result)
+
+
+def cmd_harness(args):
+    try:
+        import lm_eval
+    except ImportError:
+        sys.exit("the harness command needs lm-evaluation-harness: pip install lm-eval (and its task data)")
+    lm_class = register_lm_eval()
+    model, tok = load_model(args.checkpoint, args.device, args.dtype, args.tokenizer)
+    lm = lm_class(model, tok, args.batch_size, args.max_length)
+    results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot,
+                                      limit=args.limit)
+    print(json.dumps(results["results"], indent=2, default=str))
+    write_json(os.path.join(args.out_dir, f"harness_{model_name(args.checkpoint)}.json"),
+               json.loads(json.dumps(results["results"], default=str)))
+
+
+def cmd_gates(args):
+    model, tok = load_model(args.checkpoint, args.device, args.dtype, args.tokenizer)
+    if args.text_file:
+        with open(args.text_file, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        text = args.text
+    ids = tok.encode(text)[:args.max_tokens]
+    if not ids:
+        raise ValueError("the text encodes to no tokens")
+    t, p_norm = gate_maps(model, ids)
+    first_layer = model.config.n_prelude
+    name = model_name(args.checkpoint)
+    plot_gates(t, p_norm, token_labels(tok, ids), first_layer,
+               os.path.join(args.out_dir, f"gates_{name}.png"), f"Updater gate t and Trigger |p|: {name}")
+    arrays = {"t": t, "token_ids": np.array(ids)} | ({"p_norm": p_norm} if p_norm is not None else {})
+    write_atomic(os.path.join(args.out_dir, f"gates_{name}.npz"), lambda f: np.savez(f, **arrays))
+    print(f"t per layer (mean over tokens): {np.round(t.mean(axis=1), 3).tolist()}")
+    if p_norm is not None:
+        print(f"|p| per layer (mean over tokens): {np.round(p_norm.mean(axis=1), 3).tolist()}")
+
+
+def cmd_speed(args):
+    device = args.device or default_device()
+    dtype = parse_dtype(args.dtype, device)
+    backend = speed_backend(args.backend, device)
+    table_rows, latency, results = [], {}, {}
+    for variant in args.variants.split(","):
+        print(f"{variant}-{args.size} ({backend}, {dtype}, {device})", flush=True)
+        model = speed_model(variant, args.size, backend, device, dtype, args.vocab_size)
+        result = decode_speed(model, args.prompt_len, args.batch_size, args.new_tokens, not args.eager)
+        result.update(variant=variant, params=model.num_params(), backend=backend)
+        results[variant] = result
+        print(f"  {result['decode_tokens_per_s']:.1f} generated tokens/s (decode), "
+              f"{result['end_to_end_tokens_per_s']:.1f} with prefill, cuda_graph={result['cuda_graph']}", flush=True)
+        if args.contexts:
+            latency[variant] = decode_latency(model, args.contexts, args.batch_size, args.latency_steps,
+                                              not args.eager)
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    base = results.get("transformer")
+    for variant, r in results.items():
+        ratio = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x" if base else "-"
+        table_rows.append([variant, f"{r['params'] / 1e6:.0f}M", f"{r['decode_tokens_per_s']:.1f}",
+                           f"{r['end_to_end_tokens_per_s']:.1f}", f"{r['ms_per_token']:.2f}", ratio,
+                           str(r["cuda_graph"])])
+    table = markdown_table(["Model", "params", "decode tokens/s", "end-to-end tokens/s", "ms/step",
+                            "vs transformer", "CUDA graph"], table_rows)
+    print(f"prompt {args.prompt_len}, batch {args.batch_size}, {args.new_tokens} new tokens, "
+          f"{torch.cuda.get_device_name() if device.startswith('cuda') else device}\n{table}")
+    write_text(os.path.join(args.out_dir, "speed.md"), table)
+    write_json(os.path.join(args.out_dir, "speed.json"), {"speed": results, "latency": latency})
+    if latency:
+        plot_speed(latency, os.path.join(args.out_dir, "decode_latency.png"),
+                   f"decode time per token, batch {args.batch_size}")
+
+
+def add_model_args(p, many=False):
+    p.add_argument("--checkpoint", required=True, nargs="+" if many else None, help="train.py checkpoint(s)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer spec overriding the checkpoint's")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on cuda)")
+    p.add_argument("--out_dir", default="eval_out")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ppl", help="perplexity of a text file or token shard")
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="text file, prepare.py folder, or one of its .bin shards")
+    p.add_argument("--split", default="val", help="split of a prepare.py folder")
+    p.add_argument("--context_length", type=int, default=None, help="default: the model's context_length")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.set_defaults(run=cmd_ppl)
+
+    p = sub.add_parser("extrapolate", help="perplexity vs evaluation context length (Fig. 7)")
+    add_model_args(p, many=True)
+    p.add_argument("--data", required=True, help="text file, prepare.py folder, or one of its .bin shards")
+    p.add_argument("--split", default="val", help="split of a prepare.py folder")
+    p.add_argument("--lengths", type=int_list, default=[4096, 8192, 12288, 16384, 20480])
+    p.add_argument("--max_tokens", type=int, default=None, help="use only the first N tokens of --data")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.set_defaults(run=cmd_extrapolate)
+
+    p = sub.add_parser("niah", help="S-NIAH-PK/N/W accuracy (Table 3)")
+    add_model_args(p, many=True)
+    p.add_argument("--tasks", type=lambda s: s.split(","), default=list(NIAH_TASKS), help="pk,n,w")
+    p.add_argument("--lengths", type=int_list, default=None, help="default: the paper's lengths per task")
+    p.add_argument("--depths", type=float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--samples", type=int, default=10, help="samples per (task, length, depth)")
+    p.add_argument("--answer_tokens", type=int, default=32, help="greedy tokens generated per answer")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_niah)
+
+    p = sub.add_parser("lambada", help="LAMBADA last-word accuracy and perplexity from a .jsonl")
+    add_model_args(p)
+    p.add_argument("--data", required=True, help=".jsonl with a 'text' field per line (lambada_openai)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--max_length", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.set_defaults(run=cmd_lambada)
+
+    p = sub.add_parser("harness", help="run lm-evaluation-harness tasks (needs lm_eval)")
+    add_model_args(p)
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--num_fewshot", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_length", type=int, default=None)
+    p.set_defaults(run=cmd_harness)
+
+    p = sub.add_parser("gates", help="heatmap of the gate t and the Trigger's |p| over layers and tokens")
+    add_model_args(p)
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text")
+    text.add_argument("--text_file")
+    p.add_argument("--max_tokens", type=int, default=512)
+    p.set_defaults(run=cmd_gates)
+
+    p = sub.add_parser("speed", help="generated tokens/s (Table 4) and decode ms/token vs context")
+    p.add_argument("--variants", default="nirvana,nirvana-notrigger,gated-deltanet,transformer")
+    p.add_argument("--size", default="350m", help="preset size: tiny, 125m, 350m, 1.3b (random weights)")
+    p.add_argument("--backend", default="triton", choices=["triton", "torch"])
+    p.add_argument("--vocab_size", type=int, default=32000)
+    p.add_argument("--prompt_len", type=int, default=4096)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--contexts", type=int_list, default=[1024, 2048, 4096, 8192, 16384],
+                   help="context lengths for the ms/token curve ('' to skip)")
+    p.add_argument("--latency_steps", type=int, default=32)
+    p.add_argument("--eager", action="store_true", help="time eager decoding, not CUDA-graph replays")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--out_dir", default="eval_out")
+    p.set_defaults(run=cmd_speed)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+"""Tests of eval.py and sample.py on the CPU with tiny random-weight models (a few seconds each)."""
+import dataclasses
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as ev
+import sample
+from nirvana import Nirvana, NirvanaConfig
+from tokenizer import load_tokenizer
+
+TOK = load_tokenizer("bytes")
+TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
+        "All that glitters is not gold. Fortune favours the bold. ") * 4
+
+
+def tiny_model(variant="nirvana", seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = NirvanaConfig.from_preset(f"{variant}-tiny", vocab_size=TOK.vocab_size, **overrides)
+    return Nirvana(cfg).eval()
+
+
+def save_checkpoint(model, path, tokenizer="bytes"):
+    torch.save({"config": dataclasses.asdict(model.config), "model": model.state_dict(), "tokenizer": tokenizer},
+               path)
+    return str(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and do not stall when other processes share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory):
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def direct_logprobs(model, ids):
+    """log p(ids[i] | ids[:i]) for i >= 1 from one plain forward: (len(ids) - 1,) float64."""
+    idx = torch.tensor([ids])
+    with torch.no_grad():
+        logits, _ = model(idx)
+    logp = F.log_softmax(logits[0, :-1].double(), dim=-1)
+    return logp.gather(1, idx[0, 1:, None])[:, 0], logits[0, :-1].argmax(-1) == idx[0, 1:]
+
+
+# ----------------------------------------------------------------------------------------------- S-NIAH
+
+
+@pytest.mark.parametrize("task_id", list(ev.NIAH_TASKS))
+@pytest.mark.parametrize("length", [512, 1024])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+def test_niah_sample_has_exactly_one_needle_where_asked(task_id, length, depth):
+    s = ev.make_niah_sample(task_id, length, depth, TOK, seed=7, answer_tokens=16)
+    kinds = ev.NIAH_TASKS[task_id].value + "s"
+    needle = ev.NIAH_NEEDLE.format(kinds=kinds, key=s.key, value=s.answer)
+    assert s.prompt.count(needle) == 1
+    assert s.prompt.count(s.answer) == 1                         # the value appears only in the needle
+    assert s.prompt.index(needle) == s.needle_start
+    assert s.prompt.endswith(f"for {s.key} mentioned in the provided text is")
+    # the needle sits between whole haystack sentences, at the asked fraction of the haystack
+    haystack = s.prompt[s.haystack_start:s.haystack_end]
+    sentences = haystack.replace(needle, "").split(".")
+    n_sentences = len([x for x in sentences if x.strip()])
+    before = s.prompt[s.haystack_start:s.needle_start]
+    assert before == "" or before.endswith(". ")
+    assert before.count(".") == round(depth * n_sentences)
+    # the prompt plus the answer budget fills the length: one more sentence would not fit
+    assert s.prompt_tokens == len(TOK.encode(s.prompt)) <= length - 16
+    assert s.prompt_tokens > length - 16 - 80                    # < one sentence (<= 80 bytes) of slack
+
+
+def test_pass_key_haystack_is_the_noise_cycle():
+    s = ev.make_niah_sample("pk", 2048, 0.4, TOK, seed=3)
+    needle = ev.NIAH_NEEDLE.format(kinds="numbers", key=s.key, value=s.answer)
+    haystack = s.prompt[s.haystack_start:s.haystack_end].replace(needle + " ", "")
+    cycle = " ".join(ev.NOISE_SENTENCES)
+    assert haystack.startswith(cycle + " " + cycle)
+    assert {x + "." for x in haystack.rstrip(".").split(". ")} == set(ev.NOISE_SENTENCES)
+
+
+def test_niah_samples_differ_by_seed_and_reject_bad_input():
+    a = ev.make_niah_sample("n", 512, 0.5, TOK, seed=1)
+    b = ev.make_niah_sample("n", 512, 0.5, TOK, seed=2)
+    assert (a.key, a.answer) != (b.key, b.answer)
+    assert a == ev.make_niah_sample("n", 512, 0.5, TOK, seed=1)    # deterministic
+    with pytest.raises(ValueError, match="unknown S-NIAH task"):
+        ev.make_niah_sample("x", 512, 0.5, TOK, seed=1)
+    with pytest.raises(ValueError, match="unknown S-NIAH task"):
+        ev.run_niah(None, TOK, ["pk", "q"], [0.5], samples=1)
+    with pytest.raises(ValueError, match="depth"):
+        ev.make_niah_sample("n", 512, 1.5, TOK, seed=1)
+    with pytest.raises(ValueError, match="too short"):
+        ev.make_niah_sample("n", 100, 0.5, TOK, seed=1)
+
+
+def test_niah_scorer_on_known_answers():
+    assert ev.niah_correct(" 4817263.", "4817263")
+    assert ev.niah_correct("The special magic number is 4817263 indeed", "4817263")
+    assert not ev.niah_correct(" 481726.", "4817263")
+    assert not ev.niah_correct("", "4817263")
+    assert ev.niah_correct(" APRICOT", "apricot")
+    assert not ev.niah_correct(" apple", "apricot")
+    records = [{"task": "pk", "length": 2048, "correct": c} for c in (True, True, False, True)]
+    records += [{"task": "w", "length": 1024, "correct": False}]
+    acc = ev.niah_accuracy(records)
+    assert acc == {("pk", 2048): 75.0, ("w", 1024): 0.0}
+    table = ev.niah_table({"m": acc})
+    assert "S-NIAH-PK 2K" in table and "S-NIAH-W 1K" in table and "| m | 75.0 | 0.0 | 37.5 |" in table
+
+
+def test_niah_run_scores_the_models_greedy_answer(model, checkpoint, tmp_path):
+    records = ev.run_niah(model, TOK, ["pk", "w"], [0.5], samples=1, lengths=[420], answer_tokens=6)
+    assert len(records) == 2
+    for r in records:
+        s = ev.make_niah_sample(r["task"], 420, 0.5, TOK, seed=0, answer_tokens=6)
+        ids = TOK.encode(s.prompt)
+        for _ in range(6):                                       # greedy by re-running the full forward
+            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+        assert r["prediction"] == TOK.decode([i for i in ids[-6:] if i != TOK.eos_id])
+        assert r["correct"] == ev.niah_correct(r["prediction"], r["answer"])
+    ev.main(["niah", "--checkpoint", checkpoint, "--tasks", "pk", "--lengths", "420", "--depths", "0,1",
+             "--samples", "1", "--answer_tokens", "4", "--out_dir", str(tmp_path)])
+    assert "S-NIAH-PK" in (tmp_path / "niah.md").read_text()
+    assert (tmp_path / "niah_tiny.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((tmp_path / "niah_predictions.jsonl").read_text().splitlines()) == 2
+
+
+# ----------------------------------------------------------------------------------------------- perplexity
+
+
+def test_score_tokens_equals_the_forward_pass(model):
+    idx = torch.randint(0, TOK.vocab_size, (2, 50))
+    tgt = torch.randint(0, TOK.vocab_size, (2, 50))
+    logprob, greedy = ev.score_tokens(model, idx, tgt, head_chunk=16)
+    logits, _ = model(idx)
+    expected = F.log_softmax(logits.float(), -1).gather(-1, tgt[..., None])[..., 0]
+    torch.testing.assert_close(logprob, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(greedy, logits.argmax(-1) == tgt)
+
+
+def test_perplexity_equals_exp_of_mean_token_loss(model):
+    tokens = np.random.default_rng(0).integers(0, TOK.vocab_size, 300)
+    result = ev.perplexity(model, tokens, context_length=64, batch_size=3)
+    losses, count = [], 0
+    for s in range(0, 299, 64):                                  # windows of <= 64 predictions, fresh state
+        window = torch.tensor(tokens[s:s + 65])[None]
+        _, loss = model(window[:, :-1], window[:, 1:])
+        losses.append(loss.item() * (window.shape[1] - 1))
+        count += window.shape[1] - 1
+    assert result["tokens"] == count == 299
+    assert result["ppl"] == pytest.approx(math.exp(sum(losses) / count), rel=1e-5)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        ev.perplexity(model, tokens[:1], 64)
+
+
+def test_ppl_and_extrapolate_commands(model, checkpoint, tmp_path):
+    text_file = tmp_path / "val.txt"
+    text_file.write_text(TEXT)
+    ev.main(["ppl", "--checkpoint", checkpoint, "--data", str(text_file), "--context_length", "100",
+             "--out_dir", str(tmp_path)])
+    result = json.loads((tmp_path / "ppl_tiny.json").read_text())
+    expected = ev.perplexity(model, TOK.encode(TEXT), 100)
+    assert result["ppl"] == pytest.approx(expected["ppl"], rel=1e-6)
+    ev.main(["extrapolate", "--checkpoint", checkpoint, "--data", str(text_file), "--lengths", "64,128,256",
+             "--out_dir", str(tmp_path)])
+    curves = json.loads((tmp_path / "extrapolation.json").read_text())
+    rows = curves["tiny (nirvana)"]
+    assert [r["context_length"] for r in rows] == [64, 128, 256]
+    assert rows[1]["ppl"] == pytest.approx(ev.perplexity(model, TOK.encode(TEXT), 128)["ppl"], rel=1e-6)
+    assert (tmp_path / "extrapolation.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| tiny (nirvana) |" in (tmp_path / "extrapolation.md").read_text()
+
+
+def test_read_tokens_from_a_prepared_folder(tmp_path):
+    import prepare
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 30)
+    meta = prepare.prepare([str(corpus)], str(tmp_path / "data"), tokenizer="bytes", val_fraction=0.5)
+    tokens = ev.read_tokens(str(tmp_path / "data"), TOK, "val")
+    assert len(tokens) == sum(s["tokens"] for s in meta["val"])
+    assert TOK.decode(tokens[:50].tolist()) in TEXT * 30
+    shard = tmp_path / "data" / meta["val"][0]["file"]
+    assert np.array_equal(ev.read_tokens(str(shard), TOK)[:100], tokens[:100])
+    other = SimpleNamespace(vocab_size=512, spec="other.model")
+    with pytest.raises(ValueError, match="vocab"):
+        ev.read_tokens(str(tmp_path / "data"), other)
+    with pytest.raises(FileNotFoundError):
+        ev.read_tokens(str(tmp_path / "missing.txt"), TOK)
+
+
+# ----------------------------------------------------------------------------------------------- LAMBADA
+
+
+def test_lambada_matches_direct_scoring(model, tmp_path):
+    texts = ["the cat sat on the mat", "we went to the river to fish", "she opened the old wooden door",
+             "a stitch in time saves nine"]
+    path = tmp_path / "lambada.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    examples = ev.read_lambada(str(path))
+    assert examples[0] == ("the cat sat on the", " mat")
+    result = ev.lambada(model, TOK, examples, max_length=256, batch_size=3)
+    logprobs, greedy = [], []
+    for context, target in examples:
+        lp, g = direct_logprobs(model, TOK.encode(context + target))
+        n = len(TOK.encode(target))
+        logprobs.append(lp[-n:].sum().item())
+        greedy.append(bool(g[-n:].all()))
+    assert result["ppl"] == pytest.approx(math.exp(-sum(logprobs) / len(texts)), rel=1e-5)
+    assert result["acc"] == pytest.approx(100.0 * sum(greedy) / len(texts))
+    path.write_text('{"text": "fine line"}\n{"txt": "wrong key"}\n')
+    with pytest.raises(ValueError, match=":2 is not a JSON object with a 'text' field"):
+        ev.read_lambada(str(path))
+
+
+# ----------------------------------------------------------------------------------------------- lm-eval
+
+
+def requests(*args):
+    return [SimpleNamespace(args=a) for a in args]
+
+
+def test_harness_loglikelihood_equals_summed_logprobs(model):
+    lm = ev.HarnessLM(model, TOK, batch_size=2, max_length=256)
+    reqs = requests(("The quick brown", " fox"), ("Fortune favours", " the bold."), ("", "Hello"),
+                    ("A journey of a thousand ", "miles"), ("x" * 300, " tail"))
+    out = lm.loglikelihood(reqs)
+    expected_pairs = [("The quick brown", " fox"), ("Fortune favours", " the bold."), (None, "Hello"),
+                      ("A journey of a thousand", " miles"), ("x" * 300, " tail")]
+    for (logprob, is_greedy), (context, continuation) in zip(out, expected_pairs):
+        ids = ([TOK.eos_id] if context is None else TOK.encode(context)) + TOK.encode(continuation)
+        ids = ids[-257:]                                          # max_length 256 predictions: left-truncated
+        lp, g = direct_logprobs(model, ids)
+        n = len(TOK.encode(continuation))
+        assert logprob == pytest.approx(lp[-n:].sum().item(), rel=1e-5, abs=1e-4)
+        assert is_greedy == bool(g[-n:].all())
+
+
+def test_harness_model_from_lm_eval_arg_string(checkpoint):
+    lm = ev.HarnessLM.create_from_arg_string(f"checkpoint={checkpoint},device=cpu,batch_size=4,max_length=128",
+                                            {"batch_size": None, "max_batch_size": None, "device": None})
+    assert (lm.batch_size, lm.max_length, lm.tok.spec) == (4, 128, "bytes")
+    assert lm.model.config.variant == "nirvana" and not lm.model.training
+    with pytest.raises(ValueError, match="checkpoint="):
+        ev.HarnessLM.create_from_arg_string("device=cpu")
+
+
+def test_harness_rolling_loglikelihood(model):
+    text = TEXT[:200]
+    ids = [TOK.eos_id] + TOK.encode(text)
+    whole = ev.HarnessLM(model, TOK, max_length=512).loglikelihood_rolling(requests((text,)))[0]
+    assert whole == pytest.approx(direct_logprobs(model, ids)[0].sum().item(), rel=1e-5)
+    windowed = ev.HarnessLM(model, TOK, max_length=64).loglikelihood_rolling(requests((text,)))[0]
+    expected = sum(direct_logprobs(model, ids[s:s + 65])[0].sum().item() for s in range(0, len(ids) - 1, 64))
+    assert windowed == pytest.approx(expected, rel=1e-5)
+
+
+def test_harness_generate_until_is_greedy_and_stops(model):
+    lm = ev.HarnessLM(model, TOK, max_length=256)
+    context = "The quick brown fox"
+    ids = TOK.encode(context)
+    for _ in range(12):
+        ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    greedy = bytes(ids[len(context):]).decode("utf-8", errors="replace")
+    [full] = lm.generate_until(requests((context, {"until": [], "max_gen_toks": 12})))
+    assert full == greedy
+    stop = greedy[5:7]
+    [cut] = lm.generate_until(requests((context, {"until": [stop], "max_gen_toks": 12})))
+    assert cut == greedy[:greedy.index(stop)]
+
+
+def test_lm_eval_registration_when_installed(model, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    lm_class = ev.register_lm_eval()
+    assert ev.register_lm_eval() is lm_class
+    from lm_eval.api.registry import get_model
+
+    assert get_model("nirvana") is lm_class
+    docs = [{"question": "The cat sat on the", "choices": [" mat", " moon"], "label": 0},
+            {"question": "Fortune favours the", "choices": [" bold", " tired"], "label": 0}]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "fake.yaml").write_text(
+        "task: nirvana_fake_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'docs.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n")
+    lm = lm_class(model, TOK, batch_size=2)
+    results = lm_eval.simple_evaluate(model=lm, tasks=["nirvana_fake_mc"],
+                                      task_manager=TaskManager(include_path=str(tmp_path)))
+    picks = []
+    for d in docs:
+        scores = [ll for ll, _ in lm.loglikelihood(requests(*[(d["question"], c) for c in d["choices"]]))]
+        picks.append(int(np.argmax(scores)) == d["label"])
+    assert results["results"]["nirvana_fake_mc"]["acc,none"] == pytest.approx(np.mean(picks))
+
+
+# ----------------------------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("variant", ["nirvana", "nirvana-notrigger", "nirvana-rope", "gated-deltanet", "hybrid",
+                                     "transformer"])
+def test_cached_generation_equals_full_forward_generation(variant):
+    model = tiny_model(variant, seed=1)
+    prompt = torch.randint(0, TOK.vocab_size, (2, 40))              # longer than the window of 32
+    out = model.generate(prompt, 16, temperature=0)
+    with torch.no_grad():
+        logits, _ = model(out[:, :-1])                              # one full forward over the result
+    chosen = logits[:, 39:].gather(-1, out[:, 40:, None])[..., 0]
+    best = logits[:, 39:].max(-1).values
+    # each generated token is the full forward's argmax (up to float ties)
+    assert torch.all(chosen >= best - 1e-4), f"{variant}: cached greedy decoding left the full forward's argmax"
+
+
+def test_sample_command_is_greedy_at_temperature_zero(model, checkpoint, capsys):
+    [text] = sample.main(["--checkpoint", checkpoint, "--prompt", "Fortune favours", "--temperature", "0",
+                          "--max_new_tokens", "10", "--device", "cpu"])
+    ids = TOK.encode("Fortune favours")
+    for _ in range(10):
+        ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    new = ids[len(TOK.encode("Fortune favours")):]
+    assert text == TOK.decode(new[:new.index(TOK.eos_id)] if TOK.eos_id in new else new)
+    assert capsys.readouterr().out.startswith("Fortune favours")
+    texts = sample.sample(model, TOK, "", num_samples=3, max_new_tokens=5, temperature=1.0, top_k=5)
+    assert len(texts) == 3
+
+
+def test_checkpoint_without_tokenizer_is_a_clear_error(model, tmp_path):
+    path = save_checkpoint(model, tmp_path / "notok.pt", tokenizer=None)
+    with pytest.raises(ValueError, match="names no tokenizer"):
+        ev.load_model(path, "cpu")
+    m, tok = ev.load_model(path, "cpu", tokenizer="bytes")
+    assert tok.vocab_size == 257 and not m.training
+    with pytest.raises(FileNotFoundError):
+        ev.load_model(str(tmp_path / "missing.pt"), "cpu")
+
+
+# ----------------------------------------------------------------------------------------------- gates, speed
+
+
+def test_gates_heatmap(model, checkpoint, tmp_path):
+    ids = TOK.encode("The patient's scan shows a small lesion.")
+    t, p_norm = ev.gate_maps(model, ids)
+    post_prelude = model.config.n_layers - model.config.n_prelude
+    assert t.shape == p_norm.shape == (post_prelude, len(ids))
+    assert np.all((t > 0) & (t < 1)) and np.all(p_norm > 0)
+    _, _, trace = model(torch.tensor([ids]), None, return_trace=True)
+    assert np.allclose(p_norm[-1], trace["p"][-1][0].norm(dim=-1).numpy())
+    ev.main(["gates", "--checkpoint", checkpoint, "--text", "Hello gates", "--out_dir", str(tmp_path)])
+    assert (tmp_path / "gates_tiny.png").read_bytes()[:4] == b"\x89PNG"
+    saved = np.load(tmp_path / "gates_tiny.npz")
+    assert saved["t"].shape == (post_prelude, len("Hello gates"))
+    with pytest.raises(ValueError, match="no Updater gate"):
+        ev.gate_maps(tiny_model("gated-deltanet"), ids)
+
+
+def test_decode_speed_times_real_decoding():
+    model = tiny_model("nirvana", seed=2)
+    prompt = ev.random_prompt(model, 2, 48)
+    _, _, logits = ev.prefill_and_decode(model, prompt, 5, use_graph=False)
+    # teacher-forced check: the timed loop fed the greedy tokens and got the full forward's logits
+    with torch.no_grad():
+        first = model(prompt)[0][:, -1].argmax(-1, keepdim=True)   # (B, 1) greedy after the prompt
+        greedy = logits.argmax(-1).T                                # (B, 5) greedy after each step
+        # the warm-up steps feed the first token WARMUP_STEPS times before the timed steps
+        fed = torch.cat([prompt, first.expand(-1, ev.WARMUP_STEPS + 1), greedy[:, :4]], dim=1)
+        full, _ = model(fed)
+    torch.testing.assert_close(logits, full[:, -5:].float().transpose(0, 1), rtol=1e-4, atol=1e-4)
+    result = ev.decode_speed(model, prompt_len=48, batch_size=2, new_tokens=5)
+    assert result["decode_tokens_per_s"] == pytest.approx(10 / result["decode_s"])
+    assert result["cuda_graph"] is False             # no CUDA graphs on the CPU
+    rows = ev.decode_latency(model, [16, 64], batch_size=1, steps=3)
+    assert [r["context"] for r in rows] == [16, 64] and all(r["ms_per_token"] > 0 for r in rows)

@@ -1,0 +1,297 @@
+"""Tests of tokenizer.py, prepare.py and train.py on the CPU (a few minutes on 2 cores)."""
+import base64
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import train
+from nirvana import VARIANTS, Nirvana
+from prepare import BUILTIN_VOCAB_SIZE, TokenShards, builtin_documents, prepare, prepare_builtin
+from tokenizer import load_tokenizer, train_sentencepiece
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SMALL_RUN = ["--micro-batch", "4", "--seq-len", "32", "--global-batch-tokens", "256", "--eval-tokens", "128",
+             "--log-every", "1", "--warmup-tokens", "512"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny models gain little from more, and timings on a shared CPU stay steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The built-in corpus with its 2k sentencepiece tokenizer, prepared once."""
+    out = str(tmp_path_factory.mktemp("pydoc"))
+    prepare_builtin(out)
+    return out
+
+
+def read_log(path):
+    with open(path) as f:
+        return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------------- tokenizer.py
+
+def test_byte_tokenizer_round_trip():
+    tok = load_tokenizer("bytes")
+    text = "Nirvana — task-aware memory ✓\n"
+    ids = tok.encode(text)
+    assert tok.vocab_size == 257 and tok.eos_id == 256 and max(ids) < 256
+    assert tok.decode(ids + [tok.eos_id]) == text
+    with pytest.raises(ValueError, match="outside"):
+        tok.decode([257])
+
+
+def test_sentencepiece_train_and_round_trip(tmp_path):
+    documents = builtin_documents()[:20]
+    path = train_sentencepiece(iter(documents), str(tmp_path / "sp"), vocab_size=1000)
+    tok = load_tokenizer(path)
+    assert tok.spec == path and tok.vocab_size == 1000 and 0 <= tok.eos_id < 1000
+    text = documents[3][:2000] + "\n  unseen: ✓ Ωμέγα 12345"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text  # no normalisation, byte fallback: lossless
+    assert len(ids) < len(text.encode()) / 2  # it really merges
+    # a vocabulary larger than the corpus supports is an upper bound, not an error
+    assert load_tokenizer(train_sentencepiece(iter(documents[:2]), str(tmp_path / "big"), 32000)).vocab_size < 32000
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=st.characters(blacklist_characters="\u2581", blacklist_categories=("Cs",))))
+def test_round_trip_of_any_text(corpus, text):
+    for tok in (load_tokenizer("bytes"), load_tokenizer(TokenShards(corpus, "train").tokenizer)):
+        ids = tok.encode(text)
+        assert all(0 <= i < tok.vocab_size for i in ids) and tok.decode(ids) == text
+
+
+def test_sentencepiece_from_files(tmp_path):
+    (tmp_path / "a.txt").write_text("\n".join(builtin_documents()[:5]))
+    tok = load_tokenizer(train_sentencepiece(str(tmp_path / "a.txt"), str(tmp_path / "sp"), vocab_size=500))
+    assert tok.vocab_size == 500
+    with pytest.raises(FileNotFoundError, match="not found"):
+        train_sentencepiece([str(tmp_path / "missing.txt")], str(tmp_path / "x"))
+
+
+def test_tiktoken_from_local_ranks_file(tmp_path):
+    ranks = [bytes([i]) for i in range(256)] + [b"th", b"the", b" the"]
+    lines = [f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(ranks)]
+    (tmp_path / "mini.tiktoken").write_text("".join(lines))
+    tok = load_tokenizer(f"tiktoken:{tmp_path / 'mini.tiktoken'}")
+    assert tok.vocab_size == 260 and tok.eos_id == 259
+    assert tok.encode(" the") == [258]
+    assert tok.decode(tok.encode("the theory ✓")) == "the theory ✓"
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prepare.py"):
+        load_tokenizer(str(tmp_path / "none.model"))
+    with pytest.raises(FileNotFoundError, match="tiktoken"):
+        load_tokenizer(f"tiktoken:{tmp_path / 'cl100k_base.tiktoken'}")
+    with pytest.raises(ValueError, match="unknown tokenizer spec"):
+        load_tokenizer("gpt5")
+    with pytest.raises(ValueError, match="must be a string"):
+        load_tokenizer(None)  # e.g. a checkpoint trained on pre-tokenised data names no tokenizer
+    with pytest.raises(ValueError, match="empty corpus"):
+        train_sentencepiece(iter(["", "   \n"]), str(tmp_path / "x"))
+
+
+# ----------------------------------------------------------------------------- prepare.py
+
+def test_prepare_reads_txt_jsonl_and_dataset_folders(tmp_path):
+    documents = builtin_documents()[:30]
+    (tmp_path / "in" / "hf").mkdir(parents=True)
+    (tmp_path / "in" / "one.txt").write_text(documents[0])
+    with open(tmp_path / "in" / "hf" / "data-00000.jsonl", "w") as f:
+        for d in documents[1:]:
+            f.write(json.dumps({"text": d, "id": 1}) + "\n")
+    (tmp_path / "in" / "hf" / "dataset_info.json").write_text("{}")  # skipped, not data
+    meta = prepare([str(tmp_path / "in")], str(tmp_path / "out"), "bytes", val_fraction=0.2, shard_tokens=20000)
+    assert meta["dtype"] == "uint16" and len(meta["train"]) > 1  # several shards
+    train_split, val_split = TokenShards(str(tmp_path / "out"), "train"), TokenShards(str(tmp_path / "out"), "val")
+    everything = np.concatenate([train_split.read(0, train_split.num_tokens), val_split.read(0, val_split.num_tokens)])
+    assert (everything == 256).sum() == len(documents)  # one <eos> per document
+    assert everything.size == sum(len(d.encode()) for d in documents) + len(documents)
+    assert 0.05 < val_split.num_tokens / everything.size < 0.4
+    tok = load_tokenizer("bytes")
+    assert tok.decode(train_split.read(0, 200)) == documents[0][:200]
+    # the stream wraps around at its end
+    assert np.array_equal(train_split.read(train_split.num_tokens - 3, 6)[3:], train_split.read(0, 3))
+
+
+def test_prepare_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare([str(tmp_path / "nowhere")], str(tmp_path / "out"), "bytes")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="empty corpus"):
+        prepare([str(tmp_path / "empty.txt")], str(tmp_path / "out"), "bytes")
+    (tmp_path / "doc.pdf").write_text("x")
+    with pytest.raises(ValueError, match="not one of"):
+        prepare([str(tmp_path / "doc.pdf")], str(tmp_path / "out"), "bytes")
+    (tmp_path / "bad.jsonl").write_text('{"body": "no text field"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        prepare([str(tmp_path / "bad.jsonl")], str(tmp_path / "out"), "bytes")
+
+
+def test_parquet_and_arrow_need_pyarrow_or_read(tmp_path):
+    try:
+        import pyarrow
+        import pyarrow.ipc
+        import pyarrow.parquet
+    except ImportError:
+        for name in ("shard.parquet", "data-00000-of-00001.arrow"):
+            (tmp_path / name).write_bytes(b"PAR1")
+            with pytest.raises(ImportError, match="pip install pyarrow"):
+                prepare([str(tmp_path / name)], str(tmp_path / "out"), "bytes")
+        return
+    documents = builtin_documents()[:20]
+    table = pyarrow.table({"id": list(range(20)), "text": documents})
+    pyarrow.parquet.write_table(table, tmp_path / "shard.parquet")
+    (tmp_path / "hf").mkdir()  # a HF datasets save_to_disk folder: arrow IPC stream files and json metadata
+    with pyarrow.ipc.new_stream(str(tmp_path / "hf" / "data-00000-of-00001.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    (tmp_path / "hf" / "state.json").write_text("{}")
+    expected = sum(len(d.encode()) + 1 for d in documents)
+    for source in ("shard.parquet", "hf"):
+        meta = prepare([str(tmp_path / source)], str(tmp_path / source) + "_out", "bytes", val_fraction=0.2)
+        assert sum(s["tokens"] for s in meta["train"] + meta["val"]) == expected
+    with pytest.raises(ValueError, match="no column 'body'"):
+        prepare([str(tmp_path / "shard.parquet")], str(tmp_path / "x"), "bytes", text_field="body")
+
+
+def test_builtin_corpus(corpus):
+    meta = json.load(open(os.path.join(corpus, "meta.json")))
+    assert meta["vocab_size"] == BUILTIN_VOCAB_SIZE and meta["dtype"] == "uint16"
+    assert sum(s["tokens"] for s in meta["train"]) > 100_000
+    assert meta["tokenizer"] == "tokenizer.model"  # relative to the folder
+    tok = load_tokenizer(TokenShards(corpus, "train").tokenizer)
+    assert "statement" in tok.decode(TokenShards(corpus, "train").read(0, 50))
+
+
+# ----------------------------------------------------------------------------- train.py
+
+def test_schedule_warmup_then_cosine():
+    s = train.Schedule(peak_lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert s.lr(0) == pytest.approx(0.1) and s.lr(9) == pytest.approx(1.0)
+    assert s.lr(60) == pytest.approx(0.55) and s.lr(110) == pytest.approx(0.1)
+    assert all(s.lr(i) >= s.lr(i + 1) for i in range(10, 120))
+
+
+def test_loss_falls_on_tiny_preset(corpus, tmp_path):
+    result = train.main(["--data", corpus, "--out", str(tmp_path), "--max-tokens", str(60 * 512),
+                         "--micro-batch", "8", "--seq-len", "64", "--global-batch-tokens", "512",
+                         "--warmup-tokens", "2048", "--eval-every", "30", "--eval-tokens", "1024", "--log-every", "10"])
+    losses = result["losses"]
+    assert len(losses) == 60
+    assert losses[0] > math.log(BUILTIN_VOCAB_SIZE) - 0.5  # starts near uniform
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
+    assert result["val_losses"][-1][1] < result["val_losses"][0][1]
+    assert os.path.getsize(tmp_path / "loss.png") > 1000
+    model = Nirvana.from_checkpoint(str(tmp_path / "ckpt.pt"))  # the shared checkpoint format
+    assert model.config.vocab_size == BUILTIN_VOCAB_SIZE
+    spec = torch.load(tmp_path / "ckpt.pt", weights_only=True)["tokenizer"]
+    assert load_tokenizer(spec).vocab_size == BUILTIN_VOCAB_SIZE  # eval/mri reload the tokenizer from it
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_trains(corpus, tmp_path, variant):
+    result = train.main(["--preset", f"{variant}-tiny", "--data", corpus, "--out", str(tmp_path), "--max-tokens",
+                         str(2 * 256), "--eval-every", "2"] + SMALL_RUN)
+    assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"])
+    assert Nirvana.from_checkpoint(str(tmp_path / "ckpt.pt")).config.variant == variant
+
+
+def test_stop_and_resume_equals_uninterrupted(corpus, tmp_path):
+    args = ["--data", corpus, "--max-tokens", str(6 * 256), "--eval-every", "2"] + SMALL_RUN
+    whole = train.main(args + ["--out", str(tmp_path / "whole")])
+    first = train.main(args + ["--out", str(tmp_path / "parts"), "--stop-step", "3"])
+    second = train.main(args + ["--out", str(tmp_path / "parts"), "--resume"])
+    assert len(first["losses"]) == 3 and len(second["losses"]) == 3
+    assert first["losses"] + second["losses"] == whole["losses"]  # exactly
+    assert second["val_losses"] == [v for v in whole["val_losses"] if v[0] > 3]
+    logged = read_log(tmp_path / "parts" / "log.csv")
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]  # the resumed log continues the first
+
+
+def torchrun(args, cwd):
+    """train.py in 2 CPU processes (gloo) under torchrun; returns its stdout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(REPO, "train.py"), *args]
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_two_process_torchrun_matches_one_process(corpus, tmp_path, wrapper):
+    args = ["--data", corpus, "--max-tokens", str(3 * 256), "--eval-every", "3"] + SMALL_RUN
+    single = train.main(args + ["--out", str(tmp_path / "single")])
+    stdout = torchrun(args + ["--out", str(tmp_path / wrapper), "--dist", wrapper], tmp_path)
+    assert f"2 x cpu, {wrapper}" in stdout
+    logged = read_log(tmp_path / wrapper / "log.csv")
+    assert [r["loss"] for r in logged] == pytest.approx(single["losses"], rel=1e-5)
+    assert logged[-1]["val_loss"] == pytest.approx(single["val_losses"][-1][1], rel=1e-5)
+
+
+def test_fsdp_stop_and_resume_equals_uninterrupted(corpus, tmp_path):
+    args = ["--data", corpus, "--max-tokens", str(4 * 256), "--eval-every", "2"] + SMALL_RUN
+    whole = train.main(args + ["--out", str(tmp_path / "single")])
+    sharded = args + ["--dist", "fsdp", "--out", str(tmp_path / "fsdp")]
+    torchrun(sharded + ["--stop-step", "2"], tmp_path)
+    assert torch.load(tmp_path / "fsdp" / "ckpt.pt", weights_only=True)["step"] == 2
+    torchrun(sharded + ["--resume"], tmp_path)
+    logged = read_log(tmp_path / "fsdp" / "log.csv")
+    assert [r["loss"] for r in logged] == pytest.approx(whole["losses"], rel=1e-5)
+
+
+def test_bad_inputs_give_clear_errors(corpus, tmp_path):
+    base = ["--max-tokens", "256", "--eval-every", "1"] + SMALL_RUN
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train.main(base + ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "a")])
+    with pytest.raises(ValueError, match="not a multiple"):
+        train.main(base + ["--data", corpus, "--out", str(tmp_path / "a"), "--global-batch-tokens", "300"])
+    # a token id beyond the vocabulary
+    (tmp_path / "in.txt").write_text("\n\n".join(builtin_documents()[:20]))
+    prepare([str(tmp_path / "in.txt")], str(tmp_path / "bytes"), "bytes", val_fraction=0.5)
+    shard = np.memmap(tmp_path / "bytes" / "train_00000.bin", dtype=np.uint16, mode="r+")
+    shard[100] = 300
+    shard.flush()
+    with pytest.raises(ValueError, match="token id 300 at data position 100"):
+        train.main(base + ["--data", str(tmp_path / "bytes"), "--out", str(tmp_path / "b")])
+    # a checkpoint from another config
+    train.main(base + ["--data", corpus, "--out", str(tmp_path / "c")])
+    with pytest.raises(ValueError, match="another model config.*variant"):
+        train.main(base + ["--data", corpus, "--out", str(tmp_path / "c"), "--resume",
+                           "--preset", "gated-deltanet-tiny"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.main(base + ["--data", corpus, "--out", str(tmp_path / "d"), "--resume"])
+
+
+def test_nan_loss_stops_with_step_number(corpus, tmp_path, monkeypatch):
+    class DivergingNirvana(Nirvana):
+        calls = 0
+
+        def forward(self, idx, targets=None, return_trace=False):
+            logits, loss = super().forward(idx, targets)
+            DivergingNirvana.calls += 1
+            diverged = DivergingNirvana.calls >= 2  # one forward per step here: NaN from step 2 on
+            return logits, loss * float("nan") if diverged else loss
+
+    monkeypatch.setattr(train, "Nirvana", DivergingNirvana)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 2"):
+        train.main(["--data", corpus, "--out", str(tmp_path), "--max-tokens", "2048", "--eval-every", "100",
+                    "--micro-batch", "8", "--seq-len", "32", "--global-batch-tokens", "256", "--log-every", "1"])

@@ -1,0 +1,521 @@
+"""Pretraining for Nirvana and its baselines: the same script on one device and, under torchrun, on many.
+
+Usage:
+    python train.py                                    # nirvana-tiny on the built-in corpus: a few CPU minutes
+    python prepare.py --input fineweb/sample-10BT --out data/fineweb --workers 16       # 32k sentencepiece
+    python train.py --preset nirvana-350m --data data/fineweb --backend triton
+    python train.py --preset transformer-350m --data data/fineweb --compile        # the baselines likewise
+    torchrun --nproc_per_node=8 train.py --preset nirvana-1.3b --data data/fineweb --dist fsdp
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=run1 \\
+        train.py --preset nirvana-1.3b --data data/fineweb --dist fsdp
+    python train.py --out out/run1 --resume            # continue out/run1/ckpt.pt exactly where it stopped
+
+Defaults are the paper's (Sec. 3): context = the preset's (4096), global batch 0.5M tokens, AdamW peak lr 4e-4
+with linear warm-up over 1B tokens then cosine decay, 100B tokens. The tiny presets default to a short CPU
+schedule instead (TINY_DEFAULTS). Every rank reads its own slice of each global batch from one token stream,
+so the losses depend on the global batch, not on the number of devices.
+
+Writes into --out: ckpt.pt (atomically; model, optimizer, schedule, data position, RNG), log.csv (or --log
+FILE.jsonl) and loss.png.
+"""
+import argparse
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import resource
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nirvana import Nirvana, NirvanaConfig
+from prepare import BUILTIN_DIR, TokenShards, load_meta, prepare_builtin
+
+PAPER_DEFAULTS = dict(seq_len=None, micro_batch=4, global_batch_tokens=524_288, max_tokens=100_000_000_000,
+                      warmup_tokens=1_000_000_000, lr=4e-4, eval_every=1000, eval_tokens=4_194_304,
+                      save_every=1000)
+TINY_DEFAULTS = dict(seq_len=128, micro_batch=8, global_batch_tokens=2048, max_tokens=1_024_000,
+                     warmup_tokens=102_400, lr=2e-3, eval_every=50, eval_tokens=8192, save_every=100)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="nirvana-tiny", help="<variant>-<size> of nirvana.py, e.g. nirvana-350m")
+    p.add_argument("--backend", default="torch", choices=["torch", "triton"])
+    p.add_argument("--data", default=None, help=f"folder written by prepare.py (default: built-in, {BUILTIN_DIR})")
+    p.add_argument("--out", default=None, help="run folder (default out/<preset>)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's context_length)")
+    p.add_argument("--micro-batch", type=int, help="sequences per device per forward pass")
+    p.add_argument("--global-batch-tokens", type=int, help="tokens per optimizer step over all devices")
+    p.add_argument("--max-tokens", type=int, help="training length in tokens (sets the cosine schedule)")
+    p.add_argument("--warmup-tokens", type=int, help="linear warm-up length in tokens")
+    p.add_argument("--stop-step", type=int, help="end this run after this step (schedule unchanged; --resume later)")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--min-lr-fraction", type=float, default=0.1, help="cosine decays to this fraction of --lr")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float, default=0.95)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
+    p.add_argument("--eval-every", type=int, help="steps between validation runs")
+    p.add_argument("--eval-tokens", type=int, help="validation tokens per run")
+    p.add_argument("--save-every", type=int,
+                   help="steps between checkpoints, one also at the end (0: none, e.g. for benchmarks)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--log", default=None, help="log file, .csv or .jsonl (default <out>/log.csv)")
+    p.add_argument("--plot", default=None, help="loss-curve PNG (default <out>/loss.png)")
+    p.add_argument("--dist", default="ddp", choices=["ddp", "fsdp"], help="multi-process wrapper under torchrun")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    args = p.parse_args(argv)
+    defaults = TINY_DEFAULTS if args.preset.endswith("-tiny") else PAPER_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.out = args.out or os.path.join("out", args.preset)
+    args.log = args.log or os.path.join(args.out, "log.csv")
+    if not args.log.endswith((".csv", ".jsonl")):
+        p.error(f"--log {args.log}: the file name must end in .csv or .jsonl")
+    args.plot = args.plot or os.path.join(args.out, "loss.png")
+    return args
+
+
+# ----------------------------------------------------------------------------- distributed setup
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def mean(self, value):
+        """The mean of a float over ranks."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_distributed(device_arg):
+    """Reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT); NCCL on GPU, gloo on CPU."""
+    use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return Dist(rank, local_rank, world, device)
+
+
+# ----------------------------------------------------------------------------- data
+
+def open_data(args, d):
+    """The train and validation streams; the built-in corpus is prepared on first use (by rank 0)."""
+    data_dir = args.data or BUILTIN_DIR
+    if args.data is None and not os.path.isfile(os.path.join(data_dir, "meta.json")):
+        if d.master:
+            print(f"preparing the built-in corpus into {data_dir} ...", flush=True)
+            prepare_builtin(data_dir)
+        d.barrier()
+    load_meta(data_dir)  # a clear error for a missing or foreign folder
+    return TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
+
+
+def get_batch(stream, position, batch, seq_len, vocab_size, device):
+    """batch sequences of seq_len tokens from stream position: inputs and next-token targets, (B, T) each."""
+    tokens = stream.read(position, batch * seq_len + 1)
+    if tokens.max() >= vocab_size:
+        bad = int(np.argmax(tokens >= vocab_size))
+        raise ValueError(f"token id {tokens[bad]} at data position {position + bad} is outside the model's "
+                         f"vocabulary [0, {vocab_size}): the data was made with another tokenizer")
+    tokens = torch.from_numpy(tokens)
+    x = tokens[:-1].view(batch, seq_len)
+    y = tokens[1:].view(batch, seq_len)  # y[i, t] = x[i, t + 1]; across sequence ends the stream continues
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------- model, optimizer, schedule
+
+def build_model(args, vocab_size, d):
+    """The preset's model, wrapped for the run: DDP or FSDP2 under torchrun, optionally compiled.
+    Returns (model to call, the plain model whose state dicts the checkpoints hold)."""
+    overrides = dict(vocab_size=vocab_size, backend=args.backend)
+    config = NirvanaConfig.from_preset(args.preset, **overrides)
+    if args.compile and config.trigger and config.backend == "torch" and not config.detach_inner_grad:
+        raise ValueError(f"--compile with {args.preset} on the torch backend fails: torch.compile cannot take the "
+                         "double backward through the Trigger's inner gradient (eq. 4); use --backend triton "
+                         "or leave out --compile")
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    with d.device:
+        model = Nirvana(config)
+    wrapped = model
+    if d.world > 1 and args.dist == "ddp":
+        device_ids = [d.local_rank] if d.device.type == "cuda" else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    elif d.world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(d.device.type, (d.world,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # the root: embeddings, the shared Trigger bank, final norm, lm_head
+    return wrapped, model
+
+
+def build_optimizer(args, model):
+    """AdamW; weight decay on matrices and embeddings (dim >= 2), none on norms, biases and gates."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2))
+
+
+@dataclasses.dataclass
+class Schedule:
+    """Linear warm-up to peak_lr, then cosine decay to min_lr at max_steps (paper Sec. 3)."""
+    peak_lr: float
+    min_lr: float
+    warmup_steps: int
+    max_steps: int
+
+    def lr(self, step):  # step: 0-based optimizer step
+        if step < self.warmup_steps:
+            return self.peak_lr * (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
+        return self.min_lr + 0.5 * (self.peak_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def flops_per_token(config, model, seq_len):
+    """Estimated training FLOPs per token (forward + backward = 3 x forward): 6 per weight, plus token mixing
+    that weights do not count: attention scores and sums over the keys seen, the delta-rule state update and
+    read-out (~8 Dk Dv per head, as the recurrence counts it), and the Trigger's W(p) = sum_k p_k W_k."""
+    H, Dk = config.n_heads, config.head_dim
+    Dv = Dk * config.expand_v
+    mixing = 0.0
+    for layer in range(config.n_layers):
+        kind = config.layer_kind(layer)
+        if kind in ("gdn", "nirvana"):
+            mixing += 3 * 8 * H * Dk * Dv
+        if kind in ("swa", "nirvana"):
+            mixing += 3 * 2 * H * (Dk + Dv) * min(config.window, seq_len / 2)
+        if kind == "attention":
+            mixing += 3 * 2 * H * (Dk + Dv) * seq_len / 2
+        if kind == "nirvana" and config.trigger:
+            mixing += 3 * 3 * 2 * config.bank_size * config.trigger_dim ** 2
+    return 6 * model.num_params(non_embedding=True) + mixing
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def state_dict_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def save_checkpoint(path, model, optimizer, schedule, config, tokenizer, step, data_position, args, d):
+    """Gathers the full state on rank 0 (a collective under FSDP) and writes it atomically."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model_state = get_model_state_dict(model, options=state_dict_options())
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=state_dict_options())
+    if d.master:
+        checkpoint = {
+            "config": dataclasses.asdict(config), "model": model_state, "tokenizer": tokenizer,
+            "optimizer": optimizer_state, "scheduler": dataclasses.asdict(schedule), "step": step,
+            "data_position": data_position, "global_batch_tokens": args.global_batch_tokens,
+            "seq_len": args.seq_len, "rng": {"torch": torch.get_rng_state(),
+                                             "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None},
+        }
+        tmp = f"{path}.tmp"
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)  # a crash leaves the previous checkpoint intact
+    d.barrier()
+
+
+def load_checkpoint(path, model, optimizer, config, tokenizer, d):
+    """Restores model and optimizer into the (wrapped) model; returns the checkpoint for the rest."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+    missing = {"config", "model", "optimizer", "step", "data_position"} - set(checkpoint)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {sorted(missing)}: not written by train.py")
+    wanted = dataclasses.asdict(config)
+    differ = {k: (checkpoint["config"].get(k), v) for k, v in wanted.items()
+              if checkpoint["config"].get(k) != v and k != "backend"}  # the backend may change between runs
+    if differ:
+        listing = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(f"checkpoint {path} is from another model config ({listing})")
+    if checkpoint.get("tokenizer") != tokenizer:
+        raise ValueError(f"checkpoint {path} used tokenizer {checkpoint.get('tokenizer')!r}, "
+                         f"the data uses {tokenizer!r}")
+    set_model_state_dict(model, checkpoint["model"], options=state_dict_options())
+    set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=state_dict_options())
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if d.device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------- logging
+
+LOG_FIELDS = ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_ppl", "elapsed_s"]
+
+
+class Log:
+    """Rows of LOG_FIELDS in a .csv or .jsonl file (rank 0 only); a resumed run keeps the rows up to its step."""
+
+    def __init__(self, path, resume_step, enabled):
+        self.path, self.enabled, self.rows = path, enabled, []
+        if not enabled:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if resume_step is not None and os.path.isfile(path):
+            self.rows = [r for r in self.read(path) if int(r["step"]) <= resume_step]
+        self.rewrite()
+
+    @staticmethod
+    def read(path):
+        with open(path) as f:
+            if path.endswith(".csv"):
+                return [{k: None if v in ("", None) else int(v) if k in ("step", "tokens") else float(v)
+                         for k, v in row.items()} for row in csv.DictReader(f)]
+            return [json.loads(line) for line in f if line.strip()]
+
+    def rewrite(self):
+        with open(self.path, "w", newline="") as f:
+            if self.path.endswith(".csv"):
+                f.write(",".join(LOG_FIELDS) + "\n")
+            for row in self.rows:
+                self.write_row(f, row)
+
+    def write_row(self, f, row):
+        if self.path.endswith(".csv"):
+            f.write(",".join("" if row.get(k) is None else repr(row[k]) for k in LOG_FIELDS) + "\n")
+        else:
+            f.write(json.dumps({k: row.get(k) for k in LOG_FIELDS}) + "\n")
+
+    def append(self, **row):
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        with open(self.path, "a", newline="") as f:
+            self.write_row(f, row)
+
+    def plot(self, path, title):
+        """Training and validation loss against tokens, written atomically as a PNG."""
+        if not self.enabled:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train = [(r["tokens"], r["loss"]) for r in self.rows if r.get("loss") is not None]
+        val = [(r["tokens"], r["val_loss"]) for r in self.rows if r.get("val_loss") is not None]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        if train:
+            ax.plot(*zip(*train), label="train")
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation")
+        ax.set(xlabel="tokens", ylabel="cross-entropy (nats/token)", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        tmp = f"{path}.tmp"
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        os.replace(tmp, path)
+
+
+def memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports kB: the process's peak RSS
+
+
+# ----------------------------------------------------------------------------- evaluation and training
+
+@torch.no_grad()
+def evaluate(model, val, args, vocab_size, d, autocast):
+    """Mean validation loss over the first args.eval_tokens tokens of the validation split (at least one
+    batch). Batch j goes to rank j % world; every rank runs as many forwards (FSDP needs them all), the
+    padding batches counting zero, so the result does not depend on the number of ranks."""
+    model.eval()
+    batch_tokens = args.micro_batch * args.seq_len
+    batches = max(1, args.eval_tokens // batch_tokens)
+    total = 0.0
+    for j in range(d.rank, math.ceil(batches / d.world) * d.world, d.world):
+        x, y = get_batch(val, j * batch_tokens, args.micro_batch, args.seq_len, vocab_size, d.device)
+        with autocast:
+            _, loss = model(x, y)
+        total += loss.item() if j < batches else 0.0
+    model.train()
+    return d.mean(total) * d.world / batches
+
+
+def gradient_sync(model, d, enabled):
+    """Only the last micro-step of an accumulation all-reduces (DDP) or reduce-scatters (FSDP) gradients."""
+    if d.world == 1:
+        return contextlib.nullcontext()
+    model = getattr(model, "_orig_mod", model)  # the wrapper inside torch.compile's
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if enabled else model.no_sync()
+    model.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def grad_accum_steps(args, d):
+    per_micro_step = d.world * args.micro_batch * args.seq_len
+    if args.global_batch_tokens % per_micro_step:
+        raise ValueError(f"--global-batch-tokens {args.global_batch_tokens} is not a multiple of "
+                         f"devices x micro-batch x seq-len = {d.world} x {args.micro_batch} x {args.seq_len}")
+    return args.global_batch_tokens // per_micro_step
+
+
+def train_step(model, raw_model, optimizer, stream, position, accum, vocab_size, args, d, autocast):
+    """One optimizer step on the global batch at stream position: accum micro-batches per rank, gradients
+    averaged over all of them, clipped, then AdamW (skipped when the loss is not finite).
+    Returns the mean loss over the global batch and the gradient norm before clipping."""
+    micro_tokens = args.micro_batch * args.seq_len
+    total = 0.0
+    for micro in range(accum):
+        index = d.rank * accum + micro  # this rank's micro-batches are contiguous in the global batch
+        x, y = get_batch(stream, position + index * micro_tokens, args.micro_batch, args.seq_len, vocab_size, d.device)
+        with gradient_sync(model, d, micro == accum - 1), autocast:
+            _, loss = model(x, y)
+        (loss / accum).backward()
+        total += loss.detach()
+    loss = d.mean(float(total) / accum)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+    if math.isfinite(loss):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, float(grad_norm)
+
+
+def train(args):
+    d = setup_distributed(args.device)
+    try:
+        return run(args, d)
+    finally:
+        if d.world > 1:
+            dist.destroy_process_group()
+
+
+def run(args, d):
+    if d.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast
+    train_data, val_data = open_data(args, d)
+    vocab_size, tokenizer = train_data.vocab_size, train_data.tokenizer
+    model, raw_model = build_model(args, vocab_size, d)
+    config = raw_model.config
+    args.seq_len = args.seq_len or config.context_length
+    accum = grad_accum_steps(args, d)
+    max_steps = math.ceil(args.max_tokens / args.global_batch_tokens)
+    warmup_steps = max(1, round(args.warmup_tokens / args.global_batch_tokens))
+    schedule = Schedule(args.lr, args.lr * args.min_lr_fraction, warmup_steps, max_steps)
+    optimizer = build_optimizer(args, raw_model)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if d.master:
+        os.makedirs(args.out, exist_ok=True)
+    step, data_position = 0, 0
+    if args.resume:
+        checkpoint = load_checkpoint(ckpt_path, raw_model, optimizer, config, tokenizer, d)
+        step, data_position = checkpoint["step"], checkpoint["data_position"]
+    log = Log(args.log, step if args.resume else None, d.master)
+    forward = torch.compile(model) if args.compile else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else contextlib.nullcontext()
+    flops, peak = flops_per_token(config, raw_model, args.seq_len), peak_flops(d.device)
+    last_step = min(max_steps, args.stop_step or max_steps)
+    if d.master:
+        wrapper = "" if d.world == 1 else args.dist + ", "
+        print(f"{args.preset}: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {vocab_size} ({tokenizer}), "
+              f"{d.world} x {d.device.type}, {wrapper}micro-batch {args.micro_batch} x {args.seq_len}, "
+              f"grad accumulation {accum}, global batch {args.global_batch_tokens} tokens, "
+              f"steps {step} -> {last_step} of {max_steps}", flush=True)
+    losses, val_losses = [], []
+    interval_seconds, interval_tokens, run_start = 0.0, 0, time.time()
+    while step < last_step:
+        step_start = time.time()
+        lr = schedule.lr(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, grad_norm = train_step(forward, raw_model, optimizer, train_data, data_position, accum, vocab_size,
+                                     args, d, autocast)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss} at step {step + 1}; stopped before the update "
+                                     f"(last checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'})")
+        step += 1
+        data_position += args.global_batch_tokens
+        interval_tokens += args.global_batch_tokens
+        interval_seconds += time.time() - step_start  # the loss's float() waited for the device
+        losses.append(loss)
+        row = dict(step=step, tokens=data_position, loss=loss, lr=lr, grad_norm=grad_norm)
+        if step % args.log_every == 0 or step == last_step:
+            tokens_per_s = interval_tokens / interval_seconds
+            mfu = flops * tokens_per_s / (peak * d.world) if peak else None
+            row.update(tokens_per_s=tokens_per_s, mfu=mfu, elapsed_s=time.time() - run_start)
+            if d.master:
+                print(f"step {step:6d}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
+                      f"{tokens_per_s:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{mfu:.1%}'} | "
+                      f"mem {memory_gb(d.device):.2f} GB", flush=True)
+            interval_seconds, interval_tokens = 0.0, 0
+        evaluating = step % args.eval_every == 0 or step == last_step
+        if evaluating:
+            val_loss = evaluate(forward, val_data, args, vocab_size, d, autocast)
+            val_losses.append((step, val_loss))
+            row.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+            if d.master:
+                print(f"step {step:6d} | validation loss {val_loss:.4f} | perplexity {row['val_ppl']:.2f}", flush=True)
+        log.append(**row)
+        if evaluating:
+            log.plot(args.plot, f"{args.preset} on {os.path.basename(os.path.normpath(args.data or BUILTIN_DIR))}")
+        if args.save_every and (step % args.save_every == 0 or step == last_step):
+            save_checkpoint(ckpt_path, raw_model, optimizer, schedule, config, tokenizer, step, data_position, args, d)
+    return {"losses": losses, "val_losses": val_losses, "step": step, "checkpoint": ckpt_path}
+
+
+def main(argv=None):
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
