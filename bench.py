@@ -17,6 +17,10 @@ Sections:
            SWA + Trigger with torch's gated delta rule; the fused Trigger step's share of the block's time.
   step     one whole training step (forward+backward) of a preset (--step-preset, default nirvana-350m) with
            backend="triton" vs backend="torch" on the same weights and batch: speed-up and the two losses.
+  decode   the paper's Table 4: generated tokens/s at prompt 4096, batch 4, 128 new tokens for nirvana,
+           nirvana-notrigger, gated-deltanet and transformer (KV cache) of one size (--decode-size, default
+           350m, random weights, CUDA-graph replays of the decode step), through eval.decode_speed.
+           `python eval.py speed` adds the ms/token-vs-context curve and its PNG.
 Every row has the floor: max(FLOPs / measured bf16 matmul rate, bytes / measured copy bandwidth), both
 measured at the start of the run. Times are medians of triton.testing.do_bench on random non-zero data.
 Results: a table on stdout, and bench.json + bench.csv under --out.
@@ -30,7 +34,7 @@ import tempfile
 
 import torch
 
-SECTIONS = ("swa", "trigger", "delta", "model", "step")
+SECTIONS = ("swa", "trigger", "delta", "model", "step", "decode")
 
 
 def parse_args():
@@ -44,6 +48,7 @@ def parse_args():
     parser.add_argument("--seq-lens", default="4096,16384", help="T values for the SWA section")
     parser.add_argument("--step-preset", default="nirvana-350m", help="preset of the step section")
     parser.add_argument("--step-shape", default="2,2048", help="batch,tokens of the step section")
+    parser.add_argument("--decode-size", default="350m", help="preset size of the decode section")
     args = parser.parse_args()
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(args.only) - set(SECTIONS)
@@ -380,6 +385,19 @@ def bench_step(table, args):
         print(f"step: backend triton is {times['torch'] / times['triton']:.2f}x as fast as backend torch")
 
 
+def bench_decode(table, args):
+    """Table 4 of the paper: decode throughput of four variants of one size, side by side."""
+    import eval as evaluation
+
+    for variant in ("nirvana", "nirvana-notrigger", "gated-deltanet", "transformer"):
+        model = evaluation.speed_model(variant, args.decode_size, "triton", "cuda", torch.bfloat16, 32000)
+        result = evaluation.decode_speed(model, prompt_len=4096, batch_size=4, new_tokens=128)
+        note = f"{result['decode_tokens_per_s']:.1f} generated tokens/s, cuda_graph={result['cuda_graph']}"
+        table.add("decode", f"{args.decode_size} prompt4096 B4", variant, "decode", result["ms_per_token"], note=note)
+        del model
+        torch.cuda.empty_cache()
+
+
 def main():
     args = parse_args()
     if not torch.cuda.is_available():
@@ -391,7 +409,8 @@ def main():
           f"{bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
     table = Table(bandwidth, flops)
     print(Table.header())
-    runners = dict(swa=bench_swa, trigger=bench_trigger, delta=bench_delta, model=bench_model, step=bench_step)
+    runners = dict(swa=bench_swa, trigger=bench_trigger, delta=bench_delta, model=bench_model, step=bench_step,
+                   decode=bench_decode)
     for section in args.only:
         try:
             runners[section](table, args)

@@ -1,14 +1,14 @@
 """Nirvana evaluation: the paper's measurements as commands on a checkpoint written by train.py.
 
-    python eval.py ppl         --checkpoint out/ckpt.pt --data val.txt --context_length 4096
+    python eval.py ppl         --checkpoint out/ckpt.pt --data val.txt --context-length 4096
     python eval.py extrapolate --checkpoint a.pt b.pt --data long.txt --lengths 4096,8192,12288,16384,20480
     python eval.py niah        --checkpoint out/ckpt.pt --tasks pk,n,w --samples 10       # Table 3 (S-NIAH)
     python eval.py lambada     --checkpoint out/ckpt.pt --data lambada_test.jsonl        # Table 2, LMB. ppl/acc
     python eval.py harness     --checkpoint out/ckpt.pt --tasks piqa,hellaswag           # any lm-eval task
     python eval.py gates       --checkpoint out/ckpt.pt --text "The patient's MRI shows"  # t and |p| heatmap
-    python eval.py speed       --size 350m --prompt_len 4096 --batch_size 4 --new_tokens 128  # Table 4
+    python eval.py speed       --size 350m --prompt-len 4096 --batch-size 4 --new-tokens 128  # Table 4
 
-Every command prints its table and writes it (Markdown + JSON) and its picture (PNG) under --out_dir.
+Every command prints its table and writes it (Markdown + JSON) and its picture (PNG) under --out-dir.
 --data is a text file (tokenised with the checkpoint's tokenizer), a prepare.py folder or one of its shards.
 The lm-evaluation-harness adapter (class HarnessLM) needs `lm_eval` only for the `harness` command:
     import lm_eval, eval; eval.register_lm_eval()      # registers model name "nirvana"
@@ -942,7 +942,7 @@ def add_model_args(p, many=False):
     p.add_argument("--tokenizer", default=None, help="tokenizer spec overriding the checkpoint's")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on cuda)")
-    p.add_argument("--out_dir", default="eval_out")
+    p.add_argument("--out-dir", default="eval_out")
 
 
 def build_parser():
@@ -953,8 +953,8 @@ def build_parser():
     add_model_args(p)
     p.add_argument("--data", required=True, help="text file, prepare.py folder, or one of its .bin shards")
     p.add_argument("--split", default="val", help="split of a prepare.py folder")
-    p.add_argument("--context_length", type=int, default=None, help="default: the model's context_length")
-    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--context-length", type=int, default=None, help="default: the model's context_length")
+    p.add_argument("--batch-size", type=int, default=1)
     p.set_defaults(run=cmd_ppl)
 
     p = sub.add_parser("extrapolate", help="perplexity vs evaluation context length (Fig. 7)")
@@ -962,8 +962,8 @@ def build_parser():
     p.add_argument("--data", required=True, help="text file, prepare.py folder, or one of its .bin shards")
     p.add_argument("--split", default="val", help="split of a prepare.py folder")
     p.add_argument("--lengths", type=int_list, default=[4096, 8192, 12288, 16384, 20480])
-    p.add_argument("--max_tokens", type=int, default=None, help="use only the first N tokens of --data")
-    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of --data")
+    p.add_argument("--batch-size", type=int, default=1)
     p.set_defaults(run=cmd_extrapolate)
 
     p = sub.add_parser("niah", help="S-NIAH-PK/N/W accuracy (Table 3)")
@@ -972,50 +972,50 @@ def build_parser():
     p.add_argument("--lengths", type=int_list, default=None, help="default: the paper's lengths per task")
     p.add_argument("--depths", type=float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--samples", type=int, default=10, help="samples per (task, length, depth)")
-    p.add_argument("--answer_tokens", type=int, default=32, help="greedy tokens generated per answer")
+    p.add_argument("--answer-tokens", type=int, default=32, help="greedy tokens generated per answer")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_niah)
 
     p = sub.add_parser("lambada", help="LAMBADA last-word accuracy and perplexity from a .jsonl")
     add_model_args(p)
     p.add_argument("--data", required=True, help=".jsonl with a 'text' field per line (lambada_openai)")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_length", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--limit", type=int, default=None)
     p.set_defaults(run=cmd_lambada)
 
     p = sub.add_parser("harness", help="run lm-evaluation-harness tasks (needs lm_eval)")
     add_model_args(p)
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
-    p.add_argument("--num_fewshot", type=int, default=None)
+    p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_length", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=None)
     p.set_defaults(run=cmd_harness)
 
     p = sub.add_parser("gates", help="heatmap of the gate t and the Trigger's |p| over layers and tokens")
     add_model_args(p)
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--text")
-    text.add_argument("--text_file")
-    p.add_argument("--max_tokens", type=int, default=512)
+    text.add_argument("--text-file")
+    p.add_argument("--max-tokens", type=int, default=512)
     p.set_defaults(run=cmd_gates)
 
     p = sub.add_parser("speed", help="generated tokens/s (Table 4) and decode ms/token vs context")
     p.add_argument("--variants", default="nirvana,nirvana-notrigger,gated-deltanet,transformer")
     p.add_argument("--size", default="350m", help="preset size: tiny, 125m, 350m, 1.3b (random weights)")
     p.add_argument("--backend", default="triton", choices=["triton", "torch"])
-    p.add_argument("--vocab_size", type=int, default=32000)
-    p.add_argument("--prompt_len", type=int, default=4096)
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--prompt-len", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--contexts", type=int_list, default=[1024, 2048, 4096, 8192, 16384],
                    help="context lengths for the ms/token curve ('' to skip)")
-    p.add_argument("--latency_steps", type=int, default=32)
+    p.add_argument("--latency-steps", type=int, default=32)
     p.add_argument("--eager", action="store_true", help="time eager decoding, not CUDA-graph replays")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
-    p.add_argument("--out_dir", default="eval_out")
+    p.add_argument("--out-dir", default="eval_out")
     p.set_defaults(run=cmd_speed)
     return parser
 

@@ -1,7 +1,7 @@
 """Generate text from a train.py checkpoint through the O(1)-per-token decode path (Nirvana.generate).
 
-    python sample.py --checkpoint out/ckpt.pt --prompt "Once upon a time" --max_new_tokens 200
-    python sample.py --checkpoint out/ckpt.pt --prompt_file prompt.txt --num_samples 3 --temperature 0.8 --top_k 200
+    python sample.py --checkpoint out/ckpt.pt --prompt "Once upon a time" --max-new-tokens 200
+    python sample.py --checkpoint out/ckpt.pt --prompt-file prompt.txt --num-samples 3 --temperature 0.8 --top-k 200
     python sample.py --checkpoint out/ckpt.pt --prompt "2 + 2 =" --temperature 0      # greedy
 
 The prompt is encoded with the checkpoint's tokenizer (or --tokenizer); an empty prompt starts from <eos>.
@@ -32,11 +32,11 @@ def main(argv=None):
     parser.add_argument("--checkpoint", required=True)
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="")
-    prompt.add_argument("--prompt_file", default=None)
-    parser.add_argument("--num_samples", type=int, default=1)
-    parser.add_argument("--max_new_tokens", type=int, default=200)
+    prompt.add_argument("--prompt-file", default=None)
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=200)
+    parser.add_argument("--top-k", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--tokenizer", default=None, help="tokenizer spec overriding the checkpoint's")
     parser.add_argument("--device", default=None)

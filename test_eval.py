@@ -135,7 +135,7 @@ def test_niah_run_scores_the_models_greedy_answer(model, checkpoint, tmp_path):
         assert r["prediction"] == TOK.decode([i for i in ids[-6:] if i != TOK.eos_id])
         assert r["correct"] == ev.niah_correct(r["prediction"], r["answer"])
     ev.main(["niah", "--checkpoint", checkpoint, "--tasks", "pk", "--lengths", "420", "--depths", "0,1",
-             "--samples", "1", "--answer_tokens", "4", "--out_dir", str(tmp_path)])
+             "--samples", "1", "--answer-tokens", "4", "--out-dir", str(tmp_path)])
     assert "S-NIAH-PK" in (tmp_path / "niah.md").read_text()
     assert (tmp_path / "niah_tiny.png").read_bytes()[:4] == b"\x89PNG"
     assert len((tmp_path / "niah_predictions.jsonl").read_text().splitlines()) == 2
@@ -172,13 +172,13 @@ def test_perplexity_equals_exp_of_mean_token_loss(model):
 def test_ppl_and_extrapolate_commands(model, checkpoint, tmp_path):
     text_file = tmp_path / "val.txt"
     text_file.write_text(TEXT)
-    ev.main(["ppl", "--checkpoint", checkpoint, "--data", str(text_file), "--context_length", "100",
-             "--out_dir", str(tmp_path)])
+    ev.main(["ppl", "--checkpoint", checkpoint, "--data", str(text_file), "--context-length", "100",
+             "--out-dir", str(tmp_path)])
     result = json.loads((tmp_path / "ppl_tiny.json").read_text())
     expected = ev.perplexity(model, TOK.encode(TEXT), 100)
     assert result["ppl"] == pytest.approx(expected["ppl"], rel=1e-6)
     ev.main(["extrapolate", "--checkpoint", checkpoint, "--data", str(text_file), "--lengths", "64,128,256",
-             "--out_dir", str(tmp_path)])
+             "--out-dir", str(tmp_path)])
     curves = json.loads((tmp_path / "extrapolation.json").read_text())
     rows = curves["tiny (nirvana)"]
     assert [r["context_length"] for r in rows] == [64, 128, 256]
@@ -331,7 +331,7 @@ def test_cached_generation_equals_full_forward_generation(variant):
 
 def test_sample_command_is_greedy_at_temperature_zero(model, checkpoint, capsys):
     [text] = sample.main(["--checkpoint", checkpoint, "--prompt", "Fortune favours", "--temperature", "0",
-                          "--max_new_tokens", "10", "--device", "cpu"])
+                          "--max-new-tokens", "10", "--device", "cpu"])
     ids = TOK.encode("Fortune favours")
     for _ in range(10):
         ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
@@ -363,7 +363,7 @@ def test_gates_heatmap(model, checkpoint, tmp_path):
     assert np.all((t > 0) & (t < 1)) and np.all(p_norm > 0)
     _, _, trace = model(torch.tensor([ids]), None, return_trace=True)
     assert np.allclose(p_norm[-1], trace["p"][-1][0].norm(dim=-1).numpy())
-    ev.main(["gates", "--checkpoint", checkpoint, "--text", "Hello gates", "--out_dir", str(tmp_path)])
+    ev.main(["gates", "--checkpoint", checkpoint, "--text", "Hello gates", "--out-dir", str(tmp_path)])
     assert (tmp_path / "gates_tiny.png").read_bytes()[:4] == b"\x89PNG"
     saved = np.load(tmp_path / "gates_tiny.npz")
     assert saved["t"].shape == (post_prelude, len("Hello gates"))
