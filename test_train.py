@@ -23,15 +23,6 @@ SMALL_RUN = ["--micro-batch", "4", "--seq-len", "32", "--global-batch-tokens", "
              "--log-every", "1", "--warmup-tokens", "512"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny models gain little from more, and timings on a shared CPU stay steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """The built-in corpus with its 2k sentencepiece tokenizer, prepared once."""

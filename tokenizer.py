@@ -22,6 +22,15 @@ TIKTOKEN_PREFIX = "tiktoken:"
 SENTENCEPIECE_MAX_LINE_CHARS = 4000  # sentencepiece skips "sentences" longer than 4192 bytes by default
 
 
+def checked_ids(ids, vocab_size, name):
+    """ids as ints, or a clear error naming the first one outside [0, vocab_size)."""
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the {name} vocabulary [0, {vocab_size})")
+    return ids
+
+
 class ByteTokenizer:
     """ids 0..255 are the UTF-8 bytes, 256 is <eos>."""
 
@@ -33,10 +42,7 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids):
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the byte tokenizer's vocabulary [0, {self.vocab_size})")
+        ids = checked_ids(ids, self.vocab_size, "byte tokenizer")
         return bytes(i for i in ids if i != self.eos_id).decode("utf-8", errors="replace")
 
 
@@ -55,10 +61,7 @@ class SentencePieceTokenizer:
         return self.sp.encode(text)
 
     def decode(self, ids):
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the sentencepiece vocabulary [0, {self.vocab_size})")
+        ids = checked_ids(ids, self.vocab_size, "sentencepiece")
         return self.sp.decode(ids)
 
 
@@ -80,10 +83,7 @@ class TiktokenTokenizer:
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the tiktoken vocabulary [0, {self.vocab_size})")
+        ids = checked_ids(ids, self.vocab_size, "tiktoken")
         return self.enc.decode(ids)
 
 
