@@ -29,8 +29,8 @@ import argparse
 import csv
 import json
 import os
+from pathlib import Path
 import sys
-import tempfile
 
 import torch
 
@@ -121,18 +121,17 @@ class Table:
         os.makedirs(folder, exist_ok=True)
         meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                     bandwidth_GBps=self.bandwidth / 1e9, bf16_matmul_TFLOPs=self.flops / 1e12)
-        write_atomic(os.path.join(folder, "bench.json"), json.dumps(dict(meta=meta, rows=self.rows), indent=1))
-        with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, newline="") as f:
+        from nirvana import write_atomically
+
+        text = json.dumps(dict(meta=meta, rows=self.rows), indent=1)
+        write_atomically(os.path.join(folder, "bench.json"), lambda tmp: Path(tmp).write_text(text))
+        write_atomically(os.path.join(folder, "bench.csv"), lambda tmp: self.write_csv(tmp))
+
+    def write_csv(self, path):
+        with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(self.rows[0]) if self.rows else ["section"])
             writer.writeheader()
             writer.writerows(self.rows)
-        os.replace(f.name, os.path.join(folder, "bench.csv"))
-
-
-def write_atomic(path, text):
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
 
 
 def rel_error(actual, expected):

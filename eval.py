@@ -18,9 +18,9 @@ import argparse
 import json
 import math
 import os
+from pathlib import Path
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nirvana import Nirvana, NirvanaConfig
+from nirvana import Nirvana, NirvanaConfig, write_atomically
 from prepare import TokenShards, load_meta
 from tokenizer import load_tokenizer
 
@@ -36,22 +36,13 @@ from tokenizer import load_tokenizer
 # Files: atomic writes (temp file in the same folder, then os.replace)
 
 
-def write_atomic(path, write):
-    """write(f) fills an open binary temp file; the result appears at path all at once."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_text(path, text):
-    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def save_npz(path, arrays):
+    with open(path, "wb") as f:                                   # a file object: np.savez adds no ".npz"
+        np.savez(f, **arrays)
 
 
 def write_json(path, obj):
@@ -61,7 +52,7 @@ def write_json(path, obj):
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
 
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=130, bbox_inches="tight"))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
     plt.close(fig)
 
 
@@ -895,7 +886,7 @@ def cmd_gates(args):
     plot_gates(t, p_norm, token_labels(tok, ids), first_layer,
                os.path.join(args.out_dir, f"gates_{name}.png"), f"Updater gate t and Trigger |p|: {name}")
     arrays = {"t": t, "token_ids": np.array(ids)} | ({"p_norm": p_norm} if p_norm is not None else {})
-    write_atomic(os.path.join(args.out_dir, f"gates_{name}.npz"), lambda f: np.savez(f, **arrays))
+    write_atomically(os.path.join(args.out_dir, f"gates_{name}.npz"), lambda tmp: save_npz(tmp, arrays))
     print(f"t per layer (mean over tokens): {np.round(t.mean(axis=1), 3).tolist()}")
     if p_norm is not None:
         print(f"|p| per layer (mean over tokens): {np.round(p_norm.mean(axis=1), 3).tolist()}")

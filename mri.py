@@ -19,8 +19,8 @@ import dataclasses
 import json
 import math
 import os
+from pathlib import Path
 import re
-import tempfile
 import time
 import zlib
 
@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nirvana import Nirvana, NirvanaConfig, write_atomically
 
 # Table 10: acceleration -> centre fraction
 ACCELERATIONS = {4: 0.08, 6: 0.06, 8: 0.04, 10: 0.032, 12: 0.027}
@@ -220,10 +222,7 @@ def make_volume(rng, n_slices, size, n_coils, noise=0.01, readout_oversampling=1
 
 def write_volume(path, kspace, target, reports, patient_id):
     """Write one volume as fastMRI stores it (plus a `reports` dataset), atomically."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".h5.tmp", dir=d)
-    os.close(fd)
-    try:
+    def write(tmp):
         with h5py.File(tmp, "w") as f:
             f.create_dataset("kspace", data=kspace)
             f.create_dataset("reconstruction_rss", data=target)
@@ -232,10 +231,8 @@ def write_volume(path, kspace, target, reports, patient_id):
             f.attrs["max"] = float(target.max())
             f.attrs["norm"] = float(np.linalg.norm(target))
             f.attrs["patient_id"] = patient_id
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+
+    write_atomically(path, write)
 
 
 def generate_volume_file(folder, seed, i, n_slices, size, n_coils, readout_oversampling):
@@ -927,10 +924,7 @@ def generate_test_reports(model, volumes, tokenizer, acc, args, max_len):
 # Outputs: results table, reconstruction grid, reports
 
 def atomic_write(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def summarize(scores):
@@ -980,10 +974,8 @@ def save_grid(path, recons, volumes, acc, rows=3):
             axes[r, c].axis("off")
     fig.suptitle(f"{acc}x undersampling", fontsize=9)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -991,7 +983,6 @@ def save_grid(path, recons, volumes, acc, rows=3):
 
 def load_backbones(args):
     """-> [(name, llm, tokenizer, how it was made)]: train.py checkpoints, or tiny random-init presets."""
-    from nirvana import Nirvana, NirvanaConfig
     from tokenizer import load_tokenizer
     backbones = []
     for path in args.backbone:

@@ -25,9 +25,11 @@ import argparse
 import json
 import multiprocessing
 import os
+from pathlib import Path
 
 import numpy as np
 
+from nirvana import write_atomically
 from tokenizer import load_tokenizer, train_sentencepiece
 
 FORMAT = "nirvana-tokens-v1"
@@ -173,12 +175,6 @@ def iter_pieces(documents):
             yield piece, i == len(pieces) - 1
 
 
-def write_atomically(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 class ShardWriter:
     """Appends token ids to <split>_00000.bin, <split>_00001.bin, ... of at most shard_tokens each."""
 
@@ -243,7 +239,7 @@ def prepare(paths, out_dir, tokenizer="sentencepiece", vocab_size=32000, val_fra
     meta = {"format": FORMAT, "tokenizer": portable_spec(tok.spec, out_dir), "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
             "dtype": np.dtype(dtype).name, "train": shards["train"], "val": shards["val"],
             "sources": paths or ["builtin:pydoc_data.topics"], "val_fraction": val_fraction}
-    write_atomically(os.path.join(out_dir, "meta.json"), lambda p: open(p, "w").write(json.dumps(meta, indent=1)))
+    write_atomically(os.path.join(out_dir, "meta.json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
     return meta
 
 

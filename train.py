@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nirvana import Nirvana, NirvanaConfig
+from nirvana import Nirvana, NirvanaConfig, write_atomically
 from prepare import BUILTIN_DIR, TokenShards, load_meta, prepare_builtin
 
 PAPER_DEFAULTS = dict(seq_len=None, micro_batch=4, global_batch_tokens=524_288, max_tokens=100_000_000_000,
@@ -258,9 +258,7 @@ def save_checkpoint(path, model, optimizer, schedule, config, tokenizer, step, d
             "seq_len": args.seq_len, "rng": {"torch": torch.get_rng_state(),
                                              "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None},
         }
-        tmp = f"{path}.tmp"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)  # a crash leaves the previous checkpoint intact
+        write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))  # a crash keeps the previous checkpoint
     d.barrier()
 
 
@@ -358,10 +356,8 @@ class Log:
         ax.set(xlabel="tokens", ylabel="cross-entropy (nats/token)", title=title)
         ax.grid(alpha=0.3)
         ax.legend()
-        tmp = f"{path}.tmp"
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
         plt.close(fig)
-        os.replace(tmp, path)
 
 
 def memory_gb(device):
