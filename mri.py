@@ -983,18 +983,15 @@ def save_grid(path, recons, volumes, acc, rows=3):
 
 def load_backbones(args):
     """-> [(name, llm, tokenizer, how it was made)]: train.py checkpoints, or tiny random-init presets."""
+    from eval import load_model
     from tokenizer import load_tokenizer
     backbones = []
     for path in args.backbone:
-        llm = Nirvana.from_checkpoint(path, map_location="cpu")
-        spec = torch.load(path, map_location="cpu", weights_only=False).get("tokenizer")
-        if spec is None:
-            raise ValueError(f"{path}: the checkpoint has no 'tokenizer' spec; mri.py needs the tokenizer the "
-                             f"backbone was trained with (train.py stores it)")
+        llm, tokenizer = load_model(path, device="cpu", dtype="float32")   # the tokenizer the backbone learned
         name = f"Nirvana[{llm.config.variant}]"
         if any(name == b[0] for b in backbones):
             name = f"Nirvana[{llm.config.variant}:{os.path.basename(os.path.dirname(os.path.abspath(path)))}]"
-        backbones.append((name, llm, load_tokenizer(spec), f"checkpoint {path}"))
+        backbones.append((name, llm, tokenizer, f"checkpoint {path}"))
     if not args.backbone:
         tokenizer = load_tokenizer("bytes")
         for variant in args.variants:
