@@ -218,11 +218,21 @@ def test_stop_and_resume_equals_uninterrupted(corpus, tmp_path):
 
 
 def torchrun(args, cwd):
-    """train.py in 2 CPU processes (gloo) under torchrun; returns its stdout."""
+    """train.py in 2 CPU processes (gloo) under torchrun; returns its stdout.
+
+    A worker killed by SIGABRT is retried once, loudly: on this 2-core CI machine that happened in about one
+    full test run of seven (cause not yet found; never reproduced in isolation). Any other failure, or a
+    second abort, fails the test; the callers' loss comparisons are unchanged.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(REPO, "train.py"), *args]
-    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    for attempt in (1, 2):
+        done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+        if done.returncode == 0 or "Signal 6 (SIGABRT)" not in done.stdout + done.stderr or attempt == 2:
+            break
+        print(f"torchrun: a worker aborted (SIGABRT); retrying once. Its output ends:\n{done.stderr[-1500:]}",
+              file=sys.stderr)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
