@@ -364,7 +364,10 @@ class CausalConv(nn.Module):
         x = torch.cat([tail, x], dim=1)
         if self.tail is not None:
             self.tail.copy_(x[:, -tail.shape[1]:])
-        return F.conv1d(x.transpose(1, 2), self.weight.to(x.dtype), groups=C).transpose(1, 2)
+        # as a (B, C, 1, T + K - 1) image in channels-last layout, which is x's own memory: cuDNN's depthwise
+        # kernel reads and writes it without the transposed copies conv1d makes; the output is (B, T, C) again
+        y = F.conv2d(x.transpose(1, 2).unsqueeze(2), self.weight.unsqueeze(2).to(x.dtype), groups=C)
+        return y.squeeze(2).transpose(1, 2)
 
 
 def apply_rope(x, positions, base):
@@ -503,7 +506,7 @@ class Trigger(nn.Module):
         self.eta_ref, self.detach_inner_grad, self.ops = config.eta_ref, config.detach_inner_grad, ops
 
     def forward(self, x, p_prev, bank):  # x (B, T, d_model), p_prev (B, T, K) -> c (B, T, d_t), p (B, T, K)
-        eta = self.eta_ref * torch.sigmoid(x.float() @ self.theta.float())             # (B, T) eq.(5)
+        eta = self.eta_ref * torch.sigmoid((x @ self.theta.to(x.dtype)).float())       # (B, T) eq.(5)
         q, k, v = (proj(x).float() for proj in (self.q_proj, self.k_proj, self.v_proj))
         return self.ops.trigger_step(q, k, v, p_prev.float(), eta, bank.weight.float(), bank.bias.float(),
                                      self.detach_inner_grad)
@@ -525,9 +528,9 @@ class Updater(nn.Module):
                                   nn.SiLU(), nn.Linear(D // 8, D, bias=False))
 
     def forward(self, a, b, condition, c=None):  # a, b (B, T, H*Dv); condition (B, T, d_t or d_model)
-        t = torch.sigmoid(condition.float() @ self.u.float()).to(a.dtype)             # (B, T)
+        t = torch.sigmoid((condition @ self.u.to(condition.dtype)).float()).to(a.dtype)   # (B, T)
         zeta_in = torch.cat([a, b] if c is None else [a, b, c.to(a.dtype)], dim=-1)
-        return t[..., None] * a + (1 - t[..., None]) * b + self.zeta(zeta_in), t
+        return torch.lerp(b, a, t[..., None]) + self.zeta(zeta_in), t                 # t a + (1 - t) b + zeta
 
 
 class GatedDeltaNetMixer(nn.Module):
@@ -614,6 +617,15 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
+def autocast_input(x):
+    """x in the autocast dtype when autocast is on, else unchanged. A norm's float32 output feeds many
+    projections (up to 13 in a Nirvana mixer); autocast would cast it once per projection and add their input
+    gradients in float32, this casts it once (same forward values; the gradients add up in that dtype)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
 class Block(nn.Module):
     """h = h + Wo mixer(RMSNorm(h)); h = h + SwiGLU(RMSNorm(h))."""
 
@@ -632,9 +644,9 @@ class Block(nn.Module):
         self.ffn = SwiGLU(config)
 
     def forward(self, h, p, bank, start):
-        out, p, t = self.mixer(self.mixer_norm(h), p, bank, start)
+        out, p, t = self.mixer(autocast_input(self.mixer_norm(h)), p, bank, start)
         h = h + out
-        return h + self.ffn(self.ffn_norm(h)), p, t
+        return h + self.ffn(autocast_input(self.ffn_norm(h))), p, t
 
 
 class Nirvana(nn.Module):

@@ -118,6 +118,12 @@ def test_swa_window_spans_unmasked_blocks_and_custom_scale(dtype):
     check_swa(1, 150 if ON_CUDA else 100, 2, 16, 2, 67 if not ON_CUDA else 130, dtype, seed=1, scale=0.3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swa_widest_tested_heads(dtype):
+    # Dk 128, Dv 256: the launch configs must fit in shared memory (float32 tiles once needed 304 KB on an H100)
+    check_swa(1, 90, 1, 128 if ON_CUDA else 32, 2, 40, dtype, seed=4)
+
+
 def test_swa_window_one_is_identity_on_values():
     # each query sees only itself, so o = v exactly (a property independent of the reference)
     generator = torch.Generator(DEVICE).manual_seed(2)

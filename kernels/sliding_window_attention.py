@@ -4,17 +4,21 @@ Query i attends to keys j with i - window < j <= i (SPEC.md: W keys including it
 visits only the key blocks that intersect its window, so the cost is O(T * window), linear in T.
 
 Layout: q, k (B, T, H, Dk), v (B, T, H, Dv) as the model produces them; no transposes are made.
-Three kernels:
+Four kernels:
   _swa_fwd      one program = one (batch, head) and BLOCK_M queries; loops over the key blocks of the
                 window; writes o (BLOCK_M, Dv) and the log2-sum-exp of each row (for the backward).
+  _swa_bwd_delta  delta_i = rowsum(o_i * do_i), once per query row, for both backward kernels (one pass over
+                o and do; in PyTorch this took 0.42 ms at the size below, here 0.06 ms).
   _swa_bwd_dkdv one program = one (batch, head) and BLOCK_N keys; loops over the query blocks that can
                 see those keys (j <= i < j + window); writes dk, dv.
   _swa_bwd_dq   one program = one (batch, head) and BLOCK_M queries; loops like the forward; writes dq.
 Softmax runs in base 2: s2 = (q.k) * scale * log2(e), p = exp2(s2 - lse2). Each loop runs in three ranges:
-blocks that cross the window's edge or the diagonal apply the mask, the blocks between skip it.
+blocks that cross the window's edge or the diagonal apply the mask, the blocks between skip it and load their
+tiles without bounds checks.
 Block sizes (_launch_config): bf16/fp16 with head sizes <= 128: forward BLOCK_M x BLOCK_N = 128 x 64,
 dk/dv 64 queries x 128 keys, dq 128 x 64 (timed on an H100); float32 or larger heads: 64 x 32, 32 x 64,
-64 x 32; 16 x 16 under the CPU interpreter. BLOCK_DK, BLOCK_DV = head sizes rounded up to a power of two.
+64 x 32; float32 with padded Dk + Dv > 256: 32 x 16, 16 x 16, 16 x 16 (shared memory); 16 x 16 under the CPU
+interpreter. BLOCK_DK, BLOCK_DV = head sizes rounded up to a power of two.
 
 No RoPE by default; sliding_window_attention_rope applies nirvana.apply_rope (positions 0..T-1) to q and k
 in PyTorch before the kernel, and autograd carries their gradients back.
@@ -73,10 +77,17 @@ def _query_blocks(start_n, T, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _load_tile(X, base, offs_t, offs_d, T, row_stride, D: tl.constexpr):
-    # rows offs_t of one (batch, head) of a (B, T, H, D) tensor -> (len(offs_t), BLOCK_D), zero outside
-    return tl.load(X + base + offs_t[:, None] * row_stride + offs_d[None, :],
-                   mask=(offs_t[:, None] < T) & (offs_d[None, :] < D), other=0.0)
+def _load_tile(X, base, offs_t, T, row_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Rows offs_t of one (batch, head) of a (B, T, H, D) tensor -> (len(offs_t), BLOCK_D), zero outside.
+    CHECK_ROWS False: the caller knows every row is < T (the mask-free middle ranges), so only pad columns
+    (D not a power of two) are masked."""
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = X + base + offs_t[:, None] * row_stride + offs_d[None, :]
+    if CHECK_ROWS:
+        return tl.load(ptrs, mask=(offs_t[:, None] < T) & (offs_d[None, :] < D), other=0.0)
+    if BLOCK_D != D:
+        return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+    return tl.load(ptrs)
 
 
 @triton.jit
@@ -84,11 +95,9 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, base_qk, base_v, offs_m, lo, hi, scale_lo
                DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax over key blocks [lo, hi) for the queries offs_m; updates acc, l_i, m_i."""
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(K, base_qk, offs_n, offs_dk, T, H * DK, DK)
+        k = _load_tile(K, base_qk, offs_n, T, H * DK, DK, BLOCK_DK, MASKED)
         s = _mm(q, tl.trans(k), PRECISION) * scale_log2                          # (BLOCK_M, BLOCK_N)
         if MASKED:
             s = tl.where(_window_mask(offs_m, offs_n, T, WINDOW), s, float("-inf"))
@@ -96,7 +105,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, base_qk, base_v, offs_m, lo, hi, scale_lo
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(V, base_v, offs_n, offs_dv, T, H * DV, DV)
+        v = _load_tile(V, base_v, offs_n, T, H * DV, DV, BLOCK_DV, MASKED)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -112,11 +121,10 @@ def _swa_fwd(Q, K, V, O, LSE, scale_log2, T, H, WINDOW,
     b = bh // H
     h = bh % H
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     base_qk = b.to(tl.int64) * T * H * DK + h * DK       # element (b, 0, h, 0) of q and k
     base_v = b.to(tl.int64) * T * H * DV + h * DV        # element (b, 0, h, 0) of v and o
-    q = _load_tile(Q, base_qk, offs_m, offs_dk, T, H * DK, DK)
+    q = _load_tile(Q, base_qk, offs_m, T, H * DK, DK, BLOCK_DK, True)
     # running max and sum of the online softmax; a finite start keeps fully masked pad rows NaN-free
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -135,17 +143,28 @@ def _swa_fwd(Q, K, V, O, LSE, scale_log2, T, H, WINDOW,
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
 
 
+@triton.jit(do_not_specialize=["T", "H"])
+def _swa_bwd_delta(O, DO, DELTA, T, H, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One program: BLOCK_M rows of one (batch, head); delta_i = sum_d o_id do_id (B, H, T) float32, the
+    softmax backward's row correction, computed once here for both backward kernels."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    base_v = (bh // H).to(tl.int64) * T * H * DV + (bh % H) * DV
+    o = _load_tile(O, base_v, offs_m, T, H * DV, DV, BLOCK_DV, True).to(tl.float32)
+    do = _load_tile(DO, base_v, offs_m, T, H * DV, DV, BLOCK_DV, True).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+
+
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, base_qk, base_v, bh, offs_n, lo, hi, scale_log2, T, H, WINDOW,
                 DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """dk, dv of the keys offs_n over query blocks [lo, hi); works on transposed scores (keys x queries)."""
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(Q, base_qk, offs_m, offs_dk, T, H * DK, DK)
-        do = _load_tile(DO, base_v, offs_m, offs_dv, T, H * DV, DV)
+        q = _load_tile(Q, base_qk, offs_m, T, H * DK, DK, BLOCK_DK, MASKED)
+        do = _load_tile(DO, base_v, offs_m, T, H * DV, DV, BLOCK_DV, MASKED)
         lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
         delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
         p_t = tl.math.exp2(_mm(k, tl.trans(q), PRECISION) * scale_log2 - lse[None, :])   # (BLOCK_N, BLOCK_M)
@@ -171,8 +190,8 @@ def _swa_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, scale, scale_log2, T,
     offs_dv = tl.arange(0, BLOCK_DV)
     base_qk = b.to(tl.int64) * T * H * DK + h * DK
     base_v = b.to(tl.int64) * T * H * DV + h * DV
-    k = _load_tile(K, base_qk, offs_n, offs_dk, T, H * DK, DK)
-    v = _load_tile(V, base_v, offs_n, offs_dv, T, H * DV, DV)
+    k = _load_tile(K, base_qk, offs_n, T, H * DK, DK, BLOCK_DK, True)
+    v = _load_tile(V, base_v, offs_n, T, H * DV, DV, BLOCK_DV, True)
     dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _query_blocks(start_n, T, WINDOW, BLOCK_M, BLOCK_N)
@@ -194,12 +213,10 @@ def _dq_inner(dq, q, do, lse, delta, K, V, base_qk, base_v, offs_m, lo, hi, scal
               DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """dq of the queries offs_m over key blocks [lo, hi)."""
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(K, base_qk, offs_n, offs_dk, T, H * DK, DK)
-        v = _load_tile(V, base_v, offs_n, offs_dv, T, H * DV, DV)
+        k = _load_tile(K, base_qk, offs_n, T, H * DK, DK, BLOCK_DK, MASKED)
+        v = _load_tile(V, base_v, offs_n, T, H * DV, DV, BLOCK_DV, MASKED)
         p = tl.math.exp2(_mm(q, tl.trans(k), PRECISION) * scale_log2 - lse[:, None])   # (BLOCK_M, BLOCK_N)
         if MASKED:
             p = tl.where(_window_mask(offs_m, offs_n, T, WINDOW), p, 0.0)
@@ -219,11 +236,10 @@ def _swa_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ_OUT, scale, scale_log2, T, H, WINDOW
     h = bh % H
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
     base_qk = b.to(tl.int64) * T * H * DK + h * DK
     base_v = b.to(tl.int64) * T * H * DV + h * DV
-    q = _load_tile(Q, base_qk, offs_m, offs_dk, T, H * DK, DK)
-    do = _load_tile(DO, base_v, offs_m, offs_dv, T, H * DV, DV)
+    q = _load_tile(Q, base_qk, offs_m, T, H * DK, DK, BLOCK_DK, True)
+    do = _load_tile(DO, base_v, offs_m, T, H * DV, DV, BLOCK_DV, True)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
@@ -240,17 +256,27 @@ def _swa_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ_OUT, scale, scale_log2, T, H, WINDOW
 
 
 def _launch_config(dtype, dk, dv):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel: small blocks under the CPU interpreter,
-    tiles chosen by timing on an H100 for bf16 D=128 otherwise (bench.py)."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and the delta kernel's rows per program: small
+    blocks under the CPU interpreter, tiles chosen by timing on an H100 for bf16 D=128 otherwise (bench.py)."""
     if INTERPRET:
-        return dict(fwd=(16, 16, 1, 1), dkdv=(16, 16, 1, 1), dq=(16, 16, 1, 1))
+        return dict(fwd=(16, 16, 1, 1), dkdv=(16, 16, 1, 1), dq=(16, 16, 1, 1), delta=16)
+    padded = max(16, triton.next_power_of_2(dk)) + max(16, triton.next_power_of_2(dv))
+    if dtype == torch.float32 and padded > 256:
+        # float32 with Dk + Dv > 256 (e.g. 128 + 256): the tiles below needed up to 304 KB of shared memory,
+        # more than an H100's 227 KB; these need at most 160 KB up to Dk 256 + Dv 512 (compiled for sm_90)
+        return dict(fwd=(32, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1), delta=16)
     if max(dk, dv) > 128 or dtype == torch.float32:
-        return dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
-    return dict(fwd=(128, 64, 8, 3), dkdv=CONFIG_DKDV, dq=CONFIG_DQ)   # fwd 0.56 ms; (64, 64, 4, 3) 0.59
+        return dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2), delta=32)
+    return dict(fwd=CONFIG_FWD, dkdv=CONFIG_DKDV, dq=CONFIG_DQ, delta=64)
 
 
-CONFIG_DKDV = (64, 128, 8, 3)   # H100, B4 T4096 H16 D128 W2048: 1.24 ms; (32, 64, 4, 3) 1.34; (32, 128, 4, 3) 3.7
-CONFIG_DQ = (128, 64, 8, 3)     # 0.64 ms; (64, 32, 4, 3) 0.71; (128, 32, 4, 3) 0.90
+# H100, B4 T4096 H16 D128 W2048, best of 9 / 15 / 12 configs (.gpu_swa sweep, notes/swa_gpu): fwd 0.54 ms,
+# (128, 128, 8, 3) 0.59, (64, 64, 4, 4) 0.80; dk/dv 1.23 ms, (64, 128, 8, 4) 1.26, (32, 128, 8, 3) 1.34, with
+# 64 keys 2.0 to 4.7 ms; dq 0.60 ms, (128, 64, 8, 4) 0.65, (128, 128, 8, 2) 0.68, (64, 64, 4, 3) 0.78.
+# One backward kernel with dq by float32 atomics instead of two: 1.93 ms vs 1.83 ms at this size.
+CONFIG_FWD = (128, 64, 8, 3)
+CONFIG_DKDV = (64, 128, 8, 3)
+CONFIG_DQ = (128, 64, 8, 3)
 
 
 def _dims(dk, dv, dtype):
@@ -282,10 +308,13 @@ class _SlidingWindowAttention(torch.autograd.Function):
         B, T, H, dk = q.shape
         dv = v.shape[-1]
         do = do.contiguous()
-        delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()   # (B, H, T) rowsum(o * do)
         dq, dk_, dv_ = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         cfg = _launch_config(q.dtype, dk, dv)
         dims = _dims(dk, dv, q.dtype)
+        delta = torch.empty_like(lse)                                                # (B, H, T) rowsum(o * do)
+        block_m = cfg["delta"]
+        _swa_bwd_delta[(triton.cdiv(T, block_m), B * H)](o, do, delta, T, H, DV=dv, BLOCK_DV=dims["BLOCK_DV"],
+                                                         BLOCK_M=block_m)
         args = (ctx.scale, ctx.scale * LOG2E, T, H, ctx.window)
         block_m, block_n, warps, stages = cfg["dkdv"]
         _swa_bwd_dkdv[(triton.cdiv(T, block_n), B * H)](
