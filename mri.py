@@ -1,18 +1,21 @@
 """
-The paper's MRI experiment (Sec. 3.2.2, Appendix A.6; design fixed in SPEC.md "MRI"): a frozen Nirvana
-backbone with a trainable k-space encoder and image decoder, post-trained in two stages, scored against a
-zero-filled reconstruction, a U-Net on the zero-filled image and E2E-VarNet on the same data and masks.
+The paper's MRI experiment (Sec. 3.2.2, Appendix A.6; design fixed in SPEC.md "MRI"): a frozen language backbone
+(Nirvana, or any other variant of nirvana.py for Fig. 4) with a trainable k-space encoder and image decoder,
+post-trained in two stages, scored against a zero-filled reconstruction, a U-Net on the zero-filled image and
+E2E-VarNet on the same data and masks.
 
     python mri.py                                   # embedded default: synthetic phantoms, tiny sizes, CPU minutes
     python mri.py --data /path/to/multicoil_files   # fastMRI multi-coil .h5 files (split by volume)
-    python mri.py --backbone ckpt.pt --backbone notrigger.pt   # train.py checkpoints, frozen
+    python mri.py --backbone ckpt.pt --backbone notrigger.pt --backbone transformer.pt   # train.py checkpoints
     python mri.py --generate DIR --volumes 200 --slices 16 --size 64   # only write a synthetic data set
 
 Sequence fed to the backbone (SPEC.md): [k-space tokens][prompt tokens][M image-query embeddings][report tokens].
 Stage 1 trains the encoder (and the image queries) with cross-entropy on the report tokens; stage 2 trains
 the image decoder alone with -SSIM (eq. 9). The backbone's weights never change; its Trigger still adapts p.
-Outputs in --out: results.md / results.json (SSIM, PSNR, NMSE per method and acceleration, like Table 11),
-recon_grid.png (ground truth, zero-filled, baselines, Nirvana; SSIM in each title), reports.md.
+Every trained method keeps the checkpoint of its best validation loss (the validation volumes; the test
+volumes are only scored). Outputs in --out: results.md / results.json (SSIM, PSNR, NMSE per method and
+acceleration like Table 11, validation SSIM, gate and Trigger statistics of each backbone), recon_grid_<acc>x.png
+(ground truth, zero-filled, baselines, each backbone; SSIM in each title), training_curves.png, reports.md.
 """
 import argparse
 import dataclasses
@@ -566,6 +569,12 @@ class T2TViT(nn.Module):
         k, s, p = split.kernel_size, split.stride, split.padding
         return (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
 
+    def n_tokens(self, H, W):
+        """Tokens out of an H x W input."""
+        for split in self.splits:
+            H, W = self.grid_after(split, H, W)
+        return H * W
+
 
 def kspace_layer_norm(kspace, mask):
     """LayerNorm before the encoder (Sec. 3.2.2), on k-space: divide by the RMS of the sampled entries.
@@ -758,16 +767,37 @@ def random_batches(volumes, batch_size, accelerations, mask_kind, rng):
         yield make_batch(volumes, items, [make_mask(W, int(rng.choice(accelerations)), mask_kind, rng) for _ in items])
 
 
-def fit(name, params, loss_fn, batches, steps, lr, seconds=0):
-    """AdamW with linear warm-up (5%) and cosine decay to 10%; gradient clipping at 1. Returns the losses.
-    seconds > 0: from the pace of steps 6-15, shorten the run (and its schedule) to fit in that many seconds."""
+@dataclasses.dataclass
+class FitResult:
+    losses: list          # training loss per step
+    checks: list          # [(step, validation loss)], lower is better
+    best_step: int        # the step whose parameters the model holds after fit (the last one without validation)
+
+
+def fit(name, params, loss_fn, batches, steps, lr, seconds=0, validate=None, checks=4):
+    """AdamW with linear warm-up (5%) and cosine decay to 10%; gradient clipping at 1.
+    seconds > 0: from the pace of steps 6-15 (and the cost of one validation), shorten the run (and its
+    schedule) to fit in that many seconds.
+    validate: () -> validation loss, run `checks` times spread over the run (the last at the end); the
+    parameters of the best check are restored at the end (model selection on the validation split)."""
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     total = [steps]
     lr_factor = lambda s: min(1.0, (s + 1) / max(1, total[0] // 20)) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / total[0]))))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    losses, t0, step = [], time.time(), 0
+    losses, val_checks, best, t0, step = [], [], (math.inf, steps, None), time.time(), 0
+
+    def check():
+        nonlocal best
+        t = time.time()
+        val = float(validate())
+        val_checks.append((step, val))
+        if val < best[0]:
+            best = (val, step, [p.detach().clone() for p in params])
+        print(f"  [{name}] step {step} validation loss {val:.4f} (best {best[0]:.4f} at step {best[1]})", flush=True)
+        return time.time() - t
+
     while step < total[0]:
         loss = loss_fn(next(batches))
         opt.zero_grad(set_to_none=True)
@@ -781,13 +811,23 @@ def fit(name, params, loss_fn, batches, steps, lr, seconds=0):
             t5 = time.time()                                         # steps 1-5 warm up (cuDNN, allocator)
         if seconds and step == 15:
             per_step = (time.time() - t5) / 10
-            total[0] = min(steps, max(15, 15 + int((seconds - (time.time() - t0)) / per_step)))
+            check_cost = check() * (checks - 1) if validate else 0.0  # this check is the first of `checks`
+            left = seconds - (time.time() - t0) - check_cost
+            total[0] = min(steps, max(15, 15 + int(left / per_step)))
             print(f"  [{name}] {per_step:.3f}s/step: {total[0]} steps fit in {seconds:.0f}s", flush=True)
         every = max(1, total[0] // 10)
         if step % every == 1 or step == total[0]:
             print(f"  [{name}] step {step}/{total[0]} loss {np.mean(losses[-every:]):.4f} "
                   f"({time.time() - t0:.0f}s)", flush=True)
-    return losses
+        due = step % max(1, total[0] // checks) == 0 or step == total[0]
+        if validate and due and not (seconds and step == 15):      # a timed run checked at step 15 already
+            check()
+    if best[2] is None:
+        return FitResult(losses, val_checks, step)
+    with torch.no_grad():
+        for p, value in zip(params, best[2]):
+            p.copy_(value)
+    return FitResult(losses, val_checks, best[1])
 
 
 def ssim_loss(pred, batch):
@@ -795,11 +835,19 @@ def ssim_loss(pred, batch):
     return -ssim(pred, batch.target, batch.maxval).mean()
 
 
-def train_image_baseline(name, model, volumes, args, rng):
+def mean_ssim(fn, volumes, accelerations, args):
+    """Mean per-volume SSIM of fn(kspace, mask, out_shape) over volumes x accelerations (evaluation masks)."""
+    scores, _ = evaluate({"fn": fn}, volumes, accelerations, args.mask_type, args.batch_size)
+    return float(np.mean([v["ssim"] for per_volume in scores["fn"].values() for v in per_volume]))
+
+
+def train_image_baseline(name, model, volumes, args, rng, val_volumes=()):
+    """-SSIM training; with val_volumes, the parameters of the best validation SSIM (training accelerations)."""
     batches = random_batches(volumes, args.batch_size, args.train_acc, args.mask_type, rng)
     shape_of = lambda b: tuple(b.target.shape[-2:])
+    validate = (lambda: -mean_ssim(model, val_volumes, args.train_acc, args)) if val_volumes else None
     return fit(name, model.parameters(), lambda b: ssim_loss(model(b.kspace, b.mask, shape_of(b)), b),
-               batches, args.steps, args.lr, args.phase_seconds)
+               batches, args.steps, args.lr, args.phase_seconds, validate, args.val_checks)
 
 
 def encode_reports(tokenizer, reports, device):
@@ -811,39 +859,84 @@ def encode_reports(tokenizer, reports, device):
     return out.to(device)
 
 
-def train_stage1(name, model, volumes, tokenizer, args, rng):
-    """Stage 1: the encoder (and image queries) only, cross-entropy on the report tokens; backbone frozen."""
+@torch.no_grad()
+def report_val_loss(model, volumes, tokenizer, prompt_ids, args):
+    """Stage 1's validation loss: the report cross-entropy (mean over batches) of every slice of volumes, each
+    volume with its evaluation mask at every training acceleration; batches of 4 x batch-size slices."""
+    groups = {}
+    for acc in args.train_acc:
+        for vol in volumes:
+            mask = volume_mask(vol.name, vol.kspace.shape[-1], acc, args.mask_type)
+            kspace, m = masked(vol, 0, vol.kspace.shape[0], mask)
+            groups.setdefault(tuple(kspace.shape[1:]), []).extend(zip(kspace, m, vol.reports))
+    losses, chunk = [], 4 * args.batch_size
+    for items in groups.values():
+        for i in range(0, len(items), chunk):
+            kspace, mask, reports = zip(*items[i:i + chunk])
+            targets = encode_reports(tokenizer, reports, args.device)
+            losses.append(model.report_loss(torch.stack(kspace), torch.stack(mask), prompt_ids, targets,
+                                            tokenizer.eos_id).item())
+    return float(np.mean(losses))
+
+
+def train_stage1(name, model, volumes, tokenizer, args, rng, val_volumes=()):
+    """Stage 1: the encoder (and image queries) only, cross-entropy on the report tokens; backbone frozen.
+    With val_volumes (all with reports), the parameters of the best validation cross-entropy."""
     prompts = [torch.tensor(tokenizer.encode(p), device=args.device) for p in PROMPTS]
     batches = random_batches(volumes, args.batch_size, args.train_acc, args.mask_type, rng)
     loss_fn = lambda b: model.report_loss(b.kspace, b.mask, prompts[rng.integers(len(prompts))],
                                           encode_reports(tokenizer, b.reports, args.device), tokenizer.eos_id)
-    return fit(f"{name} stage 1", model.stage1_parameters(), loss_fn, batches, args.steps, args.lr, args.phase_seconds)
+    validate = None
+    if val_volumes and all(v.reports is not None for v in val_volumes):
+        validate = lambda: report_val_loss(model, val_volumes, tokenizer, prompts[0], args)
+    return fit(f"{name} stage 1", model.stage1_parameters(), loss_fn, batches, args.steps, args.lr,
+               args.phase_seconds, validate, args.val_checks)
 
 
 @torch.no_grad()
-def cache_image_tokens(model, volumes, prompt_ids, args, rng):
-    """Stage 2 inputs: encoder and backbone are frozen, so each training slice's image tokens are computed
-    once per training acceleration (one random mask each). Returns {shape: (tokens, scale, target, maxval)}."""
+def cache_image_tokens(model, volumes, prompt_ids, args, masks_for):
+    """Stage 2 inputs: encoder and backbone are frozen, so each slice's image tokens are computed once per
+    training acceleration. masks_for(volume, acceleration, n) -> n (W,) masks.
+    Returns [(tokens, scale, target, maxval)], one entry per image shape."""
     cache = {}
     for acc in args.train_acc:
         for v, vol in enumerate(volumes):
             for s0 in range(0, vol.kspace.shape[0], 4 * args.batch_size):
                 items = [(v, s) for s in range(s0, min(s0 + 4 * args.batch_size, vol.kspace.shape[0]))]
-                masks = [make_mask(vol.kspace.shape[-1], acc, args.mask_type, rng) for _ in items]
-                b = make_batch(volumes, items, masks)
+                b = make_batch(volumes, items, masks_for(vol, acc, len(items)))
                 tokens, scale = model.image_tokens(b.kspace, b.mask, prompt_ids)
                 cache.setdefault(tuple(b.target.shape[-2:]), []).append((tokens, scale, b.target, b.maxval))
-    return {k: tuple(torch.cat(parts) for parts in zip(*v)) for k, v in cache.items()}
+    return [tuple(torch.cat(parts) for parts in zip(*v)) for v in cache.values()]
 
 
-def train_stage2(name, model, volumes, tokenizer, args, rng):
-    """Stage 2: the decoder only, loss -SSIM (eq. 9); encoder, image queries and backbone frozen."""
+@torch.no_grad()
+def decoder_val_loss(model, cache, batch_size):
+    """-SSIM of the decoder over every cached slice (mean over slices)."""
+    total, count = 0.0, 0
+    for tokens, scale, target, maxval in cache:
+        for i in range(0, tokens.shape[0], batch_size):
+            pred = model.reconstruct_from_tokens(tokens[i:i + batch_size], scale[i:i + batch_size])
+            total += ssim(pred, target[i:i + batch_size], maxval[i:i + batch_size]).sum().item()
+            count += pred.shape[0]
+    return -total / count
+
+
+def train_stage2(name, model, volumes, tokenizer, args, rng, val_volumes=()):
+    """Stage 2: the decoder only, loss -SSIM (eq. 9); encoder, image queries and backbone frozen.
+    Training slices get one random mask per training acceleration, validation slices their evaluation masks;
+    with val_volumes, the decoder of the best validation SSIM."""
     for p in model.stage1_parameters():
         p.requires_grad_(False)
     prompt_ids = torch.tensor(tokenizer.encode(PROMPTS[0]), device=args.device)
-    cache = list(cache_image_tokens(model, volumes, prompt_ids, args, rng).values())
+    random_masks = lambda vol, acc, n: [make_mask(vol.kspace.shape[-1], acc, args.mask_type, rng) for _ in range(n)]
+    cache = cache_image_tokens(model, volumes, prompt_ids, args, random_masks)
     model.decoder.set_token_statistics(torch.cat([c[0] for c in cache]))
     sizes = np.array([c[0].shape[0] for c in cache], dtype=np.float64)
+    validate = None
+    if val_volumes:
+        eval_masks = lambda vol, acc, n: [volume_mask(vol.name, vol.kspace.shape[-1], acc, args.mask_type)] * n
+        val_cache = cache_image_tokens(model, val_volumes, prompt_ids, args, eval_masks)
+        validate = lambda: decoder_val_loss(model, val_cache, 4 * args.batch_size)
 
     def batches():
         while True:
@@ -853,7 +946,7 @@ def train_stage2(name, model, volumes, tokenizer, args, rng):
 
     loss_fn = lambda b: ssim_loss(model.reconstruct_from_tokens(b[0], b[1]), b[2])
     return fit(f"{name} stage 2", model.decoder.parameters(), loss_fn, batches(), args.steps, args.lr,
-               args.phase_seconds)
+               args.phase_seconds, validate, args.val_checks)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -933,22 +1026,71 @@ def summarize(scores):
                     for k in ("ssim", "psnr", "nmse")} for a, vols in per_acc.items()} for m, per_acc in scores.items()}
 
 
-def results_markdown(summary, params, notes):
+def results_markdown(summary, params, notes, val_summary=None, gates=None):
+    """Table 11-like tables (test split; the validation SSIM beside it when there is a validation split) and
+    the gate / Trigger statistics of each backbone that has them."""
     lines = ["# MRI reconstruction (mri.py)", "", *notes, "",
              "Per-volume SSIM / PSNR / NMSE as fastMRI computes them (data range = volume max), mean ± std over "
-             "test volumes.", ""]
+             "test volumes" + ("; val SSIM: the same on the validation volumes, which chose each trained "
+                              "method's checkpoint" if val_summary else "") + ".", ""]
     accs = sorted(next(iter(summary.values())))
     for acc in accs:
+        val_head = ("val SSIM | ", "---|") if val_summary else ("", "")
         lines += [f"## {acc}x (centre fraction {ACCELERATIONS[acc]})", "",
-                  "| method | trainable params | SSIM ↑ | PSNR (dB) ↑ | NMSE (×10⁻²) ↓ |",
-                  "|---|---|---|---|---|"]
+                  f"| method | trainable params | {val_head[0]}SSIM ↑ | PSNR (dB) ↑ | NMSE (×10⁻²) ↓ |",
+                  f"|---|---|{val_head[1]}---|---|---|"]
         for m, per_acc in summary.items():
             s = per_acc[acc]
-            lines.append(f"| {m} | {params[m]:,} | {s['ssim'][0]:.4f} ± {s['ssim'][1]:.4f} | "
+            val = f"{val_summary[m][acc]['ssim'][0]:.4f} | " if val_summary else ""
+            lines.append(f"| {m} | {params[m]:,} | {val}{s['ssim'][0]:.4f} ± {s['ssim'][1]:.4f} | "
                          f"{s['psnr'][0]:.2f} ± {s['psnr'][1]:.2f} | "
                          f"{100 * s['nmse'][0]:.3f} ± {100 * s['nmse'][1]:.3f} |")
         lines.append("")
+    for (acc, stats) in (gates or {}).items():
+        lines += [f"## Gates and Trigger on the MRI sequence, {acc}x (frozen backbones, one middle slice per test "
+                  "volume)", "",
+                  "t: the Updater's gate of eq. (8), mean at the k-space tokens / image queries; |p-1|: how far the "
+                  "Trigger moved p from p^0 = 1; std(p): how much p differs between slices at the image queries "
+                  "(input dependence). Backbones without gates (transformer) are left out; '-': no Trigger.", "",
+                  "| backbone | layer | t k-space | t queries | abs(p-1) k-space | abs(p-1) queries | std(p) over slices |",
+                  "|---|---|---|---|---|---|---|"]
+        fmt = lambda values, i: "-" if values is None else f"{values[i]:.4f}"
+        for name, st in stats.items():
+            for i in range(len(st["gate_kspace"])):
+                lines.append(f"| {name} | {i} | {st['gate_kspace'][i]:.4f} | {st['gate_queries'][i]:.4f} | "
+                             f"{fmt(st.get('p_shift_kspace'), i)} | {fmt(st.get('p_shift_queries'), i)} | "
+                             f"{fmt(st.get('p_slice_std_queries'), i)} |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def save_curves(path, fits):
+    """PNG: training loss (and validation checks, the chosen one circled) of every training phase."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = min(4, len(fits))
+    rows = math.ceil(len(fits) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
+    for ax, (name, result) in zip(axes.flat, fits.items()):
+        steps = np.arange(1, len(result.losses) + 1)
+        ax.plot(steps, result.losses, lw=0.6, alpha=0.5, label="train")
+        if len(result.losses) >= 10:
+            k = max(2, len(result.losses) // 25)
+            ax.plot(steps[k - 1:], np.convolve(result.losses, np.ones(k) / k, mode="valid"), lw=1.2, label="train (mean)")
+        if result.checks:
+            ax.plot(*zip(*result.checks), "o-", ms=3, label="validation")
+            best = dict(result.checks)[result.best_step]
+            ax.plot([result.best_step], [best], "o", ms=9, mfc="none", mec="k", label="chosen")
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("step", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=5)
+    for ax in list(axes.flat)[len(fits):]:
+        ax.axis("off")
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
 
 
 def save_grid(path, recons, volumes, acc, rows=3):
@@ -962,7 +1104,7 @@ def save_grid(path, recons, volumes, acc, rows=3):
         counts = [parse_report(r)[0] or 0 for r in vol.reports] if vol.reports else [0]
         picks.append((v, int(np.argmax(counts)) if vol.reports else vol.kspace.shape[0] // 2))
     names = list(recons[acc])
-    fig, axes = plt.subplots(len(picks), len(names), figsize=(2.4 * len(names), 2.6 * len(picks)), squeeze=False)
+    fig, axes = plt.subplots(len(picks), len(names), figsize=(2.4 * len(names), 2.9 * len(picks)), squeeze=False)
     for r, (v, s) in enumerate(picks):
         gt, maxval = recons[acc]["ground truth"][v][s], volumes[v].maxval
         for c, name in enumerate(names):
@@ -982,26 +1124,102 @@ def save_grid(path, recons, volumes, acc, rows=3):
 # Backbones
 
 def load_backbones(args):
-    """-> [(name, llm, tokenizer, how it was made)]: train.py checkpoints, or tiny random-init presets."""
+    """-> [(name, llm, tokenizer, how it was made)]: train.py checkpoints, or tiny random-init presets.
+    Any variant of nirvana.py works: those without a Trigger (nirvana-notrigger, transformer, ...) simply have
+    no p to report, and the transformer no gates either."""
     from eval import load_model
     from tokenizer import load_tokenizer
     backbones = []
     for path in args.backbone:
         llm, tokenizer = load_model(path, device="cpu", dtype="float32")   # the tokenizer the backbone learned
-        name = f"Nirvana[{llm.config.variant}]"
+        name = f"LLM[{llm.config.variant}]"
         if any(name == b[0] for b in backbones):
-            name = f"Nirvana[{llm.config.variant}:{os.path.basename(os.path.dirname(os.path.abspath(path)))}]"
-        backbones.append((name, llm, tokenizer, f"checkpoint {path}"))
+            name = f"LLM[{llm.config.variant}:{os.path.basename(os.path.dirname(os.path.abspath(path)))}]"
+        backbones.append((name, llm, tokenizer, f"checkpoint {path}, {pretraining_summary(path)}"))
     if not args.backbone:
         tokenizer = load_tokenizer("bytes")
         for variant in args.variants:
             torch.manual_seed(args.seed)
             cfg = NirvanaConfig.from_preset(f"{variant}-tiny", vocab_size=tokenizer.vocab_size)
-            backbones.append((f"Nirvana[{variant}]", Nirvana(cfg), tokenizer,
+            backbones.append((f"LLM[{variant}]", Nirvana(cfg), tokenizer,
                               f"{variant}-tiny, random init (seed {args.seed}), bytes tokenizer: no --backbone "
-                              f"given, so "
-                              f"an untrained language model (its reports cannot be meaningful)"))
+                              f"given, so an untrained language model (its reports cannot be meaningful)"))
     return [(n, llm.to(args.device).eval(), tok, how) for n, llm, tok, how in backbones]
+
+
+def pretraining_summary(checkpoint):
+    """The end of the log.csv that train.py wrote beside a checkpoint: steps, tokens, losses."""
+    from train import Log
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "log.csv")
+    if not os.path.isfile(path):
+        return "no log.csv beside it"
+    rows = Log.read(path)
+    if not rows:
+        return "empty log.csv beside it"
+    last, checks = rows[-1], [r for r in rows if r.get("val_loss") is not None]
+    text = f"pretrained {last['step']} steps / {last['tokens']:,} tokens, final training loss {last['loss']:.3f}"
+    if checks:
+        best = min(checks, key=lambda r: r["val_loss"])
+        text += (f", validation loss {checks[-1]['val_loss']:.3f} (ppl {checks[-1]['val_ppl']:.1f}; best "
+                 f"{best['val_loss']:.3f} at step {best['step']})")
+    return text
+
+
+def describe_backbone(llm):
+    c = llm.config
+    return (f"{c.variant}: d_model {c.d_model}, {c.n_layers} layers, {c.n_heads} heads, window {c.window}, "
+            f"context {c.context_length}, vocab {c.vocab_size}, {llm.num_params():,} parameters")
+
+
+def mri_sequence_length(model, out_shape, tokenizer, reports):
+    """Longest backbone sequence: k-space tokens + the longest prompt + image queries + report tokens + eos."""
+    n_kspace = model.encoder.vit.n_tokens(*out_shape)
+    prompt = max(len(tokenizer.encode(p)) for p in PROMPTS)
+    return n_kspace + prompt + model.decoder.n_queries + max(len(tokenizer.encode(r)) for r in reports) + 1
+
+
+def window_note(llm, seq_len):
+    """Whether the backbone's attention sees the whole MRI sequence (SPEC: the image queries read the k-space
+    tokens through both branches); a window shorter than the sequence leaves them the recurrent branch alone."""
+    c = llm.config
+    windowed = any(c.layer_kind(i) in ("swa", "nirvana") for i in range(c.n_layers))
+    if windowed and c.window < seq_len:
+        return f"WARNING: window {c.window} < MRI sequence {seq_len} tokens: the image queries do not attend to " \
+               f"every k-space token"
+    if seq_len > c.context_length:
+        return f"WARNING: MRI sequence {seq_len} tokens > training context {c.context_length}"
+    return f"MRI sequence <= {seq_len} tokens fits in the window ({c.window}) and the training context " \
+           f"({c.context_length})"
+
+
+@torch.no_grad()
+def gate_statistics(model, volumes, prompt_ids, acc, args):
+    """What the frozen backbone does with the MRI sequence, on each test volume's middle slice (its evaluation
+    mask at `acc`): per post-prelude layer, the mean Updater gate t (eq. 8) at the k-space tokens and at the
+    image queries, and, with a Trigger, how far p moved from p^0 = 1 (mean |p - 1|) and how much p differs
+    between slices (std over slices, mean over K and queries) at the image queries.
+    None for a backbone without gates (the transformer)."""
+    items = [masked(v, v.kspace.shape[0] // 2, v.kspace.shape[0] // 2 + 1,
+                    volume_mask(v.name, v.kspace.shape[-1], acc, args.mask_type)) for v in volumes[:64]]
+    groups = {}
+    for kspace, mask in items:
+        groups.setdefault(tuple(kspace.shape[1:]), []).append((kspace, mask))
+    kspace, mask = (torch.cat(x) for x in zip(*max(groups.values(), key=len)))
+    trace = {}
+    model.image_tokens(kspace, mask, prompt_ids, trace=trace)
+    if "gate" not in trace:
+        return None
+    M = model.decoder.n_queries
+    n_kspace = trace["gate"][0].shape[1] - len(prompt_ids) - M
+    gates = torch.stack(trace["gate"]).float().reshape(len(trace["gate"]), kspace.shape[0], -1)   # (L, B, T)
+    stats = {"slices": kspace.shape[0], "gate_kspace": gates[:, :, :n_kspace].mean((1, 2)).tolist(),
+             "gate_queries": gates[:, :, -M:].mean((1, 2)).tolist()}
+    if "p" in trace:
+        p = torch.stack(trace["p"]).float()                                                         # (L, B, T, K)
+        stats["p_shift_kspace"] = (p[:, :, :n_kspace] - 1).abs().mean((1, 2, 3)).tolist()
+        stats["p_shift_queries"] = (p[:, :, -M:] - 1).abs().mean((1, 2, 3)).tolist()
+        stats["p_slice_std_queries"] = p[:, :, -M:].std(1).mean((1, 2)).tolist() if p.shape[1] > 1 else None
+    return stats
 
 
 def build_nirvana_mri(llm, out_shape, args):
@@ -1046,6 +1264,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=100, help="optimizer steps per baseline and per Nirvana stage")
     p.add_argument("--phase-seconds", type=float, default=0,
                    help="time budget of each training phase: fewer steps if --steps would not fit (0: no limit)")
+    p.add_argument("--val-checks", type=int, default=4,
+                   help="validation checks per training phase; the best checkpoint is kept")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--chans", type=int, default=8, help="U-Net width in VarNet cascades")
@@ -1064,6 +1284,8 @@ def parse_args(argv=None):
     args.train_acc = [int(a) for a in args.train_acc.split(",")]
     args.eval_acc = [int(a) for a in args.eval_acc.split(",")]
     args.variants = [v for v in args.variants.split(",") if v]
+    if args.val_checks < 1:
+        raise SystemExit(f"--val-checks must be >= 1, got {args.val_checks}")
     for a in args.train_acc + args.eval_acc:
         if a not in ACCELERATIONS:
             raise SystemExit(f"acceleration {a} is not in Table 10 ({sorted(ACCELERATIONS)})")
@@ -1085,7 +1307,9 @@ def main(argv=None):
         if not paths:
             raise SystemExit(f"no .h5 files in {args.data}")
         paths = paths[:args.max_volumes] if args.max_volumes else paths
-        data_note = f"data: {len(paths)} fastMRI files from {args.data}"
+        with h5py.File(paths[0], "r") as f:
+            acquisition = f.attrs.get("acquisition", "not recorded")
+        data_note = f"data: {len(paths)} fastMRI-format files from {args.data} (acquisition of the first: {acquisition})"
     else:
         print(f"generating {args.volumes} synthetic volumes x {args.slices} slices, {args.size}x{args.size}, "
               f"{args.coils} coils", flush=True)
@@ -1094,60 +1318,75 @@ def main(argv=None):
         data_note = (f"data: synthetic phantoms, {args.volumes} volumes x {args.slices} slices, "
                      f"{args.size}x{args.size}, {args.coils} coils")
     train_paths, val_paths, test_paths = split_by_volume(paths, args.seed)
-    train, test = load_volumes(train_paths, args.device), load_volumes(test_paths, args.device)
+    train, val, test = (load_volumes(p, args.device) for p in (train_paths, val_paths, test_paths))
     n_slices = lambda vols: sum(v.kspace.shape[0] for v in vols)
-    print(f"{data_note}; split by volume: train {len(train_paths)} ({n_slices(train)} slices), val {len(val_paths)}, "
-          f"test {len(test_paths)} ({n_slices(test)} slices); device {args.device}", flush=True)
+    split_note = (f"split by volume: train {len(train)} ({n_slices(train)} slices), val {len(val)} "
+                  f"({n_slices(val)} slices), test {len(test)} ({n_slices(test)} slices)")
+    print(f"{data_note}; {split_note}; device {args.device}", flush=True)
     out_shape = tuple(train[0].target.shape[-2:])
     if any(v.reports is None for v in train):
         raise SystemExit("stage 1 needs a report per slice: add a 'reports' dataset (one string per slice) to "
                          "every training .h5 file")
 
     methods, params, timings = {"zero-filled": lambda k, m, shape: zero_filled(k, shape)}, {"zero-filled": 0}, {}
-    steps_taken = {}
+    fits = {}
     baselines = {"U-Net": UNetBaseline(args.unet_chans, args.pools),
                  "E2E-VarNet": E2EVarNet(args.varnet_cascades, args.chans, args.sens_chans)}
     for name, model in baselines.items():
         model.to(args.device)
         t0 = time.time()
-        steps_taken[name] = len(train_image_baseline(name, model, train, args, rng))
+        fits[name] = train_image_baseline(name, model, train, args, rng, val)
         timings[name] = time.time() - t0
         model.eval()
         methods[name], params[name] = model, count_trainable(model)
 
-    report_scores, report_examples, backbone_notes = {}, {}, []
+    report_scores, report_examples, backbone_notes, gates = {}, {}, [], {}
     for name, llm, tokenizer, how in load_backbones(args):
         model = build_nirvana_mri(llm, out_shape, args)
+        seq_len = mri_sequence_length(model, out_shape, tokenizer, [r for v in train for r in v.reports])
+        fits_in = window_note(llm, seq_len)
+        print(f"{name}: {describe_backbone(llm)}; {how}; {fits_in}", flush=True)
         fingerprint = state_fingerprint(llm)
         t0 = time.time()
-        steps_taken[f"{name} stage 1"] = len(train_stage1(name, model, train, tokenizer, args, rng))
-        steps_taken[f"{name} stage 2"] = len(train_stage2(name, model, train, tokenizer, args, rng))
+        fits[f"{name} stage 1"] = train_stage1(name, model, train, tokenizer, args, rng, val)
+        fits[f"{name} stage 2"] = train_stage2(name, model, train, tokenizer, args, rng, val)
         timings[name] = time.time() - t0
         frozen = unchanged(llm, fingerprint)
         model.eval()
         prompt_ids = torch.tensor(tokenizer.encode(PROMPTS[0]), device=args.device)
         methods[name] = lambda k, m, shape, model=model, prompt_ids=prompt_ids: model(k, m, prompt_ids)
         params[name] = count_trainable(model.encoder, model.image_queries, model.decoder)
-        backbone_notes.append(f"- {name}: {how}; {llm.num_params():,} backbone parameters, frozen "
-                              f"(bit-equal after both stages: {frozen})")
+        backbone_notes.append(f"- {name}: {describe_backbone(llm)}; {how}; {fits_in}; frozen (bit-equal after "
+                              f"both stages: {frozen})")
         max_len = max(len(tokenizer.encode(r)) for v in train for r in v.reports) + 8
         for acc in args.eval_acc:
             generated, truth = generate_test_reports(model, test, tokenizer, acc, args, max_len)
             report_scores[(name, acc)] = score_reports(generated, truth)
             report_examples[(name, acc)] = list(zip(generated, truth))[:12]
+            stats = gate_statistics(model, test, prompt_ids, acc, args)
+            if stats is not None:
+                gates.setdefault(acc, {})[name] = stats
 
     print("evaluating", flush=True)
     scores, recons = evaluate(methods, test, args.eval_acc, args.mask_type, args.batch_size)
     summary = summarize(scores)
-    notes = [data_note, f"masks: {args.mask_type}, trained on {args.train_acc}x, scored on {args.eval_acc}x; "
+    val_summary = summarize(evaluate(methods, val, args.eval_acc, args.mask_type, args.batch_size)[0])
+    chosen = ", ".join(f"{k} {len(f.losses)}" + (f" (best val at {f.best_step})" if f.checks else "")
+                       for k, f in fits.items())
+    notes = [f"{data_note}; {split_note}",
+             f"masks: {args.mask_type}, trained on {args.train_acc}x, scored on {args.eval_acc}x; "
              f"batch {args.batch_size}, lr {args.lr}, device {args.device}; optimizer steps (--steps {args.steps}, "
-             f"--phase-seconds {args.phase_seconds:g}): " + ", ".join(f"{k} {v}" for k, v in steps_taken.items()),
+             f"--phase-seconds {args.phase_seconds:g}, {args.val_checks} validation checks per phase, the best "
+             f"kept): {chosen}",
              "backbones:", *backbone_notes,
              "training time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
-    table = results_markdown(summary, params, notes)
+    table = results_markdown(summary, params, notes, val_summary, gates)
     atomic_write(os.path.join(args.out, "results.md"), table)
     atomic_write(os.path.join(args.out, "results.json"), json.dumps(
-        {"summary": summary, "per_volume": scores, "params": params, "timings_s": timings, "notes": notes,
+        {"summary": summary, "val_summary": val_summary, "per_volume": scores, "params": params,
+         "timings_s": timings, "notes": notes,
+         "fits": {k: dataclasses.asdict(f) for k, f in fits.items()},
+         "gates": {f"{a}x": g for a, g in gates.items()},
          "reports": {f"{n} {a}x": s for (n, a), s in report_scores.items()}}, indent=1))
     lines = ["# Generated reports vs templated truth", "",
              "Score: lesion count exact, set of lesion places exact, whole report exact (test slices).", ""]
@@ -1156,10 +1395,12 @@ def main(argv=None):
                   f"exact {s['exact']:.3f} (n={s['n']})", "", "| generated | truth |", "|---|---|"]
         lines += [f"| {g!r} | {t!r} |" for g, t in report_examples[(name, acc)]] + [""]
     atomic_write(os.path.join(args.out, "reports.md"), "\n".join(lines))
-    save_grid(os.path.join(args.out, "recon_grid.png"), recons, test, max(args.eval_acc))
+    for acc in args.eval_acc:
+        save_grid(os.path.join(args.out, f"recon_grid_{acc}x.png"), recons, test, acc)
+    save_curves(os.path.join(args.out, "training_curves.png"), fits)
     print(table)
     print("\n".join(lines[:3] + [l for l in lines if l.startswith("## ")]))
-    print(f"wrote results.md, results.json, reports.md, recon_grid.png to {args.out} "
+    print(f"wrote results.md, results.json, reports.md, recon_grid_<acc>x.png, training_curves.png to {args.out} "
           f"({time.time() - t_start:.0f}s)")
 
 

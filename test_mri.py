@@ -1,5 +1,6 @@
 """Tests of mri.py (CPU, tiny sizes): masks, fastMRI metrics, the .h5 round trip and its errors, the networks'
-shapes, both post-training stages, and the frozen backbone whose Trigger still adapts."""
+shapes, both post-training stages, the frozen backbone whose Trigger still adapts, train.py checkpoints of
+other variants (the transformer of Fig. 4) as backbones, and model selection on the validation split."""
 import os
 
 import h5py
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 import mri
+import train
 from nirvana import Nirvana, NirvanaConfig
+from prepare import prepare
 from tokenizer import load_tokenizer
 
 
@@ -227,8 +230,8 @@ def test_both_stages_reduce_their_loss_and_the_backbone_stays_frozen(tmp_path):
     encoder_before = mri.state_fingerprint(model.encoder)
     queries_before = model.image_queries.detach().clone()
     stage2 = mri.train_stage2("t", model, volumes, tokenizer, args, rng)
-    assert np.mean(stage1[-5:]) < np.mean(stage1[:5]) - 0.3
-    assert np.mean(stage2[-5:]) < np.mean(stage2[:5]) - 0.02
+    assert np.mean(stage1.losses[-5:]) < np.mean(stage1.losses[:5]) - 0.3
+    assert np.mean(stage2.losses[-5:]) < np.mean(stage2.losses[:5]) - 0.02
     assert mri.unchanged(model.encoder, encoder_before) and torch.equal(model.image_queries, queries_before)
     assert mri.unchanged(model.llm, fingerprint)                         # bit-equal after both stages
     assert all(not p.requires_grad for p in model.llm.parameters())
@@ -256,6 +259,85 @@ def test_gradients_flow_through_the_frozen_backbone_and_the_trigger_adapts():
     assert not torch.allclose(traces[0], torch.ones_like(traces[0]))       # and moved from p^0 = ones
 
 
+def test_fit_restores_the_parameters_of_the_best_validation_check():
+    """Model selection: four checks score 3, 1, 2, 4; fit must end with the parameters seen at the second."""
+    w = torch.nn.Parameter(torch.zeros(3))
+    scores, seen = [3.0, 1.0, 2.0, 4.0], []
+
+    def validate():
+        seen.append(w.detach().clone())
+        return scores[len(seen) - 1]
+
+    batches = iter(lambda: None, 1)                                   # endless; the loss needs no batch
+    result = mri.fit("w", [w], lambda _: (w - 5).pow(2).sum(), batches, steps=20, lr=0.1, validate=validate,
+                     checks=4)
+    assert [s for s, _ in result.checks] == [5, 10, 15, 20] and result.best_step == 10
+    assert torch.equal(w.detach(), seen[1]) and not torch.equal(seen[1], seen[3])
+    assert len(result.losses) == 20
+
+
+@pytest.fixture(scope="module")
+def pretrained_backbones(tmp_path_factory):
+    """train.py checkpoints (2 steps on a byte-level corpus) of three variants, sized with --set."""
+    root = tmp_path_factory.mktemp("backbones")
+    texts = []
+    for i in range(5):
+        texts.append(root / f"doc{i}.txt")
+        texts[-1].write_text(f"lesions: {i}. left frontal: small round bright. the k-space holds the image. " * 20)
+    prepare([str(t) for t in texts], str(root / "data"), "bytes", val_fraction=0.2)
+    paths = {}
+    for variant in ("nirvana", "nirvana-notrigger", "transformer"):
+        out = root / variant
+        train.main(["--preset", f"{variant}-tiny", "--set", "n_layers=3", "--set", "window=256", "--data",
+                    str(root / "data"), "--out", str(out), "--max-tokens", "512", "--micro-batch", "2",
+                    "--seq-len", "64", "--global-batch-tokens", "256", "--warmup-tokens", "256", "--eval-every", "2",
+                    "--eval-tokens", "128", "--device", "cpu"])
+        paths[variant] = str(out / "ckpt.pt")
+    return paths
+
+
+def test_backbones_sized_with_train_py_set_keep_their_config(pretrained_backbones):
+    config = Nirvana.from_checkpoint(pretrained_backbones["transformer"]).config
+    assert (config.variant, config.n_layers, config.window) == ("transformer", 3, 256)
+
+
+@pytest.mark.parametrize("variant", ["transformer", "nirvana-notrigger"])
+def test_any_variant_checkpoint_is_a_frozen_backbone(tmp_path, pretrained_backbones, variant):
+    """A transformer (no Trigger, no gates) or nirvana-notrigger (gates, no p) checkpoint runs both stages,
+    stays bit-equal, generates reports, and has the gate statistics it can have."""
+    volumes = tiny_data(tmp_path)
+    args = tiny_args(backbone=[pretrained_backbones[variant]], steps=4)
+    [(name, llm, tokenizer, how)] = mri.load_backbones(args)
+    assert name == f"LLM[{variant}]" and "pretrained 2 steps" in how and "validation loss" in how
+    model = mri.build_nirvana_mri(llm, (16, 16), args)
+    seq_len = mri.mri_sequence_length(model, (16, 16), tokenizer, [r for v in volumes for r in v.reports])
+    assert seq_len == 1 + max(len(tokenizer.encode(p)) for p in mri.PROMPTS) + 16 + max(
+        len(tokenizer.encode(r)) for v in volumes for r in v.reports) + 1
+    assert "fits in the window" in mri.window_note(llm, seq_len)
+    assert "WARNING" in mri.window_note(llm, 300)
+    fingerprint = mri.state_fingerprint(llm)
+    rng = np.random.default_rng(0)
+    mri.train_stage1(name, model, volumes[:2], tokenizer, args, rng, volumes[2:])
+    fit2 = mri.train_stage2(name, model, volumes[:2], tokenizer, args, rng, volumes[2:])
+    assert mri.unchanged(llm, fingerprint) and len(fit2.checks) == args.val_checks
+    prompt = torch.tensor(tokenizer.encode(mri.PROMPTS[0]))
+    generated, truth = mri.generate_test_reports(model, volumes[2:], tokenizer, 4, args, max_len=8)
+    assert len(generated) == len(truth) == 4
+    stats = mri.gate_statistics(model, volumes, prompt, 4, args)
+    if variant == "transformer":
+        assert stats is None
+    else:
+        assert len(stats["gate_queries"]) == 1 and "p_shift_queries" not in stats
+
+
+def test_gate_statistics_see_the_trigger_move_p(tmp_path):
+    volumes = tiny_data(tmp_path)
+    model, tokenizer = tiny_model()
+    stats = mri.gate_statistics(model, volumes, torch.tensor(tokenizer.encode("hi")), 8, tiny_args())
+    assert stats["slices"] == 3 and len(stats["p_shift_queries"]) == 1
+    assert 0 < stats["gate_kspace"][0] < 1 and stats["p_shift_kspace"][0] > 0 and stats["p_slice_std_queries"][0] > 0
+
+
 def test_cached_report_generation_equals_greedy_full_recompute():
     model, tokenizer = tiny_model(init_std=0.2)
     kspace = torch.randn(2, 2, 16, 16, dtype=torch.complex64)
@@ -280,8 +362,9 @@ def test_main_end_to_end_writes_outputs(tmp_path):
               "--batch-size", "4", "--chans", "4", "--sens-chans", "2", "--pools", "1", "--enc-cascades", "1",
               "--varnet-cascades", "1", "--unet-chans", "4", "--vit-dim", "32", "--vit-depth", "1", "--patch", "4",
               "--dec-chans", "4", "--variants", "nirvana", "--device", "cpu"])
-    for name in ("results.md", "results.json", "reports.md", "recon_grid.png"):
+    for name in ("results.md", "results.json", "reports.md", "recon_grid_4x.png", "recon_grid_8x.png",
+                 "training_curves.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     table = open(os.path.join(out, "results.md")).read()
-    for method in ("zero-filled", "U-Net", "E2E-VarNet", "Nirvana[nirvana]"):
+    for method in ("zero-filled", "U-Net", "E2E-VarNet", "LLM[nirvana]"):
         assert method in table

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import train
-from nirvana import VARIANTS, Nirvana
+from nirvana import VARIANTS, Nirvana, NirvanaConfig
 from prepare import BUILTIN_VOCAB_SIZE, TokenShards, builtin_documents, prepare, prepare_builtin
 from tokenizer import load_tokenizer, train_sentencepiece
 
@@ -173,6 +173,18 @@ def test_builtin_corpus(corpus):
 
 
 # ----------------------------------------------------------------------------- train.py
+
+def test_set_overrides_preset_fields_with_typed_values():
+    args = train.parse_args(["--preset", "nirvana-125m", "--set", "d_model=384", "--set", "detach_inner_grad=True",
+                             "--set", "variant=transformer"])
+    assert args.config_overrides == {"d_model": 384, "detach_inner_grad": True, "variant": "transformer"}
+    with pytest.raises(SystemExit):
+        train.parse_args(["--set", "window"])  # not FIELD=VALUE
+    with pytest.raises(SystemExit):
+        train.parse_args(["--set", "vocab_size=100"])  # the data decides it
+    with pytest.raises(ValueError, match="unknown fields"):
+        NirvanaConfig.from_preset("nirvana-tiny", **train.parse_args(["--set", "windw=3"]).config_overrides)
+
 
 def test_schedule_warmup_then_cosine():
     s = train.Schedule(peak_lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)

@@ -9,6 +9,7 @@ Usage:
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=run1 \\
         train.py --preset nirvana-1.3b --data data/fineweb --dist fsdp
     python train.py --out out/run1 --resume            # continue out/run1/ckpt.pt exactly where it stopped
+    python train.py --preset nirvana-125m --set d_model=384 --set n_layers=6 --set window=256   # other sizes
 
 Defaults are the paper's (Sec. 3): context = the preset's (4096), global batch 0.5M tokens, AdamW peak lr 4e-4
 with linear warm-up over 1B tokens then cosine decay, 100B tokens. The tiny presets default to a short CPU
@@ -19,6 +20,7 @@ Writes into --out: ckpt.pt (atomically; model, optimizer, schedule, data positio
 FILE.jsonl) and loss.png.
 """
 import argparse
+import ast
 import contextlib
 import csv
 import dataclasses
@@ -47,6 +49,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="nirvana-tiny", help="<variant>-<size> of nirvana.py, e.g. nirvana-350m")
     p.add_argument("--backend", default="torch", choices=["torch", "triton"])
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="config_overrides",
+                   help="override one NirvanaConfig field of the preset, e.g. --set window=256 (repeatable)")
     p.add_argument("--data", default=None, help=f"folder written by prepare.py (default: built-in, {BUILTIN_DIR})")
     p.add_argument("--out", default=None, help="run folder (default out/<preset>)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's context_length)")
@@ -78,12 +82,29 @@ def parse_args(argv=None):
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    args.config_overrides = parse_config_overrides(p, args.config_overrides)
     args.out = args.out or os.path.join("out", args.preset)
     args.log = args.log or os.path.join(args.out, "log.csv")
     if not args.log.endswith((".csv", ".jsonl")):
         p.error(f"--log {args.log}: the file name must end in .csv or .jsonl")
     args.plot = args.plot or os.path.join(args.out, "loss.png")
     return args
+
+
+def parse_config_overrides(parser, items):
+    """["d_model=384", "detach_inner_grad=True", ...] -> {field: value}; values are Python literals."""
+    overrides = {}
+    for item in items:
+        field, sep, text = item.partition("=")
+        if not sep or not field:
+            parser.error(f"--set {item!r}: expected FIELD=VALUE, e.g. --set window=256")
+        if field in ("vocab_size", "backend"):
+            parser.error(f"--set {field}: the data sets vocab_size and --backend sets backend")
+        try:
+            overrides[field] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[field] = text  # a bare word stays a string
+    return overrides
 
 
 # ----------------------------------------------------------------------------- distributed setup
@@ -162,7 +183,7 @@ def get_batch(stream, position, batch, seq_len, vocab_size, device):
 def build_model(args, vocab_size, d):
     """The preset's model, wrapped for the run: DDP or FSDP2 under torchrun, optionally compiled.
     Returns (model to call, the plain model whose state dicts the checkpoints hold)."""
-    overrides = dict(vocab_size=vocab_size, backend=args.backend)
+    overrides = dict(args.config_overrides, vocab_size=vocab_size, backend=args.backend)
     config = NirvanaConfig.from_preset(args.preset, **overrides)
     if args.compile and config.trigger and config.backend == "torch" and not config.detach_inner_grad:
         raise ValueError(f"--compile with {args.preset} on the torch backend fails: torch.compile cannot take the "
