@@ -87,6 +87,28 @@ def _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H: tl.constexpr):
 
 
 @triton.jit
+def _sequence_program(cu_ptr, chunk_offsets_ptr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
+    """What a program of the (sequence, head, BV state columns) grid of the state passes works on: sequence i_n
+    (tokens bos..eos-1, chunks first_chunk..first_chunk+n_chunks-1), head i_h, state rows dk (DK,), columns
+    cv (BV,), and their offsets (DK, BV) inside one (DK, DV) state."""
+    i_n = tl.program_id(0)
+    bos = tl.load(cu_ptr + i_n).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    first_chunk = tl.load(chunk_offsets_ptr + i_n).to(tl.int64)
+    n_chunks = tl.load(chunk_offsets_ptr + i_n + 1).to(tl.int64) - first_chunk
+    dk = tl.arange(0, DK)
+    cv = tl.program_id(2) * BV + tl.arange(0, BV)
+    return i_n, tl.program_id(1), bos, eos, first_chunk, n_chunks, dk, cv, dk[:, None] * DV + cv[None, :]
+
+
+@triton.jit
+def _sequence_chunk_rows(bos, eos, c, C: tl.constexpr):
+    """Token rows (C,) of the sequence's chunk c, their validity and the chunk's last valid row."""
+    rows = bos + c * C + tl.arange(0, C)
+    return rows, rows < eos, tl.minimum(bos + c * C + C, eos) - 1
+
+
+@triton.jit
 def _chunk_columns_program(chunk_start_ptr, chunk_end_ptr, gcum_ptr, H: tl.constexpr, BV: tl.constexpr,
                            C: tl.constexpr):
     """What a program of the (chunk, head, BV columns) grid works on: chunk i_c, head i_h, the chunk's rows and
@@ -189,23 +211,12 @@ def _state_forward_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, cu_ptr, chunk_o
     chunk-start state) and Vnew = U - W S; then S <- Gamma_C S + (diag(exp(G_C - G)) K)^T Vnew.
     Writes the final state at the end.
     """
-    i_n = tl.program_id(0)
-    i_h = tl.program_id(1)
-    i_v = tl.program_id(2)
-    bos = tl.load(cu_ptr + i_n).to(tl.int64)
-    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-    first_chunk = tl.load(chunk_offsets_ptr + i_n).to(tl.int64)
-    n_chunks = tl.load(chunk_offsets_ptr + i_n + 1).to(tl.int64) - first_chunk
-    r = tl.arange(0, C)
-    dk = tl.arange(0, DK)
-    cv = i_v * BV + tl.arange(0, BV)
-    state_offsets = dk[:, None] * DV + cv[None, :]  # (DK, BV) inside one (DK, DV) state
+    i_n, i_h, bos, eos, first_chunk, n_chunks, dk, cv, state_offsets = _sequence_program(
+        cu_ptr, chunk_offsets_ptr, DK, DV, BV)
 
     S = tl.load(h0_ptr + (i_n * H + i_h) * DK * DV + state_offsets)
     for c in range(n_chunks):
-        rows = bos + c * C + r
-        valid = rows < eos
-        last = tl.minimum(bos + c * C + C, eos) - 1
+        rows, valid, last = _sequence_chunk_rows(bos, eos, c, C)
         tl.store(h_ptr + ((first_chunk + c) * H + i_h) * DK * DV + state_offsets, S.to(h_ptr.dtype.element_ty))
         G, G_last = _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H)
         w = _load_rows(w_ptr, rows, valid, i_h, dk, H, DK).to(tl.float32)
@@ -312,24 +323,13 @@ def _state_backward_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dht_ptr, cu_pt
     dVnew += diag(exp(G_C - G)) K dS;  dS <- Gamma_C dS + (diag(Gamma) Qs)^T dO - W^T dVnew.
     Writes dS of each chunk end, dVnew, and the initial-state gradient.
     """
-    i_n = tl.program_id(0)
-    i_h = tl.program_id(1)
-    i_v = tl.program_id(2)
-    bos = tl.load(cu_ptr + i_n).to(tl.int64)
-    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-    first_chunk = tl.load(chunk_offsets_ptr + i_n).to(tl.int64)
-    n_chunks = tl.load(chunk_offsets_ptr + i_n + 1).to(tl.int64) - first_chunk
-    r = tl.arange(0, C)
-    dk = tl.arange(0, DK)
-    cv = i_v * BV + tl.arange(0, BV)
-    state_offsets = dk[:, None] * DV + cv[None, :]
+    i_n, i_h, bos, eos, first_chunk, n_chunks, dk, cv, state_offsets = _sequence_program(
+        cu_ptr, chunk_offsets_ptr, DK, DV, BV)
 
     dS = tl.load(dht_ptr + (i_n * H + i_h) * DK * DV + state_offsets)
     for i in range(n_chunks):
         c = n_chunks - 1 - i
-        rows = bos + c * C + r
-        valid = rows < eos
-        last = tl.minimum(bos + c * C + C, eos) - 1
+        rows, valid, last = _sequence_chunk_rows(bos, eos, c, C)
         tl.store(dh_ptr + ((first_chunk + c) * H + i_h) * DK * DV + state_offsets, dS.to(dh_ptr.dtype.element_ty))
         G, G_last = _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H)
         k = _load_rows(k_ptr, rows, valid, i_h, dk, H, DK).to(tl.float32)

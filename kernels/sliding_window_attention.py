@@ -77,6 +77,17 @@ def _query_blocks(start_n, T, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
+def _block_program(T, H, DK: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr):
+    """What a program of the (row block, batch x head) grid works on: rows [start, start + BLOCK) of one
+    (batch, head) bh, and the offsets of element (b, 0, h, 0) in q/k (B, T, H, Dk) and in v/o (B, T, H, Dv)."""
+    start = tl.program_id(0) * BLOCK
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    return start, bh, start + tl.arange(0, BLOCK), b * T * H * DK + h * DK, b * T * H * DV + h * DV
+
+
+@triton.jit
 def _load_tile(X, base, offs_t, T, row_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
     """Rows offs_t of one (batch, head) of a (B, T, H, D) tensor -> (len(offs_t), BLOCK_D), zero outside.
     CHECK_ROWS False: the caller knows every row is < T (the mask-free middle ranges), so only pad columns
@@ -116,14 +127,8 @@ def _swa_fwd(Q, K, V, O, LSE, scale_log2, T, H, WINDOW,
              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """One program: queries [start_m, start_m + BLOCK_M) of one (batch, head); o (BLOCK_M, Dv)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    start_m, bh, offs_m, base_qk, base_v = _block_program(T, H, DK, DV, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    base_qk = b.to(tl.int64) * T * H * DK + h * DK       # element (b, 0, h, 0) of q and k
-    base_v = b.to(tl.int64) * T * H * DV + h * DV        # element (b, 0, h, 0) of v and o
     q = _load_tile(Q, base_qk, offs_m, T, H * DK, DK, BLOCK_DK, True)
     # running max and sum of the online softmax; a finite start keeps fully masked pad rows NaN-free
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -147,10 +152,7 @@ def _swa_fwd(Q, K, V, O, LSE, scale_log2, T, H, WINDOW,
 def _swa_bwd_delta(O, DO, DELTA, T, H, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
     """One program: BLOCK_M rows of one (batch, head); delta_i = sum_d o_id do_id (B, H, T) float32, the
     softmax backward's row correction, computed once here for both backward kernels."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    base_v = (bh // H).to(tl.int64) * T * H * DV + (bh % H) * DV
+    _, bh, offs_m, _, base_v = _block_program(T, H, DV, DV, BLOCK_M)
     o = _load_tile(O, base_v, offs_m, T, H * DV, DV, BLOCK_DV, True).to(tl.float32)
     do = _load_tile(DO, base_v, offs_m, T, H * DV, DV, BLOCK_DV, True).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
@@ -181,15 +183,9 @@ def _swa_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, scale, scale_log2, T,
                   DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """One program: keys [start_n, start_n + BLOCK_N) of one (batch, head); dk (BLOCK_N, Dk), dv (BLOCK_N, Dv)."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    start_n, bh, offs_n, base_qk, base_v = _block_program(T, H, DK, DV, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    base_qk = b.to(tl.int64) * T * H * DK + h * DK
-    base_v = b.to(tl.int64) * T * H * DV + h * DV
     k = _load_tile(K, base_qk, offs_n, T, H * DK, DK, BLOCK_DK, True)
     v = _load_tile(V, base_v, offs_n, T, H * DV, DV, BLOCK_DV, True)
     dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
@@ -230,14 +226,8 @@ def _swa_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ_OUT, scale, scale_log2, T, H, WINDOW
                 DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """One program: queries [start_m, start_m + BLOCK_M) of one (batch, head); dq (BLOCK_M, Dk)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    start_m, bh, offs_m, base_qk, base_v = _block_program(T, H, DK, DV, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
-    base_qk = b.to(tl.int64) * T * H * DK + h * DK
-    base_v = b.to(tl.int64) * T * H * DV + h * DV
     q = _load_tile(Q, base_qk, offs_m, T, H * DK, DK, BLOCK_DK, True)
     do = _load_tile(DO, base_v, offs_m, T, H * DV, DV, BLOCK_DV, True)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
