@@ -3,7 +3,8 @@ token-by-token reference `gated_delta_rule_recurrent`, run in float64.
 
 On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here if unset) at small shapes and
 few examples; on CUDA (the `GPU` switch) the same tests run at larger shapes, more head sizes and more
-examples (`pytest -n 10` compiles the head-size/dtype cases in parallel). Errors are relative,
+examples (`pytest -n 8` compiles the head-size/dtype cases in parallel; with 14 workers the float64
+references of the Dk = 256 cases once ran an 80 GB GPU out of memory). Errors are relative,
 ||x - x_ref|| / ||x_ref||, against the reference in float64 on the same (dtype-rounded) inputs. Bounds:
 float32 1e-4 (the kernels use exact float32 dots for float32 inputs), bfloat16 and float16 1e-2 (outputs
 and gradients are rounded to 16 bits; tf32 dots inside for Dk <= 128). Each example prints its errors
