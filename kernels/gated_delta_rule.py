@@ -510,14 +510,15 @@ def _chunk_grad_qk_kernel(q_ptr, k_ptr, beta_ptr, gcum_ptr, tinv_ptr, h_ptr, dh_
 
 def _precision(dtype, DK):
     """Kernel arguments of the dot products: PREC, for products with a float32 operand (exact float32 for
-    float32 inputs and for Dk = 256, else tf32); INVERSE_PREC, for the (C, C) inverse (float32-accurate:
-    exact, or three tf32 products); NATIVE, whether two 16-bit operands multiply natively (not in the CPU
-    interpreter, which multiplies 16-bit operands wrongly)."""
+    float32 inputs and for Dk = 256, else tf32); NATIVE, whether two 16-bit operands multiply natively (not in
+    the CPU interpreter, which multiplies 16-bit operands wrongly)."""
     exact = dtype == torch.float32 or DK > 128
     return dict(PREC="ieee" if exact else "tf32", NATIVE=not INTERPRET and dtype != torch.float32)
 
 
 def _inverse_precision(dtype):
+    """INVERSE_PREC of _wy_prepare_kernel, for the products inside (I + A)^-1: float32-accurate, i.e. exact, or
+    three tf32 products on the GPU for 16-bit inputs."""
     return "ieee" if dtype == torch.float32 or INTERPRET else "tf32x3"
 
 
@@ -571,15 +572,15 @@ def _wy_prepare(k, v, g, beta, chunk_start, chunk_end, tinv=None, store_tinv=Fal
     return gcum, tinv, w, u
 
 
-def _state_forward(k, w, u, gcum, h0, cu_seqlens, chunk_offsets):
-    """The sequential state pass from h0 (N,H,Dk,Dv) float32. Returns (final state (N,H,Dk,Dv) float32,
+def _state_forward(k, w, u, gcum, h0, cu_seqlens, chunk_offsets, n_chunks):
+    """The sequential state pass from h0 (N,H,Dk,Dv) float32 over n_chunks chunks in all. Returns (final state (N,H,Dk,Dv) float32,
     chunk-start states (n_chunks,H,Dk,Dv) in k's dtype, Vnew (TT,H,Dv) float32)."""
     TT, H, DK = k.shape
     DV = u.shape[-1]
     N = cu_seqlens.numel() - 1
     config = _launch_config(DK, DV)
     ht = torch.empty(N, H, DK, DV, dtype=torch.float32, device=k.device)
-    h = torch.empty(int(chunk_offsets[-1]), H, DK, DV, dtype=k.dtype, device=k.device)
+    h = torch.empty(n_chunks, H, DK, DV, dtype=k.dtype, device=k.device)
     vnew = torch.empty(TT, H, DV, dtype=torch.float32, device=k.device)
     _state_forward_kernel[(N, H, DV // config["state_BV"])](
         k, w, u, gcum, h0, cu_seqlens, chunk_offsets, ht, h, vnew,
@@ -603,24 +604,25 @@ def _chunk_output(q, k, h, vnew, gcum, chunk_start, chunk_end, scale):
     return o
 
 
-def _chunk_forward(q, k, v, g, beta, h0, cu_seqlens, scale, store_tinv):
+def _chunk_forward(q, k, v, g, beta, h0, cu_seqlens, chunk_index, scale, store_tinv):
     """(o (TT,H,Dv), final state (N,H,Dk,Dv), Tinv (n_chunks,H,C,C) if store_tinv else None) from flattened
-    packed inputs."""
-    chunk_start, chunk_end, chunk_offsets = _chunk_index(cu_seqlens)
+    packed inputs and their chunk table (_chunk_index)."""
+    chunk_start, chunk_end, chunk_offsets = chunk_index
     gcum, tinv, w, u = _wy_prepare(k, v, g, beta, chunk_start, chunk_end, store_tinv=store_tinv)
-    ht, h, vnew = _state_forward(k, w, u, gcum, h0, cu_seqlens, chunk_offsets)
+    ht, h, vnew = _state_forward(k, w, u, gcum, h0, cu_seqlens, chunk_offsets, chunk_start.numel())
     return _chunk_output(q, k, h, vnew, gcum, chunk_start, chunk_end, scale), ht, tinv
 
 
-def _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, scale, do, dht):
+def _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, scale, do, dht):
     """All input gradients (dq, dk, dv, dg, dbeta, dh0), recomputing the forward's intermediates first, except
-    Tinv, which the forward saved (the inversion is the costliest part of the WY preparation)."""
+    Tinv and the chunk table, which the forward saved (the inversion is the costliest part of the WY
+    preparation)."""
     TT, H, DK = k.shape
     DV = v.shape[-1]
     N = cu_seqlens.numel() - 1
-    chunk_start, chunk_end, chunk_offsets = _chunk_index(cu_seqlens)
+    chunk_start, chunk_end, chunk_offsets = chunk_index
     gcum, _, w, u = _wy_prepare(k, v, g, beta, chunk_start, chunk_end, tinv=tinv)
-    _, h, vnew = _state_forward(k, w, u, gcum, h0, cu_seqlens, chunk_offsets)
+    _, h, vnew = _state_forward(k, w, u, gcum, h0, cu_seqlens, chunk_offsets, chunk_start.numel())
     config = _launch_config(DK, DV)
     precision = _precision(q.dtype, DK)
     n_chunks = chunk_start.numel()
@@ -655,18 +657,20 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, cu_seqlens, scale):
-        o, ht, tinv = _chunk_forward(q, k, v, g, beta, h0, cu_seqlens, scale, store_tinv=True)
-        ctx.save_for_backward(q, k, v, g, beta, h0, tinv, cu_seqlens)
+        chunk_index = _chunk_index(cu_seqlens)
+        o, ht, tinv = _chunk_forward(q, k, v, g, beta, h0, cu_seqlens, chunk_index, scale, store_tinv=True)
+        ctx.save_for_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, *chunk_index)
         ctx.scale = scale
         ctx.set_materialize_grads(False)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, h0, tinv, cu_seqlens = ctx.saved_tensors
+        q, k, v, g, beta, h0, tinv, cu_seqlens, *chunk_index = ctx.saved_tensors
         do = torch.zeros_like(v) if do is None else do.contiguous()
         dht = torch.zeros_like(h0) if dht is None else dht.float().contiguous()
-        dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, ctx.scale, do, dht)
+        dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, ctx.scale,
+                                                     do, dht)
         return dq, dk, dv, dg, dbeta, dh0, None, None
 
 
@@ -750,6 +754,7 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     elif T == 1:
         o, ht = _recurrent_forward(*flat, g_flat, beta_flat, h0, cu_seqlens, scale)
     else:
-        o, ht, _ = _chunk_forward(*flat, g_flat, beta_flat, h0, cu_seqlens, scale, store_tinv=False)
+        o, ht, _ = _chunk_forward(*flat, g_flat, beta_flat, h0, cu_seqlens, _chunk_index(cu_seqlens), scale,
+                                  store_tinv=False)
     o = o.reshape(B, T, H, DV)
     return o, (ht if output_final_state else None)
