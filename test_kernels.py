@@ -6,7 +6,10 @@ PyTorch references in nirvana.py (outputs and the gradients of every input).
     NIRVANA_KERNEL_ERRORS=errors.json ...                            # also write the worst errors seen
 
 The reference runs in float64 on the same inputs; errors are ||out - ref|| / ||ref|| over whole tensors.
-Bounds: float32 1e-5 (float32-accurate products: exact in the interpreter, tf32x3 on the GPU);
+Bounds: float32 1e-4 (float32-accurate products: exact in the interpreter, tf32x3 on the GPU; the issue's
+"near 1e-4". Worst seen on an H100: 1.6e-5 for SWA dq at T = 1 with Dv = 256, whose exact value is 0 and whose
+computed value is float32 rounding of dP - delta, two sums of 256 products; 1.2e-5 for the Trigger's deta of a
+single token, one sum over the bank; everything else below 1e-5);
 bfloat16 3e-2 (bf16 operands and outputs; worst seen: 1.3e-2 in 40 random SWA cases on the CPU, 7e-3 in
 25 on an H100).
 """
@@ -25,7 +28,7 @@ import kernels
 import nirvana
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 EXAMPLES = 25 if ON_CUDA else 12    # each new head size / dtype compiles kernels
 WORST = {}   # (kernel, dtype, tensor) -> worst relative error seen
 

@@ -14,21 +14,25 @@ chunk start; the WY/UT transform of the Gated DeltaNet paper):
     O     = diag(Gamma) Qs S + (Qs K^T * exp(G_t - G_i))_{i<=t} Vnew       Qs = scale Q
     S'    = Gamma_C S + (diag(exp(G_C - G)) K)^T Vnew
 
-Forward, three kernels in reading order: the WY preparation (parallel over chunks), the state pass (the only
-sequential one: along each sequence's chunks it writes the chunk-start states and Vnew), the output
-(parallel over chunks). The one-token decode kernel follows. Backward, recomputing the forward's intermediates
-instead of keeping them: WY preparation and state pass again, the intra-chunk part of dVnew (parallel), the
-reverse state pass (gradients of the chunk-end states, dVnew), then two per-chunk gradient kernels ((C, C)
-part with dv; then dq, dk, dbeta, dg).
+Forward, four kernels in reading order: the inversion and the WY preparation (both parallel over chunks), the
+state pass (the only sequential one: along each sequence's chunks it writes the chunk-start states and Vnew), the
+output (parallel over chunks). The one-token decode kernel follows. Backward, recomputing the forward's
+intermediates except Tinv instead of keeping them: WY preparation and state pass again, the intra-chunk part of
+dVnew (parallel), the reverse state pass (gradients of the chunk-end states, dVnew), then two per-chunk gradient
+kernels ((C, C) part with dv; then dq, dk and their parts of dbeta, dg, one program per Dk block) and a last
+small one that adds up dbeta and dg.
 
 Layout: (B, T, H, D), i.e. head after time. Packed sequences: B == 1 with cu_seqlens (N+1 offsets); a batch
 of B equal-length sequences is run as B packed sequences of length T. Supported: Dk and Dv powers of two in
 [16, 256]; q, k, v in float32, bfloat16 or float16; g <= 0 (log-decay) and beta of any float dtype.
-Precision: arithmetic, the state, W, U and Vnew in float32; the chunk-start states are stored in the inputs'
-dtype (16-bit W, U, Vnew doubled the bf16 errors in the tests; the states did not). Float32 inputs use exact
-float32 dot products; with 16-bit inputs, products of two 16-bit tensors (Q, K, stored states, dO) run
-natively on the tensor cores, the others in tf32
-(exact float32 for Dk = 256, whose tf32 state passes need more shared memory than an H100 has).
+Precision: arithmetic, the state, U and all gradients in float32; the chunk-start states are stored in the
+inputs' dtype. Float32 inputs use exact float32 dot products. With 16-bit inputs, products of two 16-bit tensors
+(Q, K, stored states, dO) run natively on the tensor cores, the others in tf32 (exact float32 for Dk = 256, whose
+tf32 state passes need more shared memory than an H100 has). Tinv, W and Vnew enter only products of
+forward-pass quantities; for 16-bit inputs with Dk of 64 or 128 they are stored in float16 and those products
+run natively in float16 (_product): the mantissa of tf32, so the same precision, at half the bytes and twice the
+rate (bf16 storage of W, U and Vnew had doubled the bf16 errors in the tests). Float16's range bounds them: the
+values stay below 65504 as long as |v| does (|Tinv| <= 1 and |W| < 1 were seen on random unit keys).
 On CPU the kernels run only under TRITON_INTERPRET=1 (which upcasts every product to float32).
 """
 import os
@@ -65,6 +69,18 @@ def _dot(a, b, PREC: tl.constexpr, NATIVE: tl.constexpr):
     products are exact); anything else is taken to float32 and multiplied with input precision PREC."""
     if NATIVE and a.dtype == b.dtype and a.dtype != tl.float32:
         return tl.dot(a, b)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
+def _product(a, b, LOW: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
+    """a @ b of two forward-pass quantities (no gradients) with float32 accumulation, at the precision of the
+    stored intermediates LOW: float16 rounds both operands to float16 (tf32's 10-bit mantissa at half the bytes
+    and twice the tensor-core rate; natively when NATIVE), float32 multiplies at PREC."""
+    if LOW == tl.float16:
+        if NATIVE:
+            return tl.dot(a.to(tl.float16), b.to(tl.float16))
+        return tl.dot(a.to(tl.float16).to(tl.float32), b.to(tl.float16).to(tl.float32), input_precision="ieee")
     return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
 
 
@@ -161,16 +177,33 @@ def _unit_lower_inverse(A, C: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexp
 
 
 @triton.jit
-def _wy_prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end_ptr,
-                       gcum_ptr, tinv_ptr, w_ptr, u_ptr,
-                       H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
-                       PREC: tl.constexpr, INVERSE_PREC: tl.constexpr, NATIVE: tl.constexpr,
-                       TINV: tl.constexpr):
-    """One program = one chunk (C=64 tokens) of one head. Blocks: K (C, DK), V (C, DV), A and Tinv (C, C).
+def _wy_invert_kernel(k_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end_ptr, tinv_ptr,
+                      H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr,
+                      INVERSE_PREC: tl.constexpr, NATIVE: tl.constexpr):
+    """One program = one chunk (C=64 tokens) of one head: Tinv = (I + A)^-1 (C, C), stored in tinv_ptr's dtype.
+    Blocks: K (C, DK), A and Tinv (C, C). A kernel of its own, apart from W and U, so that it needs few registers
+    and many programs share an SM (the inversion is a chain of small dependent steps)."""
+    i_c = tl.program_id(0).to(tl.int64)  # 64-bit offsets: n_chunks * H * C * C may pass 2**31
+    i_h = tl.program_id(1)
+    rows, valid, _ = _chunk_rows(chunk_start_ptr, chunk_end_ptr, i_c, C)
+    r = tl.arange(0, C)
+    k = _load_rows(k_ptr, rows, valid, i_h, tl.arange(0, DK), H, DK)
+    beta = tl.load(beta_ptr + rows * H + i_h, mask=valid, other=0.)
+    G = tl.cumsum(tl.load(g_ptr + rows * H + i_h, mask=valid, other=0.), 0)
+    A = beta[:, None] * _dot(k, tl.trans(k), PREC, NATIVE) * _decay_matrix(G, False, C)  # (C, C)
+    tinv = _unit_lower_inverse(A, C, SUB, INVERSE_PREC)
+    tl.store(tinv_ptr + ((i_c * H + i_h) * C + r[:, None]) * C + r[None, :], tinv.to(tinv_ptr.dtype.element_ty))
 
-    Writes the in-chunk cumulative log-decay G (C,) and the WY factors W = Tinv diag(beta Gamma) K (C, DK) and
-    U = Tinv diag(beta) V (C, DV), float32. TINV says where Tinv comes from: "compute" it, compute it and
-    "store" it (the forward, for the backward), or "load" the stored one (the backward).
+
+@triton.jit
+def _wy_prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end_ptr, tinv_ptr, gcum_ptr, w_ptr, u_ptr,
+                       H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+                       NATIVE: tl.constexpr):
+    """One program = one chunk (C=64 tokens) of one head. Blocks: K (C, DK), V (C, DV), Tinv (C, C).
+
+    Writes the in-chunk cumulative log-decay G (C,) and, from the stored Tinv (_wy_invert_kernel), the WY factors
+    W = Tinv diag(beta Gamma) K (C, DK) and U = Tinv diag(beta) V (C, DV) (U float32; W in the intermediates'
+    dtype, see _product). The forward and the backward both run it, so both see the same W and U.
     """
     i_c = tl.program_id(0).to(tl.int64)  # 64-bit offsets: n_chunks * H * C * C may pass 2**31
     i_h = tl.program_id(1)
@@ -184,17 +217,10 @@ def _wy_prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end
     g = tl.load(g_ptr + rows * H + i_h, mask=valid, other=0.)
     beta = tl.load(beta_ptr + rows * H + i_h, mask=valid, other=0.)
     G = tl.cumsum(g, 0)  # (C,) padded rows keep the last valid value since their g is 0
-
-    tinv_offsets = ((i_c * H + i_h) * C + r[:, None]) * C + r[None, :]
-    if TINV == "load":
-        tinv = tl.load(tinv_ptr + tinv_offsets)
-    else:
-        A = beta[:, None] * _dot(k, tl.trans(k), PREC, NATIVE) * _decay_matrix(G, False, C)  # (C, C)
-        tinv = _unit_lower_inverse(A, C, SUB, INVERSE_PREC)
-        if TINV == "store":
-            tl.store(tinv_ptr + tinv_offsets, tinv)
-    w = tl.dot(tinv, k.to(tl.float32) * (beta * tl.exp(G))[:, None], input_precision=PREC)  # (C, DK)
-    u = tl.dot(tinv, v.to(tl.float32) * beta[:, None], input_precision=PREC)  # (C, DV)
+    tinv = tl.load(tinv_ptr + ((i_c * H + i_h) * C + r[:, None]) * C + r[None, :])
+    LOW: tl.constexpr = w_ptr.dtype.element_ty
+    w = _product(tinv, k.to(tl.float32) * (beta * tl.exp(G))[:, None], LOW, PREC, NATIVE)  # (C, DK)
+    u = _product(tinv, v.to(tl.float32) * beta[:, None], LOW, PREC, NATIVE)  # (C, DV)
 
     tl.store(gcum_ptr + rows * H + i_h, G, mask=valid)
     _store_rows(w_ptr, w, rows, valid, i_h, dk, H, DK)
@@ -204,7 +230,7 @@ def _wy_prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end
 @triton.jit
 def _state_forward_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, cu_ptr, chunk_offsets_ptr, ht_ptr, h_ptr, vnew_ptr,
                           H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-                          C: tl.constexpr, PREC: tl.constexpr):
+                          C: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
     """One program = one sequence, one head, BV columns of the state; walks the sequence's chunks in order.
 
     Blocks: state S (DK, BV) float32 in registers, K/W (C, DK), U/Vnew (C, BV). Per chunk: writes S (the
@@ -214,18 +240,19 @@ def _state_forward_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, cu_ptr, chunk_o
     i_n, i_h, bos, eos, first_chunk, n_chunks, dk, cv, state_offsets = _sequence_program(
         cu_ptr, chunk_offsets_ptr, DK, DV, BV)
 
+    LOW: tl.constexpr = w_ptr.dtype.element_ty
     S = tl.load(h0_ptr + (i_n * H + i_h) * DK * DV + state_offsets)
     for c in range(n_chunks):
         rows, valid, last = _sequence_chunk_rows(bos, eos, c, C)
         tl.store(h_ptr + ((first_chunk + c) * H + i_h) * DK * DV + state_offsets, S.to(h_ptr.dtype.element_ty))
         G, G_last = _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H)
-        w = _load_rows(w_ptr, rows, valid, i_h, dk, H, DK).to(tl.float32)
-        u = _load_rows(u_ptr, rows, valid, i_h, cv, H, DV).to(tl.float32)
-        vnew = u - tl.dot(w, S, input_precision=PREC)  # (C, BV)
+        w = _load_rows(w_ptr, rows, valid, i_h, dk, H, DK)
+        u = _load_rows(u_ptr, rows, valid, i_h, cv, H, DV)
+        vnew = u - _product(w, S, LOW, PREC, NATIVE)  # (C, BV)
         _store_rows(vnew_ptr, vnew, rows, valid, i_h, cv, H, DV)
         k = _load_rows(k_ptr, rows, valid, i_h, dk, H, DK).to(tl.float32)
         k_decayed = k * tl.exp(G_last - G)[:, None]
-        S = S * tl.exp(G_last) + tl.dot(tl.trans(k_decayed), vnew, input_precision=PREC)
+        S = S * tl.exp(G_last) + _product(tl.trans(k_decayed), vnew, LOW, PREC, NATIVE)
     tl.store(ht_ptr + (i_n * H + i_h) * DK * DV + state_offsets, S)
 
 
@@ -250,8 +277,8 @@ def _chunk_output_kernel(q_ptr, k_ptr, h_ptr, vnew_ptr, gcum_ptr, chunk_start_pt
         qk += _dot(q, tl.trans(k), PREC, NATIVE)
         qS += _dot(q, S, PREC, NATIVE)
     scores = qk * _decay_matrix(G, True, C)
-    vnew = _load_rows(vnew_ptr, rows, valid, i_h, cv, H, DV).to(tl.float32)
-    o = (qS * tl.exp(G)[:, None] + tl.dot(scores, vnew, input_precision=PREC)) * scale
+    vnew = _load_rows(vnew_ptr, rows, valid, i_h, cv, H, DV)
+    o = (qS * tl.exp(G)[:, None] + _product(scores, vnew, vnew_ptr.dtype.element_ty, PREC, NATIVE)) * scale
     _store_rows(o_ptr, o, rows, valid, i_h, cv, H, DV)
 
 
@@ -378,18 +405,7 @@ def _chunk_grad_wy_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gcum_ptr, tinv_ptr, h_p
     bw_scale = beta * tl.exp(G)
     cc_offsets = ((i_c * H + i_h) * C + r[:, None]) * C + r[None, :]
     state_base = (i_c * H + i_h) * DK * DV
-    tinv = tl.load(tinv_ptr + cc_offsets)
-
-    qk = tl.zeros((C, C), dtype=tl.float32)
-    kk = tl.zeros((C, C), dtype=tl.float32)
-    for i_k in range(DK // BK):
-        ck = i_k * BK + tl.arange(0, BK)
-        q = _load_rows(q_ptr, rows, valid, i_h, ck, H, DK)
-        k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK)
-        qk += _dot(q, tl.trans(k), PREC, NATIVE)
-        kk += _dot(k, tl.trans(k), PREC, NATIVE)
-    qk *= scale
-
+    # (C, C) matrices are loaded or computed where they are used, to keep fewer of them live at once
     dscores = tl.zeros((C, C), dtype=tl.float32)  # dO Vnew^T
     dtinv = tl.zeros((C, C), dtype=tl.float32)
     dbeta = tl.zeros((C, ), dtype=tl.float32)
@@ -406,14 +422,24 @@ def _chunk_grad_wy_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gcum_ptr, tinv_ptr, h_p
             k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK).to(tl.float32)
             S = tl.load(h_ptr + state_base + ck[:, None] * DV + cv[None, :]).to(tl.float32)  # (BK, BV)
             dS = tl.load(dh_ptr + state_base + ck[:, None] * DV + cv[None, :]).to(tl.float32)
-            rhs -= tl.dot(k * bw_scale[:, None], S, input_precision=PREC)
+            rhs -= _product(k * bw_scale[:, None], S, vnew_ptr.dtype.element_ty, PREC, NATIVE)
             dS_dot_S += tl.sum(dS * S, 0)
         dscores += _dot(do, tl.trans(vnew), PREC, NATIVE)
         dtinv += tl.dot(dvnew, tl.trans(rhs), input_precision=PREC)
+        tinv = tl.load(tinv_ptr + cc_offsets).to(tl.float32)
         du = tl.dot(tl.trans(tinv), dvnew, input_precision=PREC)  # gradient of diag(beta) V
         dbeta += tl.sum(du * v, 1)
         _store_rows(dv_ptr, du * beta[:, None], rows, valid, i_h, cv, H, DV)
 
+    qk = tl.zeros((C, C), dtype=tl.float32)
+    kk = tl.zeros((C, C), dtype=tl.float32)
+    for i_k in range(DK // BK):
+        ck = i_k * BK + tl.arange(0, BK)
+        q = _load_rows(q_ptr, rows, valid, i_h, ck, H, DK)
+        k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK)
+        qk += _dot(q, tl.trans(k), PREC, NATIVE)
+        kk += _dot(k, tl.trans(k), PREC, NATIVE)
+    qk *= scale
     # O's intra-chunk term (Qs K^T * decay) Vnew: gradient of G through the decay is dM * M
     decay = _decay_matrix(G, True, C)
     dscores_scores = dscores * qk * decay
@@ -422,6 +448,7 @@ def _chunk_grad_wy_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gcum_ptr, tinv_ptr, h_p
     # Tinv = (I + A)^-1, A = diag(beta) P, P = K K^T * strict decay
     strict = r[:, None] > r[None, :]
     strict_decay = tl.where(strict, decay, 0.)
+    tinv = tl.load(tinv_ptr + cc_offsets).to(tl.float32)
     dA = -tl.dot(tl.dot(tl.trans(tinv), dtinv, input_precision=PREC), tl.trans(tinv), input_precision=PREC)
     dA = tl.where(strict, dA, 0.)
     P = kk * strict_decay
@@ -438,19 +465,22 @@ def _chunk_grad_wy_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gcum_ptr, tinv_ptr, h_p
 
 @triton.jit
 def _chunk_grad_qk_kernel(q_ptr, k_ptr, beta_ptr, gcum_ptr, tinv_ptr, h_ptr, dh_ptr, vnew_ptr, dvnew_ptr, do_ptr,
-                          chunk_start_ptr, chunk_end_ptr, dqk_ptr, dkk_ptr, dq_ptr, dk_ptr, dbeta_ptr, dg_ptr, scale,
+                          chunk_start_ptr, chunk_end_ptr, dqk_ptr, dkk_ptr, dq_ptr, dk_ptr, dbeta_part_ptr,
+                          dg_part_ptr, scale, TT,
                           H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           C: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
-    """One program = one chunk of one head: dq, dk, and the rest of dbeta and dg (after _chunk_grad_wy_kernel).
+    """One program = one chunk of one head and BK columns of Dk: dq, dk of those columns, and their parts of
+    dbeta and dG (after _chunk_grad_wy_kernel; _chunk_dg_kernel adds the parts up).
 
-    Walks Dk in BK-column blocks; for each, accumulates over Dv blocks the (C, BK) products dO S^T, Vnew dS'^T
-    and dW = -dVnew S^T (S, dS' blocks (BK, BV); dO/Vnew/dVnew (C, BV)), then
+    Accumulates over Dv blocks the (C, BK) products dO S^T, Vnew dS'^T and dW = -dVnew S^T (S, dS' blocks
+    (BK, BV); dO/Vnew/dVnew (C, BV)), then
       dq = Gamma dO S^T + dQK K,   dB_w = Tinv^T dW,
       dk = dQK^T Qs + exp(G_C - G) Vnew dS'^T + diag(beta Gamma) dB_w + (dKK + dKK^T) K.
-    Finally dg = reverse in-chunk cumsum of dG (G_t = g_1 + ... + g_t).
+    Blocks: (C, C) matrices Tinv, dQK, dKK; Q/K (C, BK). Writes the parts into row i_k of (DK / BK, TT, H) buffers.
     """
     i_c = tl.program_id(0).to(tl.int64)  # 64-bit offsets: n_chunks * H * Dk * Dv may pass 2**31
     i_h = tl.program_id(1)
+    i_k = tl.program_id(2)
     rows, valid, last, beta, G, G_last = _load_chunk_vectors(beta_ptr, gcum_ptr, chunk_start_ptr, chunk_end_ptr,
                                                              i_c, i_h, H, C)
     r = tl.arange(0, C)
@@ -459,49 +489,56 @@ def _chunk_grad_qk_kernel(q_ptr, k_ptr, beta_ptr, gcum_ptr, tinv_ptr, h_ptr, dh_
     bw_scale = beta * gamma
     cc_offsets = ((i_c * H + i_h) * C + r[:, None]) * C + r[None, :]
     state_base = (i_c * H + i_h) * DK * DV
-    tinv = tl.load(tinv_ptr + cc_offsets)
+    ck = i_k * BK + tl.arange(0, BK)
+
+    do_St = tl.zeros((C, BK), dtype=tl.float32)
+    vnew_dSt = tl.zeros((C, BK), dtype=tl.float32)
+    dw = tl.zeros((C, BK), dtype=tl.float32)
+    for i_v in range(DV // BV):
+        cv = i_v * BV + tl.arange(0, BV)
+        S = tl.load(h_ptr + state_base + ck[:, None] * DV + cv[None, :])  # (BK, BV)
+        dS = tl.load(dh_ptr + state_base + ck[:, None] * DV + cv[None, :])
+        do = _load_rows(do_ptr, rows, valid, i_h, cv, H, DV)
+        vnew = _load_rows(vnew_ptr, rows, valid, i_h, cv, H, DV)
+        dvnew = _load_rows(dvnew_ptr, rows, valid, i_h, cv, H, DV)
+        do_St += _dot(do, tl.trans(S), PREC, NATIVE)
+        vnew_dSt += _dot(vnew, tl.trans(dS), PREC, NATIVE)
+        dw -= _dot(dvnew, tl.trans(S), PREC, NATIVE)
+    q = _load_rows(q_ptr, rows, valid, i_h, ck, H, DK).to(tl.float32) * scale
+    k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK).to(tl.float32)
     dqk = tl.load(dqk_ptr + cc_offsets)
     dkk = tl.load(dkk_ptr + cc_offsets)
-    dkk = dkk + tl.trans(dkk)
+    tinv = tl.load(tinv_ptr + cc_offsets).to(tl.float32)
+    dq = do_St * gamma[:, None] + tl.dot(dqk, k, input_precision=PREC)
+    dbw = tl.dot(tl.trans(tinv), dw, input_precision=PREC)
+    dk = (tl.dot(tl.trans(dqk), q, input_precision=PREC) + vnew_dSt * to_end[:, None] + dbw * bw_scale[:, None]
+          + tl.dot(dkk + tl.trans(dkk), k, input_precision=PREC))
+    _store_rows(dq_ptr, dq * scale, rows, valid, i_h, ck, H, DK)
+    _store_rows(dk_ptr, dk, rows, valid, i_h, ck, H, DK)
 
-    dG = tl.zeros((C, ), dtype=tl.float32)
-    dbeta = tl.zeros((C, ), dtype=tl.float32)
-    dG_last = tl.zeros((C, ), dtype=tl.float32)
-    for i_k in range(DK // BK):
-        ck = i_k * BK + tl.arange(0, BK)
-        q = _load_rows(q_ptr, rows, valid, i_h, ck, H, DK).to(tl.float32) * scale
-        k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK).to(tl.float32)
-        do_St = tl.zeros((C, BK), dtype=tl.float32)
-        vnew_dSt = tl.zeros((C, BK), dtype=tl.float32)
-        dw = tl.zeros((C, BK), dtype=tl.float32)
-        for i_v in range(DV // BV):
-            cv = i_v * BV + tl.arange(0, BV)
-            S = tl.load(h_ptr + state_base + ck[:, None] * DV + cv[None, :])  # (BK, BV)
-            dS = tl.load(dh_ptr + state_base + ck[:, None] * DV + cv[None, :])
-            do = _load_rows(do_ptr, rows, valid, i_h, cv, H, DV)
-            vnew = _load_rows(vnew_ptr, rows, valid, i_h, cv, H, DV)
-            dvnew = _load_rows(dvnew_ptr, rows, valid, i_h, cv, H, DV)
-            do_St += _dot(do, tl.trans(S), PREC, NATIVE)
-            vnew_dSt += _dot(vnew, tl.trans(dS), PREC, NATIVE)
-            dw -= _dot(dvnew, tl.trans(S), PREC, NATIVE)
-        dq = do_St * gamma[:, None] + tl.dot(dqk, k, input_precision=PREC)
-        dbw = tl.dot(tl.trans(tinv), dw, input_precision=PREC)
-        dk = (tl.dot(tl.trans(dqk), q, input_precision=PREC) + vnew_dSt * to_end[:, None] + dbw * bw_scale[:, None]
-              + tl.dot(dkk, k, input_precision=PREC))
-        k_dbw = tl.sum(dbw * k, 1)
-        dto_end = tl.sum(k * vnew_dSt, 1) * to_end
-        dG += gamma * tl.sum(q * do_St, 1) - dto_end + bw_scale * k_dbw
-        dG_last += dto_end
-        dbeta += gamma * k_dbw
-        _store_rows(dq_ptr, dq * scale, rows, valid, i_h, ck, H, DK)
-        _store_rows(dk_ptr, dk, rows, valid, i_h, ck, H, DK)
+    k_dbw = tl.sum(dbw * k, 1)
+    dto_end = tl.sum(k * vnew_dSt, 1) * to_end
+    dG = gamma * tl.sum(q * do_St, 1) - dto_end + bw_scale * k_dbw
+    dG += tl.where(r == last, tl.sum(dto_end, 0), 0.)  # G_C's gradient at the chunk's last row
+    tl.store(dg_part_ptr + (i_k * TT + rows) * H + i_h, dG, mask=valid)
+    tl.store(dbeta_part_ptr + (i_k * TT + rows) * H + i_h, gamma * k_dbw, mask=valid)
 
-    dG += tl.where(r == last, tl.sum(dG_last, 0), 0.)
-    dG += tl.load(dg_ptr + rows * H + i_h, mask=valid, other=0.)
-    dbeta += tl.load(dbeta_ptr + rows * H + i_h, mask=valid, other=0.)
-    dg = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG
+
+@triton.jit
+def _chunk_dg_kernel(chunk_start_ptr, chunk_end_ptr, dbeta_part_ptr, dg_part_ptr, dbeta_ptr, dg_ptr, TT,
+                     H: tl.constexpr, NK: tl.constexpr, C: tl.constexpr):
+    """One program = one chunk of one head: adds the NK parts of dbeta and dG of _chunk_grad_qk_kernel to those of
+    _chunk_grad_wy_kernel (in dbeta, dg), then dg = reverse in-chunk cumsum of dG (G_t = g_1 + ... + g_t)."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    rows, valid, _ = _chunk_rows(chunk_start_ptr, chunk_end_ptr, i_c, C)
+    dG = tl.load(dg_ptr + rows * H + i_h, mask=valid, other=0.)
+    dbeta = tl.load(dbeta_ptr + rows * H + i_h, mask=valid, other=0.)
+    for i_k in range(NK):
+        dG += tl.load(dg_part_ptr + (i_k * TT + rows) * H + i_h, mask=valid, other=0.)
+        dbeta += tl.load(dbeta_part_ptr + (i_k * TT + rows) * H + i_h, mask=valid, other=0.)
     tl.store(dbeta_ptr + rows * H + i_h, dbeta, mask=valid)
-    tl.store(dg_ptr + rows * H + i_h, dg, mask=valid)
+    tl.store(dg_ptr + rows * H + i_h, tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG, mask=valid)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -516,6 +553,13 @@ def _precision(dtype, DK):
     return dict(PREC="ieee" if exact else "tf32", NATIVE=not INTERPRET and dtype != torch.float32)
 
 
+def _intermediate_dtype(dtype, DK):
+    """dtype of the stored Tinv, W and Vnew (they only ever enter products, see _product): float16 where the
+    products run in tf32 and Dk >= 64 (16-bit inputs, Dk 64 or 128): the same 10-bit mantissa at half the bytes;
+    else float32. (At Dk = 16 float16 gave a wrong forward on the H100, before Tinv was read back from memory.)"""
+    return torch.float16 if _precision(dtype, DK)["PREC"] == "tf32" and DK >= 64 else torch.float32
+
+
 def _inverse_precision(dtype):
     """INVERSE_PREC of _wy_prepare_kernel, for the products inside (I + A)^-1: float32-accurate, i.e. exact, or
     three tf32 products on the GPU for 16-bit inputs."""
@@ -523,15 +567,22 @@ def _inverse_precision(dtype):
 
 
 def _launch_config(DK, DV):
-    """Launch parameters, chosen on an H100 at Dk = Dv = 128 in bf16 (B4 T4096 H16: 6.3 ms forward+backward,
-    against 7.5 ms for the first guess, 8 warps and 32 state columns). WY preparation: warps. State passes: BV
-    state columns per program, warps, pipeline stages (1 for large heads keeps shared memory in bounds).
-    Parallel chunk kernels: BK, BV blocks, warps, and pipeline stages of the output and intra-chunk dVnew
-    kernels (the two gradient kernels use 1: more overflow shared memory)."""
-    large = DK > 64
-    return dict(wy_warps=4,
-                state_BV=min(DV, 16 if large else 64), state_warps=2 if large else 4, state_stages=1 if large else 2,
-                chunk_BK=min(DK, 64), chunk_BV=min(DV, 64), chunk_warps=8 if large else 4, chunk_stages=2)
+    """Launch parameters per kernel group, timed per kernel on an H100 at Dk = Dv = 128 in bf16 (B4 T4096 H16),
+    each the fastest of 5 to 8 candidates. invert, wy: warps of the inversion and of the WY preparation.
+    state / state_backward: BV state columns per program, warps, pipeline stages of the sequential passes (the
+    forward's also serve the decode kernel). chunk: BK, BV blocks, warps and stages of the output and intra-chunk
+    dVnew kernels. grad: BK, BV blocks and warps of the two gradient kernels (1 stage: they hold many (C, C)
+    matrices and need the shared memory)."""
+    large, widest = DK > 64, DK > 128  # Dk = 256 keeps 16 state columns, 2 warps, 1 stage (shared memory)
+    return dict(invert_warps=4, wy_warps=4,
+                state_BV=min(DV, 16 if widest else 32 if large else 64), state_warps=2 if widest else 4,
+                state_stages=1 if widest else 2,
+                state_backward_BV=min(DV, 16 if widest else 32 if large else 64),
+                state_backward_warps=2 if widest else 4,
+                state_backward_stages=1 if large else 2,
+                chunk_BK=min(DK, 64), chunk_BV=min(DV, 128 if large else 64), chunk_warps=8 if large else 4,
+                chunk_stages=2,
+                grad_BK=min(DK, 64), grad_BV=min(DV, 32 if large else 64), grad_warps=4)
 
 
 def _chunk_index(cu_seqlens):
@@ -550,41 +601,43 @@ def _chunk_index(cu_seqlens):
     return chunk_start.contiguous(), chunk_end.contiguous(), chunk_offsets
 
 
-def _wy_prepare(k, v, g, beta, chunk_start, chunk_end, tinv=None, store_tinv=False):
-    """(G (TT,H), Tinv (n_chunks,H,C,C) or None, W (TT,H,Dk), U (TT,H,Dv)), all float32, from flattened
-    (TT, H, D) inputs. A given Tinv (saved by the forward) is used instead of inverting again; store_tinv
-    returns the one computed."""
+def _wy_prepare(k, v, g, beta, chunk_start, chunk_end, tinv=None):
+    """(G (TT,H), Tinv (n_chunks,H,C,C), W (TT,H,Dk), U (TT,H,Dv)) from flattened (TT, H, D) inputs; G and U
+    float32, Tinv and W in _intermediate_dtype. A given Tinv (saved by the forward) is used instead of inverting
+    again."""
     TT, H, DK = k.shape
     DV = v.shape[-1]
     n_chunks = chunk_start.numel()
-    mode = "load" if tinv is not None else "store" if store_tinv else "compute"
-    if mode == "store":
-        tinv = torch.empty(n_chunks, H, CHUNK, CHUNK, dtype=torch.float32, device=k.device)
+    low = _intermediate_dtype(k.dtype, DK)
+    config = _launch_config(DK, DV)
+    if tinv is None:
+        tinv = torch.empty(n_chunks, H, CHUNK, CHUNK, dtype=low, device=k.device)
+        if n_chunks > 0:
+            _wy_invert_kernel[(n_chunks, H)](k, g, beta, chunk_start, chunk_end, tinv, H=H, DK=DK, C=CHUNK, SUB=SUB,
+                                             INVERSE_PREC=_inverse_precision(k.dtype), num_warps=config["invert_warps"],
+                                             **_precision(k.dtype, DK))
     gcum = torch.empty(TT, H, dtype=torch.float32, device=k.device)
-    w = torch.empty(TT, H, DK, dtype=torch.float32, device=k.device)
+    w = torch.empty(TT, H, DK, dtype=low, device=k.device)
     u = torch.empty(TT, H, DV, dtype=torch.float32, device=k.device)
     if n_chunks > 0:
-        _wy_prepare_kernel[(n_chunks, H)](k, v, g, beta, chunk_start, chunk_end, gcum,
-                                          gcum if tinv is None else tinv, w, u, H=H, DK=DK, DV=DV, C=CHUNK, SUB=SUB,
-                                          INVERSE_PREC=_inverse_precision(k.dtype), TINV=mode,
-                                          num_warps=_launch_config(DK, DV)["wy_warps"],
-                                          **_precision(k.dtype, DK))
+        _wy_prepare_kernel[(n_chunks, H)](k, v, g, beta, chunk_start, chunk_end, tinv, gcum, w, u, H=H, DK=DK, DV=DV,
+                                          C=CHUNK, num_warps=config["wy_warps"], **_precision(k.dtype, DK))
     return gcum, tinv, w, u
 
 
 def _state_forward(k, w, u, gcum, h0, cu_seqlens, chunk_offsets, n_chunks):
-    """The sequential state pass from h0 (N,H,Dk,Dv) float32 over n_chunks chunks in all. Returns (final state (N,H,Dk,Dv) float32,
-    chunk-start states (n_chunks,H,Dk,Dv) in k's dtype, Vnew (TT,H,Dv) float32)."""
+    """The sequential state pass from h0 (N,H,Dk,Dv) float32 over n_chunks chunks in all. Returns (final state
+    (N,H,Dk,Dv) float32, chunk-start states (n_chunks,H,Dk,Dv) in k's dtype, Vnew (TT,H,Dv) in W's dtype)."""
     TT, H, DK = k.shape
     DV = u.shape[-1]
     N = cu_seqlens.numel() - 1
     config = _launch_config(DK, DV)
     ht = torch.empty(N, H, DK, DV, dtype=torch.float32, device=k.device)
     h = torch.empty(n_chunks, H, DK, DV, dtype=k.dtype, device=k.device)
-    vnew = torch.empty(TT, H, DV, dtype=torch.float32, device=k.device)
+    vnew = torch.empty(TT, H, DV, dtype=w.dtype, device=k.device)
     _state_forward_kernel[(N, H, DV // config["state_BV"])](
         k, w, u, gcum, h0, cu_seqlens, chunk_offsets, ht, h, vnew,
-        H=H, DK=DK, DV=DV, BV=config["state_BV"], C=CHUNK, PREC=_precision(k.dtype, DK)["PREC"],
+        H=H, DK=DK, DV=DV, BV=config["state_BV"], C=CHUNK, **_precision(k.dtype, DK),
         num_warps=config["state_warps"], num_stages=config["state_stages"])
     return ht, h, vnew
 
@@ -604,11 +657,11 @@ def _chunk_output(q, k, h, vnew, gcum, chunk_start, chunk_end, scale):
     return o
 
 
-def _chunk_forward(q, k, v, g, beta, h0, cu_seqlens, chunk_index, scale, store_tinv):
-    """(o (TT,H,Dv), final state (N,H,Dk,Dv), Tinv (n_chunks,H,C,C) if store_tinv else None) from flattened
-    packed inputs and their chunk table (_chunk_index)."""
+def _chunk_forward(q, k, v, g, beta, h0, cu_seqlens, chunk_index, scale):
+    """(o (TT,H,Dv), final state (N,H,Dk,Dv), Tinv (n_chunks,H,C,C)) from flattened packed inputs and their chunk
+    table (_chunk_index)."""
     chunk_start, chunk_end, chunk_offsets = chunk_index
-    gcum, tinv, w, u = _wy_prepare(k, v, g, beta, chunk_start, chunk_end, store_tinv=store_tinv)
+    gcum, tinv, w, u = _wy_prepare(k, v, g, beta, chunk_start, chunk_end)
     ht, h, vnew = _state_forward(k, w, u, gcum, h0, cu_seqlens, chunk_offsets, chunk_start.numel())
     return _chunk_output(q, k, h, vnew, gcum, chunk_start, chunk_end, scale), ht, tinv
 
@@ -626,28 +679,36 @@ def _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, scale, 
     config = _launch_config(DK, DV)
     precision = _precision(q.dtype, DK)
     n_chunks = chunk_start.numel()
-    chunk_blocks = dict(H=H, DK=DK, DV=DV, BK=config["chunk_BK"], BV=config["chunk_BV"], C=CHUNK,
-                        num_warps=config["chunk_warps"], **precision)
     dvnew = torch.empty(TT, H, DV, dtype=torch.float32, device=q.device)
     if n_chunks > 0:
         _chunk_dvnew_local_kernel[(n_chunks, H, DV // config["chunk_BV"])](
-            q, k, do, gcum, chunk_start, chunk_end, dvnew, scale, num_stages=config["chunk_stages"], **chunk_blocks)
+            q, k, do, gcum, chunk_start, chunk_end, dvnew, scale, H=H, DK=DK, DV=DV, BK=config["chunk_BK"],
+            BV=config["chunk_BV"], C=CHUNK, num_warps=config["chunk_warps"], num_stages=config["chunk_stages"],
+            **precision)
     dh = torch.empty_like(h)
     dh0 = torch.empty(N, H, DK, DV, dtype=torch.float32, device=q.device)
-    _state_backward_kernel[(N, H, DV // config["state_BV"])](
+    _state_backward_kernel[(N, H, DV // config["state_backward_BV"])](
         q, k, w, gcum, do, dht, cu_seqlens, chunk_offsets, dh, dvnew, dh0, scale,
-        H=H, DK=DK, DV=DV, BV=config["state_BV"], C=CHUNK, PREC=precision["PREC"],
-        num_warps=config["state_warps"], num_stages=config["state_stages"])
+        H=H, DK=DK, DV=DV, BV=config["state_backward_BV"], C=CHUNK, PREC=precision["PREC"],
+        num_warps=config["state_backward_warps"], num_stages=config["state_backward_stages"])
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty(TT, H, dtype=torch.float32, device=q.device)
     dg = torch.empty(TT, H, dtype=torch.float32, device=q.device)
     if n_chunks > 0:
-        dqk = torch.empty_like(tinv)
-        dkk = torch.empty_like(tinv)
+        dqk = torch.empty_like(tinv, dtype=torch.float32)
+        dkk = torch.empty_like(tinv, dtype=torch.float32)
+        grad_blocks = dict(H=H, DK=DK, DV=DV, BK=config["grad_BK"], BV=config["grad_BV"], C=CHUNK,
+                           num_warps=config["grad_warps"], num_stages=1, **precision)
         _chunk_grad_wy_kernel[(n_chunks, H)](q, k, v, beta, gcum, tinv, h, dh, vnew, dvnew, do, chunk_start,
-                                             chunk_end, dqk, dkk, dv, dbeta, dg, scale, num_stages=1, **chunk_blocks)
-        _chunk_grad_qk_kernel[(n_chunks, H)](q, k, beta, gcum, tinv, h, dh, vnew, dvnew, do, chunk_start,
-                                             chunk_end, dqk, dkk, dq, dk, dbeta, dg, scale, num_stages=1, **chunk_blocks)
+                                             chunk_end, dqk, dkk, dv, dbeta, dg, scale, **grad_blocks)
+        n_k = DK // config["grad_BK"]
+        dbeta_part = torch.empty(n_k, TT, H, dtype=torch.float32, device=q.device)
+        dg_part = torch.empty(n_k, TT, H, dtype=torch.float32, device=q.device)
+        _chunk_grad_qk_kernel[(n_chunks, H, n_k)](q, k, beta, gcum, tinv, h, dh, vnew, dvnew, do, chunk_start,
+                                                  chunk_end, dqk, dkk, dq, dk, dbeta_part, dg_part, scale, TT,
+                                                  **grad_blocks)
+        _chunk_dg_kernel[(n_chunks, H)](chunk_start, chunk_end, dbeta_part, dg_part, dbeta, dg, TT, H=H, NK=n_k,
+                                        C=CHUNK)
     return dq, dk, dv, dg, dbeta, dh0
 
 
@@ -658,7 +719,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, cu_seqlens, scale):
         chunk_index = _chunk_index(cu_seqlens)
-        o, ht, tinv = _chunk_forward(q, k, v, g, beta, h0, cu_seqlens, chunk_index, scale, store_tinv=True)
+        o, ht, tinv = _chunk_forward(q, k, v, g, beta, h0, cu_seqlens, chunk_index, scale)
         ctx.save_for_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, *chunk_index)
         ctx.scale = scale
         ctx.set_materialize_grads(False)
@@ -731,7 +792,7 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
 
     T == 1 without gradients (decoding) runs the recurrent kernel; everything else the chunked kernels,
     differentiable in q, k, v, g, beta and initial_state (the forward then keeps Tinv for the backward:
-    n_chunks * H * 64 * 64 float32).
+    n_chunks * H * 64 * 64 values, float16 for 16-bit inputs with Dk of 64 or 128, else float32).
     """
     N = _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
     B, T, H, DK = q.shape
@@ -754,7 +815,6 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     elif T == 1:
         o, ht = _recurrent_forward(*flat, g_flat, beta_flat, h0, cu_seqlens, scale)
     else:
-        o, ht, _ = _chunk_forward(*flat, g_flat, beta_flat, h0, cu_seqlens, _chunk_index(cu_seqlens), scale,
-                                  store_tinv=False)
+        o, ht, _ = _chunk_forward(*flat, g_flat, beta_flat, h0, cu_seqlens, _chunk_index(cu_seqlens), scale)
     o = o.reshape(B, T, H, DV)
     return o, (ht if output_final_state else None)

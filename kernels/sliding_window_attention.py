@@ -4,7 +4,7 @@ Query i attends to keys j with i - window < j <= i (SPEC.md: W keys including it
 visits only the key blocks that intersect its window, so the cost is O(T * window), linear in T.
 
 Layout: q, k (B, T, H, Dk), v (B, T, H, Dv) as the model produces them; no transposes are made.
-Four kernels:
+Kernels:
   _swa_fwd      one program = one (batch, head) and BLOCK_M queries; loops over the key blocks of the
                 window; writes o (BLOCK_M, Dv) and the log2-sum-exp of each row (for the backward).
   _swa_bwd_delta  delta_i = rowsum(o_i * do_i), once per query row, for both backward kernels (one pass over
@@ -12,9 +12,15 @@ Four kernels:
   _swa_bwd_dkdv one program = one (batch, head) and BLOCK_N keys; loops over the query blocks that can
                 see those keys (j <= i < j + window); writes dk, dv.
   _swa_bwd_dq   one program = one (batch, head) and BLOCK_M queries; loops like the forward; writes dq.
-Softmax runs in base 2: s2 = (q.k) * scale * log2(e), p = exp2(s2 - lse2). Each loop runs in three ranges:
-blocks that cross the window's edge or the diagonal apply the mask, the blocks between skip it and load their
-tiles without bounds checks.
+  _swa_bwd      the two above in one launch (the first KEY_BLOCKS programs of each row do dk/dv, the rest dq),
+                used when their warps and stages agree: one grid tail instead of two.
+Softmax runs in base 2: s2 = (q.k) * scale * log2(e), p = exp2(s2 - lse2). The forward and dq loops run in
+three ranges: blocks that cross the window's edge or the diagonal apply the mask, the blocks between skip it and
+load their tiles without bounds checks. The dk/dv loop is a single loop that applies the mask (a branch) only on
+those edge blocks: split into three loops, its two accumulators in flight made ptxas serialize every wgmma
+(warning C7515; SASS waited after each HGMMA). lse and delta are stored (B, H, t_pad), t_pad a multiple of every
+block with zero pad rows, so the dk/dv loop loads them unmasked: 8-byte copies instead of one masked 4-byte
+copy per value (that loop: 584 -> 397 SASS instructions per iteration).
 Block sizes (_launch_config): bf16/fp16 with head sizes <= 128: forward BLOCK_M x BLOCK_N = 128 x 64,
 dk/dv 64 queries x 128 keys, dq 128 x 64 (timed on an H100); float32 or larger heads: 64 x 32, 32 x 64,
 64 x 32; float32 with padded Dk + Dv > 256: 32 x 16, 16 x 16, 16 x 16 (shared memory); 16 x 16 under the CPU
@@ -77,14 +83,19 @@ def _query_blocks(start_n, T, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _block_program(T, H, DK: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr):
-    """What a program of the (row block, batch x head) grid works on: rows [start, start + BLOCK) of one
-    (batch, head) bh, and the offsets of element (b, 0, h, 0) in q/k (B, T, H, Dk) and in v/o (B, T, H, Dv)."""
-    start = tl.program_id(0) * BLOCK
-    bh = tl.program_id(1)
+def _rows(block, bh, T, H, DK: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr):
+    """Row block `block` of (batch, head) bh: rows [start, start + BLOCK), and the offsets of element
+    (b, 0, h, 0) in q/k (B, T, H, Dk) and in v/o (B, T, H, Dv)."""
+    start = block * BLOCK
     b = (bh // H).to(tl.int64)
     h = bh % H
     return start, bh, start + tl.arange(0, BLOCK), b * T * H * DK + h * DK, b * T * H * DV + h * DV
+
+
+@triton.jit
+def _block_program(T, H, DK: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr):
+    """What a program of the (row block, batch x head) grid works on (see _rows)."""
+    return _rows(tl.program_id(0), tl.program_id(1), T, H, DK, DV, BLOCK)
 
 
 @triton.jit
@@ -123,7 +134,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, base_qk, base_v, offs_m, lo, hi, scale_lo
 
 
 @triton.jit(do_not_specialize=["T", "H", "WINDOW"])
-def _swa_fwd(Q, K, V, O, LSE, scale_log2, T, H, WINDOW,
+def _swa_fwd(Q, K, V, O, LSE, scale_log2, T, H, WINDOW, T_PAD,
              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """One program: queries [start_m, start_m + BLOCK_M) of one (batch, head); o (BLOCK_M, Dv)."""
@@ -145,32 +156,34 @@ def _swa_fwd(Q, K, V, O, LSE, scale_log2, T, H, WINDOW,
     o = acc / l_i[:, None]
     tl.store(O + base_v + offs_m[:, None] * (H * DV) + offs_dv[None, :], o.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < T) & (offs_dv[None, :] < DV))
-    tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
+    tl.store(LSE + bh.to(tl.int64) * T_PAD + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
 
 
 @triton.jit(do_not_specialize=["T", "H"])
-def _swa_bwd_delta(O, DO, DELTA, T, H, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+def _swa_bwd_delta(O, DO, DELTA, T, H, T_PAD, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
     """One program: BLOCK_M rows of one (batch, head); delta_i = sum_d o_id do_id (B, H, T) float32, the
     softmax backward's row correction, computed once here for both backward kernels."""
     _, bh, offs_m, _, base_v = _block_program(T, H, DV, DV, BLOCK_M)
     o = _load_tile(O, base_v, offs_m, T, H * DV, DV, BLOCK_DV, True).to(tl.float32)
     do = _load_tile(DO, base_v, offs_m, T, H * DV, DV, BLOCK_DV, True).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+    tl.store(DELTA + bh.to(tl.int64) * T_PAD + offs_m, tl.sum(o * do, 1), mask=offs_m < T_PAD)   # pad rows: 0
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, base_qk, base_v, bh, offs_n, lo, hi, scale_log2, T, H, WINDOW,
-                DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
-    """dk, dv of the keys offs_n over query blocks [lo, hi); works on transposed scores (keys x queries)."""
+def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, base_qk, base_v, bh, offs_n, lo, mid_lo, mid_hi, hi, scale_log2,
+                T, H, WINDOW, T_PAD, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """dk, dv of the keys offs_n over query blocks [lo, hi), the mask applied outside [mid_lo, mid_hi); works on
+    transposed scores (keys x queries)."""
     for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(Q, base_qk, offs_m, T, H * DK, DK, BLOCK_DK, MASKED)
-        do = _load_tile(DO, base_v, offs_m, T, H * DV, DV, BLOCK_DV, MASKED)
-        lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
-        delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+        offs_m = tl.multiple_of(start_m, BLOCK_M) + tl.arange(0, BLOCK_M)
+        q = _load_tile(Q, base_qk, offs_m, T, H * DK, DK, BLOCK_DK, True)
+        do = _load_tile(DO, base_v, offs_m, T, H * DV, DV, BLOCK_DV, True)
+        # rows < T_PAD (a multiple of every block): no mask, so these loads stay few and vectorized
+        lse = tl.load(LSE + bh.to(tl.int64) * T_PAD + offs_m)
+        delta = tl.load(DELTA + bh.to(tl.int64) * T_PAD + offs_m)
         p_t = tl.math.exp2(_mm(k, tl.trans(q), PRECISION) * scale_log2 - lse[None, :])   # (BLOCK_N, BLOCK_M)
-        if MASKED:
+        if (start_m < mid_lo) | (start_m >= mid_hi):
             p_t = tl.where(tl.trans(_window_mask(offs_m, offs_n, T, WINDOW)), p_t, 0.0)
         dv += _mm(p_t.to(do.dtype), do, PRECISION)
         ds_t = p_t * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])           # dS^T = P^T (dP^T - delta)
@@ -178,12 +191,12 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, base_qk, base_v, bh, offs_n, lo
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["T", "H", "WINDOW"])
-def _swa_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, scale, scale_log2, T, H, WINDOW,
-                  DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """One program: keys [start_n, start_n + BLOCK_N) of one (batch, head); dk (BLOCK_N, Dk), dv (BLOCK_N, Dv)."""
-    start_n, bh, offs_n, base_qk, base_v = _block_program(T, H, DK, DV, BLOCK_N)
+@triton.jit
+def _dkdv_block(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, scale, scale_log2, T, H, WINDOW, T_PAD, block, bh,
+                DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Keys [block * BLOCK_N, (block + 1) * BLOCK_N) of (batch, head) bh: dk (BLOCK_N, Dk), dv (BLOCK_N, Dv)."""
+    start_n, bh, offs_n, base_qk, base_v = _rows(block, bh, T, H, DK, DV, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     k = _load_tile(K, base_qk, offs_n, T, H * DK, DK, BLOCK_DK, True)
@@ -191,17 +204,22 @@ def _swa_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, scale, scale_log2, T,
     dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _query_blocks(start_n, T, WINDOW, BLOCK_M, BLOCK_N)
-    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, base_qk, base_v, bh, offs_n, lo, mid_lo, scale_log2,
-                         T, H, WINDOW, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_M, PRECISION, True)
-    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, base_qk, base_v, bh, offs_n, mid_lo, mid_hi, scale_log2,
-                         T, H, WINDOW, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_M, PRECISION, False)
-    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, base_qk, base_v, bh, offs_n, mid_hi, hi, scale_log2,
-                         T, H, WINDOW, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_M, PRECISION, True)
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, base_qk, base_v, bh, offs_n, lo, mid_lo, mid_hi, hi,
+                         scale_log2, T, H, WINDOW, T_PAD, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_M, PRECISION)
     dk = dk * scale
     tl.store(DK_OUT + base_qk + offs_n[:, None] * (H * DK) + offs_dk[None, :], dk.to(DK_OUT.dtype.element_ty),
              mask=(offs_n[:, None] < T) & (offs_dk[None, :] < DK))
     tl.store(DV_OUT + base_v + offs_n[:, None] * (H * DV) + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
              mask=(offs_n[:, None] < T) & (offs_dv[None, :] < DV))
+
+
+@triton.jit(do_not_specialize=["T", "H", "WINDOW"])
+def _swa_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, scale, scale_log2, T, H, WINDOW, T_PAD,
+                  DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One program: keys [start_n, start_n + BLOCK_N) of one (batch, head); dk (BLOCK_N, Dk), dv (BLOCK_N, Dv)."""
+    _dkdv_block(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, scale, scale_log2, T, H, WINDOW, T_PAD, tl.program_id(0),
+                tl.program_id(1), DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_M, BLOCK_N, PRECISION)
 
 
 @triton.jit
@@ -221,17 +239,17 @@ def _dq_inner(dq, q, do, lse, delta, K, V, base_qk, base_v, offs_m, lo, hi, scal
     return dq
 
 
-@triton.jit(do_not_specialize=["T", "H", "WINDOW"])
-def _swa_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ_OUT, scale, scale_log2, T, H, WINDOW,
-                DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """One program: queries [start_m, start_m + BLOCK_M) of one (batch, head); dq (BLOCK_M, Dk)."""
-    start_m, bh, offs_m, base_qk, base_v = _block_program(T, H, DK, DV, BLOCK_M)
+@triton.jit
+def _dq_block(Q, K, V, DO, LSE, DELTA, DQ_OUT, scale, scale_log2, T, H, WINDOW, T_PAD, block, bh,
+              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Queries [block * BLOCK_M, (block + 1) * BLOCK_M) of (batch, head) bh: dq (BLOCK_M, Dk)."""
+    start_m, bh, offs_m, base_qk, base_v = _rows(block, bh, T, H, DK, DV, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
     q = _load_tile(Q, base_qk, offs_m, T, H * DK, DK, BLOCK_DK, True)
     do = _load_tile(DO, base_v, offs_m, T, H * DV, DV, BLOCK_DV, True)
-    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * T_PAD + offs_m)
+    delta = tl.load(DELTA + bh.to(tl.int64) * T_PAD + offs_m)
     dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _key_blocks(start_m, T, WINDOW, BLOCK_M, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, K, V, base_qk, base_v, offs_m, lo, mid_lo, scale_log2, T, H, WINDOW,
@@ -243,6 +261,31 @@ def _swa_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ_OUT, scale, scale_log2, T, H, WINDOW
     dq = dq * scale
     tl.store(DQ_OUT + base_qk + offs_m[:, None] * (H * DK) + offs_dk[None, :], dq.to(DQ_OUT.dtype.element_ty),
              mask=(offs_m[:, None] < T) & (offs_dk[None, :] < DK))
+
+
+@triton.jit(do_not_specialize=["T", "H", "WINDOW"])
+def _swa_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ_OUT, scale, scale_log2, T, H, WINDOW, T_PAD,
+                DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One program: queries [start_m, start_m + BLOCK_M) of one (batch, head); dq (BLOCK_M, Dk)."""
+    _dq_block(Q, K, V, DO, LSE, DELTA, DQ_OUT, scale, scale_log2, T, H, WINDOW, T_PAD, tl.program_id(0),
+              tl.program_id(1), DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_M, BLOCK_N, PRECISION)
+
+
+@triton.jit(do_not_specialize=["T", "H", "WINDOW", "KEY_BLOCKS"])
+def _swa_bwd(Q, K, V, DO, LSE, DELTA, DQ_OUT, DK_OUT, DV_OUT, scale, scale_log2, T, H, WINDOW, T_PAD, KEY_BLOCKS,
+             DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+             BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """Both backward kernels in one launch: programs [0, KEY_BLOCKS) of axis 0 are _swa_bwd_dkdv's (BLOCK_M1
+    queries x BLOCK_N1 keys), the rest _swa_bwd_dq's (BLOCK_M2 x BLOCK_N2)."""
+    pid = tl.program_id(0)
+    if pid < KEY_BLOCKS:
+        _dkdv_block(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, scale, scale_log2, T, H, WINDOW, T_PAD, pid,
+                    tl.program_id(1), DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_M1, BLOCK_N1, PRECISION)
+    else:
+        _dq_block(Q, K, V, DO, LSE, DELTA, DQ_OUT, scale, scale_log2, T, H, WINDOW, T_PAD, pid - KEY_BLOCKS,
+                  tl.program_id(1), DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_M2, BLOCK_N2, PRECISION)
 
 
 def _launch_config(dtype, dk, dv):
@@ -260,13 +303,20 @@ def _launch_config(dtype, dk, dv):
     return dict(fwd=CONFIG_FWD, dkdv=CONFIG_DKDV, dq=CONFIG_DQ, delta=64)
 
 
-# H100, B4 T4096 H16 D128 W2048, best of 9 / 15 / 12 configs (.gpu_swa sweep, notes/swa_gpu): fwd 0.54 ms,
-# (128, 128, 8, 3) 0.59, (64, 64, 4, 4) 0.80; dk/dv 1.23 ms, (64, 128, 8, 4) 1.26, (32, 128, 8, 3) 1.34, with
-# 64 keys 2.0 to 4.7 ms; dq 0.60 ms, (128, 64, 8, 4) 0.65, (128, 128, 8, 2) 0.68, (64, 64, 4, 3) 0.78.
-# One backward kernel with dq by float32 atomics instead of two: 1.93 ms vs 1.83 ms at this size.
+# H100, B4 T4096 H16 D128 W2048 (.gpu_swa run1/run2, notes/swa_gpu): fwd 0.55 ms, (128, 128, 8, 3) 0.59,
+# (64, 64, 4, 4) 0.80; dk/dv 0.93 ms (serialized wgmma and masked lse loads: 1.23), (32, 64, 4, 4) 0.93,
+# (64, 128, 8, 2) 0.97, (32, 128, 8, 4) 1.04; dq 0.63-0.66 ms, (128, 64, 8, 4) 0.67, (128, 128, 8, 2) 0.72;
+# dk/dv and dq in one launch 1.50-1.54 ms, in two 1.57. dq by float32 atomics inside dk/dv: 1.93 ms (older kernels).
 CONFIG_FWD = (128, 64, 8, 3)
 CONFIG_DKDV = (64, 128, 8, 3)
 CONFIG_DQ = (128, 64, 8, 3)
+
+
+def _padded_rows(T, cfg):
+    """Length of the (B, H, t_pad) row statistics lse and delta: T rounded up to a multiple of every block, so the
+    backward loads them without bounds checks (pad rows hold 0)."""
+    blocks = [b for name in ("fwd", "dkdv", "dq") for b in cfg[name][:2]] + [cfg["delta"]]
+    return triton.cdiv(T, max(blocks)) * max(blocks)
 
 
 def _dims(dk, dv, dtype):
@@ -282,12 +332,15 @@ class _SlidingWindowAttention(torch.autograd.Function):
         dv = v.shape[-1]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o = torch.empty_like(v)
-        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
         cfg = _launch_config(q.dtype, dk, dv)
+        t_pad = _padded_rows(T, cfg)
+        lse = torch.empty(B, H, t_pad, device=q.device, dtype=torch.float32)
         block_m, block_n, warps, stages = cfg["fwd"]
         grid = (triton.cdiv(T, block_m), B * H)
-        _swa_fwd[grid](q, k, v, o, lse, scale * LOG2E, T, H, window, **_dims(dk, dv, q.dtype),
+        _swa_fwd[grid](q, k, v, o, lse, scale * LOG2E, T, H, window, t_pad, **_dims(dk, dv, q.dtype),
                        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        if t_pad > T:
+            lse[:, :, T:] = 0.0   # pad rows (zero q and do rows in the backward) need finite values
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.window, ctx.scale = window, scale
         return o
@@ -301,19 +354,24 @@ class _SlidingWindowAttention(torch.autograd.Function):
         dq, dk_, dv_ = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         cfg = _launch_config(q.dtype, dk, dv)
         dims = _dims(dk, dv, q.dtype)
-        delta = torch.empty_like(lse)                                                # (B, H, T) rowsum(o * do)
+        t_pad = lse.shape[-1]
+        delta = torch.empty_like(lse)                                            # (B, H, t_pad) rowsum(o * do)
         block_m = cfg["delta"]
-        _swa_bwd_delta[(triton.cdiv(T, block_m), B * H)](o, do, delta, T, H, DV=dv, BLOCK_DV=dims["BLOCK_DV"],
-                                                         BLOCK_M=block_m)
-        args = (ctx.scale, ctx.scale * LOG2E, T, H, ctx.window)
-        block_m, block_n, warps, stages = cfg["dkdv"]
-        _swa_bwd_dkdv[(triton.cdiv(T, block_n), B * H)](
-            q, k, v, do, lse, delta, dk_, dv_, *args, **dims,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-        block_m, block_n, warps, stages = cfg["dq"]
-        _swa_bwd_dq[(triton.cdiv(T, block_m), B * H)](
-            q, k, v, do, lse, delta, dq, *args, **dims,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        _swa_bwd_delta[(triton.cdiv(t_pad, block_m), B * H)](o, do, delta, T, H, t_pad, DV=dv,
+                                                             BLOCK_DV=dims["BLOCK_DV"], BLOCK_M=block_m)
+        args = (ctx.scale, ctx.scale * LOG2E, T, H, ctx.window, t_pad)
+        block_m1, block_n1, warps1, stages1 = cfg["dkdv"]
+        block_m2, block_n2, warps2, stages2 = cfg["dq"]
+        key_blocks, query_blocks = triton.cdiv(T, block_n1), triton.cdiv(T, block_m2)
+        if (warps1, stages1) == (warps2, stages2):  # dk/dv and dq programs in one grid
+            _swa_bwd[(key_blocks + query_blocks, B * H)](
+                q, k, v, do, lse, delta, dq, dk_, dv_, *args, key_blocks, **dims, BLOCK_M1=block_m1,
+                BLOCK_N1=block_n1, BLOCK_M2=block_m2, BLOCK_N2=block_n2, num_warps=warps1, num_stages=stages1)
+        else:
+            _swa_bwd_dkdv[(key_blocks, B * H)](q, k, v, do, lse, delta, dk_, dv_, *args, **dims, BLOCK_M=block_m1,
+                                               BLOCK_N=block_n1, num_warps=warps1, num_stages=stages1)
+            _swa_bwd_dq[(query_blocks, B * H)](q, k, v, do, lse, delta, dq, *args, **dims, BLOCK_M=block_m2,
+                                               BLOCK_N=block_n2, num_warps=warps2, num_stages=stages2)
         return dq, dk_, dv_, None, None
 
 

@@ -13,22 +13,36 @@ no (D x D) matrix per token and no (K x D) tensor per token ever reaches memory.
 
 Backward (the second-order path; derivation in _trigger_bwd's comments). With the cotangents dc, dp':
   dzq = LN_bwd(dc)                        at the read-out LayerNorm
-  dp'_k += <Q_k, dzq>;  dq = dc + sum_k p'_k W_k^T dzq
+  M_k = W_k^T dzq:  dp'_k += <M_k, q> + <b_k, dzq>  (= <Q_k, dzq>);  dq = dc + sum_k p'_k M_k
   dp = dp';  deta = -<dp', g>;  dg = -eta dp'
   unless detach_inner_grad: dg flows through g = A u into u (second order through the LayerNorm),
-  r and z, giving dz_tot, dk, dv and more of dp.
+  r and z, giving dz_tot, dk, dv and more of dp:
+    du = sum_k dg_k A_k;  dk = 2 dr + sum_k (dg_k W_k^T u + p_k N_k),  N_k = W_k^T dz_tot;
+    dp_k += <N_k, k> + <b_k, dz_tot>   (= <A_k, dz_tot>)
+  Every product has a loop-invariant left operand (k, q, u, dzq, dz_tot) and a bank block on the right.
   Bank: dW_k = sum_tokens (dg_k u + p_k dz_tot) k^T + p'_k dzq q^T, db_k likewise without the outer k/q;
-  a separate kernel sums these over tokens per bank block, without forming them per token.
+  a separate kernel sums these over tokens, KB bank blocks per program, without forming them per token.
 
-Kernels:
-  _trigger_fwd  one program = BLOCK_T tokens; two passes over the K bank blocks; writes c, p' and what the
-                backward reuses (y, 1/sigma, g, yq, 1/sigma_q).
-  _trigger_bwd  one program = BLOCK_T tokens; two passes over the bank; writes dq, dk, dv, dp, deta and
-                the per-token vectors the bank gradient needs (u, dz_tot, dzq, dg).
-  _trigger_bwd_bank  one program = one bank block k and one slice of the tokens; writes the partial
-                dW_k (D x D) and db_k (D,); the slices (up to 16) are summed in PyTorch.
-Block sizes: BLOCK_T = 32 tokens per program on the GPU (16 under the CPU interpreter); BLOCK_D, BLOCK_K =
-D, K rounded up to a power of two >= 16 (pad columns are masked). Products run as tf32x3 on the GPU.
+Precision: float32 inputs need float32-accurate products. On the GPU they run as three tf32 tensor-core
+products (hi*hi + lo*hi + hi*lo, the "tf32x3" split) with the split done here: the bank is split once per
+call on the host (hi = the bank rounded to tf32, lo = the rest) and each loop-invariant left operand once per
+program, so the tensor cores (wgmma on Hopper) read both halves of the bank straight from shared memory.
+bfloat16 inputs use one tf32 product (error ~5e-4, far under bf16's). The CPU interpreter runs the same split
+(its products are exact, so the split is tested there too).
+
+Kernels. Each loop over the K bank blocks has a single left operand, which the tensor cores hold in registers
+(hi and lo: 64 registers a thread at 64 tokens and 4 warps), and tiles are reloaded from memory where needed
+rather than kept, so that registers do not spill much; results that a later loop of the same program needs
+per bank block (g, dp, dg columns) go through memory, ordered by a barrier.
+  _trigger_fwd  one program = BLOCK_T tokens; three passes over the bank (z; g; p' and zq); writes c, p' and
+                what the backward reuses (y, 1/sigma, g, yq, 1/sigma_q).
+  _trigger_bwd  one program = BLOCK_T tokens; four passes over the bank (one when detached: M_k; then U_k,
+                A_k, N_k); writes dq, dk, dv, dp, deta and the per-token vectors the bank gradient needs
+                (u, dz_tot, dzq, dg).
+  _trigger_bwd_bank  one program = KB bank blocks and one slice of the tokens; writes the partial
+                dW (KB, D, D) and db (KB, D); the slices are summed in PyTorch.
+The bank is padded on the host to BLOCK_D (a power of two >= 16), so its tiles load unmasked; pad columns
+of the token tensors are masked and stay zero.
 """
 import os
 
@@ -58,13 +72,39 @@ def _layer_norm_bwd(dy, y, rstd, col_ok, D: tl.constexpr):
 
 
 @triton.jit
-def _bank_block(BWT, BB, kb, offs_d, col_ok, D: tl.constexpr):
-    """W_k^T (BLOCK_D, BLOCK_D), element [j, i] = W[k, i, j], from the transposed bank BWT (K, D, D),
-    and b_k (BLOCK_D,), as float32."""
-    w_t = tl.load(BWT + kb * D * D + offs_d[:, None] * D + offs_d[None, :],
-                  mask=col_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    b = tl.load(BB + kb * D + offs_d, mask=col_ok, other=0.0).to(tl.float32)
-    return w_t, b
+def _split(x, SPLIT: tl.constexpr):
+    """x = hi + lo, hi = x rounded to tf32 (10 mantissa bits, to nearest), lo the float32 rest (x, x if not SPLIT)."""
+    if SPLIT:
+        hi = ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        return hi, x - hi
+    else:
+        return x, x
+
+
+@triton.jit
+def _mm(a_hi, a_lo, b_hi, b_lo, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b: three tf32 products when SPLIT (the small terms first), else one at PRECISION."""
+    if SPLIT:
+        acc = tl.dot(a_lo, b_hi, input_precision="tf32")
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+        return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+    else:
+        return tl.dot(a_hi, b_hi, input_precision=PRECISION)
+
+
+@triton.jit
+def _bank_mm(a_hi, a_lo, BH, BL, kb, offs_d, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    """a (BLOCK_T, BLOCK_D) @ M_kb^T for the padded bank M (K, BLOCK_D, BLOCK_D) given as hi (BH) and lo (BL):
+    out[t, n] = sum_c a[t, c] M[kb, n, c]. The tile is read row-major and transposed, so the reduced index c
+    is contiguous (K-major, as tf32 tensor-core products need)."""
+    tile = kb * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :]
+    b_hi = tl.trans(tl.load(BH + tile))
+    if SPLIT:
+        b_lo = tl.trans(tl.load(BL + tile))
+    else:
+        b_lo = b_hi
+    return _mm(a_hi, a_lo, b_hi, b_lo, SPLIT, PRECISION)
 
 
 @triton.jit
@@ -79,176 +119,223 @@ def _store_rows(X, x, offs_t, offs_d, row_ok, col_ok, D: tl.constexpr):
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _load_col(X, offs_t, row_ok, kb, K: tl.constexpr):
+    """Column kb of a (N, K) tensor for the program's tokens, as float32."""
+    return tl.load(X + offs_t * K + kb, mask=row_ok, other=0.0).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["N"])
-def _trigger_fwd(Qx, Kx, Vx, P, ETA, BWT, BB, C, PNEW, Y, RSTD, G, YQ, RSTDQ, N,
-                 D: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
-    """One program: tokens [start, start + BLOCK_T); c (BLOCK_T, D), p' (BLOCK_T, K)."""
+def _trigger_fwd(Qx, Kx, Vx, P, ETA, WH, WL, BB, C, PNEW, Y, RSTD, G, YQ, RSTDQ, N,
+                 D: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                 SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """One program: tokens [start, start + BLOCK_T); c (BLOCK_T, D), p' (BLOCK_T, K).
+    WH, WL: the bank (K, BLOCK_D, BLOCK_D) as W[k, i, j] (hi and lo halves); BB (K, BLOCK_D).
+    Each loop over the bank has one left operand (held in registers by the tensor cores, as hi and lo), and
+    tiles are reloaded where needed rather than kept, so that registers never spill."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_k = tl.arange(0, BLOCK_K)
     row_ok = offs_t < N
     col_ok = offs_d < D
-    k = _load_rows(Kx, offs_t, offs_d, row_ok, col_ok, D)                       # (BLOCK_T, BLOCK_D)
-    eta = tl.load(ETA + offs_t, mask=row_ok, other=0.0).to(tl.float32)
+    k_hi, k_lo = _split(_load_rows(Kx, offs_t, offs_d, row_ok, col_ok, D), SPLIT)   # (BLOCK_T, BLOCK_D)
     # pass 1: z = sum_k p_k (W_k k + b_k)
     z = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for kb in range(K):
-        w_t, b = _bank_block(BWT, BB, kb, offs_d, col_ok, D)
-        a = tl.dot(k, w_t, input_precision=PRECISION) + b[None, :]            # A_k (BLOCK_T, BLOCK_D)
-        p_k = tl.load(P + offs_t * K + kb, mask=row_ok, other=0.0).to(tl.float32)
-        z += p_k[:, None] * a
+        b = tl.load(BB + kb * BLOCK_D + offs_d)
+        a = _bank_mm(k_hi, k_lo, WH, WL, kb, offs_d, SPLIT, PRECISION, BLOCK_D) + b[None, :]   # A_k
+        z += _load_col(P, offs_t, row_ok, kb, K)[:, None] * a
     y, rstd = _layer_norm(z, col_ok, D)
-    r = 2.0 * (k + y - _load_rows(Vx, offs_t, offs_d, row_ok, col_ok, D))      # dL/df, eq.(3)
-    u = _layer_norm_bwd(r, y, rstd, col_ok, D)                                 # dL/dz
-    # pass 2: g_k = <u, A_k>, p'_k = p_k - eta g_k, zq = sum_k p'_k (W_k q + b_k)
-    q = _load_rows(Qx, offs_t, offs_d, row_ok, col_ok, D)
-    zq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    g = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-    for kb in range(K):
-        w_t, b = _bank_block(BWT, BB, kb, offs_d, col_ok, D)
-        g_k = tl.sum(u * (tl.dot(k, w_t, input_precision=PRECISION) + b[None, :]), 1)   # eq.(7)
-        p_k = tl.load(P + offs_t * K + kb, mask=row_ok, other=0.0).to(tl.float32)
-        p_new_k = p_k - eta * g_k                                                         # eq.(5)
-        zq += p_new_k[:, None] * (tl.dot(q, w_t, input_precision=PRECISION) + b[None, :])
-        g = tl.where(offs_k[None, :] == kb, g_k[:, None], g)
-    yq, rstdq = _layer_norm(zq, col_ok, D)
-    _store_rows(C, q + yq, offs_t, offs_d, row_ok, col_ok, D)                 # eq.(2)
-    k_ok = offs_k < K
-    p = tl.load(P + offs_t[:, None] * K + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                other=0.0).to(tl.float32)
-    _store_rows(PNEW, p - eta[:, None] * g, offs_t, offs_k, row_ok, k_ok, K)
-    _store_rows(G, g, offs_t, offs_k, row_ok, k_ok, K)
     _store_rows(Y, y, offs_t, offs_d, row_ok, col_ok, D)
-    _store_rows(YQ, yq, offs_t, offs_d, row_ok, col_ok, D)
     tl.store(RSTD + offs_t, rstd, mask=row_ok)
+    r = 2.0 * (_load_rows(Kx, offs_t, offs_d, row_ok, col_ok, D) + y
+               - _load_rows(Vx, offs_t, offs_d, row_ok, col_ok, D))           # dL/df, eq.(3)
+    u = _layer_norm_bwd(r, y, rstd, col_ok, D)                                 # dL/dz
+    # pass 2: g_k = <u, A_k> (eq. 7)
+    for kb in range(K):
+        b = tl.load(BB + kb * BLOCK_D + offs_d)
+        a = _bank_mm(k_hi, k_lo, WH, WL, kb, offs_d, SPLIT, PRECISION, BLOCK_D) + b[None, :]
+        tl.store(G + offs_t * K + kb, tl.sum(u * a, 1), mask=row_ok)
+    # pass 3: p'_k = p_k - eta g_k (eq. 5), zq = sum_k p'_k (W_k q + b_k); it reads back the g columns that
+    # pass 2 stored (other threads' stores: the barrier orders them)
+    tl.debug_barrier()
+    eta = tl.load(ETA + offs_t, mask=row_ok, other=0.0).to(tl.float32)
+    q_hi, q_lo = _split(_load_rows(Qx, offs_t, offs_d, row_ok, col_ok, D), SPLIT)
+    zq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for kb in range(K):
+        b = tl.load(BB + kb * BLOCK_D + offs_d)
+        p_new_k = _load_col(P, offs_t, row_ok, kb, K) - eta * _load_col(G, offs_t, row_ok, kb, K)
+        zq += p_new_k[:, None] * (_bank_mm(q_hi, q_lo, WH, WL, kb, offs_d, SPLIT, PRECISION, BLOCK_D)
+                                  + b[None, :])
+        tl.store(PNEW + offs_t * K + kb, p_new_k.to(PNEW.dtype.element_ty), mask=row_ok)
+    yq, rstdq = _layer_norm(zq, col_ok, D)
+    _store_rows(YQ, yq, offs_t, offs_d, row_ok, col_ok, D)
     tl.store(RSTDQ + offs_t, rstdq, mask=row_ok)
+    _store_rows(C, _load_rows(Qx, offs_t, offs_d, row_ok, col_ok, D) + yq, offs_t, offs_d, row_ok, col_ok, D)
 
 
 @triton.jit(do_not_specialize=["N"])
-def _trigger_bwd(Qx, Kx, Vx, P, ETA, BWT, BB, Y, RSTD, G, YQ, RSTDQ, DC, DPNEW,
+def _trigger_bwd(Qx, Kx, Vx, P, ETA, WH, WL, WTH, WTL, BB, Y, RSTD, G, YQ, RSTDQ, DC, DPNEW,
                  DQ, DK, DV, DP, DETA, U, DZT, DZQ, DG, N,
-                 D: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_T: tl.constexpr, PRECISION: tl.constexpr, DETACH: tl.constexpr):
-    """One program: tokens [start, start + BLOCK_T); gradients of q, k, v (BLOCK_T, D), p (BLOCK_T, K), eta."""
+                 D: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                 SPLIT: tl.constexpr, PRECISION: tl.constexpr, DETACH: tl.constexpr):
+    """One program: tokens [start, start + BLOCK_T); gradients of q, k, v (BLOCK_T, D), p (BLOCK_T, K), eta.
+    WH, WL: the padded bank W[k, i, j]; WTH, WTL: its transpose W[k, j, i] (hi and lo halves). One left
+    operand per loop over the bank, as in _trigger_fwd; later passes read back the dp and dg columns that
+    pass 1 stored (other threads' stores: the barriers order them)."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_k = tl.arange(0, BLOCK_K)
     row_ok = offs_t < N
     col_ok = offs_d < D
-    k_ok = offs_k < K
-    q = _load_rows(Qx, offs_t, offs_d, row_ok, col_ok, D)
-    k = _load_rows(Kx, offs_t, offs_d, row_ok, col_ok, D)
-    y = _load_rows(Y, offs_t, offs_d, row_ok, col_ok, D)
-    yq = _load_rows(YQ, offs_t, offs_d, row_ok, col_ok, D)
-    rstd = tl.load(RSTD + offs_t, mask=row_ok, other=1.0)
-    rstdq = tl.load(RSTDQ + offs_t, mask=row_ok, other=1.0)
-    eta = tl.load(ETA + offs_t, mask=row_ok, other=0.0).to(tl.float32)
     dc = _load_rows(DC, offs_t, offs_d, row_ok, col_ok, D)
-    r = 2.0 * (k + y - _load_rows(Vx, offs_t, offs_d, row_ok, col_ok, D))
-    u = _layer_norm_bwd(r, y, rstd, col_ok, D)
-    dzq = _layer_norm_bwd(dc, yq, rstdq, col_ok, D)                             # through c = q + LN(zq)
-    # pass 1 over the bank: the read-out c = f(q; p') and the step p' = p - eta g
+    dzq = _layer_norm_bwd(dc, _load_rows(YQ, offs_t, offs_d, row_ok, col_ok, D),
+                          tl.load(RSTDQ + offs_t, mask=row_ok, other=1.0), col_ok, D)   # through c = q + LN(zq)
+    _store_rows(DZQ, dzq, offs_t, offs_d, row_ok, col_ok, D)
+    dzq_hi, dzq_lo = _split(dzq, SPLIT)
+    q = _load_rows(Qx, offs_t, offs_d, row_ok, col_ok, D)
+    eta = tl.load(ETA + offs_t, mask=row_ok, other=0.0).to(tl.float32)
+    # pass 1: the read-out c = f(q; p') and the step p' = p - eta g. M_k = dzq @ W_k (W_k^T dzq per token)
+    # gives dp'_k = <Q_k, dzq> = <M_k, q> + <b_k, dzq> and dq = dc + sum_k p'_k M_k.
     dq = dc
-    du = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)                         # cotangent of u
-    dp = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-    dg = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     deta = tl.zeros([BLOCK_T], dtype=tl.float32)
     for kb in range(K):
-        w_t, b = _bank_block(BWT, BB, kb, offs_d, col_ok, D)
-        p_k = tl.load(P + offs_t * K + kb, mask=row_ok, other=0.0).to(tl.float32)
-        g_k = tl.load(G + offs_t * K + kb, mask=row_ok, other=0.0)
-        p_new_k = p_k - eta * g_k
-        aq = tl.dot(q, w_t, input_precision=PRECISION) + b[None, :]             # Q_k
-        dp_new_k = tl.sum(aq * dzq, 1) + tl.load(DPNEW + offs_t * K + kb, mask=row_ok, other=0.0).to(tl.float32)
-        dq += tl.dot(p_new_k[:, None] * dzq, tl.trans(w_t), input_precision=PRECISION)
-        dp = tl.where(offs_k[None, :] == kb, dp_new_k[:, None], dp)
+        b = tl.load(BB + kb * BLOCK_D + offs_d)
+        g_k = _load_col(G, offs_t, row_ok, kb, K)
+        m = _bank_mm(dzq_hi, dzq_lo, WTH, WTL, kb, offs_d, SPLIT, PRECISION, BLOCK_D)            # M_k
+        dp_new_k = tl.sum(m * q + dzq * b[None, :], 1) + _load_col(DPNEW, offs_t, row_ok, kb, K)
+        dq += (_load_col(P, offs_t, row_ok, kb, K) - eta * g_k)[:, None] * m
         deta -= dp_new_k * g_k
+        tl.store(DP + offs_t * K + kb, dp_new_k.to(DP.dtype.element_ty), mask=row_ok)
         if not DETACH:
-            dg_k = -eta * dp_new_k
-            du += dg_k[:, None] * (tl.dot(k, w_t, input_precision=PRECISION) + b[None, :])   # g = A u
-            dg = tl.where(offs_k[None, :] == kb, dg_k[:, None], dg)
-    dk = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    dzt = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+            tl.store(DG + offs_t * K + kb, -eta * dp_new_k, mask=row_ok)
+    _store_rows(DQ, dq, offs_t, offs_d, row_ok, col_ok, D)
+    tl.store(DETA + offs_t, deta.to(DETA.dtype.element_ty), mask=row_ok)
     if not DETACH:
+        # dg = -eta dp' flows through g_k = <u, A_k> into A_k and u (second order through the LayerNorm)
+        tl.debug_barrier()
+        y = _load_rows(Y, offs_t, offs_d, row_ok, col_ok, D)
+        rstd = tl.load(RSTD + offs_t, mask=row_ok, other=1.0)
+        u = _layer_norm_bwd(2.0 * (_load_rows(Kx, offs_t, offs_d, row_ok, col_ok, D) + y
+                                   - _load_rows(Vx, offs_t, offs_d, row_ok, col_ok, D)), y, rstd, col_ok, D)
+        _store_rows(U, u, offs_t, offs_d, row_ok, col_ok, D)
+        # pass 2: dk's part sum_k dg_k W_k^T u (U_k = u @ W_k)
+        u_hi, u_lo = _split(u, SPLIT)
+        dk = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for kb in range(K):
+            dk += (_load_col(DG, offs_t, row_ok, kb, K)[:, None]
+                   * _bank_mm(u_hi, u_lo, WTH, WTL, kb, offs_d, SPLIT, PRECISION, BLOCK_D))
+        # pass 3: du = sum_k dg_k A_k (A_k = W_k k + b_k)
+        k_hi, k_lo = _split(_load_rows(Kx, offs_t, offs_d, row_ok, col_ok, D), SPLIT)
+        du = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for kb in range(K):
+            b = tl.load(BB + kb * BLOCK_D + offs_d)
+            du += _load_col(DG, offs_t, row_ok, kb, K)[:, None] * (
+                _bank_mm(k_hi, k_lo, WH, WL, kb, offs_d, SPLIT, PRECISION, BLOCK_D) + b[None, :])
         # u = J r with J = (I - 11^T/D - y y^T/D) / sigma symmetric, J and sigma functions of z
+        y = _load_rows(Y, offs_t, offs_d, row_ok, col_ok, D)
+        r = 2.0 * (_load_rows(Kx, offs_t, offs_d, row_ok, col_ok, D) + y
+                   - _load_rows(Vx, offs_t, offs_d, row_ok, col_ok, D))
         dr = _layer_norm_bwd(du, y, rstd, col_ok, D)                             # J du
         mean_yr = tl.sum(y * r, 1) / D
         mean_duy = tl.sum(du * y, 1) / D
         dy = -rstd[:, None] * (du * mean_yr[:, None] + r * mean_duy[:, None])    # through y inside J
         dy += 2.0 * dr                                                           # r = 2 (k + y - v)
-        dsigma = -rstd * tl.sum(du * u, 1)                                       # u is proportional to 1/sigma
+        dsigma = -rstd * tl.sum(du * _load_rows(U, offs_t, offs_d, row_ok, col_ok, D), 1)   # u ~ 1/sigma
         dzt = _layer_norm_bwd(dy, y, rstd, col_ok, D) + tl.where(col_ok[None, :], dsigma[:, None] * y / D, 0.0)
-        dk = 2.0 * dr
-        dv = -2.0 * dr
-        # pass 2 over the bank: z = sum_k p_k A_k and g_k = <u, A_k> both read A_k = W_k k + b_k
+        _store_rows(DZT, dzt, offs_t, offs_d, row_ok, col_ok, D)
+        _store_rows(DV, -2.0 * dr, offs_t, offs_d, row_ok, col_ok, D)
+        dk += 2.0 * dr
+        # pass 4: z = sum_k p_k A_k; with N_k = dz_tot @ W_k: dp_k += <A_k, dz_tot> = <N_k, k> + <b_k, dz_tot>,
+        # dk += p_k N_k
+        dzt_hi, dzt_lo = _split(dzt, SPLIT)
+        k = _load_rows(Kx, offs_t, offs_d, row_ok, col_ok, D)
         for kb in range(K):
-            w_t, b = _bank_block(BWT, BB, kb, offs_d, col_ok, D)
-            p_k = tl.load(P + offs_t * K + kb, mask=row_ok, other=0.0).to(tl.float32)
-            dg_k = tl.sum(tl.where(offs_k[None, :] == kb, dg, 0.0), 1)
-            a = tl.dot(k, w_t, input_precision=PRECISION) + b[None, :]
-            dp = tl.where(offs_k[None, :] == kb, dp + tl.sum(a * dzt, 1)[:, None], dp)
-            dk += tl.dot(dg_k[:, None] * u + p_k[:, None] * dzt, tl.trans(w_t), input_precision=PRECISION)
-    _store_rows(DQ, dq, offs_t, offs_d, row_ok, col_ok, D)
-    _store_rows(DK, dk, offs_t, offs_d, row_ok, col_ok, D)
-    _store_rows(DV, dv, offs_t, offs_d, row_ok, col_ok, D)
-    _store_rows(DP, dp, offs_t, offs_k, row_ok, k_ok, K)
-    tl.store(DETA + offs_t, deta.to(DETA.dtype.element_ty), mask=row_ok)
-    _store_rows(U, u, offs_t, offs_d, row_ok, col_ok, D)
-    _store_rows(DZT, dzt, offs_t, offs_d, row_ok, col_ok, D)
-    _store_rows(DZQ, dzq, offs_t, offs_d, row_ok, col_ok, D)
-    _store_rows(DG, dg, offs_t, offs_k, row_ok, k_ok, K)
+            b = tl.load(BB + kb * BLOCK_D + offs_d)
+            n = _bank_mm(dzt_hi, dzt_lo, WTH, WTL, kb, offs_d, SPLIT, PRECISION, BLOCK_D)         # N_k
+            dp_k = _load_col(DP, offs_t, row_ok, kb, K) + tl.sum(n * k + dzt * b[None, :], 1)
+            tl.store(DP + offs_t * K + kb, dp_k.to(DP.dtype.element_ty), mask=row_ok)
+            dk += _load_col(P, offs_t, row_ok, kb, K)[:, None] * n
+        _store_rows(DK, dk, offs_t, offs_d, row_ok, col_ok, D)
 
 
 @triton.jit(do_not_specialize=["N", "TOKENS_PER_SLICE"])
-def _trigger_bwd_bank(Qx, Kx, P, PNEW, U, DZT, DZQ, DG, DW_PART, DB_PART, N, TOKENS_PER_SLICE,
-                      D: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                      PRECISION: tl.constexpr, DETACH: tl.constexpr):
-    """One program: bank block k, tokens of one slice; partial dW_k (D, D) and db_k (D,).
+def _trigger_bwd_bank(Qx, Kx, P, G, ETA, U, DZT, DZQ, DG, DW_PART, DB_PART, N, TOKENS_PER_SLICE,
+                      D: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_T: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                      DETACH: tl.constexpr):
+    """One program: bank blocks [k0, k0 + KB), tokens of one slice; partial dW (KB, BLOCK_D, BLOCK_D) and
+    db (KB, BLOCK_D), padded.
 
     dW_k = sum_t (dg_k u + p_k dz_tot)(t) k(t)^T + p'_k dzq(t) q(t)^T; db_k = the same sums without k, q.
+    The KB blocks are stacked into one product: rows k * BLOCK_D + i of the (KB * BLOCK_D, BLOCK_D) result.
     """
-    kb = tl.program_id(0)
+    k0 = tl.program_id(0) * KB
     part = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_kb = k0 + tl.arange(0, KB)
     col_ok = offs_d < D
-    dw = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
-    db = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw = tl.zeros([KB * BLOCK_D, BLOCK_D], dtype=tl.float32)
+    db = tl.zeros([KB, BLOCK_D], dtype=tl.float32)
     start = part * TOKENS_PER_SLICE
     end = tl.minimum(start + TOKENS_PER_SLICE, N)
     for t0 in range(start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         row_ok = offs_t < end
-        p_new_k = tl.load(PNEW + offs_t * K + kb, mask=row_ok, other=0.0).to(tl.float32)
-        dA_q = p_new_k[:, None] * _load_rows(DZQ, offs_t, offs_d, row_ok, col_ok, D)
-        dw += tl.dot(tl.trans(dA_q), _load_rows(Qx, offs_t, offs_d, row_ok, col_ok, D), input_precision=PRECISION)
-        db += tl.sum(dA_q, 0)
+        cols = offs_t[:, None] * K + offs_kb[None, :]                                 # (BLOCK_T, KB)
+        eta = tl.load(ETA + offs_t, mask=row_ok, other=0.0).to(tl.float32)
+        p = tl.load(P + cols, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        p_new = p - eta[:, None] * tl.load(G + cols, mask=row_ok[:, None], other=0.0)
+        d_a = p_new[:, :, None] * _load_rows(DZQ, offs_t, offs_d, row_ok, col_ok, D)[:, None, :]  # (T, KB, D)
+        b_hi, b_lo = _split(_load_rows(Qx, offs_t, offs_d, row_ok, col_ok, D), SPLIT)
+        a_hi, a_lo = _split(tl.trans(tl.reshape(d_a, [BLOCK_T, KB * BLOCK_D])), SPLIT)
+        dw += _mm(a_hi, a_lo, b_hi, b_lo, SPLIT, PRECISION)
+        db += tl.sum(d_a, 0)
         if not DETACH:
-            p_k = tl.load(P + offs_t * K + kb, mask=row_ok, other=0.0).to(tl.float32)
-            dg_k = tl.load(DG + offs_t * K + kb, mask=row_ok, other=0.0)
-            dA_k = (dg_k[:, None] * _load_rows(U, offs_t, offs_d, row_ok, col_ok, D)
-                    + p_k[:, None] * _load_rows(DZT, offs_t, offs_d, row_ok, col_ok, D))
-            dw += tl.dot(tl.trans(dA_k), _load_rows(Kx, offs_t, offs_d, row_ok, col_ok, D), input_precision=PRECISION)
-            db += tl.sum(dA_k, 0)
-    base = part.to(tl.int64) * K + kb
-    tl.store(DW_PART + base * D * D + offs_d[:, None] * D + offs_d[None, :], dw,
-             mask=col_ok[:, None] & col_ok[None, :])
-    tl.store(DB_PART + base * D + offs_d, db, mask=col_ok)
+            d_a = (tl.load(DG + cols, mask=row_ok[:, None], other=0.0)[:, :, None]
+                   * _load_rows(U, offs_t, offs_d, row_ok, col_ok, D)[:, None, :]
+                   + p[:, :, None] * _load_rows(DZT, offs_t, offs_d, row_ok, col_ok, D)[:, None, :])
+            b_hi, b_lo = _split(_load_rows(Kx, offs_t, offs_d, row_ok, col_ok, D), SPLIT)
+            a_hi, a_lo = _split(tl.trans(tl.reshape(d_a, [BLOCK_T, KB * BLOCK_D])), SPLIT)
+            dw += _mm(a_hi, a_lo, b_hi, b_lo, SPLIT, PRECISION)
+            db += tl.sum(d_a, 0)
+    rows = (part.to(tl.int64) * K + k0) * BLOCK_D + tl.arange(0, KB * BLOCK_D)
+    tl.store(DW_PART + rows[:, None] * BLOCK_D + offs_d[None, :], dw)
+    tl.store(DB_PART + (part.to(tl.int64) * K + offs_kb[:, None]) * BLOCK_D + offs_d[None, :], db)
 
 
-def _config(D, K):
-    """Tokens per program and warps: small under the CPU interpreter."""
-    dims = dict(D=D, K=K, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_K=max(16, triton.next_power_of_2(K)))
-    if INTERPRET:
-        return dims, 16, 1
-    return dims, 32, 4   # H100, N=16384, D=K=64: fwd+bwd 2.8 ms; 64 tokens 3.8 ms; 128 exceeds shared memory
+# launch settings: (BLOCK_T, num_warps, num_stages) per kernel; KB and token slices for the bank kernel.
+# H100, N=16384, D=K=64, float32, kernel times: fwd 0.34 ms, bwd 0.64, bank 0.57 (the previous kernels: 0.53,
+# 1.50, 0.75; these kernels with fwd (128, 8, 2), bwd (64, 8, 2), bank (64, 8, 2): 0.38, 1.13, 0.60).
+CONFIG = dict(fwd=(64, 4, 2), bwd=(64, 4, 2), bank=(64, 8, 3), bank_kb=2, bank_slices=8)
+INTERPRET_CONFIG = dict(fwd=(16, 1, 1), bwd=(16, 1, 1), bank=(16, 1, 1), bank_kb=2, bank_slices=2)
 
 
-def _precision():
-    # three tf32 tensor-core products per product: float32-level error (~1e-6) at tensor-core speed; the
-    # inputs are read in their dtype and all arithmetic is float32. The CPU interpreter multiplies exactly.
-    return "ieee" if INTERPRET else "tf32x3"
+def _settings(q):
+    """(dims, split, precision, config): three-way tf32 split for float32 inputs (float32-accurate products),
+    one tf32 product for bfloat16 inputs; the interpreter runs the split with exact products."""
+    D = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(D))
+    split = q.dtype == torch.float32
+    precision = "ieee" if INTERPRET else "tf32"
+    return block_d, split, precision, (INTERPRET_CONFIG if INTERPRET else CONFIG)
+
+
+def _padded_bank(bank_weight, bank_bias, block_d, split, transpose):
+    """The bank as float32 (K, block_d, block_d), zero-padded, optionally transposed per block, split into
+    tf32 hi and float32 lo halves (lo is hi when not split); and the bias (K, block_d)."""
+    K, D, _ = bank_weight.shape
+    w = bank_weight.float()
+    if transpose:
+        w = w.transpose(1, 2)
+    if D != block_d:
+        w = torch.nn.functional.pad(w, (0, block_d - D, 0, block_d - D))
+    w = w.contiguous()
+    if split:
+        hi = ((w.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+        lo = w - hi
+    else:
+        hi = lo = w
+    bias = torch.nn.functional.pad(bank_bias.float(), (0, block_d - D)).contiguous()
+    return hi, lo, bias
 
 
 class _TriggerStep(torch.autograd.Function):
@@ -256,26 +343,28 @@ class _TriggerStep(torch.autograd.Function):
     def forward(ctx, q, k, v, p, eta, bank_weight, bank_bias, detach):
         N, D = q.shape
         K = p.shape[-1]
-        dims, block_t, warps = _config(D, K)
+        block_d, split, precision, config = _settings(q)
+        block_t, warps, stages = config["fwd"]
         f32 = dict(device=q.device, dtype=torch.float32)
         c, p_new = torch.empty_like(q), torch.empty_like(p)
         y, yq, g = torch.empty(N, D, **f32), torch.empty(N, D, **f32), torch.empty(N, K, **f32)
         rstd, rstdq = torch.empty(N, **f32), torch.empty(N, **f32)
-        bank_weight_t = bank_weight.transpose(1, 2).contiguous()                     # (K, D, D) W_k^T
+        wh, wl, bias = _padded_bank(bank_weight, bank_bias, block_d, split, transpose=False)
         _trigger_fwd[(triton.cdiv(N, block_t),)](
-            q, k, v, p, eta, bank_weight_t, bank_bias, c, p_new, y, rstd, g, yq, rstdq, N, **dims,
-            BLOCK_T=block_t, PRECISION=_precision(), num_warps=warps)
-        ctx.save_for_backward(q, k, v, p, eta, bank_weight, bank_bias, p_new, y, rstd, g, yq, rstdq)
+            q, k, v, p, eta, wh, wl, bias, c, p_new, y, rstd, g, yq, rstdq, N,
+            D=D, K=K, BLOCK_D=block_d, BLOCK_T=block_t, SPLIT=split, PRECISION=precision,
+            num_warps=warps, num_stages=stages)
+        ctx.save_for_backward(q, k, v, p, eta, bank_weight, bank_bias, y, rstd, g, yq, rstdq)
         ctx.detach = detach
         return c, p_new
 
     @staticmethod
     def backward(ctx, dc, dp_new):
-        q, k, v, p, eta, bank_weight, bank_bias, p_new, y, rstd, g, yq, rstdq = ctx.saved_tensors
+        q, k, v, p, eta, bank_weight, bank_bias, y, rstd, g, yq, rstdq = ctx.saved_tensors
         N, D = q.shape
         K = p.shape[-1]
-        dims, block_t, warps = _config(D, K)
-        precision = _precision()
+        block_d, split, precision, config = _settings(q)
+        block_t, warps, stages = config["bwd"]
         dc = dc.contiguous() if dc is not None else torch.zeros_like(q)
         dp_new = dp_new.contiguous() if dp_new is not None else torch.zeros_like(p)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -283,22 +372,27 @@ class _TriggerStep(torch.autograd.Function):
         f32 = dict(device=q.device, dtype=torch.float32)
         u, dzt, dzq, dg = (torch.empty(N, D, **f32), torch.empty(N, D, **f32), torch.empty(N, D, **f32),
                            torch.empty(N, K, **f32))
+        wh, wl, bias = _padded_bank(bank_weight, bank_bias, block_d, split, transpose=False)
+        wth, wtl, _ = _padded_bank(bank_weight, bank_bias, block_d, split, transpose=True)
         _trigger_bwd[(triton.cdiv(N, block_t),)](
-            q, k, v, p, eta, bank_weight.transpose(1, 2).contiguous(), bank_bias, y, rstd, g, yq, rstdq, dc, dp_new,
-            dq, dk, dv, dp, deta, u, dzt, dzq, dg, N, **dims,
-            BLOCK_T=block_t, PRECISION=precision, DETACH=ctx.detach, num_warps=warps)
-        # bank gradient: K blocks x enough token slices to fill the GPU, summed here
-        slices = max(1, min(triton.cdiv(N, block_t), 1 if INTERPRET else 16))
+            q, k, v, p, eta, wh, wl, wth, wtl, bias, y, rstd, g, yq, rstdq, dc, dp_new,
+            dq, dk, dv, dp, deta, u, dzt, dzq, dg, N,
+            D=D, K=K, BLOCK_D=block_d, BLOCK_T=block_t, SPLIT=split, PRECISION=precision, DETACH=ctx.detach,
+            num_warps=warps, num_stages=stages)
+        # bank gradient: K / KB groups of bank blocks x token slices, the slices summed here
+        block_t, warps, stages = config["bank"]
+        kb = min(config["bank_kb"], K) if K % min(config["bank_kb"], K) == 0 else 1
+        slices = max(1, min(triton.cdiv(N, block_t), config["bank_slices"]))
         tokens_per_slice = block_t * triton.cdiv(triton.cdiv(N, block_t), slices)
         slices = triton.cdiv(N, tokens_per_slice)
-        dw_part = torch.empty(slices, K, D, D, **f32)
-        db_part = torch.empty(slices, K, D, **f32)
-        _trigger_bwd_bank[(K, slices)](
-            q, k, p, p_new, u, dzt, dzq, dg, dw_part, db_part, N, tokens_per_slice,
-            D=D, K=K, BLOCK_D=dims["BLOCK_D"], BLOCK_T=block_t, PRECISION=precision, DETACH=ctx.detach,
-            num_warps=4)
-        dw = dw_part.sum(0).to(bank_weight.dtype)
-        db = db_part.sum(0).to(bank_bias.dtype)
+        dw_part = torch.empty(slices, K, block_d, block_d, **f32)
+        db_part = torch.empty(slices, K, block_d, **f32)
+        _trigger_bwd_bank[(K // kb, slices)](
+            q, k, p, g, eta, u, dzt, dzq, dg, dw_part, db_part, N, tokens_per_slice,
+            D=D, K=K, KB=kb, BLOCK_D=block_d, BLOCK_T=block_t, SPLIT=split, PRECISION=precision,
+            DETACH=ctx.detach, num_warps=warps, num_stages=stages)
+        dw = dw_part.sum(0)[:, :D, :D].to(bank_weight.dtype)
+        db = db_part.sum(0)[:, :D].to(bank_bias.dtype)
         if ctx.detach:   # the inner gradient is a constant: k and v only reach c and p' through it
             dk, dv = None, None
         return dq, dk, dv, dp, deta, dw, db, None
