@@ -11,7 +11,8 @@ Bounds: float32 1e-4 (float32-accurate products: exact in the interpreter, tf32x
 computed value is float32 rounding of dP - delta, two sums of 256 products; 1.2e-5 for the Trigger's deta of a
 single token, one sum over the bank; everything else below 1e-5);
 bfloat16 3e-2 (bf16 operands and outputs; worst seen: 1.3e-2 in 40 random SWA cases on the CPU, 7e-3 in
-25 on an H100).
+25 on an H100; one random CPU example reached 3.0e-2: SWA dq at T = 2, Dk = 16, window 2, seed 2727, where the
+backward's delta = rowsum(o * do) comes from the bf16-rounded o and dq = P (dP - delta) K cancels).
 """
 import json
 import os
@@ -30,6 +31,7 @@ import nirvana
 DEVICE = "cuda" if ON_CUDA else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 EXAMPLES = 25 if ON_CUDA else 12    # each new head size / dtype compiles kernels
+# CPU (CI): a fixed example order, so that a run is reproducible; GPU: new random examples each run.
 WORST = {}   # (kernel, dtype, tensor) -> worst relative error seen
 
 
@@ -105,7 +107,7 @@ def check_swa(B, T, H, Dk, expand_v, window, dtype, seed, scale=None):
 MAX_T = 700 if ON_CUDA else 70
 
 
-@settings(max_examples=EXAMPLES, deadline=None, database=None)
+@settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=not ON_CUDA)
 @given(B=st.integers(1, 3 if ON_CUDA else 2), H=st.integers(1, 4 if ON_CUDA else 2),
        T=st.one_of(st.integers(1, 3), st.integers(1, MAX_T)),
        Dk=st.sampled_from([64, 128] if ON_CUDA else [16, 24, 32]), expand_v=st.sampled_from([1, 2]),
@@ -181,7 +183,7 @@ def check_trigger(shape, D, K, dtype, detach, seed):
         "trigger-detach" if detach else "trigger", dtype, zero_grad=("k", "v") if detach else ())
 
 
-@settings(max_examples=EXAMPLES, deadline=None, database=None)
+@settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=not ON_CUDA)
 @given(shape=st.one_of(st.tuples(st.integers(1, 3000 if ON_CUDA else 40)),
                        st.tuples(st.integers(1, 4), st.integers(1, 700 if ON_CUDA else 12))),
        D=st.sampled_from([48, 64] if ON_CUDA else [8, 16, 24]),
