@@ -561,7 +561,7 @@ def _intermediate_dtype(dtype, DK):
 
 
 def _inverse_precision(dtype):
-    """INVERSE_PREC of _wy_prepare_kernel, for the products inside (I + A)^-1: float32-accurate, i.e. exact, or
+    """INVERSE_PREC of _wy_invert_kernel, for the products inside (I + A)^-1: float32-accurate, i.e. exact, or
     three tf32 products on the GPU for 16-bit inputs."""
     return "ieee" if dtype == torch.float32 or INTERPRET else "tf32x3"
 

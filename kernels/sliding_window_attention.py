@@ -9,11 +9,10 @@ Kernels:
                 window; writes o (BLOCK_M, Dv) and the log2-sum-exp of each row (for the backward).
   _swa_bwd_delta  delta_i = rowsum(o_i * do_i), once per query row, for both backward kernels (one pass over
                 o and do; in PyTorch this took 0.42 ms at the size below, here 0.06 ms).
-  _swa_bwd_dkdv one program = one (batch, head) and BLOCK_N keys; loops over the query blocks that can
-                see those keys (j <= i < j + window); writes dk, dv.
-  _swa_bwd_dq   one program = one (batch, head) and BLOCK_M queries; loops like the forward; writes dq.
-  _swa_bwd      the two above in one launch (the first KEY_BLOCKS programs of each row do dk/dv, the rest dq),
-                used when their warps and stages agree: one grid tail instead of two.
+  _swa_bwd      the dk/dv and dq programs in one launch (one grid tail instead of two): the first KEY_BLOCKS
+                programs of each (batch, head) row take BLOCK_N keys each, loop over the query blocks that can
+                see those keys (j <= i < j + window) and write dk, dv (_dkdv_block); the rest take BLOCK_M
+                queries each, loop like the forward and write dq (_dq_block).
 Softmax runs in base 2: s2 = (q.k) * scale * log2(e), p = exp2(s2 - lse2). The forward and dq loops run in
 three ranges: blocks that cross the window's edge or the diagonal apply the mask, the blocks between skip it and
 load their tiles without bounds checks. The dk/dv loop is a single loop that applies the mask (a branch) only on
@@ -23,7 +22,7 @@ block with zero pad rows, so the dk/dv loop loads them unmasked: 8-byte copies i
 copy per value (that loop: 584 -> 397 SASS instructions per iteration).
 Block sizes (_launch_config): bf16/fp16 with head sizes <= 128: forward BLOCK_M x BLOCK_N = 128 x 64,
 dk/dv 64 queries x 128 keys, dq 128 x 64 (timed on an H100); float32 or larger heads: 64 x 32, 32 x 64,
-64 x 32; float32 with padded Dk + Dv > 256: 32 x 16, 16 x 16, 16 x 16 (shared memory); 16 x 16 under the CPU
+64 x 32; the dk/dv and dq programs share one launch, so one warp count and stage count; float32 with padded Dk + Dv > 256: 32 x 16, 16 x 16, 16 x 16 (shared memory); 16 x 16 under the CPU
 interpreter. BLOCK_DK, BLOCK_DV = head sizes rounded up to a power of two.
 
 No RoPE by default; sliding_window_attention_rope applies nirvana.apply_rope (positions 0..T-1) to q and k
@@ -213,15 +212,6 @@ def _dkdv_block(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, scale, scale_log2, T, H
              mask=(offs_n[:, None] < T) & (offs_dv[None, :] < DV))
 
 
-@triton.jit(do_not_specialize=["T", "H", "WINDOW"])
-def _swa_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, scale, scale_log2, T, H, WINDOW, T_PAD,
-                  DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """One program: keys [start_n, start_n + BLOCK_N) of one (batch, head); dk (BLOCK_N, Dk), dv (BLOCK_N, Dv)."""
-    _dkdv_block(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, scale, scale_log2, T, H, WINDOW, T_PAD, tl.program_id(0),
-                tl.program_id(1), DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_M, BLOCK_N, PRECISION)
-
-
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, K, V, base_qk, base_v, offs_m, lo, hi, scale_log2, T, H, WINDOW,
               DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -263,22 +253,13 @@ def _dq_block(Q, K, V, DO, LSE, DELTA, DQ_OUT, scale, scale_log2, T, H, WINDOW, 
              mask=(offs_m[:, None] < T) & (offs_dk[None, :] < DK))
 
 
-@triton.jit(do_not_specialize=["T", "H", "WINDOW"])
-def _swa_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ_OUT, scale, scale_log2, T, H, WINDOW, T_PAD,
-                DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """One program: queries [start_m, start_m + BLOCK_M) of one (batch, head); dq (BLOCK_M, Dk)."""
-    _dq_block(Q, K, V, DO, LSE, DELTA, DQ_OUT, scale, scale_log2, T, H, WINDOW, T_PAD, tl.program_id(0),
-              tl.program_id(1), DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_M, BLOCK_N, PRECISION)
-
-
 @triton.jit(do_not_specialize=["T", "H", "WINDOW", "KEY_BLOCKS"])
 def _swa_bwd(Q, K, V, DO, LSE, DELTA, DQ_OUT, DK_OUT, DV_OUT, scale, scale_log2, T, H, WINDOW, T_PAD, KEY_BLOCKS,
              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
              PRECISION: tl.constexpr):
-    """Both backward kernels in one launch: programs [0, KEY_BLOCKS) of axis 0 are _swa_bwd_dkdv's (BLOCK_M1
-    queries x BLOCK_N1 keys), the rest _swa_bwd_dq's (BLOCK_M2 x BLOCK_N2)."""
+    """The backward in one launch: programs [0, KEY_BLOCKS) of axis 0 compute dk, dv (_dkdv_block, BLOCK_M1
+    queries x BLOCK_N1 keys), the rest dq (_dq_block, BLOCK_M2 x BLOCK_N2)."""
     pid = tl.program_id(0)
     if pid < KEY_BLOCKS:
         _dkdv_block(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, scale, scale_log2, T, H, WINDOW, T_PAD, pid,
@@ -289,18 +270,20 @@ def _swa_bwd(Q, K, V, DO, LSE, DELTA, DQ_OUT, DK_OUT, DV_OUT, scale, scale_log2,
 
 
 def _launch_config(dtype, dk, dv):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and the delta kernel's rows per program: small
-    blocks under the CPU interpreter, tiles chosen by timing on an H100 for bf16 D=128 otherwise (bench.py)."""
+    """fwd: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward; dkdv, dq: (BLOCK_M, BLOCK_N) of the two
+    kinds of backward programs, bwd: (num_warps, num_stages) of their one launch; delta: the delta kernel's rows
+    per program. Small blocks under the CPU interpreter, tiles chosen by timing on an H100 for bf16 D=128
+    otherwise (bench.py)."""
     if INTERPRET:
-        return dict(fwd=(16, 16, 1, 1), dkdv=(16, 16, 1, 1), dq=(16, 16, 1, 1), delta=16)
+        return dict(fwd=(16, 16, 1, 1), dkdv=(16, 16), dq=(16, 16), bwd=(1, 1), delta=16)
     padded = max(16, triton.next_power_of_2(dk)) + max(16, triton.next_power_of_2(dv))
     if dtype == torch.float32 and padded > 256:
         # float32 with Dk + Dv > 256 (e.g. 128 + 256): the tiles below needed up to 304 KB of shared memory,
         # more than an H100's 227 KB; these need at most 160 KB up to Dk 256 + Dv 512 (compiled for sm_90)
-        return dict(fwd=(32, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1), delta=16)
+        return dict(fwd=(32, 16, 4, 1), dkdv=(16, 16), dq=(16, 16), bwd=(4, 1), delta=16)
     if max(dk, dv) > 128 or dtype == torch.float32:
-        return dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2), delta=32)
-    return dict(fwd=CONFIG_FWD, dkdv=CONFIG_DKDV, dq=CONFIG_DQ, delta=64)
+        return dict(fwd=(64, 32, 4, 2), dkdv=(32, 64), dq=(64, 32), bwd=(4, 2), delta=32)
+    return dict(fwd=CONFIG_FWD, dkdv=CONFIG_DKDV, dq=CONFIG_DQ, bwd=CONFIG_BWD, delta=64)
 
 
 # H100, B4 T4096 H16 D128 W2048 (.gpu_swa run1/run2, notes/swa_gpu): fwd 0.55 ms, (128, 128, 8, 3) 0.59,
@@ -308,14 +291,15 @@ def _launch_config(dtype, dk, dv):
 # (64, 128, 8, 2) 0.97, (32, 128, 8, 4) 1.04; dq 0.63-0.66 ms, (128, 64, 8, 4) 0.67, (128, 128, 8, 2) 0.72;
 # dk/dv and dq in one launch 1.50-1.54 ms, in two 1.57. dq by float32 atomics inside dk/dv: 1.93 ms (older kernels).
 CONFIG_FWD = (128, 64, 8, 3)
-CONFIG_DKDV = (64, 128, 8, 3)
-CONFIG_DQ = (128, 64, 8, 3)
+CONFIG_DKDV = (64, 128)
+CONFIG_DQ = (128, 64)
+CONFIG_BWD = (8, 3)
 
 
 def _padded_rows(T, cfg):
     """Length of the (B, H, t_pad) row statistics lse and delta: T rounded up to a multiple of every block, so the
     backward loads them without bounds checks (pad rows hold 0)."""
-    blocks = [b for name in ("fwd", "dkdv", "dq") for b in cfg[name][:2]] + [cfg["delta"]]
+    blocks = [*cfg["fwd"][:2], *cfg["dkdv"], *cfg["dq"], cfg["delta"]]
     return triton.cdiv(T, max(blocks)) * max(blocks)
 
 
@@ -360,18 +344,13 @@ class _SlidingWindowAttention(torch.autograd.Function):
         _swa_bwd_delta[(triton.cdiv(t_pad, block_m), B * H)](o, do, delta, T, H, t_pad, DV=dv,
                                                              BLOCK_DV=dims["BLOCK_DV"], BLOCK_M=block_m)
         args = (ctx.scale, ctx.scale * LOG2E, T, H, ctx.window, t_pad)
-        block_m1, block_n1, warps1, stages1 = cfg["dkdv"]
-        block_m2, block_n2, warps2, stages2 = cfg["dq"]
+        block_m1, block_n1 = cfg["dkdv"]
+        block_m2, block_n2 = cfg["dq"]
+        warps, stages = cfg["bwd"]
         key_blocks, query_blocks = triton.cdiv(T, block_n1), triton.cdiv(T, block_m2)
-        if (warps1, stages1) == (warps2, stages2):  # dk/dv and dq programs in one grid
-            _swa_bwd[(key_blocks + query_blocks, B * H)](
-                q, k, v, do, lse, delta, dq, dk_, dv_, *args, key_blocks, **dims, BLOCK_M1=block_m1,
-                BLOCK_N1=block_n1, BLOCK_M2=block_m2, BLOCK_N2=block_n2, num_warps=warps1, num_stages=stages1)
-        else:
-            _swa_bwd_dkdv[(key_blocks, B * H)](q, k, v, do, lse, delta, dk_, dv_, *args, **dims, BLOCK_M=block_m1,
-                                               BLOCK_N=block_n1, num_warps=warps1, num_stages=stages1)
-            _swa_bwd_dq[(query_blocks, B * H)](q, k, v, do, lse, delta, dq, *args, **dims, BLOCK_M=block_m2,
-                                               BLOCK_N=block_n2, num_warps=warps2, num_stages=stages2)
+        _swa_bwd[(key_blocks + query_blocks, B * H)](
+            q, k, v, do, lse, delta, dq, dk_, dv_, *args, key_blocks, **dims, BLOCK_M1=block_m1, BLOCK_N1=block_n1,
+            BLOCK_M2=block_m2, BLOCK_N2=block_n2, num_warps=warps, num_stages=stages)
         return dq, dk_, dv_, None, None
 
 

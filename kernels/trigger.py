@@ -319,16 +319,12 @@ def _settings(q):
     return block_d, split, precision, (INTERPRET_CONFIG if INTERPRET else CONFIG)
 
 
-def _padded_bank(bank_weight, bank_bias, block_d, split, transpose):
-    """The bank as float32 (K, block_d, block_d), zero-padded, optionally transposed per block, split into
-    tf32 hi and float32 lo halves (lo is hi when not split); and the bias (K, block_d)."""
-    K, D, _ = bank_weight.shape
-    w = bank_weight.float()
-    if transpose:
-        w = w.transpose(1, 2)
-    if D != block_d:
-        w = torch.nn.functional.pad(w, (0, block_d - D, 0, block_d - D))
-    w = w.contiguous()
+def _padded_bank(bank_weight, bank_bias, block_d, split):
+    """The bank as float32 (K, block_d, block_d), zero-padded, split into tf32 hi and float32 lo halves (lo is hi
+    when not split); and the bias (K, block_d). The backward takes the transposed halves from these (padding
+    and splitting act element by element, so they commute with the transpose)."""
+    D = bank_weight.shape[-1]
+    w = torch.nn.functional.pad(bank_weight.float(), (0, block_d - D, 0, block_d - D)).contiguous()
     if split:
         hi = ((w.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
         lo = w - hi
@@ -349,18 +345,18 @@ class _TriggerStep(torch.autograd.Function):
         c, p_new = torch.empty_like(q), torch.empty_like(p)
         y, yq, g = torch.empty(N, D, **f32), torch.empty(N, D, **f32), torch.empty(N, K, **f32)
         rstd, rstdq = torch.empty(N, **f32), torch.empty(N, **f32)
-        wh, wl, bias = _padded_bank(bank_weight, bank_bias, block_d, split, transpose=False)
+        wh, wl, bias = _padded_bank(bank_weight, bank_bias, block_d, split)
         _trigger_fwd[(triton.cdiv(N, block_t),)](
             q, k, v, p, eta, wh, wl, bias, c, p_new, y, rstd, g, yq, rstdq, N,
             D=D, K=K, BLOCK_D=block_d, BLOCK_T=block_t, SPLIT=split, PRECISION=precision,
             num_warps=warps, num_stages=stages)
-        ctx.save_for_backward(q, k, v, p, eta, bank_weight, bank_bias, y, rstd, g, yq, rstdq)
-        ctx.detach = detach
+        ctx.save_for_backward(q, k, v, p, eta, wh, wl, bias, y, rstd, g, yq, rstdq)
+        ctx.detach, ctx.bank_dtypes = detach, (bank_weight.dtype, bank_bias.dtype)
         return c, p_new
 
     @staticmethod
     def backward(ctx, dc, dp_new):
-        q, k, v, p, eta, bank_weight, bank_bias, y, rstd, g, yq, rstdq = ctx.saved_tensors
+        q, k, v, p, eta, wh, wl, bias, y, rstd, g, yq, rstdq = ctx.saved_tensors
         N, D = q.shape
         K = p.shape[-1]
         block_d, split, precision, config = _settings(q)
@@ -372,8 +368,8 @@ class _TriggerStep(torch.autograd.Function):
         f32 = dict(device=q.device, dtype=torch.float32)
         u, dzt, dzq, dg = (torch.empty(N, D, **f32), torch.empty(N, D, **f32), torch.empty(N, D, **f32),
                            torch.empty(N, K, **f32))
-        wh, wl, bias = _padded_bank(bank_weight, bank_bias, block_d, split, transpose=False)
-        wth, wtl, _ = _padded_bank(bank_weight, bank_bias, block_d, split, transpose=True)
+        wth = wh.transpose(1, 2).contiguous()
+        wtl = wl.transpose(1, 2).contiguous() if split else wth
         _trigger_bwd[(triton.cdiv(N, block_t),)](
             q, k, v, p, eta, wh, wl, wth, wtl, bias, y, rstd, g, yq, rstdq, dc, dp_new,
             dq, dk, dv, dp, deta, u, dzt, dzq, dg, N,
@@ -381,7 +377,8 @@ class _TriggerStep(torch.autograd.Function):
             num_warps=warps, num_stages=stages)
         # bank gradient: K / KB groups of bank blocks x token slices, the slices summed here
         block_t, warps, stages = config["bank"]
-        kb = min(config["bank_kb"], K) if K % min(config["bank_kb"], K) == 0 else 1
+        kb = min(config["bank_kb"], K)
+        kb = kb if K % kb == 0 else 1
         slices = max(1, min(triton.cdiv(N, block_t), config["bank_slices"]))
         tokens_per_slice = block_t * triton.cdiv(triton.cdiv(N, block_t), slices)
         slices = triton.cdiv(N, tokens_per_slice)
@@ -391,8 +388,8 @@ class _TriggerStep(torch.autograd.Function):
             q, k, p, g, eta, u, dzt, dzq, dg, dw_part, db_part, N, tokens_per_slice,
             D=D, K=K, KB=kb, BLOCK_D=block_d, BLOCK_T=block_t, SPLIT=split, PRECISION=precision,
             DETACH=ctx.detach, num_warps=warps, num_stages=stages)
-        dw = dw_part.sum(0)[:, :D, :D].to(bank_weight.dtype)
-        db = db_part.sum(0)[:, :D].to(bank_bias.dtype)
+        dw = dw_part.sum(0)[:, :D, :D].to(ctx.bank_dtypes[0])
+        db = db_part.sum(0)[:, :D].to(ctx.bank_dtypes[1])
         if ctx.detach:   # the inner gradient is a constant: k and v only reach c and p' through it
             dk, dv = None, None
         return dq, dk, dv, dp, deta, dw, db, None
