@@ -289,6 +289,7 @@ def fast_weight_function(x, p, bank_weight, bank_bias):
     Contracting the bank with x first, z = sum_k p_k (W_k x + b_k), never forms W(p) per token
     (torch.einsum contracts left to right: bank with x gives (..., K, d_t), then p sums over K).
     """
+    bank_weight, bank_bias, p = bank_weight.to(x.dtype), bank_bias.to(x.dtype), p.to(x.dtype)  # in x's dtype
     z = torch.einsum("kij,...j,...k->...i", bank_weight, x, p) + p @ bank_bias        # (..., d_t)
     return x + F.layer_norm(z, z.shape[-1:])
 
@@ -507,9 +508,9 @@ class Trigger(nn.Module):
 
     def forward(self, x, p_prev, bank):  # x (B, T, d_model), p_prev (B, T, K) -> c (B, T, d_t), p (B, T, K)
         eta = self.eta_ref * torch.sigmoid((x @ self.theta.to(x.dtype)).float())       # (B, T) eq.(5)
-        q, k, v = (proj(x).float() for proj in (self.q_proj, self.k_proj, self.v_proj))
-        return self.ops.trigger_step(q, k, v, p_prev.float(), eta, bank.weight.float(), bank.bias.float(),
-                                     self.detach_inner_grad)
+        q, k, v = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))         # (B, T, d_t) in x's dtype
+        # the bank products run at q~'s precision (autocast's under autocast, as any matmul); p stays float32
+        return self.ops.trigger_step(q, k, v, p_prev.float(), eta, bank.weight, bank.bias, self.detach_inner_grad)
 
 
 class Updater(nn.Module):

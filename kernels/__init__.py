@@ -7,8 +7,16 @@ nirvana.py (see nirvana.load_backend):
 
 Each works on CUDA tensors, or on the CPU when TRITON_INTERPRET=1 is set before triton is imported.
 """
-from kernels.gated_delta_rule import gated_delta_rule
-from kernels.sliding_window_attention import sliding_window_attention
-from kernels.trigger import trigger_step
+import torch
+
+from kernels import gated_delta_rule as _gated_delta_rule
+from kernels import sliding_window_attention as _sliding_window_attention
+from kernels import trigger as _trigger
+
+# torch.compile runs each of them as it is, between two compiled graphs: traced, inductor would recompile the
+# Triton kernels inside with its own argument types (a Python float becomes float64) and stop at host-side shapes
+gated_delta_rule = torch.compiler.disable(_gated_delta_rule.gated_delta_rule)
+sliding_window_attention = torch.compiler.disable(_sliding_window_attention.sliding_window_attention)
+trigger_step = torch.compiler.disable(_trigger.trigger_step)
 
 __all__ = ["gated_delta_rule", "sliding_window_attention", "trigger_step"]
