@@ -8,7 +8,8 @@ Sections:
   swa      sliding-window attention (kernels) vs nirvana.sliding_window_attention (SDPA with a window mask),
            FlexAttention with a sliding-window block mask (compiled) and SDPA full causal attention (flash);
            B=4, H=16, D=128, bf16, window 2048, T=4096 and T=16384; forward and forward+backward.
-  trigger  the fused Trigger step vs nirvana.trigger_step (autograd, create_graph), float32 as the model calls it.
+  trigger  the fused Trigger step vs nirvana.trigger_step (autograd, create_graph), N=16384 tokens, d_t=K=64: as
+           the model calls it under bf16 autocast (q~, k~, v~ bf16; p, eta and the bank float32) and in float32.
   delta    kernels.gated_delta_rule vs nirvana.gated_delta_rule_chunked and, when the fla-core package is
            importable, fla's chunk_gated_delta_rule (its backward refuses Triton < 3.7.1 on Hopper because the
            compiler gave wrong results there; the check is bypassed to time it, said in the output, and the
@@ -17,6 +18,10 @@ Sections:
            SWA + Trigger with torch's gated delta rule; the fused Trigger step's share of the block's time.
   step     one whole training step (forward+backward) of a preset (--step-preset, default nirvana-350m) with
            backend="triton" vs backend="torch" on the same weights and batch: speed-up and the two losses.
+  train    training throughput of same-size presets (--train-presets, default nirvana-350m, gated-deltanet-350m,
+           transformer-350m) as train.py trains them: backend triton, bf16 autocast, forward + backward + gradient
+           clipping + AdamW on one micro-batch (--train-shape, default 4,4096), eager and torch.compile'd:
+           tokens/s, MFU (train.py's FLOP count), peak memory, and tokens/s relative to the first preset.
   decode   the paper's Table 4: generated tokens/s at prompt 4096, batch 4, 128 new tokens for nirvana,
            nirvana-notrigger, gated-deltanet and transformer (KV cache) of one size (--decode-size, default
            350m, random weights, CUDA-graph replays of the decode step), through eval.decode_speed.
@@ -34,7 +39,7 @@ import sys
 
 import torch
 
-SECTIONS = ("swa", "trigger", "delta", "model", "step", "decode")
+SECTIONS = ("swa", "trigger", "delta", "model", "step", "train", "decode")
 
 
 def parse_args():
@@ -48,6 +53,10 @@ def parse_args():
     parser.add_argument("--seq-lens", default="4096,16384", help="T values for the SWA section")
     parser.add_argument("--step-preset", default="nirvana-350m", help="preset of the step section")
     parser.add_argument("--step-shape", default="2,2048", help="batch,tokens of the step section")
+    parser.add_argument("--train-presets", default="nirvana-350m,gated-deltanet-350m,transformer-350m",
+                        help="presets of the train section; ratios are to the first")
+    parser.add_argument("--train-shape", default="4,4096", help="micro-batch,tokens of the train section")
+    parser.add_argument("--train-modes", default="eager,compiled", help="eager and/or compiled (torch.compile)")
     parser.add_argument("--decode-size", default="350m", help="preset size of the decode section")
     args = parser.parse_args()
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -211,8 +220,9 @@ def bench_swa(table, args):
         torch.cuda.empty_cache()
 
 
-def trigger_inputs(N, D, K):
-    q, k, v = (torch.randn(N, D, device="cuda", requires_grad=True) for _ in range(3))
+def trigger_inputs(N, D, K, dtype):
+    """q~, k~, v~ in dtype; p, eta and the bank float32 (as the model passes them)."""
+    q, k, v = (torch.randn(N, D, device="cuda").to(dtype).requires_grad_() for _ in range(3))
     p = (1 + 0.3 * torch.randn(N, K, device="cuda")).requires_grad_()
     eta = (0.1 * torch.rand(N, device="cuda")).requires_grad_()
     bank_weight = (torch.randn(K, D, D, device="cuda") / (K * D) ** 0.5).requires_grad_()
@@ -220,41 +230,45 @@ def trigger_inputs(N, D, K):
     return [q, k, v, p, eta, bank_weight, bank_bias]
 
 
-def trigger_cost(N, D, K):
+def trigger_cost(N, D, K, dtype):
     """FLOPs and bytes of the fused step: forward 3 passes of N x D x D products per bank block, backward 5
-    plus the bank gradient (2); bytes: inputs and outputs once, float32."""
+    plus the bank gradient (2); bytes: inputs and outputs once (q~, k~, v~, c in dtype, the rest float32)."""
     unit = 2 * N * D * D * K
-    io_fwd = 4 * (4 * N * D + 2 * N * K + N + K * D * D)
+    size = torch.finfo(dtype).bits // 8
+    io_fwd = size * 4 * N * D + 4 * (2 * N * K + N + K * D * D)
     return dict(fwd=(2 * unit, io_fwd), bwd=(9 * unit, 3 * io_fwd))
 
 
 def bench_trigger(table, args, N=None, section="trigger"):
+    """Both dtype cases; returns {impl: fwd+bwd ms} of the bf16 case (the model's under autocast)."""
     import nirvana
     import kernels
 
     N = N or args.batch * 4096
     D = K = 64
-    case = f"N{N} d_t{D} K{K} fp32"
-    inputs = trigger_inputs(N, D, K)
-    with torch.no_grad():
-        c, p = kernels.trigger_step(*inputs)
-    c_ref, p_ref = nirvana.trigger_step(*[x.detach() for x in inputs])
-    error = max(rel_error(c, c_ref), rel_error(p, p_ref))
-    cost = trigger_cost(N, D, K)
-    times = {}
-    for name, fn in (("triton kernel", kernels.trigger_step), ("torch reference", nirvana.trigger_step)):
+    model_case_times = {}
+    for dtype, label in ((torch.bfloat16, "bf16 q~k~v~"), (torch.float32, "fp32")):
+        case = f"N{N} d_t{D} K{K} {label}"
+        inputs = trigger_inputs(N, D, K, dtype)
         with torch.no_grad():
-            ms, note = time_or_note(lambda: fn(*inputs))
-        table.add(section, case, name, "fwd", ms, *cost["fwd"], error if name == "triton kernel" else None, note)
+            c, p = kernels.trigger_step(*inputs)
+        c_ref, p_ref = nirvana.trigger_step(*[x.detach().float() for x in inputs])   # float32 reference
+        error = max(rel_error(c, c_ref), rel_error(p, p_ref))
+        cost = trigger_cost(N, D, K, dtype)
+        for name, fn in (("triton kernel", kernels.trigger_step), ("torch reference", nirvana.trigger_step)):
+            with torch.no_grad():
+                ms, note = time_or_note(lambda: fn(*inputs))
+            table.add(section, case, name, "fwd", ms, *cost["fwd"], error if name == "triton kernel" else None, note)
 
-        def step(fn=fn):
-            c, p = fn(*inputs)
-            torch.autograd.backward([c, p], [torch.ones_like(c), torch.ones_like(p)])
-        ms, note = time_or_note(step, grad_to_none=inputs)
-        times[name] = ms
-        flop = cost["fwd"][0] + cost["bwd"][0]
-        table.add(section, case, name, "fwd+bwd", ms, flop, cost["fwd"][1] + cost["bwd"][1], None, note)
-    return times
+            def step(fn=fn):
+                c, p = fn(*inputs)
+                torch.autograd.backward([c, p], [torch.ones_like(c), torch.ones_like(p)])
+            ms, note = time_or_note(step, grad_to_none=inputs)
+            if dtype == torch.bfloat16:
+                model_case_times[name] = ms
+            flop = cost["fwd"][0] + cost["bwd"][0]
+            table.add(section, case, name, "fwd+bwd", ms, flop, cost["fwd"][1] + cost["bwd"][1], None, note)
+    return model_case_times
 
 
 def fla_chunk_gated_delta_rule():
@@ -384,6 +398,71 @@ def bench_step(table, args):
         print(f"step: backend triton is {times['torch'] / times['triton']:.2f}x as fast as backend torch")
 
 
+def time_training_steps(step, warmup=3, steps=10):
+    """Median ms of `steps` calls of step() after `warmup` calls (the first compiles)."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def bench_train(table, args):
+    """Tokens/s of one training step per preset and mode, as train.py runs it (its optimizer and FLOP count)."""
+    import nirvana
+    import train
+
+    B, T = (int(x) for x in args.train_shape.split(","))
+    presets = [p.strip() for p in args.train_presets.split(",") if p.strip()]
+    modes = [m.strip() for m in args.train_modes.split(",") if m.strip()]
+    idx = torch.randint(0, 32000, (B, T), device="cuda")
+    peak = train.peak_flops(torch.device("cuda"))
+    for mode in modes:
+        tokens_per_s = {}
+        for preset in presets:
+            torch.manual_seed(0)
+            config = nirvana.NirvanaConfig.from_preset(preset, backend="triton")
+            model = nirvana.Nirvana(config).cuda()
+            forward = torch.compile(model) if mode == "compiled" else model
+            optimizer = train.build_optimizer(train.parse_args(["--preset", preset]), model)
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = forward(idx, idx)[1]
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                ms = time_training_steps(step)
+                tokens_per_s[preset] = B * T / (ms * 1e-3)
+                flop = train.flops_per_token(config, model, T) * B * T
+                mfu = flop / (ms * 1e-3) / peak if peak else None
+                note = (f"{tokens_per_s[preset]:,.0f} tok/s, MFU {'n/a' if mfu is None else f'{mfu:.1%}'}, "
+                        f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, "
+                        f"{model.num_params() / 1e6:.0f}M params")
+            except torch.OutOfMemoryError:
+                ms, flop, note = None, None, "out of memory"
+            table.add("train", f"{preset} B{B} T{T}", f"step ({mode})", "step", ms, flop, note=note)
+            del model, forward, optimizer
+            torch.cuda.empty_cache()
+        first = presets[0]
+        for preset in presets[1:]:
+            if first in tokens_per_s and preset in tokens_per_s:
+                print(f"train ({mode}): {first} at {tokens_per_s[first] / tokens_per_s[preset]:.2f}x the tokens/s "
+                      f"of {preset}")
+
+
 def bench_decode(table, args):
     """Table 4 of the paper: decode throughput of four variants of one size, side by side."""
     import eval as evaluation
@@ -409,7 +488,7 @@ def main():
     table = Table(bandwidth, flops)
     print(Table.header())
     runners = dict(swa=bench_swa, trigger=bench_trigger, delta=bench_delta, model=bench_model, step=bench_step,
-                   decode=bench_decode)
+                   train=bench_train, decode=bench_decode)
     for section in args.only:
         try:
             runners[section](table, args)
