@@ -19,8 +19,8 @@ state pass (the only sequential one: along each sequence's chunks it writes the 
 output (parallel over chunks). The one-token decode kernel follows. Backward, recomputing the forward's
 intermediates except Tinv instead of keeping them: WY preparation and state pass again, the intra-chunk part of
 dVnew (parallel), the reverse state pass (gradients of the chunk-end states, dVnew), then two per-chunk gradient
-kernels ((C, C) part with dv; then dq, dk and their parts of dbeta, dg, one program per Dk block) and a last
-small one that adds up dbeta and dg.
+kernels: everything that needs the states and their gradients, one program per Dk block (dq, dW = -dVnew S^T,
+parts of dk and dg); then the WY backward (Tinv, dW -> dk, dv, dbeta, dg).
 
 Layout: (B, T, H, D), i.e. head after time. Packed sequences: B == 1 with cu_seqlens (N+1 offsets); a batch
 of B equal-length sequences is run as B packed sequences of length T. Supported: Dk and Dv powers of two in
@@ -373,127 +373,38 @@ def _state_backward_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dht_ptr, cu_pt
 
 
 @triton.jit
-def _load_chunk_vectors(beta_ptr, gcum_ptr, chunk_start_ptr, chunk_end_ptr, i_c, i_h, H: tl.constexpr,
-                        C: tl.constexpr):
-    """Chunk i_c of head i_h: token rows (C,), their validity, the last valid row's index in the chunk,
-    beta (C,), G (C,) and G_C."""
+def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvnew_ptr, do_ptr, chunk_start_ptr,
+                           chunk_end_ptr, dq_ptr, dk_part_ptr, dw_ptr, dg_part_ptr, scale, TT,
+                           H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           C: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
+    """One program = one chunk of one head and BK columns of Dk: everything of the backward that needs the
+    chunk-start state S or the chunk-end state gradient dS', for those columns.
+
+    Accumulates over Dv blocks (S, dS' blocks (BK, BV); dO/Vnew/dVnew (C, BV)) the (C, BK) products dO S^T,
+    Vnew dS'^T and dW = -dVnew S^T, dscores = dO Vnew^T (C, C; every Dk block computes it) and <dS', S>; then,
+    with dQK = dscores * decay (the gradient of the scores Qs K^T * decay, over scale),
+      dq = scale (Gamma dO S^T + dQK K),   dk part = dQK^T Qs + diag(exp(G_C - G)) Vnew dS'^T,
+    and these columns' part of dG (the decays of the scores, of diag(Gamma) Qs S and of the state update;
+    G_C's gradient at the chunk's last row). Writes dq, the dk part and dW (float32) and the dG part into row
+    i_k of a (DK / BK, TT, H) buffer; _chunk_grad_wy_kernel adds the rest.
+    """
+    # program 0 axis: chunk-major, Dk block fastest, so that the Dk blocks of a chunk run side by side and share its
+    # dO, Vnew, dVnew in L2 (one axis: a grid's second and third axes stop at 65535 chunks)
+    i_k = tl.program_id(0) % (DK // BK)
+    i_c = (tl.program_id(0) // (DK // BK)).to(tl.int64)  # 64-bit offsets: n_chunks * H * Dk * Dv may pass 2**31
+    i_h = tl.program_id(1)
     rows, valid, last = _chunk_rows(chunk_start_ptr, chunk_end_ptr, i_c, C)
-    beta = tl.load(beta_ptr + rows * H + i_h, mask=valid, other=0.)
     G, G_last = _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H)
-    return rows, valid, last - tl.load(chunk_start_ptr + i_c), beta, G, G_last
-
-
-@triton.jit
-def _chunk_grad_wy_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gcum_ptr, tinv_ptr, h_ptr, dh_ptr, vnew_ptr, dvnew_ptr,
-                          do_ptr, chunk_start_ptr, chunk_end_ptr, dqk_ptr, dkk_ptr, dv_ptr, dbeta_ptr, dg_ptr, scale,
-                          H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          C: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
-    """One program = one chunk of one head: the (C, C) part of the backward, dv, and the parts of dbeta and dG
-    that need no Dk-sized accumulator. Blocks: (C, C) matrices; Q/K (C, BK); V/O/Vnew (C, BV); states (BK, BV).
-
-    With the chunk-start state S, the chunk-end state gradient dS', Vnew and dVnew:
-      dTinv = dVnew (diag(beta) V - B_w S)^T    (= dU B_u^T + dW B_w^T, dW = -dVnew S^T, B_w = diag(beta Gamma) K)
-      dA = -Tinv^T dTinv Tinv^T (strictly lower);  dv = diag(beta) Tinv^T dVnew.
-    Writes dQK = dO Vnew^T * decay and dKK = diag(beta) dA * decay (the (C, C) gradients the second kernel needs),
-    dv, and partial dbeta, dG (G_C's gradient is added at the chunk's last row).
-    """
-    i_c = tl.program_id(0).to(tl.int64)  # 64-bit offsets: n_chunks * H * Dk * Dv may pass 2**31
-    i_h = tl.program_id(1)
-    rows, valid, last, beta, G, G_last = _load_chunk_vectors(beta_ptr, gcum_ptr, chunk_start_ptr, chunk_end_ptr,
-                                                             i_c, i_h, H, C)
-    r = tl.arange(0, C)
-    bw_scale = beta * tl.exp(G)
-    cc_offsets = ((i_c * H + i_h) * C + r[:, None]) * C + r[None, :]
-    state_base = (i_c * H + i_h) * DK * DV
-    # (C, C) matrices are loaded or computed where they are used, to keep fewer of them live at once
-    dscores = tl.zeros((C, C), dtype=tl.float32)  # dO Vnew^T
-    dtinv = tl.zeros((C, C), dtype=tl.float32)
-    dbeta = tl.zeros((C, ), dtype=tl.float32)
-    dS_dot_S = tl.zeros((BV, ), dtype=tl.float32)  # <dS', S> partial sums
-    for i_v in range(DV // BV):
-        cv = i_v * BV + tl.arange(0, BV)
-        do = _load_rows(do_ptr, rows, valid, i_h, cv, H, DV)
-        v = _load_rows(v_ptr, rows, valid, i_h, cv, H, DV).to(tl.float32)
-        vnew = _load_rows(vnew_ptr, rows, valid, i_h, cv, H, DV)
-        dvnew = _load_rows(dvnew_ptr, rows, valid, i_h, cv, H, DV)
-        rhs = v * beta[:, None]  # diag(beta) V - B_w S, (C, BV)
-        for i_k in range(DK // BK):
-            ck = i_k * BK + tl.arange(0, BK)
-            k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK).to(tl.float32)
-            S = tl.load(h_ptr + state_base + ck[:, None] * DV + cv[None, :]).to(tl.float32)  # (BK, BV)
-            dS = tl.load(dh_ptr + state_base + ck[:, None] * DV + cv[None, :]).to(tl.float32)
-            rhs -= _product(k * bw_scale[:, None], S, vnew_ptr.dtype.element_ty, PREC, NATIVE)
-            dS_dot_S += tl.sum(dS * S, 0)
-        dscores += _dot(do, tl.trans(vnew), PREC, NATIVE)
-        dtinv += tl.dot(dvnew, tl.trans(rhs), input_precision=PREC)
-        tinv = tl.load(tinv_ptr + cc_offsets).to(tl.float32)
-        du = tl.dot(tl.trans(tinv), dvnew, input_precision=PREC)  # gradient of diag(beta) V
-        dbeta += tl.sum(du * v, 1)
-        _store_rows(dv_ptr, du * beta[:, None], rows, valid, i_h, cv, H, DV)
-
-    qk = tl.zeros((C, C), dtype=tl.float32)
-    kk = tl.zeros((C, C), dtype=tl.float32)
-    for i_k in range(DK // BK):
-        ck = i_k * BK + tl.arange(0, BK)
-        q = _load_rows(q_ptr, rows, valid, i_h, ck, H, DK)
-        k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK)
-        qk += _dot(q, tl.trans(k), PREC, NATIVE)
-        kk += _dot(k, tl.trans(k), PREC, NATIVE)
-    qk *= scale
-    # O's intra-chunk term (Qs K^T * decay) Vnew: gradient of G through the decay is dM * M
-    decay = _decay_matrix(G, True, C)
-    dscores_scores = dscores * qk * decay
-    dG = tl.sum(dscores_scores, 1) - tl.sum(dscores_scores, 0)
-    tl.store(dqk_ptr + cc_offsets, dscores * decay)
-    # Tinv = (I + A)^-1, A = diag(beta) P, P = K K^T * strict decay
-    strict = r[:, None] > r[None, :]
-    strict_decay = tl.where(strict, decay, 0.)
-    tinv = tl.load(tinv_ptr + cc_offsets).to(tl.float32)
-    dA = -tl.dot(tl.dot(tl.trans(tinv), dtinv, input_precision=PREC), tl.trans(tinv), input_precision=PREC)
-    dA = tl.where(strict, dA, 0.)
-    P = kk * strict_decay
-    dbeta += tl.sum(dA * P, 1)
-    dP = dA * beta[:, None]
-    dP_P = dP * P
-    dG += tl.sum(dP_P, 1) - tl.sum(dP_P, 0)
-    tl.store(dkk_ptr + cc_offsets, dP * strict_decay)
-    # S' = Gamma_C S + ...: G_C's gradient, placed at the last row so that the reverse cumsum spreads it
-    dG += tl.where(r == last, tl.exp(G_last) * tl.sum(dS_dot_S, 0), 0.)
-    tl.store(dbeta_ptr + rows * H + i_h, dbeta, mask=valid)
-    tl.store(dg_ptr + rows * H + i_h, dG, mask=valid)
-
-
-@triton.jit
-def _chunk_grad_qk_kernel(q_ptr, k_ptr, beta_ptr, gcum_ptr, tinv_ptr, h_ptr, dh_ptr, vnew_ptr, dvnew_ptr, do_ptr,
-                          chunk_start_ptr, chunk_end_ptr, dqk_ptr, dkk_ptr, dq_ptr, dk_ptr, dbeta_part_ptr,
-                          dg_part_ptr, scale, TT,
-                          H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          C: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
-    """One program = one chunk of one head and BK columns of Dk: dq, dk of those columns, and their parts of
-    dbeta and dG (after _chunk_grad_wy_kernel; _chunk_dg_kernel adds the parts up).
-
-    Accumulates over Dv blocks the (C, BK) products dO S^T, Vnew dS'^T and dW = -dVnew S^T (S, dS' blocks
-    (BK, BV); dO/Vnew/dVnew (C, BV)), then
-      dq = Gamma dO S^T + dQK K,   dB_w = Tinv^T dW,
-      dk = dQK^T Qs + exp(G_C - G) Vnew dS'^T + diag(beta Gamma) dB_w + (dKK + dKK^T) K.
-    Blocks: (C, C) matrices Tinv, dQK, dKK; Q/K (C, BK). Writes the parts into row i_k of (DK / BK, TT, H) buffers.
-    """
-    i_c = tl.program_id(0).to(tl.int64)  # 64-bit offsets: n_chunks * H * Dk * Dv may pass 2**31
-    i_h = tl.program_id(1)
-    i_k = tl.program_id(2)
-    rows, valid, last, beta, G, G_last = _load_chunk_vectors(beta_ptr, gcum_ptr, chunk_start_ptr, chunk_end_ptr,
-                                                             i_c, i_h, H, C)
-    r = tl.arange(0, C)
     gamma = tl.exp(G)
     to_end = tl.exp(G_last - G)
-    bw_scale = beta * gamma
-    cc_offsets = ((i_c * H + i_h) * C + r[:, None]) * C + r[None, :]
     state_base = (i_c * H + i_h) * DK * DV
     ck = i_k * BK + tl.arange(0, BK)
 
     do_St = tl.zeros((C, BK), dtype=tl.float32)
     vnew_dSt = tl.zeros((C, BK), dtype=tl.float32)
-    dw = tl.zeros((C, BK), dtype=tl.float32)
+    dvnew_St = tl.zeros((C, BK), dtype=tl.float32)  # -dW
+    dscores = tl.zeros((C, C), dtype=tl.float32)
+    dS_dot_S = tl.zeros((BV, ), dtype=tl.float32)  # <dS', S> partial sums
     for i_v in range(DV // BV):
         cv = i_v * BV + tl.arange(0, BV)
         S = tl.load(h_ptr + state_base + ck[:, None] * DV + cv[None, :])  # (BK, BV)
@@ -503,40 +414,96 @@ def _chunk_grad_qk_kernel(q_ptr, k_ptr, beta_ptr, gcum_ptr, tinv_ptr, h_ptr, dh_
         dvnew = _load_rows(dvnew_ptr, rows, valid, i_h, cv, H, DV)
         do_St += _dot(do, tl.trans(S), PREC, NATIVE)
         vnew_dSt += _dot(vnew, tl.trans(dS), PREC, NATIVE)
-        dw -= _dot(dvnew, tl.trans(S), PREC, NATIVE)
-    q = _load_rows(q_ptr, rows, valid, i_h, ck, H, DK).to(tl.float32) * scale
-    k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK).to(tl.float32)
-    dqk = tl.load(dqk_ptr + cc_offsets)
-    dkk = tl.load(dkk_ptr + cc_offsets)
-    tinv = tl.load(tinv_ptr + cc_offsets).to(tl.float32)
+        dvnew_St += _dot(dvnew, tl.trans(S), PREC, NATIVE)
+        dscores += _dot(do, tl.trans(vnew), PREC, NATIVE)
+        dS_dot_S += tl.sum(dS.to(tl.float32) * S.to(tl.float32), 0)
+    _store_rows(dw_ptr, -dvnew_St, rows, valid, i_h, ck, H, DK)
+    q = _load_rows(q_ptr, rows, valid, i_h, ck, H, DK)
+    k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK)
+    qk = _dot(q, tl.trans(k), PREC, NATIVE) * scale  # (C, C) these columns' part of Qs K^T
+    q = q.to(tl.float32) * scale
+    k = k.to(tl.float32)
+    dqk = dscores * _decay_matrix(G, True, C)
     dq = do_St * gamma[:, None] + tl.dot(dqk, k, input_precision=PREC)
-    dbw = tl.dot(tl.trans(tinv), dw, input_precision=PREC)
-    dk = (tl.dot(tl.trans(dqk), q, input_precision=PREC) + vnew_dSt * to_end[:, None] + dbw * bw_scale[:, None]
-          + tl.dot(dkk + tl.trans(dkk), k, input_precision=PREC))
     _store_rows(dq_ptr, dq * scale, rows, valid, i_h, ck, H, DK)
-    _store_rows(dk_ptr, dk, rows, valid, i_h, ck, H, DK)
+    dk = tl.dot(tl.trans(dqk), q, input_precision=PREC) + vnew_dSt * to_end[:, None]
+    _store_rows(dk_part_ptr, dk, rows, valid, i_h, ck, H, DK)
 
-    k_dbw = tl.sum(dbw * k, 1)
+    # a decay's gradient of G is dM * M: the scores' rows gain it, their columns lose it
+    dqk_qk = dqk * qk
     dto_end = tl.sum(k * vnew_dSt, 1) * to_end
-    dG = gamma * tl.sum(q * do_St, 1) - dto_end + bw_scale * k_dbw
-    dG += tl.where(r == last, tl.sum(dto_end, 0), 0.)  # G_C's gradient at the chunk's last row
+    dG = tl.sum(dqk_qk, 1) - tl.sum(dqk_qk, 0) + gamma * tl.sum(q * do_St, 1) - dto_end
+    # G_C's gradient (from exp(G_C - G) and S' = Gamma_C S + ...) at the chunk's last row
+    dG += tl.where(rows == last, tl.sum(dto_end, 0) + tl.exp(G_last) * tl.sum(dS_dot_S, 0), 0.)
     tl.store(dg_part_ptr + (i_k * TT + rows) * H + i_h, dG, mask=valid)
-    tl.store(dbeta_part_ptr + (i_k * TT + rows) * H + i_h, gamma * k_dbw, mask=valid)
 
 
 @triton.jit
-def _chunk_dg_kernel(chunk_start_ptr, chunk_end_ptr, dbeta_part_ptr, dg_part_ptr, dbeta_ptr, dg_ptr, TT,
-                     H: tl.constexpr, NK: tl.constexpr, C: tl.constexpr):
-    """One program = one chunk of one head: adds the NK parts of dbeta and dG of _chunk_grad_qk_kernel to those of
-    _chunk_grad_wy_kernel (in dbeta, dg), then dg = reverse in-chunk cumsum of dG (G_t = g_1 + ... + g_t)."""
-    i_c = tl.program_id(0).to(tl.int64)
+def _chunk_grad_wy_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tinv_ptr, dvnew_ptr, dw_ptr, dk_part_ptr, dg_part_ptr,
+                          chunk_start_ptr, chunk_end_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, TT,
+                          H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          NK: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
+    """One program = one chunk of one head: the backward of the WY representation (after _chunk_grad_qkw_kernel),
+    which finishes dk, dv, dbeta and dg. Blocks: (C, C) matrices; K/dW/dk (C, BK) walked twice over Dk;
+    V/dVnew/dv (C, BV) walked over Dv.
+
+    With Vnew = Tinv (diag(beta) V - B_w S), W = Tinv B_w, B_w = diag(beta Gamma) K, and dW = -dVnew S^T:
+      dTinv = dVnew (diag(beta) V)^T + dW B_w^T,   dv = diag(beta) Tinv^T dVnew,   dB_w = Tinv^T dW,
+      dA = -Tinv^T dTinv Tinv^T,   dP = diag(beta) dA (P = K K^T * strict decay, A = diag(beta) P),
+      dk = (dk part) + diag(beta Gamma) dB_w + (dKK + dKK^T) K with dKK = dP * strict decay.
+    Adds the NK dG parts of _chunk_grad_qkw_kernel to its own; writes dk, dv, dbeta and dg = the reverse
+    in-chunk cumsum of dG (G_t = g_1 + ... + g_t).
+    """
+    i_c = tl.program_id(0).to(tl.int64)  # 64-bit offsets: n_chunks * H * C * C may pass 2**31
     i_h = tl.program_id(1)
-    rows, valid, _ = _chunk_rows(chunk_start_ptr, chunk_end_ptr, i_c, C)
-    dG = tl.load(dg_ptr + rows * H + i_h, mask=valid, other=0.)
-    dbeta = tl.load(dbeta_ptr + rows * H + i_h, mask=valid, other=0.)
+    rows, valid, last = _chunk_rows(chunk_start_ptr, chunk_end_ptr, i_c, C)
+    G, _ = _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H)
+    beta = tl.load(beta_ptr + rows * H + i_h, mask=valid, other=0.)
+    gamma = tl.exp(G)
+    bw_scale = beta * gamma
+    r = tl.arange(0, C)
+    tinv = tl.load(tinv_ptr + ((i_c * H + i_h) * C + r[:, None]) * C + r[None, :]).to(tl.float32)
+
+    dtinv = tl.zeros((C, C), dtype=tl.float32)
+    dbeta = tl.zeros((C, ), dtype=tl.float32)
+    for i_v in range(DV // BV):
+        cv = i_v * BV + tl.arange(0, BV)
+        v = _load_rows(v_ptr, rows, valid, i_h, cv, H, DV).to(tl.float32)
+        dvnew = _load_rows(dvnew_ptr, rows, valid, i_h, cv, H, DV)
+        dtinv += tl.dot(dvnew, tl.trans(v * beta[:, None]), input_precision=PREC)
+        du = tl.dot(tl.trans(tinv), dvnew, input_precision=PREC)  # gradient of diag(beta) V
+        dbeta += tl.sum(du * v, 1)
+        _store_rows(dv_ptr, du * beta[:, None], rows, valid, i_h, cv, H, DV)
+    kk = tl.zeros((C, C), dtype=tl.float32)
+    for i_k in range(DK // BK):
+        ck = i_k * BK + tl.arange(0, BK)
+        k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK)
+        dw = _load_rows(dw_ptr, rows, valid, i_h, ck, H, DK)
+        kk += _dot(k, tl.trans(k), PREC, NATIVE)
+        dtinv += tl.dot(dw, tl.trans(k.to(tl.float32) * bw_scale[:, None]), input_precision=PREC)
+
+    # dA's part on and above the diagonal never counts: P and the strict decay vanish there
+    dA = -tl.dot(tl.dot(tl.trans(tinv), dtinv, input_precision=PREC), tl.trans(tinv), input_precision=PREC)
+    strict_decay = _decay_matrix(G, False, C)
+    P = kk * strict_decay
+    dbeta += tl.sum(dA * P, 1)
+    dP = dA * beta[:, None]
+    dP_P = dP * P
+    dG = tl.sum(dP_P, 1) - tl.sum(dP_P, 0)
+    dkk = dP * strict_decay
+    dkk += tl.trans(dkk)
+    for i_k in range(DK // BK):
+        ck = i_k * BK + tl.arange(0, BK)
+        k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK).to(tl.float32)
+        dbw = tl.dot(tl.trans(tinv), _load_rows(dw_ptr, rows, valid, i_h, ck, H, DK), input_precision=PREC)
+        dk = (_load_rows(dk_part_ptr, rows, valid, i_h, ck, H, DK) + dbw * bw_scale[:, None]
+              + tl.dot(dkk, k, input_precision=PREC))
+        _store_rows(dk_ptr, dk, rows, valid, i_h, ck, H, DK)
+        k_dbw = tl.sum(dbw * k, 1)
+        dbeta += gamma * k_dbw
+        dG += bw_scale * k_dbw
     for i_k in range(NK):
         dG += tl.load(dg_part_ptr + (i_k * TT + rows) * H + i_h, mask=valid, other=0.)
-        dbeta += tl.load(dbeta_part_ptr + (i_k * TT + rows) * H + i_h, mask=valid, other=0.)
     tl.store(dbeta_ptr + rows * H + i_h, dbeta, mask=valid)
     tl.store(dg_ptr + rows * H + i_h, tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG, mask=valid)
 
@@ -568,11 +535,11 @@ def _inverse_precision(dtype):
 
 def _launch_config(DK, DV):
     """Launch parameters per kernel group, timed per kernel on an H100 at Dk = Dv = 128 in bf16 (B4 T4096 H16),
-    each the fastest of 5 to 8 candidates. invert, wy: warps of the inversion and of the WY preparation.
+    each the fastest of 5 to 14 candidates. invert, wy: warps of the inversion and of the WY preparation.
     state / state_backward: BV state columns per program, warps, pipeline stages of the sequential passes (the
     forward's also serve the decode kernel). chunk: BK, BV blocks, warps and stages of the output and intra-chunk
-    dVnew kernels. grad: BK, BV blocks and warps of the two gradient kernels (1 stage: they hold many (C, C)
-    matrices and need the shared memory)."""
+    dVnew kernels. grad: BK, BV blocks, warps and stages of the dq/dk/dW kernel; wy_grad: those of the WY
+    backward (1 stage: it holds several (C, C) matrices)."""
     large, widest = DK > 64, DK > 128  # Dk = 256 keeps 16 state columns, 2 warps, 1 stage (shared memory)
     return dict(invert_warps=4, wy_warps=4,
                 state_BV=min(DV, 16 if widest else 32 if large else 64), state_warps=2 if widest else 4,
@@ -582,17 +549,19 @@ def _launch_config(DK, DV):
                 state_backward_stages=1 if large else 2,
                 chunk_BK=min(DK, 64), chunk_BV=min(DV, 128 if large else 64), chunk_warps=8 if large else 4,
                 chunk_stages=2,
-                grad_BK=min(DK, 64), grad_BV=min(DV, 32 if large else 64), grad_warps=4)
+                grad_BK=min(DK, 64), grad_BV=min(DV, 16 if large else 64), grad_warps=4, grad_stages=3 if large else 1,
+                wy_grad_BK=min(DK, 64), wy_grad_BV=min(DV, 64), wy_grad_warps=4, wy_grad_stages=1)
 
 
-def _chunk_index(cu_seqlens):
+def _chunk_index(cu_seqlens, total=None):
     """Chunk table of packed sequences: per chunk its first token and its sequence's end; per sequence the
-    index of its first chunk (N+1 offsets). Chunks never cross a sequence boundary."""
+    index of its first chunk (N+1 offsets). Chunks never cross a sequence boundary. `total`, the number of chunks
+    when the caller knows it (B equal-length sequences), spares reading it back from the device (a host sync)."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     n_chunks = (lengths + CHUNK - 1) // CHUNK
     chunk_offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=cu_seqlens.device)
     chunk_offsets[1:] = torch.cumsum(n_chunks, 0)
-    total = int(chunk_offsets[-1])
+    total = int(chunk_offsets[-1]) if total is None else total
     seq_of_chunk = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), n_chunks,
                                            output_size=total)
     chunk_start = cu_seqlens[seq_of_chunk] + (torch.arange(total, device=cu_seqlens.device)
@@ -695,20 +664,18 @@ def _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, scale, 
     dbeta = torch.empty(TT, H, dtype=torch.float32, device=q.device)
     dg = torch.empty(TT, H, dtype=torch.float32, device=q.device)
     if n_chunks > 0:
-        dqk = torch.empty_like(tinv, dtype=torch.float32)
-        dkk = torch.empty_like(tinv, dtype=torch.float32)
-        grad_blocks = dict(H=H, DK=DK, DV=DV, BK=config["grad_BK"], BV=config["grad_BV"], C=CHUNK,
-                           num_warps=config["grad_warps"], num_stages=1, **precision)
-        _chunk_grad_wy_kernel[(n_chunks, H)](q, k, v, beta, gcum, tinv, h, dh, vnew, dvnew, do, chunk_start,
-                                             chunk_end, dqk, dkk, dv, dbeta, dg, scale, **grad_blocks)
         n_k = DK // config["grad_BK"]
-        dbeta_part = torch.empty(n_k, TT, H, dtype=torch.float32, device=q.device)
+        dk_part = torch.empty(TT, H, DK, dtype=torch.float32, device=q.device)
+        dw = torch.empty(TT, H, DK, dtype=torch.float32, device=q.device)
         dg_part = torch.empty(n_k, TT, H, dtype=torch.float32, device=q.device)
-        _chunk_grad_qk_kernel[(n_chunks, H, n_k)](q, k, beta, gcum, tinv, h, dh, vnew, dvnew, do, chunk_start,
-                                                  chunk_end, dqk, dkk, dq, dk, dbeta_part, dg_part, scale, TT,
-                                                  **grad_blocks)
-        _chunk_dg_kernel[(n_chunks, H)](chunk_start, chunk_end, dbeta_part, dg_part, dbeta, dg, TT, H=H, NK=n_k,
-                                        C=CHUNK)
+        _chunk_grad_qkw_kernel[(n_k * n_chunks, H)](
+            q, k, gcum, h, dh, vnew, dvnew, do, chunk_start, chunk_end, dq, dk_part, dw, dg_part, scale, TT,
+            H=H, DK=DK, DV=DV, BK=config["grad_BK"], BV=config["grad_BV"], C=CHUNK, num_warps=config["grad_warps"],
+            num_stages=config["grad_stages"], **precision)
+        _chunk_grad_wy_kernel[(n_chunks, H)](
+            k, v, beta, gcum, tinv, dvnew, dw, dk_part, dg_part, chunk_start, chunk_end, dk, dv, dbeta, dg, TT,
+            H=H, DK=DK, DV=DV, BK=config["wy_grad_BK"], BV=config["wy_grad_BV"], NK=n_k, C=CHUNK,
+            num_warps=config["wy_grad_warps"], num_stages=config["wy_grad_stages"], **precision)
     return dq, dk, dv, dg, dbeta, dh0
 
 
@@ -717,8 +684,8 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
     initial state h0 (N,H,Dk,Dv) float32 (zeros when the caller gave none)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, cu_seqlens, scale):
-        chunk_index = _chunk_index(cu_seqlens)
+    def forward(ctx, q, k, v, g, beta, h0, cu_seqlens, scale, n_chunks):
+        chunk_index = _chunk_index(cu_seqlens, n_chunks)
         o, ht, tinv = _chunk_forward(q, k, v, g, beta, h0, cu_seqlens, chunk_index, scale)
         ctx.save_for_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, *chunk_index)
         ctx.scale = scale
@@ -732,7 +699,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         dht = torch.zeros_like(h0) if dht is None else dht.float().contiguous()
         dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, ctx.scale,
                                                      do, dht)
-        return dq, dk, dv, dg, dbeta, dh0, None, None
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None
 
 
 def _recurrent_forward(q, k, v, g, beta, h0, cu_seqlens, scale):
@@ -798,8 +765,10 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     B, T, H, DK = q.shape
     DV = v.shape[-1]
     scale = DK ** -0.5 if scale is None else float(scale)
+    n_chunks = None   # read from cu_seqlens on the device when sequences are packed
     if cu_seqlens is None:
         cu_seqlens = torch.arange(B + 1, dtype=torch.int64, device=q.device) * T
+        n_chunks = B * triton.cdiv(T, CHUNK)
     cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int64).contiguous()
     flat = [x.reshape(B * T, H, -1).contiguous() for x in (q, k, v)]
     g_flat = g.reshape(B * T, H).float().contiguous()
@@ -811,10 +780,10 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     inputs = (q, k, v, g, beta) + (() if initial_state is None else (initial_state, ))
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
     if needs_grad:
-        o, ht = _ChunkGatedDeltaRule.apply(*flat, g_flat, beta_flat, h0, cu_seqlens, scale)
+        o, ht = _ChunkGatedDeltaRule.apply(*flat, g_flat, beta_flat, h0, cu_seqlens, scale, n_chunks)
     elif T == 1:
         o, ht = _recurrent_forward(*flat, g_flat, beta_flat, h0, cu_seqlens, scale)
     else:
-        o, ht, _ = _chunk_forward(*flat, g_flat, beta_flat, h0, cu_seqlens, _chunk_index(cu_seqlens), scale)
+        o, ht, _ = _chunk_forward(*flat, g_flat, beta_flat, h0, cu_seqlens, _chunk_index(cu_seqlens, n_chunks), scale)
     o = o.reshape(B, T, H, DV)
     return o, (ht if output_final_state else None)
