@@ -37,10 +37,12 @@ WORST = {}   # (kernel, dtype, tensor) -> worst relative error seen
 
 @pytest.fixture(scope="module", autouse=True)
 def report_worst_errors():
+    """NIRVANA_KERNEL_ERRORS=path: the worst errors as JSON; under pytest-xdist one file per worker (path.gw0, ...)."""
     yield
     path = os.environ.get("NIRVANA_KERNEL_ERRORS")
     if path:
-        with open(path, "w") as f:
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        with open(f"{path}.{worker}" if worker else path, "w") as f:
             json.dump({" ".join(key): value for key, value in sorted(WORST.items())}, f, indent=1)
 
 
