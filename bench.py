@@ -432,13 +432,14 @@ def bench_train(table, args):
             config = nirvana.NirvanaConfig.from_preset(preset, backend="triton")
             model = nirvana.Nirvana(config).cuda()
             forward = torch.compile(model) if mode == "compiled" else model
-            optimizer = train.build_optimizer(train.parse_args(["--preset", preset]), model)
+            run_args = train.parse_args(["--preset", preset])   # train.py's defaults: AdamW settings, clipping
+            optimizer = train.build_optimizer(run_args, model)
 
             def step():
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     loss = forward(idx, idx)[1]
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), run_args.grad_clip or float("inf"))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 

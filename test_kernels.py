@@ -74,8 +74,11 @@ def outputs_and_gradients(fn, inputs, cotangents):
     return outputs, torch.autograd.grad(total, inputs, allow_unused=True)
 
 
-def check_against_reference(kernel_fn, reference_fn, inputs, names, kernel_name, dtype, zero_grad=()):
-    """Compare outputs and all input gradients of kernel_fn (on `inputs`) with reference_fn in float64."""
+def check_against_reference(kernel_fn, reference_fn, inputs, names, kernel_name, dtype, zero_grad=(),
+                            output_dtypes=None):
+    """Compare outputs and all input gradients of kernel_fn (on `inputs`) with reference_fn in float64, under
+    dtype's bound. Each gradient must come back in its input's dtype, each output in output_dtypes (default:
+    dtype)."""
     generator = torch.Generator(DEVICE).manual_seed(0)
     with torch.no_grad():
         probe = kernel_fn(*inputs)
@@ -85,13 +88,13 @@ def check_against_reference(kernel_fn, reference_fn, inputs, names, kernel_name,
     out, grads = outputs_and_gradients(kernel_fn, inputs, cotangents)
     reference_inputs = [x.detach().double().requires_grad_() for x in inputs]
     ref_out, ref_grads = outputs_and_gradients(reference_fn, reference_inputs, cotangents)
-    for i, (o, r) in enumerate(zip(out, ref_out)):
-        assert_close(o, r, dtype, (kernel_name, f"out{i}"))
+    for i, (o, r, o_dtype) in enumerate(zip(out, ref_out, output_dtypes or [dtype] * len(out))):
+        assert_close(o, r, o_dtype, (kernel_name, f"out{i}"), bound=dtype)
     for name, g, r, x in zip(names, grads, ref_grads, inputs):
         if name in zero_grad:   # the reference has no path from this input
             assert r is None and (g is None or not g.any()), f"{kernel_name}: {name} should get no gradient"
             continue
-        assert_close(g, r, x.dtype, (kernel_name, "d" + name))
+        assert_close(g, r, x.dtype, (kernel_name, "d" + name), bound=dtype)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -209,15 +212,9 @@ def test_trigger_with_the_dtypes_of_the_model_under_autocast():
     # dv come back in bf16, p' and dp, deta, dbank in float32, all within bf16's bound (the inputs' precision)
     q, k, v, p_prev, eta, bank_weight, bank_bias = trigger_inputs((2, 33), 64, 64, torch.bfloat16, seed=8)
     inputs = [q, k, v] + [x.detach().float().requires_grad_() for x in (p_prev, eta, bank_weight, bank_bias)]
-    generator = torch.Generator(DEVICE).manual_seed(0)
-    cotangents = [torch.randn(2, 33, n, generator=generator, device=DEVICE, dtype=torch.float64) for n in (64, 64)]
-    out, grads = outputs_and_gradients(kernels.trigger_step, inputs, cotangents)
-    reference = [x.detach().double().requires_grad_() for x in inputs]
-    ref_out, ref_grads = outputs_and_gradients(nirvana.trigger_step, reference, cotangents)
-    names = ["c", "p", "dq", "dk", "dv", "dp_prev", "deta", "dbank_weight", "dbank_bias"]
-    dtypes = [torch.bfloat16, torch.float32] + [x.dtype for x in inputs]
-    for name, actual, expected, dtype in zip(names, list(out) + list(grads), list(ref_out) + list(ref_grads), dtypes):
-        assert_close(actual, expected, dtype, ("trigger-autocast", name), bound=torch.bfloat16)
+    check_against_reference(kernels.trigger_step, nirvana.trigger_step, inputs,
+                            ["q", "k", "v", "p_prev", "eta", "bank_weight", "bank_bias"], "trigger-autocast",
+                            torch.bfloat16, output_dtypes=(torch.bfloat16, torch.float32))
 
 
 def test_trigger_broadcasts_p_prev_and_matches_without_grad():
