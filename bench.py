@@ -13,7 +13,8 @@ Sections:
   delta    kernels.gated_delta_rule vs nirvana.gated_delta_rule_chunked and, when the fla-core package is
            importable, fla's chunk_gated_delta_rule (its backward refuses Triton < 3.7.1 on Hopper because the
            compiler gave wrong results there; the check is bypassed to time it, said in the output, and the
-           error of every contender's output and gradients against the torch reference is in the table).
+           error of every contender's output and gradients against the torch reference is in the table);
+           forward+backward also as GPU time, the sum of the kernels' times without the host's launch gaps.
   model    one Nirvana block (1.3b layer size) forward+backward with torch ops, all Triton ops, and Triton
            SWA + Trigger with torch's gated delta rule; the fused Trigger step's share of the block's time.
   step     one whole training step (forward+backward) of a preset (--step-preset, default nirvana-350m) with
@@ -101,13 +102,13 @@ class Table:
 
     @staticmethod
     def header():
-        return (f"{'section':8} {'case':26} {'impl':22} {'mode':8} {'ms':>9} {'floor ms':>9} {'TFLOP/s':>8} "
+        return (f"{'section':8} {'case':26} {'impl':22} {'mode':11} {'ms':>9} {'floor ms':>9} {'TFLOP/s':>8} "
                 f"{'rel.err':>8}  note")
 
     @staticmethod
     def format(r):
         num = lambda x, f: format(x, f) if isinstance(x, (int, float)) else "-"
-        return (f"{r['section']:8} {r['case']:26} {r['impl']:22} {r['mode']:8} {num(r['ms'], '9.3f')} "
+        return (f"{r['section']:8} {r['case']:26} {r['impl']:22} {r['mode']:11} {num(r['ms'], '9.3f')} "
                 f"{num(r['floor_ms'], '9.3f')} {num(r['tflops'], '8.1f')} {num(r['rel_error'], '8.1e')}  {r['note']}")
 
     def ratios(self):
@@ -122,7 +123,7 @@ class Table:
                 continue
             for other in rows:
                 if other is not kernel and other["ms"]:
-                    lines.append(f"{section:8} {case:26} {mode:8} kernel / {other['impl']:22} = "
+                    lines.append(f"{section:8} {case:26} {mode:11} kernel / {other['impl']:22} = "
                                  f"{kernel['ms'] / other['ms']:6.3f}")
         return lines
 
@@ -154,6 +155,26 @@ def time_or_note(fn, grad_to_none=None):
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return None, "out of memory"
+
+
+def gpu_kernel_ms(fn, grad_to_none=None, calls=20):
+    """GPU time of one call of fn: the sum of its CUDA kernels' times (torch.profiler, mean over `calls` calls).
+    do_bench's time is the wall time between two events and also counts the gaps in which the GPU waits for the
+    host to launch the next kernel; this one does not."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def call():
+        for x in grad_to_none or []:
+            x.grad = None
+        fn()
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in kernels) / calls / 1e3
 
 
 def forward_and_backward(fn, inputs, grad_out):
@@ -322,8 +343,12 @@ def bench_delta(table, args):
         with torch.no_grad():
             ms, note = time_or_note(lambda: fn(*inputs))
         table.add("delta", case, name, "fwd", ms, flop, io, errors[0], note)
-        ms, note = time_or_note(forward_and_backward(lambda *x: fn(*x)[0], inputs, grad_out), grad_to_none=inputs)
+        step = forward_and_backward(lambda *x: fn(*x)[0], inputs, grad_out)
+        ms, note = time_or_note(step, grad_to_none=inputs)
         table.add("delta", case, name, "fwd+bwd", ms, 3 * flop, 2.5 * io, errors[1], note)
+        if ms is not None and name != "torch reference":
+            table.add("delta", case, name, "fwd+bwd GPU", gpu_kernel_ms(step, grad_to_none=inputs), 3 * flop, 2.5 * io,
+                      note="sum of its GPU kernels' times (torch.profiler), without the host's launch gaps")
 
 
 def bench_model(table, args):

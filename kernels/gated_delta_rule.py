@@ -8,7 +8,7 @@ Chunked form (chunk C = 64; inside a chunk G_t = g_1 + ... + g_t, Gamma_t = exp(
 chunk start; the WY/UT transform of the Gated DeltaNet paper):
 
     A     = diag(beta) (K K^T * exp(G_t - G_i))_{i<t}          (C, C) strictly lower triangular
-    Tinv  = (I + A)^-1                                          (C, C) blockwise inverse, see _unit_lower_inverse
+    Tinv  = (I + A)^-1                                          (C, C) on 16 x 16 tiles, see _wy_invert_kernel
     W     = Tinv diag(beta Gamma) K,   U = Tinv diag(beta) V    (C, Dk), (C, Dv)
     Vnew  = U - W S                                             (C, Dv) the "new values" of the chunk
     O     = diag(Gamma) Qs S + (Qs K^T * exp(G_t - G_i))_{i<=t} Vnew       Qs = scale Q
@@ -17,22 +17,23 @@ chunk start; the WY/UT transform of the Gated DeltaNet paper):
 Forward, four kernels in reading order: the inversion and the WY preparation (both parallel over chunks), the
 state pass (the only sequential one: along each sequence's chunks it writes the chunk-start states and Vnew), the
 output (parallel over chunks). The one-token decode kernel follows. Backward, recomputing the forward's
-intermediates except Tinv instead of keeping them: WY preparation and state pass again, the intra-chunk part of
-dVnew (parallel), the reverse state pass (gradients of the chunk-end states, dVnew), then two per-chunk gradient
+intermediates except Tinv instead of keeping them: WY preparation and state pass again, the reverse state pass
+(gradients of the chunk-end states, dVnew with its intra-chunk part), then two per-chunk gradient
 kernels: everything that needs the states and their gradients, one program per Dk block (dq, dW = -dVnew S^T,
 parts of dk and dg); then the WY backward (Tinv, dW -> dk, dv, dbeta, dg).
 
 Layout: (B, T, H, D), i.e. head after time. Packed sequences: B == 1 with cu_seqlens (N+1 offsets); a batch
 of B equal-length sequences is run as B packed sequences of length T. Supported: Dk and Dv powers of two in
 [16, 256]; q, k, v in float32, bfloat16 or float16; g <= 0 (log-decay) and beta of any float dtype.
-Precision: arithmetic, the state, U and all gradients in float32; the chunk-start states are stored in the
-inputs' dtype. Float32 inputs use exact float32 dot products. With 16-bit inputs, products of two 16-bit tensors
-(Q, K, stored states, dO) run natively on the tensor cores, the others in tf32 (exact float32 for Dk = 256, whose
-tf32 state passes need more shared memory than an H100 has). Tinv, W and Vnew enter only products of
-forward-pass quantities; for 16-bit inputs with Dk of 64 or 128 they are stored in float16 and those products
-run natively in float16 (_product): the mantissa of tf32, so the same precision, at half the bytes and twice the
-rate (bf16 storage of W, U and Vnew had doubled the bf16 errors in the tests). Float16's range bounds them: the
-values stay below 65504 as long as |v| does (|Tinv| <= 1 and |W| < 1 were seen on random unit keys).
+Precision: arithmetic and the state in float32; the chunk-start states are stored in the inputs' dtype. Float32
+inputs use exact float32 dot products and store every intermediate in float32. With 16-bit inputs, products of two
+16-bit tensors (Q, K, stored states, dO) run natively on the tensor cores, the others in tf32 (exact float32 for
+Dk = 256, whose tf32 state passes need more shared memory than an H100 has). Tinv, W, U and Vnew are forward-pass
+quantities; for 16-bit inputs with Dk of 64 or 128 they are stored in float16 and their products run natively in
+float16 (_product): the mantissa of tf32, so the same precision, at half the bytes and twice the rate (bf16
+storage of W, U and Vnew had doubled the bf16 errors in the tests). Float16's range bounds them: the values stay
+below 65504 as long as |v| does (|Tinv| <= 1 and |W| < 1 were seen on random unit keys). Gradients are stored in
+float32, except dW, which only enters float32-accumulated products: bfloat16 for 16-bit inputs (_gradient_dtype).
 On CPU the kernels run only under TRITON_INTERPRET=1 (which upcasts every product to float32).
 """
 import os
@@ -42,7 +43,7 @@ import triton
 import triton.language as tl
 
 CHUNK = 64  # tokens per chunk (C)
-SUB = 16  # side of the diagonal blocks inverted by substitution inside _unit_lower_inverse
+SUB = 16  # side of the tiles of A and Tinv in _wy_invert_kernel (C = 4 SUB)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -148,28 +149,57 @@ def _decay_matrix(G, INCLUSIVE: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(A, C: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
-    """(I + A)^-1 of a strictly lower triangular (C, C) float32 A, with C = 4 SUB, in two steps.
+def _load_block(k_ptr, g_ptr, beta_ptr, start, end, i_h, G_before, H: tl.constexpr, DK: tl.constexpr,
+                SUB: tl.constexpr):
+    """The SUB token rows start..start+SUB-1 of head i_h: K (SUB, DK) in its dtype, beta (SUB,), the in-chunk
+    cumulative log-decay G (SUB,) continuing G_before (G of the row before these, 0 for the first block; added in
+    the order of one cumsum over the chunk), and G's last value (the next block's G_before). Rows at or past
+    `end` are padding: k, beta and g read 0 (as in _chunk_rows), so G stays at the last valid value."""
+    r = tl.arange(0, SUB)
+    rows = start + r
+    valid = rows < end
+    k = _load_rows(k_ptr, rows, valid, i_h, tl.arange(0, DK), H, DK)
+    beta = tl.load(beta_ptr + rows * H + i_h, mask=valid, other=0.)
+    g = tl.load(g_ptr + rows * H + i_h, mask=valid, other=0.)
+    G = tl.cumsum(tl.where(r == 0, G_before + g, g), 0)
+    return k, beta, G, tl.sum(tl.where(r == SUB - 1, G, 0.), 0)
 
-    1. D^-1 for D = I + (the SUB x SUB diagonal blocks of A): forward substitution, the C / SUB blocks at once,
-       SUB - 1 steps (step t removes row t of every block from the rows below it).
-    2. With N = D^-1 (the blocks of A below the diagonal), which is strictly block-lower so N^4 = 0:
-       (I + A)^-1 = (I + N)^-1 D^-1 = (I - N)(I + N^2) D^-1, four (C, C) products.
-    """
-    tl.static_assert(C == 4 * SUB)
-    r = tl.arange(0, C)
-    same_block = (r[:, None] // SUB) == (r[None, :] // SUB)
-    A_diag = tl.where(same_block, A, 0.)
-    eye = tl.where(r[:, None] == r[None, :], 1., 0.)
-    D_inv = eye
-    for t in range(SUB - 1):
-        pivot = (r // SUB) * SUB + t  # (C,) the pivot row of each row's block
-        a_col = tl.sum(tl.where(r[None, :] == pivot[:, None], A_diag, 0.), 1)  # (C,) A[i, pivot(i)]
-        pivot_rows = tl.sum(tl.where((r % SUB == t)[:, None], D_inv, 0.), 0)  # (C,) D^-1[pivot(c), c]
-        D_inv -= tl.where(same_block, a_col[:, None] * pivot_rows[None, :], 0.)
-    N = tl.dot(D_inv, A - A_diag, input_precision=PREC)
-    N2 = tl.dot(N, N, input_precision=PREC)
-    return tl.dot(tl.dot(eye - N, eye + N2, input_precision=PREC), D_inv, input_precision=PREC)
+
+@triton.jit
+def _a_tile(k_i, k_j, beta_i, G_i, G_j, DIAGONAL: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr,
+            NATIVE: tl.constexpr):
+    """(SUB, SUB) float32 tile (i, j), j <= i, of A = diag(beta) (K K^T * exp(G_t - G_i))_{i<t}: its rows from
+    row block i (k_i, beta_i, G_i), its columns from row block j (k_j, G_j). A diagonal tile (DIAGONAL, i == j)
+    keeps its strictly lower part."""
+    kk = _dot(k_i, tl.trans(k_j), PREC, NATIVE)  # (SUB, SUB)
+    if DIAGONAL:
+        decay = _decay_matrix(G_i, False, SUB)
+    else:
+        decay = tl.exp(G_i[:, None] - G_j[None, :])
+    return beta_i[:, None] * kk * decay
+
+
+@triton.jit
+def _unit_lower_tile_inverse(A, SUB: tl.constexpr):
+    """(I + A)^-1 (SUB, SUB) of a strictly lower triangular float32 tile A by forward substitution, SUB - 1
+    unrolled steps: when step t starts, row t of the inverse X is final, and the step removes it from the rows
+    below (X[i] -= A[i, t] X[t])."""
+    r = tl.arange(0, SUB)
+    X = tl.where(r[:, None] == r[None, :], 1., 0.)
+    for t in tl.static_range(SUB - 1):
+        a_col = tl.sum(tl.where(r[None, :] == t, A, 0.), 1)  # (SUB,) A[:, t]
+        x_row = tl.sum(tl.where(r[:, None] == t, X, 0.), 0)  # (SUB,) X[t, :]
+        X -= a_col[:, None] * x_row[None, :]
+    return X
+
+
+@triton.jit
+def _store_tile(tinv_ptr, x, i_c, i_h, bi: tl.constexpr, bj: tl.constexpr, H: tl.constexpr, C: tl.constexpr,
+                SUB: tl.constexpr):
+    """Writes x (SUB, SUB) as tile (bi, bj) of the chunk's row-major (C, C) Tinv, in tinv_ptr's dtype."""
+    r = tl.arange(0, SUB)
+    offsets = ((i_c * H + i_h) * C + bi * SUB + r[:, None]) * C + bj * SUB + r[None, :]
+    tl.store(tinv_ptr + offsets, x.to(tinv_ptr.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -181,18 +211,65 @@ def _wy_invert_kernel(k_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end_ptr, ti
                       H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr,
                       INVERSE_PREC: tl.constexpr, NATIVE: tl.constexpr):
     """One program = one chunk (C=64 tokens) of one head: Tinv = (I + A)^-1 (C, C), stored in tinv_ptr's dtype.
-    Blocks: K (C, DK), A and Tinv (C, C). A kernel of its own, apart from W and U, so that it needs few registers
-    and many programs share an SM (the inversion is a chain of small dependent steps)."""
+
+    Blocks: the chunk's four row blocks of SUB = 16 rows, K (SUB, DK) each; A and Tinv as SUB x SUB tiles
+    (10 nonzero tiles of A, 16 of Tinv with the 6 above the diagonal stored as zeros). A's products follow PREC
+    and NATIVE (16-bit K natively); the inversion's products run at INVERSE_PREC (float32-accurate).
+    """
+    tl.static_assert(C == 4 * SUB)
     i_c = tl.program_id(0).to(tl.int64)  # 64-bit offsets: n_chunks * H * C * C may pass 2**31
     i_h = tl.program_id(1)
-    rows, valid, _ = _chunk_rows(chunk_start_ptr, chunk_end_ptr, i_c, C)
-    r = tl.arange(0, C)
-    k = _load_rows(k_ptr, rows, valid, i_h, tl.arange(0, DK), H, DK)
-    beta = tl.load(beta_ptr + rows * H + i_h, mask=valid, other=0.)
-    G = tl.cumsum(tl.load(g_ptr + rows * H + i_h, mask=valid, other=0.), 0)
-    A = beta[:, None] * _dot(k, tl.trans(k), PREC, NATIVE) * _decay_matrix(G, False, C)  # (C, C)
-    tinv = _unit_lower_inverse(A, C, SUB, INVERSE_PREC)
-    tl.store(tinv_ptr + ((i_c * H + i_h) * C + r[:, None]) * C + r[None, :], tinv.to(tinv_ptr.dtype.element_ty))
+    start = tl.load(chunk_start_ptr + i_c).to(tl.int64)
+    end = tl.load(chunk_end_ptr + i_c).to(tl.int64)
+    k0, beta0, G0, G_end = _load_block(k_ptr, g_ptr, beta_ptr, start, end, i_h, 0., H, DK, SUB)
+    k1, beta1, G1, G_end = _load_block(k_ptr, g_ptr, beta_ptr, start + SUB, end, i_h, G_end, H, DK, SUB)
+    k2, beta2, G2, G_end = _load_block(k_ptr, g_ptr, beta_ptr, start + 2 * SUB, end, i_h, G_end, H, DK, SUB)
+    k3, beta3, G3, _ = _load_block(k_ptr, g_ptr, beta_ptr, start + 3 * SUB, end, i_h, G_end, H, DK, SUB)
+
+    # Tiles of A (SUB, SUB): a_ij between row blocks i and j <= i
+    a00 = _a_tile(k0, k0, beta0, G0, G0, True, SUB, PREC, NATIVE)
+    a11 = _a_tile(k1, k1, beta1, G1, G1, True, SUB, PREC, NATIVE)
+    a22 = _a_tile(k2, k2, beta2, G2, G2, True, SUB, PREC, NATIVE)
+    a33 = _a_tile(k3, k3, beta3, G3, G3, True, SUB, PREC, NATIVE)
+    a10 = _a_tile(k1, k0, beta1, G1, G0, False, SUB, PREC, NATIVE)
+    a20 = _a_tile(k2, k0, beta2, G2, G0, False, SUB, PREC, NATIVE)
+    a21 = _a_tile(k2, k1, beta2, G2, G1, False, SUB, PREC, NATIVE)
+    a30 = _a_tile(k3, k0, beta3, G3, G0, False, SUB, PREC, NATIVE)
+    a31 = _a_tile(k3, k1, beta3, G3, G1, False, SUB, PREC, NATIVE)
+    a32 = _a_tile(k3, k2, beta3, G3, G2, False, SUB, PREC, NATIVE)
+
+    # Tiles of the inverse (SUB, SUB): the diagonal ones, then the off-diagonal ones one diagonal at a time
+    x00 = _unit_lower_tile_inverse(a00, SUB)
+    x11 = _unit_lower_tile_inverse(a11, SUB)
+    x22 = _unit_lower_tile_inverse(a22, SUB)
+    x33 = _unit_lower_tile_inverse(a33, SUB)
+    x10 = -_dot(x11, _dot(a10, x00, INVERSE_PREC, False), INVERSE_PREC, False)
+    x21 = -_dot(x22, _dot(a21, x11, INVERSE_PREC, False), INVERSE_PREC, False)
+    x32 = -_dot(x33, _dot(a32, x22, INVERSE_PREC, False), INVERSE_PREC, False)
+    x20 = -_dot(x22, _dot(a20, x00, INVERSE_PREC, False) + _dot(a21, x10, INVERSE_PREC, False),
+                INVERSE_PREC, False)
+    x31 = -_dot(x33, _dot(a31, x11, INVERSE_PREC, False) + _dot(a32, x21, INVERSE_PREC, False),
+                INVERSE_PREC, False)
+    x30 = -_dot(x33, _dot(a30, x00, INVERSE_PREC, False) + _dot(a31, x10, INVERSE_PREC, False)
+                + _dot(a32, x20, INVERSE_PREC, False), INVERSE_PREC, False)
+
+    zero = tl.zeros((SUB, SUB), dtype=tl.float32)
+    _store_tile(tinv_ptr, x00, i_c, i_h, 0, 0, H, C, SUB)
+    _store_tile(tinv_ptr, zero, i_c, i_h, 0, 1, H, C, SUB)
+    _store_tile(tinv_ptr, zero, i_c, i_h, 0, 2, H, C, SUB)
+    _store_tile(tinv_ptr, zero, i_c, i_h, 0, 3, H, C, SUB)
+    _store_tile(tinv_ptr, x10, i_c, i_h, 1, 0, H, C, SUB)
+    _store_tile(tinv_ptr, x11, i_c, i_h, 1, 1, H, C, SUB)
+    _store_tile(tinv_ptr, zero, i_c, i_h, 1, 2, H, C, SUB)
+    _store_tile(tinv_ptr, zero, i_c, i_h, 1, 3, H, C, SUB)
+    _store_tile(tinv_ptr, x20, i_c, i_h, 2, 0, H, C, SUB)
+    _store_tile(tinv_ptr, x21, i_c, i_h, 2, 1, H, C, SUB)
+    _store_tile(tinv_ptr, x22, i_c, i_h, 2, 2, H, C, SUB)
+    _store_tile(tinv_ptr, zero, i_c, i_h, 2, 3, H, C, SUB)
+    _store_tile(tinv_ptr, x30, i_c, i_h, 3, 0, H, C, SUB)
+    _store_tile(tinv_ptr, x31, i_c, i_h, 3, 1, H, C, SUB)
+    _store_tile(tinv_ptr, x32, i_c, i_h, 3, 2, H, C, SUB)
+    _store_tile(tinv_ptr, x33, i_c, i_h, 3, 3, H, C, SUB)
 
 
 @triton.jit
@@ -202,7 +279,7 @@ def _wy_prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end
     """One program = one chunk (C=64 tokens) of one head. Blocks: K (C, DK), V (C, DV), Tinv (C, C).
 
     Writes the in-chunk cumulative log-decay G (C,) and, from the stored Tinv (_wy_invert_kernel), the WY factors
-    W = Tinv diag(beta Gamma) K (C, DK) and U = Tinv diag(beta) V (C, DV) (U float32; W in the intermediates'
+    W = Tinv diag(beta Gamma) K (C, DK) and U = Tinv diag(beta) V (C, DV) (W and U in the intermediates'
     dtype, see _product). The forward and the backward both run it, so both see the same W and U.
     """
     i_c = tl.program_id(0).to(tl.int64)  # 64-bit offsets: n_chunks * H * C * C may pass 2**31
@@ -318,37 +395,17 @@ def _recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, cu_ptr, o_pt
 
 
 @triton.jit
-def _chunk_dvnew_local_kernel(q_ptr, k_ptr, do_ptr, gcum_ptr, chunk_start_ptr, chunk_end_ptr, dvnew_ptr, scale,
-                              H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
-                              BV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
-    """One program = one chunk of one head, BV columns: the intra-chunk part of dVnew, (Qs K^T * decay)^T dO.
-
-    Blocks: Q/K (C, BK) walked over Dk, scores (C, C), dO and dVnew (C, BV). The reverse state pass adds
-    diag(exp(G_C - G)) K dS' to it.
-    """
-    i_c, i_h, rows, valid, G, cv = _chunk_columns_program(chunk_start_ptr, chunk_end_ptr, gcum_ptr, H, BV, C)
-    qk = tl.zeros((C, C), dtype=tl.float32)
-    for i_k in range(DK // BK):
-        ck = i_k * BK + tl.arange(0, BK)
-        q = _load_rows(q_ptr, rows, valid, i_h, ck, H, DK)
-        k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK)
-        qk += _dot(q, tl.trans(k), PREC, NATIVE)
-    scores = qk * _decay_matrix(G, True, C) * scale
-    do = _load_rows(do_ptr, rows, valid, i_h, cv, H, DV).to(tl.float32)
-    _store_rows(dvnew_ptr, tl.dot(tl.trans(scores), do, input_precision=PREC), rows, valid, i_h, cv, H, DV)
-
-
-@triton.jit
 def _state_backward_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dht_ptr, cu_ptr, chunk_offsets_ptr,
                            dh_ptr, dvnew_ptr, dh0_ptr, scale,
                            H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-                           C: tl.constexpr, PREC: tl.constexpr):
+                           C: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
     """One program = one sequence, one head, BV state columns; walks the chunks backwards.
 
     Blocks: dS (DK, BV) float32 (gradient of the state at the current chunk's end), Q/K/W (C, DK),
-    dO/dVnew (C, BV). Per chunk (last first), with dVnew holding the intra-chunk part on entry:
-    dVnew += diag(exp(G_C - G)) K dS;  dS <- Gamma_C dS + (diag(Gamma) Qs)^T dO - W^T dVnew.
-    Writes dS of each chunk end, dVnew, and the initial-state gradient.
+    scores (C, C), dO/dVnew (C, BV). Per chunk (last first):
+    dVnew = (Qs K^T * decay)^T dO + diag(exp(G_C - G)) K dS   (the intra-chunk part needs no state: it overlaps
+    the chain of dS);  dS <- Gamma_C dS + (diag(Gamma) Qs)^T dO - W^T dVnew.
+    Writes dS of each chunk end, dVnew (float32), and the initial-state gradient.
     """
     i_n, i_h, bos, eos, first_chunk, n_chunks, dk, cv, state_offsets = _sequence_program(
         cu_ptr, chunk_offsets_ptr, DK, DV, BV)
@@ -359,14 +416,15 @@ def _state_backward_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dht_ptr, cu_pt
         rows, valid, last = _sequence_chunk_rows(bos, eos, c, C)
         tl.store(dh_ptr + ((first_chunk + c) * H + i_h) * DK * DV + state_offsets, dS.to(dh_ptr.dtype.element_ty))
         G, G_last = _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H)
-        k = _load_rows(k_ptr, rows, valid, i_h, dk, H, DK).to(tl.float32)
-        dvnew = (_load_rows(dvnew_ptr, rows, valid, i_h, cv, H, DV)
-                 + tl.dot(k * tl.exp(G_last - G)[:, None], dS, input_precision=PREC))
-        _store_rows(dvnew_ptr, dvnew, rows, valid, i_h, cv, H, DV)
-        q = _load_rows(q_ptr, rows, valid, i_h, dk, H, DK).to(tl.float32)
-        w = _load_rows(w_ptr, rows, valid, i_h, dk, H, DK).to(tl.float32)
+        q = _load_rows(q_ptr, rows, valid, i_h, dk, H, DK)
+        k = _load_rows(k_ptr, rows, valid, i_h, dk, H, DK)
         do = _load_rows(do_ptr, rows, valid, i_h, cv, H, DV).to(tl.float32)
-        q_decayed = q * (tl.exp(G) * scale)[:, None]
+        scores = _dot(q, tl.trans(k), PREC, NATIVE) * _decay_matrix(G, True, C) * scale  # (C, C)
+        dvnew = (tl.dot(tl.trans(scores), do, input_precision=PREC)
+                 + tl.dot(k.to(tl.float32) * tl.exp(G_last - G)[:, None], dS, input_precision=PREC))  # (C, BV)
+        _store_rows(dvnew_ptr, dvnew, rows, valid, i_h, cv, H, DV)
+        w = _load_rows(w_ptr, rows, valid, i_h, dk, H, DK).to(tl.float32)
+        q_decayed = q.to(tl.float32) * (tl.exp(G) * scale)[:, None]
         dS = (dS * tl.exp(G_last) + tl.dot(tl.trans(q_decayed), do, input_precision=PREC)
               - tl.dot(tl.trans(w), dvnew, input_precision=PREC))
     tl.store(dh0_ptr + (i_n * H + i_h) * DK * DV + state_offsets, dS)
@@ -385,7 +443,7 @@ def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvne
     with dQK = dscores * decay (the gradient of the scores Qs K^T * decay, over scale),
       dq = scale (Gamma dO S^T + dQK K),   dk part = dQK^T Qs + diag(exp(G_C - G)) Vnew dS'^T,
     and these columns' part of dG (the decays of the scores, of diag(Gamma) Qs S and of the state update;
-    G_C's gradient at the chunk's last row). Writes dq, the dk part and dW (float32) and the dG part into row
+    G_C's gradient at the chunk's last row). Writes dq, the dk part (float32), dW (_gradient_dtype) and the dG part into row
     i_k of a (DK / BK, TT, H) buffer; _chunk_grad_wy_kernel adds the rest.
     """
     # program 0 axis: chunk-major, Dk block fastest, so that the Dk blocks of a chunk run side by side and share its
@@ -478,7 +536,7 @@ def _chunk_grad_wy_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tinv_ptr, dvnew_ptr,
     for i_k in range(DK // BK):
         ck = i_k * BK + tl.arange(0, BK)
         k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK)
-        dw = _load_rows(dw_ptr, rows, valid, i_h, ck, H, DK)
+        dw = _load_rows(dw_ptr, rows, valid, i_h, ck, H, DK).to(tl.float32)
         kk += _dot(k, tl.trans(k), PREC, NATIVE)
         dtinv += tl.dot(dw, tl.trans(k.to(tl.float32) * bw_scale[:, None]), input_precision=PREC)
 
@@ -495,7 +553,8 @@ def _chunk_grad_wy_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tinv_ptr, dvnew_ptr,
     for i_k in range(DK // BK):
         ck = i_k * BK + tl.arange(0, BK)
         k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK).to(tl.float32)
-        dbw = tl.dot(tl.trans(tinv), _load_rows(dw_ptr, rows, valid, i_h, ck, H, DK), input_precision=PREC)
+        dbw = tl.dot(tl.trans(tinv), _load_rows(dw_ptr, rows, valid, i_h, ck, H, DK).to(tl.float32),
+                     input_precision=PREC)
         dk = (_load_rows(dk_part_ptr, rows, valid, i_h, ck, H, DK) + dbw * bw_scale[:, None]
               + tl.dot(dkk, k, input_precision=PREC))
         _store_rows(dk_ptr, dk, rows, valid, i_h, ck, H, DK)
@@ -527,21 +586,29 @@ def _intermediate_dtype(dtype, DK):
     return torch.float16 if _precision(dtype, DK)["PREC"] == "tf32" and DK >= 64 else torch.float32
 
 
+def _gradient_dtype(dtype):
+    """dtype of the stored dW: bfloat16 for 16-bit inputs (a gradient needs float32's range), float32 for float32
+    inputs. (dVnew and the partial dk stay float32: in bfloat16 they took the tests' bf16 errors at T = 1 over 1e-2.)"""
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
+
+
 def _inverse_precision(dtype):
     """INVERSE_PREC of _wy_invert_kernel, for the products inside (I + A)^-1: float32-accurate, i.e. exact, or
     three tf32 products on the GPU for 16-bit inputs."""
     return "ieee" if dtype == torch.float32 or INTERPRET else "tf32x3"
 
 
-def _launch_config(DK, DV):
+def _launch_config(dtype, DK, DV):
     """Launch parameters per kernel group, timed per kernel on an H100 at Dk = Dv = 128 in bf16 (B4 T4096 H16),
-    each the fastest of 5 to 14 candidates. invert, wy: warps of the inversion and of the WY preparation.
+    each the fastest of 3 to 14 candidates. invert, wy: warps of the inversion (1: a 16-row tile is one warp's
+    work, more warps repeat it; 4 for Dk = 256 and float32, whose tiles need more registers) and of the WY
+    preparation.
     state / state_backward: BV state columns per program, warps, pipeline stages of the sequential passes (the
-    forward's also serve the decode kernel). chunk: BK, BV blocks, warps and stages of the output and intra-chunk
-    dVnew kernels. grad: BK, BV blocks, warps and stages of the dq/dk/dW kernel; wy_grad: those of the WY
-    backward (1 stage: it holds several (C, C) matrices)."""
+    forward's also serve the decode kernel). chunk: BK, BV blocks, warps and stages of the output kernel. grad:
+    BK, BV blocks, warps and stages of the dq/dk/dW kernel; wy_grad: those of the WY backward (1 stage: it holds
+    several (C, C) matrices)."""
     large, widest = DK > 64, DK > 128  # Dk = 256 keeps 16 state columns, 2 warps, 1 stage (shared memory)
-    return dict(invert_warps=4, wy_warps=4,
+    return dict(invert_warps=1 if dtype != torch.float32 and DK <= 128 else 4, wy_warps=4,
                 state_BV=min(DV, 16 if widest else 32 if large else 64), state_warps=2 if widest else 4,
                 state_stages=1 if widest else 2,
                 state_backward_BV=min(DV, 16 if widest else 32 if large else 64),
@@ -549,7 +616,7 @@ def _launch_config(DK, DV):
                 state_backward_stages=1 if large else 2,
                 chunk_BK=min(DK, 64), chunk_BV=min(DV, 128 if large else 64), chunk_warps=8 if large else 4,
                 chunk_stages=2,
-                grad_BK=min(DK, 64), grad_BV=min(DV, 16 if large else 64), grad_warps=4, grad_stages=3 if large else 1,
+                grad_BK=min(DK, 64), grad_BV=min(DV, 32 if large else 64), grad_warps=4, grad_stages=3 if large else 1,
                 wy_grad_BK=min(DK, 64), wy_grad_BV=min(DV, 64), wy_grad_warps=4, wy_grad_stages=1)
 
 
@@ -571,14 +638,14 @@ def _chunk_index(cu_seqlens, total=None):
 
 
 def _wy_prepare(k, v, g, beta, chunk_start, chunk_end, tinv=None):
-    """(G (TT,H), Tinv (n_chunks,H,C,C), W (TT,H,Dk), U (TT,H,Dv)) from flattened (TT, H, D) inputs; G and U
-    float32, Tinv and W in _intermediate_dtype. A given Tinv (saved by the forward) is used instead of inverting
+    """(G (TT,H), Tinv (n_chunks,H,C,C), W (TT,H,Dk), U (TT,H,Dv)) from flattened (TT, H, D) inputs; G float32,
+    Tinv, W and U in _intermediate_dtype. A given Tinv (saved by the forward) is used instead of inverting
     again."""
     TT, H, DK = k.shape
     DV = v.shape[-1]
     n_chunks = chunk_start.numel()
     low = _intermediate_dtype(k.dtype, DK)
-    config = _launch_config(DK, DV)
+    config = _launch_config(k.dtype, DK, DV)
     if tinv is None:
         tinv = torch.empty(n_chunks, H, CHUNK, CHUNK, dtype=low, device=k.device)
         if n_chunks > 0:
@@ -587,7 +654,7 @@ def _wy_prepare(k, v, g, beta, chunk_start, chunk_end, tinv=None):
                                              **_precision(k.dtype, DK))
     gcum = torch.empty(TT, H, dtype=torch.float32, device=k.device)
     w = torch.empty(TT, H, DK, dtype=low, device=k.device)
-    u = torch.empty(TT, H, DV, dtype=torch.float32, device=k.device)
+    u = torch.empty(TT, H, DV, dtype=low, device=k.device)
     if n_chunks > 0:
         _wy_prepare_kernel[(n_chunks, H)](k, v, g, beta, chunk_start, chunk_end, tinv, gcum, w, u, H=H, DK=DK, DV=DV,
                                           C=CHUNK, num_warps=config["wy_warps"], **_precision(k.dtype, DK))
@@ -600,7 +667,7 @@ def _state_forward(k, w, u, gcum, h0, cu_seqlens, chunk_offsets, n_chunks):
     TT, H, DK = k.shape
     DV = u.shape[-1]
     N = cu_seqlens.numel() - 1
-    config = _launch_config(DK, DV)
+    config = _launch_config(k.dtype, DK, DV)
     ht = torch.empty(N, H, DK, DV, dtype=torch.float32, device=k.device)
     h = torch.empty(n_chunks, H, DK, DV, dtype=k.dtype, device=k.device)
     vnew = torch.empty(TT, H, DV, dtype=w.dtype, device=k.device)
@@ -615,7 +682,7 @@ def _chunk_output(q, k, h, vnew, gcum, chunk_start, chunk_end, scale):
     """O (TT,H,Dv) in q's dtype from the chunk-start states and Vnew."""
     TT, H, DK = q.shape
     DV = vnew.shape[-1]
-    config = _launch_config(DK, DV)
+    config = _launch_config(k.dtype, DK, DV)
     o = torch.empty(TT, H, DV, dtype=q.dtype, device=q.device)
     n_chunks = chunk_start.numel()
     if n_chunks > 0:
@@ -645,20 +712,15 @@ def _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, scale, 
     chunk_start, chunk_end, chunk_offsets = chunk_index
     gcum, _, w, u = _wy_prepare(k, v, g, beta, chunk_start, chunk_end, tinv=tinv)
     _, h, vnew = _state_forward(k, w, u, gcum, h0, cu_seqlens, chunk_offsets, chunk_start.numel())
-    config = _launch_config(DK, DV)
+    config = _launch_config(k.dtype, DK, DV)
     precision = _precision(q.dtype, DK)
     n_chunks = chunk_start.numel()
     dvnew = torch.empty(TT, H, DV, dtype=torch.float32, device=q.device)
-    if n_chunks > 0:
-        _chunk_dvnew_local_kernel[(n_chunks, H, DV // config["chunk_BV"])](
-            q, k, do, gcum, chunk_start, chunk_end, dvnew, scale, H=H, DK=DK, DV=DV, BK=config["chunk_BK"],
-            BV=config["chunk_BV"], C=CHUNK, num_warps=config["chunk_warps"], num_stages=config["chunk_stages"],
-            **precision)
     dh = torch.empty_like(h)
     dh0 = torch.empty(N, H, DK, DV, dtype=torch.float32, device=q.device)
     _state_backward_kernel[(N, H, DV // config["state_backward_BV"])](
         q, k, w, gcum, do, dht, cu_seqlens, chunk_offsets, dh, dvnew, dh0, scale,
-        H=H, DK=DK, DV=DV, BV=config["state_backward_BV"], C=CHUNK, PREC=precision["PREC"],
+        H=H, DK=DK, DV=DV, BV=config["state_backward_BV"], C=CHUNK, **precision,
         num_warps=config["state_backward_warps"], num_stages=config["state_backward_stages"])
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty(TT, H, dtype=torch.float32, device=q.device)
@@ -666,7 +728,7 @@ def _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, scale, 
     if n_chunks > 0:
         n_k = DK // config["grad_BK"]
         dk_part = torch.empty(TT, H, DK, dtype=torch.float32, device=q.device)
-        dw = torch.empty(TT, H, DK, dtype=torch.float32, device=q.device)
+        dw = torch.empty(TT, H, DK, dtype=_gradient_dtype(q.dtype), device=q.device)
         dg_part = torch.empty(n_k, TT, H, dtype=torch.float32, device=q.device)
         _chunk_grad_qkw_kernel[(n_k * n_chunks, H)](
             q, k, gcum, h, dh, vnew, dvnew, do, chunk_start, chunk_end, dq, dk_part, dw, dg_part, scale, TT,
@@ -707,7 +769,7 @@ def _recurrent_forward(q, k, v, g, beta, h0, cu_seqlens, scale):
     TT, H, DK = q.shape
     DV = v.shape[-1]
     N = cu_seqlens.numel() - 1
-    config = _launch_config(DK, DV)
+    config = _launch_config(k.dtype, DK, DV)
     o = torch.empty(TT, H, DV, dtype=q.dtype, device=q.device)
     ht = torch.empty(N, H, DK, DV, dtype=torch.float32, device=q.device)
     _recurrent_kernel[(N, H, DV // config["state_BV"])](q, k, v, g, beta, h0, cu_seqlens, o, ht, scale,
