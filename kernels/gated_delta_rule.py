@@ -443,8 +443,8 @@ def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvne
     with dQK = dscores * decay (the gradient of the scores Qs K^T * decay, over scale),
       dq = scale (Gamma dO S^T + dQK K),   dk part = dQK^T Qs + diag(exp(G_C - G)) Vnew dS'^T,
     and these columns' part of dG (the decays of the scores, of diag(Gamma) Qs S and of the state update;
-    G_C's gradient at the chunk's last row). Writes dq, the dk part (float32), dW (_gradient_dtype) and the dG part into row
-    i_k of a (DK / BK, TT, H) buffer; _chunk_grad_wy_kernel adds the rest.
+    G_C's gradient at the chunk's last row). Writes dq, the dk part (float32), dW (_gradient_dtype) and the dG
+    part into row i_k of a (DK / BK, TT, H) buffer; _chunk_grad_wy_kernel adds the rest.
     """
     # program 0 axis: chunk-major, Dk block fastest, so that the Dk blocks of a chunk run side by side and share its
     # dO, Vnew, dVnew in L2 (one axis: a grid's second and third axes stop at 65535 chunks)
@@ -580,9 +580,10 @@ def _precision(dtype, DK):
 
 
 def _intermediate_dtype(dtype, DK):
-    """dtype of the stored Tinv, W and Vnew (they only ever enter products, see _product): float16 where the
-    products run in tf32 and Dk >= 64 (16-bit inputs, Dk 64 or 128): the same 10-bit mantissa at half the bytes;
-    else float32. (At Dk = 16 float16 gave a wrong forward on the H100, before Tinv was read back from memory.)"""
+    """dtype of the stored Tinv, W, U and Vnew (forward-pass quantities that enter products, see _product, and
+    Vnew = U - W S): float16 where the products run in tf32 and Dk >= 64 (16-bit inputs, Dk 64 or 128): the same
+    10-bit mantissa at half the bytes; else float32. (At Dk = 16 float16 gave a wrong forward on the H100, before
+    Tinv was read back from memory.)"""
     return torch.float16 if _precision(dtype, DK)["PREC"] == "tf32" and DK >= 64 else torch.float32
 
 
