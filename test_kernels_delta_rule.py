@@ -7,7 +7,7 @@ examples (`pytest -n 8` compiles the head-size/dtype cases in parallel; with 14 
 references of the Dk = 256 cases once ran an 80 GB GPU out of memory). Errors are relative,
 ||x - x_ref|| / ||x_ref||, against the reference in float64 on the same (dtype-rounded) inputs. Bounds:
 float32 1e-4 (the kernels use exact float32 dots for float32 inputs), bfloat16 and float16 1e-2 (outputs
-and gradients are rounded to 16 bits; tf32 dots inside for Dk <= 128). Each example prints its errors
+and gradients are rounded to 16 bits; tf32 dots inside). Each example prints its errors
 (see them with -rP).
 """
 import os

@@ -27,15 +27,15 @@ of B equal-length sequences is run as B packed sequences of length T. Supported:
 [16, 256]; q, k, v in float32, bfloat16 or float16; g <= 0 (log-decay) and beta of any float dtype.
 Precision: arithmetic and the state in float32; the chunk-start states are stored in the inputs' dtype. Float32
 inputs use exact float32 dot products and store every intermediate in float32. With 16-bit inputs, products of two
-16-bit tensors (Q, K, stored states, dO) run natively on the tensor cores, the others in tf32 (exact float32 for
-Dk = 256, whose tf32 state passes need more shared memory than an H100 has). Tinv, W, U and Vnew are forward-pass
-quantities; for 16-bit inputs with Dk of 64 or 128 they are stored in float16 and their products run natively in
+16-bit tensors (Q, K, stored states, dO) run natively on the tensor cores, the others in tf32. Tinv, W, U and Vnew
+are forward-pass quantities; for 16-bit inputs with Dk >= 64 they are stored in float16 and their products run natively in
 float16 (_product): the mantissa of tf32, so the same precision, at half the bytes and twice the rate (bf16
 storage of W, U and Vnew had doubled the bf16 errors in the tests). Float16's range bounds them: the values stay
 below 65504 as long as |v| does (|Tinv| <= 1 and |W| < 1 were seen on random unit keys). Gradients are stored in
 float32, except dW, which only enters float32-accumulated products: bfloat16 for 16-bit inputs (_gradient_dtype).
 On CPU the kernels run only under TRITON_INTERPRET=1 (which upcasts every product to float32).
 """
+import functools
 import os
 
 import torch
@@ -571,20 +571,20 @@ def _chunk_grad_wy_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tinv_ptr, dvnew_ptr,
 # Host side
 
 
-def _precision(dtype, DK):
+def _precision(dtype):
     """Kernel arguments of the dot products: PREC, for products with a float32 operand (exact float32 for
-    float32 inputs and for Dk = 256, else tf32); NATIVE, whether two 16-bit operands multiply natively (not in
+    float32 inputs, else tf32); NATIVE, whether two 16-bit operands multiply natively (not in
     the CPU interpreter, which multiplies 16-bit operands wrongly)."""
-    exact = dtype == torch.float32 or DK > 128
+    exact = dtype == torch.float32
     return dict(PREC="ieee" if exact else "tf32", NATIVE=not INTERPRET and dtype != torch.float32)
 
 
 def _intermediate_dtype(dtype, DK):
     """dtype of the stored Tinv, W, U and Vnew (forward-pass quantities that enter products, see _product, and
-    Vnew = U - W S): float16 where the products run in tf32 and Dk >= 64 (16-bit inputs, Dk 64 or 128): the same
+    Vnew = U - W S): float16 where the products run in tf32 and Dk >= 64 (16-bit inputs): the same
     10-bit mantissa at half the bytes; else float32. (At Dk = 16 float16 gave a wrong forward on the H100, before
     Tinv was read back from memory.)"""
-    return torch.float16 if _precision(dtype, DK)["PREC"] == "tf32" and DK >= 64 else torch.float32
+    return torch.float16 if _precision(dtype)["PREC"] == "tf32" and DK >= 64 else torch.float32
 
 
 def _gradient_dtype(dtype):
@@ -607,13 +607,13 @@ def _launch_config(dtype, DK, DV):
     state / state_backward: BV state columns per program, warps, pipeline stages of the sequential passes (the
     forward's also serve the decode kernel). chunk: BK, BV blocks, warps and stages of the output kernel. grad:
     BK, BV blocks, warps and stages of the dq/dk/dW kernel; wy_grad: those of the WY backward (1 stage: it holds
-    several (C, C) matrices)."""
-    large, widest = DK > 64, DK > 128  # Dk = 256 keeps 16 state columns, 2 warps, 1 stage (shared memory)
-    return dict(invert_warps=1 if dtype != torch.float32 and DK <= 128 else 4, wy_warps=4,
-                state_BV=min(DV, 16 if widest else 32 if large else 64), state_warps=2 if widest else 4,
-                state_stages=1 if widest else 2,
-                state_backward_BV=min(DV, 16 if widest else 32 if large else 64),
-                state_backward_warps=2 if widest else 4,
+    several (C, C) matrices). Dk = 256 (timed at B2 T2048 H8): 8 warps in the WY preparation and the state passes,
+    32 state columns (with 16 columns at 8 warps, Triton 3.6 compiled the reverse state pass wrongly: wrong
+    gradients on the H100)."""
+    large, widest = DK > 64, DK > 128  # Dk = 256: 8 warps, 1 stage (registers, shared memory)
+    return dict(invert_warps=1 if dtype != torch.float32 and DK <= 128 else 4, wy_warps=8 if widest else 4,
+                state_BV=min(DV, 32 if large else 64), state_warps=8 if widest else 4, state_stages=1 if widest else 2,
+                state_backward_BV=min(DV, 32 if large else 64), state_backward_warps=8 if widest else 4,
                 state_backward_stages=1 if large else 2,
                 chunk_BK=min(DK, 64), chunk_BV=min(DV, 128 if large else 64), chunk_warps=8 if large else 4,
                 chunk_stages=2,
@@ -621,21 +621,33 @@ def _launch_config(dtype, DK, DV):
                 wy_grad_BK=min(DK, 64), wy_grad_BV=min(DV, 64), wy_grad_warps=4, wy_grad_stages=1)
 
 
-def _chunk_index(cu_seqlens, total=None):
-    """Chunk table of packed sequences: per chunk its first token and its sequence's end; per sequence the
-    index of its first chunk (N+1 offsets). Chunks never cross a sequence boundary. `total`, the number of chunks
-    when the caller knows it (B equal-length sequences), spares reading it back from the device (a host sync)."""
+def _chunk_index(cu_seqlens):
+    """Chunk table of packed sequences cu_seqlens (N+1 offsets, int64): per chunk its first token and its sequence's
+    end; per sequence the index of its first chunk (N+1 offsets). Chunks never cross a sequence boundary. Reads the
+    number of chunks back from the device (a host sync)."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     n_chunks = (lengths + CHUNK - 1) // CHUNK
     chunk_offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=cu_seqlens.device)
     chunk_offsets[1:] = torch.cumsum(n_chunks, 0)
-    total = int(chunk_offsets[-1]) if total is None else total
+    total = int(chunk_offsets[-1])
     seq_of_chunk = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), n_chunks,
                                            output_size=total)
     chunk_start = cu_seqlens[seq_of_chunk] + (torch.arange(total, device=cu_seqlens.device)
                                               - chunk_offsets[seq_of_chunk]) * CHUNK
     chunk_end = cu_seqlens[seq_of_chunk + 1]
     return chunk_start.contiguous(), chunk_end.contiguous(), chunk_offsets
+
+
+@functools.lru_cache(maxsize=32)
+def _equal_length_chunk_index(B, T, device):
+    """cu_seqlens and the chunk table (_chunk_index) of B sequences of length T, built once per (B, T, device):
+    building them per call took some twenty small kernels."""
+    cu_seqlens = torch.arange(B + 1, dtype=torch.int64, device=device) * T
+    per_sequence = triton.cdiv(T, CHUNK)
+    chunk = torch.arange(B * per_sequence, dtype=torch.int64, device=device)
+    chunk_start = chunk // per_sequence * T + chunk % per_sequence * CHUNK
+    chunk_end = (chunk // per_sequence + 1) * T
+    return cu_seqlens, (chunk_start, chunk_end, torch.arange(B + 1, dtype=torch.int64, device=device) * per_sequence)
 
 
 def _wy_prepare(k, v, g, beta, chunk_start, chunk_end, tinv=None):
@@ -652,13 +664,13 @@ def _wy_prepare(k, v, g, beta, chunk_start, chunk_end, tinv=None):
         if n_chunks > 0:
             _wy_invert_kernel[(n_chunks, H)](k, g, beta, chunk_start, chunk_end, tinv, H=H, DK=DK, C=CHUNK, SUB=SUB,
                                              INVERSE_PREC=_inverse_precision(k.dtype), num_warps=config["invert_warps"],
-                                             **_precision(k.dtype, DK))
+                                             **_precision(k.dtype))
     gcum = torch.empty(TT, H, dtype=torch.float32, device=k.device)
     w = torch.empty(TT, H, DK, dtype=low, device=k.device)
     u = torch.empty(TT, H, DV, dtype=low, device=k.device)
     if n_chunks > 0:
         _wy_prepare_kernel[(n_chunks, H)](k, v, g, beta, chunk_start, chunk_end, tinv, gcum, w, u, H=H, DK=DK, DV=DV,
-                                          C=CHUNK, num_warps=config["wy_warps"], **_precision(k.dtype, DK))
+                                          C=CHUNK, num_warps=config["wy_warps"], **_precision(k.dtype))
     return gcum, tinv, w, u
 
 
@@ -674,7 +686,7 @@ def _state_forward(k, w, u, gcum, h0, cu_seqlens, chunk_offsets, n_chunks):
     vnew = torch.empty(TT, H, DV, dtype=w.dtype, device=k.device)
     _state_forward_kernel[(N, H, DV // config["state_BV"])](
         k, w, u, gcum, h0, cu_seqlens, chunk_offsets, ht, h, vnew,
-        H=H, DK=DK, DV=DV, BV=config["state_BV"], C=CHUNK, **_precision(k.dtype, DK),
+        H=H, DK=DK, DV=DV, BV=config["state_BV"], C=CHUNK, **_precision(k.dtype),
         num_warps=config["state_warps"], num_stages=config["state_stages"])
     return ht, h, vnew
 
@@ -690,7 +702,7 @@ def _chunk_output(q, k, h, vnew, gcum, chunk_start, chunk_end, scale):
         _chunk_output_kernel[(n_chunks, H, DV // config["chunk_BV"])](
             q, k, h, vnew, gcum, chunk_start, chunk_end, o, scale, H=H, DK=DK, DV=DV, BK=config["chunk_BK"],
             BV=config["chunk_BV"], C=CHUNK, num_warps=config["chunk_warps"], num_stages=config["chunk_stages"],
-            **_precision(q.dtype, DK))
+            **_precision(q.dtype))
     return o
 
 
@@ -714,7 +726,7 @@ def _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, scale, 
     gcum, _, w, u = _wy_prepare(k, v, g, beta, chunk_start, chunk_end, tinv=tinv)
     _, h, vnew = _state_forward(k, w, u, gcum, h0, cu_seqlens, chunk_offsets, chunk_start.numel())
     config = _launch_config(k.dtype, DK, DV)
-    precision = _precision(q.dtype, DK)
+    precision = _precision(q.dtype)
     n_chunks = chunk_start.numel()
     dvnew = torch.empty(TT, H, DV, dtype=torch.float32, device=q.device)
     dh = torch.empty_like(h)
@@ -747,8 +759,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
     initial state h0 (N,H,Dk,Dv) float32 (zeros when the caller gave none)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, cu_seqlens, scale, n_chunks):
-        chunk_index = _chunk_index(cu_seqlens, n_chunks)
+    def forward(ctx, q, k, v, g, beta, h0, cu_seqlens, chunk_index, scale):
         o, ht, tinv = _chunk_forward(q, k, v, g, beta, h0, cu_seqlens, chunk_index, scale)
         ctx.save_for_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, *chunk_index)
         ctx.scale = scale
@@ -828,11 +839,11 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     B, T, H, DK = q.shape
     DV = v.shape[-1]
     scale = DK ** -0.5 if scale is None else float(scale)
-    n_chunks = None   # read from cu_seqlens on the device when sequences are packed
     if cu_seqlens is None:
-        cu_seqlens = torch.arange(B + 1, dtype=torch.int64, device=q.device) * T
-        n_chunks = B * triton.cdiv(T, CHUNK)
-    cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int64).contiguous()
+        cu_seqlens, chunk_index = _equal_length_chunk_index(B, T, q.device)
+    else:
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int64).contiguous()
+        chunk_index = None  # built below where the chunked kernels need it
     flat = [x.reshape(B * T, H, -1).contiguous() for x in (q, k, v)]
     g_flat = g.reshape(B * T, H).float().contiguous()
     beta_flat = beta.reshape(B * T, H).float().contiguous()
@@ -842,11 +853,13 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
         h0 = initial_state.float().contiguous()
     inputs = (q, k, v, g, beta) + (() if initial_state is None else (initial_state, ))
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    if (needs_grad or T > 1) and chunk_index is None:
+        chunk_index = _chunk_index(cu_seqlens)
     if needs_grad:
-        o, ht = _ChunkGatedDeltaRule.apply(*flat, g_flat, beta_flat, h0, cu_seqlens, scale, n_chunks)
+        o, ht = _ChunkGatedDeltaRule.apply(*flat, g_flat, beta_flat, h0, cu_seqlens, chunk_index, scale)
     elif T == 1:
         o, ht = _recurrent_forward(*flat, g_flat, beta_flat, h0, cu_seqlens, scale)
     else:
-        o, ht, _ = _chunk_forward(*flat, g_flat, beta_flat, h0, cu_seqlens, _chunk_index(cu_seqlens, n_chunks), scale)
+        o, ht, _ = _chunk_forward(*flat, g_flat, beta_flat, h0, cu_seqlens, chunk_index, scale)
     o = o.reshape(B, T, H, DV)
     return o, (ht if output_final_state else None)
