@@ -28,11 +28,11 @@ of B equal-length sequences is run as B packed sequences of length T. Supported:
 Precision: arithmetic and the state in float32; the chunk-start states are stored in the inputs' dtype. Float32
 inputs use exact float32 dot products and store every intermediate in float32. With 16-bit inputs, products of two
 16-bit tensors (Q, K, stored states, dO) run natively on the tensor cores, the others in tf32. Tinv, W, U and Vnew
-are forward-pass quantities; for 16-bit inputs with Dk >= 64 they are stored in float16 and their products run natively in
-float16 (_product): the mantissa of tf32, so the same precision, at half the bytes and twice the rate (bf16
-storage of W, U and Vnew had doubled the bf16 errors in the tests). Float16's range bounds them: the values stay
-below 65504 as long as |v| does (|Tinv| <= 1 and |W| < 1 were seen on random unit keys). Gradients are stored in
-float32, except dW, which only enters float32-accumulated products: bfloat16 for 16-bit inputs (_gradient_dtype).
+are forward-pass quantities; for 16-bit inputs with Dk >= 64 they are stored in float16 and their products run
+natively in float16 (_product): the mantissa of tf32, so the same precision, at half the bytes and twice the rate
+(bf16 storage of W, U and Vnew had doubled the bf16 errors in the tests). Float16's range bounds them: the values
+stay below 65504 as long as |v| does (|Tinv| <= 1 and |W| < 1 were seen on random unit keys). Gradients are stored
+in float32, except dW, which only enters float32-accumulated products: bfloat16 for 16-bit inputs (_gradient_dtype).
 On CPU the kernels run only under TRITON_INTERPRET=1 (which upcasts every product to float32).
 """
 import functools
@@ -576,7 +576,7 @@ def _precision(dtype):
     float32 inputs, else tf32); NATIVE, whether two 16-bit operands multiply natively (not in
     the CPU interpreter, which multiplies 16-bit operands wrongly)."""
     exact = dtype == torch.float32
-    return dict(PREC="ieee" if exact else "tf32", NATIVE=not INTERPRET and dtype != torch.float32)
+    return dict(PREC="ieee" if exact else "tf32", NATIVE=not INTERPRET and not exact)
 
 
 def _intermediate_dtype(dtype, DK):
@@ -640,14 +640,10 @@ def _chunk_index(cu_seqlens):
 
 @functools.lru_cache(maxsize=32)
 def _equal_length_chunk_index(B, T, device):
-    """cu_seqlens and the chunk table (_chunk_index) of B sequences of length T, built once per (B, T, device):
-    building them per call took some twenty small kernels."""
+    """cu_seqlens of B sequences of length T and their chunk table (_chunk_index), built once per (B, T, device):
+    building the table per call took some twenty small kernels."""
     cu_seqlens = torch.arange(B + 1, dtype=torch.int64, device=device) * T
-    per_sequence = triton.cdiv(T, CHUNK)
-    chunk = torch.arange(B * per_sequence, dtype=torch.int64, device=device)
-    chunk_start = chunk // per_sequence * T + chunk % per_sequence * CHUNK
-    chunk_end = (chunk // per_sequence + 1) * T
-    return cu_seqlens, (chunk_start, chunk_end, torch.arange(B + 1, dtype=torch.int64, device=device) * per_sequence)
+    return cu_seqlens, _chunk_index(cu_seqlens)
 
 
 def _wy_prepare(k, v, g, beta, chunk_start, chunk_end, tinv=None):
