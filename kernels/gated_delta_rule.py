@@ -20,20 +20,22 @@ output (parallel over chunks). The one-token decode kernel follows. Backward, re
 intermediates except Tinv instead of keeping them: WY preparation and state pass again, the reverse state pass
 (gradients of the chunk-end states, dVnew with its intra-chunk part), then two per-chunk gradient
 kernels: everything that needs the states and their gradients, one program per Dk block (dq, dW = -dVnew S^T,
-parts of dk and dg); then the WY backward (Tinv, dW -> dk, dv, dbeta, dg).
+parts of dk and dg; run again over each sequence's first and last chunk, see SEQUENCE_ENDS); then the WY backward
+(Tinv, dW -> dk, dv, dbeta, dg).
 
-Layout: (B, T, H, D), i.e. head after time. Packed sequences: B == 1 with cu_seqlens (N+1 offsets); a batch
-of B equal-length sequences is run as B packed sequences of length T. Supported: Dk and Dv powers of two in
-[16, 256]; q, k, v in float32, bfloat16 or float16; g <= 0 (log-decay) and beta of any float dtype.
-Precision: arithmetic and the state in float32; the chunk-start states are stored in the inputs' dtype. Float32
-inputs use exact float32 dot products and store every intermediate in float32. With 16-bit inputs, products of two
-16-bit tensors (Q, K, stored states, dO) run natively on the tensor cores, the others in tf32. Tinv, W, U and Vnew
-are forward-pass quantities; for 16-bit inputs with Dk >= 64 they are stored in float16 and their products run
-natively in float16 (_product): the mantissa of tf32, so the same precision, at half the bytes and twice the rate
-(bf16 storage of W, U and Vnew had doubled the bf16 errors in the tests). Float16's range bounds them: the values
-stay below 65504 as long as |v| does (|Tinv| <= 1 and |W| < 1 were seen on random unit keys). Gradients are stored
-in float32, except dW, which only enters float32-accumulated products: bfloat16 for 16-bit inputs (_gradient_dtype).
-On CPU the kernels run only under TRITON_INTERPRET=1 (which upcasts every product to float32).
+Layout: (B, T, H, D), i.e. head after time. Packed sequences: B == 1 with cu_seqlens (N+1 offsets); a batch of B
+equal-length sequences is run as B packed sequences of length T. Supported: Dk and Dv powers of two in [16, 256]; q,
+k, v in float32, bfloat16 or float16; g <= 0 (log-decay) and beta of any float dtype. Precision: arithmetic and the
+state in float32; the chunk-start states are stored in the inputs' dtype. The gradients of each sequence's first and
+last chunk use h0 and dht (float32 inputs) at float32 accuracy (SEQUENCE_ENDS). Float32 inputs use exact float32 dot
+products and store every intermediate in float32. With 16-bit inputs, products of two 16-bit tensors (Q, K, stored
+states, dO) run natively on the tensor cores, the others in tf32. Tinv, W, U and Vnew are forward-pass quantities;
+for 16-bit inputs with Dk >= 64 they are stored in float16 and their products run natively in float16 (_product):
+the mantissa of tf32, so the same precision, at half the bytes and twice the rate (bf16 storage of W, U and Vnew had
+doubled the bf16 errors in the tests). Float16's range bounds them: the values stay below 65504 as long as |v| does
+(|Tinv| <= 1 and |W| < 1 were seen on random unit keys). Gradients are stored in float32, except dW, which only
+enters float32-accumulated products: bfloat16 for 16-bit inputs (_gradient_dtype). On CPU the kernels run only under
+TRITON_INTERPRET=1 (which upcasts every product to float32).
 """
 import functools
 import os
@@ -312,7 +314,8 @@ def _state_forward_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, cu_ptr, chunk_o
 
     Blocks: state S (DK, BV) float32 in registers, K/W (C, DK), U/Vnew (C, BV). Per chunk: writes S (the
     chunk-start state) and Vnew = U - W S; then S <- Gamma_C S + (diag(exp(G_C - G)) K)^T Vnew.
-    Writes the final state at the end.
+    Writes the final state at the end. (Scaling Vnew instead of K by exp(G_C - G) was 3.5% faster at Dk = 128, but
+    Triton 3.6 compiled it into an illegal memory access at Dk = 256 on the H100.)
     """
     i_n, i_h, bos, eos, first_chunk, n_chunks, dk, cv, state_offsets = _sequence_program(
         cu_ptr, chunk_offsets_ptr, DK, DV, BV)
@@ -431,10 +434,11 @@ def _state_backward_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dht_ptr, cu_pt
 
 
 @triton.jit
-def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvnew_ptr, do_ptr, chunk_start_ptr,
-                           chunk_end_ptr, dq_ptr, dk_part_ptr, dw_ptr, dg_part_ptr, scale, TT,
+def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvnew_ptr, do_ptr, h0_ptr, dht_ptr,
+                           cu_ptr, chunk_start_ptr, chunk_end_ptr, chunk_sequence_ptr, end_chunks_ptr,
+                           dq_ptr, dk_part_ptr, dw_ptr, dg_part_ptr, scale, TT,
                            H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           C: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
+                           C: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr, SEQUENCE_ENDS: tl.constexpr):
     """One program = one chunk of one head and BK columns of Dk: everything of the backward that needs the
     chunk-start state S or the chunk-end state gradient dS', for those columns.
 
@@ -445,11 +449,24 @@ def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvne
     and these columns' part of dG (the decays of the scores, of diag(Gamma) Qs S and of the state update;
     G_C's gradient at the chunk's last row). Writes dq, the dk part (float32), dW (_gradient_dtype) and the dG
     part into row i_k of a (DK / BK, TT, H) buffer; _chunk_grad_wy_kernel adds the rest.
+
+    SEQUENCE_ENDS: the programs run over the chunks listed in end_chunks (each sequence's first and last) instead,
+    after the run over all chunks, and overwrite that run's results there, adding the products with the residuals of
+    the states that are float32 inputs: h0 - S in a first chunk, dht - dS' in a last one (rounded to the stored
+    states' dtype, i.e. to 2^-8 of a residual that is itself within 2^-8 of the state). With 16-bit inputs the
+    states are stored in 16 bits, and a sequence of one chunk (T = 1 included) would take its dg and dbeta,
+    B H sums of Dk Dv products that can cancel, from rounded copies of h0 and dht (dg's error at T = 1 in
+    bfloat16 reached 1.6e-2 on the H100).
     """
     # program 0 axis: chunk-major, Dk block fastest, so that the Dk blocks of a chunk run side by side and share its
     # dO, Vnew, dVnew in L2 (one axis: a grid's second and third axes stop at 65535 chunks)
     i_k = tl.program_id(0) % (DK // BK)
     i_c = (tl.program_id(0) // (DK // BK)).to(tl.int64)  # 64-bit offsets: n_chunks * H * Dk * Dv may pass 2**31
+    if SEQUENCE_ENDS:
+        i_c = tl.load(end_chunks_ptr + i_c)
+        i_n = tl.load(chunk_sequence_ptr + i_c)
+        is_first = tl.load(chunk_start_ptr + i_c) == tl.load(cu_ptr + i_n)
+        is_last = tl.load(chunk_end_ptr + i_c) <= tl.load(chunk_start_ptr + i_c) + C
     i_h = tl.program_id(1)
     rows, valid, last = _chunk_rows(chunk_start_ptr, chunk_end_ptr, i_c, C)
     G, G_last = _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H)
@@ -475,6 +492,17 @@ def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvne
         dvnew_St += _dot(dvnew, tl.trans(S), PREC, NATIVE)
         dscores += _dot(do, tl.trans(vnew), PREC, NATIVE)
         dS_dot_S += tl.sum(dS.to(tl.float32) * S.to(tl.float32), 0)
+        if SEQUENCE_ENDS:  # the products with the residuals h0 - S (first chunk) and dht - dS' (last chunk)
+            S_residual = tl.zeros((BK, BV), dtype=tl.float32)
+            if is_first:
+                S_residual = tl.load(h0_ptr + (i_n * H + i_h) * DK * DV + ck[:, None] * DV + cv[None, :]) - S
+            dS_residual = tl.zeros((BK, BV), dtype=tl.float32)
+            if is_last:
+                dS_residual = tl.load(dht_ptr + (i_n * H + i_h) * DK * DV + ck[:, None] * DV + cv[None, :]) - dS
+            do_St += _dot(do, tl.trans(S_residual.to(S.dtype)), PREC, NATIVE)
+            vnew_dSt += _dot(vnew, tl.trans(dS_residual.to(S.dtype)), PREC, NATIVE)
+            dvnew_St += _dot(dvnew, tl.trans(S_residual.to(S.dtype)), PREC, NATIVE)
+            dS_dot_S += tl.sum((dS + dS_residual) * (S + S_residual) - dS.to(tl.float32) * S.to(tl.float32), 0)
     _store_rows(dw_ptr, -dvnew_St, rows, valid, i_h, ck, H, DK)
     q = _load_rows(q_ptr, rows, valid, i_h, ck, H, DK)
     k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK)
@@ -622,9 +650,10 @@ def _launch_config(dtype, DK, DV):
 
 
 def _chunk_index(cu_seqlens):
-    """Chunk table of packed sequences cu_seqlens (N+1 offsets, int64): per chunk its first token and its sequence's
-    end; per sequence the index of its first chunk (N+1 offsets). Chunks never cross a sequence boundary. Reads the
-    number of chunks back from the device (a host sync)."""
+    """Chunk table of packed sequences cu_seqlens (N+1 offsets, int64): per chunk its first token, its sequence's
+    end and its sequence; per sequence the index of its first chunk (N+1 offsets); the first and last chunks of the
+    sequences (2N). Chunks never cross a sequence boundary. Reads the number of chunks back from the device (a host
+    sync)."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     n_chunks = (lengths + CHUNK - 1) // CHUNK
     chunk_offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=cu_seqlens.device)
@@ -635,7 +664,9 @@ def _chunk_index(cu_seqlens):
     chunk_start = cu_seqlens[seq_of_chunk] + (torch.arange(total, device=cu_seqlens.device)
                                               - chunk_offsets[seq_of_chunk]) * CHUNK
     chunk_end = cu_seqlens[seq_of_chunk + 1]
-    return chunk_start.contiguous(), chunk_end.contiguous(), chunk_offsets
+    # (an empty sequence lists some other chunk: running a chunk again at SEQUENCE_ENDS gives its results again)
+    end_chunks = torch.cat([chunk_offsets[:-1], chunk_offsets[1:] - 1]).clamp(0, max(total - 1, 0))
+    return chunk_start.contiguous(), chunk_end.contiguous(), chunk_offsets, seq_of_chunk, end_chunks
 
 
 @functools.lru_cache(maxsize=32)
@@ -705,7 +736,7 @@ def _chunk_output(q, k, h, vnew, gcum, chunk_start, chunk_end, scale):
 def _chunk_forward(q, k, v, g, beta, h0, cu_seqlens, chunk_index, scale):
     """(o (TT,H,Dv), final state (N,H,Dk,Dv), Tinv (n_chunks,H,C,C)) from flattened packed inputs and their chunk
     table (_chunk_index)."""
-    chunk_start, chunk_end, chunk_offsets = chunk_index
+    chunk_start, chunk_end, chunk_offsets, _, _ = chunk_index
     gcum, tinv, w, u = _wy_prepare(k, v, g, beta, chunk_start, chunk_end)
     ht, h, vnew = _state_forward(k, w, u, gcum, h0, cu_seqlens, chunk_offsets, chunk_start.numel())
     return _chunk_output(q, k, h, vnew, gcum, chunk_start, chunk_end, scale), ht, tinv
@@ -718,7 +749,7 @@ def _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, scale, 
     TT, H, DK = k.shape
     DV = v.shape[-1]
     N = cu_seqlens.numel() - 1
-    chunk_start, chunk_end, chunk_offsets = chunk_index
+    chunk_start, chunk_end, chunk_offsets, chunk_sequence, end_chunks = chunk_index
     gcum, _, w, u = _wy_prepare(k, v, g, beta, chunk_start, chunk_end, tinv=tinv)
     _, h, vnew = _state_forward(k, w, u, gcum, h0, cu_seqlens, chunk_offsets, chunk_start.numel())
     config = _launch_config(k.dtype, DK, DV)
@@ -739,10 +770,12 @@ def _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, scale, 
         dk_part = torch.empty(TT, H, DK, dtype=torch.float32, device=q.device)
         dw = torch.empty(TT, H, DK, dtype=_gradient_dtype(q.dtype), device=q.device)
         dg_part = torch.empty(n_k, TT, H, dtype=torch.float32, device=q.device)
-        _chunk_grad_qkw_kernel[(n_k * n_chunks, H)](
-            q, k, gcum, h, dh, vnew, dvnew, do, chunk_start, chunk_end, dq, dk_part, dw, dg_part, scale, TT,
-            H=H, DK=DK, DV=DV, BK=config["grad_BK"], BV=config["grad_BV"], C=CHUNK, num_warps=config["grad_warps"],
-            num_stages=config["grad_stages"], **precision)
+        for sequence_ends in (False, True) if h.dtype != torch.float32 else (False, ):
+            _chunk_grad_qkw_kernel[(n_k * (end_chunks.numel() if sequence_ends else n_chunks), H)](
+                q, k, gcum, h, dh, vnew, dvnew, do, h0, dht, cu_seqlens, chunk_start, chunk_end, chunk_sequence,
+                end_chunks, dq, dk_part, dw, dg_part, scale, TT, H=H, DK=DK, DV=DV, BK=config["grad_BK"],
+                BV=config["grad_BV"], C=CHUNK, num_warps=config["grad_warps"], num_stages=config["grad_stages"],
+                SEQUENCE_ENDS=sequence_ends, **precision)
         _chunk_grad_wy_kernel[(n_chunks, H)](
             k, v, beta, gcum, tinv, dvnew, dw, dk_part, dg_part, chunk_start, chunk_end, dk, dv, dbeta, dg, TT,
             H=H, DK=DK, DV=DV, BK=config["wy_grad_BK"], BV=config["wy_grad_BV"], NK=n_k, C=CHUNK,
