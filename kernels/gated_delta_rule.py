@@ -451,12 +451,12 @@ def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvne
     part into row i_k of a (DK / BK, TT, H) buffer; _chunk_grad_wy_kernel adds the rest.
 
     SEQUENCE_ENDS: the programs run over the chunks listed in end_chunks (each sequence's first and last) instead,
-    after the run over all chunks, and overwrite that run's results there, adding the products with the residuals of
-    the states that are float32 inputs: h0 - S in a first chunk, dht - dS' in a last one (rounded to the stored
-    states' dtype, i.e. to 2^-8 of a residual that is itself within 2^-8 of the state). With 16-bit inputs the
-    states are stored in 16 bits, and a sequence of one chunk (T = 1 included) would take its dg and dbeta,
-    B H sums of Dk Dv products that can cancel, from rounded copies of h0 and dht (dg's error at T = 1 in
-    bfloat16 reached 1.6e-2 on the H100).
+    after the run over all chunks when h0 or dht was given, and overwrite that run's results there, adding the
+    products with the residuals of the states that are float32 inputs: h0 - S in a first chunk, dht - dS' in a last
+    one (rounded to the stored states' dtype, i.e. to 2^-8 of a residual that is itself within 2^-8 of the state).
+    With 16-bit inputs the states are stored in 16 bits, and a sequence of one chunk (T = 1 included) would take its
+    dg and dbeta, B H sums of Dk Dv products that can cancel, from rounded copies of h0 and dht (dg's error at T = 1
+    in bfloat16 reached 1.6e-2 on the H100).
     """
     # program 0 axis: chunk-major, Dk block fastest, so that the Dk blocks of a chunk run side by side and share its
     # dO, Vnew, dVnew in L2 (one axis: a grid's second and third axes stop at 65535 chunks)
@@ -742,10 +742,11 @@ def _chunk_forward(q, k, v, g, beta, h0, cu_seqlens, chunk_index, scale):
     return _chunk_output(q, k, h, vnew, gcum, chunk_start, chunk_end, scale), ht, tinv
 
 
-def _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, scale, do, dht):
+def _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, scale, do, dht, float32_ends):
     """All input gradients (dq, dk, dv, dg, dbeta, dh0), recomputing the forward's intermediates first, except
     Tinv and the chunk table, which the forward saved (the inversion is the costliest part of the WY
-    preparation)."""
+    preparation). float32_ends: whether h0 or dht may differ from their 16-bit copies (a given initial state, a
+    final state with a gradient), i.e. whether the sequence ends need _chunk_grad_qkw_kernel's second run."""
     TT, H, DK = k.shape
     DV = v.shape[-1]
     N = cu_seqlens.numel() - 1
@@ -770,7 +771,7 @@ def _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, scale, 
         dk_part = torch.empty(TT, H, DK, dtype=torch.float32, device=q.device)
         dw = torch.empty(TT, H, DK, dtype=_gradient_dtype(q.dtype), device=q.device)
         dg_part = torch.empty(n_k, TT, H, dtype=torch.float32, device=q.device)
-        for sequence_ends in (False, True) if h.dtype != torch.float32 else (False, ):
+        for sequence_ends in (False, True) if float32_ends and h.dtype != torch.float32 else (False, ):
             _chunk_grad_qkw_kernel[(n_k * (end_chunks.numel() if sequence_ends else n_chunks), H)](
                 q, k, gcum, h, dh, vnew, dvnew, do, h0, dht, cu_seqlens, chunk_start, chunk_end, chunk_sequence,
                 end_chunks, dq, dk_part, dw, dg_part, scale, TT, H=H, DK=DK, DV=DV, BK=config["grad_BK"],
@@ -785,13 +786,14 @@ def _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, scale, 
 
 class _ChunkGatedDeltaRule(torch.autograd.Function):
     """Chunked forward and backward on flattened packed inputs q, k (TT,H,Dk), v (TT,H,Dv), g, beta (TT,H),
-    initial state h0 (N,H,Dk,Dv) float32 (zeros when the caller gave none)."""
+    initial state h0 (N,H,Dk,Dv) float32 (zeros when the caller gave none: given_initial_state False)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, cu_seqlens, chunk_index, scale):
+    def forward(ctx, q, k, v, g, beta, h0, cu_seqlens, chunk_index, scale, given_initial_state):
         o, ht, tinv = _chunk_forward(q, k, v, g, beta, h0, cu_seqlens, chunk_index, scale)
         ctx.save_for_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, *chunk_index)
         ctx.scale = scale
+        ctx.given_initial_state = given_initial_state
         ctx.set_materialize_grads(False)
         return o, ht
 
@@ -799,10 +801,11 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, g, beta, h0, tinv, cu_seqlens, *chunk_index = ctx.saved_tensors
         do = torch.zeros_like(v) if do is None else do.contiguous()
+        float32_ends = ctx.given_initial_state or dht is not None
         dht = torch.zeros_like(h0) if dht is None else dht.float().contiguous()
         dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, ctx.scale,
-                                                     do, dht)
-        return dq, dk, dv, dg, dbeta, dh0, None, None, None
+                                                     do, dht, float32_ends)
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None
 
 
 def _recurrent_forward(q, k, v, g, beta, h0, cu_seqlens, scale):
@@ -885,7 +888,8 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     if (needs_grad or T > 1) and chunk_index is None:
         chunk_index = _chunk_index(cu_seqlens)
     if needs_grad:
-        o, ht = _ChunkGatedDeltaRule.apply(*flat, g_flat, beta_flat, h0, cu_seqlens, chunk_index, scale)
+        o, ht = _ChunkGatedDeltaRule.apply(*flat, g_flat, beta_flat, h0, cu_seqlens, chunk_index, scale,
+                                           initial_state is not None)
     elif T == 1:
         o, ht = _recurrent_forward(*flat, g_flat, beta_flat, h0, cu_seqlens, scale)
     else:
