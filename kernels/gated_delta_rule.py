@@ -462,12 +462,13 @@ def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvne
     # dO, Vnew, dVnew in L2 (one axis: a grid's second and third axes stop at 65535 chunks)
     i_k = tl.program_id(0) % (DK // BK)
     i_c = (tl.program_id(0) // (DK // BK)).to(tl.int64)  # 64-bit offsets: n_chunks * H * Dk * Dv may pass 2**31
+    i_h = tl.program_id(1)
     if SEQUENCE_ENDS:
         i_c = tl.load(end_chunks_ptr + i_c)
         i_n = tl.load(chunk_sequence_ptr + i_c)
+        sequence_base = (i_n * H + i_h) * DK * DV  # of the sequence's h0 and dht
         is_first = tl.load(chunk_start_ptr + i_c) == tl.load(cu_ptr + i_n)
         is_last = tl.load(chunk_end_ptr + i_c) <= tl.load(chunk_start_ptr + i_c) + C
-    i_h = tl.program_id(1)
     rows, valid, last = _chunk_rows(chunk_start_ptr, chunk_end_ptr, i_c, C)
     G, G_last = _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H)
     gamma = tl.exp(G)
@@ -482,8 +483,9 @@ def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvne
     dS_dot_S = tl.zeros((BV, ), dtype=tl.float32)  # <dS', S> partial sums
     for i_v in range(DV // BV):
         cv = i_v * BV + tl.arange(0, BV)
-        S = tl.load(h_ptr + state_base + ck[:, None] * DV + cv[None, :])  # (BK, BV)
-        dS = tl.load(dh_ptr + state_base + ck[:, None] * DV + cv[None, :])
+        block = ck[:, None] * DV + cv[None, :]  # (BK, BV) offsets inside one (DK, DV) state
+        S = tl.load(h_ptr + state_base + block)
+        dS = tl.load(dh_ptr + state_base + block)
         do = _load_rows(do_ptr, rows, valid, i_h, cv, H, DV)
         vnew = _load_rows(vnew_ptr, rows, valid, i_h, cv, H, DV)
         dvnew = _load_rows(dvnew_ptr, rows, valid, i_h, cv, H, DV)
@@ -495,14 +497,14 @@ def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvne
         if SEQUENCE_ENDS:  # the products with the residuals h0 - S (first chunk) and dht - dS' (last chunk)
             S_residual = tl.zeros((BK, BV), dtype=tl.float32)
             if is_first:
-                S_residual = tl.load(h0_ptr + (i_n * H + i_h) * DK * DV + ck[:, None] * DV + cv[None, :]) - S
+                S_residual = tl.load(h0_ptr + sequence_base + block) - S
             dS_residual = tl.zeros((BK, BV), dtype=tl.float32)
             if is_last:
-                dS_residual = tl.load(dht_ptr + (i_n * H + i_h) * DK * DV + ck[:, None] * DV + cv[None, :]) - dS
+                dS_residual = tl.load(dht_ptr + sequence_base + block) - dS
             do_St += _dot(do, tl.trans(S_residual.to(S.dtype)), PREC, NATIVE)
             vnew_dSt += _dot(vnew, tl.trans(dS_residual.to(S.dtype)), PREC, NATIVE)
             dvnew_St += _dot(dvnew, tl.trans(S_residual.to(S.dtype)), PREC, NATIVE)
-            dS_dot_S += tl.sum((dS + dS_residual) * (S + S_residual) - dS.to(tl.float32) * S.to(tl.float32), 0)
+            dS_dot_S += tl.sum(dS_residual * (S + S_residual) + dS.to(tl.float32) * S_residual, 0)
     _store_rows(dw_ptr, -dvnew_St, rows, valid, i_h, ck, H, DK)
     q = _load_rows(q_ptr, rows, valid, i_h, ck, H, DK)
     k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK)
@@ -664,7 +666,8 @@ def _chunk_index(cu_seqlens):
     chunk_start = cu_seqlens[seq_of_chunk] + (torch.arange(total, device=cu_seqlens.device)
                                               - chunk_offsets[seq_of_chunk]) * CHUNK
     chunk_end = cu_seqlens[seq_of_chunk + 1]
-    # (an empty sequence lists some other chunk: running a chunk again at SEQUENCE_ENDS gives its results again)
+    # (a one-chunk sequence lists its chunk twice and an empty one lists some other chunk: running a chunk again at
+    # SEQUENCE_ENDS gives its results again)
     end_chunks = torch.cat([chunk_offsets[:-1], chunk_offsets[1:] - 1]).clamp(0, max(total - 1, 0))
     return chunk_start.contiguous(), chunk_end.contiguous(), chunk_offsets, seq_of_chunk, end_chunks
 
