@@ -131,7 +131,7 @@ class Table:
         os.makedirs(folder, exist_ok=True)
         meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                     bandwidth_GBps=self.bandwidth / 1e9, bf16_matmul_TFLOPs=self.flops / 1e12)
-        from nirvana import write_atomically
+        from cli import write_atomically
 
         text = json.dumps(dict(meta=meta, rows=self.rows), indent=1)
         write_atomically(os.path.join(folder, "bench.json"), lambda tmp: Path(tmp).write_text(text))

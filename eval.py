@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-from pathlib import Path
 import random
 import sys
 import time
@@ -28,16 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nirvana import Nirvana, NirvanaConfig, write_atomically
+from cli import save_figure as save_png, write_atomically, write_text_atomically
+from nirvana import Nirvana, NirvanaConfig
 from prepare import TokenShards, load_meta
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
 # Files: atomic writes (temp file in the same folder, then os.replace)
-
-
-def write_text(path, text):
-    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_npz(path, arrays):
@@ -46,13 +42,13 @@ def save_npz(path, arrays):
 
 
 def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+    write_text_atomically(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
 
-    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
+    save_png(path, fig, dpi=130)
     plt.close(fig)
 
 
@@ -821,7 +817,7 @@ def cmd_extrapolate(args):
     rows = [[name] + [f"{r['ppl']:.3f}" for r in rs] for name, rs in results.items()]
     table = markdown_table(header, rows)
     print(table)
-    write_text(os.path.join(args.out_dir, "extrapolation.md"), table)
+    write_text_atomically(os.path.join(args.out_dir, "extrapolation.md"), table)
     write_json(os.path.join(args.out_dir, "extrapolation.json"), results)
     plot_extrapolation(results, os.path.join(args.out_dir, "extrapolation.png"))
 
@@ -840,8 +836,8 @@ def cmd_niah(args):
         del model
     table = niah_table(accuracy)
     print(table)
-    write_text(os.path.join(args.out_dir, "niah.md"), table)
-    write_text(os.path.join(args.out_dir, "niah_predictions.jsonl"),
+    write_text_atomically(os.path.join(args.out_dir, "niah.md"), table)
+    write_text_atomically(os.path.join(args.out_dir, "niah_predictions.jsonl"),
                "".join(json.dumps(r) + "\n" for r in all_records))
 
 
@@ -921,7 +917,7 @@ def cmd_speed(args):
                             "vs transformer", "CUDA graph"], table_rows)
     print(f"prompt {args.prompt_len}, batch {args.batch_size}, {args.new_tokens} new tokens, "
           f"{torch.cuda.get_device_name() if device.startswith('cuda') else device}\n{table}")
-    write_text(os.path.join(args.out_dir, "speed.md"), table)
+    write_text_atomically(os.path.join(args.out_dir, "speed.md"), table)
     write_json(os.path.join(args.out_dir, "speed.json"), {"speed": results, "latency": latency})
     if latency:
         plot_speed(latency, os.path.join(args.out_dir, "decode_latency.png"),

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import os
-from pathlib import Path
 import re
 import time
 import zlib
@@ -33,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nirvana import Nirvana, NirvanaConfig, write_atomically
+from cli import write_atomically, write_text_atomically
+from nirvana import Nirvana, NirvanaConfig
 
 # Table 10: acceleration -> centre fraction
 ACCELERATIONS = {4: 0.08, 6: 0.06, 8: 0.04, 10: 0.032, 12: 0.027}
@@ -1016,10 +1016,6 @@ def generate_test_reports(model, volumes, tokenizer, acc, args, max_len):
 # ----------------------------------------------------------------------------------------------------------
 # Outputs: results table, reconstruction grid, reports
 
-def atomic_write(path, text):
-    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def summarize(scores):
     """{method: {acc: [per-volume dicts]}} -> {method: {acc: {metric: (mean, std)}}} (std over volumes)."""
     return {m: {a: {k: (float(np.mean([v[k] for v in vols])), float(np.std([v[k] for v in vols])))
@@ -1381,8 +1377,8 @@ def main(argv=None):
              "backbones:", *backbone_notes,
              "training time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     table = results_markdown(summary, params, notes, val_summary, gates)
-    atomic_write(os.path.join(args.out, "results.md"), table)
-    atomic_write(os.path.join(args.out, "results.json"), json.dumps(
+    write_text_atomically(os.path.join(args.out, "results.md"), table)
+    write_text_atomically(os.path.join(args.out, "results.json"), json.dumps(
         {"summary": summary, "val_summary": val_summary, "per_volume": scores, "params": params,
          "timings_s": timings, "notes": notes,
          "fits": {k: dataclasses.asdict(f) for k, f in fits.items()},
@@ -1394,7 +1390,7 @@ def main(argv=None):
         lines += [f"## {name}, {acc}x: count {s['count_acc']:.3f}, place {s['place_acc']:.3f}, "
                   f"exact {s['exact']:.3f} (n={s['n']})", "", "| generated | truth |", "|---|---|"]
         lines += [f"| {g!r} | {t!r} |" for g, t in report_examples[(name, acc)]] + [""]
-    atomic_write(os.path.join(args.out, "reports.md"), "\n".join(lines))
+    write_text_atomically(os.path.join(args.out, "reports.md"), "\n".join(lines))
     for acc in args.eval_acc:
         save_grid(os.path.join(args.out, f"recon_grid_{acc}x.png"), recons, test, acc)
     save_curves(os.path.join(args.out, "training_curves.png"), fits)

@@ -15,7 +15,6 @@ details the paper leaves open, and a one-line comment marks each choice this fil
 """
 
 import math
-import os
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
 
@@ -778,21 +777,6 @@ class Nirvana(nn.Module):
         model = cls(NirvanaConfig.from_dict({**checkpoint["config"], **overrides}))
         model.load_state_dict(checkpoint["model"])
         return model
-
-
-def write_atomically(path, write):
-    """write(tmp_path) fills a temporary file beside `path`, which then replaces `path` in one step, so a crash
-    never leaves a half-written checkpoint, shard, table or picture (the old file, if any, stays intact)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")   # the writer creates it: usual permissions, same extension
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def sample_next(logits, temperature=1.0, top_k=None):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nirvana import write_atomically
+from cli import write_atomically
 from tokenizer import load_tokenizer, train_sentencepiece
 
 FORMAT = "nirvana-tokens-v1"

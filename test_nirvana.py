@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from nirvana import (PRESETS, VARIANTS, Nirvana, NirvanaConfig, fast_weight_function, gated_delta_rule_chunked,
-                     gated_delta_rule_recurrent, load_backend, sliding_window_attention, trigger_step)
+                     gated_delta_rule_recurrent, sliding_window_attention, trigger_step)
 
 ALL_VARIANTS = sorted(VARIANTS)
 

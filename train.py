@@ -34,7 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nirvana import Nirvana, NirvanaConfig, write_atomically
+from cli import write_atomically
+from nirvana import Nirvana, NirvanaConfig
 from prepare import BUILTIN_DIR, TokenShards, load_meta, prepare_builtin
 
 PAPER_DEFAULTS = dict(seq_len=None, micro_batch=4, global_batch_tokens=524_288, max_tokens=100_000_000_000,
