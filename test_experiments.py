@@ -1,0 +1,98 @@
+"""The small-scale experiment end to end at tiny size on the CPU: a corpus from files written here (no Debian
+packages needed), every run trained and measured, the report's tables and pictures, then a second call that
+resumes (nothing retrained or re-measured)."""
+import json
+import os
+import random
+import re
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
+
+import real_text  # noqa: E402
+from eval import haystack_sentence  # noqa: E402
+import small_scale  # noqa: E402
+from cli import UserError  # noqa: E402
+
+
+def write_domains(root):
+    """Four small domains of a few documents each: Python reference text, essay-like prose (S-NIAH's haystack
+    grammar), ledger lines, and held-out "wikipedia" (more Python reference text, long enough for a window of
+    4x the tiny context)."""
+    from pydoc_data.topics import topics
+
+    rng = random.Random(0)
+    texts = [topics[name] for name in sorted(topics)]
+    domains = {
+        "python": texts[:5],
+        "prose": [" ".join(haystack_sentence("essay", i, rng) for i in range(60)) for _ in range(5)],
+        "ledger": ["\n".join(f"{rng.randint(1, 28):02d}/{rng.randint(1, 12):02d} paid {rng.randint(1, 999)}.00 "
+                             f"to {rng.choice(['Smith', 'Jones', 'Brown'])}" for _ in range(60)) for _ in range(5)],
+        "wikipedia": [t[:4000] for t in texts[20:26]],
+    }
+    for domain, documents in domains.items():
+        os.makedirs(root / domain)
+        for i, text in enumerate(documents):
+            (root / domain / f"doc{i}.txt").write_text(text, encoding="utf-8")
+
+
+def test_tiny_pipeline_end_to_end_and_resumes(tmp_path, capsys):
+    write_domains(tmp_path / "domains")
+    data = str(tmp_path / "data")
+    real_text.main(["--from-folders", str(tmp_path / "domains"), "--out", data, "--vocab-size", "400",
+                    "--workers", "1", "--min-val-docs", "1"])
+    corpus = json.loads((tmp_path / "data" / "corpus.json").read_text())
+    assert corpus["domains"]["wikipedia"]["held_out"] and corpus["domains"]["wikipedia"]["train_docs"] == 0
+    assert all(corpus["domains"][d]["val_docs"] >= 1 and corpus["domains"][d]["train_tokens"] > 0
+               for d in ("python", "prose", "ledger"))
+    tokens, documents = real_text.load_eval_set(os.path.join(data, "tokens", "eval", "prose.npz"))
+    assert len(documents) == corpus["domains"]["prose"]["val_docs"] and len(tokens) == sum(map(len, documents))
+
+    argv = ["--data", data, "--size", "tiny", "--runs", str(tmp_path / "runs"), "--results",
+            str(tmp_path / "results"), "--device", "cpu"]
+    results = small_scale.main(argv)
+    for run in small_scale.RUNS:
+        entry = results[run.name]
+        assert entry["train"]["steps"] == small_scale.SIZES["tiny"].train_steps
+        assert all(np.isfinite(entry["ppl"][d]["ppl"]) for d in ("python", "prose", "ledger", "wikipedia"))
+        assert set(entry["niah"]["accuracy"]) == {f"{t}@{n}" for t in ("pk", "n", "w") for n in (384, 768, 1536)}
+        assert np.isfinite(entry["context"]["by_length"]["4x"]["ppl"])
+        gated = run.variant.startswith("nirvana")
+        assert (entry["trigger"] is not None) == gated
+        if gated:
+            assert (entry["trigger"].get("p_probe") is not None) == (run.variant != "nirvana-notrigger")
+    report = (tmp_path / "results" / "results.md").read_text()
+    for run in small_scale.RUNS:  # every run has a row of numbers in the perplexity and S-NIAH tables
+        rows = [line for line in report.splitlines() if line.startswith(f"| {run.name} |")]
+        assert len(rows) >= 4 and all(re.search(r"\| \d+\.\d+ \|", row) for row in rows[:3])
+    for name in ("ppl_per_domain", "context", "niah", "trigger", "p_documents", "loss"):
+        assert (tmp_path / "results" / f"{name}.png").stat().st_size > 1000
+    assert "all done" in capsys.readouterr().out
+
+    checkpoint = tmp_path / "runs" / "nirvana-s1" / "ckpt.pt"
+    measured = tmp_path / "runs" / "nirvana-s1" / "measure" / "ppl.json"
+    stamps = checkpoint.stat().st_mtime_ns, measured.stat().st_mtime_ns
+    small_scale.main(argv)                                           # resumes: nothing left to do
+    assert (checkpoint.stat().st_mtime_ns, measured.stat().st_mtime_ns) == stamps
+    out = capsys.readouterr().out
+    assert "training steps" not in out and "measuring" not in out and "all done" in out
+
+
+def test_missing_corpus_and_unknown_run_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="real_text.py --out"):
+        small_scale.main(["--data", str(tmp_path), "--size", "tiny"])
+    with pytest.raises(UserError, match="--from-folders"):
+        real_text.main(["--from-folders", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+
+
+def test_nearest_centroid_probe_separates_separable_domains_and_not_noise():
+    rng = np.random.default_rng(0)
+    labels = ["a"] * 20 + ["b"] * 20 + ["c"] * 20
+    separable = np.concatenate([rng.normal(m, 0.1, (20, 3)) for m in (0.0, 1.0, 2.0)])
+    accuracy, chance = small_scale.nearest_centroid_accuracy(separable, labels)
+    assert accuracy == 1.0 and chance == pytest.approx(1 / 3)
+    noise_accuracy, _ = small_scale.nearest_centroid_accuracy(rng.normal(0, 1, (60, 3)), labels)
+    assert noise_accuracy < 0.6
