@@ -123,6 +123,7 @@ RUNS = [
     Run("nirvana-detach-s1", "nirvana", 1, (("detach_inner_grad", True),), "inner gradient detached"),
 ]
 MEASUREMENTS = ("ppl", "context", "niah", "trigger")
+FIRST_CHUNK_SECONDS = 60   # what a call's first chunk or a measurement is assumed to take before one was timed
 
 
 # ----------------------------------------------------------------------------- paths and small files
@@ -198,7 +199,7 @@ def train_run(run, size, tokens_dir, run_dir, device, clock):
         elif seconds_per_step is not None:
             chunk_steps = max(1, int(size.chunk_seconds / seconds_per_step))
         target = min(size.train_steps, step + chunk_steps)
-        estimate = 0 if seconds_per_step is None else (target - step) * seconds_per_step
+        estimate = FIRST_CHUNK_SECONDS if seconds_per_step is None else (target - step) * seconds_per_step
         if not clock.fits(estimate):
             return False
         print(f"[{run.name}] training steps {step} -> {target} of {size.train_steps}", flush=True)
@@ -340,14 +341,23 @@ def pca_2d(x):
 MEASURE = {"ppl": measure_ppl, "context": measure_context, "niah": measure_niah, "trigger": measure_trigger}
 
 
-def measure_run(run, size, run_dir, eval_sets, device, clock, reserve):
-    """Each missing measurement of a finished run; -> True when all exist."""
+def measured_seconds(runs_dir):
+    """{measurement: the longest time it took any run so far}: the estimate for the next one."""
+    seconds = {}
+    for path in Path(runs_dir).glob("*/measure/*.json"):
+        seconds[path.stem] = max(seconds.get(path.stem, 0.0), read_json(path)["seconds"])
+    return seconds
+
+
+def measure_run(run, size, run_dir, eval_sets, device, clock):
+    """Each missing measurement of a finished run, while the budget allows; -> True when all exist."""
     todo = [m for m in MEASUREMENTS if not os.path.isfile(os.path.join(run_dir, "measure", m + ".json"))]
     if not todo:
         return True
+    estimates = measured_seconds(os.path.dirname(run_dir))
     model, tok = evaluation.load_model(os.path.join(run_dir, "ckpt.pt"), device)
     for name in todo:
-        if not clock.fits(reserve):
+        if not clock.fits(estimates.get(name, FIRST_CHUNK_SECONDS)):
             return False
         print(f"[{run.name}] measuring {name} ...", flush=True)
         started = time.time()
@@ -391,7 +401,8 @@ def run_label(run, entry):
     """The first columns of every table: run, variant (and ablation), seed, tokens seen."""
     variant = run.variant + (f" ({run.note})" if run.note else "")
     tokens = entry.get("train", {}).get("tokens")
-    return [run.name, variant, str(run.seed), "-" if tokens is None else f"{tokens / 1e6:.1f}M"]
+    shown = "-" if tokens is None else f"{tokens / 1e6:.1f}M" if tokens >= 1e6 else f"{tokens:,}"
+    return [run.name, variant, str(run.seed), shown]
 
 
 LABEL = ["run", "variant", "seed", "tokens"]
@@ -413,7 +424,10 @@ def report(results, size_name, size, domains, out_dir):
         mean = math.exp(np.mean([math.log(v) for v in values])) if ppl and None not in values else None
         rows.append(run_label(run, results[run.name]) + [number(v) for v in values] + [number(mean)]
                     + [number(ppl.get(HELD_OUT, {}).get("ppl"))])
+    scored = next((r["ppl"] for r in results.values() if "ppl" in r), {})
+    counts = ", ".join(f"{d} {scored[d]['tokens']:,}" for d in domains if d in scored)
     sections += ["## Validation perplexity per domain (Table 5's form)\n",
+                 f"Held-out tokens scored, in windows of {size.context}: {counts or '-'}.\n\n",
                  table(LABEL + trained + ["geometric mean", HELD_OUT + " (held out)"], rows)]
 
     lengths = [k * size.context for k in (1, 2, 4)]
@@ -561,7 +575,7 @@ def work(runs, size, tokens_dir, eval_sets, runs_dir, device, clock):
     for run in runs:
         run_dir = os.path.join(runs_dir, run.name)
         finished = train_run(run, size, tokens_dir, run_dir, device, clock)
-        if not finished or not measure_run(run, size, run_dir, eval_sets, device, clock, reserve=30):
+        if not finished or not measure_run(run, size, run_dir, eval_sets, device, clock):
             pending.append(run.name)
     return pending
 
