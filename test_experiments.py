@@ -1,6 +1,7 @@
 """The small-scale experiment end to end at tiny size on the CPU: a corpus from files written here (no Debian
 packages needed), every run trained and measured, the report's tables and pictures, then a second call that
 resumes (nothing retrained or re-measured)."""
+
 import json
 import os
 import random
@@ -12,10 +13,11 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
 
-import real_text  # noqa: E402
-from eval import haystack_sentence  # noqa: E402
-import small_scale  # noqa: E402
-from cli import UserError  # noqa: E402
+import real_text
+import small_scale
+
+from cli import UserError
+from eval import haystack_sentence
 
 
 def write_domains(root):
@@ -29,8 +31,14 @@ def write_domains(root):
     domains = {
         "python": texts[:5],
         "prose": [" ".join(haystack_sentence("essay", i, rng) for i in range(60)) for _ in range(5)],
-        "ledger": ["\n".join(f"{rng.randint(1, 28):02d}/{rng.randint(1, 12):02d} paid {rng.randint(1, 999)}.00 "
-                             f"to {rng.choice(['Smith', 'Jones', 'Brown'])}" for _ in range(60)) for _ in range(5)],
+        "ledger": [
+            "\n".join(
+                f"{rng.randint(1, 28):02d}/{rng.randint(1, 12):02d} paid {rng.randint(1, 999)}.00 "
+                f"to {rng.choice(['Smith', 'Jones', 'Brown'])}"
+                for _ in range(60)
+            )
+            for _ in range(5)
+        ],
         "wikipedia": [t[:4000] for t in texts[20:26]],
     }
     for domain, documents in domains.items():
@@ -42,23 +50,51 @@ def write_domains(root):
 def test_tiny_pipeline_end_to_end_and_resumes(tmp_path, capsys):
     write_domains(tmp_path / "domains")
     data = str(tmp_path / "data")
-    real_text.main(["--from-folders", str(tmp_path / "domains"), "--out", data, "--vocab-size", "400",
-                    "--workers", "1", "--min-val-docs", "1"])
+    real_text.main(
+        [
+            "--from-folders",
+            str(tmp_path / "domains"),
+            "--out",
+            data,
+            "--vocab-size",
+            "400",
+            "--workers",
+            "1",
+            "--min-val-docs",
+            "1",
+        ]
+    )
     corpus = json.loads((tmp_path / "data" / "corpus.json").read_text())
     assert corpus["domains"]["wikipedia"]["held_out"] and corpus["domains"]["wikipedia"]["train_docs"] == 0
-    assert all(corpus["domains"][d]["val_docs"] >= 1 and corpus["domains"][d]["train_tokens"] > 0
-               for d in ("python", "prose", "ledger"))
+    assert all(
+        corpus["domains"][d]["val_docs"] >= 1 and corpus["domains"][d]["train_tokens"] > 0
+        for d in ("python", "prose", "ledger")
+    )
     tokens, documents = real_text.load_eval_set(os.path.join(data, "tokens", "eval", "prose.npz"))
-    assert len(documents) == corpus["domains"]["prose"]["val_docs"] and len(tokens) == sum(map(len, documents))
+    assert len(documents) == corpus["domains"]["prose"]["val_docs"] and len(tokens) == sum(
+        map(len, documents)
+    )
 
-    argv = ["--data", data, "--size", "tiny", "--runs", str(tmp_path / "runs"), "--results",
-            str(tmp_path / "results"), "--device", "cpu"]
+    argv = [
+        "--data",
+        data,
+        "--size",
+        "tiny",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--results",
+        str(tmp_path / "results"),
+        "--device",
+        "cpu",
+    ]
     results = small_scale.main(argv)
     for run in small_scale.RUNS:
         entry = results[run.name]
         assert entry["train"]["steps"] == small_scale.SIZES["tiny"].train_steps
         assert all(np.isfinite(entry["ppl"][d]["ppl"]) for d in ("python", "prose", "ledger", "wikipedia"))
-        assert set(entry["niah"]["accuracy"]) == {f"{t}@{n}" for t in ("pk", "n", "w") for n in (384, 768, 1536)}
+        assert set(entry["niah"]["accuracy"]) == {
+            f"{t}@{n}" for t in ("pk", "n", "w") for n in (384, 768, 1536)
+        }
         assert np.isfinite(entry["context"]["by_length"]["4x"]["ppl"])
         gated = run.variant.startswith("nirvana")
         assert (entry["trigger"] is not None) == gated
@@ -75,7 +111,7 @@ def test_tiny_pipeline_end_to_end_and_resumes(tmp_path, capsys):
     checkpoint = tmp_path / "runs" / "nirvana-s1" / "ckpt.pt"
     measured = tmp_path / "runs" / "nirvana-s1" / "measure" / "ppl.json"
     stamps = checkpoint.stat().st_mtime_ns, measured.stat().st_mtime_ns
-    small_scale.main(argv)                                           # resumes: nothing left to do
+    small_scale.main(argv)  # resumes: nothing left to do
     assert (checkpoint.stat().st_mtime_ns, measured.stat().st_mtime_ns) == stamps
     out = capsys.readouterr().out
     assert "training steps" not in out and "measuring" not in out and "all done" in out

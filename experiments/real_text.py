@@ -11,11 +11,11 @@ On a machine without the packages (e.g. the GPU machine): pack the text where th
 tokenise it there:
     python experiments/real_text.py --out data/real_text --pack data/real_text.tar.xz --no-tokenize
     python experiments/real_text.py --out data/real_text --from-archive data/real_text.tar.xz
-Any folder of <domain>/*.txt files (one document per file) works as well; a domain named "wikipedia" is held out:
+Any folder of <domain>/*.txt files (one document per file) works as well; a domain "wikipedia" is held out:
     python experiments/real_text.py --out data/mine --from-folders my_domains/
 
 Domains (documents): python = the Python 3.11 documentation sources (.rst.txt, one page each); perl = the perl
-manual pages (.pod); kernel = the Linux 6.1 documentation (.rst, its translations left out); debian = The Debian
+manual pages (.pod); kernel = the Linux 6.1 documentation (.rst, translations left out); debian = The Debian
 Administrator's Handbook (HTML, one page each); bible = the King James Bible (one chapter each); fortunes =
 the fortune quotations (runs of quotations of one file, up to DOC_CHARS characters each); wikipedia = the
 shortened English Wikipedia articles in gensim's test data, held out of training (its own perplexity set).
@@ -31,6 +31,7 @@ Output folder:
                                               followed by <eos>) and "doc_starts"
     corpus.json                               documents, words and tokens of each domain and split
 """
+
 import argparse
 import bz2
 import glob
@@ -53,14 +54,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: prepare.py, cli.py
 
-from cli import Progress, UserError, positive_float, positive_int, run_main, write_atomically  # noqa: E402
-from cli import write_text_atomically  # noqa: E402
-import prepare  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+import prepare
+from cli import (
+    Progress,
+    UserError,
+    positive_float,
+    positive_int,
+    run_main,
+    write_atomically,
+    write_text_atomically,
+)
+from tokenizer import load_tokenizer
 
-HELD_OUT = "wikipedia"            # a domain never trained on: its documents all go to validation
-DOC_CHARS = 4000                  # fortunes are grouped into documents of at most this many characters
-DEFAULT_VOCAB_SIZE = 16384        # see README: 32k would put over a third of a 45M model into its embeddings
+HELD_OUT = "wikipedia"  # a domain never trained on: its documents all go to validation
+DOC_CHARS = 4000  # fortunes are grouped into documents of at most this many characters
+DEFAULT_VOCAB_SIZE = 16384  # see README: 32k would put over a third of a 45M model into its embeddings
 SEED = 1234
 
 
@@ -71,14 +79,19 @@ def need(pattern, install):
     """The files matching a glob pattern, or a one-line error naming the set-up command that provides them."""
     files = sorted(glob.glob(pattern, recursive=True))
     if not files:
-        raise UserError(f"no files match {pattern}: install them with `{install}` (see experiments/real_text.py)")
+        raise UserError(
+            f"no files match {pattern}: install them with `{install}` (see experiments/real_text.py)"
+        )
     return files
 
 
 def read_python_docs():
     files = need("/usr/share/doc/python3.11/html/_sources/**/*.rst.txt", "apt-get install python3.11-doc")
     root = "/usr/share/doc/python3.11/html/_sources/"
-    return [(f[len(root):-len(".rst.txt")], Path(f).read_text(encoding="utf-8", errors="replace")) for f in files]
+    return [
+        (f[len(root) : -len(".rst.txt")], Path(f).read_text(encoding="utf-8", errors="replace"))
+        for f in files
+    ]
 
 
 def clean_pod(text):
@@ -89,8 +102,8 @@ def clean_pod(text):
             continue
         lines.append(re.sub(r"^=(head\d|item)\s*", "", line))
     text = "\n".join(lines)
-    text = re.sub(r"[A-Z]<<+\s+(.*?)\s+>>+", r"\1", text, flags=re.S)          # C<< $x->y >>
-    for _ in range(4):                                                           # nested codes, innermost first
+    text = re.sub(r"[A-Z]<<+\s+(.*?)\s+>>+", r"\1", text, flags=re.DOTALL)  # C<< $x->y >>
+    for _ in range(4):  # nested codes, innermost first
         text = re.sub(r"X<[^<>]*>", "", text)
         text = re.sub(r"E<lt>", "<", re.sub(r"E<gt>", ">", text))
         text = re.sub(r"L<([^<>|]*)\|[^<>]*>", r"\1", text)
@@ -99,19 +112,22 @@ def clean_pod(text):
 
 
 def read_perl_docs():
-    files = sorted({os.path.realpath(f) for f in need("/usr/share/perl/*/pod/*.pod", "apt-get install perl-doc")})
+    files = sorted(
+        {os.path.realpath(f) for f in need("/usr/share/perl/*/pod/*.pod", "apt-get install perl-doc")}
+    )
     return [(Path(f).stem, clean_pod(Path(f).read_text(encoding="utf-8", errors="replace"))) for f in files]
 
 
 def read_kernel_docs():
     root = "/usr/share/doc/linux-doc-6.1/Documentation/"
-    files = [f for f in need(root + "**/*.rst.gz", "apt-get install linux-doc-6.1")
-             if "/translations/" not in f]                                     # English only
+    files = [
+        f for f in need(root + "**/*.rst.gz", "apt-get install linux-doc-6.1") if "/translations/" not in f
+    ]  # English only
     progress = Progress("reading the kernel documentation", total=len(files))
     documents = []
     for f in files:
         with gzip.open(f, "rt", encoding="utf-8", errors="replace") as handle:
-            documents.append((f[len(root):-len(".rst.gz")], handle.read()))
+            documents.append((f[len(root) : -len(".rst.gz")], handle.read()))
         progress.update()
     return documents
 
@@ -119,9 +135,11 @@ def read_kernel_docs():
 class HandbookText(html.parser.HTMLParser):
     """The text of one page of the Debian handbook's HTML: blocks become lines, navigation is left out."""
 
-    SKIP_IDS, SKIP_CLASSES = {"banner", "title"}, {"docnav", "breadcrumbs"}
-    VOID = {"br", "img", "meta", "link", "hr", "input", "col", "area", "base", "wbr"}
-    BLOCKS = {"p", "div", "li", "pre", "tr", "h1", "h2", "h3", "h4", "h5", "dt", "dd", "table", "br"}
+    SKIP_IDS, SKIP_CLASSES = frozenset({"banner", "title"}), frozenset({"docnav", "breadcrumbs"})
+    VOID = frozenset({"br", "img", "meta", "link", "hr", "input", "col", "area", "base", "wbr"})
+    BLOCKS = frozenset(
+        {"p", "div", "li", "pre", "tr", "h1", "h2", "h3", "h4", "h5", "dt", "dd", "table", "br"}
+    )
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
@@ -135,8 +153,11 @@ class HandbookText(html.parser.HTMLParser):
         self.depth += 1
         attrs = dict(attrs)
         classes = set((attrs.get("class") or "").split())
-        if self.skip_depth is None and (tag in ("head", "script", "style") or attrs.get("id") in self.SKIP_IDS
-                                        or classes & self.SKIP_CLASSES):
+        if self.skip_depth is None and (
+            tag in ("head", "script", "style")
+            or attrs.get("id") in self.SKIP_IDS
+            or classes & self.SKIP_CLASSES
+        ):
             self.skip_depth = self.depth
         self.pre += tag == "pre"
 
@@ -170,17 +191,24 @@ def read_debian_handbook():
 
 
 def read_bible():
-    """The King James Bible as the `bible` program prints it, a chapter each ("Genesis 1", then "  1 In the ...")."""
+    """The King James Bible as the `bible` program prints it, one chapter each ("Genesis 1", "  1 In ...")."""
     if shutil.which("bible") is None:
         raise UserError("the `bible` program is missing: install it with `apt-get install bible-kjv`")
-    dump = subprocess.run(["bible", "Gen1:1-Rev22:21"], capture_output=True, text=True,
-                          env={"COLUMNS": "100000", "PATH": os.environ.get("PATH", os.defpath)})
+    dump = subprocess.run(
+        ["bible", "Gen1:1-Rev22:21"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"COLUMNS": "100000", "PATH": os.environ.get("PATH", os.defpath)},
+    )
     if dump.returncode or not dump.stdout.strip():
-        raise UserError(f"`bible Gen1:1-Rev22:21` failed ({dump.stderr.strip()[:200]}): "
-                        "reinstall with `apt-get install --reinstall bible-kjv bible-kjv-text`")
+        raise UserError(
+            f"`bible Gen1:1-Rev22:21` failed ({dump.stderr.strip()[:200]}): "
+            "reinstall with `apt-get install --reinstall bible-kjv bible-kjv-text`"
+        )
     chapters = []
     for line in dump.stdout.splitlines():
-        if re.fullmatch(r"\S.* \d+", line):                                    # a chapter heading
+        if re.fullmatch(r"\S.* \d+", line):  # a chapter heading
             chapters.append([line, ""])
         elif line.strip() and chapters:
             chapters[-1].append(line.strip())
@@ -189,9 +217,14 @@ def read_bible():
 
 def read_fortunes():
     root = "/usr/share/games/fortunes/"
-    files = [f for f in need(root + "*", "apt-get install fortunes")
-             if os.path.isfile(f) and not os.path.islink(f) and "." not in os.path.basename(f)
-             and os.path.basename(f) != "ascii-art"]
+    files = [
+        f
+        for f in need(root + "*", "apt-get install fortunes")
+        if os.path.isfile(f)
+        and not os.path.islink(f)
+        and "." not in os.path.basename(f)
+        and os.path.basename(f) != "ascii-art"
+    ]
     documents = []
     for f in files:
         quotes = [q.strip() for q in Path(f).read_text(encoding="utf-8", errors="replace").split("\n%\n")]
@@ -208,10 +241,14 @@ def read_fortunes():
 
 
 def find_gensim_wheel():
-    wheels = sorted(glob.glob("data/wheels/gensim-*.whl") + glob.glob(os.path.expanduser("~/.cache/wheels/gensim-*.whl")))
+    wheels = sorted(
+        glob.glob("data/wheels/gensim-*.whl") + glob.glob(os.path.expanduser("~/.cache/wheels/gensim-*.whl"))
+    )
     if not wheels:
-        raise UserError("no gensim wheel in data/wheels/: fetch it once with "
-                        "`pip download gensim --no-deps --dest data/wheels` (or pass --gensim-wheel FILE)")
+        raise UserError(
+            "no gensim wheel in data/wheels/: fetch it once with "
+            "`pip download gensim --no-deps --dest data/wheels` (or pass --gensim-wheel FILE)"
+        )
     return wheels[-1]
 
 
@@ -221,14 +258,14 @@ WIKI_END_SECTIONS = ("See also", "References", "Notes", "External links", "Furth
 def clean_wikitext(text):
     """Wikipedia markup to plain text: templates, references, tables, files and categories go; links keep
     their shown text; headings become lines; the reference sections at the end are cut."""
-    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.DOTALL)
     text = re.sub(r"<ref[^>/]*/>", "", text)
-    text = re.sub(r"<ref[^>]*>.*?</ref>", "", text, flags=re.S)
+    text = re.sub(r"<ref[^>]*>.*?</ref>", "", text, flags=re.DOTALL)
     previous = None
-    while previous != text:                                                      # nested, innermost first
+    while previous != text:  # nested, innermost first
         previous = text
         text = re.sub(r"\{\{[^{}]*\}\}", "", text)
-        text = re.sub(r"\{\|[^{}]*?\|\}", "", text, flags=re.S)
+        text = re.sub(r"\{\|[^{}]*?\|\}", "", text, flags=re.DOTALL)
         text = re.sub(r"\[\[(?:File|Image|Category|[a-z\-]{2,12}):[^\[\]]*\]\]", "", text)
         text = re.sub(r"\[\[(?:[^\[\]|]*\|)?([^\[\]|]*)\]\]", r"\1", text)
     text = re.sub(r"\[https?://\S+ ([^\]]*)\]", r"\1", text)
@@ -257,9 +294,9 @@ def read_wikipedia(wheel):
     except zipfile.BadZipFile as error:
         raise UserError(f"{wheel} is not a wheel (zip) file: {error}") from None
     documents = []
-    for page in re.findall(r"<page>(.*?)</page>", dump, flags=re.S):
+    for page in re.findall(r"<page>(.*?)</page>", dump, flags=re.DOTALL):
         title = html.unescape(re.search(r"<title>(.*?)</title>", page).group(1))
-        body = re.search(r"<text[^>]*>(.*?)</text>", page, flags=re.S)
+        body = re.search(r"<text[^>]*>(.*?)</text>", page, flags=re.DOTALL)
         if "<ns>0</ns>" not in page or "<redirect" in page or body is None:
             continue
         text = clean_wikitext(html.unescape(body.group(1)))
@@ -275,18 +312,28 @@ def read_folders(root):
     domains = {}
     for domain in sorted(os.listdir(root)):
         if not re.fullmatch(r"[A-Za-z0-9_]+", domain):
-            raise UserError(f"--from-folders: domain folder name {domain!r} may hold only letters, digits and _")
+            raise UserError(
+                f"--from-folders: domain folder name {domain!r} may hold only letters, digits and _"
+            )
         files = sorted(glob.glob(os.path.join(root, domain, "*.txt")))
         if files:
-            domains[domain] = [(Path(f).stem, Path(f).read_text(encoding="utf-8", errors="replace")) for f in files]
+            domains[domain] = [
+                (Path(f).stem, Path(f).read_text(encoding="utf-8", errors="replace")) for f in files
+            ]
     if not domains:
         raise UserError(f"--from-folders {root}: no <domain>/*.txt files in it")
     return domains
 
 
 def read_packages(gensim_wheel):
-    readers = {"python": read_python_docs, "perl": read_perl_docs, "kernel": read_kernel_docs,
-               "debian": read_debian_handbook, "bible": read_bible, "fortunes": read_fortunes}
+    readers = {
+        "python": read_python_docs,
+        "perl": read_perl_docs,
+        "kernel": read_kernel_docs,
+        "debian": read_debian_handbook,
+        "bible": read_bible,
+        "fortunes": read_fortunes,
+    }
     domains = {}
     for name, reader in readers.items():
         print(f"reading {name} ...", flush=True)
@@ -304,7 +351,7 @@ def safe_name(name):
 
 
 def split_domain(domain, documents, val_fraction, min_val, rng):
-    """-> (train, val) lists of (name, text): a seeded shuffle, the first max(min_val, fraction) to validation."""
+    """-> (train, val) lists of (name, text): a seeded shuffle, the first max(min_val, fraction) held out."""
     documents = [d for d in documents if d[1].strip()]
     order = sorted(documents)
     rng.shuffle(order)
@@ -333,9 +380,13 @@ def write_text(domains, out_dir, val_fraction, min_val):
             path = os.path.join(text_dir, "val", domain, safe_name(name) + ".txt")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             Path(path).write_text(text, encoding="utf-8")
-        stats[domain] = {"held_out": domain == HELD_OUT, "train_docs": len(train), "val_docs": len(val),
-                         "train_words": sum(len(t.split()) for _, t in train),
-                         "val_words": sum(len(t.split()) for _, t in val)}
+        stats[domain] = {
+            "held_out": domain == HELD_OUT,
+            "train_docs": len(train),
+            "val_docs": len(val),
+            "train_words": sum(len(t.split()) for _, t in train),
+            "val_words": sum(len(t.split()) for _, t in val),
+        }
     rng.shuffle(train_docs)
     os.makedirs(os.path.join(text_dir, "train"), exist_ok=True)
     width = len(str(len(train_docs)))
@@ -355,8 +406,10 @@ def read_text_layout(out_dir):
     train = {}
     for path in sorted(glob.glob(os.path.join(text_dir, "train", "*.txt"))):
         train.setdefault(os.path.basename(path).split("-")[1], []).append(path)
-    val = {domain: sorted(glob.glob(os.path.join(text_dir, "val", domain, "*.txt")))
-           for domain in sorted(os.listdir(os.path.join(text_dir, "val")))}
+    val = {
+        domain: sorted(glob.glob(os.path.join(text_dir, "val", domain, "*.txt")))
+        for domain in sorted(os.listdir(os.path.join(text_dir, "val")))
+    }
     return train, val
 
 
@@ -416,7 +469,7 @@ def count_tokens(paths, spec, workers, what):
 
 
 def write_eval_set(path, paths, tok):
-    """The held-out documents of one domain tokenised: each followed by <eos>; doc_starts[i] = offset of doc i."""
+    """The held-out documents of one domain tokenised, each followed by <eos>; doc_starts: their offsets."""
     pieces, starts, offset = [], [], 0
     for file in paths:
         ids = tok.encode(Path(file).read_text(encoding="utf-8", errors="replace")) + [tok.eos_id]
@@ -447,8 +500,14 @@ def tokenize(out_dir, vocab_size, workers, stats):
         shutil.rmtree(tokens_dir)
     n_train = sum(len(paths) for paths in train.values())
     in_run_val_fraction = min(0.5, max(0.005, 2 / n_train))  # at least two pieces even for a tiny corpus
-    meta = prepare.prepare([os.path.join(out_dir, "text", "train")], tokens_dir, "sentencepiece", vocab_size,
-                           val_fraction=in_run_val_fraction, workers=workers)
+    meta = prepare.prepare(
+        [os.path.join(out_dir, "text", "train")],
+        tokens_dir,
+        "sentencepiece",
+        vocab_size,
+        val_fraction=in_run_val_fraction,
+        workers=workers,
+    )
     spec = prepare.tokenizer_spec(meta, tokens_dir)
     tok = load_tokenizer(spec)
     for domain, paths in train.items():
@@ -456,14 +515,17 @@ def tokenize(out_dir, vocab_size, workers, stats):
     progress = Progress("tokenising the held-out documents", total=len(val))
     for domain, paths in val.items():
         stats.setdefault(domain, {})["val_tokens"] = write_eval_set(
-            os.path.join(tokens_dir, "eval", f"{domain}.npz"), paths, tok)
+            os.path.join(tokens_dir, "eval", f"{domain}.npz"), paths, tok
+        )
         progress.update()
     return meta
 
 
 def summary_table(stats):
-    rows = ["| domain | train docs | train words | train tokens | val docs | val words | val tokens |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| domain | train docs | train words | train tokens | val docs | val words | val tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
     total = {}
     for domain, s in stats.items():
         name = domain + (" (held out)" if s.get("held_out") else "")
@@ -476,20 +538,30 @@ def summary_table(stats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output folder, e.g. data/real_text")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--from-folders", metavar="DIR", help="<domain>/*.txt folders instead of the packages")
+    source.add_argument(
+        "--from-folders", metavar="DIR", help="<domain>/*.txt folders instead of the packages"
+    )
     source.add_argument("--from-archive", metavar="FILE", help="a text archive written by --pack")
     source.add_argument("--from-existing", action="store_true", help="tokenise the text already under --out")
     parser.add_argument("--gensim-wheel", help="the gensim wheel (default: data/wheels/gensim-*.whl)")
-    parser.add_argument("--val-fraction", type=positive_float, default=0.05,
-                        help="documents of each domain held out for validation (default 0.05)")
+    parser.add_argument(
+        "--val-fraction",
+        type=positive_float,
+        default=0.05,
+        help="documents of each domain held out for validation (default 0.05)",
+    )
     parser.add_argument("--min-val-docs", type=positive_int, default=8, help="at least this many per domain")
     parser.add_argument("--vocab-size", type=positive_int, default=DEFAULT_VOCAB_SIZE)
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1)
     parser.add_argument("--pack", metavar="FILE", help="also write the text as a .tar.xz archive")
-    parser.add_argument("--no-tokenize", action="store_true", help="stop after writing (and packing) the text")
+    parser.add_argument(
+        "--no-tokenize", action="store_true", help="stop after writing (and packing) the text"
+    )
     args = parser.parse_args(argv)
     if not 0 < args.val_fraction < 1:
         parser.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
@@ -500,10 +572,13 @@ def main(argv=None):
         stats = {}
         train, val = read_text_layout(args.out)
         for domain in sorted(set(train) | set(val)):
-            stats[domain] = {"held_out": domain not in train, "train_docs": len(train.get(domain, [])),
-                             "val_docs": len(val.get(domain, [])),
-                             "train_words": sum(len(Path(p).read_text().split()) for p in train.get(domain, [])),
-                             "val_words": sum(len(Path(p).read_text().split()) for p in val.get(domain, []))}
+            stats[domain] = {
+                "held_out": domain not in train,
+                "train_docs": len(train.get(domain, [])),
+                "val_docs": len(val.get(domain, [])),
+                "train_words": sum(len(Path(p).read_text().split()) for p in train.get(domain, [])),
+                "val_words": sum(len(Path(p).read_text().split()) for p in val.get(domain, [])),
+            }
     else:
         domains = read_folders(args.from_folders) if args.from_folders else read_packages(args.gensim_wheel)
         stats = write_text(domains, args.out, args.val_fraction, args.min_val_docs)

@@ -4,13 +4,13 @@ measured side by side. Resumable run by run: re-run the same command until it pr
     python experiments/real_text.py --out data/real_text                      # the corpus (see its set-up)
     python experiments/small_scale.py --data data/real_text --time-budget 540  # ~45M-parameter models, GPU
     python experiments/small_scale.py --data data/real_text --gpus 0,1,2,3,4,5,6,7 --time-budget 540
-    python experiments/small_scale.py --data data/tiny --size tiny             # the whole pipeline, a CPU minute
+    python experiments/small_scale.py --data data/tiny --size tiny             # the whole pipeline, CPU
 
 Runs (RUNS): nirvana and nirvana-notrigger with two seeds each, nirvana-rope, gated-deltanet, hybrid and
 transformer with one, and two ablations of nirvana: eta_ref 1.0 (the model's default is 0.1) and the Trigger's
 inner gradient detached. The seed sets the initial weights only: every run reads the same token stream in the
-same order. A run's checkpoint lives in <runs>/<run>/ (train.py's ckpt.pt, log.csv); training goes in chunks of
-steps (train.py --stop-step, then --resume), so that --time-budget can stop between chunks and the next call
+same order. A run's checkpoint lives in <runs>/<run>/ (train.py's ckpt.pt, log.csv); training goes in chunks
+of steps (train.py --stop-step, then --resume), so that --time-budget can stop between chunks and the next call
 continues. Each measurement of a run is written to <runs>/<run>/measure/<name>.json once and skipped after.
 
 Measurements (MEASUREMENTS), all on documents no run trained on:
@@ -26,8 +26,8 @@ is rewritten from whatever exists at the end of every call.
 With --gpus, each listed GPU takes a share of the pending runs in a worker process of its own (log in
 <runs>/worker_<gpu>.log); the report is written when all have stopped.
 """
+
 import argparse
-import csv
 import dataclasses
 import json
 import math
@@ -43,34 +43,36 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import eval as evaluation  # noqa: E402
-import train  # noqa: E402
-from cli import UserError, non_negative_float, run_main, write_text_atomically  # noqa: E402
-from real_text import HELD_OUT, load_eval_set  # noqa: E402
+from real_text import HELD_OUT, load_eval_set
+
+import eval as evaluation
+import train
+from cli import UserError, non_negative_float, run_main, write_text_atomically
 
 
 @dataclasses.dataclass(frozen=True)
 class Size:
     """A model size and everything its runs and measurements need."""
-    preset_size: str                 # nirvana.py preset the overrides apply to
-    overrides: dict                  # NirvanaConfig fields (train.py --set)
-    backend: str                     # "triton" on a GPU, "torch" on the CPU
+
+    preset_size: str  # nirvana.py preset the overrides apply to
+    overrides: dict  # NirvanaConfig fields (train.py --set)
+    backend: str  # "triton" on a GPU, "torch" on the CPU
     micro_batch: int
     global_batch_tokens: int
-    train_steps: int                 # tokens seen = train_steps * global_batch_tokens
+    train_steps: int  # tokens seen = train_steps * global_batch_tokens
     warmup_tokens: int
     lr: float
-    eval_every: int                  # train.py's in-run validation
+    eval_every: int  # train.py's in-run validation
     eval_tokens: int
     save_every: int
-    first_chunk_steps: int           # steps of the first training chunk; later chunks aim at chunk_seconds
+    first_chunk_steps: int  # steps of the first training chunk; later chunks aim at chunk_seconds
     chunk_seconds: float
-    ppl_tokens: int                  # held-out tokens scored per domain
-    context_windows: int             # windows of 4x the context for the position curve
+    ppl_tokens: int  # held-out tokens scored per domain
+    context_windows: int  # windows of 4x the context for the position curve
     niah_depths: tuple
     niah_samples: int
     niah_answer_tokens: int
-    probe_docs: int                  # documents per domain for the Trigger and gate statistics
+    probe_docs: int  # documents per domain for the Trigger and gate statistics
 
     @property
     def context(self):
@@ -79,18 +81,59 @@ class Size:
 
 SIZES = {
     # ~45M parameters with a 16k vocabulary (nirvana 46.8M ... transformer 42.5M): 763 steps of 128k tokens
-    "small": Size("125m", dict(d_model=512, n_layers=8, n_heads=8, window=512, context_length=1024), "triton",
-                  micro_batch=32, global_batch_tokens=131072, train_steps=763, warmup_tokens=4_194_304, lr=1e-3,
-                  eval_every=100, eval_tokens=1_048_576, save_every=50, first_chunk_steps=20, chunk_seconds=90,
-                  ppl_tokens=262_144, context_windows=32, niah_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
-                  niah_samples=2, niah_answer_tokens=12, probe_docs=64),
+    "small": Size(
+        "125m",
+        dict(d_model=512, n_layers=8, n_heads=8, window=512, context_length=1024),
+        "triton",
+        micro_batch=32,
+        global_batch_tokens=131072,
+        train_steps=763,
+        warmup_tokens=4_194_304,
+        lr=1e-3,
+        eval_every=100,
+        eval_tokens=1_048_576,
+        save_every=50,
+        first_chunk_steps=20,
+        chunk_seconds=90,
+        ppl_tokens=262_144,
+        context_windows=32,
+        niah_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+        niah_samples=2,
+        niah_answer_tokens=12,
+        probe_docs=64,
+    ),
     # the whole pipeline on the CPU in about a minute: a model of a few ten thousand parameters
-    "tiny": Size("tiny", dict(d_model=32, n_layers=3, n_prelude=1, n_heads=2, window=32, context_length=384,
-                              lowrank=4, trigger_dim=8, bank_size=4), "torch",
-                 micro_batch=1, global_batch_tokens=384, train_steps=4, warmup_tokens=384, lr=3e-3,
-                 eval_every=4, eval_tokens=384, save_every=2, first_chunk_steps=2, chunk_seconds=60,
-                 ppl_tokens=768, context_windows=1, niah_depths=(0.5,), niah_samples=1, niah_answer_tokens=4,
-                 probe_docs=3),
+    "tiny": Size(
+        "tiny",
+        dict(
+            d_model=32,
+            n_layers=3,
+            n_prelude=1,
+            n_heads=2,
+            window=32,
+            context_length=384,
+            lowrank=4,
+            trigger_dim=8,
+            bank_size=4,
+        ),
+        "torch",
+        micro_batch=1,
+        global_batch_tokens=384,
+        train_steps=4,
+        warmup_tokens=384,
+        lr=3e-3,
+        eval_every=4,
+        eval_tokens=384,
+        save_every=2,
+        first_chunk_steps=2,
+        chunk_seconds=60,
+        ppl_tokens=768,
+        context_windows=1,
+        niah_depths=(0.5,),
+        niah_samples=1,
+        niah_answer_tokens=4,
+        probe_docs=3,
+    ),
 }
 
 
@@ -99,7 +142,7 @@ class Run:
     name: str
     variant: str
     seed: int
-    overrides: tuple = ()            # ((field, value), ...) on top of the size's
+    overrides: tuple = ()  # ((field, value), ...) on top of the size's
     note: str = ""
 
     @property
@@ -123,7 +166,7 @@ RUNS = [
     Run("nirvana-detach-s1", "nirvana", 1, (("detach_inner_grad", True),), "inner gradient detached"),
 ]
 MEASUREMENTS = ("ppl", "context", "niah", "trigger")
-FIRST_CHUNK_SECONDS = 60   # what a call's first chunk or a measurement is assumed to take before one was timed
+FIRST_CHUNK_SECONDS = 60  # what a call's first chunk or a measurement is assumed to take before one was timed
 
 
 # ----------------------------------------------------------------------------- paths and small files
@@ -154,8 +197,9 @@ class Clock:
 def data_paths(data):
     tokens = os.path.join(data, "tokens")
     if not os.path.isfile(os.path.join(tokens, "meta.json")):
-        raise UserError(f"{data} holds no tokens/meta.json: build it with "
-                        f"`python experiments/real_text.py --out {data}`")
+        raise UserError(
+            f"{data} holds no tokens/meta.json: build it with `python experiments/real_text.py --out {data}`"
+        )
     eval_dir = os.path.join(tokens, "eval")
     domains = sorted(Path(p).stem for p in Path(eval_dir).glob("*.npz")) if os.path.isdir(eval_dir) else []
     if not domains:
@@ -167,12 +211,38 @@ def data_paths(data):
 
 
 def train_args(run, size, tokens_dir, run_dir, device):
-    args = ["--preset", f"{run.variant}-{size.preset_size}", "--backend", size.backend, "--data", tokens_dir,
-            "--out", run_dir, "--seed", str(run.seed), "--micro-batch", str(size.micro_batch),
-            "--seq-len", str(size.context), "--global-batch-tokens", str(size.global_batch_tokens),
-            "--max-tokens", str(size.train_steps * size.global_batch_tokens),
-            "--warmup-tokens", str(size.warmup_tokens), "--lr", str(size.lr), "--eval-every", str(size.eval_every),
-            "--eval-tokens", str(size.eval_tokens), "--save-every", str(size.save_every), "--device", device]
+    args = [
+        "--preset",
+        f"{run.variant}-{size.preset_size}",
+        "--backend",
+        size.backend,
+        "--data",
+        tokens_dir,
+        "--out",
+        run_dir,
+        "--seed",
+        str(run.seed),
+        "--micro-batch",
+        str(size.micro_batch),
+        "--seq-len",
+        str(size.context),
+        "--global-batch-tokens",
+        str(size.global_batch_tokens),
+        "--max-tokens",
+        str(size.train_steps * size.global_batch_tokens),
+        "--warmup-tokens",
+        str(size.warmup_tokens),
+        "--lr",
+        str(size.lr),
+        "--eval-every",
+        str(size.eval_every),
+        "--eval-tokens",
+        str(size.eval_tokens),
+        "--save-every",
+        str(size.save_every),
+        "--device",
+        device,
+    ]
     for field, value in list(size.overrides.items()) + list(run.overrides):
         args += ["--set", f"{field}={value}"]
     return args
@@ -184,22 +254,34 @@ def checkpoint_step(path):
     return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
 
 
+def whole_run_seconds(runs_dir):
+    """The longest wall time a finished run took to train, or None before any finished."""
+    seconds = [read_json(p)["seconds"] for p in Path(runs_dir).glob("*/train_done.json")]
+    return max(seconds) if seconds else None
+
+
 def train_run(run, size, tokens_dir, run_dir, device, clock):
-    """Trains run up to size.train_steps in chunks; -> True when finished, False when the budget stopped it."""
+    """Trains run up to size.train_steps in chunks; -> True when finished, False when the budget ran out.
+    A run train.py cannot resume (Run.resumable) starts only when a whole run's time (measured on another
+    run) fits the budget."""
     done_path = os.path.join(run_dir, "train_done.json")
     if os.path.isfile(done_path):
         return True
-    checkpoint = os.path.join(run_dir, "ckpt.pt")
+    checkpoint, progress_path = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "train_seconds.json")
     step, chunk_steps, seconds_per_step = checkpoint_step(checkpoint), size.first_chunk_steps, None
     if step and not run.resumable:
-        step = 0                                                   # a run cut short starts again
+        step = 0  # a run cut short starts again
+    seconds = read_json(progress_path)["seconds"] if step and os.path.isfile(progress_path) else 0.0
     while step < size.train_steps:
         if not run.resumable:
             chunk_steps = size.train_steps
-        elif seconds_per_step is not None:
-            chunk_steps = max(1, int(size.chunk_seconds / seconds_per_step))
+            whole = whole_run_seconds(os.path.dirname(run_dir))
+            estimate = math.inf if whole is None and clock.budget else 1.15 * (whole or 0)
+        else:
+            if seconds_per_step is not None:
+                chunk_steps = max(1, int(size.chunk_seconds / seconds_per_step))
+            estimate = FIRST_CHUNK_SECONDS if seconds_per_step is None else chunk_steps * seconds_per_step
         target = min(size.train_steps, step + chunk_steps)
-        estimate = FIRST_CHUNK_SECONDS if seconds_per_step is None else (target - step) * seconds_per_step
         if not clock.fits(estimate):
             return False
         print(f"[{run.name}] training steps {step} -> {target} of {size.train_steps}", flush=True)
@@ -207,17 +289,27 @@ def train_run(run, size, tokens_dir, run_dir, device, clock):
         argv = train_args(run, size, tokens_dir, run_dir, device) + ["--stop-step", str(target)]
         train.main(argv + (["--resume"] if step > 0 else []))
         seconds_per_step = (time.time() - started) / (target - step)
+        seconds += time.time() - started
         step = checkpoint_step(checkpoint)
         if step != target:
             raise RuntimeError(f"[{run.name}] train.py stopped at step {step}, expected {target}")
+        write_json(progress_path, {"step": step, "seconds": seconds})
     rows = train.Log.read(os.path.join(run_dir, "log.csv"))
     speeds = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
     params = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["model"]
-    write_json(done_path, {"steps": step, "tokens": step * size.global_batch_tokens, "seed": run.seed,
-                           "params": int(sum(v.numel() for v in params.values())),
-                           "tokens_per_s": float(np.median(speeds)) if speeds else None,
-                           "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-                           "backend": size.backend})
+    write_json(
+        done_path,
+        {
+            "steps": step,
+            "tokens": step * size.global_batch_tokens,
+            "seconds": seconds,
+            "seed": run.seed,
+            "params": int(sum(v.numel() for v in params.values())),
+            "tokens_per_s": float(np.median(speeds)) if speeds else None,
+            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+            "backend": size.backend,
+        },
+    )
     return True
 
 
@@ -228,44 +320,62 @@ def measure_ppl(model, tok, size, eval_sets):
     out = {}
     for domain, path in eval_sets.items():
         tokens, _ = load_eval_set(path)
-        out[domain] = evaluation.perplexity(model, tokens[:size.ppl_tokens + 1], size.context, batch_size=8)
+        out[domain] = evaluation.perplexity(model, tokens[: size.ppl_tokens + 1], size.context, batch_size=8)
     return out
 
 
 @torch.no_grad()
 def measure_context(model, tok, size, eval_sets):
     """ppl at 1x, 2x, 4x the context on the same stream, and the mean loss per position over windows of 4x."""
-    name = HELD_OUT if HELD_OUT in eval_sets else sorted(eval_sets)[0]
+    name = HELD_OUT if HELD_OUT in eval_sets else min(eval_sets)
     stream, _ = load_eval_set(eval_sets[name])
     length = 4 * size.context
     windows = max(1, min(size.context_windows, (len(stream) - 1) // length))
-    stream = stream[:windows * length + 1]
+    stream = stream[: windows * length + 1]
     if len(stream) < length + 1:
         raise UserError(f"the held-out set {name} has {len(stream)} tokens: fewer than 4x the context + 1")
-    by_length = {f"{k}x": evaluation.perplexity(model, stream, k * size.context, batch_size=4) for k in (1, 2, 4)}
+    by_length = {
+        f"{k}x": evaluation.perplexity(model, stream, k * size.context, batch_size=4) for k in (1, 2, 4)
+    }
     device = evaluation.model_device(model)
     losses = []
     for w in range(windows):
-        window = torch.as_tensor(stream[w * length:(w + 1) * length + 1], device=device)[None]
+        window = torch.as_tensor(stream[w * length : (w + 1) * length + 1], device=device)[None]
         logprob, _ = evaluation.score_tokens(model, window[:, :-1], window[:, 1:])
         losses.append(-logprob[0].double().cpu().numpy())
     bucket = max(1, size.context // 8)
     curve = np.mean(losses, axis=0).reshape(-1, bucket).mean(axis=1)
-    return {"stream": name, "tokens": int(windows * length), "by_length": by_length,
-            "position_bucket": bucket, "loss_by_position": curve.tolist()}
+    return {
+        "stream": name,
+        "tokens": int(windows * length),
+        "by_length": by_length,
+        "position_bucket": bucket,
+        "loss_by_position": curve.tolist(),
+    }
 
 
 def measure_niah(model, tok, size, eval_sets):
     lengths = [k * size.context for k in (1, 2, 4)]
-    records = evaluation.run_niah(model, tok, ["pk", "n", "w"], list(size.niah_depths), size.niah_samples,
-                                  lengths, size.niah_answer_tokens, seed=0)
+    records = evaluation.run_niah(
+        model,
+        tok,
+        ["pk", "n", "w"],
+        list(size.niah_depths),
+        size.niah_samples,
+        lengths,
+        size.niah_answer_tokens,
+        seed=0,
+    )
     accuracy = evaluation.niah_accuracy(records)
-    return {"accuracy": {f"{task}@{length}": value for (task, length), value in accuracy.items()},
-            "samples_per_cell": len(size.niah_depths) * size.niah_samples, "records": records}
+    return {
+        "accuracy": {f"{task}@{length}": value for (task, length), value in accuracy.items()},
+        "samples_per_cell": len(size.niah_depths) * size.niah_samples,
+        "records": records,
+    }
 
 
 def nearest_centroid_accuracy(features, labels):
-    """Leave-one-out nearest-centroid classification (z-scored features) -> balanced accuracy (mean recall)."""
+    """Leave-one-out nearest-centroid classification (z-scored features) -> (balanced accuracy, chance)."""
     x = np.asarray(features, dtype=np.float64)
     x = (x - x.mean(0)) / (x.std(0) + 1e-12)
     labels = np.asarray(labels)
@@ -304,23 +414,29 @@ def measure_trigger(model, tok, size, eval_sets):
     t_docs, p_docs, labels, p_distance, p_token_std = [], [], [], [], []
     for domain, path in eval_sets.items():
         _, documents = load_eval_set(path)
-        documents = [d for d in documents if len(d) >= 16][:size.probe_docs]
+        documents = [d for d in documents if len(d) >= 16][: size.probe_docs]
         for doc in documents:
-            idx = torch.as_tensor(doc[:size.context], device=device)[None]
+            idx = torch.as_tensor(doc[: size.context], device=device)[None]
             _, _, trace = model(idx, return_trace=True)
             if not trace.get("gate"):
-                return None                                        # a variant without the Updater
-            t_docs.append([g[0].float().mean().item() for g in trace["gate"]])             # (layers,)
+                return None  # a variant without the Updater
+            t_docs.append([g[0].float().mean().item() for g in trace["gate"]])  # (layers,)
             if trace.get("p"):
-                p = torch.stack([x[0].float() for x in trace["p"]])                         # (layers, T, K)
+                p = torch.stack([x[0].float() for x in trace["p"]])  # (layers, T, K)
                 p_docs.append(p.mean(1).flatten().cpu().numpy())
-                p_distance.append((p - 1).pow(2).mean(-1).sqrt().mean(1).cpu().numpy())    # RMS |p - 1| per layer
+                p_distance.append(
+                    (p - 1).pow(2).mean(-1).sqrt().mean(1).cpu().numpy()
+                )  # RMS |p - 1| per layer
                 p_token_std.append(p.std(1).mean().item())
             labels.append(domain)
     t_docs = np.asarray(t_docs)
-    out = {"docs": len(labels), "domains": sorted(set(labels)), "labels": labels,
-           "t_by_domain": {d: float(t_docs[np.asarray(labels) == d].mean()) for d in sorted(set(labels))},
-           "t_by_layer": t_docs.mean(0).tolist()}
+    out = {
+        "docs": len(labels),
+        "domains": sorted(set(labels)),
+        "labels": labels,
+        "t_by_domain": {d: float(t_docs[np.asarray(labels) == d].mean()) for d in sorted(set(labels))},
+        "t_by_layer": t_docs.mean(0).tolist(),
+    }
     out["t_probe"], out["chance"] = nearest_centroid_accuracy(t_docs, labels)
     if p_docs:
         out["p_distance_by_layer"] = np.mean(p_distance, axis=0).tolist()
@@ -362,8 +478,10 @@ def measure_run(run, size, run_dir, eval_sets, device, clock):
         print(f"[{run.name}] measuring {name} ...", flush=True)
         started = time.time()
         result = MEASURE[name](model, tok, size, eval_sets)
-        write_json(os.path.join(run_dir, "measure", name + ".json"),
-                   {"result": result, "seconds": time.time() - started})
+        write_json(
+            os.path.join(run_dir, "measure", name + ".json"),
+            {"result": result, "seconds": time.time() - started},
+        )
     return True
 
 
@@ -383,8 +501,10 @@ def run_results(runs_dir):
             if os.path.isfile(path):
                 entry[name] = read_json(path)["result"]
         if os.path.isfile(os.path.join(run_dir, "log.csv")):
-            entry["log"] = [{"tokens": r["tokens"], "loss": r["loss"], "val_loss": r.get("val_loss")}
-                            for r in train.Log.read(os.path.join(run_dir, "log.csv"))]
+            entry["log"] = [
+                {"tokens": r["tokens"], "loss": r["loss"], "val_loss": r.get("val_loss")}
+                for r in train.Log.read(os.path.join(run_dir, "log.csv"))
+            ]
         results[run.name] = entry
     return results
 
@@ -411,24 +531,32 @@ LABEL = ["run", "variant", "seed", "tokens"]
 def report(results, size_name, size, domains, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     trained = [d for d in domains if d != HELD_OUT]
-    sections = [f"# Small-scale reproduction: size `{size_name}`\n",
-                f"Context {size.context}, {size.train_steps} steps of {size.global_batch_tokens:,} tokens "
-                f"(the same token stream for every run; the seed sets the initial weights). Model: preset "
-                f"{size.preset_size} with {size.overrides}, backend {size.backend}. Perplexities are on held-out "
-                f"documents; `{HELD_OUT}` was never trained on. '-' = not measured yet.\n"]
+    sections = [
+        f"# Small-scale reproduction: size `{size_name}`\n",
+        f"Context {size.context}, {size.train_steps} steps of {size.global_batch_tokens:,} tokens "
+        f"(the same token stream for every run; the seed sets the initial weights). Model: preset "
+        f"{size.preset_size} with {size.overrides}, backend {size.backend}. Perplexities are on held-out "
+        f"documents; `{HELD_OUT}` was never trained on. '-' = not measured yet.\n",
+    ]
 
     rows = []
     for run in RUNS:
         ppl = results[run.name].get("ppl", {})
         values = [ppl.get(d, {}).get("ppl") for d in trained]
         mean = math.exp(np.mean([math.log(v) for v in values])) if ppl and None not in values else None
-        rows.append(run_label(run, results[run.name]) + [number(v) for v in values] + [number(mean)]
-                    + [number(ppl.get(HELD_OUT, {}).get("ppl"))])
+        rows.append(
+            run_label(run, results[run.name])
+            + [number(v) for v in values]
+            + [number(mean)]
+            + [number(ppl.get(HELD_OUT, {}).get("ppl"))]
+        )
     scored = next((r["ppl"] for r in results.values() if "ppl" in r), {})
     counts = ", ".join(f"{d} {scored[d]['tokens']:,}" for d in domains if d in scored)
-    sections += ["## Validation perplexity per domain (Table 5's form)\n",
-                 f"Held-out tokens scored, in windows of {size.context}: {counts or '-'}.\n\n",
-                 table(LABEL + trained + ["geometric mean", HELD_OUT + " (held out)"], rows)]
+    sections += [
+        "## Validation perplexity per domain (Table 5's form)\n",
+        f"Held-out tokens scored, in windows of {size.context}: {counts or '-'}.\n\n",
+        table(LABEL + trained + ["geometric mean", HELD_OUT + " (held out)"], rows),
+    ]
 
     lengths = [k * size.context for k in (1, 2, 4)]
     rows = []
@@ -437,55 +565,97 @@ def report(results, size_name, size, domains, out_dir):
         cells = [accuracy.get(f"{task}@{length}") for task in ("pk", "n", "w") for length in lengths]
         rows.append(run_label(run, results[run.name]) + [number(v, 1) for v in cells])
     samples = len(size.niah_depths) * size.niah_samples
-    sections += [f"## S-NIAH accuracy (%) at 1x, 2x, 4x the training context ({samples} prompts per cell)\n",
-                 table(LABEL + [f"{t} {length}" for t in ("pk", "n", "w") for length in lengths], rows)]
+    sections += [
+        f"## S-NIAH accuracy (%) at 1x, 2x, 4x the training context ({samples} prompts per cell)\n",
+        table(LABEL + [f"{t} {length}" for t in ("pk", "n", "w") for length in lengths], rows),
+    ]
 
     rows = []
     for run in RUNS:
         context = results[run.name].get("context", {})
         by_length = context.get("by_length", {})
-        rows.append(run_label(run, results[run.name]) + [number(by_length.get(k, {}).get("ppl"))
-                                                         for k in ("1x", "2x", "4x")])
+        rows.append(
+            run_label(run, results[run.name])
+            + [number(by_length.get(k, {}).get("ppl")) for k in ("1x", "2x", "4x")]
+        )
     stream = next((r["context"]["stream"] for r in results.values() if "context" in r), HELD_OUT)
-    sections += [f"## Perplexity against evaluation context ({stream} stream, Fig. 7); "
-                 "loss against position in context.png\n",
-                 table(LABEL + [f"ppl @ {length}" for length in lengths], rows)]
+    sections += [
+        f"## Perplexity against evaluation context ({stream} stream, Fig. 7); "
+        "loss against position in context.png\n",
+        table(LABEL + [f"ppl @ {length}" for length in lengths], rows),
+    ]
 
     rows = []
     for run in RUNS:
         t = results[run.name].get("train", {})
-        rows.append(run_label(run, results[run.name]) + [
-            "-" if not t else f"{t['params'] / 1e6:.1f}M",
-            "-" if not t.get("tokens_per_s") else f"{t['tokens_per_s']:,.0f}", t.get("device", "-")])
-    sections += ["## Training throughput (median over train.py's log intervals, eager)\n",
-                 table(LABEL + ["parameters", "tokens/s", "device"], rows)]
+        rows.append(
+            run_label(run, results[run.name])
+            + [
+                "-" if not t else f"{t['params'] / 1e6:.1f}M",
+                "-" if not t.get("tokens_per_s") else f"{t['tokens_per_s']:,.0f}",
+                t.get("device", "-"),
+            ]
+        )
+    sections += [
+        "## Training throughput (median over train.py's log intervals, eager)\n",
+        table(LABEL + ["parameters", "tokens/s", "device"], rows),
+    ]
 
     rows = []
     for run in RUNS:
         trig = results[run.name].get("trigger")
         if not trig:
             continue
-        rows.append(run_label(run, results[run.name]) + [
-            number(trig.get("p_distance"), 4), number(trig.get("p_between_domains"), 4),
-            number(trig.get("p_between_documents"), 4), number(trig.get("p_within_document"), 4),
-            number(trig.get("p_probe"), 2), number(trig.get("t_probe"), 2), number(trig.get("chance"), 2),
-            str(trig["docs"])] + [number(trig["t_by_domain"].get(d), 3) for d in domains])
-    sections += ["## The Trigger and the gate t\n",
-                 "p starts at all-ones; distance = RMS of p - 1 over the bank, mean over tokens and layers. Between "
-                 "domains = RMS spread of the domains' mean p; between documents = RMS distance of a document's "
-                 "mean p from its domain's; within a document = std of p over its tokens. Probe = leave-one-out "
-                 "nearest-centroid balanced accuracy of the domain from a document's mean p (or mean t per layer), "
-                 "against chance. t (1 = sliding window, 0 = linear attention) is the mean per domain.\n\n",
-                 table(LABEL + ["p distance", "between domains", "between docs", "within doc", "p probe",
-                                "t probe", "chance", "docs"] + [f"t {d}" for d in domains], rows)
-                 if rows else "(no run with an Updater measured yet)\n"]
+        rows.append(
+            run_label(run, results[run.name])
+            + [
+                number(trig.get("p_distance"), 4),
+                number(trig.get("p_between_domains"), 4),
+                number(trig.get("p_between_documents"), 4),
+                number(trig.get("p_within_document"), 4),
+                number(trig.get("p_probe"), 2),
+                number(trig.get("t_probe"), 2),
+                number(trig.get("chance"), 2),
+                str(trig["docs"]),
+            ]
+            + [number(trig["t_by_domain"].get(d), 3) for d in domains]
+        )
+    sections += [
+        "## The Trigger and the gate t\n",
+        "p starts at all-ones; distance = RMS of p - 1 over the bank, mean over tokens and layers. Between "
+        "domains = RMS spread of the domains' mean p; between documents = RMS distance of a document's "
+        "mean p from its domain's; within a document = std of p over its tokens. Probe = leave-one-out "
+        "nearest-centroid balanced accuracy of the domain from a document's mean p (or mean t per layer), "
+        "against chance. t (1 = sliding window, 0 = linear attention) is the mean per domain.\n\n",
+        table(
+            LABEL
+            + [
+                "p distance",
+                "between domains",
+                "between docs",
+                "within doc",
+                "p probe",
+                "t probe",
+                "chance",
+                "docs",
+            ]
+            + [f"t {d}" for d in domains],
+            rows,
+        )
+        if rows
+        else "(no run with an Updater measured yet)\n",
+    ]
 
     text = "\n".join(sections)
     write_text_atomically(os.path.join(out_dir, "results.md"), text)
-    runs = {name: {k: ({**v, "records": len(v["records"])} if k == "niah" else v) for k, v in entry.items()}
-            for name, entry in results.items()}                # the answers themselves stay in <runs>/*/measure
-    write_json(os.path.join(out_dir, "results.json"), {"size": size_name, "config": dataclasses.asdict(size),
-                                                       "runs": runs})
+    runs = {
+        name: {k: ({**v, "records": len(v["records"])} if k == "niah" else v) for k, v in entry.items()}
+        for name, entry in results.items()
+    }  # the answers themselves stay in <runs>/*/measure
+    write_json(
+        os.path.join(out_dir, "results.json"),
+        {"size": size_name, "config": dataclasses.asdict(size), "runs": runs},
+    )
     plots(results, size, domains, out_dir)
     return text
 
@@ -495,8 +665,12 @@ def plots(results, size, domains, out_dir):
     names = [r.name for r in RUNS if "ppl" in results[r.name]]
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
-        ax.bar(np.arange(len(domains)) + i * width, [results[name]["ppl"][d]["ppl"] for d in domains], width,
-               label=name)
+        ax.bar(
+            np.arange(len(domains)) + i * width,
+            [results[name]["ppl"][d]["ppl"] for d in domains],
+            width,
+            label=name,
+        )
     ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains)
     ax.set(ylabel="perplexity (held-out documents)", yscale="log", title="Validation perplexity per domain")
     ax.legend(fontsize=7, ncol=2)
@@ -509,8 +683,11 @@ def plots(results, size, domains, out_dir):
             curve = context["loss_by_position"]
             ax.plot((np.arange(len(curve)) + 0.5) * context["position_bucket"], curve, label=run.name)
     ax.axvline(size.context, color="gray", ls="--", lw=1)
-    ax.set(xlabel="position in the window (tokens); dashed: training context", ylabel="mean loss (nats)",
-           title="Loss against position up to 4x the training context (Fig. 7)")
+    ax.set(
+        xlabel="position in the window (tokens); dashed: training context",
+        ylabel="mean loss (nats)",
+        title="Loss against position up to 4x the training context (Fig. 7)",
+    )
     ax.legend(fontsize=7)
     evaluation.save_figure(fig, os.path.join(out_dir, "context.png"))
 
@@ -520,17 +697,28 @@ def plots(results, size, domains, out_dir):
         for run in RUNS:
             accuracy = results[run.name].get("niah", {}).get("accuracy")
             if accuracy:
-                ax.plot(lengths, [accuracy.get(f"{task}@{length}", np.nan) for length in lengths], "o-",
-                        label=run.name)
-        ax.set(xscale="log", xticks=lengths, xticklabels=[str(x) for x in lengths], title=f"S-NIAH-{task.upper()}",
-               xlabel="context (tokens)")
+                ax.plot(
+                    lengths,
+                    [accuracy.get(f"{task}@{length}", np.nan) for length in lengths],
+                    "o-",
+                    label=run.name,
+                )
+        ax.set(
+            xscale="log",
+            xticks=lengths,
+            xticklabels=[str(x) for x in lengths],
+            title=f"S-NIAH-{task.upper()}",
+            xlabel="context (tokens)",
+        )
     axes[0].set_ylabel("accuracy (%)")
     axes[-1].legend(fontsize=7)
     evaluation.save_figure(fig, os.path.join(out_dir, "niah.png"))
 
     fig, axes = evaluation.new_figure(1, 2, figsize=(13, 4.5))
     gated = [r for r in RUNS if results[r.name].get("trigger")]
-    grid = np.array([[results[r.name]["trigger"]["t_by_domain"].get(d, np.nan) for d in domains] for r in gated])
+    grid = np.array(
+        [[results[r.name]["trigger"]["t_by_domain"].get(d, np.nan) for d in domains] for r in gated]
+    )
     if len(gated):
         image = axes[0].imshow(grid, aspect="auto", cmap="coolwarm", vmin=0, vmax=1)
         fig.colorbar(image, ax=axes[0])
@@ -541,12 +729,16 @@ def plots(results, size, domains, out_dir):
         distance = results[run.name]["trigger"].get("p_distance_by_layer")
         if distance:
             axes[1].plot(range(len(distance)), distance, "o-", label=run.name)
-    axes[1].set(xlabel="Nirvana layer", ylabel="RMS |p - 1|", title="how far the Trigger's p moves from all-ones")
+    axes[1].set(
+        xlabel="Nirvana layer", ylabel="RMS |p - 1|", title="how far the Trigger's p moves from all-ones"
+    )
     axes[1].legend(fontsize=7)
     evaluation.save_figure(fig, os.path.join(out_dir, "trigger.png"))
 
     with_p = [r for r in gated if results[r.name]["trigger"].get("p_doc_means_2d")]
-    fig, axes = evaluation.new_figure(1, max(1, len(with_p)), figsize=(4.5 * max(1, len(with_p)), 4), squeeze=False)
+    fig, axes = evaluation.new_figure(
+        1, max(1, len(with_p)), figsize=(4.5 * max(1, len(with_p)), 4), squeeze=False
+    )
     for ax, run in zip(axes[0], with_p):
         trig = results[run.name]["trigger"]
         points, labels = np.asarray(trig["p_doc_means_2d"]), np.asarray(trig["labels"])
@@ -585,12 +777,26 @@ def spawn_workers(args, runs, gpus):
     os.makedirs(args.runs, exist_ok=True)
     workers = []
     for i, gpu in enumerate(gpus):
-        share = [r.name for r in runs[i::len(gpus)]]
+        share = [r.name for r in runs[i :: len(gpus)]]
         if not share:
             continue
-        argv = [sys.executable, os.path.abspath(__file__), "--data", args.data, "--size", args.size, "--runs",
-                args.runs, "--results", args.results, "--only", ",".join(share), "--device", "cuda",
-                "--no-report"] + (["--time-budget", str(args.time_budget)] if args.time_budget else [])
+        argv = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--data",
+            args.data,
+            "--size",
+            args.size,
+            "--runs",
+            args.runs,
+            "--results",
+            args.results,
+            "--only",
+            ",".join(share),
+            "--device",
+            "cuda",
+            "--no-report",
+        ] + (["--time-budget", str(args.time_budget)] if args.time_budget else [])
         log = open(os.path.join(args.runs, f"worker_{gpu}.log"), "a")
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
         workers.append((gpu, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env), log))
@@ -604,22 +810,33 @@ def spawn_workers(args, runs, gpus):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", required=True, help="folder written by experiments/real_text.py")
     parser.add_argument("--size", default="small", choices=sorted(SIZES))
-    parser.add_argument("--runs", default=None, help="checkpoints and measurements (default runs/small_scale/<size>)")
-    parser.add_argument("--results", default=None,
-                        help="tables and PNGs (default experiments/results/<size>)")
+    parser.add_argument(
+        "--runs", default=None, help="checkpoints and measurements (default runs/small_scale/<size>)"
+    )
+    parser.add_argument(
+        "--results", default=None, help="tables and PNGs (default experiments/results/<size>)"
+    )
     parser.add_argument("--only", default=None, help="comma-separated run names (default: all of RUNS)")
-    parser.add_argument("--time-budget", type=non_negative_float, default=0,
-                        help="seconds this call may work; unfinished runs continue in the next call (0: no limit)")
+    parser.add_argument(
+        "--time-budget",
+        type=non_negative_float,
+        default=0,
+        help="seconds this call may work; unfinished runs continue in the next call (0: no limit)",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--gpus", default="", help="e.g. 0,1,2,3: one worker process per GPU")
     parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     size = SIZES[args.size]
     args.runs = args.runs or os.path.join("runs", "small_scale", args.size)
-    args.results = args.results or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", args.size)
+    args.results = args.results or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", args.size
+    )
     runs = RUNS
     if args.only:
         names = args.only.split(",")
@@ -630,8 +847,9 @@ def main(argv=None):
     tokens_dir, eval_sets = data_paths(args.data)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if size.backend == "triton" and not device.startswith("cuda"):
-        raise UserError(f"size {args.size} trains with the Triton kernels and needs a GPU; "
-                        "use --size tiny on the CPU")
+        raise UserError(
+            f"size {args.size} trains with the Triton kernels and needs a GPU; use --size tiny on the CPU"
+        )
     clock = Clock(args.time_budget)
     if args.gpus:
         gpus = [g for g in args.gpus.split(",") if g.strip()]
