@@ -722,6 +722,8 @@ def plots(results, size, domains, out_dir):
     if len(gated):
         image = axes[0].imshow(grid, aspect="auto", cmap="coolwarm", vmin=0, vmax=1)
         fig.colorbar(image, ax=axes[0])
+        for (row, column), value in np.ndenumerate(grid):
+            axes[0].text(column, row, f"{value:.3f}", ha="center", va="center", fontsize=7)
     axes[0].set(xticks=range(len(domains)), yticks=range(len(gated)), title="gate t per domain (1 = SWA)")
     axes[0].set_xticklabels(domains, rotation=30)
     axes[0].set_yticklabels([r.name for r in gated])
@@ -730,8 +732,11 @@ def plots(results, size, domains, out_dir):
         if distance:
             axes[1].plot(range(len(distance)), distance, "o-", label=run.name)
     axes[1].set(
-        xlabel="Nirvana layer", ylabel="RMS |p - 1|", title="how far the Trigger's p moves from all-ones"
+        xlabel="Nirvana layer (after the prelude)",
+        ylabel="RMS |p - 1|",
+        title="how far the Trigger's p moves from all-ones",
     )
+    axes[1].xaxis.get_major_locator().set_params(integer=True)
     axes[1].legend(fontsize=7)
     evaluation.save_figure(fig, os.path.join(out_dir, "trigger.png"))
 
