@@ -10,7 +10,7 @@ Runs (RUNS): nirvana and nirvana-notrigger with two seeds each, nirvana-rope, ga
 transformer with one, and two ablations of nirvana: eta_ref 1.0 (the model's default is 0.1) and the Trigger's
 inner gradient detached. The seed sets the initial weights only: every run reads the same token stream in the
 same order. A run's checkpoint lives in <runs>/<run>/ (train.py's ckpt.pt, log.csv); training goes in chunks
-of steps (train.py --stop-step, then --resume), so that --time-budget can stop between chunks and the next call
+of steps (train.py --stop-step, then --resume), so --time-budget can stop between chunks and the next call
 continues. Each measurement of a run is written to <runs>/<run>/measure/<name>.json once and skipped after.
 
 Measurements (MEASUREMENTS), all on documents no run trained on:
@@ -91,7 +91,7 @@ SIZES = {
         warmup_tokens=4_194_304,
         lr=1e-3,
         eval_every=100,
-        eval_tokens=1_048_576,
+        eval_tokens=65_536,
         save_every=50,
         first_chunk_steps=20,
         chunk_seconds=90,
@@ -777,32 +777,27 @@ def work(runs, size, tokens_dir, eval_sets, runs_dir, device, clock):
     return pending
 
 
-def spawn_workers(args, runs, gpus):
-    """One worker process per GPU, each with its share of the runs; -> their exit codes."""
+def complete(runs_dir, run):
+    """Is the run trained and every measurement of it written?"""
+    names = ["train_done.json"] + [os.path.join("measure", m + ".json") for m in MEASUREMENTS]
+    return all(os.path.isfile(os.path.join(runs_dir, run.name, name)) for name in names)
+
+
+def spawn_workers(args, runs, gpus, device, clock):
+    """One worker process per GPU, each with its share of the runs and what is left of the budget; -> their
+    exit codes."""
     os.makedirs(args.runs, exist_ok=True)
     workers = []
     for i, gpu in enumerate(gpus):
         share = [r.name for r in runs[i :: len(gpus)]]
         if not share:
             continue
-        argv = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--data",
-            args.data,
-            "--size",
-            args.size,
-            "--runs",
-            args.runs,
-            "--results",
-            args.results,
-            "--only",
-            ",".join(share),
-            "--device",
-            "cuda",
-            "--no-report",
-        ] + (["--time-budget", str(args.time_budget)] if args.time_budget else [])
-        log = open(os.path.join(args.runs, f"worker_{gpu}.log"), "a")
+        argv = [sys.executable, os.path.abspath(__file__), "--data", args.data, "--size", args.size]
+        argv += ["--runs", args.runs, "--results", args.results, "--only", ",".join(share)]
+        argv += ["--device", device, "--no-report"]
+        if clock.budget:
+            argv += ["--time-budget", f"{max(1.0, clock.left()):.0f}"]
+        log = open(os.path.join(args.runs, f"worker_{gpu}.log"), "a")  # noqa: SIM115 (open while it runs)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
         workers.append((gpu, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         print(f"GPU {gpu}: {', '.join(share)} (log {log.name})", flush=True)
@@ -858,7 +853,7 @@ def main(argv=None):
     clock = Clock(args.time_budget)
     if args.gpus:
         gpus = [g for g in args.gpus.split(",") if g.strip()]
-        codes = spawn_workers(args, runs, gpus)
+        codes = spawn_workers(args, [r for r in runs if not complete(args.runs, r)], gpus, device, clock)
         if any(codes):
             raise RuntimeError(f"worker(s) failed (exit status {codes}); see {args.runs}/worker_*.log")
     else:
