@@ -132,3 +132,35 @@ def test_nearest_centroid_probe_separates_separable_domains_and_not_noise():
     assert accuracy == 1.0 and chance == pytest.approx(1 / 3)
     noise_accuracy, _ = small_scale.nearest_centroid_accuracy(rng.normal(0, 1, (60, 3)), labels)
     assert noise_accuracy < 0.6
+
+
+def test_missing_package_names_its_install_command():
+    with pytest.raises(UserError, match="apt-get install linux-doc-6.1"):
+        real_text.need("/nonexistent/**/*.rst.gz", "apt-get install linux-doc-6.1")
+
+
+def test_wikipedia_articles_from_a_wheel_lose_their_markup(tmp_path):
+    import bz2
+    import zipfile
+
+    article = (
+        "{{Infobox|name=X {{nested}}}}'''Aardvark''' is a [[mammal]] of [[Africa|the African continent]]."
+        "<ref>Smith 2001</ref> It digs.[[File:A.jpg|thumb|An [[aardvark]]]]\n== Diet ==\nAnts and termites, "
+        "see [http://example.org the site].\n== References ==\n* cited work\n"
+    )
+    body = " ".join(["filler"] * 60)
+    dump = (
+        "<mediawiki><page><title>Aardvark</title><ns>0</ns><revision><text>"
+        + article.replace("<", "&lt;").replace(">", "&gt;").replace("\n== Diet", f" {body}\n== Diet")
+        + "</text></revision></page><page><title>AA</title><ns>0</ns><redirect title='A' /><revision>"
+        "<text>#REDIRECT [[A]]</text></revision></page></mediawiki>"
+    )
+    wheel = tmp_path / "gensim-0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("gensim/test/test_data/enwiki-latest-shortened.bz2", bz2.compress(dump.encode()))
+    [(name, text)] = real_text.read_wikipedia(str(wheel))
+    assert name == "Aardvark" and text.startswith(
+        "Aardvark\n\nAardvark is a mammal of the African continent."
+    )
+    assert "Diet\nAnts and termites, see the site." in text
+    assert not any(mark in text for mark in ("{{", "[[", "<ref", "'''", "cited work", "File:"))
