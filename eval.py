@@ -1,16 +1,17 @@
 """Nirvana evaluation: the paper's measurements as commands on a checkpoint written by train.py.
 
 After `python train.py` (which writes out/nirvana-tiny/ckpt.pt and prepares data/pydoc), on a CPU:
-    python eval.py ppl     --checkpoint out/nirvana-tiny/ckpt.pt --data data/pydoc           # all val tokens
-    python eval.py niah    --checkpoint out/nirvana-tiny/ckpt.pt --tasks pk --lengths 256 --samples 2
-    python eval.py gates   --checkpoint out/nirvana-tiny/ckpt.pt --text "The patient's MRI shows"
-    python eval.py speed   --size tiny --variants nirvana,transformer --prompt-len 256 --contexts 256,512
-The paper's settings (a GPU, a 350m or 1.3b checkpoint, and your data: long.txt, lambada_test.jsonl):
-    python eval.py extrapolate --checkpoint a/ckpt.pt b/ckpt.pt --data long.txt --lengths 4096,8192,16384
-    python eval.py niah        --checkpoint out/nirvana-1.3b/ckpt.pt --tasks pk,n,w --samples 10   # Table 3
-    python eval.py lambada     --checkpoint out/nirvana-1.3b/ckpt.pt --data lambada_test.jsonl  # Table 2
-    python eval.py harness     --checkpoint out/nirvana-1.3b/ckpt.pt --tasks piqa,hellaswag     # needs lm_eval
-    python eval.py speed       --size 350m --prompt-len 4096 --batch-size 4 --new-tokens 128    # Table 4
+    python eval.py ppl   --checkpoint out/nirvana-tiny/ckpt.pt --data data/pydoc        # all validation tokens
+    python eval.py niah  --checkpoint out/nirvana-tiny/ckpt.pt --tasks pk --lengths 256 --samples 1 \\
+        --depths 0,1 --answer-tokens 8
+    python eval.py gates --checkpoint out/nirvana-tiny/ckpt.pt --text "The patient's MRI shows"   # t and |p|
+The paper's measurements, on a 350m or 1.3b checkpoint (a comment says what a command needs beyond a CPU):
+    python eval.py extrapolate --checkpoint out/nirvana-1.3b/ckpt.pt out/transformer-1.3b/ckpt.pt \\
+        --data long.txt --lengths 4096,8192,12288,16384,20480                        # Fig. 7; GPU, your data
+    python eval.py niah    --checkpoint out/nirvana-1.3b/ckpt.pt --tasks pk,n,w --samples 10   # Table 3; GPU
+    python eval.py lambada --checkpoint out/nirvana-1.3b/ckpt.pt --data lambada_test.jsonl     # Table 2; GPU, your data
+    python eval.py harness --checkpoint out/nirvana-1.3b/ckpt.pt --tasks piqa,hellaswag        # GPU, needs lm_eval
+    python eval.py speed   --size 350m --prompt-len 4096 --batch-size 4 --new-tokens 128       # Table 4; GPU
 
 Every command prints its result and where it wrote its files under --out-dir (default eval_out/), named after
 the run folder of the checkpoint (out/nirvana-tiny/ckpt.pt -> nirvana-tiny) or --name, so runs of different
@@ -197,9 +198,9 @@ def encode_pair(tok, context, continuation):
     return context_ids, whole[len(context_ids):]
 
 
-def continuation_scores(model, pairs, max_length, batch_size=1):
+def continuation_scores(model, pairs, max_length, batch_size=1, progress=None):
     """pairs: [(context ids, continuation ids)] -> [(sum log p(continuation | context), all greedy)].
-    The context is cut from the left so that the whole fits max_length tokens."""
+    The context is cut from the left so that the whole fits max_length tokens. progress: a cli.Progress."""
     device = model_device(model)
     results = [None] * len(pairs)
     for i, (ctx, cont) in enumerate(pairs):
@@ -222,6 +223,8 @@ def continuation_scores(model, pairs, max_length, batch_size=1):
             n = len(pairs[i][1])
             span = slice(len(s) - 1 - n, len(s) - 1)
             results[i] = (logprob[row, span].double().sum().item(), bool(greedy[row, span].all()))
+        if progress:
+            progress.update(len(batch))
     return results
 
 
@@ -442,7 +445,7 @@ def read_lambada(path):
     if not os.path.isfile(path):
         raise UserError(f"LAMBADA file '{path}' not found (a .jsonl with a 'text' field per line)")
     examples = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -462,7 +465,7 @@ def read_lambada(path):
 def lambada(model, tok, examples, max_length, batch_size=16):
     """-> {"acc": % of targets that are the greedy continuation, "ppl": exp(-mean target log-prob)}."""
     pairs = [encode_pair(tok, c, t) for c, t in examples]
-    scores = continuation_scores(model, pairs, max_length, batch_size)
+    scores = continuation_scores(model, pairs, max_length, batch_size, Progress("LAMBADA: examples", len(pairs)))
     logprobs = [lp for lp, _ in scores]
     return {"examples": len(examples), "acc": 100.0 * sum(g for _, g in scores) / len(scores),
             "ppl": math.exp(-sum(logprobs) / len(logprobs))}
@@ -922,7 +925,7 @@ def cmd_harness(args):
 def cmd_gates(args):
     model, tok = load_model(args.checkpoint, args.device, args.dtype, args.tokenizer)
     if args.text_file:
-        with open(args.text_file, encoding="utf-8") as f:
+        with open(args.text_file, encoding="utf-8", errors="replace") as f:
             text = f.read()
     else:
         text = args.text

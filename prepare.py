@@ -1,10 +1,11 @@
 """Turns text into token shards for train.py: flat uint16/uint32 arrays on disk, read back with np.memmap.
 
-Usage:
+Usage (a comment says what a command needs beyond a CPU):
     python prepare.py                                   # the built-in corpus -> data/pydoc (sentencepiece 2k)
-    python prepare.py --input fineweb/sample-10BT --out data/fineweb --tokenizer sentencepiece --workers 16
-    python prepare.py --input books.txt notes.jsonl --out data/mine --tokenizer tiktoken:cl100k_base.tiktoken
-    python prepare.py --input corpus/ --out data/bytes --tokenizer bytes --val-fraction 0.01
+    python prepare.py --input fineweb/sample-10BT --out data/fineweb --workers 16                 # your data
+    python prepare.py --input books.txt notes.jsonl --out data/mine --tokenizer tiktoken:cl100k_base.tiktoken  \\
+        --overwrite                           # your data; --overwrite replaces a corpus prepared there before
+    python prepare.py --input corpus/ --out data/bytes --tokenizer bytes --val-fraction 0.01      # your data
 
 Inputs are files or folders (searched recursively, in sorted order):
     .txt      one document per file
@@ -381,7 +382,7 @@ class TokenShards:
 
 # ----------------------------------------------------------------------------- command line
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", help="text files or folders (default: the built-in corpus)")
     parser.add_argument("--out", default=None, help=f"output folder (default with no --input: {BUILTIN_DIR})")
@@ -396,15 +397,21 @@ def main(argv=None):
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count(), help="encoding processes")
     args = parser.parse_args(argv)
     if args.input is None:
-        out = args.out or BUILTIN_DIR
-        vocab_size, val_fraction = args.vocab_size or BUILTIN_VOCAB_SIZE, args.val_fraction or 0.1
+        args.out = args.out or BUILTIN_DIR
+        args.vocab_size, args.val_fraction = args.vocab_size or BUILTIN_VOCAB_SIZE, args.val_fraction or 0.1
     else:
         if args.out is None:
             parser.error("--out is required with --input")
-        out, vocab_size, val_fraction = args.out, args.vocab_size or 32000, args.val_fraction or 0.005
+        args.vocab_size, args.val_fraction = args.vocab_size or 32000, args.val_fraction or 0.005
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.tokenizer != "sentencepiece":
         load_tokenizer(args.tokenizer)  # a bad spec fails here, before any work
-    meta = prepare(args.input, out, args.tokenizer, vocab_size, val_fraction, args.text_field,
+    out = args.out
+    meta = prepare(args.input, out, args.tokenizer, args.vocab_size, args.val_fraction, args.text_field,
                    args.shard_tokens, args.workers, args.overwrite)
     counts = {split: sum(s["tokens"] for s in meta[split]) for split in ("train", "val")}
     print(f"wrote {out}: tokenizer {tokenizer_spec(meta, out)} (vocab {meta['vocab_size']}), "

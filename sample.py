@@ -3,7 +3,7 @@
 After `python train.py` (which writes out/nirvana-tiny/ckpt.pt):
     python sample.py --checkpoint out/nirvana-tiny/ckpt.pt --prompt "The for statement" --max-new-tokens 100
     python sample.py --checkpoint out/nirvana-tiny/ckpt.pt --prompt "2 + 2 =" --temperature 0      # greedy
-    python sample.py --checkpoint out/nirvana-tiny/ckpt.pt --prompt-file prompt.txt --num-samples 3 --top-k 200
+    python sample.py --checkpoint out/nirvana-tiny/ckpt.pt --prompt-file prompt.txt --num-samples 3  # your data
 
 The prompt is encoded with the checkpoint's tokenizer (or --tokenizer); an empty prompt starts from <eos>.
 """
@@ -29,7 +29,7 @@ def sample(model, tok, prompt, num_samples=1, max_new_tokens=200, temperature=1.
     return texts
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=existing_file, help="e.g. out/nirvana-tiny/ckpt.pt")
     prompt = parser.add_mutually_exclusive_group()
@@ -43,8 +43,11 @@ def main(argv=None):
     parser.add_argument("--tokenizer", default=None, help="tokenizer spec overriding the checkpoint's")
     parser.add_argument("--device", default=None, type=torch_device, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None):
+    args = parse_args(argv)
     text = args.prompt
     if args.prompt_file:
         try:

@@ -1,15 +1,15 @@
 """Pretraining for Nirvana and its baselines: the same script on one device and, under torchrun, on many.
 
-Usage:
-    python train.py                                    # nirvana-tiny on the built-in corpus: a few CPU minutes
-    python prepare.py --input fineweb/sample-10BT --out data/fineweb --workers 16       # 32k sentencepiece
-    python train.py --preset nirvana-350m --data data/fineweb --backend triton
-    python train.py --preset transformer-350m --data data/fineweb --compile        # the baselines likewise
-    torchrun --nproc_per_node=8 train.py --preset nirvana-1.3b --data data/fineweb --dist fsdp
+Usage (a comment says what a command needs beyond a CPU):
+    python train.py                        # nirvana-tiny on the built-in corpus: a few CPU minutes
+    python train.py --resume               # continue out/nirvana-tiny/ckpt.pt where it stopped
+    python prepare.py --input fineweb/sample-10BT --out data/fineweb --workers 16        # your data
+    python train.py --preset nirvana-350m --data data/fineweb --backend triton            # GPU, your data
+    python train.py --preset transformer-350m --data data/fineweb --compile               # GPU, your data
+    torchrun --nproc_per_node=8 train.py --preset nirvana-1.3b --data data/fineweb --dist fsdp   # 8 GPUs, your data
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=run1 \\
-        train.py --preset nirvana-1.3b --data data/fineweb --dist fsdp
-    python train.py --resume                           # continue out/nirvana-tiny/ckpt.pt where it stopped
-    python train.py --preset nirvana-125m --set d_model=384 --set n_layers=6 --set window=256   # other sizes
+        train.py --preset nirvana-1.3b --data data/fineweb --dist fsdp                    # 32 GPUs, your data
+    python train.py --preset nirvana-125m --set d_model=384 --set n_layers=6 --set window=256  # GPU: other sizes
 
 A run folder that holds a checkpoint is never replaced silently: continue it with --resume, replace it with
 --overwrite, or choose another --out.
