@@ -1,7 +1,7 @@
 """Nirvana evaluation: the paper's measurements as commands on a checkpoint written by train.py.
 
 After `python train.py` (which writes out/nirvana-tiny/ckpt.pt and prepares data/pydoc), on a CPU:
-    python eval.py ppl   --checkpoint out/nirvana-tiny/ckpt.pt --data data/pydoc        # all validation tokens
+    python eval.py ppl   --checkpoint out/nirvana-tiny/ckpt.pt --data data/pydoc     # all validation tokens
     python eval.py niah  --checkpoint out/nirvana-tiny/ckpt.pt --tasks pk --lengths 256 --samples 1 \\
         --depths 0,1 --answer-tokens 8
     python eval.py gates --checkpoint out/nirvana-tiny/ckpt.pt --text "The patient's MRI shows"   # t and |p|
@@ -9,8 +9,8 @@ The paper's measurements, on a 350m or 1.3b checkpoint (a comment says what a co
     python eval.py extrapolate --checkpoint out/nirvana-1.3b/ckpt.pt out/transformer-1.3b/ckpt.pt \\
         --data long.txt --lengths 4096,8192,12288,16384,20480                        # Fig. 7; GPU, your data
     python eval.py niah    --checkpoint out/nirvana-1.3b/ckpt.pt --tasks pk,n,w --samples 10   # Table 3; GPU
-    python eval.py lambada --checkpoint out/nirvana-1.3b/ckpt.pt --data lambada_test.jsonl     # Table 2; GPU, your data
-    python eval.py harness --checkpoint out/nirvana-1.3b/ckpt.pt --tasks piqa,hellaswag        # GPU, needs lm_eval
+    python eval.py lambada --checkpoint out/nirvana-1.3b/ckpt.pt --data lambada.jsonl  # Table 2; GPU, your data
+    python eval.py harness --checkpoint out/nirvana-1.3b/ckpt.pt --tasks piqa,hellaswag    # GPU, needs lm_eval
     python eval.py speed   --size 350m --prompt-len 4096 --batch-size 4 --new-tokens 128       # Table 4; GPU
 
 Every command prints its result and where it wrote its files under --out-dir (default eval_out/), named after

@@ -3,8 +3,8 @@
 Usage (a comment says what a command needs beyond a CPU):
     python prepare.py                                   # the built-in corpus -> data/pydoc (sentencepiece 2k)
     python prepare.py --input fineweb/sample-10BT --out data/fineweb --workers 16                 # your data
-    python prepare.py --input books.txt notes.jsonl --out data/mine --tokenizer tiktoken:cl100k_base.tiktoken  \\
-        --overwrite                           # your data; --overwrite replaces a corpus prepared there before
+    python prepare.py --input books.txt notes.jsonl --out data/mine \\
+        --tokenizer tiktoken:cl100k_base.tiktoken --overwrite    # your data; replaces data/mine if prepared
     python prepare.py --input corpus/ --out data/bytes --tokenizer bytes --val-fraction 0.01      # your data
 
 Inputs are files or folders (searched recursively, in sorted order):
@@ -324,7 +324,7 @@ def prepare_builtin(out_dir=BUILTIN_DIR):
 # ----------------------------------------------------------------------------- reading shards back
 
 def load_meta(data_dir):
-    """The meta.json of a folder written by prepare.py; anything else is a UserError saying how to make one."""
+    """The meta.json of a folder written by prepare.py; anything else is a UserError saying how to make it."""
     make = f"`python prepare.py --input <text files or folders> --out {data_dir}`"
     if os.path.isfile(data_dir):
         folder = os.path.splitext(data_dir)[0] + "_tokens"

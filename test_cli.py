@@ -1,5 +1,5 @@
-"""Bad input to the scripts, one class at a time: each gives one line on stderr naming the problem and the fix,
-exit status 2, and leaves every file as it was. The scripts run in-process through cli.run_main (what their
+"""Bad input to the scripts, one class at a time: each gives one line on stderr naming the problem and the
+fix, exit status 2, and leaves every file as it was. The scripts run in-process through cli.run_main (what their
 `__main__` calls); one test starts them as real processes to check that wiring."""
 import os
 import subprocess

@@ -6,10 +6,10 @@ Usage (a comment says what a command needs beyond a CPU):
     python prepare.py --input fineweb/sample-10BT --out data/fineweb --workers 16        # your data
     python train.py --preset nirvana-350m --data data/fineweb --backend triton            # GPU, your data
     python train.py --preset transformer-350m --data data/fineweb --compile               # GPU, your data
-    torchrun --nproc_per_node=8 train.py --preset nirvana-1.3b --data data/fineweb --dist fsdp   # 8 GPUs, your data
+    torchrun --nproc_per_node=8 train.py --preset nirvana-1.3b --data data/fineweb --dist fsdp   # 8 GPUs
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=run1 \\
         train.py --preset nirvana-1.3b --data data/fineweb --dist fsdp                    # 32 GPUs, your data
-    python train.py --preset nirvana-125m --set d_model=384 --set n_layers=6 --set window=256  # GPU: other sizes
+    python train.py --preset nirvana-125m --set d_model=384 --set n_layers=6 --set window=256   # GPU
 
 A run folder that holds a checkpoint is never replaced silently: continue it with --resume, replace it with
 --overwrite, or choose another --out.
@@ -353,7 +353,7 @@ LOG_FIELDS = ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"
 
 class Log:
     """Rows of LOG_FIELDS in a .csv or .jsonl file (rank 0 only); a resumed run keeps the rows up to its step.
-    The file is (re)written at the first new row, so a run that fails before its first step leaves it as it was."""
+    The file is (re)written at the first new row: a run that fails before its first step leaves it as it was."""
 
     def __init__(self, path, resume_step, enabled):
         self.path, self.enabled, self.rows, self.started = path, enabled, [], False
