@@ -543,8 +543,9 @@ def run(args, d):
         loss, grad_norm = train_step(forward, raw_model, optimizer, train_data, data_position, accum, vocab_size,
                                      args, d, autocast)
         if not math.isfinite(loss):
+            left = ckpt_path if os.path.exists(ckpt_path) else "none"
             raise FloatingPointError(f"training loss is {loss} at step {step + 1}; stopped before the update "
-                                     f"(last checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'})")
+                                     f"(last checkpoint: {left}; {args.log} holds the steps before)")
         step += 1
         data_position += args.global_batch_tokens
         interval_tokens += args.global_batch_tokens
