@@ -182,11 +182,12 @@ def test_scripts_report_user_errors_in_one_line_and_bugs_with_a_traceback(worksp
     """The real processes, started together: `python <script>` prints one line and exits with 2;
     NIRVANA_DEBUG=1 shows the traceback instead."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    missing_input = ["prepare.py", "--input", str(workspace / "missing.txt"), "--out", str(workspace / "p")]
     commands = [
-        (["train.py", "--micro-batch", "0"], env),
-        (["eval.py", "ppl", "--checkpoint", str(workspace / "missing.pt"), "--data", "x"], env),
-        (["prepare.py", "--input", str(workspace / "missing.txt"), "--out", str(workspace / "p")], env),
-        (["sample.py", "--checkpoint", str(workspace / "notes.txt")], {**env, "NIRVANA_DEBUG": "1"}),
+        (["train.py", "--data", str(workspace / "notes.txt")], env),
+        (["eval.py", "ppl", "--checkpoint", str(workspace / "notes.txt"), "--data", "x"], env),
+        (missing_input, env),
+        (missing_input, {**env, "NIRVANA_DEBUG": "1"}),
     ]
     running = [subprocess.Popen([sys.executable, os.path.join(REPO, argv[0])] + argv[1:], env=environment,
                                 cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -196,7 +197,7 @@ def test_scripts_report_user_errors_in_one_line_and_bugs_with_a_traceback(worksp
         assert code == 2 and len(err.strip().splitlines()) == 1, (argv, code, err)
         assert err.startswith(argv[0]) and ": error: " in err, err
     code, err = results[3]
-    assert code == 1 and "Traceback" in err and "not a readable PyTorch checkpoint" in err
+    assert code == 1 and "Traceback" in err and "missing.txt' does not exist" in err
     for process in running:
         process.stdout.close()
         process.stderr.close()

@@ -263,25 +263,21 @@ def torchrun(args, cwd):
     return done.stdout
 
 
-def test_two_process_torchrun_ddp_matches_one_process(corpus, tmp_path):
-    args = ["--data", corpus, "--max-tokens", str(3 * 256), "--eval-every", "3"] + SMALL_RUN
-    single = train.main(args + ["--out", str(tmp_path / "single")])
-    stdout = torchrun(args + ["--out", str(tmp_path / "ddp"), "--dist", "ddp"], tmp_path)
-    assert "2 x cpu, ddp" in stdout
-    logged = read_log(tmp_path / "ddp" / "log.csv")
-    assert [r["loss"] for r in logged] == pytest.approx(single["losses"], rel=1e-5)
-    assert logged[-1]["val_loss"] == pytest.approx(single["val_losses"][-1][1], rel=1e-5)
-
-
-def test_fsdp_matches_one_process_across_stop_and_resume(corpus, tmp_path):
-    """Two FSDP processes give one process's losses, and stopping and resuming them changes nothing."""
-    args = ["--data", corpus, "--max-tokens", str(4 * 256), "--eval-every", "2"] + SMALL_RUN
-    whole = train.main(args + ["--out", str(tmp_path / "single")])
-    sharded = args + ["--dist", "fsdp", "--out", str(tmp_path / "fsdp")]
-    assert "2 x cpu, fsdp" in torchrun(sharded + ["--stop-step", "2"], tmp_path)
-    assert torch.load(tmp_path / "fsdp" / "ckpt.pt", weights_only=True)["step"] == 2
-    torchrun(sharded + ["--resume"], tmp_path)
-    logged = read_log(tmp_path / "fsdp" / "log.csv")
+def test_ddp_then_fsdp_then_one_process_equal_one_uninterrupted_run(corpus, tmp_path):
+    """Steps 1-2 in two DDP processes, 3-4 resumed in two FSDP processes, 5-6 resumed in one process: the
+    same losses as one uninterrupted single-process run. Each part saves the full state that the next one
+    (another topology) loads, so this checks DDP and FSDP training, FSDP's gathered save and sharded load."""
+    run = ["--data", corpus, "--max-tokens", str(6 * 256), "--eval-every", "2"] + SMALL_RUN
+    whole = train.main(run + ["--out", str(tmp_path / "whole")])
+    args = run + ["--out", str(tmp_path / "parts")]
+    assert "2 x cpu, ddp" in torchrun(args + ["--dist", "ddp", "--stop-step", "2"], tmp_path)
+    assert torch.load(tmp_path / "parts" / "ckpt.pt", weights_only=True)["step"] == 2
+    assert "2 x cpu, fsdp" in torchrun(args + ["--dist", "fsdp", "--stop-step", "4", "--resume"], tmp_path)
+    assert torch.load(tmp_path / "parts" / "ckpt.pt", weights_only=True)["step"] == 4
+    last = train.main(args + ["--resume"])
+    assert last["losses"] == pytest.approx(whole["losses"][4:], rel=1e-5)
+    logged = read_log(tmp_path / "parts" / "log.csv")
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in logged] == pytest.approx(whole["losses"], rel=1e-5)
     assert [r["val_loss"] for r in logged if r["val_loss"]] == pytest.approx([v for _, v in whole["val_losses"]],
                                                                               rel=1e-5)
