@@ -2,7 +2,7 @@
 
 After `python train.py` (which writes out/nirvana-tiny/ckpt.pt):
     python sample.py --checkpoint out/nirvana-tiny/ckpt.pt --prompt "The for statement" --max-new-tokens 100
-    python sample.py --checkpoint out/nirvana-tiny/ckpt.pt --prompt "x = 1" --temperature 0   # greedy
+    python sample.py --checkpoint out/nirvana-tiny/ckpt.pt --prompt "x = 1" --temperature 0 --max-new-tokens 20
     python sample.py --checkpoint out/nirvana-tiny/ckpt.pt --prompt-file prompt.txt --num-samples 3 # your data
 
 The prompt is encoded with the checkpoint's tokenizer (or --tokenizer); an empty prompt starts from <eos>.
@@ -36,7 +36,7 @@ def parse_args(argv=None):
     prompt.add_argument("--prompt", default="")
     prompt.add_argument("--prompt-file", default=None, type=existing_file)
     parser.add_argument("--num-samples", type=positive_int, default=1)
-    parser.add_argument("--max-new-tokens", type=positive_int, default=100)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200)
     parser.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=positive_int, default=200)
     parser.add_argument("--seed", type=non_negative_int, default=1337)
