@@ -2,8 +2,8 @@
 
 After `python train.py` (which writes out/nirvana-tiny/ckpt.pt):
     python sample.py --checkpoint out/nirvana-tiny/ckpt.pt --prompt "The for statement" --max-new-tokens 100
-    python sample.py --checkpoint out/nirvana-tiny/ckpt.pt --prompt "x = 1" --temperature 0 --max-new-tokens 20
-    python sample.py --checkpoint out/nirvana-tiny/ckpt.pt --prompt-file prompt.txt --num-samples 3 # your data
+    python sample.py --checkpoint out/nirvana-tiny/ckpt.pt --prompt "x =" --temperature 0 --max-new-tokens 20
+    python sample.py --checkpoint out/nirvana-tiny/ckpt.pt --prompt-file prompt.txt --top-k 20   # your data
 
 The prompt is encoded with the checkpoint's tokenizer (or --tokenizer); an empty prompt starts from <eos>.
 """
