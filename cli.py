@@ -246,18 +246,24 @@ def read_checkpoint(path):
     return checkpoint
 
 
-def load_model(checkpoint, device=None, dtype=None, tokenizer=None):
-    """-> (model in eval mode on device, tokenizer) from a train.py checkpoint. tokenizer: a spec overriding
-    the one the checkpoint names. Every problem with the file or the tokenizer is one UserError."""
-    from nirvana import Nirvana
+def checkpoint_tokenizer(checkpoint, tokenizer=None):
+    """The tokenizer of a train.py checkpoint (its weights are not read), or the spec `tokenizer` overriding it."""
     from tokenizer import load_tokenizer
 
-    device = device or default_device()
     spec = tokenizer or read_checkpoint(checkpoint).get("tokenizer")
     if spec is None:
         raise UserError(f"checkpoint {checkpoint} names no tokenizer (key 'tokenizer'); pass --tokenizer SPEC "
                         f"('bytes', '<path>.model' or 'tiktoken:<path>')")
-    tok = load_tokenizer(spec)
+    return load_tokenizer(spec)
+
+
+def load_model(checkpoint, device=None, dtype=None, tokenizer=None):
+    """-> (model in eval mode on device, tokenizer) from a train.py checkpoint. tokenizer: a spec overriding
+    the one the checkpoint names. Every problem with the file or the tokenizer is one UserError."""
+    from nirvana import Nirvana
+
+    device = device or default_device()
+    tok = checkpoint_tokenizer(checkpoint, tokenizer)
     try:
         model = Nirvana.from_checkpoint(checkpoint, map_location="cpu")
     except (ValueError, RuntimeError) as error:

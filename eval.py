@@ -35,9 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import (DTYPES, ArgumentParser, Progress, UserError, default_device, existing_file, load_model,
-                 non_negative_int, parse_dtype, positive_int, positive_int_list, run_main, torch_device,
-                 unit_interval_list, write_atomically, write_text_atomically)
+from cli import (DTYPES, ArgumentParser, Progress, UserError, checkpoint_tokenizer, default_device, existing_file,
+                 load_model, non_negative_int, parse_dtype, positive_int, positive_int_list, run_main,
+                 torch_device, unit_interval_list, write_atomically, write_text_atomically)
 from cli import save_figure as save_png
 from nirvana import PRESETS, VARIANTS, Nirvana, NirvanaConfig
 from prepare import TokenShards, load_meta
@@ -847,7 +847,17 @@ def cmd_ppl(args):
     print_written([stem + ".md", stem + ".json", stem + ".png"])
 
 
+def check_checkpoints(checkpoints, tokenizer):
+    """Every checkpoint readable, with its tokenizer, before the first (long) evaluation of any of them."""
+    for checkpoint in checkpoints:
+        checkpoint_tokenizer(checkpoint, tokenizer)
+
+
 def cmd_extrapolate(args):
+    check_checkpoints(args.checkpoint, args.tokenizer)
+    if not os.path.exists(args.data):
+        raise UserError(f"--data {args.data} does not exist (a text file, a prepare.py folder or one of its "
+                        f".bin shards)")
     results = {}
     for checkpoint in args.checkpoint:
         model, tok = load_model(checkpoint, args.device, args.dtype, args.tokenizer)
@@ -872,6 +882,7 @@ def cmd_extrapolate(args):
 
 
 def cmd_niah(args):
+    check_checkpoints(args.checkpoint, args.tokenizer)
     accuracy, all_records, written = {}, [], []
     for checkpoint in args.checkpoint:
         model, tok = load_model(checkpoint, args.device, args.dtype, args.tokenizer)
@@ -894,8 +905,8 @@ def cmd_niah(args):
 
 
 def cmd_lambada(args):
-    model, tok = load_model(args.checkpoint, args.device, args.dtype, args.tokenizer)
     examples = read_lambada(args.data)[:args.limit]
+    model, tok = load_model(args.checkpoint, args.device, args.dtype, args.tokenizer)
     print(f"LAMBADA: {len(examples)} examples from {args.data}", flush=True)
     result = lambada(model, tok, examples, args.max_length or model.config.context_length, args.batch_size)
     result.update(checkpoint=args.checkpoint, data=args.data)

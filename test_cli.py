@@ -169,6 +169,8 @@ def test_unknown_names_missing_tokenizer_and_ids_out_of_range(workspace, capsys,
         (ev.main, ["ppl", "--checkpoint", "{w}/lost_tokenizer.pt", "--data", "{w}/data"],
          ["sentencepiece model '{w}/gone.model' not found"]),
         (sample.main, ["--checkpoint", "{w}/no_tokenizer.pt"], ["names no tokenizer", "--tokenizer"]),
+        (ev.main, ["extrapolate", "--checkpoint", "{w}/run/ckpt.pt", "{w}/no_tokenizer.pt", "--data", "{w}/data"],
+         ["{w}/no_tokenizer.pt names no tokenizer"]),  # found before the first checkpoint is evaluated
         (sample.main, ["--checkpoint", "{w}/run/ckpt.pt", "--tokenizer", "gpt5"], ["unknown tokenizer spec 'gpt5'"]),
         (train.main, ["--data", "{w}/ids", "--out", "{w}/new"] + TINY_RUN,
          ["token id 300 at data position 5 is outside the model's vocabulary [0, 257)"]),
