@@ -11,6 +11,7 @@ import contextlib
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 
@@ -235,6 +236,9 @@ def read_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist; train.py writes <run folder>/ckpt.pt "
                         f"(out/nirvana-tiny/ckpt.pt for `python train.py`)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its own error for anything else misleads
+        raise UserError(f"{path} is not a PyTorch checkpoint (not the zip archive torch.save writes: another kind "
+                        f"of file, or cut short); pass a ckpt.pt written by train.py")
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as error:

@@ -4,6 +4,7 @@ fix, exit status 2, and leaves every file as it was. The scripts run in-process 
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -109,7 +110,7 @@ def test_bad_paths_and_wrong_file_types(workspace, capsys, monkeypatch):
         (ev.main, ["ppl", "--checkpoint", "{w}/run/missing.pt", "--data", "{w}/data"], ["does not exist"]),
         (ev.main, ["ppl", "--checkpoint", "{w}/run", "--data", "{w}/data"], ["is a folder"]),
         (ev.main, ["ppl", "--checkpoint", "{w}/text.pt", "--data", "{w}/data"],
-         ["{w}/text.pt is not a readable PyTorch checkpoint", "train.py"]),
+         ["{w}/text.pt is not a PyTorch checkpoint", "train.py"]),
         (ev.main, ["ppl", "--checkpoint", "{w}/run/ckpt.pt", "--data", "{w}/nowhere.txt"], ["does not exist"]),
         (ev.main, ["ppl", "--checkpoint", "{w}/run/ckpt.pt", "--data", "{w}/run/ckpt.pt"], ["not UTF-8 text"]),
         (ev.main, ["lambada", "--checkpoint", "{w}/run/ckpt.pt", "--data", "{w}/notes.txt"],
@@ -128,18 +129,23 @@ def test_corrupt_files_are_named(workspace, capsys, monkeypatch):
     (workspace / "broken").mkdir()
     (workspace / "broken" / "meta.json").write_text("{not json")
     (workspace / "sp.model").write_text("not a sentencepiece model")
+    with zipfile.ZipFile(workspace / "archive.pt", "w") as archive:  # a zip archive, but not torch.save's
+        archive.writestr("notes.txt", "hello")
+    torch.save(torch.zeros(3), workspace / "tensor.pt")  # torch.save's, but not a checkpoint
     (workspace / "bad.jsonl").write_text('{"text": "one"}\n{"body": "two"}\n')
     check_all([
         (ev.main, ["ppl", "--checkpoint", "{w}/half.pt", "--data", "{w}/data"],
-         ["{w}/half.pt is not a readable PyTorch checkpoint"]),
-        (sample.main, ["--checkpoint", "{w}/half.pt"], ["{w}/half.pt is not a readable PyTorch checkpoint"]),
+         ["{w}/half.pt is not a PyTorch checkpoint", "cut short"]),
+        (sample.main, ["--checkpoint", "{w}/half.pt"], ["{w}/half.pt is not a PyTorch checkpoint"]),
+        (sample.main, ["--checkpoint", "{w}/archive.pt"], ["{w}/archive.pt is not a readable PyTorch checkpoint"]),
+        (sample.main, ["--checkpoint", "{w}/tensor.pt"], ["{w}/tensor.pt holds no 'config' and 'model'"]),
         (train.main, ["--data", "{w}/broken", "--out", "{w}/new"], ["{w}/broken/meta.json is not valid JSON"]),
         (ev.main, ["ppl", "--checkpoint", "{w}/run/ckpt.pt", "--data", "{w}/data", "--tokenizer", "{w}/sp.model"],
          ["{w}/sp.model is not a sentencepiece model file"]),
         (prepare.main, ["--input", "{w}/bad.jsonl", "--out", "{w}/p", "--tokenizer", "bytes"],
          ["bad.jsonl:2: not a JSON object with a string field 'text'"]),
     ], workspace, capsys, monkeypatch)
-    for name in ("half.pt", "broken/meta.json", "broken", "sp.model", "bad.jsonl"):
+    for name in ("half.pt", "archive.pt", "tensor.pt", "broken/meta.json", "broken", "sp.model", "bad.jsonl"):
         path = workspace / name
         path.rmdir() if path.is_dir() else path.unlink()
 
@@ -159,7 +165,7 @@ def test_unknown_names_missing_tokenizer_and_ids_out_of_range(workspace, capsys,
     val_shard.flush()
     check_all([
         (train.main, ["--preset", "nirvana-huge"], ["unknown preset 'nirvana-huge'"]),
-        (train.main, ["--set", "windw=3"], ["unknown fields ['windw']"]),
+        (train.main, ["--set", "windw=3"], ["--set windw=3: NirvanaConfig: unknown fields ['windw']"]),
         (train.main, ["--set", "n_heads=0"], ["n_heads"]),
         (ev.main, ["speed", "--size", "huge"], ["argument --size", "tiny, 125m, 350m, 1.3b"]),
         (ev.main, ["speed", "--variants", "nirvana,gpt"], ["argument --variants"]),

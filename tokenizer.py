@@ -144,8 +144,8 @@ def load_tokenizer(spec):
     if spec.endswith(".model"):
         if not os.path.isfile(spec):
             raise UserError(
-                f"sentencepiece model '{spec}' not found; make one with "
-                f"`python prepare.py --input <text> --tokenizer sentencepiece` or tokenizer.train_sentencepiece()")
+                f"sentencepiece model '{spec}' not found (moved or deleted?); pass the right one, e.g. --tokenizer "
+                f"<data folder>/tokenizer.model, or make one with `python prepare.py --input <text> --out <folder>`")
         return SentencePieceTokenizer(spec)
     raise UserError(
         f"unknown tokenizer spec '{spec}': use 'bytes', a sentencepiece '<path>.model' or 'tiktoken:<path>'")

@@ -108,7 +108,8 @@ def parse_args(argv=None):
     try:  # an unknown preset or field, or values the model rejects, fail here, before any work
         NirvanaConfig.from_preset(args.preset, **args.config_overrides)
     except (ValueError, TypeError) as error:
-        p.error(f"--preset {args.preset}: {error}")
+        sets = "".join(f" --set {field}={value!r}" for field, value in args.config_overrides.items())
+        p.error(f"--preset {args.preset}{sets}: {error}")
     args.out = args.out or os.path.join("out", args.preset)
     args.log = args.log or os.path.join(args.out, "log.csv")
     if not args.log.endswith((".csv", ".jsonl")):
