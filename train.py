@@ -534,6 +534,8 @@ def run(args, d):
               f"{d.world} x {d.device.type}, {wrapper}micro-batch {args.micro_batch} x {args.seq_len}, "
               f"grad accumulation {accum}, global batch {args.global_batch_tokens} tokens, "
               f"steps {step} -> {last_step} of {max_steps}", flush=True)
+    if d.master and step >= last_step:
+        print(f"{ckpt_path} is already at step {step}: nothing to train", flush=True)
     losses, val_losses = [], []
     interval_seconds, interval_tokens, run_start = 0.0, 0, time.time()
     while step < last_step:
@@ -577,7 +579,7 @@ def run(args, d):
             save_checkpoint(ckpt_path, raw_model, optimizer, schedule, config, tokenizer, step, data_position, args, d)
             if d.master:
                 print(f"step {step:6d} | saved checkpoint {ckpt_path}", flush=True)
-    if d.master:
+    if d.master and losses:
         saved = f"checkpoint {ckpt_path}, " if args.save_every else "no checkpoint (--save-every 0), "
         print(f"done: {saved}log {args.log}, loss curve {args.plot}. Validation perplexity above is over the first "
               f"{val_tokens:,} validation tokens; all of them: python eval.py ppl --checkpoint {ckpt_path} "
