@@ -108,6 +108,7 @@ def parses(script, args, monkeypatch):
 
 
 def runs(script, args, capsys):
+    capsys.readouterr()  # the failure message shows this command's stderr only
     try:
         cli.run_main(SCRIPTS[script].main, args)
     except SystemExit as exit_info:
