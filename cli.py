@@ -1,5 +1,5 @@
 """What the command-line scripts share: one-line errors for bad input, option types that check their values,
-files written atomically, and progress lines with an ETA.
+files written atomically, progress lines with an ETA, and a train.py checkpoint loaded for inference.
 
 A user error (bad path, bad option value, wrong file type, corrupt file) is raised as `UserError` and printed by
 `run_main` as one line on stderr with exit status 2; any other exception is a bug and keeps its traceback.
@@ -7,9 +7,11 @@ Set NIRVANA_DEBUG=1 to see the traceback of a user error too.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 
@@ -27,6 +29,14 @@ def run_main(main, *args, **kwargs):
         prog = os.path.basename(sys.argv[0]) or "nirvana"
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line on stderr (exit status 2) pointing to --help, not a usage
+    block; subcommands' parsers are of the same class."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -67,6 +77,39 @@ def positive_int_list(text):
     return [positive_int(part) for part in parts]
 
 
+def fraction(text):
+    """A number strictly between 0 and 1."""
+    value = _number(float, text, 0.0, False, "a number in (0, 1)")
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
+
+
+def unit_interval_list(text):
+    """'0,0.5,1' -> [0.0, 0.5, 1.0]: comma-separated numbers in [0, 1]."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}")
+    values = [non_negative_float(part) for part in parts]
+    if max(values) > 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}")
+    return values
+
+
+def torch_device(text):
+    """cpu, cuda or cuda:N; cuda only where torch sees a CUDA device."""
+    import torch
+
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: torch sees no CUDA device here; use cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: there are {torch.cuda.device_count()} CUDA devices")
+    return text
+
+
 def existing_file(text):
     """A path that must be an existing file (not a folder)."""
     if os.path.isdir(text):
@@ -104,6 +147,25 @@ def save_figure(path, figure, dpi=120):
     write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
 
 
+@contextlib.contextmanager
+def no_half_made_output(folder):
+    """A block that writes new files into `folder`: when it fails, the files it added there are removed, and
+    the folder too if the block created it, so a failed run leaves nothing half-made behind. Files that were
+    there before are kept (the block must not change those in place)."""
+    existed = os.path.isdir(folder)
+    before = set(os.listdir(folder)) if existed else set()
+    try:
+        yield
+    except BaseException:
+        if os.path.isdir(folder):
+            for name in set(os.listdir(folder)) - before:
+                if os.path.isfile(os.path.join(folder, name)):
+                    os.remove(os.path.join(folder, name))
+            if not existed and not os.listdir(folder):
+                os.rmdir(folder)
+        raise
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Progress
 
@@ -137,3 +199,82 @@ class Progress:
             return f"{self.what}: {self.done} done, {elapsed:.0f} s"
         remaining = elapsed / max(self.done, 1) * (self.total - self.done)
         return f"{self.what}: {self.done}/{self.total} ({100 * self.done / self.total:.0f}%), {elapsed:.0f} s, ETA {remaining:.0f} s"
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A train.py checkpoint for inference: what eval.py, sample.py and mri.py share
+
+
+def default_device():
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_dtype(name, device):
+    """None -> bfloat16 on CUDA, float32 elsewhere; else one of DTYPES."""
+    import torch
+
+    if name is None:
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def read_checkpoint(path):
+    """The dict a train.py checkpoint holds, its tensors memory-mapped (not read into memory); a missing,
+    corrupt or foreign file is a UserError naming it."""
+    import torch
+
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a folder; pass the ckpt.pt file inside it")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; train.py writes <run folder>/ckpt.pt "
+                        f"(out/nirvana-tiny/ckpt.pt for `python train.py`)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its own error for anything else misleads
+        raise UserError(f"{path} is not a PyTorch checkpoint (not the zip archive torch.save writes: another kind "
+                        f"of file, or cut short); pass a ckpt.pt written by train.py")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({reason}); pass a ckpt.pt written "
+                        f"by train.py") from error
+    if not isinstance(checkpoint, dict) or not {"config", "model"} <= set(checkpoint):
+        raise UserError(f"{path} holds no 'config' and 'model' entries: not a checkpoint written by train.py")
+    return checkpoint
+
+
+def checkpoint_tokenizer(checkpoint, tokenizer=None):
+    """The tokenizer of a train.py checkpoint (its weights are not read), or the spec `tokenizer` overriding it."""
+    from tokenizer import load_tokenizer
+
+    spec = tokenizer or read_checkpoint(checkpoint).get("tokenizer")
+    if spec is None:
+        raise UserError(f"checkpoint {checkpoint} names no tokenizer (key 'tokenizer'); pass --tokenizer SPEC "
+                        f"('bytes', '<path>.model' or 'tiktoken:<path>')")
+    return load_tokenizer(spec)
+
+
+def load_model(checkpoint, device=None, dtype=None, tokenizer=None):
+    """-> (model in eval mode on device, tokenizer) from a train.py checkpoint. tokenizer: a spec overriding
+    the one the checkpoint names. Every problem with the file or the tokenizer is one UserError."""
+    from nirvana import Nirvana
+
+    device = device or default_device()
+    tok = checkpoint_tokenizer(checkpoint, tokenizer)
+    try:
+        model = Nirvana.from_checkpoint(checkpoint, map_location="cpu")
+    except (ValueError, RuntimeError) as error:
+        raise UserError(f"checkpoint {checkpoint} does not fit nirvana.py's model: "
+                        f"{str(error).splitlines()[0][:200]}") from error
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError(f"tokenizer {tok.spec!r} has {tok.vocab_size} tokens but the model's vocabulary is "
+                        f"{model.config.vocab_size}: wrong --tokenizer for this checkpoint?")
+    model.to(device=device, dtype=parse_dtype(dtype, device)).eval()
+    return model, tok

@@ -1,18 +1,26 @@
 """Nirvana evaluation: the paper's measurements as commands on a checkpoint written by train.py.
 
-    python eval.py ppl         --checkpoint out/ckpt.pt --data val.txt --context-length 4096
-    python eval.py extrapolate --checkpoint a.pt b.pt --data long.txt --lengths 4096,8192,12288,16384,20480
-    python eval.py niah        --checkpoint out/ckpt.pt --tasks pk,n,w --samples 10       # Table 3 (S-NIAH)
-    python eval.py lambada     --checkpoint out/ckpt.pt --data lambada_test.jsonl        # Table 2, LMB. ppl/acc
-    python eval.py harness     --checkpoint out/ckpt.pt --tasks piqa,hellaswag           # any lm-eval task
-    python eval.py gates       --checkpoint out/ckpt.pt --text "The patient's MRI shows"  # t and |p| heatmap
-    python eval.py speed       --size 350m --prompt-len 4096 --batch-size 4 --new-tokens 128  # Table 4
+After `python train.py` (which writes out/nirvana-tiny/ckpt.pt and prepares data/pydoc), on a CPU:
+    python eval.py ppl   --checkpoint out/nirvana-tiny/ckpt.pt --data data/pydoc     # all validation tokens
+    python eval.py niah  --checkpoint out/nirvana-tiny/ckpt.pt --tasks pk --lengths 256 --samples 1 \\
+        --depths 0,1 --answer-tokens 8
+    python eval.py gates --checkpoint out/nirvana-tiny/ckpt.pt --text "The patient's MRI shows"   # t and |p|
+The paper's measurements, on a 350m or 1.3b checkpoint (a comment says what a command needs beyond a CPU):
+    python eval.py extrapolate --checkpoint out/nirvana-1.3b/ckpt.pt out/transformer-1.3b/ckpt.pt \\
+        --data long.txt --lengths 4096,8192,12288,16384,20480                        # Fig. 7; GPU, your data
+    python eval.py niah    --checkpoint out/nirvana-1.3b/ckpt.pt --tasks pk,n,w --samples 10   # Table 3; GPU
+    python eval.py lambada --checkpoint out/nirvana-1.3b/ckpt.pt --data lambada.jsonl  # Table 2; GPU, your data
+    python eval.py harness --checkpoint out/nirvana-1.3b/ckpt.pt --tasks piqa,hellaswag    # GPU, needs lm_eval
+    python eval.py speed   --size 350m --prompt-len 4096 --batch-size 4 --new-tokens 128       # Table 4; GPU
 
-Every command prints its table and writes it (Markdown + JSON) and its picture (PNG) under --out-dir.
---data is a text file (tokenised with the checkpoint's tokenizer), a prepare.py folder or one of its shards.
+Every command prints its result and where it wrote its files under --out-dir (default eval_out/), named after
+the run folder of the checkpoint (out/nirvana-tiny/ckpt.pt -> nirvana-tiny) or --name, so runs of different
+checkpoints do not overwrite each other. --data is a text file (tokenised with the checkpoint's tokenizer), a
+prepare.py folder (its --split, default val: all of it, where train.py's validation reads only the first
+--eval-tokens) or one of its .bin shards.
 The lm-evaluation-harness adapter (class HarnessLM) needs `lm_eval` only for the `harness` command:
     import lm_eval, eval; eval.register_lm_eval()      # registers model name "nirvana"
-    lm_eval.simple_evaluate(model="nirvana", model_args="checkpoint=out/ckpt.pt,device=cuda", tasks=[...])
+    lm_eval.simple_evaluate(model="nirvana", model_args="checkpoint=out/nirvana-tiny/ckpt.pt", tasks=[...])
 """
 import argparse
 import json
@@ -27,10 +35,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import save_figure as save_png, write_atomically, write_text_atomically
-from nirvana import Nirvana, NirvanaConfig
+from cli import (DTYPES, ArgumentParser, Progress, UserError, checkpoint_tokenizer, default_device, existing_file,
+                 load_model, non_negative_int, parse_dtype, positive_int, positive_int_list, run_main,
+                 torch_device, unit_interval_list, write_atomically, write_text_atomically)
+from cli import save_figure as save_png
+from nirvana import PRESETS, VARIANTS, Nirvana, NirvanaConfig
 from prepare import TokenShards, load_meta
-from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
 # Files: atomic writes (temp file in the same folder, then os.replace)
@@ -68,44 +78,7 @@ def markdown_table(header, rows):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Checkpoint, tokenizer, data
-
-
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def parse_dtype(name, device):
-    if name is None:
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"unknown dtype '{name}': use one of {', '.join(dtypes)}")
-    return dtypes[name]
-
-
-def checkpoint_tokenizer_spec(path):
-    """The checkpoint's "tokenizer" key, read without loading the weights into memory."""
-    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    spec = ckpt.get("tokenizer") if isinstance(ckpt, dict) else None
-    if spec is None:
-        raise ValueError(f"checkpoint {path} names no tokenizer (key 'tokenizer'); pass --tokenizer SPEC "
-                         f"('bytes', '<path>.model' or 'tiktoken:<path>')")
-    return spec
-
-
-def load_model(checkpoint, device=None, dtype=None, tokenizer=None):
-    """-> (model in eval mode on device, tokenizer). tokenizer: a spec overriding the checkpoint's."""
-    device = device or default_device()
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint '{checkpoint}' not found")
-    tok = load_tokenizer(tokenizer or checkpoint_tokenizer_spec(checkpoint))
-    model = Nirvana.from_checkpoint(checkpoint, map_location="cpu")
-    if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer '{tok.spec}' has {tok.vocab_size} tokens but the model's vocabulary is "
-                         f"{model.config.vocab_size}: wrong --tokenizer for this checkpoint?")
-    model.to(device=device, dtype=parse_dtype(dtype, device)).eval()
-    return model, tok
+# Data (a model and its tokenizer come from cli.load_model)
 
 
 def model_device(model):
@@ -125,20 +98,25 @@ def read_tokens(path, tok, split="val"):
         check_tokenizer_matches(meta, tok, path)
         tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
     elif os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            tokens = tok.encode(f.read())
+        try:
+            with open(path, encoding="utf-8") as f:
+                tokens = tok.encode(f.read())
+        except UnicodeDecodeError as error:
+            raise UserError(f"--data {path} is not UTF-8 text ({error.reason} at byte {error.start}); give a "
+                            f"text file, a prepare.py folder or one of its .bin shards") from error
     else:
-        raise FileNotFoundError(f"data '{path}' not found (a text file, a prepare.py folder or one of its .bin shards)")
+        raise UserError(f"--data {path} does not exist (a text file, a prepare.py folder or one of its .bin "
+                        f"shards; `python train.py` prepares data/pydoc)")
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= tok.vocab_size):
-        raise ValueError(f"{path}: token id {int(tokens.max())} is outside the tokenizer's vocabulary "
-                         f"[0, {tok.vocab_size})")
+        raise UserError(f"{path}: token id {int(tokens.max())} is outside the tokenizer's vocabulary "
+                        f"[0, {tok.vocab_size}): the data was made with another tokenizer")
     return tokens
 
 
 def check_tokenizer_matches(meta, tok, path):
     if meta["vocab_size"] != tok.vocab_size:
-        raise ValueError(f"{path} was tokenised with '{meta['tokenizer']}' (vocab {meta['vocab_size']}), the model "
+        raise UserError(f"{path} was tokenised with '{meta['tokenizer']}' (vocab {meta['vocab_size']}), the model "
                          f"uses '{tok.spec}' (vocab {tok.vocab_size}): re-run prepare.py with --tokenizer {tok.spec}")
     if meta["tokenizer"] != tok.spec:
         print(f"note: {path} names tokenizer '{meta['tokenizer']}', the model '{tok.spec}' (same vocab size)")
@@ -163,34 +141,45 @@ def score_tokens(model, idx, targets, head_chunk=1024):
     return logprob, greedy
 
 
-def stream_logprob(model, tokens, context_length, batch_size=1, log_every=0):
-    """Sum over i >= 1 of log p(tokens[i] | tokens of its window before i), the stream cut into
-    non-overlapping windows of context_length predictions (the last may be shorter), each read from a
-    fresh state. -> (sum of log-probs, number of predicted tokens)."""
+def window_logprobs(model, tokens, context_length, batch_size=1, show_progress=False):
+    """The stream cut into non-overlapping windows of context_length predictions (the last may be shorter),
+    each read from a fresh state. Yields (first predicted position, predictions, sum of their log-probs)
+    per window, where the prediction of tokens[i] sees the tokens of its window before i."""
     device = model_device(model)
     tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
     n_pred = len(tokens) - 1
     if n_pred < 1:
-        raise ValueError("need at least 2 tokens to measure perplexity")
+        raise UserError("need at least 2 tokens to measure perplexity")
     starts = list(range(0, n_pred, context_length))
     full = [s for s in starts if s + context_length <= n_pred]
     batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
     batches += [[s] for s in starts if s + context_length > n_pred]       # the shorter last window
-    total, count = 0.0, 0
-    for b, batch in enumerate(batches):
+    progress = Progress(f"perplexity at context {context_length}: windows", len(starts)) if show_progress else None
+    for batch in batches:
         length = min(context_length, n_pred - batch[0])
         window = torch.stack([tokens[s:s + length + 1] for s in batch]).to(device)   # (B, length+1)
         logprob, _ = score_tokens(model, window[:, :-1], window[:, 1:])
-        total += logprob.double().sum().item()
-        count += logprob.numel()
-        if log_every and (b + 1) % log_every == 0:
-            print(f"  {count}/{n_pred} tokens, ppl so far {math.exp(-total / count):.3f}", flush=True)
-    return total, count
+        for start, row in zip(batch, logprob.double().sum(dim=1).tolist()):
+            yield start + 1, length, row
+        if progress:
+            progress.update(len(batch))
 
 
-def perplexity(model, tokens, context_length, batch_size=1, log_every=0):
-    """exp of the mean next-token loss over the stream (see stream_logprob)."""
-    total, count = stream_logprob(model, tokens, context_length, batch_size, log_every)
+def stream_logprob(model, tokens, context_length, batch_size=1):
+    """Sum over i >= 1 of log p(tokens[i] | tokens of its window before i) (see window_logprobs).
+    -> (sum of log-probs, number of predicted tokens)."""
+    windows = list(window_logprobs(model, tokens, context_length, batch_size))
+    return sum(w[2] for w in windows), sum(w[1] for w in windows)
+
+
+def perplexity(model, tokens, context_length, batch_size=1, show_progress=False):
+    """exp of the mean next-token loss over the stream (see window_logprobs)."""
+    windows = list(window_logprobs(model, tokens, context_length, batch_size, show_progress))
+    return perplexity_of_windows(windows, context_length)
+
+
+def perplexity_of_windows(windows, context_length):
+    total, count = sum(w[2] for w in windows), sum(w[1] for w in windows)
     return {"context_length": context_length, "tokens": count, "loss": -total / count,
             "ppl": math.exp(-total / count)}
 
@@ -209,16 +198,16 @@ def encode_pair(tok, context, continuation):
     return context_ids, whole[len(context_ids):]
 
 
-def continuation_scores(model, pairs, max_length, batch_size=1):
+def continuation_scores(model, pairs, max_length, batch_size=1, progress=None):
     """pairs: [(context ids, continuation ids)] -> [(sum log p(continuation | context), all greedy)].
-    The context is cut from the left so that the whole fits max_length tokens."""
+    The context is cut from the left so that the whole fits max_length tokens. progress: a cli.Progress."""
     device = model_device(model)
     results = [None] * len(pairs)
     for i, (ctx, cont) in enumerate(pairs):
         if not cont:
-            raise ValueError(f"request {i}: the continuation encodes to no tokens")
+            raise UserError(f"request {i}: the continuation encodes to no tokens")
         if len(cont) > max_length:
-            raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length {max_length}")
+            raise UserError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length {max_length}")
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
     for b in range(0, len(order), batch_size):
         batch = order[b:b + batch_size]
@@ -234,6 +223,8 @@ def continuation_scores(model, pairs, max_length, batch_size=1):
             n = len(pairs[i][1])
             span = slice(len(s) - 1 - n, len(s) - 1)
             results[i] = (logprob[row, span].double().sum().item(), bool(greedy[row, span].all()))
+        if progress:
+            progress.update(len(batch))
     return results
 
 
@@ -334,9 +325,9 @@ def render_niah(task, key, value, sentences, depth):
 def make_niah_sample(task_id, length, depth, tok, seed, answer_tokens=32):
     """One S-NIAH prompt whose tokens plus answer_tokens fit `length`, the haystack as long as that allows."""
     if task_id not in NIAH_TASKS:
-        raise ValueError(f"unknown S-NIAH task '{task_id}': use one of {', '.join(NIAH_TASKS)}")
+        raise UserError(f"unknown S-NIAH task '{task_id}': use one of {', '.join(NIAH_TASKS)}")
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"needle depth {depth} is outside [0, 1]")
+        raise UserError(f"needle depth {depth} is outside [0, 1]")
     task = NIAH_TASKS[task_id]
     rng = random.Random(f"{task_id}-{length}-{depth}-{seed}")
     key = f"{rng.choice(KEY_ADJECTIVES)}-{rng.choice(KEY_NOUNS)}"
@@ -350,8 +341,8 @@ def make_niah_sample(task_id, length, depth, tok, seed, answer_tokens=32):
         return len(tok.encode(render_niah(task, key, value, pool[:n], depth)[0])) <= budget
 
     if not fits(0):
-        raise ValueError(f"S-NIAH length {length} is too short for the prompt template and "
-                         f"{answer_tokens} answer tokens")
+        raise UserError(f"S-NIAH length {length} is too short for the prompt template and "
+                        f"{answer_tokens} answer tokens: use a longer --lengths or fewer --answer-tokens")
     hi = 16
     while fits(hi):
         hi *= 2
@@ -373,12 +364,17 @@ def run_niah(model, tok, task_ids, depths, samples, lengths=None, answer_tokens=
     """-> one record per generated answer (task, length, depth, answer, prediction, correct)."""
     unknown = [t for t in task_ids if t not in NIAH_TASKS]
     if unknown:
-        raise ValueError(f"unknown S-NIAH task(s) {unknown}: use {', '.join(NIAH_TASKS)}")
+        raise UserError(f"unknown S-NIAH task(s) {unknown}: use {', '.join(NIAH_TASKS)}")
+    cells = [(task_id, length) for task_id in task_ids for length in lengths or NIAH_TASKS[task_id].lengths]
+    for task_id, length in cells:  # every length fits the prompt template before the first generation
+        make_niah_sample(task_id, length, 0.0, tok, seed, answer_tokens)
+    progress = Progress("S-NIAH: answers", len(cells) * len(depths) * samples)
     records = []
     for task_id in task_ids:
         for length in lengths or NIAH_TASKS[task_id].lengths:
             for depth in depths:
                 for i in range(samples):
+                    progress.update()
                     s = make_niah_sample(task_id, length, depth, tok, seed * 1_000_003 + i, answer_tokens)
                     new_ids = generate_ids(model, tok.encode(s.prompt), answer_tokens)
                     prediction = tok.decode([t for t in new_ids if t != tok.eos_id])
@@ -447,29 +443,29 @@ def plot_niah(records, path, title):
 def read_lambada(path):
     """A .jsonl file with one {"text": ...} per line -> [(context, " " + last word)]."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"LAMBADA file '{path}' not found (a .jsonl with a 'text' field per line)")
+        raise UserError(f"LAMBADA file '{path}' not found (a .jsonl with a 'text' field per line)")
     examples = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n} is not a JSON object with a 'text' field") from e
+                raise UserError(f"{path}:{n} is not a JSON object with a 'text' field") from e
             context, _, last = text.strip().rpartition(" ")
             if not context or not last:
-                raise ValueError(f"{path}:{n}: text has no last word to predict")
+                raise UserError(f"{path}:{n}: text has no last word to predict")
             examples.append((context, " " + last))
     if not examples:
-        raise ValueError(f"{path} holds no examples")
+        raise UserError(f"{path} holds no examples")
     return examples
 
 
 def lambada(model, tok, examples, max_length, batch_size=16):
     """-> {"acc": % of targets that are the greedy continuation, "ppl": exp(-mean target log-prob)}."""
     pairs = [encode_pair(tok, c, t) for c, t in examples]
-    scores = continuation_scores(model, pairs, max_length, batch_size)
+    scores = continuation_scores(model, pairs, max_length, batch_size, Progress("LAMBADA: examples", len(pairs)))
     logprobs = [lp for lp, _ in scores]
     return {"examples": len(examples), "acc": 100.0 * sum(g for _, g in scores) / len(scores),
             "ppl": math.exp(-sum(logprobs) / len(logprobs))}
@@ -560,7 +556,7 @@ def gate_maps(model, ids):
     idx = torch.tensor([ids], dtype=torch.long, device=model_device(model))
     _, _, trace = model(idx, None, return_trace=True)
     if not trace.get("gate"):
-        raise ValueError(f"variant '{model.config.variant}' has no Updater gate t to show "
+        raise UserError(f"variant '{model.config.variant}' has no Updater gate t to show "
                          f"(use a nirvana, nirvana-notrigger or nirvana-rope checkpoint)")
     t = torch.stack([g[0] for g in trace["gate"]]).float().cpu().numpy()                  # (L, T)
     p = trace.get("p")
@@ -772,36 +768,96 @@ def plot_extrapolation(results, path):
 # Commands
 
 
-def int_list(text):
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+def context_list(text):
+    """'' -> [] (no latency curve), else comma-separated positive integers."""
+    return positive_int_list(text) if text.strip() else []
 
 
-def float_list(text):
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+def niah_task_list(text):
+    tasks = [task.strip() for task in text.split(",") if task.strip()]
+    unknown = [task for task in tasks if task not in NIAH_TASKS]
+    if not tasks or unknown:
+        raise argparse.ArgumentTypeError(f"expected S-NIAH tasks from {','.join(NIAH_TASKS)}, got {text!r}")
+    return tasks
+
+
+def variant_list(text):
+    variants = [variant.strip() for variant in text.split(",") if variant.strip()]
+    unknown = [variant for variant in variants if variant not in VARIANTS]
+    if not variants or unknown:
+        raise argparse.ArgumentTypeError(f"expected variants from {','.join(VARIANTS)}, got {text!r}")
+    return variants
+
+
+def preset_size(text):
+    if text not in PRESETS:
+        raise argparse.ArgumentTypeError(f"expected a preset size from {', '.join(PRESETS)}, got {text!r}")
+    return text
 
 
 def model_name(checkpoint):
-    return os.path.splitext(os.path.basename(checkpoint))[0]
+    """What a checkpoint's results are named after: its run folder for train.py's <run>/ckpt.pt, else the
+    file name without extension."""
+    path = os.path.abspath(checkpoint)
+    if os.path.basename(path) == "ckpt.pt":
+        return os.path.basename(os.path.dirname(path))
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def data_name(path):
+    return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+
+
+def print_written(paths):
+    print("wrote " + ", ".join(paths), flush=True)
+
+
+def plot_window_losses(windows, result, path, title):
+    """The mean loss of each window along the data, and the mean over all tokens."""
+    fig, ax = new_figure(figsize=(7, 4))
+    ax.plot([w[0] for w in windows], [-w[2] / w[1] for w in windows], marker=".", linewidth=1, label="window")
+    ax.axhline(result["loss"], color="black", linestyle="--", label=f"all tokens: ppl {result['ppl']:.2f}")
+    ax.set_xlabel("token position of the window's first prediction")
+    ax.set_ylabel("mean loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    save_figure(fig, path)
 
 
 def cmd_ppl(args):
     model, tok = load_model(args.checkpoint, args.device, args.dtype, args.tokenizer)
     tokens = read_tokens(args.data, tok, args.split)
     length = args.context_length or model.config.context_length
-    print(f"perplexity of {args.checkpoint} on {args.data} ({len(tokens)} tokens) at context {length}")
-    result = perplexity(model, tokens, length, args.batch_size, log_every=10)
-    result.update(checkpoint=args.checkpoint, data=args.data)
-    print(f"ppl {result['ppl']:.4f}  loss {result['loss']:.4f}  over {result['tokens']} tokens")
-    write_json(os.path.join(args.out_dir, f"ppl_{model_name(args.checkpoint)}.json"), result)
+    what = f"the {args.split} split of " if os.path.isdir(args.data) else ""
+    print(f"perplexity of {args.checkpoint} on all {len(tokens):,} tokens of {what}{args.data} in windows of "
+          f"{length}", flush=True)
+    windows = list(window_logprobs(model, tokens, length, args.batch_size, show_progress=True))
+    result = perplexity_of_windows(windows, length)
+    result.update(checkpoint=args.checkpoint, data=args.data, split=args.split if os.path.isdir(args.data) else None)
+    print(f"ppl {result['ppl']:.4f}  loss {result['loss']:.4f}  over all {result['tokens']:,} predicted tokens")
+    name = args.name or f"{model_name(args.checkpoint)}_{data_name(args.data)}"
+    stem = os.path.join(args.out_dir, f"ppl_{name}")
+    table = markdown_table(["checkpoint", "data", "predicted tokens", "context", "loss", "ppl"],
+                           [[args.checkpoint, what + args.data, result["tokens"], length, f"{result['loss']:.4f}",
+                             f"{result['ppl']:.4f}"]])
+    write_text_atomically(stem + ".md", table)
+    write_json(stem + ".json", result)
+    plot_window_losses(windows, result, stem + ".png", f"{name}: loss per window of {length} tokens")
+    print_written([stem + ".md", stem + ".json", stem + ".png"])
+
+
+def check_checkpoints(checkpoints, tokenizer):
+    """Every checkpoint readable, with its tokenizer, before the first (long) evaluation of any of them."""
+    for checkpoint in checkpoints:
+        checkpoint_tokenizer(checkpoint, tokenizer)
 
 
 def cmd_extrapolate(args):
+    check_checkpoints(args.checkpoint, args.tokenizer)
+    if not os.path.exists(args.data):
+        raise UserError(f"--data {args.data} does not exist (a text file, a prepare.py folder or one of its "
+                        f".bin shards)")
     results = {}
     for checkpoint in args.checkpoint:
         model, tok = load_model(checkpoint, args.device, args.dtype, args.tokenizer)
@@ -810,20 +866,24 @@ def cmd_extrapolate(args):
         results[name] = []
         for length in args.lengths:
             print(f"{name}: context {length}", flush=True)
-            results[name].append(perplexity(model, tokens, length, args.batch_size))
+            results[name].append(perplexity(model, tokens, length, args.batch_size, show_progress=True))
             print(f"  ppl {results[name][-1]['ppl']:.4f}", flush=True)
         del model
     header = ["Model"] + [str(length) for length in args.lengths]
     rows = [[name] + [f"{r['ppl']:.3f}" for r in rs] for name, rs in results.items()]
     table = markdown_table(header, rows)
     print(table)
-    write_text_atomically(os.path.join(args.out_dir, "extrapolation.md"), table)
-    write_json(os.path.join(args.out_dir, "extrapolation.json"), results)
-    plot_extrapolation(results, os.path.join(args.out_dir, "extrapolation.png"))
+    names = args.name or "+".join(model_name(checkpoint) for checkpoint in args.checkpoint)
+    stem = os.path.join(args.out_dir, f"extrapolation_{names}")
+    write_text_atomically(stem + ".md", table)
+    write_json(stem + ".json", results)
+    plot_extrapolation(results, stem + ".png")
+    print_written([stem + ".md", stem + ".json", stem + ".png"])
 
 
 def cmd_niah(args):
-    accuracy, all_records = {}, []
+    check_checkpoints(args.checkpoint, args.tokenizer)
+    accuracy, all_records, written = {}, [], []
     for checkpoint in args.checkpoint:
         model, tok = load_model(checkpoint, args.device, args.dtype, args.tokenizer)
         name = f"{model_name(checkpoint)} ({model.config.variant})"
@@ -832,23 +892,30 @@ def cmd_niah(args):
                            args.seed)
         accuracy[name] = niah_accuracy(records)
         all_records += [dict(r, model=name) for r in records]
-        plot_niah(records, os.path.join(args.out_dir, f"niah_{model_name(checkpoint)}.png"), f"S-NIAH: {name}")
+        picture = os.path.join(args.out_dir, f"niah_{model_name(checkpoint)}.png")
+        plot_niah(records, picture, f"S-NIAH: {name}")
+        written.append(picture)
         del model
     table = niah_table(accuracy)
     print(table)
-    write_text_atomically(os.path.join(args.out_dir, "niah.md"), table)
-    write_text_atomically(os.path.join(args.out_dir, "niah_predictions.jsonl"),
-               "".join(json.dumps(r) + "\n" for r in all_records))
+    stem = os.path.join(args.out_dir, f"niah_{args.name or '+'.join(model_name(c) for c in args.checkpoint)}")
+    write_text_atomically(stem + ".md", table)
+    write_text_atomically(stem + "_predictions.jsonl", "".join(json.dumps(r) + "\n" for r in all_records))
+    print_written([stem + ".md", stem + "_predictions.jsonl"] + written)
 
 
 def cmd_lambada(args):
-    model, tok = load_model(args.checkpoint, args.device, args.dtype, args.tokenizer)
     examples = read_lambada(args.data)[:args.limit]
+    model, tok = load_model(args.checkpoint, args.device, args.dtype, args.tokenizer)
     print(f"LAMBADA: {len(examples)} examples from {args.data}", flush=True)
     result = lambada(model, tok, examples, args.max_length or model.config.context_length, args.batch_size)
     result.update(checkpoint=args.checkpoint, data=args.data)
     print(f"LAMBADA acc {result['acc']:.2f}%  ppl {result['ppl']:.3f}")
-    write_json(os.path.join(args.out_dir, f"lambada_{model_name(args.checkpoint)}.json"), result)
+    stem = os.path.join(args.out_dir, f"lambada_{args.name or model_name(args.checkpoint)}")
+    write_text_atomically(stem + ".md", markdown_table(["checkpoint", "examples", "acc (%)", "ppl"], [
+        [args.checkpoint, result["examples"], f"{result['acc']:.2f}", f"{result['ppl']:.3f}"]]))
+    write_json(stem + ".json", result)
+    print_written([stem + ".md", stem + ".json"])
 
 
 def cmd_harness(args):
@@ -862,30 +929,32 @@ def cmd_harness(args):
     results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot,
                                       limit=args.limit)
     print(json.dumps(results["results"], indent=2, default=str))
-    write_json(os.path.join(args.out_dir, f"harness_{model_name(args.checkpoint)}.json"),
+    write_json(os.path.join(args.out_dir, f"harness_{args.name or model_name(args.checkpoint)}.json"),
                json.loads(json.dumps(results["results"], default=str)))
 
 
 def cmd_gates(args):
     model, tok = load_model(args.checkpoint, args.device, args.dtype, args.tokenizer)
     if args.text_file:
-        with open(args.text_file, encoding="utf-8") as f:
+        with open(args.text_file, encoding="utf-8", errors="replace") as f:
             text = f.read()
     else:
         text = args.text
     ids = tok.encode(text)[:args.max_tokens]
     if not ids:
-        raise ValueError("the text encodes to no tokens")
+        raise UserError("the text encodes to no tokens: give a non-empty --text or --text-file")
     t, p_norm = gate_maps(model, ids)
     first_layer = model.config.n_prelude
-    name = model_name(args.checkpoint)
-    plot_gates(t, p_norm, token_labels(tok, ids), first_layer,
-               os.path.join(args.out_dir, f"gates_{name}.png"), f"Updater gate t and Trigger |p|: {name}")
+    name = args.name or model_name(args.checkpoint)
+    stem = os.path.join(args.out_dir, f"gates_{name}")
+    plot_gates(t, p_norm, token_labels(tok, ids), first_layer, stem + ".png",
+               f"Updater gate t and Trigger |p|: {name}")
     arrays = {"t": t, "token_ids": np.array(ids)} | ({"p_norm": p_norm} if p_norm is not None else {})
-    write_atomically(os.path.join(args.out_dir, f"gates_{name}.npz"), lambda tmp: save_npz(tmp, arrays))
+    write_atomically(stem + ".npz", lambda tmp: save_npz(tmp, arrays))
     print(f"t per layer (mean over tokens): {np.round(t.mean(axis=1), 3).tolist()}")
     if p_norm is not None:
         print(f"|p| per layer (mean over tokens): {np.round(p_norm.mean(axis=1), 3).tolist()}")
+    print_written([stem + ".png", stem + ".npz"])
 
 
 def cmd_speed(args):
@@ -893,7 +962,7 @@ def cmd_speed(args):
     dtype = parse_dtype(args.dtype, device)
     backend = speed_backend(args.backend, device)
     table_rows, latency, results = [], {}, {}
-    for variant in args.variants.split(","):
+    for variant in args.variants:
         print(f"{variant}-{args.size} ({backend}, {dtype}, {device})", flush=True)
         model = speed_model(variant, args.size, backend, device, dtype, args.vocab_size)
         result = decode_speed(model, args.prompt_len, args.batch_size, args.new_tokens, not args.eager)
@@ -917,92 +986,103 @@ def cmd_speed(args):
                             "vs transformer", "CUDA graph"], table_rows)
     print(f"prompt {args.prompt_len}, batch {args.batch_size}, {args.new_tokens} new tokens, "
           f"{torch.cuda.get_device_name() if device.startswith('cuda') else device}\n{table}")
-    write_text_atomically(os.path.join(args.out_dir, "speed.md"), table)
-    write_json(os.path.join(args.out_dir, "speed.json"), {"speed": results, "latency": latency})
+    stem = os.path.join(args.out_dir, f"speed_{args.name or args.size}")
+    write_text_atomically(stem + ".md", table)
+    write_json(stem + ".json", {"speed": results, "latency": latency})
+    written = [stem + ".md", stem + ".json"]
     if latency:
-        plot_speed(latency, os.path.join(args.out_dir, "decode_latency.png"),
-                   f"decode time per token, batch {args.batch_size}")
+        plot_speed(latency, stem + "_latency.png", f"decode time per token, batch {args.batch_size}")
+        written.append(stem + "_latency.png")
+    print_written(written)
 
 
 def add_model_args(p, many=False):
-    p.add_argument("--checkpoint", required=True, nargs="+" if many else None, help="train.py checkpoint(s)")
+    p.add_argument("--checkpoint", required=True, nargs="+" if many else None, type=existing_file,
+                   help="train.py checkpoint(s), e.g. out/nirvana-tiny/ckpt.pt")
     p.add_argument("--tokenizer", default=None, help="tokenizer spec overriding the checkpoint's")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on cuda)")
+    add_output_args(p)
+
+
+def add_output_args(p):
+    p.add_argument("--device", default=None, type=torch_device, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="default: bfloat16 on cuda, else float32")
     p.add_argument("--out-dir", default="eval_out")
+    p.add_argument("--name", default=None,
+                   help="name of the output files (default: the checkpoint's run folder, e.g. nirvana-tiny)")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ppl", help="perplexity of a text file or token shard")
     add_model_args(p)
     p.add_argument("--data", required=True, help="text file, prepare.py folder, or one of its .bin shards")
-    p.add_argument("--split", default="val", help="split of a prepare.py folder")
-    p.add_argument("--context-length", type=int, default=None, help="default: the model's context_length")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--split", default="val", choices=["train", "val"], help="split of a prepare.py folder")
+    p.add_argument("--context-length", type=positive_int, default=None, help="default: the model's context_length")
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.set_defaults(run=cmd_ppl)
 
     p = sub.add_parser("extrapolate", help="perplexity vs evaluation context length (Fig. 7)")
     add_model_args(p, many=True)
     p.add_argument("--data", required=True, help="text file, prepare.py folder, or one of its .bin shards")
-    p.add_argument("--split", default="val", help="split of a prepare.py folder")
-    p.add_argument("--lengths", type=int_list, default=[4096, 8192, 12288, 16384, 20480])
-    p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of --data")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--split", default="val", choices=["train", "val"], help="split of a prepare.py folder")
+    p.add_argument("--lengths", type=positive_int_list, default=[4096, 8192, 12288, 16384, 20480])
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="use only the first N tokens of --data")
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.set_defaults(run=cmd_extrapolate)
 
     p = sub.add_parser("niah", help="S-NIAH-PK/N/W accuracy (Table 3)")
     add_model_args(p, many=True)
-    p.add_argument("--tasks", type=lambda s: s.split(","), default=list(NIAH_TASKS), help="pk,n,w")
-    p.add_argument("--lengths", type=int_list, default=None, help="default: the paper's lengths per task")
-    p.add_argument("--depths", type=float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    p.add_argument("--samples", type=int, default=10, help="samples per (task, length, depth)")
-    p.add_argument("--answer-tokens", type=int, default=32, help="greedy tokens generated per answer")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tasks", type=niah_task_list, default=list(NIAH_TASKS), help="pk,n,w")
+    p.add_argument("--lengths", type=positive_int_list, default=None, help="default: the paper's lengths per task")
+    p.add_argument("--depths", type=unit_interval_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--samples", type=positive_int, default=10, help="samples per (task, length, depth)")
+    p.add_argument("--answer-tokens", type=positive_int, default=32, help="greedy tokens generated per answer")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(run=cmd_niah)
 
     p = sub.add_parser("lambada", help="LAMBADA last-word accuracy and perplexity from a .jsonl")
     add_model_args(p)
-    p.add_argument("--data", required=True, help=".jsonl with a 'text' field per line (lambada_openai)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--data", required=True, type=existing_file,
+                   help=".jsonl with a 'text' field per line (lambada_openai)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-length", type=positive_int, default=None)
+    p.add_argument("--limit", type=positive_int, default=None)
     p.set_defaults(run=cmd_lambada)
 
     p = sub.add_parser("harness", help="run lm-evaluation-harness tasks (needs lm_eval)")
     add_model_args(p)
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
-    p.add_argument("--num-fewshot", type=int, default=None)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--num-fewshot", type=non_negative_int, default=None)
+    p.add_argument("--limit", type=positive_int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-length", type=positive_int, default=None)
     p.set_defaults(run=cmd_harness)
 
     p = sub.add_parser("gates", help="heatmap of the gate t and the Trigger's |p| over layers and tokens")
     add_model_args(p)
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--text")
-    text.add_argument("--text-file")
-    p.add_argument("--max-tokens", type=int, default=512)
+    text.add_argument("--text-file", type=existing_file)
+    p.add_argument("--max-tokens", type=positive_int, default=512)
     p.set_defaults(run=cmd_gates)
 
     p = sub.add_parser("speed", help="generated tokens/s (Table 4) and decode ms/token vs context")
-    p.add_argument("--variants", default="nirvana,nirvana-notrigger,gated-deltanet,transformer")
-    p.add_argument("--size", default="350m", help="preset size: tiny, 125m, 350m, 1.3b (random weights)")
+    p.add_argument("--variants", type=variant_list, default=["nirvana", "nirvana-notrigger", "gated-deltanet",
+                                                             "transformer"])
+    p.add_argument("--size", type=preset_size, default="350m",
+                   help="preset size: tiny, 125m, 350m, 1.3b (random weights)")
     p.add_argument("--backend", default="triton", choices=["triton", "torch"])
-    p.add_argument("--vocab-size", type=int, default=32000)
-    p.add_argument("--prompt-len", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--contexts", type=int_list, default=[1024, 2048, 4096, 8192, 16384],
+    p.add_argument("--vocab-size", type=positive_int, default=32000)
+    p.add_argument("--prompt-len", type=positive_int, default=4096)
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--new-tokens", type=positive_int, default=128)
+    p.add_argument("--contexts", type=context_list, default=[1024, 2048, 4096, 8192, 16384],
                    help="context lengths for the ms/token curve ('' to skip)")
-    p.add_argument("--latency-steps", type=int, default=32)
+    p.add_argument("--latency-steps", type=positive_int, default=32)
     p.add_argument("--eager", action="store_true", help="time eager decoding, not CUDA-graph replays")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--out-dir", default="eval_out")
+    add_output_args(p)
     p.set_defaults(run=cmd_speed)
     return parser
 
@@ -1013,4 +1093,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,8 +1,9 @@
 """Generate text from a train.py checkpoint through the O(1)-per-token decode path (Nirvana.generate).
 
-    python sample.py --checkpoint out/ckpt.pt --prompt "Once upon a time" --max-new-tokens 200
-    python sample.py --checkpoint out/ckpt.pt --prompt-file prompt.txt --num-samples 3 --temperature 0.8 --top-k 200
-    python sample.py --checkpoint out/ckpt.pt --prompt "2 + 2 =" --temperature 0      # greedy
+After `python train.py` (which writes out/nirvana-tiny/ckpt.pt):
+    python sample.py --checkpoint out/nirvana-tiny/ckpt.pt --prompt "The for statement" --max-new-tokens 100
+    python sample.py --checkpoint out/nirvana-tiny/ckpt.pt --prompt "x =" --temperature 0 --max-new-tokens 20
+    python sample.py --checkpoint out/nirvana-tiny/ckpt.pt --prompt-file prompt.txt --top-k 20   # your data
 
 The prompt is encoded with the checkpoint's tokenizer (or --tokenizer); an empty prompt starts from <eos>.
 """
@@ -10,7 +11,8 @@ import argparse
 
 import torch
 
-from eval import default_device, load_model
+from cli import (ArgumentParser, UserError, existing_file, load_model, non_negative_float, non_negative_int,
+                 positive_int, run_main, torch_device)
 
 
 @torch.no_grad()
@@ -27,32 +29,34 @@ def sample(model, tok, prompt, num_samples=1, max_new_tokens=200, temperature=1.
     return texts
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=existing_file, help="e.g. out/nirvana-tiny/ckpt.pt")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="")
-    prompt.add_argument("--prompt-file", default=None)
-    parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=1337)
+    prompt.add_argument("--prompt-file", default=None, type=existing_file)
+    parser.add_argument("--num-samples", type=positive_int, default=1)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200)
+    parser.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=positive_int, default=200)
+    parser.add_argument("--seed", type=non_negative_int, default=1337)
     parser.add_argument("--tokenizer", default=None, help="tokenizer spec overriding the checkpoint's")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
-    args = parser.parse_args(argv)
-    if args.temperature < 0 or args.max_new_tokens < 1 or args.num_samples < 1:
-        parser.error("need temperature >= 0, max_new_tokens >= 1 and num_samples >= 1")
-    if args.top_k is not None and args.top_k < 1:
-        parser.error("top_k must be >= 1")
+    parser.add_argument("--device", default=None, type=torch_device, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    return parser.parse_args(argv)
 
-    torch.manual_seed(args.seed)
-    model, tok = load_model(args.checkpoint, args.device or default_device(), args.dtype, args.tokenizer)
+
+def main(argv=None):
+    args = parse_args(argv)
     text = args.prompt
     if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as error:
+            raise UserError(f"--prompt-file {args.prompt_file} is not UTF-8 text ({error.reason})") from error
+    torch.manual_seed(args.seed)
+    model, tok = load_model(args.checkpoint, args.device, args.dtype, args.tokenizer)
     texts = sample(model, tok, text, args.num_samples, args.max_new_tokens, args.temperature, args.top_k)
     for i, continuation in enumerate(texts):
         if args.num_samples > 1:
@@ -62,4 +66,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

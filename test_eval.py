@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import eval as ev
 import sample
+from cli import UserError, load_model
 from nirvana import Nirvana, NirvanaConfig
 from tokenizer import load_tokenizer
 
@@ -90,14 +91,16 @@ def test_niah_samples_differ_by_seed_and_reject_bad_input():
     b = ev.make_niah_sample("n", 512, 0.5, TOK, seed=2)
     assert (a.key, a.answer) != (b.key, b.answer)
     assert a == ev.make_niah_sample("n", 512, 0.5, TOK, seed=1)    # deterministic
-    with pytest.raises(ValueError, match="unknown S-NIAH task"):
+    with pytest.raises(UserError, match="unknown S-NIAH task"):
         ev.make_niah_sample("x", 512, 0.5, TOK, seed=1)
-    with pytest.raises(ValueError, match="unknown S-NIAH task"):
+    with pytest.raises(UserError, match="unknown S-NIAH task"):
         ev.run_niah(None, TOK, ["pk", "q"], [0.5], samples=1)
-    with pytest.raises(ValueError, match="depth"):
+    with pytest.raises(UserError, match="depth"):
         ev.make_niah_sample("n", 512, 1.5, TOK, seed=1)
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(UserError, match="too short"):
         ev.make_niah_sample("n", 100, 0.5, TOK, seed=1)
+    with pytest.raises(UserError, match="too short"):  # checked before the first answer is generated
+        ev.run_niah(None, TOK, ["pk"], [0.5], samples=1, lengths=[1000, 100])
 
 
 def test_niah_scorer_on_known_answers():
@@ -127,9 +130,9 @@ def test_niah_run_scores_the_models_greedy_answer(model, checkpoint, tmp_path):
         assert r["correct"] == ev.niah_correct(r["prediction"], r["answer"])
     ev.main(["niah", "--checkpoint", checkpoint, "--tasks", "pk", "--lengths", "420", "--depths", "0,1",
              "--samples", "1", "--answer-tokens", "4", "--out-dir", str(tmp_path)])
-    assert "S-NIAH-PK" in (tmp_path / "niah.md").read_text()
+    assert "S-NIAH-PK" in (tmp_path / "niah_tiny.md").read_text()
     assert (tmp_path / "niah_tiny.png").read_bytes()[:4] == b"\x89PNG"
-    assert len((tmp_path / "niah_predictions.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "niah_tiny_predictions.jsonl").read_text().splitlines()) == 2
 
 
 # ----------------------------------------------------------------------------------------------- perplexity
@@ -156,26 +159,35 @@ def test_perplexity_equals_exp_of_mean_token_loss(model):
         count += window.shape[1] - 1
     assert result["tokens"] == count == 299
     assert result["ppl"] == pytest.approx(math.exp(sum(losses) / count), rel=1e-5)
-    with pytest.raises(ValueError, match="at least 2 tokens"):
+    with pytest.raises(UserError, match="at least 2 tokens"):
         ev.perplexity(model, tokens[:1], 64)
 
 
-def test_ppl_and_extrapolate_commands(model, checkpoint, tmp_path):
+def test_ppl_and_extrapolate_commands(model, checkpoint, tmp_path, capsys):
     text_file = tmp_path / "val.txt"
     text_file.write_text(TEXT)
     ev.main(["ppl", "--checkpoint", checkpoint, "--data", str(text_file), "--context-length", "100",
              "--out-dir", str(tmp_path)])
-    result = json.loads((tmp_path / "ppl_tiny.json").read_text())
+    stem = tmp_path / "ppl_tiny_val"                             # named after the checkpoint and the data
+    assert f"wrote {stem}.md, {stem}.json, {stem}.png" in capsys.readouterr().out
+    result = json.loads(stem.with_suffix(".json").read_text())
     expected = ev.perplexity(model, TOK.encode(TEXT), 100)
     assert result["ppl"] == pytest.approx(expected["ppl"], rel=1e-6)
+    assert f"| {result['ppl']:.4f} |" in stem.with_suffix(".md").read_text()
+    assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     ev.main(["extrapolate", "--checkpoint", checkpoint, "--data", str(text_file), "--lengths", "64,128,256",
              "--out-dir", str(tmp_path)])
-    curves = json.loads((tmp_path / "extrapolation.json").read_text())
+    curves = json.loads((tmp_path / "extrapolation_tiny.json").read_text())
     rows = curves["tiny (nirvana)"]
     assert [r["context_length"] for r in rows] == [64, 128, 256]
     assert rows[1]["ppl"] == pytest.approx(ev.perplexity(model, TOK.encode(TEXT), 128)["ppl"], rel=1e-6)
-    assert (tmp_path / "extrapolation.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| tiny (nirvana) |" in (tmp_path / "extrapolation.md").read_text()
+    assert (tmp_path / "extrapolation_tiny.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| tiny (nirvana) |" in (tmp_path / "extrapolation_tiny.md").read_text()
+
+
+def test_results_are_named_after_the_run_folder():
+    assert ev.model_name("out/nirvana-tiny/ckpt.pt") == "nirvana-tiny"
+    assert ev.model_name("runs/a.pt") == "a"
 
 
 def test_read_tokens_from_a_prepared_folder(tmp_path):
@@ -190,9 +202,9 @@ def test_read_tokens_from_a_prepared_folder(tmp_path):
     shard = tmp_path / "data" / meta["val"][0]["file"]
     assert np.array_equal(ev.read_tokens(str(shard), TOK)[:100], tokens[:100])
     other = SimpleNamespace(vocab_size=512, spec="other.model")
-    with pytest.raises(ValueError, match="vocab"):
+    with pytest.raises(UserError, match="vocab"):
         ev.read_tokens(str(tmp_path / "data"), other)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="does not exist"):
         ev.read_tokens(str(tmp_path / "missing.txt"), TOK)
 
 
@@ -216,7 +228,7 @@ def test_lambada_matches_direct_scoring(model, tmp_path):
     assert result["ppl"] == pytest.approx(math.exp(-sum(logprobs) / len(texts)), rel=1e-5)
     assert result["acc"] == pytest.approx(100.0 * sum(greedy) / len(texts))
     path.write_text('{"text": "fine line"}\n{"txt": "wrong key"}\n')
-    with pytest.raises(ValueError, match=":2 is not a JSON object with a 'text' field"):
+    with pytest.raises(UserError, match=":2 is not a JSON object with a 'text' field"):
         ev.read_lambada(str(path))
 
 
@@ -335,12 +347,12 @@ def test_sample_command_is_greedy_at_temperature_zero(model, checkpoint, capsys)
 
 def test_checkpoint_without_tokenizer_is_a_clear_error(model, tmp_path):
     path = save_checkpoint(model, tmp_path / "notok.pt", tokenizer=None)
-    with pytest.raises(ValueError, match="names no tokenizer"):
-        ev.load_model(path, "cpu")
-    m, tok = ev.load_model(path, "cpu", tokenizer="bytes")
+    with pytest.raises(UserError, match="names no tokenizer"):
+        load_model(path, "cpu")
+    m, tok = load_model(path, "cpu", tokenizer="bytes")
     assert tok.vocab_size == 257 and not m.training
-    with pytest.raises(FileNotFoundError):
-        ev.load_model(str(tmp_path / "missing.pt"), "cpu")
+    with pytest.raises(UserError, match="does not exist"):
+        load_model(str(tmp_path / "missing.pt"), "cpu")
 
 
 # ----------------------------------------------------------------------------------------------- gates, speed
@@ -358,7 +370,7 @@ def test_gates_heatmap(model, checkpoint, tmp_path):
     assert (tmp_path / "gates_tiny.png").read_bytes()[:4] == b"\x89PNG"
     saved = np.load(tmp_path / "gates_tiny.npz")
     assert saved["t"].shape == (post_prelude, len("Hello gates"))
-    with pytest.raises(ValueError, match="no Updater gate"):
+    with pytest.raises(UserError, match="no Updater gate"):
         ev.gate_maps(tiny_model("gated-deltanet"), ids)
 
 

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import train
-from nirvana import VARIANTS, Nirvana, NirvanaConfig
+from cli import UserError
+from nirvana import VARIANTS, Nirvana
 from prepare import BUILTIN_VOCAB_SIZE, TokenShards, builtin_documents, prepare, prepare_builtin
 from tokenizer import load_tokenizer, train_sentencepiece
 
@@ -73,7 +74,7 @@ def test_sentencepiece_from_files(tmp_path):
     (tmp_path / "a.txt").write_text("\n".join(builtin_documents()[:5]))
     tok = load_tokenizer(train_sentencepiece(str(tmp_path / "a.txt"), str(tmp_path / "sp"), vocab_size=500))
     assert tok.vocab_size == 500
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         train_sentencepiece([str(tmp_path / "missing.txt")], str(tmp_path / "x"))
 
 
@@ -88,16 +89,21 @@ def test_tiktoken_from_local_ranks_file(tmp_path):
 
 
 def test_tokenizer_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="prepare.py"):
+    with pytest.raises(UserError, match="prepare.py"):
         load_tokenizer(str(tmp_path / "none.model"))
-    with pytest.raises(FileNotFoundError, match="tiktoken"):
+    with pytest.raises(UserError, match="tiktoken"):
         load_tokenizer(f"tiktoken:{tmp_path / 'cl100k_base.tiktoken'}")
-    with pytest.raises(ValueError, match="unknown tokenizer spec"):
+    with pytest.raises(UserError, match="unknown tokenizer spec"):
         load_tokenizer("gpt5")
-    with pytest.raises(ValueError, match="must be a string"):
+    with pytest.raises(UserError, match="must be a string"):
         load_tokenizer(None)  # e.g. a checkpoint trained on pre-tokenised data names no tokenizer
-    with pytest.raises(ValueError, match="empty corpus"):
+    with pytest.raises(UserError, match="empty corpus"):
         train_sentencepiece(iter(["", "   \n"]), str(tmp_path / "x"))
+    (tmp_path / "text.model").write_text("not a model")
+    with pytest.raises(UserError, match="text.model is not a sentencepiece model file"):
+        load_tokenizer(str(tmp_path / "text.model"))
+    with pytest.raises(UserError, match="vocabulary of 10 .*256 byte pieces"):
+        train_sentencepiece(iter(builtin_documents()[:2]), str(tmp_path / "small"), vocab_size=10)
 
 
 # ----------------------------------------------------------------------------- prepare.py
@@ -124,17 +130,25 @@ def test_prepare_reads_txt_jsonl_and_dataset_folders(tmp_path):
 
 
 def test_prepare_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         prepare([str(tmp_path / "nowhere")], str(tmp_path / "out"), "bytes")
     (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(ValueError, match="empty corpus"):
+    with pytest.raises(UserError, match="empty corpus"):
         prepare([str(tmp_path / "empty.txt")], str(tmp_path / "out"), "bytes")
     (tmp_path / "doc.pdf").write_text("x")
-    with pytest.raises(ValueError, match="not one of"):
+    with pytest.raises(UserError, match="not one of"):
         prepare([str(tmp_path / "doc.pdf")], str(tmp_path / "out"), "bytes")
-    (tmp_path / "bad.jsonl").write_text('{"body": "no text field"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1"):
-        prepare([str(tmp_path / "bad.jsonl")], str(tmp_path / "out"), "bytes")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a fine first document"}\n{"body": "no text field"}\n')
+    with pytest.raises(UserError, match="bad.jsonl:2"):
+        prepare([str(tmp_path / "bad.jsonl")], str(tmp_path / "out"), "bytes", shard_tokens=4)
+    assert not (tmp_path / "out").exists()  # the shards written before the bad line are gone, and the folder
+    # a prepared folder is replaced only when asked
+    (tmp_path / "good.txt").write_text("\n".join(builtin_documents()[:5]))
+    first = prepare([str(tmp_path / "good.txt")], str(tmp_path / "out"), "bytes", val_fraction=0.5)
+    with pytest.raises(UserError, match="already holds a prepared corpus.*--overwrite"):
+        prepare([str(tmp_path / "good.txt")], str(tmp_path / "out"), "bytes", val_fraction=0.5)
+    again = prepare([str(tmp_path / "good.txt")], str(tmp_path / "out"), "bytes", val_fraction=0.5, overwrite=True)
+    assert again["train"] == first["train"]
 
 
 def test_parquet_and_arrow_need_pyarrow_or_read(tmp_path):
@@ -145,7 +159,7 @@ def test_parquet_and_arrow_need_pyarrow_or_read(tmp_path):
     except ImportError:
         for name in ("shard.parquet", "data-00000-of-00001.arrow"):
             (tmp_path / name).write_bytes(b"PAR1")
-            with pytest.raises(ImportError, match="pip install pyarrow"):
+            with pytest.raises(UserError, match="pip install pyarrow"):
                 prepare([str(tmp_path / name)], str(tmp_path / "out"), "bytes")
         return
     documents = builtin_documents()[:20]
@@ -159,7 +173,7 @@ def test_parquet_and_arrow_need_pyarrow_or_read(tmp_path):
     for source in ("shard.parquet", "hf"):
         meta = prepare([str(tmp_path / source)], str(tmp_path / source) + "_out", "bytes", val_fraction=0.2)
         assert sum(s["tokens"] for s in meta["train"] + meta["val"]) == expected
-    with pytest.raises(ValueError, match="no column 'body'"):
+    with pytest.raises(UserError, match="no column 'body'"):
         prepare([str(tmp_path / "shard.parquet")], str(tmp_path / "x"), "bytes", text_field="body")
 
 
@@ -182,8 +196,8 @@ def test_set_overrides_preset_fields_with_typed_values():
         train.parse_args(["--set", "window"])  # not FIELD=VALUE
     with pytest.raises(SystemExit):
         train.parse_args(["--set", "vocab_size=100"])  # the data decides it
-    with pytest.raises(ValueError, match="unknown fields"):
-        NirvanaConfig.from_preset("nirvana-tiny", **train.parse_args(["--set", "windw=3"]).config_overrides)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--set", "windw=3"])  # not a NirvanaConfig field: refused before any work
 
 
 def test_schedule_warmup_then_cosine():
@@ -249,49 +263,65 @@ def torchrun(args, cwd):
     return done.stdout
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
-def test_two_process_torchrun_matches_one_process(corpus, tmp_path, wrapper):
-    args = ["--data", corpus, "--max-tokens", str(3 * 256), "--eval-every", "3"] + SMALL_RUN
-    single = train.main(args + ["--out", str(tmp_path / "single")])
-    stdout = torchrun(args + ["--out", str(tmp_path / wrapper), "--dist", wrapper], tmp_path)
-    assert f"2 x cpu, {wrapper}" in stdout
-    logged = read_log(tmp_path / wrapper / "log.csv")
-    assert [r["loss"] for r in logged] == pytest.approx(single["losses"], rel=1e-5)
-    assert logged[-1]["val_loss"] == pytest.approx(single["val_losses"][-1][1], rel=1e-5)
-
-
-def test_fsdp_stop_and_resume_equals_uninterrupted(corpus, tmp_path):
-    args = ["--data", corpus, "--max-tokens", str(4 * 256), "--eval-every", "2"] + SMALL_RUN
-    whole = train.main(args + ["--out", str(tmp_path / "single")])
-    sharded = args + ["--dist", "fsdp", "--out", str(tmp_path / "fsdp")]
-    torchrun(sharded + ["--stop-step", "2"], tmp_path)
-    assert torch.load(tmp_path / "fsdp" / "ckpt.pt", weights_only=True)["step"] == 2
-    torchrun(sharded + ["--resume"], tmp_path)
-    logged = read_log(tmp_path / "fsdp" / "log.csv")
+def test_ddp_then_fsdp_then_one_process_equal_one_uninterrupted_run(corpus, tmp_path):
+    """Steps 1-2 in two DDP processes, 3-4 resumed in two FSDP processes, 5-6 resumed in one process: the
+    same losses as one uninterrupted single-process run. Each part saves the full state that the next one
+    (another topology) loads, so this checks DDP and FSDP training, FSDP's gathered save and sharded load."""
+    run = ["--data", corpus, "--max-tokens", str(6 * 256), "--eval-every", "2"] + SMALL_RUN
+    whole = train.main(run + ["--out", str(tmp_path / "whole")])
+    args = run + ["--out", str(tmp_path / "parts")]
+    assert "2 x cpu, ddp" in torchrun(args + ["--dist", "ddp", "--stop-step", "2"], tmp_path)
+    assert torch.load(tmp_path / "parts" / "ckpt.pt", weights_only=True)["step"] == 2
+    assert "2 x cpu, fsdp" in torchrun(args + ["--dist", "fsdp", "--stop-step", "4", "--resume"], tmp_path)
+    assert torch.load(tmp_path / "parts" / "ckpt.pt", weights_only=True)["step"] == 4
+    last = train.main(args + ["--resume"])
+    assert last["losses"] == pytest.approx(whole["losses"][4:], rel=1e-5)
+    logged = read_log(tmp_path / "parts" / "log.csv")
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in logged] == pytest.approx(whole["losses"], rel=1e-5)
+    assert [r["val_loss"] for r in logged if r["val_loss"]] == pytest.approx([v for _, v in whole["val_losses"]],
+                                                                              rel=1e-5)
 
 
 def test_bad_inputs_give_clear_errors(corpus, tmp_path):
     base = ["--max-tokens", "256", "--eval-every", "1"] + SMALL_RUN
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         train.main(base + ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "a")])
-    with pytest.raises(ValueError, match="not a multiple"):
+    with pytest.raises(UserError, match="not a multiple"):
         train.main(base + ["--data", corpus, "--out", str(tmp_path / "a"), "--global-batch-tokens", "300"])
+    assert not (tmp_path / "a").exists()  # refused before any output
     # a token id beyond the vocabulary
     (tmp_path / "in.txt").write_text("\n\n".join(builtin_documents()[:20]))
     prepare([str(tmp_path / "in.txt")], str(tmp_path / "bytes"), "bytes", val_fraction=0.5)
     shard = np.memmap(tmp_path / "bytes" / "train_00000.bin", dtype=np.uint16, mode="r+")
     shard[100] = 300
     shard.flush()
-    with pytest.raises(ValueError, match="token id 300 at data position 100"):
+    with pytest.raises(UserError, match="token id 300 at data position 100"):
         train.main(base + ["--data", str(tmp_path / "bytes"), "--out", str(tmp_path / "b")])
+    assert not (tmp_path / "b").exists()  # no header-only log, no empty folder
     # a checkpoint from another config
     train.main(base + ["--data", corpus, "--out", str(tmp_path / "c")])
-    with pytest.raises(ValueError, match="another model config.*variant"):
+    with pytest.raises(UserError, match="another model config.*variant"):
         train.main(base + ["--data", corpus, "--out", str(tmp_path / "c"), "--resume",
                            "--preset", "gated-deltanet-tiny"])
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(UserError, match="no checkpoint"):
         train.main(base + ["--data", corpus, "--out", str(tmp_path / "d"), "--resume"])
+
+
+def test_a_run_folder_with_a_checkpoint_is_never_replaced_silently(corpus, tmp_path, capsys):
+    args = ["--data", corpus, "--out", str(tmp_path), "--max-tokens", "512", "--eval-every", "2"] + SMALL_RUN
+    first = train.main(args)
+    ckpt = tmp_path / "ckpt.pt"
+    out = capsys.readouterr().out
+    assert f"saved checkpoint {ckpt}" in out and "(first 128 validation tokens)" in out
+    before = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "log.csv", "loss.png")}
+    with pytest.raises(UserError, match="already holds a checkpoint.*--resume.*--overwrite"):
+        train.main(args + ["--seed", "7"])
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before  # nothing touched
+    again = train.main(args + ["--seed", "7", "--overwrite"])
+    assert again["losses"] != first["losses"]  # another initialisation, the old run replaced
+    assert [r["step"] for r in read_log(tmp_path / "log.csv")] == [1, 2]
+    assert ckpt.read_bytes() != before["ckpt.pt"]
 
 
 def test_nan_loss_stops_with_step_number(corpus, tmp_path, monkeypatch):

@@ -1,15 +1,18 @@
 """Pretraining for Nirvana and its baselines: the same script on one device and, under torchrun, on many.
 
-Usage:
-    python train.py                                    # nirvana-tiny on the built-in corpus: a few CPU minutes
-    python prepare.py --input fineweb/sample-10BT --out data/fineweb --workers 16       # 32k sentencepiece
-    python train.py --preset nirvana-350m --data data/fineweb --backend triton
-    python train.py --preset transformer-350m --data data/fineweb --compile        # the baselines likewise
-    torchrun --nproc_per_node=8 train.py --preset nirvana-1.3b --data data/fineweb --dist fsdp
+Usage (a comment says what a command needs beyond a CPU):
+    python train.py                        # nirvana-tiny on the built-in corpus: a few CPU minutes
+    python train.py --resume               # continue out/nirvana-tiny/ckpt.pt where it stopped
+    python prepare.py --input fineweb/sample-10BT --out data/fineweb --workers 16        # your data
+    python train.py --preset nirvana-350m --data data/fineweb --backend triton            # GPU, your data
+    python train.py --preset transformer-350m --data data/fineweb --compile               # GPU, your data
+    torchrun --nproc_per_node=8 train.py --preset nirvana-1.3b --data data/fineweb --dist fsdp   # 8 GPUs
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=run1 \\
-        train.py --preset nirvana-1.3b --data data/fineweb --dist fsdp
-    python train.py --out out/run1 --resume            # continue out/run1/ckpt.pt exactly where it stopped
-    python train.py --preset nirvana-125m --set d_model=384 --set n_layers=6 --set window=256   # other sizes
+        train.py --preset nirvana-1.3b --data data/fineweb --dist fsdp                    # 32 GPUs, your data
+    python train.py --preset nirvana-125m --set d_model=384 --set n_layers=6 --set window=256   # GPU
+
+A run folder that holds a checkpoint is never replaced silently: continue it with --resume, replace it with
+--overwrite, or choose another --out.
 
 Defaults are the paper's (Sec. 3): context = the preset's (4096), global batch 0.5M tokens, AdamW peak lr 4e-4
 with linear warm-up over 1B tokens then cosine decay, 100B tokens. The tiny presets default to a short CPU
@@ -17,7 +20,9 @@ schedule instead (TINY_DEFAULTS). Every rank reads its own slice of each global 
 so the losses depend on the global batch, not on the number of devices.
 
 Writes into --out: ckpt.pt (atomically; model, optimizer, schedule, data position, RNG), log.csv (or --log
-FILE.jsonl) and loss.png.
+FILE.jsonl) and loss.png. The validation loss and perplexity it prints and logs are over the first
+--eval-tokens tokens of the validation split (8,192 for the tiny presets), a quick check during training;
+`python eval.py ppl` measures all of them, so its perplexity differs.
 """
 import argparse
 import ast
@@ -34,7 +39,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import write_atomically
+from cli import (ArgumentParser, UserError, non_negative_float, non_negative_int, positive_float, positive_int,
+                 read_checkpoint, run_main, torch_device, write_atomically)
 from nirvana import Nirvana, NirvanaConfig
 from prepare import BUILTIN_DIR, TokenShards, load_meta, prepare_builtin
 
@@ -46,49 +52,73 @@ TINY_DEFAULTS = dict(seq_len=128, micro_batch=8, global_batch_tokens=2048, max_t
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
 
 
+def probability(text):
+    """A number in [0, 1)."""
+    value = non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def device_option(text):
+    return text if text == "auto" else torch_device(text)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="nirvana-tiny", help="<variant>-<size> of nirvana.py, e.g. nirvana-350m")
     p.add_argument("--backend", default="torch", choices=["torch", "triton"])
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="config_overrides",
                    help="override one NirvanaConfig field of the preset, e.g. --set window=256 (repeatable)")
     p.add_argument("--data", default=None, help=f"folder written by prepare.py (default: built-in, {BUILTIN_DIR})")
     p.add_argument("--out", default=None, help="run folder (default out/<preset>)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's context_length)")
-    p.add_argument("--micro-batch", type=int, help="sequences per device per forward pass")
-    p.add_argument("--global-batch-tokens", type=int, help="tokens per optimizer step over all devices")
-    p.add_argument("--max-tokens", type=int, help="training length in tokens (sets the cosine schedule)")
-    p.add_argument("--warmup-tokens", type=int, help="linear warm-up length in tokens")
-    p.add_argument("--stop-step", type=int, help="end this run after this step (schedule unchanged; --resume later)")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--min-lr-fraction", type=float, default=0.1, help="cosine decays to this fraction of --lr")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--beta1", type=float, default=0.9)
-    p.add_argument("--beta2", type=float, default=0.95)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
-    p.add_argument("--eval-every", type=int, help="steps between validation runs")
-    p.add_argument("--eval-tokens", type=int, help="validation tokens per run")
-    p.add_argument("--save-every", type=int,
+    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint and log already in --out")
+    p.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default: the preset's context_length)")
+    p.add_argument("--micro-batch", type=positive_int, help="sequences per device per forward pass")
+    p.add_argument("--global-batch-tokens", type=positive_int, help="tokens per optimizer step over all devices")
+    p.add_argument("--max-tokens", type=positive_int, help="training length in tokens (sets the cosine schedule)")
+    p.add_argument("--warmup-tokens", type=non_negative_int, help="linear warm-up length in tokens")
+    p.add_argument("--stop-step", type=positive_int,
+                   help="end this run after this step (schedule unchanged; --resume later)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate")
+    p.add_argument("--min-lr-fraction", type=probability, default=0.1, help="cosine decays to this fraction of --lr")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.1)
+    p.add_argument("--beta1", type=probability, default=0.9)
+    p.add_argument("--beta2", type=probability, default=0.95)
+    p.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max global gradient norm (0: off)")
+    p.add_argument("--eval-every", type=positive_int, help="steps between validation runs")
+    p.add_argument("--eval-tokens", type=positive_int,
+                   help="validation tokens per run: the first ones of the validation split")
+    p.add_argument("--save-every", type=non_negative_int,
                    help="steps between checkpoints, one also at the end (0: none, e.g. for benchmarks)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")
     p.add_argument("--log", default=None, help="log file, .csv or .jsonl (default <out>/log.csv)")
     p.add_argument("--plot", default=None, help="loss-curve PNG (default <out>/loss.png)")
     p.add_argument("--dist", default="ddp", choices=["ddp", "fsdp"], help="multi-process wrapper under torchrun")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    p.add_argument("--device", default="auto", type=device_option, help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--seed", type=non_negative_int, default=1337)
     args = p.parse_args(argv)
     defaults = TINY_DEFAULTS if args.preset.endswith("-tiny") else PAPER_DEFAULTS
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.config_overrides = parse_config_overrides(p, args.config_overrides)
+    try:  # an unknown preset or field, or values the model rejects, fail here, before any work
+        NirvanaConfig.from_preset(args.preset, **args.config_overrides)
+    except (ValueError, TypeError) as error:
+        sets = "".join(f" --set {field}={value!r}" for field, value in args.config_overrides.items())
+        p.error(f"--preset {args.preset}{sets}: {error}")
     args.out = args.out or os.path.join("out", args.preset)
     args.log = args.log or os.path.join(args.out, "log.csv")
     if not args.log.endswith((".csv", ".jsonl")):
         p.error(f"--log {args.log}: the file name must end in .csv or .jsonl")
     args.plot = args.plot or os.path.join(args.out, "loss.png")
+    if not args.plot.endswith(".png"):
+        p.error(f"--plot {args.plot}: the file name must end in .png")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out and --overwrite replaces it: give one of them")
     return args
 
 
@@ -138,7 +168,7 @@ def setup_distributed(device_arg):
     """Reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT); NCCL on GPU, gloo on CPU."""
     use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+        raise UserError("--device cuda was asked for but torch sees no CUDA device")
     if "RANK" not in os.environ:
         return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -171,8 +201,8 @@ def get_batch(stream, position, batch, seq_len, vocab_size, device):
     tokens = stream.read(position, batch * seq_len + 1)
     if tokens.max() >= vocab_size:
         bad = int(np.argmax(tokens >= vocab_size))
-        raise ValueError(f"token id {tokens[bad]} at data position {position + bad} is outside the model's "
-                         f"vocabulary [0, {vocab_size}): the data was made with another tokenizer")
+        raise UserError(f"token id {tokens[bad]} at data position {position + bad} is outside the model's "
+                        f"vocabulary [0, {vocab_size}): the data was made with another tokenizer; prepare it again")
     tokens = torch.from_numpy(tokens)
     x = tokens[:-1].view(batch, seq_len)
     y = tokens[1:].view(batch, seq_len)  # y[i, t] = x[i, t + 1]; across sequence ends the stream continues
@@ -181,15 +211,20 @@ def get_batch(stream, position, batch, seq_len, vocab_size, device):
 
 # ----------------------------------------------------------------------------- model, optimizer, schedule
 
-def build_model(args, vocab_size, d):
-    """The preset's model, wrapped for the run: DDP or FSDP2 under torchrun, optionally compiled.
-    Returns (model to call, the plain model whose state dicts the checkpoints hold)."""
-    overrides = dict(args.config_overrides, vocab_size=vocab_size, backend=args.backend)
-    config = NirvanaConfig.from_preset(args.preset, **overrides)
+def model_config(args, vocab_size):
+    """The preset's NirvanaConfig with the run's overrides; checks that --compile can run it."""
+    config = NirvanaConfig.from_preset(args.preset, **args.config_overrides, vocab_size=vocab_size,
+                                       backend=args.backend)
     if args.compile and config.trigger and config.backend == "torch" and not config.detach_inner_grad:
-        raise ValueError(f"--compile with {args.preset} on the torch backend fails: torch.compile cannot take the "
-                         "double backward through the Trigger's inner gradient (eq. 4); use --backend triton "
-                         "or leave out --compile")
+        raise UserError(f"--compile with {args.preset} on the torch backend fails: torch.compile cannot take the "
+                        "double backward through the Trigger's inner gradient (eq. 4); use --backend triton "
+                        "or leave out --compile")
+    return config
+
+
+def build_model(args, config, d):
+    """The model, wrapped for the run: DDP or FSDP2 under torchrun, optionally compiled.
+    Returns (model to call, the plain model whose state dicts the checkpoints hold)."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     with d.device:
         model = Nirvana(config)
@@ -289,23 +324,21 @@ def load_checkpoint(path, model, optimizer, config, tokenizer, d):
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:
-        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+        raise UserError(f"--resume: no checkpoint at {path}; leave out --resume to start a new run there")
+    checkpoint = read_checkpoint(path)
     missing = {"config", "model", "optimizer", "step", "data_position"} - set(checkpoint)
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {sorted(missing)}: not written by train.py")
+        raise UserError(f"checkpoint {path} lacks {sorted(missing)}: not written by train.py, cannot --resume")
     wanted = dataclasses.asdict(config)
     differ = {k: (checkpoint["config"].get(k), v) for k, v in wanted.items()
               if checkpoint["config"].get(k) != v and k != "backend"}  # the backend may change between runs
     if differ:
         listing = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in differ.items())
-        raise ValueError(f"checkpoint {path} is from another model config ({listing})")
+        raise UserError(f"checkpoint {path} is from another model config ({listing}); resume with the run's "
+                        f"--preset and --set options")
     if checkpoint.get("tokenizer") != tokenizer:
-        raise ValueError(f"checkpoint {path} used tokenizer {checkpoint.get('tokenizer')!r}, "
-                         f"the data uses {tokenizer!r}")
+        raise UserError(f"checkpoint {path} used tokenizer {checkpoint.get('tokenizer')!r}, "
+                        f"the data uses {tokenizer!r}: resume with the run's --data")
     set_model_state_dict(model, checkpoint["model"], options=state_dict_options())
     set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=state_dict_options())
     torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -320,16 +353,13 @@ LOG_FIELDS = ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"
 
 
 class Log:
-    """Rows of LOG_FIELDS in a .csv or .jsonl file (rank 0 only); a resumed run keeps the rows up to its step."""
+    """Rows of LOG_FIELDS in a .csv or .jsonl file (rank 0 only); a resumed run keeps the rows up to its step.
+    The file is (re)written at the first new row: a run that fails before its first step leaves it as it was."""
 
     def __init__(self, path, resume_step, enabled):
-        self.path, self.enabled, self.rows = path, enabled, []
-        if not enabled:
-            return
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if resume_step is not None and os.path.isfile(path):
+        self.path, self.enabled, self.rows, self.started = path, enabled, [], False
+        if enabled and resume_step is not None and os.path.isfile(path):
             self.rows = [r for r in self.read(path) if int(r["step"]) <= resume_step]
-        self.rewrite()
 
     @staticmethod
     def read(path):
@@ -340,6 +370,7 @@ class Log:
             return [json.loads(line) for line in f if line.strip()]
 
     def rewrite(self):
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with open(self.path, "w", newline="") as f:
             if self.path.endswith(".csv"):
                 f.write(",".join(LOG_FIELDS) + "\n")
@@ -355,6 +386,9 @@ class Log:
     def append(self, **row):
         if not self.enabled:
             return
+        if not self.started:
+            self.rewrite()
+            self.started = True
         self.rows.append(row)
         with open(self.path, "a", newline="") as f:
             self.write_row(f, row)
@@ -422,8 +456,8 @@ def gradient_sync(model, d, enabled):
 def grad_accum_steps(args, d):
     per_micro_step = d.world * args.micro_batch * args.seq_len
     if args.global_batch_tokens % per_micro_step:
-        raise ValueError(f"--global-batch-tokens {args.global_batch_tokens} is not a multiple of "
-                         f"devices x micro-batch x seq-len = {d.world} x {args.micro_batch} x {args.seq_len}")
+        raise UserError(f"--global-batch-tokens {args.global_batch_tokens} is not a multiple of "
+                        f"devices x micro-batch x seq-len = {d.world} x {args.micro_batch} x {args.seq_len}")
     return args.global_batch_tokens // per_micro_step
 
 
@@ -449,7 +483,18 @@ def train_step(model, raw_model, optimizer, stream, position, accum, vocab_size,
     return loss, float(grad_norm)
 
 
+def check_run_folder(args):
+    """A run folder holding a checkpoint is continued (--resume) or replaced (--overwrite), never silently."""
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
+        raise UserError(f"{args.out} already holds a checkpoint ({ckpt_path}); continue it with --resume, "
+                        f"replace it with --overwrite, or choose another --out")
+    if args.resume and not os.path.isfile(ckpt_path):
+        raise UserError(f"--resume: no checkpoint at {ckpt_path}; leave out --resume to start a new run there")
+
+
 def train(args):
+    check_run_folder(args)
     d = setup_distributed(args.device)
     try:
         return run(args, d)
@@ -463,17 +508,15 @@ def run(args, d):
         torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast
     train_data, val_data = open_data(args, d)
     vocab_size, tokenizer = train_data.vocab_size, train_data.tokenizer
-    model, raw_model = build_model(args, vocab_size, d)
-    config = raw_model.config
+    config = model_config(args, vocab_size)
     args.seq_len = args.seq_len or config.context_length
-    accum = grad_accum_steps(args, d)
+    accum = grad_accum_steps(args, d)  # every check before the model is built
+    model, raw_model = build_model(args, config, d)
     max_steps = math.ceil(args.max_tokens / args.global_batch_tokens)
     warmup_steps = max(1, round(args.warmup_tokens / args.global_batch_tokens))
     schedule = Schedule(args.lr, args.lr * args.min_lr_fraction, warmup_steps, max_steps)
     optimizer = build_optimizer(args, raw_model)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if d.master:
-        os.makedirs(args.out, exist_ok=True)
     step, data_position = 0, 0
     if args.resume:
         checkpoint = load_checkpoint(ckpt_path, raw_model, optimizer, config, tokenizer, d)
@@ -483,12 +526,16 @@ def run(args, d):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else contextlib.nullcontext()
     flops, peak = flops_per_token(config, raw_model, args.seq_len), peak_flops(d.device)
     last_step = min(max_steps, args.stop_step or max_steps)
+    eval_batch_tokens = args.micro_batch * args.seq_len
+    val_tokens = max(1, args.eval_tokens // eval_batch_tokens) * eval_batch_tokens  # what evaluate() reads
     if d.master:
         wrapper = "" if d.world == 1 else args.dist + ", "
         print(f"{args.preset}: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {vocab_size} ({tokenizer}), "
               f"{d.world} x {d.device.type}, {wrapper}micro-batch {args.micro_batch} x {args.seq_len}, "
               f"grad accumulation {accum}, global batch {args.global_batch_tokens} tokens, "
               f"steps {step} -> {last_step} of {max_steps}", flush=True)
+    if d.master and step >= last_step:
+        print(f"{ckpt_path} is already at step {step}: nothing to train", flush=True)
     losses, val_losses = [], []
     interval_seconds, interval_tokens, run_start = 0.0, 0, time.time()
     while step < last_step:
@@ -499,8 +546,9 @@ def run(args, d):
         loss, grad_norm = train_step(forward, raw_model, optimizer, train_data, data_position, accum, vocab_size,
                                      args, d, autocast)
         if not math.isfinite(loss):
+            left = ckpt_path if os.path.exists(ckpt_path) else "none"
             raise FloatingPointError(f"training loss is {loss} at step {step + 1}; stopped before the update "
-                                     f"(last checkpoint: {ckpt_path if os.path.exists(ckpt_path) else 'none'})")
+                                     f"(last checkpoint: {left}; {args.log} holds the steps before)")
         step += 1
         data_position += args.global_batch_tokens
         interval_tokens += args.global_batch_tokens
@@ -522,12 +570,20 @@ def run(args, d):
             val_losses.append((step, val_loss))
             row.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
             if d.master:
-                print(f"step {step:6d} | validation loss {val_loss:.4f} | perplexity {row['val_ppl']:.2f}", flush=True)
+                print(f"step {step:6d} | validation loss {val_loss:.4f} | perplexity {row['val_ppl']:.2f} "
+                      f"(first {val_tokens:,} validation tokens)", flush=True)
         log.append(**row)
         if evaluating:
             log.plot(args.plot, f"{args.preset} on {os.path.basename(os.path.normpath(args.data or BUILTIN_DIR))}")
         if args.save_every and (step % args.save_every == 0 or step == last_step):
             save_checkpoint(ckpt_path, raw_model, optimizer, schedule, config, tokenizer, step, data_position, args, d)
+            if d.master:
+                print(f"step {step:6d} | saved checkpoint {ckpt_path}", flush=True)
+    if d.master and losses:
+        saved = f"checkpoint {ckpt_path}, " if args.save_every else "no checkpoint (--save-every 0), "
+        print(f"done: {saved}log {args.log}, loss curve {args.plot}. Validation perplexity above is over the first "
+              f"{val_tokens:,} validation tokens; all of them: python eval.py ppl --checkpoint {ckpt_path} "
+              f"--data {args.data or os.path.relpath(BUILTIN_DIR)}", flush=True)
     return {"losses": losses, "val_losses": val_losses, "step": step, "checkpoint": ckpt_path}
 
 
@@ -536,4 +592,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
