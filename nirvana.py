@@ -10,31 +10,49 @@ Read it top to bottom:
      the Trigger, the Updater, the mixers, the block, and the model with generate().
 
 Shapes: B batch, T tokens, H heads, Dk key/query head size, Dv value head size (= expand_v * Dk),
-d_t trigger space (64), K bank size (64). Equation numbers refer to the paper; ../shared/SPEC.md fixes the
-details the paper leaves open, and a one-line comment marks each choice this file makes on its own.
+d_t trigger space (64), K bank size (64). Equation numbers refer to the paper. Where the paper leaves a
+detail open (initialisations, the order of the Trigger's steps, the exact window), the comment next to the
+code says which choice this file makes.
+
+Decoding: setup_caches(batch_size, max_seq_len) gives every cached module (causal convs, delta-rule
+states, attention rings) its buffers; each call then passes input_pos, the position of its first token,
+and the caller advances it (an int, or a device tensor when a one-token step is replayed from a CUDA
+graph). The model itself keeps no count of the tokens it has seen.
 """
 
 import math
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Configuration
 
 
+class Variant(NamedTuple):
+    layout: str      # "nirvana", "gdn", "hybrid" or "attention": which mixer each layer uses (layer_kind)
+    trigger: bool    # the Trigger (Sec. 2.2) in every post-prelude Nirvana layer
+    swa_rope: bool   # RoPE in the sliding-window branch
+
+
 # Each variant fixes the layer layout; the paper's tables compare them side by side (Tables 2-9, Fig. 4).
 VARIANTS = {
-    # name:              (layout,     trigger, RoPE in the SWA branch)
-    "nirvana":           ("nirvana",  True,    False),
-    "nirvana-notrigger": ("nirvana",  False,   False),  # t = sigmoid(u . x), zeta sees [a; b]
-    "nirvana-rope":      ("nirvana",  True,    True),   # Appendix A.4
-    "gated-deltanet":    ("gdn",      False,   False),  # every layer is the Gated DeltaNet branch alone
-    "hybrid":            ("hybrid",   False,   True),   # GDN and SWA layers alternating; SWA with RoPE as in Samba
-    "transformer":       ("attention", False,  True),   # Transformer++: full causal attention with RoPE
+    "nirvana": Variant("nirvana", trigger=True, swa_rope=False),
+    # without the Trigger: t = sigmoid(u . x), zeta sees [a; b]
+    "nirvana-notrigger": Variant("nirvana", trigger=False, swa_rope=False),
+    # Appendix A.4
+    "nirvana-rope": Variant("nirvana", trigger=True, swa_rope=True),
+    # every layer is the Gated DeltaNet branch alone
+    "gated-deltanet": Variant("gdn", trigger=False, swa_rope=False),
+    # GDN and SWA layers alternating; SWA with RoPE as in Samba
+    "hybrid": Variant("hybrid", trigger=False, swa_rope=True),
+    # Transformer++: full causal attention with RoPE
+    "transformer": Variant("attention", trigger=False, swa_rope=True),
 }
 
 # Sizes. Parameter counts with vocab 32000 and untied embeddings (test_nirvana.py checks them):
@@ -59,7 +77,7 @@ class NirvanaConfig:
     context_length: int = 4096      # training context (Sec. 3); the model itself has no length limit
     d_model: int = 2048
     n_layers: int = 22
-    n_heads: int = 16               # shared by both memory branches (SPEC: same heads, same head sizes)
+    n_heads: int = 16               # shared by both memory branches (same heads, same head sizes)
     head_dim: int | None = None     # Dk; None means d_model // n_heads
     expand_v: int = 1               # Dv = expand_v * Dk
     n_prelude: int = 2              # first layers are Gated DeltaNet only (Sec. 2.2)
@@ -107,19 +125,27 @@ class NirvanaConfig:
 
     @property
     def layout(self):
-        return VARIANTS[self.variant][0]
+        return VARIANTS[self.variant].layout
 
     @property
     def trigger(self):
-        return VARIANTS[self.variant][1]
+        return VARIANTS[self.variant].trigger
 
     @property
     def swa_rope(self):
-        return VARIANTS[self.variant][2]
+        return VARIANTS[self.variant].swa_rope
+
+    @property
+    def value_head_dim(self):
+        return self.head_dim * self.expand_v  # Dv
+
+    @property
+    def key_dim(self):
+        return self.n_heads * self.head_dim  # H * Dk: the width of q and k
 
     @property
     def value_dim(self):
-        return self.n_heads * self.head_dim * self.expand_v  # len(a) = len(b) = H * Dv
+        return self.n_heads * self.value_head_dim  # H * Dv: the width of v, and len(a) = len(b)
 
     def layer_kind(self, layer):
         """What mixer layer `layer` uses: 'gdn', 'swa', 'attention' or 'nirvana'."""
@@ -130,7 +156,7 @@ class NirvanaConfig:
         return self.layout
 
     @classmethod
-    def from_preset(cls, name, **overrides):
+    def from_preset(cls, name: str, **overrides) -> "NirvanaConfig":
         """'<variant>-<size>' (e.g. 'nirvana-125m', 'gated-deltanet-350m') or a bare size (the nirvana variant)."""
         variant, size = "nirvana", name
         for candidate in sorted(VARIANTS, key=len, reverse=True):
@@ -251,7 +277,9 @@ def _per_sequence(fn, q, k, v, g, beta, scale, initial_state, output_final_state
     return torch.cat(outs, dim=1), (torch.cat(states) if output_final_state else None)
 
 
-def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float | None = None,
+                     initial_state: Tensor | None = None, output_final_state: bool = False,
+                     cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Torch backend: the chunked form for sequences, the recurrence for one-token decoding."""
     rule = gated_delta_rule_recurrent if q.shape[1] == 1 else gated_delta_rule_chunked
     return rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
@@ -272,8 +300,9 @@ def windowed_attention(q, k, v, q_positions, k_positions, window=None, scale=Non
     return o.transpose(1, 2)
 
 
-def sliding_window_attention(q, k, v, window, scale=None):
-    """Causal sliding-window attention, SPEC: query i attends keys (i - window, i], itself included.
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
+                             scale: float | None = None) -> Tensor:
+    """Causal sliding-window attention: query i attends keys (i - window, i], itself included.
 
     q, k (B, T, H, Dk), v (B, T, H, Dv) -> (B, T, H, Dv); scale defaults to Dk ** -0.5.
     """
@@ -293,10 +322,11 @@ def fast_weight_function(x, p, bank_weight, bank_bias):
     return x + F.layer_norm(z, z.shape[-1:])
 
 
-def trigger_step(q, k, v, p_prev, eta, bank_weight, bank_bias, detach_inner_grad=False):
+def trigger_step(q: Tensor, k: Tensor, v: Tensor, p_prev: Tensor, eta: Tensor, bank_weight: Tensor,
+                 bank_bias: Tensor, detach_inner_grad: bool = False) -> tuple[Tensor, Tensor]:
     """One CL-OGD step of the Trigger (Sec. 2.2), for every token at once; tokens never share p.
 
-    q, k, v (..., d_t) are q~, k~, v~; p_prev (..., K); eta (...,). In SPEC's order:
+    q, k, v (..., d_t) are q~, k~, v~; p_prev (..., K); eta (...,). In this order (learn, then read):
       L = ||f(k~; p_prev) - v~||^2                eq.(3)
       grad = dL/dp at p_prev                      eq.(4), (7): by autograd, kept in the graph
       p = p_prev - eta * grad                     eq.(5)
@@ -347,6 +377,10 @@ class GatedRMSNorm(nn.Module):
         return normed.to(gate.dtype) * F.silu(gate)
 
 
+# Every module with an inference cache has setup_cache(batch_size, max_seq_len, device, dtype) and
+# clear_cache(); Nirvana.setup_caches / clear_caches call them on every such module.
+
+
 class CausalConv(nn.Module):
     """Depthwise causal conv over time, kernel conv_size; its cache is the last conv_size - 1 inputs."""
 
@@ -357,6 +391,9 @@ class CausalConv(nn.Module):
 
     def setup_cache(self, batch_size, max_seq_len, device, dtype):
         self.tail = torch.zeros(batch_size, self.weight.shape[-1] - 1, self.weight.shape[0], device=device, dtype=dtype)
+
+    def clear_cache(self):
+        self.tail = None
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
         B, T, C = x.shape
@@ -391,17 +428,23 @@ class Attention(nn.Module):
     def __init__(self, config, window, rope, ops):
         super().__init__()
         self.window, self.rope, self.rope_base, self.ops = window, rope, config.rope_base, ops
+        self.H, self.Dk, self.Dv = config.n_heads, config.head_dim, config.value_head_dim
         for name in ("k_cache", "v_cache", "slot_positions"):
             self.register_buffer(name, None, persistent=False)
 
-    def setup_cache(self, batch_size, max_seq_len, device, dtype, n_heads, head_dim, value_dim):
+    def setup_cache(self, batch_size, max_seq_len, device, dtype):
         slots = max_seq_len if self.window is None else min(self.window, max_seq_len)
-        self.k_cache = torch.zeros(batch_size, slots, n_heads, head_dim, device=device, dtype=dtype)
-        self.v_cache = torch.zeros(batch_size, slots, n_heads, value_dim, device=device, dtype=dtype)
+        self.k_cache = torch.zeros(batch_size, slots, self.H, self.Dk, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(batch_size, slots, self.H, self.Dv, device=device, dtype=dtype)
         self.slot_positions = torch.full((slots,), -1, device=device)                  # -1: empty slot
 
-    def forward(self, q, k, v, start):  # (B, T, H, Dk), (B, T, H, Dk), (B, T, H, Dv); start: position of q[:, 0]
-        positions = start + torch.arange(q.shape[1], device=q.device)                # start: int or device tensor
+    def clear_cache(self):
+        self.k_cache = self.v_cache = self.slot_positions = None
+
+    def forward(self, q, k, v, input_pos=None):  # q, k (B, T, H, Dk), v (B, T, H, Dv) -> (B, T, H, Dv)
+        positions = torch.arange(q.shape[1], device=q.device)
+        if input_pos is not None:
+            positions = input_pos + positions                                          # int or device tensor
         if self.rope:
             q, k = apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base)
         if self.k_cache is None:
@@ -440,7 +483,7 @@ class GatedDeltaNet(nn.Module):
 
     def __init__(self, config, ops):
         super().__init__()
-        H, Dk, Dv = config.n_heads, config.head_dim, config.head_dim * config.expand_v
+        H, Dk, Dv = config.n_heads, config.head_dim, config.value_head_dim
         self.H, self.Dk, self.Dv, self.ops = H, Dk, Dv, ops
         self.q_conv, self.k_conv = CausalConv(H * Dk, config.conv_size), CausalConv(H * Dk, config.conv_size)
         self.v_conv = CausalConv(H * Dv, config.conv_size)
@@ -454,8 +497,11 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(Dv, config.norm_eps)
         self.register_buffer("state", None, persistent=False)
 
-    def setup_cache(self, batch_size, max_seq_len, device, dtype):
+    def setup_cache(self, batch_size, max_seq_len, device, dtype):  # the state is float32 whatever dtype is
         self.state = torch.zeros(batch_size, self.H, self.Dk, self.Dv, device=device)
+
+    def clear_cache(self):
+        self.state = None
 
     def forward(self, x, q, k, v):  # x (B, T, d_model); q, k (B, T, H*Dk); v (B, T, H*Dv) -> b (B, T, H*Dv)
         B, T, _ = x.shape
@@ -515,22 +561,30 @@ class Trigger(nn.Module):
 class Updater(nn.Module):
     """Conditional interpolation eq.(8): o = t a + (1 - t) b + zeta([a; b; c]), t = sigmoid(u . c).
 
-    zeta: Linear -> Swish -> Linear with hidden size len(a)/8. Without the Trigger (nirvana-notrigger),
-    t = sigmoid(u . x) from the block input and zeta sees [a; b].
+    zeta: Linear -> Swish -> Linear with hidden size len(a)/8. Without the Trigger (nirvana-notrigger), the
+    condition is the block input x: t = sigmoid(u . x), and zeta sees [a; b].
     """
 
     def __init__(self, config):
         super().__init__()
         D = config.value_dim
+        self.condition_in_zeta = config.trigger                                  # c enters zeta, x does not
         condition_dim = config.trigger_dim if config.trigger else config.d_model
         self.u = nn.Parameter(torch.zeros(condition_dim))
-        self.zeta = nn.Sequential(nn.Linear(2 * D + (config.trigger_dim if config.trigger else 0), D // 8, bias=False),
-                                  nn.SiLU(), nn.Linear(D // 8, D, bias=False))
+        zeta_in = 2 * D + (condition_dim if self.condition_in_zeta else 0)
+        self.zeta = nn.Sequential(nn.Linear(zeta_in, D // 8, bias=False), nn.SiLU(),
+                                  nn.Linear(D // 8, D, bias=False))
 
-    def forward(self, a, b, condition, c=None):  # a, b (B, T, H*Dv); condition (B, T, d_t or d_model)
+    def forward(self, a, b, condition):  # a, b (B, T, H*Dv); condition: c (B, T, d_t) or x (B, T, d_model)
         t = torch.sigmoid((condition @ self.u.to(condition.dtype)).float()).to(a.dtype)   # (B, T)
-        zeta_in = torch.cat([a, b] if c is None else [a, b, c.to(a.dtype)], dim=-1)
+        zeta_in = torch.cat([a, b, condition.to(a.dtype)] if self.condition_in_zeta else [a, b], dim=-1)
         return torch.lerp(b, a, t[..., None]) + self.zeta(zeta_in), t                 # t a + (1 - t) b + zeta
+
+
+def qkv_projections(config):
+    """Linear maps of the normed x (d_model) to q (H*Dk), k (H*Dk) and v (H*Dv)."""
+    widths = (config.key_dim, config.key_dim, config.value_dim)
+    return (nn.Linear(config.d_model, width, bias=False) for width in widths)
 
 
 class GatedDeltaNetMixer(nn.Module):
@@ -538,16 +592,12 @@ class GatedDeltaNetMixer(nn.Module):
 
     def __init__(self, config, ops):
         super().__init__()
-        H, Dk, Dv = config.n_heads, config.head_dim, config.head_dim * config.expand_v
-        self.q_proj = nn.Linear(config.d_model, H * Dk, bias=False)
-        self.k_proj = nn.Linear(config.d_model, H * Dk, bias=False)
-        self.v_proj = nn.Linear(config.d_model, H * Dv, bias=False)
+        self.q_proj, self.k_proj, self.v_proj = qkv_projections(config)
         self.gated_deltanet = GatedDeltaNet(config, ops)
-        self.o_proj = nn.Linear(H * Dv, config.d_model, bias=False)
+        self.o_proj = nn.Linear(config.value_dim, config.d_model, bias=False)
 
-    def forward(self, x, p, bank, start):
-        b = self.gated_deltanet(x, self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        return self.o_proj(b), p, None
+    def forward(self, x):  # (B, T, d_model) -> (B, T, d_model)
+        return self.o_proj(self.gated_deltanet(x, self.q_proj(x), self.k_proj(x), self.v_proj(x)))
 
 
 class AttentionMixer(nn.Module):
@@ -555,20 +605,17 @@ class AttentionMixer(nn.Module):
 
     def __init__(self, config, window, ops):
         super().__init__()
-        H, Dk, Dv = config.n_heads, config.head_dim, config.head_dim * config.expand_v
-        self.H, self.Dk, self.Dv = H, Dk, Dv
-        self.q_proj = nn.Linear(config.d_model, H * Dk, bias=False)
-        self.k_proj = nn.Linear(config.d_model, H * Dk, bias=False)
-        self.v_proj = nn.Linear(config.d_model, H * Dv, bias=False)
+        self.H, self.Dk, self.Dv = config.n_heads, config.head_dim, config.value_head_dim
+        self.q_proj, self.k_proj, self.v_proj = qkv_projections(config)
         self.attention = Attention(config, window, config.swa_rope, ops)
-        self.o_proj = nn.Linear(H * Dv, config.d_model, bias=False)
+        self.o_proj = nn.Linear(config.value_dim, config.d_model, bias=False)
 
-    def forward(self, x, p, bank, start):
+    def forward(self, x, input_pos):  # (B, T, d_model) -> (B, T, d_model)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.Dk)
         k = self.k_proj(x).view(B, T, self.H, self.Dk)
         v = self.v_proj(x).view(B, T, self.H, self.Dv)
-        return self.o_proj(self.attention(q, k, v, start).reshape(B, T, -1)), p, None
+        return self.o_proj(self.attention(q, k, v, input_pos).reshape(B, T, -1))
 
 
 class NirvanaMixer(nn.Module):
@@ -576,33 +623,31 @@ class NirvanaMixer(nn.Module):
 
     def __init__(self, config, ops):
         super().__init__()
-        H, Dk, Dv = config.n_heads, config.head_dim, config.head_dim * config.expand_v
-        self.H, self.Dk, self.Dv = H, Dk, Dv
-        self.q_proj = nn.Linear(config.d_model, H * Dk, bias=False)                    # shared by both branches
-        self.k_proj = nn.Linear(config.d_model, H * Dk, bias=False)
-        self.v_proj = nn.Linear(config.d_model, H * Dv, bias=False)
+        self.H, self.Dk, self.Dv = config.n_heads, config.head_dim, config.value_head_dim
+        self.q_proj, self.k_proj, self.v_proj = qkv_projections(config)          # shared by both branches
         self.gated_deltanet = GatedDeltaNet(config, ops)
-        self.q_delta = LowRank(config.d_model, config.lowrank, H * Dk)
-        self.k_delta = LowRank(config.d_model, config.lowrank, H * Dk)
-        self.v_delta = LowRank(config.d_model, config.lowrank, H * Dv)
+        self.q_delta = LowRank(config.d_model, config.lowrank, config.key_dim)
+        self.k_delta = LowRank(config.d_model, config.lowrank, config.key_dim)
+        self.v_delta = LowRank(config.d_model, config.lowrank, config.value_dim)
         self.attention = Attention(config, config.window, config.swa_rope, ops)
         self.trigger = Trigger(config, ops) if config.trigger else None
         self.updater = Updater(config)
-        self.o_proj = nn.Linear(H * Dv, config.d_model, bias=False)
+        self.o_proj = nn.Linear(config.value_dim, config.d_model, bias=False)
 
-    def forward(self, x, p, bank, start):  # x (B, T, d_model); p (B, T, K) from the layer below
+    def forward(self, x, input_pos, p, bank):
+        """x (B, T, d_model), p (B, T, K) from the layer below -> out (B, T, d_model), p, t (B, T)."""
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         b = self.gated_deltanet(x, q, k, v)                                            # (B, T, H*Dv) linear attention
         q2 = (q + self.q_delta(x)).view(B, T, self.H, self.Dk)                         # Sec. 2.1 low-rank deltas
         k2 = (k + self.k_delta(x)).view(B, T, self.H, self.Dk)
         v2 = (v + self.v_delta(x)).view(B, T, self.H, self.Dv)
-        a = self.attention(q2, k2, v2, start).reshape(B, T, -1)                        # (B, T, H*Dv) SWA
+        a = self.attention(q2, k2, v2, input_pos).reshape(B, T, -1)                    # (B, T, H*Dv) SWA
         if self.trigger is None:
-            o, t = self.updater(a, b, condition=x)
+            o, t = self.updater(a, b, x)
         else:
             c, p = self.trigger(x, p, bank)                                            # (B, T, d_t), (B, T, K)
-            o, t = self.updater(a, b, condition=c, c=c)                                # eq.(8)
+            o, t = self.updater(a, b, c)                                               # eq.(8)
         return self.o_proj(o), p, t
 
 
@@ -643,8 +688,20 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.ffn = SwiGLU(config)
 
-    def forward(self, h, p, bank, start):
-        out, p, t = self.mixer(autocast_input(self.mixer_norm(h)), p, bank, start)
+    def forward(self, h, input_pos, p, bank):
+        """h (B, T, d_model) -> h, and the Trigger's p (B, T, K) and the gate t (B, T) of a Nirvana layer.
+
+        Each mixer gets what it reads: the Gated DeltaNet only x; attention also the positions; a Nirvana
+        layer also p from the layer below and the shared bank (other layers pass p on and give t = None).
+        """
+        x = autocast_input(self.mixer_norm(h))
+        t = None
+        if self.kind == "nirvana":
+            out, p, t = self.mixer(x, input_pos, p, bank)
+        elif self.kind == "gdn":
+            out = self.mixer(x)
+        else:
+            out = self.mixer(x, input_pos)
         h = h + out
         return h + self.ffn(autocast_input(self.ffn_norm(h))), p, t
 
@@ -659,12 +716,7 @@ class Nirvana(nn.Module):
         self.blocks = nn.ModuleList(Block(config, layer, ops) for layer in range(config.n_layers))
         self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        # Decoding state: cache_position counts tokens on the host (for users and the size check); the buffer
-        # `position` holds the same count on the device, so a one-token step has no host sync and can be
-        # captured in a CUDA graph (only the buffer advances when such a graph is replayed).
-        self.cache_position = 0
-        self.max_seq_len = None
-        self.register_buffer("position", None, persistent=False)
+        self.max_seq_len = None                                            # the caches' size, once set up
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 # GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layers)
@@ -687,35 +739,51 @@ class Nirvana(nn.Module):
                              f"got min {int(idx.min())} and max {int(idx.max())}")
         return self.token_embedding(idx)
 
-    def backbone(self, h, trace=None):
-        """All blocks and the final norm on embeddings h (B, T, d_model); continues from the caches if set.
+    def backbone(self, h, input_pos=None, trace=None):
+        """All blocks and the final norm on embeddings h (B, T, d_model).
 
+        input_pos: with caches set up, the position of h[:, 0] in the sequence (0 for the prompt), an int or
+        a 0-dim device tensor that the caller advances (a CUDA graph of a one-token step reads it there);
+        without caches, None. An int is checked against the caches' size; a device tensor is not (reading it
+        would wait for the device).
         trace: a dict to fill with per-Nirvana-layer lists "gate" (B, T) (t of eq.8) and "p" (B, T, K) (eq.5).
         """
         if h.dim() != 3 or h.shape[-1] != self.config.d_model:
             raise ValueError(f"embeddings must have shape (B, T, {self.config.d_model}), got {tuple(h.shape)}")
-        if self.max_seq_len is not None and self.cache_position + h.shape[1] > self.max_seq_len:
-            raise ValueError(f"the caches hold {self.max_seq_len} tokens; {self.cache_position} + {h.shape[1]} "
-                             "do not fit: call setup_caches with a larger max_seq_len")
-        start = 0 if self.position is None else self.position                          # position of h[:, 0]
+        self.check_input_pos(input_pos, h.shape[1])
         p = None
         if self.config.trigger:
             p = h.new_ones(h.shape[0], h.shape[1], self.config.bank_size, dtype=torch.float32)  # p^0 = all-ones
         for block in self.blocks:
-            h, p, t = block(h, p, self.trigger_bank, start)
+            h, p, t = block(h, input_pos, p, self.trigger_bank)
             if trace is not None and t is not None:
                 trace.setdefault("gate", []).append(t.detach())
                 if self.config.trigger:
                     trace.setdefault("p", []).append(p.detach())
-        if self.position is not None:
-            self.position.add_(h.shape[1])
-            self.cache_position += h.shape[1]
         return self.final_norm(h)
 
-    def forward(self, idx, targets=None, return_trace=False):
-        """idx (B, T) -> logits (B, T, vocab) and, given targets (B, T) (-1 = ignore), the mean cross-entropy."""
+    def check_input_pos(self, input_pos, n_tokens):
+        if self.max_seq_len is None:
+            if input_pos is not None:
+                raise ValueError("input_pos is for decoding through the caches: call setup_caches first")
+            return
+        if input_pos is None:
+            raise ValueError("the caches are set up: pass input_pos, the position of this call's first token "
+                             "(0 for the prompt)")
+        if isinstance(input_pos, int) or input_pos.device.type == "cpu":             # no device sync
+            if int(input_pos) < 0:
+                raise ValueError(f"input_pos must be >= 0, got {int(input_pos)}")
+            if int(input_pos) + n_tokens > self.max_seq_len:
+                raise ValueError(f"the caches hold {self.max_seq_len} tokens; {int(input_pos)} + {n_tokens} "
+                                 "do not fit: call setup_caches with a larger max_seq_len")
+
+    def forward(self, idx, targets=None, return_trace=False, *, input_pos=None):
+        """idx (B, T) -> logits (B, T, vocab) and, given targets (B, T) (-1 = ignore), the mean cross-entropy.
+
+        input_pos: the position of idx[:, 0] when decoding through the caches (see backbone).
+        """
         trace = {} if return_trace else None
-        logits = self.lm_head(self.backbone(self.embed(idx), trace))
+        logits = self.lm_head(self.backbone(self.embed(idx), input_pos, trace))
         loss = None
         if targets is not None:
             if targets.shape != idx.shape:
@@ -728,37 +796,43 @@ class Nirvana(nn.Module):
     def setup_caches(self, batch_size, max_seq_len):
         """Allocate every layer's cache: delta-rule state, conv tails, SWA ring buffer, full-attention KV."""
         weight = self.lm_head.weight
-        self.cache_position, self.max_seq_len = 0, max_seq_len
-        self.position = torch.zeros((), dtype=torch.long, device=weight.device)
-        c = self.config
+        self.max_seq_len = max_seq_len
         for module in self.modules():
-            if isinstance(module, (CausalConv, GatedDeltaNet)):
+            if hasattr(module, "setup_cache"):
                 module.setup_cache(batch_size, max_seq_len, weight.device, weight.dtype)
-            elif isinstance(module, Attention):
-                module.setup_cache(batch_size, max_seq_len, weight.device, weight.dtype, c.n_heads, c.head_dim,
-                                   c.head_dim * c.expand_v)
 
     def clear_caches(self):
+        self.max_seq_len = None
         for module in self.modules():
-            for name in ("tail", "state", "k_cache", "v_cache", "slot_positions"):
-                if hasattr(module, name) and isinstance(getattr(module, name), torch.Tensor):
-                    setattr(module, name, None)
-        self.cache_position, self.max_seq_len, self.position = 0, None, None
+            if hasattr(module, "clear_cache"):
+                module.clear_cache()
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None) -> Tensor:
         """Continue idx (B, T) by max_new_tokens sampled tokens: prefill, then O(1)-per-token decoding.
 
-        temperature 0 picks the most likely token; top_k keeps only the k most likely.
+        temperature 0 picks the most likely token; else softmax(logits / temperature) over the top_k most
+        likely (all when top_k is None).
         """
-        self.setup_caches(idx.shape[0], idx.shape[1] + max_new_tokens)
+        prompt_len = idx.shape[1]
+        self.setup_caches(idx.shape[0], prompt_len + max_new_tokens)
         try:
-            logits, _ = self(idx)
+            logits, _ = self(idx, input_pos=0)
             tokens = [idx]
             for step in range(max_new_tokens):
-                tokens.append(sample_next(logits[:, -1], temperature, top_k))
+                logits = logits[:, -1]                                                 # (B, vocab)
+                if temperature == 0:
+                    next_token = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    logits = logits.float() / temperature
+                    if top_k is not None:
+                        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, -math.inf)
+                    next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+                tokens.append(next_token)
                 if step + 1 < max_new_tokens:
-                    logits, _ = self(tokens[-1])
+                    logits, _ = self(next_token, input_pos=prompt_len + step)
         finally:
             self.clear_caches()
         return torch.cat(tokens, dim=1)
@@ -777,14 +851,3 @@ class Nirvana(nn.Module):
         model = cls(NirvanaConfig.from_dict({**checkpoint["config"], **overrides}))
         model.load_state_dict(checkpoint["model"])
         return model
-
-
-def sample_next(logits, temperature=1.0, top_k=None):
-    """One token per row of logits (B, vocab): greedy at temperature 0, else softmax(logits / T) over the top k."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)

@@ -181,7 +181,8 @@ def test_decoding_reproduces_the_parallel_forward(variant):
     with torch.no_grad():
         logits, _ = model(idx)
         model.setup_caches(batch_size=2, max_seq_len=80)
-        steps = [model(idx[:, :11])[0]] + [model(idx[:, i:i + 1])[0] for i in range(11, 80)]
+        steps = [model(idx[:, :11], input_pos=0)[0]]
+        steps += [model(idx[:, i:i + 1], input_pos=i)[0] for i in range(11, 80)]
         model.clear_caches()
     torch.testing.assert_close(torch.cat(steps, dim=1), logits, rtol=1e-4, atol=1e-4)
 
@@ -192,7 +193,7 @@ def test_decoding_in_chunks_longer_than_the_window():
     with torch.no_grad():
         logits, _ = model(idx)
         model.setup_caches(batch_size=1, max_seq_len=50)
-        chunks = [model(idx[:, a:b])[0] for a, b in ((0, 3), (3, 20), (20, 21), (21, 50))]
+        chunks = [model(idx[:, a:b], input_pos=a)[0] for a, b in ((0, 3), (3, 20), (20, 21), (21, 50))]
         model.clear_caches()
     torch.testing.assert_close(torch.cat(chunks, dim=1), logits, rtol=1e-4, atol=1e-4)
 
@@ -203,9 +204,8 @@ def test_decoding_state_does_not_grow_with_context():
     sizes = sum(buffer.numel() for buffer in model.buffers())
     with torch.no_grad():
         for i in range(40):
-            model(torch.tensor([[i]]))
+            model(torch.tensor([[i]]), input_pos=i)
     assert sum(buffer.numel() for buffer in model.buffers()) == sizes
-    assert model.cache_position == 40
     assert max(buffer.shape[1] for name, buffer in model.named_buffers() if name.endswith("k_cache")) == 8
 
 
@@ -218,7 +218,7 @@ def test_greedy_generation_equals_argmax_of_full_forward():
         for _ in range(12):
             expected = torch.cat([expected, model(expected)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated, expected)
-    assert model.cache_position == 0 and model.max_seq_len is None            # caches cleared afterwards
+    assert model.max_seq_len is None and not list(model.buffers())             # caches cleared afterwards
 
 
 def test_top_k_sampling_stays_in_the_top_k():
@@ -341,7 +341,14 @@ def test_bad_token_ids_and_shapes_raise():
         model(torch.tensor([[1, 2]]), torch.tensor([[1, 2, 3]]))
     model.setup_caches(batch_size=1, max_seq_len=4)
     with pytest.raises(ValueError, match="caches hold 4 tokens"):
-        model(torch.tensor([[1, 2, 3, 4, 5]]))
+        model(torch.tensor([[1, 2, 3, 4, 5]]), input_pos=0)
+    with pytest.raises(ValueError, match="caches hold 4 tokens; 3 . 2"):
+        model(torch.tensor([[1, 2]]), input_pos=torch.tensor(3))
+    with pytest.raises(ValueError, match="pass input_pos"):
+        model(torch.tensor([[1, 2]]))
+    model.clear_caches()
+    with pytest.raises(ValueError, match="call setup_caches first"):
+        model(torch.tensor([[1, 2]]), input_pos=0)
 
 
 def test_triton_backend_without_kernels_is_a_clear_error(monkeypatch):
