@@ -6,8 +6,9 @@ Read it top to bottom:
   2. The three hot functions, in plain PyTorch: the gated delta rule (token-by-token recurrence = the
      executable spec, plus a chunked form), sliding-window attention, and the Trigger's CL-OGD step.
      `backend="triton"` swaps them for the compiled versions in kernels/; the model code does not change.
-  3. Small modules in reading order: norms, causal conv, RoPE, attention with its cache, Gated DeltaNet,
-     the Trigger, the Updater, the mixers, the block, and the model with generate().
+  3. Small modules in reading order: norms, the fused projection (several linear maps of one input as
+     one GEMM), causal conv, RoPE, attention with its cache, Gated DeltaNet, the Trigger, the Updater,
+     the mixers, the block, and the model with generate().
 
 Shapes: B batch, T tokens, H heads, Dk key/query head size, Dv value head size (= expand_v * Dk),
 d_t trigger space (64), K bank size (64). Equation numbers refer to the paper. Where the paper leaves a
@@ -377,6 +378,18 @@ class GatedRMSNorm(nn.Module):
         return normed.to(gate.dtype) * F.silu(gate)
 
 
+class FusedLinear(nn.Linear):
+    """Linear maps of one input computed as one GEMM (one launch instead of one per map): the parts' weight
+    rows stacked, the output split. parts: name -> output width, in row order; forward returns the parts."""
+
+    def __init__(self, d_in, **parts):
+        super().__init__(d_in, sum(parts.values()), bias=False)
+        self.parts = parts
+
+    def forward(self, x):  # (..., d_in) -> one (..., width) tensor per part
+        return super().forward(x).split(list(self.parts.values()), dim=-1)
+
+
 # Every module with an inference cache has setup_cache(batch_size, max_seq_len, device, dtype) and
 # clear_cache(); Nirvana.setup_caches / clear_caches call them on every such module.
 
@@ -473,8 +486,15 @@ class Attention(nn.Module):
         self.slot_positions[slots] = positions[-kept:]
 
 
+def gated_deltanet_projections(config):
+    """What the Gated DeltaNet branch reads from x, name -> width: q, k, v and Wa x, Wb x, Wg x (the
+    projections of the decay, of beta and of the output gate, before their nonlinearities)."""
+    H, key_dim, value_dim = config.n_heads, config.key_dim, config.value_dim
+    return dict(q=key_dim, k=key_dim, v=value_dim, decay=H, beta=H, gate=value_dim)
+
+
 class GatedDeltaNet(nn.Module):
-    """The linear-attention branch (Gated DeltaNet), given the shared projections q, k, v of x.
+    """The linear-attention branch (Gated DeltaNet), given the projections of x (gated_deltanet_projections).
 
     q1, k1 = L2norm(SiLU(conv(q))), L2norm(SiLU(conv(k))); v1 = SiLU(conv(v));
     g = -exp(A_log) softplus(Wa x + dt_bias), beta = sigmoid(Wb x); b = GatedRMSNorm(S^T q1, SiLU(Wg x)).
@@ -487,9 +507,6 @@ class GatedDeltaNet(nn.Module):
         self.H, self.Dk, self.Dv, self.ops = H, Dk, Dv, ops
         self.q_conv, self.k_conv = CausalConv(H * Dk, config.conv_size), CausalConv(H * Dk, config.conv_size)
         self.v_conv = CausalConv(H * Dv, config.conv_size)
-        self.a_proj = nn.Linear(config.d_model, H, bias=False)
-        self.b_proj = nn.Linear(config.d_model, H, bias=False)
-        self.g_proj = nn.Linear(config.d_model, H * Dv, bias=False)
         # Gated DeltaNet's initialisation: decay rate A ~ U(0, 16), time step dt ~ logU(1e-3, 1e-1)
         self.A_log = nn.Parameter(torch.empty(H).uniform_(0, 16).clamp_(min=1e-4).log())
         dt = torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)).exp()
@@ -503,31 +520,21 @@ class GatedDeltaNet(nn.Module):
     def clear_cache(self):
         self.state = None
 
-    def forward(self, x, q, k, v):  # x (B, T, d_model); q, k (B, T, H*Dk); v (B, T, H*Dv) -> b (B, T, H*Dv)
-        B, T, _ = x.shape
+    def forward(self, q, k, v, decay, beta, gate):
+        """q, k (B, T, H*Dk); v (B, T, H*Dv); Wa x, Wb x (B, T, H); Wg x (B, T, H*Dv) -> b (B, T, H*Dv)."""
+        B, T, _ = q.shape
         q1 = F.normalize(F.silu(self.q_conv(q)).view(B, T, self.H, self.Dk), dim=-1)
         k1 = F.normalize(F.silu(self.k_conv(k)).view(B, T, self.H, self.Dk), dim=-1)
         v1 = F.silu(self.v_conv(v)).view(B, T, self.H, self.Dv)
         q1, k1 = q1.to(v1.dtype), k1.to(v1.dtype)                                     # autocast normalises in float32
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)   # (B, T, H) log alpha
-        beta = self.b_proj(x).float().sigmoid()                                          # (B, T, H)
+        g = -self.A_log.float().exp() * F.softplus(decay.float() + self.dt_bias)        # (B, T, H) log alpha
+        beta = beta.float().sigmoid()                                                    # (B, T, H)
         o, state = self.ops.gated_delta_rule(q1, k1, v1, g, beta, initial_state=self.state,
                                              output_final_state=self.state is not None)
         if self.state is not None:
             self.state.copy_(state)
-        gate = self.g_proj(x).view(B, T, self.H, self.Dv)
+        gate = gate.view(B, T, self.H, self.Dv)
         return self.norm(o.to(gate.dtype), gate).view(B, T, self.H * self.Dv)
-
-
-class LowRank(nn.Module):
-    """U D x with rank r: the cheap difference between the SWA and the linear-attention projections (Sec. 2.1)."""
-
-    def __init__(self, d_in, rank, d_out):
-        super().__init__()
-        self.down, self.up = nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=False)
-
-    def forward(self, x):
-        return self.up(self.down(x))
 
 
 class TriggerBank(nn.Module):
@@ -542,18 +549,17 @@ class TriggerBank(nn.Module):
 
 
 class Trigger(nn.Module):
-    """Per layer: q~, k~, v~ = Linear(d_model -> d_t) of x, theta_l (d_model,); one CL-OGD step (Sec. 2.2)."""
+    """Per layer: one CL-OGD step (Sec. 2.2) on q~, k~, v~ = Linear(d_model -> d_t) of x (computed by the
+    mixer's fused projection), with the step size of eq.(5) from theta_l (d_model,)."""
 
     def __init__(self, config, ops):
         super().__init__()
-        d_t = config.trigger_dim
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(config.d_model, d_t, bias=False) for _ in range(3))
         self.theta = nn.Parameter(torch.zeros(config.d_model))
         self.eta_ref, self.detach_inner_grad, self.ops = config.eta_ref, config.detach_inner_grad, ops
 
-    def forward(self, x, p_prev, bank):  # x (B, T, d_model), p_prev (B, T, K) -> c (B, T, d_t), p (B, T, K)
+    def forward(self, x, q, k, v, p_prev, bank):
+        """x (B, T, d_model); q~, k~, v~ (B, T, d_t); p_prev (B, T, K) -> c (B, T, d_t), p (B, T, K)."""
         eta = self.eta_ref * torch.sigmoid((x @ self.theta.to(x.dtype)).float())       # (B, T) eq.(5)
-        q, k, v = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))         # (B, T, d_t) in x's dtype
         # the bank products run at q~'s precision (autocast's under autocast, as any matmul); p stays float32
         return self.ops.trigger_step(q, k, v, p_prev.float(), eta, bank.weight, bank.bias, self.detach_inner_grad)
 
@@ -581,23 +587,17 @@ class Updater(nn.Module):
         return torch.lerp(b, a, t[..., None]) + self.zeta(zeta_in), t                 # t a + (1 - t) b + zeta
 
 
-def qkv_projections(config):
-    """Linear maps of the normed x (d_model) to q (H*Dk), k (H*Dk) and v (H*Dv)."""
-    widths = (config.key_dim, config.key_dim, config.value_dim)
-    return (nn.Linear(config.d_model, width, bias=False) for width in widths)
-
-
 class GatedDeltaNetMixer(nn.Module):
     """Prelude layers and the gated-deltanet baseline: the linear-attention branch alone."""
 
     def __init__(self, config, ops):
         super().__init__()
-        self.q_proj, self.k_proj, self.v_proj = qkv_projections(config)
+        self.in_proj = FusedLinear(config.d_model, **gated_deltanet_projections(config))
         self.gated_deltanet = GatedDeltaNet(config, ops)
         self.o_proj = nn.Linear(config.value_dim, config.d_model, bias=False)
 
     def forward(self, x):  # (B, T, d_model) -> (B, T, d_model)
-        return self.o_proj(self.gated_deltanet(x, self.q_proj(x), self.k_proj(x), self.v_proj(x)))
+        return self.o_proj(self.gated_deltanet(*self.in_proj(x)))
 
 
 class AttentionMixer(nn.Module):
@@ -606,29 +606,36 @@ class AttentionMixer(nn.Module):
     def __init__(self, config, window, ops):
         super().__init__()
         self.H, self.Dk, self.Dv = config.n_heads, config.head_dim, config.value_head_dim
-        self.q_proj, self.k_proj, self.v_proj = qkv_projections(config)
+        self.qkv_proj = FusedLinear(config.d_model, q=config.key_dim, k=config.key_dim, v=config.value_dim)
         self.attention = Attention(config, window, config.swa_rope, ops)
         self.o_proj = nn.Linear(config.value_dim, config.d_model, bias=False)
 
     def forward(self, x, input_pos):  # (B, T, d_model) -> (B, T, d_model)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.H, self.Dk)
-        k = self.k_proj(x).view(B, T, self.H, self.Dk)
-        v = self.v_proj(x).view(B, T, self.H, self.Dv)
+        q, k, v = self.qkv_proj(x)
+        q, k, v = q.view(B, T, self.H, self.Dk), k.view(B, T, self.H, self.Dk), v.view(B, T, self.H, self.Dv)
         return self.o_proj(self.attention(q, k, v, input_pos).reshape(B, T, -1))
 
 
 class NirvanaMixer(nn.Module):
-    """A post-prelude Nirvana layer: both memory branches on shared q, k, v, the Trigger, the Updater."""
+    """A post-prelude Nirvana layer: both memory branches on shared q, k, v, the Trigger, the Updater.
+
+    Every projection of x is one GEMM (in_proj): the Gated DeltaNet's (q, k, v shared with the SWA branch,
+    and its gates), the down projections D x of the SWA branch's low-rank deltas U D x (Sec. 2.1, rank r),
+    and the Trigger's q~, k~, v~ (Sec. 2.2).
+    """
 
     def __init__(self, config, ops):
         super().__init__()
         self.H, self.Dk, self.Dv = config.n_heads, config.head_dim, config.value_head_dim
-        self.q_proj, self.k_proj, self.v_proj = qkv_projections(config)          # shared by both branches
+        r, d_t = config.lowrank, config.trigger_dim
+        trigger_parts = dict(trigger_q=d_t, trigger_k=d_t, trigger_v=d_t) if config.trigger else {}
+        self.in_proj = FusedLinear(config.d_model, **gated_deltanet_projections(config), q_delta=r, k_delta=r,
+                                   v_delta=r, **trigger_parts)
         self.gated_deltanet = GatedDeltaNet(config, ops)
-        self.q_delta = LowRank(config.d_model, config.lowrank, config.key_dim)
-        self.k_delta = LowRank(config.d_model, config.lowrank, config.key_dim)
-        self.v_delta = LowRank(config.d_model, config.lowrank, config.value_dim)
+        self.q_delta_up = nn.Linear(r, config.key_dim, bias=False)             # U of the low-rank deltas
+        self.k_delta_up = nn.Linear(r, config.key_dim, bias=False)
+        self.v_delta_up = nn.Linear(r, config.value_dim, bias=False)
         self.attention = Attention(config, config.window, config.swa_rope, ops)
         self.trigger = Trigger(config, ops) if config.trigger else None
         self.updater = Updater(config)
@@ -637,16 +644,16 @@ class NirvanaMixer(nn.Module):
     def forward(self, x, input_pos, p, bank):
         """x (B, T, d_model), p (B, T, K) from the layer below -> out (B, T, d_model), p, t (B, T)."""
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        b = self.gated_deltanet(x, q, k, v)                                            # (B, T, H*Dv) linear attention
-        q2 = (q + self.q_delta(x)).view(B, T, self.H, self.Dk)                         # Sec. 2.1 low-rank deltas
-        k2 = (k + self.k_delta(x)).view(B, T, self.H, self.Dk)
-        v2 = (v + self.v_delta(x)).view(B, T, self.H, self.Dv)
+        q, k, v, decay, beta, gate, q_delta, k_delta, v_delta, *trigger_qkv = self.in_proj(x)
+        b = self.gated_deltanet(q, k, v, decay, beta, gate)                    # (B, T, H*Dv) linear attention
+        q2 = (q + self.q_delta_up(q_delta)).view(B, T, self.H, self.Dk)          # Sec. 2.1 low-rank deltas
+        k2 = (k + self.k_delta_up(k_delta)).view(B, T, self.H, self.Dk)
+        v2 = (v + self.v_delta_up(v_delta)).view(B, T, self.H, self.Dv)
         a = self.attention(q2, k2, v2, input_pos).reshape(B, T, -1)                    # (B, T, H*Dv) SWA
         if self.trigger is None:
             o, t = self.updater(a, b, x)
         else:
-            c, p = self.trigger(x, p, bank)                                            # (B, T, d_t), (B, T, K)
+            c, p = self.trigger(x, *trigger_qkv, p, bank)                        # (B, T, d_t), (B, T, K)
             o, t = self.updater(a, b, c)                                               # eq.(8)
         return self.o_proj(o), p, t
 
@@ -654,18 +661,19 @@ class NirvanaMixer(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.gate = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
-        self.up = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.gate_up = FusedLinear(config.d_model, gate=config.ffn_hidden, up=config.ffn_hidden)
         self.down = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
 
     def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x)
+        return self.down(F.silu(gate) * up)
 
 
 def autocast_input(x):
     """x in the autocast dtype when autocast is on, else unchanged. A norm's float32 output feeds many
-    projections (up to 13 in a Nirvana mixer); autocast would cast it once per projection and add their input
-    gradients in float32, this casts it once (same forward values; the gradients add up in that dtype)."""
+    projections (the Nirvana mixer's fused one, the Trigger's theta, the Updater's u without the Trigger);
+    autocast would cast it once per projection and add their input gradients in float32, this casts it
+    once (same forward values; the gradients add up in that dtype)."""
     if torch.is_autocast_enabled(x.device.type):
         return x.to(torch.get_autocast_dtype(x.device.type))
     return x
@@ -706,6 +714,34 @@ class Block(nn.Module):
         return h + self.ffn(autocast_input(self.ffn_norm(h))), p, t
 
 
+# Checkpoints written before the projections of one input became one GEMM (FusedLinear) hold each part
+# under its own name. Per block, a fused weight <- the old weights of its parts, in row order; parts the
+# checkpoint lacks (the Trigger's, in a variant without it) are not in the fused weight either.
+UNFUSED_NAMES = {
+    "mixer.qkv_proj.weight": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj"],
+    "mixer.in_proj.weight": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.gated_deltanet.a_proj",
+                             "mixer.gated_deltanet.b_proj", "mixer.gated_deltanet.g_proj",
+                             "mixer.q_delta.down", "mixer.k_delta.down", "mixer.v_delta.down",
+                             "mixer.trigger.q_proj", "mixer.trigger.k_proj", "mixer.trigger.v_proj"],
+    "mixer.q_delta_up.weight": ["mixer.q_delta.up"],
+    "mixer.k_delta_up.weight": ["mixer.k_delta.up"],
+    "mixer.v_delta_up.weight": ["mixer.v_delta.up"],
+    "ffn.gate_up.weight": ["ffn.gate", "ffn.up"],
+}
+
+
+def load_unfused_checkpoint(model, state_dict, prefix, *args):
+    """load_state_dict pre-hook of Nirvana: a checkpoint of separate projections gets its fused weights."""
+    for name, _ in model.named_parameters():
+        _, layer, within_block = name.split(".", 2) if name.startswith("blocks.") else ("", "", "")
+        if within_block not in UNFUSED_NAMES or prefix + name in state_dict:
+            continue
+        old = [f"{prefix}blocks.{layer}.{part}.weight" for part in UNFUSED_NAMES[within_block]]
+        old = [key for key in old if key in state_dict]
+        if old:
+            state_dict[prefix + name] = torch.cat([state_dict.pop(key) for key in old])
+
+
 class Nirvana(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -717,6 +753,7 @@ class Nirvana(nn.Module):
         self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.max_seq_len = None                                            # the caches' size, once set up
+        self.register_load_state_dict_pre_hook(load_unfused_checkpoint)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 # GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layers)
