@@ -757,7 +757,8 @@ def fuse_optimizer_state(model, optimizer_state):
     parts = unfused_parts(model, state)
     for fused, old in parts.items():
         entries = [state.pop(key) for key in old]
-        state[fused] = {name: torch.cat([entry[name] for entry in entries]) if value.dim() else value
+        state[fused] = {name: torch.cat([entry[name] for entry in entries])
+                        if torch.is_tensor(value) and value.dim() else value       # "step" is shared
                         for name, value in entries[0].items()}
     renamed = {old[0]: fused for fused, old in parts.items()}
     dropped = {key for old in parts.values() for key in old[1:]}

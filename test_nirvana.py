@@ -246,7 +246,8 @@ def test_gradients_reach_every_parameter():
     fused_parts = set()
     for name, module in model.named_modules():
         if isinstance(module, FusedLinear):
-            for part, grad in zip(module.parts, module.weight.grad.split(list(module.parts.values()))):
+            grads = module.weight.grad.split(list(module.parts.values()))
+            for part, grad in zip(module.parts, grads, strict=True):
                 fused_parts.add(part)
                 if not grad.abs().sum() > 0:
                     no_gradient.append(f"{name}[{part}]")
@@ -318,6 +319,7 @@ def old_names(model, name):
     _, layer, module_name = name.removesuffix(".weight").split(".", 2)
     if module_name in UNFUSED:
         widths = model.get_submodule(name.removesuffix(".weight")).parts.values()
+        # without the Trigger, its three parts (the last) are absent
         return [(f"blocks.{layer}.{old}.weight", rows) for old, rows in zip(UNFUSED[module_name], widths)]
     if module_name in RENAMED:
         return [(f"blocks.{layer}.{RENAMED[module_name]}.weight", None)]
@@ -328,7 +330,7 @@ def unfused(model, name, tensor):
     """{old name: tensor's rows of that part}, for one parameter (or its optimizer state)."""
     parts = old_names(model, name)
     rows = [n for _, n in parts] if parts[0][1] is not None else [tensor.shape[0]]
-    return {old: part for (old, _), part in zip(parts, tensor.split(rows))}
+    return {old: part for (old, _), part in zip(parts, tensor.split(rows), strict=True)}
 
 
 def unfused_state_dict(model):
