@@ -696,7 +696,7 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.ffn = SwiGLU(config)
 
-    def forward(self, h, input_pos, p, bank):
+    def forward(self, h, input_pos=None, p=None, bank=None):
         """h (B, T, d_model) -> h, and the Trigger's p (B, T, K) and the gate t (B, T) of a Nirvana layer.
 
         Each mixer gets what it reads: the Gated DeltaNet only x; attention also the positions; a Nirvana
