@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from cli import (ArgumentParser, UserError, non_negative_float, non_negative_int, positive_float, positive_int,
                  read_checkpoint, run_main, torch_device, write_atomically)
-from nirvana import Nirvana, NirvanaConfig
+from nirvana import Nirvana, NirvanaConfig, fuse_optimizer_state
 from prepare import BUILTIN_DIR, TokenShards, load_meta, prepare_builtin
 
 PAPER_DEFAULTS = dict(seq_len=None, micro_batch=4, global_batch_tokens=524_288, max_tokens=100_000_000_000,
@@ -340,7 +340,9 @@ def load_checkpoint(path, model, optimizer, config, tokenizer, d):
         raise UserError(f"checkpoint {path} used tokenizer {checkpoint.get('tokenizer')!r}, "
                         f"the data uses {tokenizer!r}: resume with the run's --data")
     set_model_state_dict(model, checkpoint["model"], options=state_dict_options())
-    set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=state_dict_options())
+    # a run begun before the projections were fused keeps its AdamW moments, concatenated like the weights
+    optimizer_state = fuse_optimizer_state(model, checkpoint["optimizer"])
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=state_dict_options())
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if d.device.type == "cuda" and checkpoint["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
