@@ -1,12 +1,12 @@
 """
 The paper's MRI experiment (Sec. 3.2.2, Appendix A.6): a frozen language backbone (Nirvana, or any other
-variant of nirvana.py for Fig. 4) with a trainable k-space encoder and image decoder, post-trained in two stages,
-scored against a zero-filled reconstruction, a U-Net on the zero-filled image and E2E-VarNet on the same data
-and masks.
+variant of nirvana.py for Fig. 4) with a trainable k-space encoder and image decoder, post-trained in two
+stages, scored against a zero-filled reconstruction, a U-Net on the zero-filled image and E2E-VarNet on
+the same data and masks.
 
-    python mri.py                                   # embedded default: synthetic phantoms, tiny sizes, CPU minutes
+    python mri.py                                   # synthetic phantoms, tiny sizes, CPU minutes
     python mri.py --data /path/to/multicoil_files   # fastMRI multi-coil .h5 files (split by volume)
-    python mri.py --backbone ckpt.pt --backbone notrigger.pt --backbone transformer.pt   # train.py checkpoints
+    python mri.py --backbone ckpt.pt --backbone notrigger.pt --backbone transformer.pt  # train.py checkpoints
     python mri.py --generate DIR --volumes 200 --slices 16 --size 64   # only write a synthetic data set
 
 Sequence fed to the backbone: [k-space tokens][prompt tokens][M image-query embeddings][report tokens].
@@ -14,14 +14,25 @@ Stage 1 trains the encoder (and the image queries) with cross-entropy on the rep
 the image decoder alone with -SSIM (eq. 9). The backbone's weights never change; its Trigger still adapts p.
 Every trained method keeps the checkpoint of its best validation loss (the validation volumes; the test
 volumes are only scored). Outputs in --out: results.md / results.json (SSIM, PSNR, NMSE per method and
-acceleration like Table 11, validation SSIM, gate and Trigger statistics of each backbone), recon_grid_<acc>x.png
-(ground truth, zero-filled, baselines, each backbone; SSIM in each title), training_curves.png, reports.md.
+acceleration like Table 11, validation SSIM, gate and Trigger statistics of each backbone),
+recon_grid_<acc>x.png (ground truth, zero-filled, baselines, each backbone; SSIM in each title),
+training_curves.png, reports.md.
 The code is in the mri_recon package; this script checks the options and runs its steps.
 """
+
 import argparse
+import os
 import time
 
-from cli import existing_file, non_negative_float, non_negative_int, positive_float, positive_int, positive_int_list, run_main
+from cli import (
+    existing_file,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    positive_int_list,
+    run_main,
+)
 from mri_recon.masks import ACCELERATIONS
 
 
@@ -30,8 +41,29 @@ def accelerations(text):
     values = positive_int_list(text)
     for value in values:
         if value not in ACCELERATIONS:
-            raise argparse.ArgumentTypeError(f"acceleration {value} is not in Table 10 ({sorted(ACCELERATIONS)})")
+            raise argparse.ArgumentTypeError(
+                f"acceleration {value} is not in Table 10 ({sorted(ACCELERATIONS)})"
+            )
     return values
+
+
+def volume_folder(text):
+    """--data: a folder that holds .h5 files."""
+    if not os.path.isdir(text):
+        what = "is a file" if os.path.exists(text) else "does not exist"
+        raise argparse.ArgumentTypeError(f"{text} {what}; give a folder of fastMRI multi-coil .h5 files")
+    if not any(name.endswith(".h5") for name in os.listdir(text)):
+        raise argparse.ArgumentTypeError(
+            f"no .h5 files in {text}; give a folder of fastMRI multi-coil .h5 files"
+        )
+    return text
+
+
+def output_folder(text):
+    """--out, --generate: a folder, created if missing (not an existing file)."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a file; give a folder (it is created if missing)")
+    return text
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -42,40 +74,80 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    p = OneLineParser(prog="mri.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="folder of fastMRI multi-coil .h5 files (default: generate synthetic phantoms)")
-    p.add_argument("--out", default="mri_out", help="output folder")
-    p.add_argument("--generate", metavar="DIR", help="only write a synthetic data set to DIR and exit")
-    p.add_argument("--backbone", action="append", default=[], type=existing_file,
-                   help="train.py checkpoint (repeatable)")
-    p.add_argument("--variants", default="nirvana,nirvana-notrigger",
-                   help="tiny random-init backbones to build when no --backbone is given")
+    p = OneLineParser(
+        prog="mri.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data",
+        type=volume_folder,
+        help="folder of fastMRI multi-coil .h5 files (default: synthetic phantoms)",
+    )
+    p.add_argument("--out", type=output_folder, default="mri_out", help="output folder")
+    p.add_argument(
+        "--generate",
+        type=output_folder,
+        metavar="DIR",
+        help="only write a synthetic data set to DIR and exit",
+    )
+    p.add_argument(
+        "--backbone", action="append", default=[], type=existing_file, help="train.py checkpoint (repeatable)"
+    )
+    p.add_argument(
+        "--variants",
+        default="nirvana,nirvana-notrigger",
+        help="tiny random-init backbones to build when no --backbone is given",
+    )
     p.add_argument("--volumes", type=positive_int, default=16, help="synthetic volumes")
     p.add_argument("--slices", type=positive_int, default=6, help="synthetic slices per volume")
     p.add_argument("--size", type=positive_int, default=32, help="synthetic image size")
     p.add_argument("--coils", type=positive_int, default=4, help="synthetic coils")
-    p.add_argument("--max-volumes", type=non_negative_int, default=0,
-                   help="use at most this many files from --data (0: all)")
-    p.add_argument("--train-acc", type=accelerations, default="4,8", help="accelerations seen in training (Table 10)")
+    p.add_argument(
+        "--max-volumes",
+        type=non_negative_int,
+        default=0,
+        help="use at most this many files from --data (0: all)",
+    )
+    p.add_argument(
+        "--train-acc", type=accelerations, default="4,8", help="accelerations seen in training (Table 10)"
+    )
     p.add_argument("--eval-acc", type=accelerations, default="4,8", help="accelerations scored")
     p.add_argument("--mask-type", default="random", choices=["random", "equispaced"])
-    p.add_argument("--steps", type=positive_int, default=100,
-                   help="optimizer steps per baseline and per Nirvana stage")
-    p.add_argument("--phase-seconds", type=non_negative_float, default=0,
-                   help="time budget of each training phase: fewer steps if --steps would not fit (0: no limit)")
-    p.add_argument("--val-checks", type=positive_int, default=4,
-                   help="validation checks per training phase; the best checkpoint is kept")
+    p.add_argument(
+        "--steps", type=positive_int, default=100, help="optimizer steps per baseline and per Nirvana stage"
+    )
+    p.add_argument(
+        "--phase-seconds",
+        type=non_negative_float,
+        default=0,
+        help="time budget of each training phase: fewer steps if --steps would not fit (0: no limit)",
+    )
+    p.add_argument(
+        "--val-checks",
+        type=positive_int,
+        default=4,
+        help="validation checks per training phase; the best checkpoint is kept",
+    )
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--chans", type=positive_int, default=8, help="U-Net width in VarNet cascades")
     p.add_argument("--sens-chans", type=positive_int, default=4, help="U-Net width of the sensitivity model")
-    p.add_argument("--pools", type=non_negative_int, default=2,
-                   help="U-Net pooling levels (image decoder and U-Net baseline)")
+    p.add_argument(
+        "--pools",
+        type=non_negative_int,
+        default=2,
+        help="U-Net pooling levels (image decoder and U-Net baseline)",
+    )
     p.add_argument("--varnet-cascades", type=positive_int, default=4, help="E2E-VarNet baseline cascades")
     p.add_argument("--unet-chans", type=positive_int, default=24, help="U-Net baseline width")
-    p.add_argument("--enc-cascades", type=non_negative_int, default=2, help="VarNet cascades in the k-space encoder")
-    p.add_argument("--vit-dim", type=positive_int, default=64,
-                   help="T2T-ViT width in the k-space encoder (a multiple of 4 and of its heads, one per 32)")
+    p.add_argument(
+        "--enc-cascades", type=non_negative_int, default=2, help="VarNet cascades in the k-space encoder"
+    )
+    p.add_argument(
+        "--vit-dim",
+        type=positive_int,
+        default=64,
+        help="T2T-ViT width in the k-space encoder (a multiple of 4 and of its heads, one per 32)",
+    )
     p.add_argument("--vit-depth", type=non_negative_int, default=2)
     p.add_argument("--patch", type=positive_int, default=8, help="image pixels per image-query token (side)")
     p.add_argument("--dec-chans", type=positive_int, default=16, help="image decoder U-Net width")
@@ -83,23 +155,25 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=non_negative_int, default=0)
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
-    if not args.data and not args.generate:                         # the synthetic data of a run
+    if not args.data and not args.generate:  # the synthetic data of a run
         if args.volumes < 3:
             p.error(f"--volumes {args.volumes}: train, validation and test need at least 3 volumes")
         if args.size % args.patch:
-            p.error(f"--size {args.size} must be a multiple of --patch {args.patch} (the image decoder's tokens)")
+            p.error(
+                f"--size {args.size} must be a multiple of --patch {args.patch} (the image decoder's tokens)"
+            )
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from mri_recon import experiment      # torch and the models, imported once the options are known to be good
+    from mri_recon import experiment  # torch and the models, imported once the options are known to be good
 
     rng = experiment.set_up(args)
     if args.generate:
         experiment.generate(args)
         return
-    experiment.check_run(args)            # before any training: backbones load, --data holds volumes, ...
+    experiment.check_run(args)  # before any training: backbones load, --data holds volumes, ...
     t_start = time.time()
     with experiment.removed_on_failure(experiment.run_folders(args)):
         data = experiment.load_data(args)

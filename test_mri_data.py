@@ -1,5 +1,6 @@
-"""Tests of the MRI data (CPU): the masks of Table 10, the synthetic phantoms and their reports, the fastMRI .h5
-round trip and the reader's errors, the split by volume."""
+"""Tests of the MRI data (CPU): the masks of Table 10, the synthetic phantoms and their reports, the fastMRI
+.h5 round trip and the reader's errors, the split by volume."""
+
 import h5py
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from mri_recon.phantoms import Lesion, make_volume, parse_report, report_text
 
 # ---------------------------------------------------------------- masks (Table 10)
 
+
 @pytest.mark.parametrize("acc", sorted(ACCELERATIONS))
 @pytest.mark.parametrize("num_cols", [64, 320, 368])
 def test_equispaced_mask_acceleration_and_centre(acc, num_cols):
@@ -23,9 +25,9 @@ def test_equispaced_mask_acceleration_and_centre(acc, num_cols):
     num_low = max(1, round(num_cols * ACCELERATIONS[acc]))
     assert mask.sum() == round(num_cols / acc)
     c = num_cols // 2
-    assert centre_lines(torch.from_numpy(mask)[None])[0].sum() >= num_low   # the centre block is sampled
+    assert centre_lines(torch.from_numpy(mask)[None])[0].sum() >= num_low  # the centre block is sampled
     start = (num_cols - num_low + 1) // 2
-    assert mask[start:start + num_low].all() and start <= c < start + num_low
+    assert mask[start : start + num_low].all() and start <= c < start + num_low
 
 
 @pytest.mark.parametrize("acc", sorted(ACCELERATIONS))
@@ -34,7 +36,7 @@ def test_random_mask_acceleration_in_expectation(acc):
     num_low = round(num_cols * ACCELERATIONS[acc])
     masks = np.stack([make_mask(num_cols, acc, "random", rng) for _ in range(400)])
     start = (num_cols - num_low + 1) // 2
-    assert masks[:, start:start + num_low].all()
+    assert masks[:, start : start + num_low].all()
     assert abs(masks.sum(1).mean() - num_cols / acc) < 0.05 * num_cols / acc
 
 
@@ -53,6 +55,7 @@ def test_mask_rejects_unknown_acceleration_and_kind():
 
 # ---------------------------------------------------------------- data: generator, h5 round trip, errors
 
+
 def test_h5_round_trip_and_fastmri_layout(tmp_path):
     rng = np.random.default_rng(1)
     kspace, target, reports = make_volume(rng, n_slices=4, size=16, n_coils=3, readout_oversampling=2)
@@ -63,7 +66,9 @@ def test_h5_round_trip_and_fastmri_layout(tmp_path):
     path = str(tmp_path / "vol.h5")
     write_volume(path, kspace, target, reports, patient_id="p0")
     with h5py.File(path) as f:
-        assert {"kspace", "reconstruction_rss", "reports"} <= set(f) and f.attrs["max"] == pytest.approx(target.max())
+        assert {"kspace", "reconstruction_rss", "reports"} <= set(f) and f.attrs["max"] == pytest.approx(
+            target.max()
+        )
     v = read_volume(path)
     assert np.array_equal(v.kspace.numpy(), kspace) and np.array_equal(v.target.numpy(), target)
     assert v.reports == reports and v.name == "vol.h5" and v.maxval == pytest.approx(float(target.max()))
@@ -76,7 +81,11 @@ def test_reports_follow_the_lesions():
     assert parse_report(text) == (1, [("left", "frontal", "small", "round", "bright")])
     assert parse_report("garbage") == (None, [])
     assert score_reports([text, "lesions: 0.", "xx"], [text, text, "lesions: 0."]) == {
-        "count_acc": 1 / 3, "place_acc": 1 / 3, "exact": 1 / 3, "n": 3}
+        "count_acc": 1 / 3,
+        "place_acc": 1 / 3,
+        "exact": 1 / 3,
+        "n": 3,
+    }
 
 
 def test_reader_errors(tmp_path):
@@ -86,7 +95,7 @@ def test_reader_errors(tmp_path):
     corrupt.write_bytes(b"not an hdf5 file at all")
     with pytest.raises(ValueError, match="corrupt") as error:
         read_volume(str(corrupt))
-    assert isinstance(error.value, UserError) and str(corrupt) in str(error.value)   # one line naming the file
+    assert isinstance(error.value, UserError) and str(corrupt) in str(error.value)  # one line naming the file
     no_target = str(tmp_path / "no_target.h5")
     with h5py.File(no_target, "w") as f:
         f["kspace"] = np.zeros((2, 3, 8, 8), np.complex64)

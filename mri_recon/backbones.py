@@ -1,5 +1,6 @@
-"""The frozen language backbones: train.py checkpoints or tiny random-init presets, what each one is, whether its
-window holds the MRI sequence, and the fingerprint that proves it stayed frozen."""
+"""The frozen language backbones: train.py checkpoints or tiny random-init presets, what each one is, whether
+its window holds the MRI sequence, and the fingerprint that proves it stayed frozen."""
+
 import os
 
 import torch
@@ -15,14 +16,18 @@ def load_backbones(args):
     A checkpoint that does not load, or a variant that does not exist, is a UserError naming it."""
     from eval import load_model
     from tokenizer import load_tokenizer
+
     backbones = []
     for path in args.backbone:
         try:
-            llm, tokenizer = load_model(path, device="cpu", dtype="float32")   # the tokenizer the backbone learned
+            llm, tokenizer = load_model(
+                path, device="cpu", dtype="float32"
+            )  # the tokenizer the backbone learned
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UserError(f"--backbone {path} does not load ({first_line}); give a checkpoint written by "
-                            f"train.py") from error
+            raise UserError(
+                f"--backbone {path} does not load ({first_line}); give a checkpoint written by train.py"
+            ) from error
         name = f"LLM[{llm.config.variant}]"
         if any(name == b[0] for b in backbones):
             name = f"LLM[{llm.config.variant}:{os.path.basename(os.path.dirname(os.path.abspath(path)))}]"
@@ -32,9 +37,15 @@ def load_backbones(args):
         for variant in args.variants:
             torch.manual_seed(args.seed)
             cfg = tiny_config(variant, tokenizer.vocab_size)
-            backbones.append((f"LLM[{variant}]", Nirvana(cfg), tokenizer,
-                              f"{variant}-tiny, random init (seed {args.seed}), bytes tokenizer: no --backbone "
-                              f"given, so an untrained language model (its reports cannot be meaningful)"))
+            backbones.append(
+                (
+                    f"LLM[{variant}]",
+                    Nirvana(cfg),
+                    tokenizer,
+                    f"{variant}-tiny, random init (seed {args.seed}), bytes tokenizer: no --backbone "
+                    f"given, so an untrained language model (its reports cannot be meaningful)",
+                )
+            )
     return [(n, llm.to(args.device).eval(), tok, how) for n, llm, tok, how in backbones]
 
 
@@ -43,12 +54,15 @@ def tiny_config(variant, vocab_size):
     try:
         return NirvanaConfig.from_preset(f"{variant}-tiny", vocab_size=vocab_size)
     except ValueError as error:
-        raise UserError(f"--variants: no variant {variant!r}; the variants are {', '.join(VARIANTS)}") from error
+        raise UserError(
+            f"--variants: no variant {variant!r}; the variants are {', '.join(VARIANTS)}"
+        ) from error
 
 
 def pretraining_summary(checkpoint):
     """The end of the log.csv that train.py wrote beside a checkpoint: steps, tokens, losses."""
     from train import Log
+
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "log.csv")
     if not os.path.isfile(path):
         return "no log.csv beside it"
@@ -56,32 +70,43 @@ def pretraining_summary(checkpoint):
     if not rows:
         return "empty log.csv beside it"
     last, checks = rows[-1], [r for r in rows if r.get("val_loss") is not None]
-    text = f"pretrained {last['step']} steps / {last['tokens']:,} tokens, final training loss {last['loss']:.3f}"
+    text = (
+        f"pretrained {last['step']} steps / {last['tokens']:,} tokens, final training loss {last['loss']:.3f}"
+    )
     if checks:
         best = min(checks, key=lambda r: r["val_loss"])
-        text += (f", validation loss {checks[-1]['val_loss']:.3f} (ppl {checks[-1]['val_ppl']:.1f}; best "
-                 f"{best['val_loss']:.3f} at step {best['step']})")
+        text += (
+            f", validation loss {checks[-1]['val_loss']:.3f} (ppl {checks[-1]['val_ppl']:.1f}; best "
+            f"{best['val_loss']:.3f} at step {best['step']})"
+        )
     return text
 
 
 def describe_backbone(llm):
     c = llm.config
-    return (f"{c.variant}: d_model {c.d_model}, {c.n_layers} layers, {c.n_heads} heads, window {c.window}, "
-            f"context {c.context_length}, vocab {c.vocab_size}, {llm.num_params():,} parameters")
+    return (
+        f"{c.variant}: d_model {c.d_model}, {c.n_layers} layers, {c.n_heads} heads, window {c.window}, "
+        f"context {c.context_length}, vocab {c.vocab_size}, {llm.num_params():,} parameters"
+    )
 
 
 def window_note(llm, seq_len):
-    """Whether the backbone's attention sees the whole MRI sequence (by design the image queries read the k-space
-    tokens through both branches); a window shorter than the sequence leaves them the recurrent branch alone."""
+    """Whether the backbone's attention sees the whole MRI sequence (by design the image queries read the
+    k-space tokens through both branches); a window shorter than the sequence leaves them the recurrent branch
+    alone."""
     c = llm.config
     windowed = any(c.layer_kind(i) in ("swa", "nirvana") for i in range(c.n_layers))
     if windowed and c.window < seq_len:
-        return f"WARNING: window {c.window} < MRI sequence {seq_len} tokens: the image queries do not attend to " \
-               f"every k-space token"
+        return (
+            f"WARNING: window {c.window} < MRI sequence {seq_len} tokens: the image queries do not attend to "
+            f"every k-space token"
+        )
     if seq_len > c.context_length:
         return f"WARNING: MRI sequence {seq_len} tokens > training context {c.context_length}"
-    return f"MRI sequence <= {seq_len} tokens fits in the window ({c.window}) and the training context " \
-           f"({c.context_length})"
+    return (
+        f"MRI sequence <= {seq_len} tokens fits in the window ({c.window}) and the training context "
+        f"({c.context_length})"
+    )
 
 
 def state_fingerprint(module):

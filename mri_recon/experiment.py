@@ -1,5 +1,6 @@
 """The steps of `python mri.py`, in the order main calls them: check what the run needs, read or generate the
 data, train the baselines, train and score each backbone, evaluate every method and write the outputs."""
+
 import contextlib
 import dataclasses
 import json
@@ -13,8 +14,14 @@ import numpy as np
 import torch
 
 from cli import UserError, write_text_atomically
-from mri_recon.backbones import (describe_backbone, load_backbones, state_fingerprint, tiny_config, unchanged,
-                                 window_note)
+from mri_recon.backbones import (
+    describe_backbone,
+    load_backbones,
+    state_fingerprint,
+    tiny_config,
+    unchanged,
+    window_note,
+)
 from mri_recon.evaluation import evaluate, gate_statistics, generate_test_reports
 from mri_recon.fastmri_files import list_volume_files, load_volumes, split_by_volume
 from mri_recon.metrics import SSIM_WINDOW, score_reports, summarize
@@ -24,6 +31,7 @@ from mri_recon.pipeline import PROMPTS, build_nirvana_mri, count_trainable, head
 from mri_recon.plots import save_curves, save_grid
 from mri_recon.results import reports_markdown, results_markdown
 from mri_recon.training import train_image_baseline, train_stage1, train_stage2
+
 
 def set_up(args):
     """Seeds, matmul precision and the device (default: cuda when there is one)."""
@@ -36,40 +44,37 @@ def set_up(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
     torch.manual_seed(args.seed)
-    torch.set_float32_matmul_precision("high")                      # TF32 matmuls on GPUs that have them
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
     return np.random.default_rng(args.seed)
-
-
-def check_folder_target(path, option):
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{option} {path} is a file; give a folder (it is created if missing)")
 
 
 def generate(args):
     """--generate: only write a synthetic data set."""
-    check_folder_target(args.generate, "--generate")
     with removed_on_failure([args.generate]):
         generate_dataset(args.generate, args.volumes, args.slices, args.size, args.coils, args.seed)
 
 
 def check_run(args):
-    """What a run needs, checked before its first expensive step: the output folder, the encoder width, the
-    backbones (every checkpoint loads, every variant exists) and the --data folder."""
-    check_folder_target(args.out, "--out")
+    """What a run needs, checked before its first expensive step: the encoder width, the backbones (every
+    checkpoint loads, every variant exists) and the number of --data volumes."""
     heads = heads_for(args.vit_dim)
     if args.vit_dim % 4 or args.vit_dim % heads:
-        raise UserError(f"--vit-dim {args.vit_dim} must be a multiple of 4 and of its {heads} attention heads "
-                        f"(one per 32 features); try 64")
+        raise UserError(
+            f"--vit-dim {args.vit_dim} must be a multiple of 4 and of its {heads} attention heads "
+            f"(one per 32 features); try 64"
+        )
     if args.backbone:
-        with torch.random.fork_rng():                                # loaded again, at the same point as before
+        with torch.random.fork_rng():  # loaded again, at the same point as before
             load_backbones(args)
     for variant in args.variants:
-        tiny_config(variant, vocab_size=256)                         # the bytes tokenizer's vocabulary
+        tiny_config(variant, vocab_size=256)  # the bytes tokenizer's vocabulary
     if args.data:
         paths = list_volume_files(args.data, args.max_volumes)
         if len(paths) < 3:
-            raise UserError(f"{args.data}: {len(paths)} .h5 file(s) used; train, validation and test need at "
-                            "least 3 volumes")
+            raise UserError(
+                f"{args.data}: {len(paths)} .h5 file(s) used; train, validation and test need at "
+                "least 3 volumes"
+            )
 
 
 def run_folders(args):
@@ -79,9 +84,9 @@ def run_folders(args):
 
 @contextlib.contextmanager
 def removed_on_failure(folders):
-    """Creates the missing `folders`; if the body fails, the ones created here are removed again, so a failed
-    run leaves no half-made output (a folder that existed before keeps what it held; the outputs themselves are
-    written at the end, each file atomically)."""
+    """Creates the missing `folders`; if the body fails, the ones created here are removed again, so a
+    failed run leaves no half-made output (a folder that existed before keeps what it held; the outputs
+    themselves are written at the end, each file atomically)."""
     created = [folder for folder in folders if not os.path.exists(folder)]
     os.makedirs(folders[0], exist_ok=True)
     try:
@@ -89,7 +94,7 @@ def removed_on_failure(folders):
     except BaseException as error:
         for folder in created:
             shutil.rmtree(folder, ignore_errors=True)
-        if created and not isinstance(error, UserError):                # a user error is its one line alone
+        if created and not isinstance(error, UserError):  # a user error is its one line alone
             print(f"the run failed: removed {', '.join(created)}, which it had created", file=sys.stderr)
         raise
 
@@ -99,7 +104,7 @@ class Data:
     train: list
     val: list
     test: list
-    note: str        # where the data came from
+    note: str  # where the data came from
     split_note: str  # how many volumes and slices each split holds
     out_shape: tuple
 
@@ -109,37 +114,53 @@ def load_data(args):
     if args.data:
         paths = list_volume_files(args.data, args.max_volumes)
     else:
-        print(f"generating {args.volumes} synthetic volumes x {args.slices} slices, {args.size}x{args.size}, "
-              f"{args.coils} coils", flush=True)
-        paths = generate_dataset(os.path.join(args.out, "synthetic"), args.volumes, args.slices, args.size,
-                                 args.coils, args.seed)
-        note = (f"data: synthetic phantoms, {args.volumes} volumes x {args.slices} slices, "
-                f"{args.size}x{args.size}, {args.coils} coils")
+        print(
+            f"generating {args.volumes} synthetic volumes x {args.slices} slices, {args.size}x{args.size}, "
+            f"{args.coils} coils",
+            flush=True,
+        )
+        paths = generate_dataset(
+            os.path.join(args.out, "synthetic"), args.volumes, args.slices, args.size, args.coils, args.seed
+        )
+        note = (
+            f"data: synthetic phantoms, {args.volumes} volumes x {args.slices} slices, "
+            f"{args.size}x{args.size}, {args.coils} coils"
+        )
     train_paths, val_paths, test_paths = split_by_volume(paths, args.seed)
     train, val, test = (load_volumes(p, args.device) for p in (train_paths, val_paths, test_paths))
     if args.data:
         with h5py.File(paths[0], "r") as f:
             acquisition = f.attrs.get("acquisition", "not recorded")
-        note = f"data: {len(paths)} fastMRI-format files from {args.data} (acquisition of the first: {acquisition})"
+        note = f"data: {len(paths)} fastMRI-format files from {args.data} "
+        note += f"(acquisition of the first: {acquisition})"
     n_slices = lambda vols: sum(v.kspace.shape[0] for v in vols)
-    split_note = (f"split by volume: train {len(train)} ({n_slices(train)} slices), val {len(val)} "
-                  f"({n_slices(val)} slices), test {len(test)} ({n_slices(test)} slices)")
+    split_note = (
+        f"split by volume: train {len(train)} ({n_slices(train)} slices), val {len(val)} "
+        f"({n_slices(val)} slices), test {len(test)} ({n_slices(test)} slices)"
+    )
     print(f"{note}; {split_note}; device {args.device}", flush=True)
     out_shape = tuple(train[0].target.shape[-2:])
     if any(v.reports is None for v in train):
-        raise UserError("stage 1 needs a report per slice: add a 'reports' dataset (one string per slice) to "
-                        "every training .h5 file")
+        raise UserError(
+            "stage 1 needs a report per slice: add a 'reports' dataset (one string per slice) to "
+            "every training .h5 file"
+        )
     h, w = out_shape
     if min(h, w) < SSIM_WINDOW or h % args.patch or w % args.patch:
-        raise UserError(f"the images are {h}x{w}: the image decoder needs sides that are multiples of --patch "
-                        f"{args.patch}, and SSIM sides of at least {SSIM_WINDOW}")
+        raise UserError(
+            f"the images are {h}x{w}: the image decoder needs sides that are multiples of --patch "
+            f"{args.patch}, and SSIM sides of at least {SSIM_WINDOW}"
+        )
     return Data(train, val, test, note, split_note, out_shape)
 
 
 @dataclasses.dataclass
 class Run:
     """What the training steps produce, for the evaluation and the outputs."""
-    methods: dict = dataclasses.field(default_factory=lambda: {"zero-filled": lambda k, m, shape: zero_filled(k, shape)})
+
+    methods: dict = dataclasses.field(
+        default_factory=lambda: {"zero-filled": lambda k, m, shape: zero_filled(k, shape)}
+    )
     params: dict = dataclasses.field(default_factory=lambda: {"zero-filled": 0})
     timings: dict = dataclasses.field(default_factory=dict)
     fits: dict = dataclasses.field(default_factory=dict)
@@ -151,8 +172,10 @@ class Run:
 
 def train_baselines(run, data, args, rng):
     """The U-Net on the zero-filled image and E2E-VarNet, trained with -SSIM."""
-    baselines = {"U-Net": UNetBaseline(args.unet_chans, args.pools),
-                 "E2E-VarNet": E2EVarNet(args.varnet_cascades, args.chans, args.sens_chans)}
+    baselines = {
+        "U-Net": UNetBaseline(args.unet_chans, args.pools),
+        "E2E-VarNet": E2EVarNet(args.varnet_cascades, args.chans, args.sens_chans),
+    }
     for name, model in baselines.items():
         model.to(args.device)
         t0 = time.time()
@@ -180,8 +203,10 @@ def train_backbone(run, backbone, data, args, rng):
     prompt_ids = torch.tensor(tokenizer.encode(PROMPTS[0]), device=args.device)
     run.methods[name] = lambda k, m, shape, model=model, prompt_ids=prompt_ids: model(k, m, prompt_ids)
     run.params[name] = count_trainable(model.encoder, model.image_queries, model.decoder)
-    run.backbone_notes.append(f"- {name}: {describe_backbone(llm)}; {how}; {fits_in}; frozen (bit-equal after "
-                              f"both stages: {frozen})")
+    run.backbone_notes.append(
+        f"- {name}: {describe_backbone(llm)}; {how}; {fits_in}; frozen (bit-equal after "
+        f"both stages: {frozen})"
+    )
     max_len = max(len(tokenizer.encode(r)) for v in train for r in v.reports) + 8
     for acc in args.eval_acc:
         generated, truth = generate_test_reports(model, data.test, tokenizer, acc, args, max_len)
@@ -196,26 +221,58 @@ def evaluate_and_write(run, data, args, t_start):
     """Scores every method on the test (and validation) volumes; writes results.md, results.json, reports.md,
     recon_grid_<acc>x.png and training_curves.png to --out."""
     print("evaluating", flush=True)
-    scores, recons = evaluate(run.methods, data.test, args.eval_acc, args.mask_type, args.batch_size)
+    scores, recons = evaluate(
+        run.methods,
+        data.test,
+        args.eval_acc,
+        args.mask_type,
+        args.batch_size,
+        progress="scoring the test volumes",
+    )
     summary = summarize(scores)
-    val_summary = summarize(evaluate(run.methods, data.val, args.eval_acc, args.mask_type, args.batch_size)[0])
-    chosen = ", ".join(f"{k} {len(f.losses)}" + (f" (best val at {f.best_step})" if f.checks else "")
-                       for k, f in run.fits.items())
-    notes = [f"{data.note}; {data.split_note}",
-             f"masks: {args.mask_type}, trained on {args.train_acc}x, scored on {args.eval_acc}x; "
-             f"batch {args.batch_size}, lr {args.lr}, device {args.device}; optimizer steps (--steps {args.steps}, "
-             f"--phase-seconds {args.phase_seconds:g}, {args.val_checks} validation checks per phase, the best "
-             f"kept): {chosen}",
-             "backbones:", *run.backbone_notes,
-             "training time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in run.timings.items())]
+    val_summary = summarize(
+        evaluate(
+            run.methods,
+            data.val,
+            args.eval_acc,
+            args.mask_type,
+            args.batch_size,
+            progress="scoring the validation volumes",
+        )[0]
+    )
+    chosen = ", ".join(
+        f"{k} {len(f.losses)}" + (f" (best val at {f.best_step})" if f.checks else "")
+        for k, f in run.fits.items()
+    )
+    notes = [
+        f"{data.note}; {data.split_note}",
+        f"masks: {args.mask_type}, trained on {args.train_acc}x, scored on {args.eval_acc}x; "
+        f"batch {args.batch_size}, lr {args.lr}, device {args.device}; optimizer steps "
+        f"(--steps {args.steps}, --phase-seconds {args.phase_seconds:g}, {args.val_checks} validation checks "
+        f"per phase, the best kept): {chosen}",
+        "backbones:",
+        *run.backbone_notes,
+        "training time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in run.timings.items()),
+    ]
     table = results_markdown(summary, run.params, notes, val_summary, run.gates)
     write_text_atomically(os.path.join(args.out, "results.md"), table)
-    write_text_atomically(os.path.join(args.out, "results.json"), json.dumps(
-        {"summary": summary, "val_summary": val_summary, "per_volume": scores, "params": run.params,
-         "timings_s": run.timings, "notes": notes,
-         "fits": {k: dataclasses.asdict(f) for k, f in run.fits.items()},
-         "gates": {f"{a}x": g for a, g in run.gates.items()},
-         "reports": {f"{n} {a}x": s for (n, a), s in run.report_scores.items()}}, indent=1))
+    write_text_atomically(
+        os.path.join(args.out, "results.json"),
+        json.dumps(
+            {
+                "summary": summary,
+                "val_summary": val_summary,
+                "per_volume": scores,
+                "params": run.params,
+                "timings_s": run.timings,
+                "notes": notes,
+                "fits": {k: dataclasses.asdict(f) for k, f in run.fits.items()},
+                "gates": {f"{a}x": g for a, g in run.gates.items()},
+                "reports": {f"{n} {a}x": s for (n, a), s in run.report_scores.items()},
+            },
+            indent=1,
+        ),
+    )
     reports = reports_markdown(run.report_scores, run.report_examples)
     write_text_atomically(os.path.join(args.out, "reports.md"), reports)
     for acc in args.eval_acc:
@@ -224,5 +281,7 @@ def evaluate_and_write(run, data, args, t_start):
     print(table)
     lines = reports.split("\n")
     print("\n".join(lines[:3] + [line for line in lines if line.startswith("## ")]))
-    print(f"wrote results.md, results.json, reports.md, recon_grid_<acc>x.png, training_curves.png to {args.out} "
-          f"({time.time() - t_start:.0f}s)")
+    print(
+        f"wrote results.md, results.json, reports.md, recon_grid_<acc>x.png, training_curves.png to "
+        f"{args.out} ({time.time() - t_start:.0f}s)"
+    )

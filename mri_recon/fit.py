@@ -1,5 +1,6 @@
 """The training loop every method shares: AdamW with train.py's warm-up + cosine schedule, gradient clipping,
 an optional time budget, and model selection on the validation split."""
+
 import dataclasses
 import math
 import time
@@ -12,9 +13,9 @@ from train import Schedule
 
 @dataclasses.dataclass
 class FitResult:
-    losses: list          # training loss per step
-    checks: list          # [(step, validation loss)], lower is better
-    best_step: int        # the step whose parameters the model holds after fit (the last one without validation)
+    losses: list  # training loss per step
+    checks: list  # [(step, validation loss)], lower is better
+    best_step: int  # the step whose parameters the model holds after fit (the last one without validation)
 
 
 def fit(name, params, loss_fn, batches, steps, lr, seconds=0, validate=None, checks=4):
@@ -36,7 +37,10 @@ def fit(name, params, loss_fn, batches, steps, lr, seconds=0, validate=None, che
         val_checks.append((step, val))
         if val < best[0]:
             best = (val, step, [p.detach().clone() for p in params])
-        print(f"  [{name}] step {step} validation loss {val:.4f} (best {best[0]:.4f} at step {best[1]})", flush=True)
+        print(
+            f"  [{name}] step {step} validation loss {val:.4f} (best {best[0]:.4f} at step {best[1]})",
+            flush=True,
+        )
         return time.time() - t
 
     while step < schedule.max_steps:
@@ -50,21 +54,27 @@ def fit(name, params, loss_fn, batches, steps, lr, seconds=0, validate=None, che
         losses.append(loss.item())
         step += 1
         if seconds and step == 5:
-            t5 = time.time()                                         # steps 1-5 warm up (cuDNN, allocator)
+            t5 = time.time()  # steps 1-5 warm up (cuDNN, allocator)
         if seconds and step == 15:
             per_step = (time.time() - t5) / 10
             check_cost = check() * (checks - 1) if validate else 0.0  # this check is the first of `checks`
             left = seconds - (time.time() - t0) - check_cost
             schedule = warmup_cosine(lr, min(steps, max(15, 15 + int(left / per_step))))
-            print(f"  [{name}] {per_step:.3f}s/step: {schedule.max_steps} steps fit in {seconds:.0f}s", flush=True)
+            print(
+                f"  [{name}] {per_step:.3f}s/step: {schedule.max_steps} steps fit in {seconds:.0f}s",
+                flush=True,
+            )
         total = schedule.max_steps
         every = max(1, total // 10)
         if step % every == 1 or step == total:
             elapsed = time.time() - t0
-            print(f"  [{name}] step {step}/{total} loss {np.mean(losses[-every:]):.4f} "
-                  f"({elapsed:.0f}s, ETA {elapsed / step * (total - step):.0f}s)", flush=True)
+            print(
+                f"  [{name}] step {step}/{total} loss {np.mean(losses[-every:]):.4f} "
+                f"({elapsed:.0f}s, ETA {elapsed / step * (total - step):.0f}s)",
+                flush=True,
+            )
         due = step % max(1, total // checks) == 0 or step == total
-        if validate and due and not (seconds and step == 15):      # a timed run checked at step 15 already
+        if validate and due and not (seconds and step == 15):  # a timed run checked at step 15 already
             check()
     if best[2] is None:
         return FitResult(losses, val_checks, step)

@@ -1,4 +1,6 @@
-"""Centred, orthonormal 2-D Fourier transforms as fastMRI stores k-space, and the image helpers around them."""
+"""Centred, orthonormal 2-D Fourier transforms as fastMRI stores k-space, and the image helpers around
+them."""
+
 import torch
 
 
@@ -26,4 +28,4 @@ def center_crop(x, shape):
     if h > H or w > W:
         raise ValueError(f"cannot crop an image of {H}x{W} to {h}x{w}")
     top, left = (H - h) // 2, (W - w) // 2
-    return x[..., top:top + h, left:left + w]
+    return x[..., top : top + h, left : left + w]

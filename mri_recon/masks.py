@@ -1,5 +1,6 @@
 """Undersampling masks along the phase-encoding (last) axis, with the accelerations and centre fractions of
 Table 10."""
+
 import zlib
 
 import numpy as np
@@ -17,7 +18,7 @@ def make_mask(num_cols, acceleration, kind, rng):
     num_low = max(1, round(num_cols * ACCELERATIONS[acceleration]))
     mask = np.zeros(num_cols, dtype=bool)
     start = (num_cols - num_low + 1) // 2
-    mask[start:start + num_low] = True
+    mask[start : start + num_low] = True
     outside = np.flatnonzero(~mask)
     if kind == "random":
         prob = (num_cols / acceleration - num_low) / (num_cols - num_low)

@@ -1,5 +1,7 @@
 """Scores: SSIM, PSNR and NMSE as fastMRI computes them (skimage's SSIM: 7x7 uniform window, K1=0.01, K2=0.03,
-sample covariance), their summary over volumes, and the score of generated reports against the templated truth."""
+sample covariance), their summary over volumes, and the score of generated reports against the templated
+truth."""
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -8,10 +10,11 @@ from mri_recon.phantoms import parse_report
 
 SSIM_WINDOW = 7  # the side of SSIM's uniform window: an image must be at least this large
 
+
 def ssim(x, y, data_range, window=SSIM_WINDOW, k1=0.01, k2=0.03):
     """Mean SSIM of each image pair. x, y (B, H, W); data_range (B,) -> (B,). Differentiable (the eq. 9 loss).
     Only windows that lie fully inside the image count, as skimage crops its border."""
-    x, y = x.unsqueeze(1), y.unsqueeze(1)                            # (B, 1, H, W)
+    x, y = x.unsqueeze(1), y.unsqueeze(1)  # (B, 1, H, W)
     mean = lambda t: F.avg_pool2d(t, window, stride=1)
     n = window * window
     ux, uy = mean(x), mean(y)
@@ -25,19 +28,31 @@ def ssim(x, y, data_range, window=SSIM_WINDOW, k1=0.01, k2=0.03):
 
 
 def volume_metrics(gt, pred):
-    """fastMRI's per-volume metrics. gt, pred (S, H, W) -> dict ssim, psnr (dB), nmse; data range = gt.max()."""
+    """fastMRI's per-volume metrics. gt, pred (S, H, W) -> dict ssim, psnr (dB), nmse; data range =
+    gt.max()."""
     gt, pred = gt.double(), pred.double()
     maxval = gt.max()
     ssim_v = ssim(gt, pred, maxval.expand(gt.shape[0])).mean()
     mse = (gt - pred).pow(2).mean()
-    return {"ssim": ssim_v.item(), "psnr": (10 * torch.log10(maxval ** 2 / mse)).item(),
-            "nmse": ((gt - pred).pow(2).sum() / gt.pow(2).sum()).item()}
+    return {
+        "ssim": ssim_v.item(),
+        "psnr": (10 * torch.log10(maxval**2 / mse)).item(),
+        "nmse": ((gt - pred).pow(2).sum() / gt.pow(2).sum()).item(),
+    }
 
 
 def summarize(scores):
     """{method: {acc: [per-volume dicts]}} -> {method: {acc: {metric: (mean, std)}}} (std over volumes)."""
-    return {m: {a: {k: (float(np.mean([v[k] for v in vols])), float(np.std([v[k] for v in vols])))
-                    for k in ("ssim", "psnr", "nmse")} for a, vols in per_acc.items()} for m, per_acc in scores.items()}
+    return {
+        m: {
+            a: {
+                k: (float(np.mean([v[k] for v in vols])), float(np.std([v[k] for v in vols])))
+                for k in ("ssim", "psnr", "nmse")
+            }
+            for a, vols in per_acc.items()
+        }
+        for m, per_acc in scores.items()
+    }
 
 
 def score_reports(generated, truth):

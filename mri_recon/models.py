@@ -1,7 +1,8 @@
 """The networks: U-Net, E2E-VarNet (sensitivity estimation + unrolled cascades), the baselines built from them
 (U-Net on the zero-filled image, E2E-VarNet), a light T2T-ViT, and the two trainable ends of the Nirvana MRI
-pipeline: the k-space encoder (VarNet cascades -> T2T-ViT -> d_model tokens) and the image decoder (image-query
-tokens -> U-Net -> magnitude image)."""
+pipeline: the k-space encoder (VarNet cascades -> T2T-ViT -> d_model tokens) and the image decoder
+(image-query tokens -> U-Net -> magnitude image)."""
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -11,8 +12,14 @@ from mri_recon.fourier import center_crop, fft2c, ifft2c, rss
 
 class ConvBlock(nn.Sequential):
     def __init__(self, cin, cout):
-        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.InstanceNorm2d(cout), nn.LeakyReLU(0.2),
-                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.InstanceNorm2d(cout), nn.LeakyReLU(0.2))
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.InstanceNorm2d(cout),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.InstanceNorm2d(cout),
+            nn.LeakyReLU(0.2),
+        )
 
 
 class UNet(nn.Module):
@@ -20,14 +27,18 @@ class UNet(nn.Module):
 
     def __init__(self, cin, cout, chans, num_pools):
         super().__init__()
-        widths = [chans * 2 ** i for i in range(num_pools + 1)]
-        self.downs = nn.ModuleList([ConvBlock(cin, widths[0])] + [ConvBlock(a, b) for a, b in zip(widths, widths[1:])])
-        self.ups = nn.ModuleList([nn.ConvTranspose2d(b, a, 2, stride=2) for a, b in zip(widths, widths[1:])][::-1])
+        widths = [chans * 2**i for i in range(num_pools + 1)]
+        self.downs = nn.ModuleList(
+            [ConvBlock(cin, widths[0])] + [ConvBlock(a, b) for a, b in zip(widths, widths[1:])]
+        )
+        self.ups = nn.ModuleList(
+            [nn.ConvTranspose2d(b, a, 2, stride=2) for a, b in zip(widths, widths[1:])][::-1]
+        )
         self.up_convs = nn.ModuleList([ConvBlock(2 * a, a) for a in widths[:-1]][::-1])
         self.head = nn.Conv2d(widths[0], cout, 1)
-        self.multiple = 2 ** num_pools
+        self.multiple = 2**num_pools
 
-    def forward(self, x):                                            # (B, cin, H, W) -> (B, cout, H, W)
+    def forward(self, x):  # (B, cin, H, W) -> (B, cout, H, W)
         H, W = x.shape[-2:]
         x = F.pad(x, (0, -W % self.multiple, 0, -H % self.multiple))
         skips = []
@@ -47,19 +58,19 @@ class NormUNet(nn.Module):
         super().__init__()
         self.unet = UNet(2, 2, chans, num_pools)
 
-    def forward(self, x):                                            # (B, H, W) complex -> (B, H, W) complex
-        x = torch.view_as_real(x).permute(0, 3, 1, 2)                # (B, 2, H, W)
+    def forward(self, x):  # (B, H, W) complex -> (B, H, W) complex
+        x = torch.view_as_real(x).permute(0, 3, 1, 2)  # (B, 2, H, W)
         mean = x.mean(dim=(2, 3), keepdim=True)
         std = x.std(dim=(2, 3), keepdim=True).clamp_min(1e-12)
         x = self.unet((x - mean) / std) * std + mean
         return torch.view_as_complex(x.permute(0, 2, 3, 1).contiguous())
 
 
-def sens_expand(image, sens):                                        # (B,H,W) x (B,C,H,W) -> k-space (B,C,H,W)
+def sens_expand(image, sens):  # (B,H,W) x (B,C,H,W) -> k-space (B,C,H,W)
     return fft2c(image.unsqueeze(1) * sens)
 
 
-def sens_reduce(kspace, sens):                                       # (B,C,H,W) -> coil-combined image (B,H,W)
+def sens_reduce(kspace, sens):  # (B,C,H,W) -> coil-combined image (B,H,W)
     return (ifft2c(kspace) * sens.conj()).sum(1)
 
 
@@ -67,7 +78,7 @@ def centre_lines(mask):
     """(B, W) bool -> (B, W) bool: the contiguous sampled run around the centre column (the ACS lines)."""
     c = mask.shape[-1] // 2
     right = mask[:, c:].long().cumprod(-1)
-    left = mask[:, :c + 1].flip(-1).long().cumprod(-1).flip(-1)[:, :-1]
+    left = mask[:, : c + 1].flip(-1).long().cumprod(-1).flip(-1)[:, :-1]
     return torch.cat([left, right], dim=-1).bool()
 
 
@@ -78,7 +89,7 @@ class SensitivityModel(nn.Module):
         super().__init__()
         self.unet = NormUNet(chans, num_pools)
 
-    def forward(self, kspace, mask):                                 # (B,C,H,W), (B,W) -> (B,C,H,W) complex
+    def forward(self, kspace, mask):  # (B,C,H,W), (B,W) -> (B,C,H,W) complex
         B, C, H, W = kspace.shape
         coil_images = ifft2c(kspace * centre_lines(mask)[:, None, None, :])
         maps = self.unet(coil_images.reshape(B * C, H, W)).reshape(B, C, H, W)
@@ -86,33 +97,35 @@ class SensitivityModel(nn.Module):
 
 
 class VarNetCascade(nn.Module):
-    """k <- k - dc_weight * mask * (k - k0) - E(U-Net(R(k))): one unrolled gradient step with a learned prior."""
+    """k <- k - dc_weight * mask * (k - k0) - E(U-Net(R(k))): one unrolled gradient step with a learned
+    prior."""
 
     def __init__(self, chans, num_pools):
         super().__init__()
         self.unet = NormUNet(chans, num_pools)
         self.dc_weight = nn.Parameter(torch.ones(1))
 
-    def forward(self, k, k0, mask, sens):                            # mask (B,1,1,W)
+    def forward(self, k, k0, mask, sens):  # mask (B,1,1,W)
         return k - self.dc_weight * mask * (k - k0) - sens_expand(self.unet(sens_reduce(k, sens)), sens)
 
 
 class E2EVarNet(nn.Module):
-    """End-to-end VarNet (Sriram et al. 2020): sensitivity estimation + cascades, output RSS cropped to target."""
+    """End-to-end VarNet (Sriram et al. 2020): sensitivity estimation + cascades, output RSS cropped to the
+    target."""
 
     def __init__(self, cascades, chans, sens_chans, num_pools=2):
         super().__init__()
         self.sens = SensitivityModel(sens_chans, num_pools)
         self.cascades = nn.ModuleList([VarNetCascade(chans, num_pools) for _ in range(cascades)])
 
-    def refine(self, kspace, mask):                                  # -> refined k-space (B,C,H,W), sens maps
+    def refine(self, kspace, mask):  # -> refined k-space (B,C,H,W), sens maps
         sens = self.sens(kspace, mask)
         m, k = mask[:, None, None, :].to(kspace.real.dtype), kspace
         for cascade in self.cascades:
             k = cascade(k, kspace, m, sens)
         return k, sens
 
-    def forward(self, kspace, mask, out_shape):                      # -> (B, h, w)
+    def forward(self, kspace, mask, out_shape):  # -> (B, h, w)
         k, _ = self.refine(kspace, mask)
         return center_crop(rss(ifft2c(k)), out_shape)
 
@@ -146,7 +159,7 @@ class Block(nn.Module):
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, x):                                            # (B, N, dim)
+    def forward(self, x):  # (B, N, dim)
         B, N, D = x.shape
         q, k, v = self.qkv(self.norm1(x)).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
@@ -168,8 +181,13 @@ class T2TViT(nn.Module):
 
     def __init__(self, cin, dim, depth, heads, token_dim=32):
         super().__init__()
-        self.splits = nn.ModuleList([nn.Unfold(7, stride=4, padding=2), nn.Unfold(3, stride=2, padding=1),
-                                     nn.Unfold(3, stride=2, padding=1)])
+        self.splits = nn.ModuleList(
+            [
+                nn.Unfold(7, stride=4, padding=2),
+                nn.Unfold(3, stride=2, padding=1),
+                nn.Unfold(3, stride=2, padding=1),
+            ]
+        )
         self.t2t_in = nn.ModuleList([nn.Linear(cin * 49, token_dim), nn.Linear(token_dim * 9, token_dim)])
         self.t2t_blocks = nn.ModuleList([Block(token_dim, 1), Block(token_dim, 1)])
         self.project = nn.Linear(token_dim * 9, dim)
@@ -179,11 +197,11 @@ class T2TViT(nn.Module):
     def forward(self, x):
         H, W = x.shape[-2:]
         for split, proj, block in zip(self.splits, self.t2t_in, self.t2t_blocks):
-            t = split(x).transpose(1, 2)                             # (B, L, c*k*k)
+            t = split(x).transpose(1, 2)  # (B, L, c*k*k)
             H, W = self.grid_after(split, H, W)
-            t = block(proj(t))                                       # (B, L, token_dim)
-            x = t.transpose(1, 2).reshape(t.shape[0], -1, H, W)      # re-structurise to a grid
-        t = self.project(self.splits[-1](x).transpose(1, 2))         # (B, N, dim)
+            t = block(proj(t))  # (B, L, token_dim)
+            x = t.transpose(1, 2).reshape(t.shape[0], -1, H, W)  # re-structurise to a grid
+        t = self.project(self.splits[-1](x).transpose(1, 2))  # (B, N, dim)
         H, W = self.grid_after(self.splits[-1], H, W)
         t = t + sincos_2d(H, W, t.shape[-1], t.device)
         for block in self.blocks:
@@ -206,7 +224,7 @@ def kspace_layer_norm(kspace, mask):
     """LayerNorm before the encoder (Sec. 3.2.2), on k-space: divide by the RMS of the sampled entries.
     No mean-centring (it would fill the unsampled lines) and no affine; returns (normalised, scale (B,))."""
     B, C, H, W = kspace.shape
-    n_sampled = mask.sum(-1).clamp_min(1) * C * H                    # (B,)
+    n_sampled = mask.sum(-1).clamp_min(1) * C * H  # (B,)
     scale = (kspace.abs().pow(2).sum(dim=(1, 2, 3)) / n_sampled).sqrt().clamp_min(1e-12)
     return kspace / scale.reshape(B, 1, 1, 1), scale
 
@@ -221,10 +239,10 @@ class KspaceEncoder(nn.Module):
         self.vit = T2TViT(3, vit_dim, vit_depth, vit_heads)
         self.to_model = nn.Linear(vit_dim, d_model)
 
-    def forward(self, kspace, mask):                                 # -> k-space tokens (B, N, d_model), scale (B,)
+    def forward(self, kspace, mask):  # -> k-space tokens (B, N, d_model), scale (B,)
         kspace, scale = kspace_layer_norm(kspace, mask)
         k, sens = self.varnet.refine(kspace, mask)
-        image = center_crop(sens_reduce(k, sens), self.out_shape)    # (B, h, w) complex
+        image = center_crop(sens_reduce(k, sens), self.out_shape)  # (B, h, w) complex
         features = torch.stack([image.real, image.imag, image.abs()], dim=1)
         return self.to_model(self.vit(features)), scale
 
@@ -253,12 +271,16 @@ class ImageDecoder(nn.Module):
         return self.grid[0] * self.grid[1]
 
     @torch.no_grad()
-    def set_token_statistics(self, tokens):                         # (N, M, d) training image tokens
+    def set_token_statistics(self, tokens):  # (N, M, d) training image tokens
         self.token_mean.copy_(tokens.mean(0))
         self.token_std.copy_(tokens.std(0).clamp_min(1e-6 * tokens.std().item()))
 
     def forward(self, tokens):
         B, (gh, gw), p = tokens.shape[0], self.grid, self.patch
-        x = self.to_pixels(self.norm((tokens - self.token_mean) / self.token_std))   # (B, M, feat*p*p)
-        x = x.reshape(B, gh, gw, self.feat, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, self.feat, gh * p, gw * p)
-        return F.softplus(self.unet(x).squeeze(1))                 # a magnitude image is >= 0
+        x = self.to_pixels(self.norm((tokens - self.token_mean) / self.token_std))  # (B, M, feat*p*p)
+        x = (
+            x.reshape(B, gh, gw, self.feat, p, p)
+            .permute(0, 3, 1, 4, 2, 5)
+            .reshape(B, self.feat, gh * p, gw * p)
+        )
+        return F.softplus(self.unet(x).squeeze(1))  # a magnitude image is >= 0

@@ -1,6 +1,7 @@
 """What each method trains: the image baselines (-SSIM), Nirvana's stage 1 (the k-space encoder and image
 queries, cross-entropy on the report) and stage 2 (the image decoder alone, -SSIM, eq. 9), each with its
 validation loss for model selection."""
+
 import numpy as np
 import torch
 
@@ -18,12 +19,22 @@ def ssim_loss(pred, batch):
 
 
 def train_image_baseline(name, model, volumes, args, rng, val_volumes=()):
-    """-SSIM training; with val_volumes, the parameters of the best validation SSIM (training accelerations)."""
+    """-SSIM training; with val_volumes, the parameters of the best validation SSIM (training
+    accelerations)."""
     batches = random_batches(volumes, args.batch_size, args.train_acc, args.mask_type, rng)
     shape_of = lambda b: tuple(b.target.shape[-2:])
     validate = (lambda: -mean_ssim(model, val_volumes, args.train_acc, args)) if val_volumes else None
-    return fit(name, model.parameters(), lambda b: ssim_loss(model(b.kspace, b.mask, shape_of(b)), b),
-               batches, args.steps, args.lr, args.phase_seconds, validate, args.val_checks)
+    return fit(
+        name,
+        model.parameters(),
+        lambda b: ssim_loss(model(b.kspace, b.mask, shape_of(b)), b),
+        batches,
+        args.steps,
+        args.lr,
+        args.phase_seconds,
+        validate,
+        args.val_checks,
+    )
 
 
 @torch.no_grad()
@@ -39,10 +50,13 @@ def report_val_loss(model, volumes, tokenizer, prompt_ids, args):
     losses, chunk = [], 4 * args.batch_size
     for items in groups.values():
         for i in range(0, len(items), chunk):
-            kspace, mask, reports = zip(*items[i:i + chunk])
+            kspace, mask, reports = zip(*items[i : i + chunk])
             targets = encode_reports(tokenizer, reports, args.device)
-            losses.append(model.report_loss(torch.stack(kspace), torch.stack(mask), prompt_ids, targets,
-                                            tokenizer.eos_id).item())
+            losses.append(
+                model.report_loss(
+                    torch.stack(kspace), torch.stack(mask), prompt_ids, targets, tokenizer.eos_id
+                ).item()
+            )
     return float(np.mean(losses))
 
 
@@ -51,13 +65,27 @@ def train_stage1(name, model, volumes, tokenizer, args, rng, val_volumes=()):
     With val_volumes (all with reports), the parameters of the best validation cross-entropy."""
     prompts = [torch.tensor(tokenizer.encode(p), device=args.device) for p in PROMPTS]
     batches = random_batches(volumes, args.batch_size, args.train_acc, args.mask_type, rng)
-    loss_fn = lambda b: model.report_loss(b.kspace, b.mask, prompts[rng.integers(len(prompts))],
-                                          encode_reports(tokenizer, b.reports, args.device), tokenizer.eos_id)
+    loss_fn = lambda b: model.report_loss(
+        b.kspace,
+        b.mask,
+        prompts[rng.integers(len(prompts))],
+        encode_reports(tokenizer, b.reports, args.device),
+        tokenizer.eos_id,
+    )
     validate = None
     if val_volumes and all(v.reports is not None for v in val_volumes):
         validate = lambda: report_val_loss(model, val_volumes, tokenizer, prompts[0], args)
-    return fit(f"{name} stage 1", model.stage1_parameters(), loss_fn, batches, args.steps, args.lr,
-               args.phase_seconds, validate, args.val_checks)
+    return fit(
+        f"{name} stage 1",
+        model.stage1_parameters(),
+        loss_fn,
+        batches,
+        args.steps,
+        args.lr,
+        args.phase_seconds,
+        validate,
+        args.val_checks,
+    )
 
 
 @torch.no_grad()
@@ -82,8 +110,8 @@ def decoder_val_loss(model, cache, batch_size):
     total, count = 0.0, 0
     for tokens, scale, target, maxval in cache:
         for i in range(0, tokens.shape[0], batch_size):
-            pred = model.reconstruct_from_tokens(tokens[i:i + batch_size], scale[i:i + batch_size])
-            total += ssim(pred, target[i:i + batch_size], maxval[i:i + batch_size]).sum().item()
+            pred = model.reconstruct_from_tokens(tokens[i : i + batch_size], scale[i : i + batch_size])
+            total += ssim(pred, target[i : i + batch_size], maxval[i : i + batch_size]).sum().item()
             count += pred.shape[0]
     return -total / count
 
@@ -95,22 +123,37 @@ def train_stage2(name, model, volumes, tokenizer, args, rng, val_volumes=()):
     for p in model.stage1_parameters():
         p.requires_grad_(False)
     prompt_ids = torch.tensor(tokenizer.encode(PROMPTS[0]), device=args.device)
-    random_masks = lambda vol, acc, n: [make_mask(vol.kspace.shape[-1], acc, args.mask_type, rng) for _ in range(n)]
+    random_masks = lambda vol, acc, n: [
+        make_mask(vol.kspace.shape[-1], acc, args.mask_type, rng) for _ in range(n)
+    ]
     cache = cache_image_tokens(model, volumes, prompt_ids, args, random_masks)
     model.decoder.set_token_statistics(torch.cat([c[0] for c in cache]))
     sizes = np.array([c[0].shape[0] for c in cache], dtype=np.float64)
     validate = None
     if val_volumes:
-        eval_masks = lambda vol, acc, n: [volume_mask(vol.name, vol.kspace.shape[-1], acc, args.mask_type)] * n
+        eval_masks = lambda vol, acc, n: (
+            [volume_mask(vol.name, vol.kspace.shape[-1], acc, args.mask_type)] * n
+        )
         val_cache = cache_image_tokens(model, val_volumes, prompt_ids, args, eval_masks)
         validate = lambda: decoder_val_loss(model, val_cache, 4 * args.batch_size)
 
     def batches():
         while True:
             tokens, scale, target, maxval = cache[rng.choice(len(cache), p=sizes / sizes.sum())]
-            i = torch.from_numpy(rng.choice(tokens.shape[0], size=min(args.batch_size, tokens.shape[0]), replace=False))
+            i = torch.from_numpy(
+                rng.choice(tokens.shape[0], size=min(args.batch_size, tokens.shape[0]), replace=False)
+            )
             yield tokens[i], scale[i], Batch(None, None, target[i], maxval[i], None)
 
     loss_fn = lambda b: ssim_loss(model.reconstruct_from_tokens(b[0], b[1]), b[2])
-    return fit(f"{name} stage 2", model.decoder.parameters(), loss_fn, batches(), args.steps, args.lr,
-               args.phase_seconds, validate, args.val_checks)
+    return fit(
+        f"{name} stage 2",
+        model.decoder.parameters(),
+        loss_fn,
+        batches(),
+        args.steps,
+        args.lr,
+        args.phase_seconds,
+        validate,
+        args.val_checks,
+    )
