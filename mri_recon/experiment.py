@@ -122,17 +122,9 @@ def load_data(args):
         paths = generate_dataset(
             os.path.join(args.out, "synthetic"), args.volumes, args.slices, args.size, args.coils, args.seed
         )
-        note = (
-            f"data: synthetic phantoms, {args.volumes} volumes x {args.slices} slices, "
-            f"{args.size}x{args.size}, {args.coils} coils"
-        )
     train_paths, val_paths, test_paths = split_by_volume(paths, args.seed)
     train, val, test = (load_volumes(p, args.device) for p in (train_paths, val_paths, test_paths))
-    if args.data:
-        with h5py.File(paths[0], "r") as f:
-            acquisition = f.attrs.get("acquisition", "not recorded")
-        note = f"data: {len(paths)} fastMRI-format files from {args.data} "
-        note += f"(acquisition of the first: {acquisition})"
+    note = data_note(args, paths)
     n_slices = lambda vols: sum(v.kspace.shape[0] for v in vols)
     split_note = (
         f"split by volume: train {len(train)} ({n_slices(train)} slices), val {len(val)} "
@@ -152,6 +144,20 @@ def load_data(args):
             f"{args.patch}, and SSIM sides of at least {SSIM_WINDOW}"
         )
     return Data(train, val, test, note, split_note, out_shape)
+
+
+def data_note(args, paths):
+    """Where the data came from, for the log and results.md (the files are known to be readable)."""
+    if not args.data:
+        return (
+            f"data: synthetic phantoms, {args.volumes} volumes x {args.slices} slices, "
+            f"{args.size}x{args.size}, {args.coils} coils"
+        )
+    with h5py.File(paths[0], "r") as f:
+        acquisition = f.attrs.get("acquisition", "not recorded")
+    return (
+        f"data: {len(paths)} fastMRI-format files from {args.data} (acquisition of the first: {acquisition})"
+    )
 
 
 @dataclasses.dataclass
