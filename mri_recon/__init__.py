@@ -17,4 +17,5 @@ Named mri_recon, not mri, because the script mri.py sits beside it: with a folde
     metrics.py        SSIM / PSNR / NMSE as fastMRI computes them, report scores
     results.py        the Markdown of the results and of the generated reports
     plots.py          training curves and reconstruction grids
+    experiment.py     the steps of `python mri.py`: checks, data, training, evaluation, outputs
 """

@@ -64,7 +64,9 @@ def check_run(args):
             f"(one per 32 features); try 64"
         )
     if args.backbone:
-        with torch.random.fork_rng():  # loaded again, at the same point as before
+        # loaded here to check them, and again after the baselines as before: building a model draws random
+        # numbers, which must not shift the baselines' initialisation
+        with torch.random.fork_rng():
             load_backbones(args)
     for variant in args.variants:
         tiny_config(variant, vocab_size=256)  # the bytes tokenizer's vocabulary
@@ -72,8 +74,8 @@ def check_run(args):
         paths = list_volume_files(args.data, args.max_volumes)
         if len(paths) < 3:
             raise UserError(
-                f"{args.data}: {len(paths)} .h5 file(s) used; train, validation and test need at "
-                "least 3 volumes"
+                f"{args.data}: {len(paths)} .h5 file(s) used; train, validation and test need at least 3 "
+                "volumes: add files or raise --max-volumes"
             )
 
 
