@@ -14,44 +14,11 @@ import pytest
 import mri
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-TINY = [
-    "--volumes",
-    "4",
-    "--slices",
-    "3",
-    "--size",
-    "16",
-    "--coils",
-    "2",
-    "--steps",
-    "2",
-    "--batch-size",
-    "4",
-    "--chans",
-    "4",
-    "--sens-chans",
-    "2",
-    "--pools",
-    "1",
-    "--enc-cascades",
-    "1",
-    "--varnet-cascades",
-    "1",
-    "--unet-chans",
-    "4",
-    "--vit-dim",
-    "32",
-    "--vit-depth",
-    "1",
-    "--patch",
-    "4",
-    "--dec-chans",
-    "4",
-    "--variants",
-    "nirvana",
-    "--device",
-    "cpu",
-]
+TINY = (
+    "--volumes 4 --slices 3 --size 16 --coils 2 --steps 2 --batch-size 4 --chans 4 --sens-chans 2 --pools 1 "
+    "--enc-cascades 1 --varnet-cascades 1 --unet-chans 4 --vit-dim 32 --vit-depth 1 --patch 4 --dec-chans 4 "
+    "--variants nirvana --device cpu"
+).split()
 
 
 def test_main_end_to_end_writes_outputs(tmp_path):

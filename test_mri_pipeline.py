@@ -32,34 +32,8 @@ def volumes(tmp_path_factory):
 
 def tiny_args(**overrides):
     args = mri.parse_args(
-        [
-            "--steps",
-            "25",
-            "--batch-size",
-            "4",
-            "--size",
-            "16",
-            "--chans",
-            "4",
-            "--sens-chans",
-            "2",
-            "--pools",
-            "1",
-            "--enc-cascades",
-            "1",
-            "--vit-dim",
-            "32",
-            "--vit-depth",
-            "1",
-            "--patch",
-            "4",
-            "--dec-chans",
-            "8",
-            "--lr",
-            "3e-3",
-            "--device",
-            "cpu",
-        ]
+        "--steps 25 --batch-size 4 --size 16 --chans 4 --sens-chans 2 --pools 1 --enc-cascades 1 "
+        "--vit-dim 32 --vit-depth 1 --patch 4 --dec-chans 8 --lr 3e-3 --device cpu".split()
     )
     for k, v in overrides.items():
         setattr(args, k, v)
@@ -187,40 +161,20 @@ def pretrained_backbones(tmp_path_factory):
             f"lesions: {i}. left frontal: small round bright. the k-space holds the image. " * 20
         )
     prepare([str(t) for t in texts], str(root / "data"), "bytes", val_fraction=0.2)
-    paths = {}
-    for variant in ("nirvana-notrigger", "transformer"):
-        out = root / variant
-        train.main(
-            [
-                "--preset",
-                f"{variant}-tiny",
-                "--set",
-                "n_layers=3",
-                "--set",
-                "window=256",
-                "--data",
-                str(root / "data"),
-                "--out",
-                str(out),
-                "--max-tokens",
-                "512",
-                "--micro-batch",
-                "2",
-                "--seq-len",
-                "64",
-                "--global-batch-tokens",
-                "256",
-                "--warmup-tokens",
-                "256",
-                "--eval-every",
-                "2",
-                "--eval-tokens",
-                "128",
-                "--device",
-                "cpu",
-            ]
-        )
-        paths[variant] = str(out / "ckpt.pt")
+    paths, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # as conftest.py does for each test (a module fixture runs before it)
+    try:
+        for variant in ("nirvana-notrigger", "transformer"):
+            out = root / variant
+            options = (
+                f"--preset {variant}-tiny --set n_layers=3 --set window=256 --max-tokens 512 --micro-batch 2 "
+                "--seq-len 64 --global-batch-tokens 256 --warmup-tokens 256 --eval-every 2 --eval-tokens 128 "
+                "--device cpu"
+            )
+            train.main([*options.split(), "--data", str(root / "data"), "--out", str(out)])
+            paths[variant] = str(out / "ckpt.pt")
+    finally:
+        torch.set_num_threads(threads)
     return paths
 
 
