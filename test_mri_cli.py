@@ -132,7 +132,10 @@ def test_out_that_is_a_file_is_refused(inputs):
 # Refused after torch and the package are imported, before any training.
 RUN_CASES = [
     (["--data", "{inputs}/no_reports"], ["stage 1 needs a report per slice"]),
-    (["--backbone", "{inputs}/notes.txt"], ["--backbone", "notes.txt does not load", "train.py"]),
+    (
+        ["--backbone", "{inputs}/notes.txt"],
+        ["--backbone", "notes.txt is not a PyTorch checkpoint", "train.py"],
+    ),
     (["--variants", "nirvana,nirvanna"], ["--variants: no variant 'nirvanna'", "transformer"]),
     (["--vit-dim", "100"], ["--vit-dim 100 must be a multiple of 4 and of its 3 attention heads"]),
     (["--device", "tpu"], ["--device tpu is not a device"]),

@@ -2,6 +2,7 @@
 its window holds the MRI sequence, and the fingerprint that proves it stayed frozen."""
 
 import os
+import zipfile
 
 import torch
 
@@ -19,10 +20,13 @@ def load_backbones(args):
 
     backbones = []
     for path in args.backbone:
+        if not zipfile.is_zipfile(path):
+            raise UserError(
+                f"--backbone {path} is not a PyTorch checkpoint (torch.save writes a zip archive); give a "
+                "checkpoint written by train.py"
+            )
         try:
-            llm, tokenizer = load_model(
-                path, device="cpu", dtype="float32"
-            )  # the tokenizer the backbone learned
+            llm, tokenizer = load_model(path, device="cpu", dtype="float32")  # with the tokenizer it learned
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(
