@@ -88,6 +88,7 @@ class NirvanaMRI(nn.Module):
 
 
 def build_nirvana_mri(llm, out_shape, args):
+    """The pipeline around a frozen backbone, with the encoder and decoder sizes of the options."""
     d_model = llm.lm_head.in_features
     encoder = KspaceEncoder(
         d_model,
@@ -104,10 +105,12 @@ def build_nirvana_mri(llm, out_shape, args):
 
 
 def heads_for(dim):
+    """Attention heads of the encoder's T2T-ViT of width dim: one per 32 features, at least one."""
     return max(1, dim // 32)
 
 
 def count_trainable(*modules_or_params):
+    """Parameters of the given modules and tensors, each counted once."""
     seen, total = set(), 0
     for m in modules_or_params:
         for p in m.parameters() if isinstance(m, nn.Module) else [m]:
