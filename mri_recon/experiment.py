@@ -6,7 +6,9 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 
 import h5py
@@ -86,19 +88,31 @@ def run_folders(args):
 
 @contextlib.contextmanager
 def removed_on_failure(folders):
-    """Creates the missing `folders`; if the body fails, the ones created here are removed again, so a
-    failed run leaves no half-made output (a folder that existed before keeps what it held; the outputs
-    themselves are written at the end, each file atomically)."""
-    created = [folder for folder in folders if not os.path.exists(folder)]
+    """Creates the missing `folders` (the first holds the others); if the body fails (an error, Ctrl-C or
+    SIGTERM), the outermost one created here is removed again, so a failed run leaves no half-made output (a
+    folder that existed before keeps what it held; the outputs are written at the end, each file
+    atomically)."""
+    created = next((folder for folder in folders if not os.path.exists(folder)), None)
     os.makedirs(folders[0], exist_ok=True)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may handle signals
+    if in_main_thread:
+        previous = signal.signal(signal.SIGTERM, exit_on_signal)
     try:
         yield
     except BaseException as error:
-        for folder in created:
-            shutil.rmtree(folder, ignore_errors=True)
-        if created and not isinstance(error, UserError):  # a user error is its one line alone
-            print(f"the run failed: removed {', '.join(created)}, which it had created", file=sys.stderr)
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
+            if not isinstance(error, UserError):  # a user error is its one line alone
+                print(f"the run failed: removed {created}, which it had created", file=sys.stderr)
         raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def exit_on_signal(signum, frame):
+    """SIGTERM (a job's time limit, `kill`) as an exception, so that cleanups run."""
+    raise SystemExit(128 + signum)
 
 
 @dataclasses.dataclass
