@@ -1,0 +1,309 @@
+"""The steps of `python mri.py`, in the order main calls them: check what the run needs, read or generate the
+data, train the baselines, train and score each backbone, evaluate every method and write the outputs."""
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+
+import h5py
+import numpy as np
+import torch
+
+from cli import UserError, write_text_atomically
+from mri_recon.backbones import (
+    describe_backbone,
+    load_backbones,
+    state_fingerprint,
+    tiny_config,
+    unchanged,
+    window_note,
+)
+from mri_recon.evaluation import evaluate, gate_statistics, generate_test_reports
+from mri_recon.fastmri_files import list_volume_files, load_volumes, split_by_volume
+from mri_recon.metrics import SSIM_WINDOW, score_reports, summarize
+from mri_recon.models import E2EVarNet, UNetBaseline, zero_filled
+from mri_recon.phantoms import generate_dataset
+from mri_recon.pipeline import PROMPTS, build_nirvana_mri, count_trainable, heads_for, mri_sequence_length
+from mri_recon.plots import save_curves, save_grid
+from mri_recon.results import reports_markdown, results_markdown
+from mri_recon.training import train_image_baseline, train_stage1, train_stage2
+
+
+def set_up(args):
+    """Seeds, matmul precision and the device (default: cuda when there is one)."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {args.device} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
+    torch.manual_seed(args.seed)
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
+    return np.random.default_rng(args.seed)
+
+
+def generate(args):
+    """--generate: only write a synthetic data set."""
+    with removed_on_failure([args.generate]):
+        generate_dataset(args.generate, args.volumes, args.slices, args.size, args.coils, args.seed)
+
+
+def check_run(args):
+    """What a run needs, checked before its first expensive step: the encoder width, the backbones (every
+    checkpoint loads, every variant exists) and the number of --data volumes."""
+    heads = heads_for(args.vit_dim)
+    if args.vit_dim % 4 or args.vit_dim % heads:
+        raise UserError(
+            f"--vit-dim {args.vit_dim} must be a multiple of 4 and of its {heads} attention heads "
+            f"(one per 32 features); try 64"
+        )
+    if args.backbone:
+        # loaded here to check them, and again after the baselines as before: building a model draws random
+        # numbers, which must not shift the baselines' initialisation
+        with torch.random.fork_rng():
+            load_backbones(args)
+    for variant in args.variants:
+        tiny_config(variant, vocab_size=256)  # the bytes tokenizer's vocabulary
+    if args.data:
+        paths = list_volume_files(args.data, args.max_volumes)
+        if len(paths) < 3:
+            raise UserError(
+                f"{args.data}: {len(paths)} .h5 file(s) used; train, validation and test need at least 3 "
+                "volumes: add files or raise --max-volumes"
+            )
+
+
+def run_folders(args):
+    """The folders a run writes: --out, and <out>/synthetic without --data."""
+    return [args.out] + ([] if args.data else [os.path.join(args.out, "synthetic")])
+
+
+@contextlib.contextmanager
+def removed_on_failure(folders):
+    """Creates the missing `folders` (the first holds the others); if the body fails (an error, Ctrl-C or
+    SIGTERM), the outermost one created here is removed again, so a failed run leaves no half-made output (a
+    folder that existed before keeps what it held; the outputs are written at the end, each file
+    atomically)."""
+    created = next((folder for folder in folders if not os.path.exists(folder)), None)
+    os.makedirs(folders[0], exist_ok=True)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may handle signals
+    if in_main_thread:
+        previous = signal.signal(signal.SIGTERM, exit_on_signal)
+    try:
+        yield
+    except BaseException as error:
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
+            if not isinstance(error, UserError):  # a user error is its one line alone
+                print(f"the run failed: removed {created}, which it had created", file=sys.stderr)
+        raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def exit_on_signal(signum, frame):
+    """SIGTERM (a job's time limit, `kill`) as an exception, so that cleanups run."""
+    raise SystemExit(128 + signum)
+
+
+@dataclasses.dataclass
+class Data:
+    train: list
+    val: list
+    test: list
+    note: str  # where the data came from
+    split_note: str  # how many volumes and slices each split holds
+    out_shape: tuple
+
+
+def load_data(args):
+    """The --data files, or synthetic phantoms written to <out>/synthetic, split by volume and loaded."""
+    if args.data:
+        paths = list_volume_files(args.data, args.max_volumes)
+    else:
+        print(
+            f"generating {args.volumes} synthetic volumes x {args.slices} slices, {args.size}x{args.size}, "
+            f"{args.coils} coils",
+            flush=True,
+        )
+        paths = generate_dataset(
+            os.path.join(args.out, "synthetic"), args.volumes, args.slices, args.size, args.coils, args.seed
+        )
+    train_paths, val_paths, test_paths = split_by_volume(paths, args.seed)
+    train, val, test = (load_volumes(p, args.device) for p in (train_paths, val_paths, test_paths))
+    note = data_note(args, paths)
+    n_slices = lambda vols: sum(v.kspace.shape[0] for v in vols)
+    split_note = (
+        f"split by volume: train {len(train)} ({n_slices(train)} slices), val {len(val)} "
+        f"({n_slices(val)} slices), test {len(test)} ({n_slices(test)} slices)"
+    )
+    print(f"{note}; {split_note}; device {args.device}", flush=True)
+    out_shape = tuple(train[0].target.shape[-2:])
+    if any(v.reports is None for v in train):
+        raise UserError(
+            "stage 1 needs a report per slice: add a 'reports' dataset (one string per slice) to "
+            "every training .h5 file"
+        )
+    h, w = out_shape
+    if min(h, w) < SSIM_WINDOW or h % args.patch or w % args.patch:
+        raise UserError(
+            f"the images are {h}x{w}: the image decoder needs sides that are multiples of --patch "
+            f"{args.patch}, and SSIM sides of at least {SSIM_WINDOW}"
+        )
+    return Data(train, val, test, note, split_note, out_shape)
+
+
+def data_note(args, paths):
+    """Where the data came from, for the log and results.md (the files are known to be readable)."""
+    if not args.data:
+        return (
+            f"data: synthetic phantoms, {args.volumes} volumes x {args.slices} slices, "
+            f"{args.size}x{args.size}, {args.coils} coils"
+        )
+    with h5py.File(paths[0], "r") as f:
+        acquisition = f.attrs.get("acquisition", "not recorded")
+    return (
+        f"data: {len(paths)} fastMRI-format files from {args.data} (acquisition of the first: {acquisition})"
+    )
+
+
+@dataclasses.dataclass
+class Run:
+    """What the training steps produce, for the evaluation and the outputs."""
+
+    methods: dict = dataclasses.field(
+        default_factory=lambda: {"zero-filled": lambda k, m, shape: zero_filled(k, shape)}
+    )
+    params: dict = dataclasses.field(default_factory=lambda: {"zero-filled": 0})
+    timings: dict = dataclasses.field(default_factory=dict)
+    fits: dict = dataclasses.field(default_factory=dict)
+    report_scores: dict = dataclasses.field(default_factory=dict)
+    report_examples: dict = dataclasses.field(default_factory=dict)
+    backbone_notes: list = dataclasses.field(default_factory=list)
+    gates: dict = dataclasses.field(default_factory=dict)
+
+
+def train_baselines(run, data, args, rng):
+    """The U-Net on the zero-filled image and E2E-VarNet, trained with -SSIM."""
+    baselines = {
+        "U-Net": UNetBaseline(args.unet_chans, args.pools),
+        "E2E-VarNet": E2EVarNet(args.varnet_cascades, args.chans, args.sens_chans),
+    }
+    for name, model in baselines.items():
+        model.to(args.device)
+        t0 = time.time()
+        run.fits[name] = train_image_baseline(name, model, data.train, args, rng, data.val)
+        run.timings[name] = time.time() - t0
+        model.eval()
+        run.methods[name], run.params[name] = model, count_trainable(model)
+
+
+def train_backbone(run, backbone, data, args, rng):
+    """Both post-training stages around one frozen backbone, then its test reports and gate statistics."""
+    name, llm, tokenizer, how = backbone
+    train = data.train
+    model = build_nirvana_mri(llm, data.out_shape, args)
+    seq_len = mri_sequence_length(model, data.out_shape, tokenizer, [r for v in train for r in v.reports])
+    fits_in = window_note(llm, seq_len)
+    print(f"{name}: {describe_backbone(llm)}; {how}; {fits_in}", flush=True)
+    fingerprint = state_fingerprint(llm)
+    t0 = time.time()
+    run.fits[f"{name} stage 1"] = train_stage1(name, model, train, tokenizer, args, rng, data.val)
+    run.fits[f"{name} stage 2"] = train_stage2(name, model, train, tokenizer, args, rng, data.val)
+    run.timings[name] = time.time() - t0
+    frozen = unchanged(llm, fingerprint)
+    model.eval()
+    prompt_ids = torch.tensor(tokenizer.encode(PROMPTS[0]), device=args.device)
+    run.methods[name] = lambda k, m, shape, model=model, prompt_ids=prompt_ids: model(k, m, prompt_ids)
+    run.params[name] = count_trainable(model.encoder, model.image_queries, model.decoder)
+    run.backbone_notes.append(
+        f"- {name}: {describe_backbone(llm)}; {how}; {fits_in}; frozen (bit-equal after "
+        f"both stages: {frozen})"
+    )
+    max_len = max(len(tokenizer.encode(r)) for v in train for r in v.reports) + 8
+    for acc in args.eval_acc:
+        generated, truth = generate_test_reports(model, data.test, tokenizer, acc, args, max_len)
+        run.report_scores[(name, acc)] = score_reports(generated, truth)
+        run.report_examples[(name, acc)] = list(zip(generated, truth))[:12]
+        stats = gate_statistics(model, data.test, prompt_ids, acc, args)
+        if stats is not None:
+            run.gates.setdefault(acc, {})[name] = stats
+
+
+def evaluate_and_write(run, data, args, t_start):
+    """Scores every method on the test (and validation) volumes; writes results.md, results.json, reports.md,
+    recon_grid_<acc>x.png and training_curves.png to --out."""
+    print("evaluating", flush=True)
+    scores, recons = evaluate(
+        run.methods,
+        data.test,
+        args.eval_acc,
+        args.mask_type,
+        args.batch_size,
+        progress="scoring the test volumes",
+    )
+    summary = summarize(scores)
+    val_summary = summarize(
+        evaluate(
+            run.methods,
+            data.val,
+            args.eval_acc,
+            args.mask_type,
+            args.batch_size,
+            progress="scoring the validation volumes",
+        )[0]
+    )
+    chosen = ", ".join(
+        f"{k} {len(f.losses)}" + (f" (best val at {f.best_step})" if f.checks else "")
+        for k, f in run.fits.items()
+    )
+    notes = [
+        f"{data.note}; {data.split_note}",
+        f"masks: {args.mask_type}, trained on {args.train_acc}x, scored on {args.eval_acc}x; "
+        f"batch {args.batch_size}, lr {args.lr}, device {args.device}; optimizer steps "
+        f"(--steps {args.steps}, --phase-seconds {args.phase_seconds:g}, {args.val_checks} validation checks "
+        f"per phase, the best kept): {chosen}",
+        "backbones:",
+        *run.backbone_notes,
+        "training time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in run.timings.items()),
+    ]
+    table = results_markdown(summary, run.params, notes, val_summary, run.gates)
+    write_text_atomically(os.path.join(args.out, "results.md"), table)
+    write_text_atomically(
+        os.path.join(args.out, "results.json"),
+        json.dumps(
+            {
+                "summary": summary,
+                "val_summary": val_summary,
+                "per_volume": scores,
+                "params": run.params,
+                "timings_s": run.timings,
+                "notes": notes,
+                "fits": {k: dataclasses.asdict(f) for k, f in run.fits.items()},
+                "gates": {f"{a}x": g for a, g in run.gates.items()},
+                "reports": {f"{n} {a}x": s for (n, a), s in run.report_scores.items()},
+            },
+            indent=1,
+        ),
+    )
+    reports = reports_markdown(run.report_scores, run.report_examples)
+    write_text_atomically(os.path.join(args.out, "reports.md"), reports)
+    for acc in args.eval_acc:
+        save_grid(os.path.join(args.out, f"recon_grid_{acc}x.png"), recons, data.test, acc)
+    save_curves(os.path.join(args.out, "training_curves.png"), run.fits)
+    print(table)
+    lines = reports.split("\n")
+    print("\n".join(lines[:3] + [line for line in lines if line.startswith("## ")]))
+    print(
+        f"wrote results.md, results.json, reports.md, recon_grid_<acc>x.png, training_curves.png to "
+        f"{args.out} ({time.time() - t_start:.0f}s)"
+    )

@@ -1,0 +1,137 @@
+"""The Nirvana MRI pipeline (Sec. 3.2.2, Fig. 5): a frozen language backbone with a trainable k-space encoder,
+M trainable image queries and an image decoder. The sequence fed to the backbone is
+[k-space tokens][prompt tokens][M image-query embeddings][report tokens].
+
+Every call into the language model (llm.embed, llm.backbone, llm.lm_head, llm.setup_caches, llm.clear_caches)
+is in `NirvanaMRI` below, so a change of the model's interface is adapted here and nowhere else."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mri_recon.models import ImageDecoder, KspaceEncoder
+
+# Instruction prompts (Sec. 3.2.2 quotes the first one); a training batch uses one of them.
+PROMPTS = [
+    "According to the k-space signals, are there any pathological features?",
+    "Describe the lesions in this slice.",
+    "Report the findings of this MRI slice.",
+    "Are there lesions? Give count, place, size, shape and contrast.",
+]
+
+
+class NirvanaMRI(nn.Module):
+    """Frozen language backbone + k-space encoder + M image queries + image decoder (Sec. 3.2.2, Fig. 5)."""
+
+    def __init__(self, llm, encoder, decoder):
+        super().__init__()
+        self.llm = llm
+        for p in self.llm.parameters():
+            p.requires_grad_(False)  # frozen; gradients still flow through it
+        self.encoder, self.decoder = encoder, decoder
+        d_model = llm.lm_head.in_features
+        # the image queries sit before the report tokens, so stage 1 trains them with the encoder and stage 2
+        # (which must not change the reports) leaves them alone
+        self.image_queries = nn.Parameter(0.02 * torch.randn(decoder.n_queries, d_model))
+
+    def stage1_parameters(self):
+        return list(self.encoder.parameters()) + [self.image_queries]
+
+    def prefix(self, kspace, mask, prompt_ids):
+        """[k-space tokens][prompt tokens][image queries] -> embeddings (B, N+Lp+M, d), scale (B,)."""
+        ks_tokens, scale = self.encoder(kspace, mask)
+        B = ks_tokens.shape[0]
+        prompt = self.llm.embed(prompt_ids[None]).expand(B, -1, -1)
+        queries = self.image_queries[None].expand(B, -1, -1)
+        return torch.cat([ks_tokens, prompt, queries], dim=1), scale
+
+    def report_loss(self, kspace, mask, prompt_ids, report_targets, eos_id):
+        """Stage 1: cross-entropy of the report tokens only. report_targets (B, L) ids + eos, -1 = padding."""
+        prefix, _ = self.prefix(kspace, mask, prompt_ids)
+        report_in = report_targets[:, :-1].masked_fill(report_targets[:, :-1] < 0, eos_id)
+        h = self.llm.backbone(torch.cat([prefix, self.llm.embed(report_in)], dim=1))
+        logits = self.llm.lm_head(h[:, prefix.shape[1] - 1 :])  # position t predicts report token t
+        return F.cross_entropy(logits.flatten(0, 1), report_targets.flatten(), ignore_index=-1)
+
+    def image_tokens(self, kspace, mask, prompt_ids, trace=None):
+        """The backbone's final hidden states at the M image-query positions: (B, M, d), scale (B,)."""
+        prefix, scale = self.prefix(kspace, mask, prompt_ids)
+        h = self.llm.backbone(prefix, trace=trace)
+        return h[:, -self.decoder.n_queries :], scale
+
+    def reconstruct_from_tokens(self, tokens, scale):
+        return self.decoder(tokens) * scale.reshape(-1, 1, 1)
+
+    def forward(self, kspace, mask, prompt_ids):  # -> image (B, h, w)
+        return self.reconstruct_from_tokens(*self.image_tokens(kspace, mask, prompt_ids))
+
+    @torch.no_grad()
+    def generate_reports(self, kspace, mask, prompt_ids, eos_id, max_len):
+        """Greedy decoding of the report after the image queries -> list of token-id lists."""
+        prefix, _ = self.prefix(kspace, mask, prompt_ids)
+        B = prefix.shape[0]
+        tokens, done = [], torch.zeros(B, dtype=torch.bool, device=prefix.device)
+        self.llm.setup_caches(B, prefix.shape[1] + max_len)  # prefill, then O(1) per token
+        try:
+            h = self.llm.backbone(prefix)
+            for _ in range(max_len):
+                nxt = self.llm.lm_head(h[:, -1]).argmax(-1).masked_fill(done, eos_id)  # (B,)
+                tokens.append(nxt)
+                done = done | (nxt == eos_id)
+                if done.all():
+                    break
+                h = self.llm.backbone(self.llm.embed(nxt[:, None]))
+        finally:
+            self.llm.clear_caches()
+        rows = torch.stack(tokens, 1).tolist()
+        return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
+
+
+def build_nirvana_mri(llm, out_shape, args):
+    """The pipeline around a frozen backbone, with the encoder and decoder sizes of the options."""
+    d_model = llm.lm_head.in_features
+    encoder = KspaceEncoder(
+        d_model,
+        out_shape,
+        args.enc_cascades,
+        args.chans,
+        args.sens_chans,
+        args.vit_dim,
+        args.vit_depth,
+        heads_for(args.vit_dim),
+    )
+    decoder = ImageDecoder(d_model, out_shape, args.patch, args.dec_chans, args.pools)
+    return NirvanaMRI(llm, encoder, decoder).to(args.device)
+
+
+def heads_for(dim):
+    """Attention heads of the encoder's T2T-ViT of width dim: one per 32 features, at least one."""
+    return max(1, dim // 32)
+
+
+def count_trainable(*modules_or_params):
+    """Parameters of the given modules and tensors, each counted once."""
+    seen, total = set(), 0
+    for m in modules_or_params:
+        for p in m.parameters() if isinstance(m, nn.Module) else [m]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+def encode_reports(tokenizer, reports, device):
+    """Reports -> (B, L) token ids with eos appended, padded with -1."""
+    ids = [tokenizer.encode(r) + [tokenizer.eos_id] for r in reports]
+    out = torch.full((len(ids), max(map(len, ids))), -1, dtype=torch.long)
+    for i, row in enumerate(ids):
+        out[i, : len(row)] = torch.tensor(row)
+    return out.to(device)
+
+
+def mri_sequence_length(model, out_shape, tokenizer, reports):
+    """Longest backbone sequence: k-space tokens + the longest prompt + image queries + report tokens +
+    eos."""
+    n_kspace = model.encoder.vit.n_tokens(*out_shape)
+    prompt = max(len(tokenizer.encode(p)) for p in PROMPTS)
+    return n_kspace + prompt + model.decoder.n_queries + max(len(tokenizer.encode(r)) for r in reports) + 1

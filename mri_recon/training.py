@@ -1,0 +1,159 @@
+"""What each method trains: the image baselines (-SSIM), Nirvana's stage 1 (the k-space encoder and image
+queries, cross-entropy on the report) and stage 2 (the image decoder alone, -SSIM, eq. 9), each with its
+validation loss for model selection."""
+
+import numpy as np
+import torch
+
+from mri_recon.batches import Batch, make_batch, masked, random_batches
+from mri_recon.evaluation import mean_ssim
+from mri_recon.fit import fit
+from mri_recon.masks import make_mask, volume_mask
+from mri_recon.metrics import ssim
+from mri_recon.pipeline import PROMPTS, encode_reports
+
+
+def ssim_loss(pred, batch):
+    """eq. (9): -SSIM, data range = the volume max."""
+    return -ssim(pred, batch.target, batch.maxval).mean()
+
+
+def train_image_baseline(name, model, volumes, args, rng, val_volumes=()):
+    """-SSIM training; with val_volumes, the parameters of the best validation SSIM (training
+    accelerations)."""
+    batches = random_batches(volumes, args.batch_size, args.train_acc, args.mask_type, rng)
+    shape_of = lambda b: tuple(b.target.shape[-2:])
+    validate = (lambda: -mean_ssim(model, val_volumes, args.train_acc, args)) if val_volumes else None
+    return fit(
+        name,
+        model.parameters(),
+        lambda b: ssim_loss(model(b.kspace, b.mask, shape_of(b)), b),
+        batches,
+        args.steps,
+        args.lr,
+        args.phase_seconds,
+        validate,
+        args.val_checks,
+    )
+
+
+@torch.no_grad()
+def report_val_loss(model, volumes, tokenizer, prompt_ids, args):
+    """Stage 1's validation loss: the report cross-entropy (mean over batches) of every slice of volumes, each
+    volume with its evaluation mask at every training acceleration; batches of 4 x batch-size slices."""
+    groups = {}
+    for acc in args.train_acc:
+        for vol in volumes:
+            mask = volume_mask(vol.name, vol.kspace.shape[-1], acc, args.mask_type)
+            kspace, m = masked(vol, 0, vol.kspace.shape[0], mask)
+            groups.setdefault(tuple(kspace.shape[1:]), []).extend(zip(kspace, m, vol.reports))
+    losses, chunk = [], 4 * args.batch_size
+    for items in groups.values():
+        for i in range(0, len(items), chunk):
+            kspace, mask, reports = zip(*items[i : i + chunk])
+            targets = encode_reports(tokenizer, reports, args.device)
+            losses.append(
+                model.report_loss(
+                    torch.stack(kspace), torch.stack(mask), prompt_ids, targets, tokenizer.eos_id
+                ).item()
+            )
+    return float(np.mean(losses))
+
+
+def train_stage1(name, model, volumes, tokenizer, args, rng, val_volumes=()):
+    """Stage 1: the encoder (and image queries) only, cross-entropy on the report tokens; backbone frozen.
+    With val_volumes (all with reports), the parameters of the best validation cross-entropy."""
+    prompts = [torch.tensor(tokenizer.encode(p), device=args.device) for p in PROMPTS]
+    batches = random_batches(volumes, args.batch_size, args.train_acc, args.mask_type, rng)
+    loss_fn = lambda b: model.report_loss(
+        b.kspace,
+        b.mask,
+        prompts[rng.integers(len(prompts))],
+        encode_reports(tokenizer, b.reports, args.device),
+        tokenizer.eos_id,
+    )
+    validate = None
+    if val_volumes and all(v.reports is not None for v in val_volumes):
+        validate = lambda: report_val_loss(model, val_volumes, tokenizer, prompts[0], args)
+    return fit(
+        f"{name} stage 1",
+        model.stage1_parameters(),
+        loss_fn,
+        batches,
+        args.steps,
+        args.lr,
+        args.phase_seconds,
+        validate,
+        args.val_checks,
+    )
+
+
+@torch.no_grad()
+def cache_image_tokens(model, volumes, prompt_ids, args, masks_for):
+    """Stage 2 inputs: encoder and backbone are frozen, so each slice's image tokens are computed once per
+    training acceleration. masks_for(volume, acceleration, n) -> n (W,) masks.
+    Returns [(tokens, scale, target, maxval)], one entry per image shape."""
+    cache = {}
+    for acc in args.train_acc:
+        for v, vol in enumerate(volumes):
+            for s0 in range(0, vol.kspace.shape[0], 4 * args.batch_size):
+                items = [(v, s) for s in range(s0, min(s0 + 4 * args.batch_size, vol.kspace.shape[0]))]
+                b = make_batch(volumes, items, masks_for(vol, acc, len(items)))
+                tokens, scale = model.image_tokens(b.kspace, b.mask, prompt_ids)
+                cache.setdefault(tuple(b.target.shape[-2:]), []).append((tokens, scale, b.target, b.maxval))
+    return [tuple(torch.cat(parts) for parts in zip(*v)) for v in cache.values()]
+
+
+@torch.no_grad()
+def decoder_val_loss(model, cache, batch_size):
+    """-SSIM of the decoder over every cached slice (mean over slices)."""
+    total, count = 0.0, 0
+    for tokens, scale, target, maxval in cache:
+        for i in range(0, tokens.shape[0], batch_size):
+            pred = model.reconstruct_from_tokens(tokens[i : i + batch_size], scale[i : i + batch_size])
+            total += ssim(pred, target[i : i + batch_size], maxval[i : i + batch_size]).sum().item()
+            count += pred.shape[0]
+    return -total / count
+
+
+def train_stage2(name, model, volumes, tokenizer, args, rng, val_volumes=()):
+    """Stage 2: the decoder only, loss -SSIM (eq. 9); encoder, image queries and backbone frozen.
+    Training slices get one random mask per training acceleration, validation slices their evaluation masks;
+    with val_volumes, the decoder of the best validation SSIM."""
+    for p in model.stage1_parameters():
+        p.requires_grad_(False)
+    prompt_ids = torch.tensor(tokenizer.encode(PROMPTS[0]), device=args.device)
+    random_masks = lambda vol, acc, n: [
+        make_mask(vol.kspace.shape[-1], acc, args.mask_type, rng) for _ in range(n)
+    ]
+    cache = cache_image_tokens(model, volumes, prompt_ids, args, random_masks)
+    model.decoder.set_token_statistics(torch.cat([c[0] for c in cache]))
+    sizes = np.array([c[0].shape[0] for c in cache], dtype=np.float64)
+    validate = None
+    if val_volumes:
+        eval_masks = lambda vol, acc, n: (
+            [volume_mask(vol.name, vol.kspace.shape[-1], acc, args.mask_type)] * n
+        )
+        val_cache = cache_image_tokens(model, val_volumes, prompt_ids, args, eval_masks)
+        validate = lambda: decoder_val_loss(model, val_cache, 4 * args.batch_size)
+
+    def batches():
+        while True:
+            tokens, scale, target, maxval = cache[rng.choice(len(cache), p=sizes / sizes.sum())]
+            i = torch.from_numpy(
+                rng.choice(tokens.shape[0], size=min(args.batch_size, tokens.shape[0]), replace=False)
+            )
+            yield tokens[i], scale[i], Batch(None, None, target[i], maxval[i], None)
+
+    loss_fn = lambda b: ssim_loss(model.reconstruct_from_tokens(b[0], b[1]), b[2])
+    return fit(
+        f"{name} stage 2",
+        model.decoder.parameters(),
+        loss_fn,
+        batches(),
+        args.steps,
+        args.lr,
+        args.phase_seconds,
+        validate,
+        args.val_checks,
+    )

@@ -1,0 +1,162 @@
+"""Tests of `python mri.py` as a user runs it: a tiny run end to end writes every output, and each class of
+bad input (bad option value, bad path, wrong file type, corrupt file, unknown variant, unusable output folder)
+gets one line on stderr naming the problem, exit status 2, and leaves nothing written or overwritten."""
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import h5py
+import numpy as np
+import pytest
+
+import mri
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TINY = (
+    "--volumes 4 --slices 3 --size 16 --coils 2 --steps 2 --batch-size 4 --chans 4 --sens-chans 2 --pools 1 "
+    "--enc-cascades 1 --varnet-cascades 1 --unet-chans 4 --vit-dim 32 --vit-depth 1 --patch 4 --dec-chans 4 "
+    "--variants nirvana --device cpu"
+).split()
+
+
+def test_main_end_to_end_writes_outputs(tmp_path):
+    out = str(tmp_path / "out")
+    mri.main(["--out", out, *TINY])
+    for name in (
+        "results.md",
+        "results.json",
+        "reports.md",
+        "recon_grid_4x.png",
+        "recon_grid_8x.png",
+        "training_curves.png",
+    ):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    table = open(os.path.join(out, "results.md")).read()
+    for method in ("zero-filled", "U-Net", "E2E-VarNet", "LLM[nirvana]"):
+        assert method in table
+
+
+def run_mri(*args):
+    env = {k: v for k, v in os.environ.items() if k != "NIRVANA_DEBUG"}
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "mri.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def assert_one_line_error(result, *fragments):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("mri.py: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def snapshot(folder):
+    """{path: bytes} of every file under folder (to prove nothing was written or overwritten)."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            files[path] = open(path, "rb").read()
+    return files
+
+
+@pytest.fixture
+def out_folder(tmp_path):
+    """An output folder holding a previous run's results.md, which a failed run must leave as it was."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.md").write_text("previous results")
+    return str(out)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """Bad inputs on disk: a text file, a folder of text files named .h5, a folder without .h5 files, and
+    a folder of fastMRI files without the reports stage 1 needs."""
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    for folder, names in (("text_h5", ["a.h5", "b.h5", "c.h5"]), ("no_h5", ["readme.txt"])):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            (tmp_path / folder / name).write_text("not a volume\n")
+    (tmp_path / "no_reports").mkdir()
+    for name in ("a.h5", "b.h5", "c.h5"):
+        with h5py.File(tmp_path / "no_reports" / name, "w") as f:
+            f["kspace"] = np.ones((2, 2, 16, 16), np.complex64)
+            f["reconstruction_rss"] = np.ones((2, 16, 16), np.float32)
+    return tmp_path
+
+
+# Refused while the options are parsed, before torch is imported: (arguments, fragments of the message).
+# {inputs} is the folder of the `inputs` fixture.
+OPTION_CASES = [
+    (["--steps", "0"], ["argument --steps: expected a positive integer, got '0'"]),
+    (["--batch-size", "-4"], ["argument --batch-size: expected a positive integer"]),
+    (["--lr", "nan"], ["argument --lr: expected a number > 0"]),
+    (["--phase-seconds", "-1"], ["argument --phase-seconds: expected a number >= 0"]),
+    (["--val-checks", "0"], ["argument --val-checks"]),
+    (["--volumes", "2"], ["--volumes 2: train, validation and test need at least 3 volumes"]),
+    (["--size", "30"], ["--size 30 must be a multiple of --patch 8"]),
+    (["--train-acc", "4,5"], ["acceleration 5 is not in Table 10"]),
+    (["--eval-acc", "four"], ["argument --eval-acc"]),
+    (["--backbone", "{inputs}/missing.pt"], ["argument --backbone:", "missing.pt does not exist"]),
+    (["--data", "{inputs}/missing"], ["argument --data:", "missing does not exist", "give a folder"]),
+    (["--data", "{inputs}/notes.txt"], ["argument --data:", "notes.txt is a file", "give a folder"]),
+    (["--data", "{inputs}/no_h5"], ["argument --data: no .h5 files in", "no_h5"]),
+    (["--generate", "{inputs}/notes.txt"], ["argument --generate:", "notes.txt is a file"]),
+]
+
+
+@pytest.mark.parametrize("args, fragments", OPTION_CASES, ids=[" ".join(a) for a, _ in OPTION_CASES])
+def test_bad_options_are_refused_before_any_work(inputs, out_folder, args, fragments):
+    before, new_out = snapshot(inputs), os.path.join(out_folder, "new")
+    args = [a.format(inputs=inputs) for a in args]
+    assert_one_line_error(run_mri("--out", new_out, *args), *fragments)
+    assert snapshot(inputs) == before and not os.path.exists(new_out)
+
+
+def test_out_that_is_a_file_is_refused(inputs):
+    assert_one_line_error(
+        run_mri("--out", str(inputs / "notes.txt")), "argument --out:", "notes.txt is a file"
+    )
+    assert (inputs / "notes.txt").read_text() == "not a checkpoint\n"
+
+
+# Refused after torch and the package are imported, before any training.
+RUN_CASES = [
+    (["--data", "{inputs}/no_reports"], ["stage 1 needs a report per slice"]),
+    (
+        ["--backbone", "{inputs}/notes.txt"],
+        ["--backbone", "notes.txt is not a PyTorch checkpoint", "train.py"],
+    ),
+    (["--variants", "nirvana,nirvanna"], ["--variants: no variant 'nirvanna'", "transformer"]),
+    (["--vit-dim", "100"], ["--vit-dim 100 must be a multiple of 4 and of its 3 attention heads"]),
+    (["--device", "tpu"], ["--device tpu is not a device"]),
+]
+
+
+def test_bad_inputs_of_a_run_are_refused_before_training(inputs, out_folder):
+    """Each case imports torch (a couple of seconds), so they share one test and run as concurrent processes,
+    each with its own --out, which must not exist afterwards. A corrupt (text) .h5 file is named in the
+    message, and the output folder of an earlier run it was to write into is left as it was."""
+    outs = [str(inputs / f"out{i}") for i in range(len(RUN_CASES))]
+    commands = [
+        ["--out", out, "--device", "cpu", *[a.format(inputs=inputs) for a in args]]
+        for (args, _), out in zip(RUN_CASES, outs)
+    ]
+    commands.append(["--out", out_folder, "--device", "cpu", "--data", str(inputs / "text_h5")])
+    before = snapshot(out_folder)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda command: run_mri(*command), commands))
+    for (args, fragments), out, result in zip(RUN_CASES, outs, results):
+        assert_one_line_error(result, *fragments)
+        assert not os.path.exists(out), args
+    assert_one_line_error(results[-1], "text_h5", ".h5: corrupt or not an HDF5 file", "replace or remove it")
+    assert snapshot(out_folder) == before

@@ -1,0 +1,57 @@
+"""Tests of the MRI metrics: SSIM, PSNR and NMSE against their definitions written out by hand."""
+
+import numpy as np
+import pytest
+import torch
+
+from mri_recon.metrics import ssim, volume_metrics
+
+
+def ssim_by_hand(x, y, data_range):
+    """skimage's formula written out window by window: 7x7 windows fully inside, sample (co)variances."""
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    values = []
+    for i in range(x.shape[0] - 6):
+        for j in range(x.shape[1] - 6):
+            a, b = x[i : i + 7, j : j + 7].ravel(), y[i : i + 7, j : j + 7].ravel()
+            va, vb = a.var(ddof=1), b.var(ddof=1)
+            cov = ((a - a.mean()) * (b - b.mean())).sum() / (a.size - 1)
+            values.append(
+                (2 * a.mean() * b.mean() + c1)
+                * (2 * cov + c2)
+                / ((a.mean() ** 2 + b.mean() ** 2 + c1) * (va + vb + c2))
+            )
+    return np.mean(values)
+
+
+def test_ssim_equals_hand_computation():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(10, 9))
+    y = x + 0.3 * rng.standard_normal((10, 9))
+    got = ssim(
+        torch.from_numpy(x)[None], torch.from_numpy(y)[None], torch.tensor([x.max()], dtype=torch.float64)
+    )
+    assert got.item() == pytest.approx(ssim_by_hand(x, y, x.max()), rel=1e-10)
+
+
+def test_ssim_of_constant_images_and_of_an_image_with_itself():
+    x = torch.full((1, 7, 7), 0.2, dtype=torch.float64)
+    y = torch.full((1, 7, 7), 0.6, dtype=torch.float64)
+    c1 = (0.01 * 1.0) ** 2
+    expected = (2 * 0.2 * 0.6 + c1) / (0.2**2 + 0.6**2 + c1)  # variances are 0: the c2 terms cancel
+    assert ssim(x, y, torch.tensor([1.0], dtype=torch.float64)).item() == pytest.approx(expected, rel=1e-12)
+    z = torch.rand(2, 16, 12, dtype=torch.float64)
+    one = torch.ones(2, dtype=torch.float64)
+    assert torch.allclose(ssim(z, z, one), one)
+
+
+def test_psnr_and_nmse_equal_hand_values():
+    gt = torch.zeros(2, 8, 8, dtype=torch.float64)
+    gt[0, :4] = 2.0  # max 2, ||gt||^2 = 32 * 4 = 128
+    pred = gt.clone()
+    pred[1, 0, 0] = 0.5  # one error of 0.5 over 128 pixels
+    m = volume_metrics(gt, pred)
+    assert m["psnr"] == pytest.approx(10 * np.log10(2.0**2 / (0.25 / 128)))
+    assert m["nmse"] == pytest.approx(0.25 / 128)
+    same = volume_metrics(gt + 1, gt + 1)
+    assert same["ssim"] == pytest.approx(1.0) and same["nmse"] == 0.0

@@ -1,0 +1,246 @@
+"""Tests of the MRI networks and the pipeline around the frozen backbone (CPU, tiny sizes): shapes, both
+post-training stages, the frozen backbone whose Trigger still adapts, train.py checkpoints of other variants
+(the transformer of Fig. 4) as backbones, cached report generation, and model selection on the validation
+split."""
+
+import numpy as np
+import pytest
+import torch
+
+import mri
+import train
+from mri_recon.backbones import load_backbones, state_fingerprint, unchanged, window_note
+from mri_recon.evaluation import gate_statistics, generate_test_reports
+from mri_recon.fastmri_files import load_volumes
+from mri_recon.fit import fit
+from mri_recon.masks import make_mask
+from mri_recon.models import E2EVarNet, ImageDecoder, KspaceEncoder, UNetBaseline, centre_lines
+from mri_recon.phantoms import generate_dataset
+from mri_recon.pipeline import PROMPTS, build_nirvana_mri, encode_reports, mri_sequence_length
+from mri_recon.training import train_stage1, train_stage2
+from nirvana import Nirvana, NirvanaConfig
+from prepare import prepare
+from tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory):
+    """3 synthetic volumes x 4 slices, 16x16, 2 coils, shared by the tests (which only read them)."""
+    paths = generate_dataset(str(tmp_path_factory.mktemp("mri_data")), 3, 4, 16, 2, seed=0)
+    return load_volumes(paths, "cpu")
+
+
+def tiny_args(**overrides):
+    args = mri.parse_args(
+        "--steps 25 --batch-size 4 --size 16 --chans 4 --sens-chans 2 --pools 1 --enc-cascades 1 "
+        "--vit-dim 32 --vit-depth 1 --patch 4 --dec-chans 8 --lr 3e-3 --device cpu".split()
+    )
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    return args
+
+
+def tiny_model(variant="nirvana", init_std=0.02):
+    """A tiny random backbone. init_std 0.2 gives it an output layer that can be confident, as a pretrained
+    one is (at 0.02 its logits are bounded near uniform and stage 1 can hardly move the loss)."""
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer("bytes")
+    llm = Nirvana(
+        NirvanaConfig.from_preset(
+            f"{variant}-tiny", vocab_size=tokenizer.vocab_size, n_layers=3, window=16, init_std=init_std
+        )
+    ).eval()
+    return build_nirvana_mri(llm, (16, 16), tiny_args()), tokenizer
+
+
+def test_baselines_and_encoder_shapes():
+    kspace = torch.randn(2, 3, 32, 16, dtype=torch.complex64)
+    mask = torch.from_numpy(
+        np.stack([make_mask(16, 4, "random", np.random.default_rng(i)) for i in range(2)])
+    )
+    kspace = kspace * mask[:, None, None, :]
+    assert E2EVarNet(2, 4, 2, 1)(kspace, mask, (16, 16)).shape == (2, 16, 16)
+    assert UNetBaseline(4, 2)(kspace, mask, (16, 16)).shape == (2, 16, 16)
+    tokens, scale = KspaceEncoder(48, (16, 16), 1, 4, 2, 32, 1, 1)(kspace, mask)
+    assert tokens.shape == (2, 1, 48) and scale.shape == (2,)
+    assert ImageDecoder(48, (16, 16), 4, 8, 1)(torch.randn(2, 16, 48)).shape == (2, 16, 16)
+    with pytest.raises(ValueError, match="patch"):
+        ImageDecoder(48, (18, 16), 4, 8, 1)
+
+
+def test_centre_lines_are_the_contiguous_run_around_the_centre():
+    mask = torch.tensor([[1, 0, 1, 1, 1, 1, 0, 1], [0, 0, 0, 0, 1, 0, 0, 1]], dtype=torch.bool)
+    expected = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(centre_lines(mask), expected)
+
+
+def test_nirvana_reconstruction_scales_with_the_kspace():
+    """The k-space LayerNorm makes the tokens scale-free, and the decoder output is multiplied back: a volume
+    recorded 10x stronger reconstructs 10x brighter (fastMRI volumes differ in signal level by orders)."""
+    model, tokenizer = tiny_model()
+    model.eval()
+    kspace = torch.randn(2, 2, 16, 16, dtype=torch.complex64)
+    mask = torch.from_numpy(
+        np.stack([make_mask(16, 4, "random", np.random.default_rng(i)) for i in range(2)])
+    )
+    kspace = kspace * mask[:, None, None, :]
+    prompt = torch.tensor(tokenizer.encode("hi"))
+    with torch.no_grad():
+        base, scaled = model(kspace, mask, prompt), model(10 * kspace, mask, prompt)
+    assert torch.allclose(scaled, 10 * base, rtol=1e-3, atol=1e-6)
+
+
+def test_both_stages_reduce_their_loss_and_the_backbone_stays_frozen(volumes):
+    model, tokenizer = tiny_model(init_std=0.2)
+    args, rng = tiny_args(), np.random.default_rng(0)
+    fingerprint = state_fingerprint(model.llm)
+    decoder_before = state_fingerprint(model.decoder)
+    stage1 = train_stage1("t", model, volumes, tokenizer, args, rng)
+    assert unchanged(model.decoder, decoder_before)  # stage 1 trains the encoder only
+    encoder_before = state_fingerprint(model.encoder)
+    queries_before = model.image_queries.detach().clone()
+    stage2 = train_stage2("t", model, volumes, tokenizer, args, rng)
+    assert np.mean(stage1.losses[-5:]) < np.mean(stage1.losses[:5]) - 0.3
+    assert np.mean(stage2.losses[-5:]) < np.mean(stage2.losses[:5]) - 0.02
+    assert unchanged(model.encoder, encoder_before) and torch.equal(model.image_queries, queries_before)
+    assert unchanged(model.llm, fingerprint)  # bit-equal after both stages
+    assert all(not p.requires_grad for p in model.llm.parameters())
+
+
+def test_gradients_flow_through_the_frozen_backbone_and_the_trigger_adapts():
+    model, tokenizer = tiny_model()
+    kspace = torch.randn(2, 2, 16, 16, dtype=torch.complex64)
+    mask = torch.from_numpy(
+        np.stack([make_mask(16, 4, "random", np.random.default_rng(i)) for i in range(2)])
+    )
+    prompt = torch.tensor(tokenizer.encode(PROMPTS[0]))
+    reports = encode_reports(tokenizer, ["lesions: 0.", "lesions: 1. left frontal: small round dark."], "cpu")
+    model.report_loss(kspace * mask[:, None, None, :], mask, prompt, reports, tokenizer.eos_id).backward()
+    assert model.encoder.to_model.weight.grad.abs().sum() > 0  # reached the encoder through the LLM
+    assert all(p.grad is None for p in model.llm.parameters())
+    traces = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        k = torch.randn(1, 2, 16, 16, dtype=torch.complex64) * mask[:1, None, None, :]
+        trace = {}
+        with torch.no_grad():
+            model.image_tokens(k, mask[:1], prompt, trace=trace)
+        traces.append(torch.stack(trace["p"]))
+    assert traces[0].shape[-1] == model.llm.config.bank_size
+    assert not torch.allclose(traces[0], traces[1])  # p depends on the k-space input
+    assert not torch.allclose(traces[0], torch.ones_like(traces[0]))  # and moved from p^0 = ones
+
+
+def test_fit_restores_the_parameters_of_the_best_validation_check():
+    """Model selection: four checks score 3, 1, 2, 4; fit must end with the parameters seen at the second."""
+    w = torch.nn.Parameter(torch.zeros(3))
+    scores, seen = [3.0, 1.0, 2.0, 4.0], []
+
+    def validate():
+        seen.append(w.detach().clone())
+        return scores[len(seen) - 1]
+
+    batches = iter(lambda: None, 1)  # endless; the loss needs no batch
+    result = fit(
+        "w", [w], lambda _: (w - 5).pow(2).sum(), batches, steps=20, lr=0.1, validate=validate, checks=4
+    )
+    assert [s for s, _ in result.checks] == [5, 10, 15, 20] and result.best_step == 10
+    assert torch.equal(w.detach(), seen[1]) and not torch.equal(seen[1], seen[3])
+    assert len(result.losses) == 20
+
+
+@pytest.fixture(scope="module")
+def pretrained_backbones(tmp_path_factory):
+    """train.py checkpoints (2 steps on a byte-level corpus) of the two variants the tests load, sized with
+    --set."""
+    root = tmp_path_factory.mktemp("backbones")
+    texts = []
+    for i in range(5):
+        texts.append(root / f"doc{i}.txt")
+        texts[-1].write_text(
+            f"lesions: {i}. left frontal: small round bright. the k-space holds the image. " * 20
+        )
+    prepare([str(t) for t in texts], str(root / "data"), "bytes", val_fraction=0.2)
+    paths, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # as conftest.py does for each test (a module fixture runs before it)
+    try:
+        for variant in ("nirvana-notrigger", "transformer"):
+            out = root / variant
+            options = (
+                f"--preset {variant}-tiny --set n_layers=3 --set window=256 --max-tokens 512 --micro-batch 2 "
+                "--seq-len 64 --global-batch-tokens 256 --warmup-tokens 256 --eval-every 2 --eval-tokens 128 "
+                "--device cpu"
+            )
+            train.main([*options.split(), "--data", str(root / "data"), "--out", str(out)])
+            paths[variant] = str(out / "ckpt.pt")
+    finally:
+        torch.set_num_threads(threads)
+    return paths
+
+
+def test_backbones_sized_with_train_py_set_keep_their_config(pretrained_backbones):
+    config = Nirvana.from_checkpoint(pretrained_backbones["transformer"]).config
+    assert (config.variant, config.n_layers, config.window) == ("transformer", 3, 256)
+
+
+@pytest.mark.parametrize("variant", ["transformer", "nirvana-notrigger"])
+def test_any_variant_checkpoint_is_a_frozen_backbone(volumes, pretrained_backbones, variant):
+    """A transformer (no Trigger, no gates) or nirvana-notrigger (gates, no p) checkpoint runs both stages,
+    stays bit-equal, generates reports, and has the gate statistics it can have."""
+    args = tiny_args(backbone=[pretrained_backbones[variant]], steps=4)
+    [(name, llm, tokenizer, how)] = load_backbones(args)
+    assert name == f"LLM[{variant}]" and "pretrained 2 steps" in how and "validation loss" in how
+    model = build_nirvana_mri(llm, (16, 16), args)
+    seq_len = mri_sequence_length(model, (16, 16), tokenizer, [r for v in volumes for r in v.reports])
+    assert (
+        seq_len
+        == 1
+        + max(len(tokenizer.encode(p)) for p in PROMPTS)
+        + 16
+        + max(len(tokenizer.encode(r)) for v in volumes for r in v.reports)
+        + 1
+    )
+    assert "fits in the window" in window_note(llm, seq_len)
+    assert "WARNING" in window_note(llm, 300)
+    fingerprint = state_fingerprint(llm)
+    rng = np.random.default_rng(0)
+    train_stage1(name, model, volumes[:2], tokenizer, args, rng, volumes[2:])
+    fit2 = train_stage2(name, model, volumes[:2], tokenizer, args, rng, volumes[2:])
+    assert unchanged(llm, fingerprint) and len(fit2.checks) == args.val_checks
+    prompt = torch.tensor(tokenizer.encode(PROMPTS[0]))
+    generated, truth = generate_test_reports(model, volumes[2:], tokenizer, 4, args, max_len=8)
+    assert len(generated) == len(truth) == 4
+    stats = gate_statistics(model, volumes, prompt, 4, args)
+    if variant == "transformer":
+        assert stats is None
+    else:
+        assert len(stats["gate_queries"]) == 1 and "p_shift_queries" not in stats
+
+
+def test_gate_statistics_see_the_trigger_move_p(volumes):
+    model, tokenizer = tiny_model()
+    stats = gate_statistics(model, volumes, torch.tensor(tokenizer.encode("hi")), 8, tiny_args())
+    assert stats["slices"] == 3 and len(stats["p_shift_queries"]) == 1
+    assert (
+        0 < stats["gate_kspace"][0] < 1
+        and stats["p_shift_kspace"][0] > 0
+        and stats["p_slice_std_queries"][0] > 0
+    )
+
+
+def test_cached_report_generation_equals_greedy_full_recompute():
+    model, tokenizer = tiny_model(init_std=0.2)
+    kspace = torch.randn(2, 2, 16, 16, dtype=torch.complex64)
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    prompt = torch.tensor(tokenizer.encode("hi"))
+    ids = model.generate_reports(kspace, mask, prompt, tokenizer.eos_id, max_len=6)
+    assert len(ids) == 2 and all(len(i) <= 6 and tokenizer.eos_id not in i for i in ids)
+    with torch.no_grad():
+        seq, _ = model.prefix(kspace, mask, prompt)
+        steps = []
+        for _ in range(6):  # greedy, recomputing the whole sequence
+            steps.append(model.llm.lm_head(model.llm.backbone(seq)[:, -1]).argmax(-1))
+            seq = torch.cat([seq, model.llm.embed(steps[-1][:, None])], dim=1)
+    for got, want in zip(ids, torch.stack(steps, 1).tolist()):
+        want = want[: want.index(tokenizer.eos_id)] if tokenizer.eos_id in want else want
+        assert got == want
