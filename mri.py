@@ -25,6 +25,7 @@ import os
 import time
 
 from cli import (
+    ArgumentParser,
     existing_file,
     non_negative_float,
     non_negative_int,
@@ -66,15 +67,8 @@ def output_folder(text):
     return text
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """A bad option is one line on stderr (not the whole usage) and exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv=None):
-    p = OneLineParser(
+    p = ArgumentParser(
         prog="mri.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(

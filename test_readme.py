@@ -99,8 +99,9 @@ def parses(script, args, monkeypatch):
     """argparse accepts args (files the command would read need not exist)."""
     with monkeypatch.context() as patch:
         for module in SCRIPTS.values():
-            if hasattr(module, "existing_file"):  # cli.existing_file, as the scripts import it
-                patch.setattr(module, "existing_file", lambda text: text)
+            for path_type in ("existing_file", "volume_folder"):  # cli.existing_file, mri.py's --data check
+                if hasattr(module, path_type):
+                    patch.setattr(module, path_type, lambda text: text)
         if script == "eval.py":
             ev.build_parser().parse_args(args)
         elif script == "bench.py":

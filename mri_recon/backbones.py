@@ -15,7 +15,7 @@ def load_backbones(args):
     Any variant of nirvana.py works: those without a Trigger (nirvana-notrigger, transformer, ...) simply have
     no p to report, and the transformer no gates either.
     A checkpoint that does not load, or a variant that does not exist, is a UserError naming it."""
-    from eval import load_model
+    from cli import load_model
     from tokenizer import load_tokenizer
 
     backbones = []

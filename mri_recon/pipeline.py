@@ -73,14 +73,14 @@ class NirvanaMRI(nn.Module):
         tokens, done = [], torch.zeros(B, dtype=torch.bool, device=prefix.device)
         self.llm.setup_caches(B, prefix.shape[1] + max_len)  # prefill, then O(1) per token
         try:
-            h = self.llm.backbone(prefix)
-            for _ in range(max_len):
+            h = self.llm.backbone(prefix, input_pos=0)
+            for step in range(max_len):
                 nxt = self.llm.lm_head(h[:, -1]).argmax(-1).masked_fill(done, eos_id)  # (B,)
                 tokens.append(nxt)
                 done = done | (nxt == eos_id)
                 if done.all():
                     break
-                h = self.llm.backbone(self.llm.embed(nxt[:, None]))
+                h = self.llm.backbone(self.llm.embed(nxt[:, None]), input_pos=prefix.shape[1] + step)
         finally:
             self.llm.clear_caches()
         rows = torch.stack(tokens, 1).tolist()
