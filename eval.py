@@ -4,17 +4,20 @@
     python eval.py extrapolate --checkpoint a.pt b.pt --data long.txt --lengths 4096,8192,12288,16384,20480
     python eval.py niah        --checkpoint out/ckpt.pt --tasks pk,n,w --samples 10       # Table 3 (S-NIAH)
     python eval.py lambada     --checkpoint out/ckpt.pt --data lambada_test.jsonl        # Table 2, LMB. ppl/acc
-    python eval.py harness     --checkpoint out/ckpt.pt --tasks piqa,hellaswag           # any lm-eval task
+    python eval.py harness     --checkpoint out/ckpt.pt                  # local lm-eval tasks, offline
+    python eval.py harness     --checkpoint out/ckpt.pt --tasks paper     # Table 2's lm-eval tasks (fetched)
+    python eval.py export      --checkpoint out/ckpt.pt --out hf_model    # model.safetensors + config.json
     python eval.py gates       --checkpoint out/ckpt.pt --text "The patient's MRI shows"  # t and |p| heatmap
     python eval.py speed       --size 350m --prompt-len 4096 --batch-size 4 --new-tokens 128  # Table 4
 
 Every command prints its table and writes it (Markdown + JSON) and its picture (PNG) under --out-dir.
 --data is a text file (tokenised with the checkpoint's tokenizer), a prepare.py folder or one of its shards.
-The lm-evaluation-harness adapter (class HarnessLM) needs `lm_eval` only for the `harness` command:
+The lm-evaluation-harness adapter (class HarnessLM) needs `lm_eval` (requirements-eval.txt) only for `harness`:
     import lm_eval, eval; eval.register_lm_eval()      # registers model name "nirvana"
     lm_eval.simple_evaluate(model="nirvana", model_args="checkpoint=out/ckpt.pt,device=cuda", tasks=[...])
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cli import positive_int, positive_int_list
 from cli import save_figure as save_png, write_atomically, write_text_atomically
 from nirvana import Nirvana, NirvanaConfig
 from prepare import TokenShards, load_meta
@@ -851,19 +855,89 @@ def cmd_lambada(args):
     write_json(os.path.join(args.out_dir, f"lambada_{model_name(args.checkpoint)}.json"), result)
 
 
+def harness_task_names(text):
+    """--tasks: lm-eval task names, with 'local' (harness_tasks.LOCAL_TASKS) and 'paper' (PAPER_TASKS) expanded."""
+    from harness_tasks import LOCAL_TASKS, PAPER_TASKS
+
+    names = []
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        for task in {"local": LOCAL_TASKS, "paper": PAPER_TASKS}.get(name, [name]):
+            if task not in names:
+                names.append(task)
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated lm-eval task names, got {text!r}")
+    return names
+
+
+@contextlib.contextmanager
+def nltk_downloads_off():
+    """lm_eval's RULER module asks nltk to download its sentence splitter (punkt_tab) when it is imported;
+    only the essay haystacks use it (niah_single_1 repeats a noise sentence), and nothing here downloads."""
+    import nltk
+
+    download = nltk.download
+    nltk.download = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        nltk.download = download
+
+
+def harness_results_table(results):
+    """lm-eval's results {task: {"metric,filter": value}} -> rows (task, metric, value), standard errors aside."""
+    rows = []
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            metric, _, _ = key.partition(",")
+            if "," in key and not metric.endswith("_stderr") and isinstance(value, (int, float)) and value != -1:
+                rows.append((task, metric, value))
+    return rows
+
+
 def cmd_harness(args):
     try:
         import lm_eval
+        from lm_eval.tasks import TaskManager
     except ImportError:
-        sys.exit("the harness command needs lm-evaluation-harness: pip install lm-eval (and its task data)")
+        sys.exit("the harness command needs lm-evaluation-harness: pip install -r requirements-eval.txt")
+    from harness_tasks import write_tasks
+    from nirvana_hf.folder import save_tokenizer
+
     lm_class = register_lm_eval()
     model, tok = load_model(args.checkpoint, args.device, args.dtype, args.tokenizer)
-    lm = lm_class(model, tok, args.batch_size, args.max_length)
-    results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot,
-                                      limit=args.limit)
-    print(json.dumps(results["results"], indent=2, default=str))
-    write_json(os.path.join(args.out_dir, f"harness_{model_name(args.checkpoint)}.json"),
+    tasks_dir = os.path.join(args.out_dir, "tasks")
+    write_tasks(tasks_dir)
+    metadata = {}
+    niah_lengths = args.niah_lengths or [4096]
+    if "niah_single_1" in args.tasks:
+        # RULER sizes its haystacks with a tokenizer transformers loads: the model's own, saved beside the tasks
+        metadata = {"tokenizer": os.path.abspath(os.path.join(tasks_dir, "tokenizer")),
+                    "max_seq_lengths": niah_lengths}
+        save_tokenizer(tok.spec, metadata["tokenizer"])
+        with nltk_downloads_off():
+            import lm_eval.tasks.ruler.prepare_niah  # noqa: F401  (its import builds RULER's 6M-key word list)
+    max_length = args.max_length or max([model.config.context_length] + (
+        niah_lengths if "niah_single_1" in args.tasks else []))
+    lm = lm_class(model, tok, args.batch_size, max_length)
+    results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                                      task_manager=TaskManager(include_path=tasks_dir, metadata=metadata))
+    rows = harness_results_table(results["results"])
+    table = markdown_table(["task", "metric", "value"], [(t, m, f"{v:.4f}") for t, m, v in rows])
+    print(table)
+    name = model_name(args.checkpoint)
+    write_text_atomically(os.path.join(args.out_dir, f"harness_{name}.md"), table)
+    write_json(os.path.join(args.out_dir, f"harness_{name}.json"),
                json.loads(json.dumps(results["results"], default=str)))
+    return rows
+
+
+def cmd_export(args):
+    from nirvana_hf.folder import export_checkpoint
+
+    folder = export_checkpoint(args.checkpoint, args.out, args.tokenizer)
+    print(f"wrote {folder}: {', '.join(sorted(os.listdir(folder)))}")
+    print(f"load it with nirvana_hf.load_pretrained({folder!r}) or transformers' "
+          f"AutoModelForCausalLM.from_pretrained({folder!r}, trust_remote_code=True)")
 
 
 def cmd_gates(args):
@@ -971,14 +1045,28 @@ def build_parser():
     p.add_argument("--limit", type=int, default=None)
     p.set_defaults(run=cmd_lambada)
 
-    p = sub.add_parser("harness", help="run lm-evaluation-harness tasks (needs lm_eval)")
+    p = sub.add_parser("harness", help="lm-evaluation-harness tasks, by default the local ones (needs lm_eval)")
     add_model_args(p)
-    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--tasks", type=harness_task_names, default=harness_task_names("local"),
+                   help="comma-separated lm-eval task names; 'local' (the default: the corpus tasks of "
+                        "harness_tasks.py and RULER's niah_single_1, all offline) and 'paper' (Table 2: wikitext, "
+                        "lambada_openai, piqa, hellaswag, winogrande, arc_easy, arc_challenge, siqa, boolq; "
+                        "lm_eval fetches their data from the Hugging Face hub) expand to their lists")
+    p.add_argument("--niah-lengths", type=positive_int_list, default=None,
+                   help="niah_single_1's prompt lengths in tokens, answer included (default: 4096, RULER's)")
     p.add_argument("--num-fewshot", type=int, default=None)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=positive_int, default=None, help="documents per task (default: all)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--max-length", type=positive_int, default=None,
+                   help="tokens per scored window and generation prompt (default: the model's context_length, "
+                        "or the longest --niah-lengths if longer)")
     p.set_defaults(run=cmd_harness)
+
+    p = sub.add_parser("export", help="a train.py checkpoint -> model.safetensors + config.json (+ code, tokenizer)")
+    p.add_argument("--checkpoint", required=True, help="train.py checkpoint (ckpt.pt)")
+    p.add_argument("--out", required=True, help="folder to write (transformers loads it, trust_remote_code=True)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer spec overriding the checkpoint's")
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("gates", help="heatmap of the gate t and the Trigger's |p| over layers and tokens")
     add_model_args(p)
