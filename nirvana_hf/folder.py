@@ -42,19 +42,25 @@ TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_nirvana.NirvanaTokenizer",
 
 def save_pretrained(model, folder, tokenizer):
     """Writes model (a Nirvana) and its tokenizer (a spec: 'bytes', '<path>.model', 'tiktoken:<path>') into
-    folder, each file atomically; the weights in the model's dtype, contiguous, on the CPU."""
+    folder; -> folder."""
+    return save_state_dict(model.state_dict(), model.config, tokenizer, folder)
+
+
+def save_state_dict(state, config, tokenizer, folder):
+    """save_pretrained from a Nirvana state dict and its NirvanaConfig (what train.py's checkpoints hold):
+    each file written atomically, the weights in their dtype, contiguous, on the CPU."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
     folder_spec = save_tokenizer(tokenizer, folder)
-    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
+    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
     write_atomically(os.path.join(folder, WEIGHTS_NAME),
                      lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    config = dict(dataclasses.asdict(model.config), backend="torch")
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     hf_keys = {"model_type": "nirvana", "architectures": ["NirvanaForCausalLM"], "auto_map": AUTO_MAP,
                "tie_word_embeddings": False, "use_cache": False, "dtype": dtype}
-    write_json(os.path.join(folder, CONFIG_NAME), {**config, "tokenizer": folder_spec, **hf_keys})
+    write_json(os.path.join(folder, CONFIG_NAME),
+               {**dataclasses.asdict(config), "backend": "torch", "tokenizer": folder_spec, **hf_keys})
     copy_files(MODEL_CODE, folder)
     return folder
 
@@ -128,8 +134,8 @@ def read_config(folder):
 
 
 def load_pretrained(folder, map_location="cpu", **overrides):
-    """The Nirvana saved in folder, its weights loaded bit-equal; overrides replace config fields
-    (e.g. backend="triton")."""
+    """The Nirvana saved in folder, its weights loaded bit-equal and in their saved dtype; overrides replace
+    config fields (e.g. backend="triton")."""
     from safetensors.torch import load_file
 
     from nirvana import Nirvana, NirvanaConfig
@@ -141,7 +147,7 @@ def load_pretrained(folder, map_location="cpu", **overrides):
         state = load_file(os.path.join(folder, WEIGHTS_NAME), device=str(map_location))
     except Exception as error:
         raise ValueError(f"cannot read {os.path.join(folder, WEIGHTS_NAME)}: {error}") from error
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=True)      # assign: the parameters take the stored tensors' dtypes
     return model
 
 
