@@ -895,13 +895,18 @@ def harness_results_table(results):
 
 
 def cmd_harness(args):
+    from harness_tasks import LOCAL_TASKS
+
+    if set(args.tasks) <= set(LOCAL_TASKS):  # nothing to fetch: keep datasets and the hub off the network
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
         sys.exit("the harness command needs lm-evaluation-harness: pip install -r requirements-eval.txt")
     from harness_tasks import write_tasks
-    from nirvana_hf.folder import save_tokenizer
+    from nirvana_hf import save_tokenizer
 
     lm_class = register_lm_eval()
     model, tok = load_model(args.checkpoint, args.device, args.dtype, args.tokenizer)
