@@ -1,8 +1,10 @@
 """Small lm-evaluation-harness tasks generated from the built-in corpus, so `eval.py harness` runs offline.
 
-    python harness_tasks.py --out eval_out/tasks         # writes the task files; then, with the lm_eval CLI:
-    lm_eval --model nirvana --model_args checkpoint=out/nirvana-tiny/ckpt.pt \\
-        --include_path eval_out/tasks --tasks nirvana_corpus_ppl,nirvana_lastword,nirvana_choice
+    python eval.py harness --checkpoint out/nirvana-tiny/ckpt.pt   # writes them under eval_out/tasks and runs them
+    python harness_tasks.py --out tasks                            # only writes them; then, in Python:
+    import eval, lm_eval; from lm_eval.tasks import TaskManager; eval.register_lm_eval()
+    lm_eval.simple_evaluate(model="nirvana", model_args="checkpoint=ckpt.pt", tasks=["nirvana_lastword"],
+                            task_manager=TaskManager(include_path="tasks"))
 
 The documents are the held-out (validation) pieces of the built-in corpus, chosen exactly as prepare.py
 splits them, so a model trained by `python train.py` has not seen them:
@@ -133,7 +135,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     for name, count in write_tasks(args.out).items():
         print(f"{name}: {count} documents")
-    print(f"lm_eval --include_path {args.out} --tasks {','.join(LOCAL_TASKS)} ...")
+    print(f"load them with lm_eval's TaskManager(include_path={args.out!r})")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,12 @@
 (folder.py, plain PyTorch + safetensors) that transformers also loads with trust_remote_code=True
 (configuration_nirvana.py, modeling_nirvana.py, tokenization_nirvana.py: they import transformers, this does not).
 """
-from nirvana_hf.folder import export_checkpoint, load_pretrained, pretrained_tokenizer, save_pretrained, save_tokenizer
+from nirvana_hf.folder import (
+    export_checkpoint,
+    load_pretrained,
+    pretrained_tokenizer,
+    save_pretrained,
+    save_tokenizer,
+)
 
 __all__ = ["export_checkpoint", "load_pretrained", "pretrained_tokenizer", "save_pretrained", "save_tokenizer"]

@@ -54,8 +54,14 @@ def save_state_dict(state, config, tokenizer, folder):
     os.makedirs(folder, exist_ok=True)
     folder_spec = save_tokenizer(tokenizer, folder)
     state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
-    write_atomically(os.path.join(folder, WEIGHTS_NAME),
-                     lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+
+    def write_weights(tmp):
+        save_file(state, tmp, metadata={"format": "pt"})
+        umask = os.umask(0)                           # safetensors creates the file readable by its owner alone
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                 # the usual permissions, as for any file we write
+
+    write_atomically(os.path.join(folder, WEIGHTS_NAME), write_weights)
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     hf_keys = {"model_type": "nirvana", "architectures": ["NirvanaForCausalLM"], "auto_map": AUTO_MAP,
                "tie_word_embeddings": False, "use_cache": False, "dtype": dtype}
@@ -81,7 +87,7 @@ def copy_tokenizer_file(spec, folder):
     from tokenizer import BYTES_SPEC, TIKTOKEN_PREFIX
 
     if not isinstance(spec, str):
-        raise ValueError(f"tokenizer spec must be a string such as 'bytes', got {spec!r}")
+        raise TypeError(f"tokenizer spec must be a string such as 'bytes', got {spec!r}")
     if spec == BYTES_SPEC:
         return spec
     source, prefix, name = spec, "", SENTENCEPIECE_NAME
