@@ -12,7 +12,7 @@
 
 Every command prints its table and writes it (Markdown + JSON) and its picture (PNG) under --out-dir.
 --data is a text file (tokenised with the checkpoint's tokenizer), a prepare.py folder or one of its shards.
-The lm-evaluation-harness adapter (class HarnessLM) needs `lm_eval` (requirements-eval.txt) only for `harness`:
+The lm-evaluation-harness adapter (class HarnessLM) needs `lm_eval` (requirements-eval.txt) for `harness`:
     import lm_eval, eval; eval.register_lm_eval()      # registers model name "nirvana"
     lm_eval.simple_evaluate(model="nirvana", model_args="checkpoint=out/ckpt.pt,device=cuda", tasks=[...])
 """
@@ -856,7 +856,7 @@ def cmd_lambada(args):
 
 
 def harness_task_names(text):
-    """--tasks: lm-eval task names, with 'local' (harness_tasks.LOCAL_TASKS) and 'paper' (PAPER_TASKS) expanded."""
+    """--tasks: lm-eval task names; 'local' (harness_tasks.LOCAL_TASKS) and 'paper' (PAPER_TASKS) expand."""
     from harness_tasks import LOCAL_TASKS, PAPER_TASKS
 
     names = []
@@ -872,7 +872,8 @@ def harness_task_names(text):
 @contextlib.contextmanager
 def nltk_downloads_off():
     """lm_eval's RULER module asks nltk to download its sentence splitter (punkt_tab) when it is imported;
-    only the essay haystacks use it (niah_single_1 repeats a noise sentence), and nothing here downloads."""
+    only the essay haystacks use it (niah_single_1 repeats a noise sentence), and nothing here downloads.
+    (lm_eval then prints "Downloaded punkt_tab on rank 0" all the same.)"""
     import nltk
 
     download = nltk.download
@@ -884,18 +885,20 @@ def nltk_downloads_off():
 
 
 def harness_results_table(results):
-    """lm-eval's results {task: {"metric,filter": value}} -> rows (task, metric, value), standard errors aside."""
+    """lm-eval's results {task: {"metric,filter": value}} -> rows (task, metric, value), without the
+    standard errors and RULER's -1 for lengths it did not run."""
     rows = []
     for task, metrics in results.items():
         for key, value in metrics.items():
             metric, _, _ = key.partition(",")
-            if "," in key and not metric.endswith("_stderr") and isinstance(value, (int, float)) and value != -1:
+            numeric = isinstance(value, (int, float)) and value != -1
+            if "," in key and not metric.endswith("_stderr") and numeric:
                 rows.append((task, metric, value))
     return rows
 
 
 def cmd_harness(args):
-    from harness_tasks import LOCAL_TASKS
+    from harness_tasks import LOCAL_TASKS, write_tasks
 
     if set(args.tasks) <= set(LOCAL_TASKS):  # nothing to fetch: keep datasets and the hub off the network
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -905,27 +908,25 @@ def cmd_harness(args):
         from lm_eval.tasks import TaskManager
     except ImportError:
         sys.exit("the harness command needs lm-evaluation-harness: pip install -r requirements-eval.txt")
-    from harness_tasks import write_tasks
     from nirvana_hf import save_tokenizer
 
     lm_class = register_lm_eval()
     model, tok = load_model(args.checkpoint, args.device, args.dtype, args.tokenizer)
     tasks_dir = os.path.join(args.out_dir, "tasks")
     write_tasks(tasks_dir)
-    metadata = {}
-    niah_lengths = args.niah_lengths or [4096]
+    metadata, max_length = {}, args.max_length or model.config.context_length
     if "niah_single_1" in args.tasks:
-        # RULER sizes its haystacks with a tokenizer transformers loads: the model's own, saved beside the tasks
-        metadata = {"tokenizer": os.path.abspath(os.path.join(tasks_dir, "tokenizer")),
-                    "max_seq_lengths": niah_lengths}
-        save_tokenizer(tok.spec, metadata["tokenizer"])
+        # RULER sizes its haystacks with a tokenizer transformers loads: the model's own, saved with the tasks
+        tokenizer_dir = os.path.abspath(os.path.join(tasks_dir, "tokenizer"))
+        save_tokenizer(tok.spec, tokenizer_dir)
+        metadata = {"tokenizer": tokenizer_dir, "max_seq_lengths": args.niah_lengths}
+        max_length = args.max_length or max(max_length, *args.niah_lengths)  # no prompt cut short
         with nltk_downloads_off():
-            import lm_eval.tasks.ruler.prepare_niah  # noqa: F401  (its import builds RULER's 6M-key word list)
-    max_length = args.max_length or max([model.config.context_length] + (
-        niah_lengths if "niah_single_1" in args.tasks else []))
+            import lm_eval.tasks.ruler.prepare_niah  # noqa: F401  (builds RULER's 6M-key word list)
     lm = lm_class(model, tok, args.batch_size, max_length)
-    results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                                      task_manager=TaskManager(include_path=tasks_dir, metadata=metadata))
+    task_manager = TaskManager(include_path=tasks_dir, metadata=metadata)
+    results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot,
+                                      limit=args.limit, task_manager=task_manager)
     rows = harness_results_table(results["results"])
     table = markdown_table(["task", "metric", "value"], [(t, m, f"{v:.4f}") for t, m, v in rows])
     print(table)
@@ -1050,26 +1051,26 @@ def build_parser():
     p.add_argument("--limit", type=int, default=None)
     p.set_defaults(run=cmd_lambada)
 
-    p = sub.add_parser("harness", help="lm-evaluation-harness tasks, by default the local ones (needs lm_eval)")
+    p = sub.add_parser("harness", help="lm-evaluation-harness tasks, by default the local ones (lm_eval)")
     add_model_args(p)
     p.add_argument("--tasks", type=harness_task_names, default=harness_task_names("local"),
                    help="comma-separated lm-eval task names; 'local' (the default: the corpus tasks of "
-                        "harness_tasks.py and RULER's niah_single_1, all offline) and 'paper' (Table 2: wikitext, "
-                        "lambada_openai, piqa, hellaswag, winogrande, arc_easy, arc_challenge, siqa, boolq; "
-                        "lm_eval fetches their data from the Hugging Face hub) expand to their lists")
-    p.add_argument("--niah-lengths", type=positive_int_list, default=None,
-                   help="niah_single_1's prompt lengths in tokens, answer included (default: 4096, RULER's)")
+                        "harness_tasks.py and RULER's niah_single_1, all offline) and 'paper' (Table 2: "
+                        "wikitext, lambada_openai, piqa, hellaswag, winogrande, arc_easy, arc_challenge, "
+                        "social_iqa, boolq; lm_eval fetches their data from the hub) expand to their lists")
+    p.add_argument("--niah-lengths", type=positive_int_list, default=[4096],
+                   help="niah_single_1's prompt lengths in tokens, answer included (default: RULER's 4096)")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--limit", type=positive_int, default=None, help="documents per task (default: all)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=positive_int, default=None,
-                   help="tokens per scored window and generation prompt (default: the model's context_length, "
-                        "or the longest --niah-lengths if longer)")
+                   help="tokens per scored window and generation prompt (default: the model's "
+                        "context_length, or the longest --niah-lengths if longer)")
     p.set_defaults(run=cmd_harness)
 
-    p = sub.add_parser("export", help="a train.py checkpoint -> model.safetensors + config.json (+ code, tokenizer)")
+    p = sub.add_parser("export", help="a train.py checkpoint -> model.safetensors + config.json + code")
     p.add_argument("--checkpoint", required=True, help="train.py checkpoint (ckpt.pt)")
-    p.add_argument("--out", required=True, help="folder to write (transformers loads it, trust_remote_code=True)")
+    p.add_argument("--out", required=True, help="folder to write (transformers loads it: trust_remote_code)")
     p.add_argument("--tokenizer", default=None, help="tokenizer spec overriding the checkpoint's")
     p.set_defaults(run=cmd_export)
 

@@ -1,6 +1,8 @@
 """Tests of nirvana_hf: model.safetensors + config.json folders (bit-equal round trips, train.py's export,
-`eval.py export`) and the transformers wrapper loaded from such a folder with trust_remote_code=True in a fresh
-process outside the repository, offline: its logits, its greedy generate() and its tokenizer equal ours."""
+`eval.py export`) and the transformers wrapper loaded from such a folder with trust_remote_code=True in a
+fresh process outside the repository, offline: its logits, its greedy generate() and its tokenizer equal ours.
+"""
+
 import dataclasses
 import json
 import os
@@ -41,8 +43,9 @@ def assert_same_weights(a, b):
 
 
 def save_checkpoint(model, path):
-    torch.save({"config": dataclasses.asdict(model.config), "model": model.state_dict(), "tokenizer": "bytes"},
-               path)
+    torch.save(
+        {"config": dataclasses.asdict(model.config), "model": model.state_dict(), "tokenizer": "bytes"}, path
+    )
     return str(path)
 
 
@@ -58,8 +61,9 @@ def folder(model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sentencepiece_model(tmp_path_factory):
-    return train_sentencepiece(iter(builtin_documents()[:4]), str(tmp_path_factory.mktemp("sp") / "sp"),
-                               vocab_size=400)
+    return train_sentencepiece(
+        iter(builtin_documents()[:4]), str(tmp_path_factory.mktemp("sp") / "sp"), vocab_size=400
+    )
 
 
 # ----------------------------------------------------------------------------------------------- safetensors
@@ -67,8 +71,16 @@ def sentencepiece_model(tmp_path_factory):
 
 def test_folder_holds_what_the_field_shares(folder):
     names = set(os.listdir(folder))
-    assert {"model.safetensors", "config.json", "tokenizer_config.json", "configuration_nirvana.py",
-            "modeling_nirvana.py", "tokenization_nirvana.py", "nirvana.py", "tokenizer.py"} == names
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer_config.json",
+        "configuration_nirvana.py",
+        "modeling_nirvana.py",
+        "tokenization_nirvana.py",
+        "nirvana.py",
+        "tokenizer.py",
+    } == names
     config = json.loads((Path(folder) / "config.json").read_text())
     assert config["model_type"] == "nirvana" and config["tokenizer"] == "bytes" and config["d_model"] == 64
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_nirvana.NirvanaForCausalLM"
@@ -77,7 +89,7 @@ def test_folder_holds_what_the_field_shares(folder):
     with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
         assert {"token_embedding.weight", "lm_head.weight"} <= set(f.keys())
     modes = {name: os.stat(os.path.join(folder, name)).st_mode for name in names}
-    assert modes["model.safetensors"] == modes["config.json"]          # readable like any file we write
+    assert modes["model.safetensors"] == modes["config.json"]  # readable like any file we write
 
 
 @pytest.mark.parametrize("variant,dtype", [("nirvana", torch.float32), ("transformer", torch.bfloat16)])
@@ -87,7 +99,7 @@ def test_safetensors_round_trip_is_bit_equal(variant, dtype, tmp_path):
     assert loaded.config == model.config
     assert_same_weights(model, loaded)
     assert pretrained_tokenizer(str(tmp_path)).spec == "bytes"
-    assert load_pretrained(str(tmp_path), context_length=512).config.context_length == 512     # overrides
+    assert load_pretrained(str(tmp_path), context_length=512).config.context_length == 512  # overrides
 
 
 def test_export_of_a_checkpoint_and_errors(model, tmp_path):
@@ -100,19 +112,38 @@ def test_export_of_a_checkpoint_and_errors(model, tmp_path):
     (tmp_path / "out" / "config.json").write_text(json.dumps(dict(config, model_type="llama")))
     with pytest.raises(ValueError, match="not 'nirvana'"):
         load_pretrained(str(tmp_path / "out"))
-    torch.save({"config": dataclasses.asdict(model.config), "model": model.state_dict()}, tmp_path / "notok.pt")
+    torch.save(
+        {"config": dataclasses.asdict(model.config), "model": model.state_dict()}, tmp_path / "notok.pt"
+    )
     with pytest.raises(ValueError, match="names no tokenizer"):
         export_checkpoint(str(tmp_path / "notok.pt"), str(tmp_path / "x"))
 
 
 def test_train_writes_safetensors_beside_its_checkpoint(tmp_path):
     (tmp_path / "corpus").mkdir()
-    for name in ("a.txt", "b.txt"):                          # two documents: one for each split
+    for name in ("a.txt", "b.txt"):  # two documents: one for each split
         (tmp_path / "corpus" / name).write_text(TEXT * 20)
     prepare([str(tmp_path / "corpus")], str(tmp_path / "data"), tokenizer="bytes", val_fraction=0.5)
-    train.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--max-tokens", "256",
-                "--micro-batch", "4", "--seq-len", "32", "--global-batch-tokens", "256", "--eval-tokens", "128",
-                "--warmup-tokens", "256"])
+    train.main(
+        [
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "run"),
+            "--max-tokens",
+            "256",
+            "--micro-batch",
+            "4",
+            "--seq-len",
+            "32",
+            "--global-batch-tokens",
+            "256",
+            "--eval-tokens",
+            "128",
+            "--warmup-tokens",
+            "256",
+        ]
+    )
     from_checkpoint = Nirvana.from_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
     from_folder = load_pretrained(str(tmp_path / "run"))
     assert from_folder.config == from_checkpoint.config
@@ -147,19 +178,30 @@ print(json.dumps({"ids": ids[0].tolist(), "decoded": tokenizer.decode(ids[0]), "
 """
 
 
-def test_transformers_loads_the_folder_offline_in_a_fresh_process(model, folder, sentencepiece_model, tmp_path):
+def test_transformers_loads_the_folder_offline_in_a_fresh_process(
+    model, folder, sentencepiece_model, tmp_path
+):
     pytest.importorskip("transformers")
     sp_folder = str(tmp_path / "sp_tokenizer")
     save_tokenizer(sentencepiece_model, sp_folder)
     (tmp_path / "load.py").write_text(HF_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    result = subprocess.run([sys.executable, "load.py", folder, sp_folder, TEXT, REPO], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "load.py", folder, sp_folder, TEXT, REPO],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert not report["repo_on_path"] and REPO not in report["nirvana_loaded_from"]
-    assert report["nirvana_loaded_from"].startswith(str(tmp_path / "hf_home"))   # the folder's copy of nirvana.py
+    assert report["nirvana_loaded_from"].startswith(
+        str(tmp_path / "hf_home")
+    )  # the folder's copy of nirvana.py
     assert not report["training"]
     tok = load_tokenizer("bytes")
     assert report["ids"] == tok.encode(TEXT) and report["decoded"] == TEXT
@@ -169,7 +211,7 @@ def test_transformers_loads_the_folder_offline_in_a_fresh_process(model, folder,
     ids = torch.tensor([tok.encode(TEXT)])
     with torch.no_grad():
         logits, _ = model(ids[:, :40])
-    assert torch.equal(out["logits"], logits)                                   # the same computation, bit-equal
+    assert torch.equal(out["logits"], logits)  # the same computation, bit-equal
     assert torch.equal(out["generated"], model.generate(ids[:, :20], 8, temperature=0))
 
 

@@ -3,6 +3,7 @@
 This file is copied into every saved folder (nirvana_hf/folder.py); transformers loads it from there with
 trust_remote_code=True, so it imports nirvana.py relatively when it sits beside it.
 """
+
 import dataclasses
 
 from transformers import PretrainedConfig
@@ -22,7 +23,7 @@ class NirvanaHFConfig(PretrainedConfig):
         for name, default in NIRVANA_FIELDS.items():
             setattr(self, name, kwargs.pop(name, default))
         kwargs.setdefault("tie_word_embeddings", False)  # Nirvana's LM head is its own matrix
-        kwargs.setdefault("use_cache", False)            # generate() recomputes the prefix (modeling_nirvana.py)
+        kwargs.setdefault("use_cache", False)  # generate() recomputes the prefix (modeling_nirvana.py)
         super().__init__(**kwargs)
 
     def nirvana_config(self):

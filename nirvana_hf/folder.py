@@ -14,6 +14,7 @@ config.json holds every NirvanaConfig field, "tokenizer" (a spec relative to the
 transformers reads (model_type, architectures, auto_map). The backend is written as "torch" (the reference
 code, which runs anywhere); load_pretrained(folder, backend="triton") picks the kernels.
 """
+
 import dataclasses
 import json
 import os
@@ -31,12 +32,18 @@ TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 SENTENCEPIECE_NAME = "tokenizer.model"
 # The code a folder carries: (source, name in the folder). trust_remote_code copies the files of auto_map and,
 # following their relative imports, nirvana.py and tokenizer.py. The torch backend needs no kernels/.
-MODEL_CODE = {name: os.path.join(PACKAGE_DIR, name) for name in ("configuration_nirvana.py", "modeling_nirvana.py")}
+MODEL_CODE = {
+    name: os.path.join(PACKAGE_DIR, name) for name in ("configuration_nirvana.py", "modeling_nirvana.py")
+}
 MODEL_CODE["nirvana.py"] = os.path.join(REPO_DIR, "nirvana.py")
-TOKENIZER_CODE = {"tokenization_nirvana.py": os.path.join(PACKAGE_DIR, "tokenization_nirvana.py"),
-                  "tokenizer.py": os.path.join(REPO_DIR, "tokenizer.py")}
-AUTO_MAP = {"AutoConfig": "configuration_nirvana.NirvanaHFConfig",
-            "AutoModelForCausalLM": "modeling_nirvana.NirvanaForCausalLM"}
+TOKENIZER_CODE = {
+    "tokenization_nirvana.py": os.path.join(PACKAGE_DIR, "tokenization_nirvana.py"),
+    "tokenizer.py": os.path.join(REPO_DIR, "tokenizer.py"),
+}
+AUTO_MAP = {
+    "AutoConfig": "configuration_nirvana.NirvanaHFConfig",
+    "AutoModelForCausalLM": "modeling_nirvana.NirvanaForCausalLM",
+}
 TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_nirvana.NirvanaTokenizer", None]}
 
 
@@ -57,16 +64,24 @@ def save_state_dict(state, config, tokenizer, folder):
 
     def write_weights(tmp):
         save_file(state, tmp, metadata={"format": "pt"})
-        umask = os.umask(0)                           # safetensors creates the file readable by its owner alone
+        umask = os.umask(0)  # safetensors creates the file readable by its owner alone
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)                 # the usual permissions, as for any file we write
+        os.chmod(tmp, 0o666 & ~umask)  # the usual permissions, as for any file we write
 
     write_atomically(os.path.join(folder, WEIGHTS_NAME), write_weights)
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    hf_keys = {"model_type": "nirvana", "architectures": ["NirvanaForCausalLM"], "auto_map": AUTO_MAP,
-               "tie_word_embeddings": False, "use_cache": False, "dtype": dtype}
-    write_json(os.path.join(folder, CONFIG_NAME),
-               {**dataclasses.asdict(config), "backend": "torch", "tokenizer": folder_spec, **hf_keys})
+    hf_keys = {
+        "model_type": "nirvana",
+        "architectures": ["NirvanaForCausalLM"],
+        "auto_map": AUTO_MAP,
+        "tie_word_embeddings": False,
+        "use_cache": False,
+        "dtype": dtype,
+    }
+    write_json(
+        os.path.join(folder, CONFIG_NAME),
+        {**dataclasses.asdict(config), "backend": "torch", "tokenizer": folder_spec, **hf_keys},
+    )
     copy_files(MODEL_CODE, folder)
     return folder
 
@@ -77,8 +92,10 @@ def save_tokenizer(spec, folder):
     os.makedirs(folder, exist_ok=True)
     folder_spec = copy_tokenizer_file(spec, folder)
     copy_files(TOKENIZER_CODE, folder)
-    write_json(os.path.join(folder, TOKENIZER_CONFIG_NAME),
-               {"tokenizer_class": "NirvanaTokenizer", "auto_map": TOKENIZER_AUTO_MAP, "spec": folder_spec})
+    write_json(
+        os.path.join(folder, TOKENIZER_CONFIG_NAME),
+        {"tokenizer_class": "NirvanaTokenizer", "auto_map": TOKENIZER_AUTO_MAP, "spec": folder_spec},
+    )
     return folder_spec
 
 
@@ -91,8 +108,8 @@ def copy_tokenizer_file(spec, folder):
     if spec == BYTES_SPEC:
         return spec
     source, prefix, name = spec, "", SENTENCEPIECE_NAME
-    if spec.startswith(TIKTOKEN_PREFIX):                           # the file name picks tiktoken's regex: kept
-        source = spec[len(TIKTOKEN_PREFIX):]
+    if spec.startswith(TIKTOKEN_PREFIX):  # the file name picks tiktoken's regex: kept
+        source = spec[len(TIKTOKEN_PREFIX) :]
         prefix, name = TIKTOKEN_PREFIX, os.path.basename(source)
     if not os.path.isfile(source):
         raise FileNotFoundError(f"tokenizer file '{source}' (of spec '{spec}') not found")
@@ -109,7 +126,7 @@ def load_tokenizer_spec(spec, folder):
     if spec == BYTES_SPEC:
         return load_tokenizer(spec)
     if spec.startswith(TIKTOKEN_PREFIX):
-        return load_tokenizer(TIKTOKEN_PREFIX + os.path.join(folder, spec[len(TIKTOKEN_PREFIX):]))
+        return load_tokenizer(TIKTOKEN_PREFIX + os.path.join(folder, spec[len(TIKTOKEN_PREFIX) :]))
     return load_tokenizer(os.path.join(folder, spec))
 
 
@@ -127,8 +144,10 @@ def read_config(folder):
     """config.json of a saved folder, with a clear error for a missing or foreign folder."""
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
-        raise FileNotFoundError(f"'{folder}' is not a saved Nirvana folder: it needs {CONFIG_NAME} and "
-                                f"{WEIGHTS_NAME} (write one with save_pretrained or `python eval.py export`)")
+        raise FileNotFoundError(
+            f"'{folder}' is not a saved Nirvana folder: it needs {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME} (write one with save_pretrained or `python eval.py export`)"
+        )
     with open(path, encoding="utf-8") as f:
         try:
             config = json.load(f)
@@ -153,7 +172,7 @@ def load_pretrained(folder, map_location="cpu", **overrides):
         state = load_file(os.path.join(folder, WEIGHTS_NAME), device=str(map_location))
     except Exception as error:
         raise ValueError(f"cannot read {os.path.join(folder, WEIGHTS_NAME)}: {error}") from error
-    model.load_state_dict(state, assign=True)      # assign: the parameters take the stored tensors' dtypes
+    model.load_state_dict(state, assign=True)  # assign: the parameters take the stored tensors' dtypes
     return model
 
 
@@ -174,6 +193,8 @@ def export_checkpoint(checkpoint, folder, tokenizer=None):
         saved = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)
         tokenizer = saved.get("tokenizer")
         if tokenizer is None:
-            raise ValueError(f"checkpoint {checkpoint} names no tokenizer (key 'tokenizer'); pass one "
-                             f"('bytes', '<path>.model' or 'tiktoken:<path>')")
+            raise ValueError(
+                f"checkpoint {checkpoint} names no tokenizer (key 'tokenizer'); pass one "
+                f"('bytes', '<path>.model' or 'tiktoken:<path>')"
+            )
     return save_pretrained(model, folder, tokenizer)

@@ -5,6 +5,7 @@ generate() runs through it, re-reading the whole sequence at every step (no cach
 caches are not bridged to transformers' cache classes), so it costs O(T^2); Nirvana's O(1)-per-token
 decoding is `wrapper.model.generate(...)`. Padding is not supported: every attention_mask entry must be 1.
 """
+
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
@@ -46,12 +47,16 @@ class NirvanaForCausalLM(PreTrainedModel, GenerationMixin):
         """input_ids (B, T) -> logits (B, T, vocab); labels (B, T) give the HF loss: the mean cross-entropy of
         token t+1 given tokens <= t, -100 ignored."""
         if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("NirvanaForCausalLM does not support padding: every attention_mask entry must be 1 "
-                             "(batch sequences of equal length, or run them one by one)")
+            raise ValueError(
+                "NirvanaForCausalLM does not support padding: every attention_mask entry must be 1 "
+                "(batch sequences of equal length, or run them one by one)"
+            )
         logits, _ = self.model(input_ids)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+            )
         return CausalLMOutput(loss=loss, logits=logits)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):

@@ -5,6 +5,7 @@ nothing is added to the text (no BOS, no EOS).
 Tokens are shown as strings: a byte as <0x41>, a sentencepiece id as its piece, a tiktoken id as its bytes
 in hex; <eos> (the id text ends with) is the one special token.
 """
+
 import os
 import shutil
 
@@ -24,15 +25,20 @@ class NirvanaTokenizer(PreTrainedTokenizer):
         folder = kwargs.get("name_or_path") or "."
         if spec == BYTES_SPEC:
             self.inner = load_tokenizer(spec)
-        elif spec.startswith(TIKTOKEN_PREFIX):                  # the ranks file, named as saved, in the folder
-            self.inner = load_tokenizer(TIKTOKEN_PREFIX + os.path.join(folder, spec[len(TIKTOKEN_PREFIX):]))
+        elif spec.startswith(TIKTOKEN_PREFIX):  # the ranks file, named as saved, in the folder
+            self.inner = load_tokenizer(TIKTOKEN_PREFIX + os.path.join(folder, spec[len(TIKTOKEN_PREFIX) :]))
         else:
             self.inner = load_tokenizer(sentencepiece_file or os.path.join(folder, spec))
         self.spec = spec
         self.id_to_token = [self.token_string(i) for i in range(self.inner.vocab_size)]
         self.token_to_id = {token: i for i, token in enumerate(self.id_to_token)}
-        super().__init__(eos_token=self.id_to_token[self.inner.eos_id], spec=spec, eos_id=self.inner.eos_id,
-                         special_tokens_pattern="none", **kwargs)
+        super().__init__(
+            eos_token=self.id_to_token[self.inner.eos_id],
+            spec=spec,
+            eos_id=self.inner.eos_id,
+            special_tokens_pattern="none",
+            **kwargs,
+        )
 
     def token_string(self, index):
         if index == self.inner.eos_id:
@@ -42,7 +48,7 @@ class NirvanaTokenizer(PreTrainedTokenizer):
         if hasattr(self.inner, "enc"):
             try:
                 return self.inner.enc.decode_single_token_bytes(index).hex()
-            except KeyError:                                    # an id tiktoken's ranks leave unused
+            except KeyError:  # an id tiktoken's ranks leave unused
                 return f"<unused{index}>"
         return f"<0x{index:02X}>"
 
