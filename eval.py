@@ -925,6 +925,10 @@ def cmd_harness(args):
             import lm_eval.tasks.ruler.prepare_niah  # noqa: F401  (builds RULER's 6M-key word list)
     lm = lm_class(model, tok, args.batch_size, max_length)
     task_manager = TaskManager(include_path=tasks_dir, metadata=metadata)
+    unknown = [task for task in args.tasks if task not in task_manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) {unknown}: use 'local', 'paper' or names lm_eval lists "
+                         f"(`lm_eval ls tasks`)")
     results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot,
                                       limit=args.limit, task_manager=task_manager)
     rows = harness_results_table(results["results"])
