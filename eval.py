@@ -922,7 +922,7 @@ def cmd_harness(args):
         metadata = {"tokenizer": tokenizer_dir, "max_seq_lengths": args.niah_lengths}
         max_length = args.max_length or max(max_length, *args.niah_lengths)  # no prompt cut short
         with nltk_downloads_off():
-            import lm_eval.tasks.ruler.prepare_niah  # noqa: F401  (builds RULER's 6M-key word list)
+            import lm_eval.tasks.ruler.prepare_niah  # its import builds RULER's 6M-key word list
     lm = lm_class(model, tok, args.batch_size, max_length)
     task_manager = TaskManager(include_path=tasks_dir, metadata=metadata)
     unknown = [task for task in args.tasks if task not in task_manager.all_tasks]
