@@ -5,12 +5,13 @@ After `python train.py` (which writes out/nirvana-tiny/ckpt.pt and prepares data
     python eval.py niah  --checkpoint out/nirvana-tiny/ckpt.pt --tasks pk --lengths 256 --samples 1 \\
         --depths 0,1 --answer-tokens 8
     python eval.py gates --checkpoint out/nirvana-tiny/ckpt.pt --text "The patient's MRI shows"   # t and |p|
+    python eval.py export --checkpoint out/nirvana-tiny/ckpt.pt --out out/nirvana-tiny-hf   # safetensors
 The paper's measurements, on a 350m or 1.3b checkpoint (a comment says what a command needs beyond a CPU):
     python eval.py extrapolate --checkpoint out/nirvana-1.3b/ckpt.pt out/transformer-1.3b/ckpt.pt \\
         --data long.txt --lengths 4096,8192,12288,16384,20480                        # Fig. 7; GPU, your data
     python eval.py niah    --checkpoint out/nirvana-1.3b/ckpt.pt --tasks pk,n,w --samples 10   # Table 3; GPU
     python eval.py lambada --checkpoint out/nirvana-1.3b/ckpt.pt --data lambada.jsonl  # Table 2; GPU, your data
-    python eval.py harness --checkpoint out/nirvana-1.3b/ckpt.pt --tasks piqa,hellaswag    # GPU, needs lm_eval
+    python eval.py harness --checkpoint out/nirvana-1.3b/ckpt.pt --tasks paper   # Table 2; GPU, needs lm_eval, hub
     python eval.py speed   --size 350m --prompt-len 4096 --batch-size 4 --new-tokens 128       # Table 4; GPU
 
 Every command prints its result and where it wrote its files under --out-dir (default eval_out/), named after
@@ -18,11 +19,13 @@ the run folder of the checkpoint (out/nirvana-tiny/ckpt.pt -> nirvana-tiny) or -
 checkpoints do not overwrite each other. --data is a text file (tokenised with the checkpoint's tokenizer), a
 prepare.py folder (its --split, default val: all of it, where train.py's validation reads only the first
 --eval-tokens) or one of its .bin shards.
-The lm-evaluation-harness adapter (class HarnessLM) needs `lm_eval` only for the `harness` command:
+`harness` runs lm-evaluation-harness (requirements-eval.txt), by default on local tasks, offline; the adapter
+(class HarnessLM) registers the model with it:
     import lm_eval, eval; eval.register_lm_eval()      # registers model name "nirvana"
     lm_eval.simple_evaluate(model="nirvana", model_args="checkpoint=out/nirvana-tiny/ckpt.pt", tasks=[...])
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -924,19 +927,99 @@ def cmd_lambada(args):
     print_written([stem + ".md", stem + ".json"])
 
 
+def harness_task_names(text):
+    """--tasks: lm-eval task names; 'local' (harness_tasks.LOCAL_TASKS) and 'paper' (PAPER_TASKS) expand."""
+    from harness_tasks import LOCAL_TASKS, PAPER_TASKS
+
+    names = []
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        for task in {"local": LOCAL_TASKS, "paper": PAPER_TASKS}.get(name, [name]):
+            if task not in names:
+                names.append(task)
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated lm-eval task names, got {text!r}")
+    return names
+
+
+@contextlib.contextmanager
+def nltk_downloads_off():
+    """lm_eval's RULER module asks nltk to download its sentence splitter (punkt_tab) when it is imported;
+    only the essay haystacks use it (niah_single_1 repeats a noise sentence), and nothing here downloads.
+    (lm_eval then prints "Downloaded punkt_tab on rank 0" all the same.)"""
+    import nltk
+
+    download = nltk.download
+    nltk.download = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        nltk.download = download
+
+
+def harness_results_table(results):
+    """lm-eval's results {task: {"metric,filter": value}} -> rows (task, metric, value), without the
+    standard errors and RULER's -1 for lengths it did not run."""
+    rows = []
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            metric, _, _ = key.partition(",")
+            numeric = isinstance(value, (int, float)) and value != -1
+            if "," in key and not metric.endswith("_stderr") and numeric:
+                rows.append((task, metric, value))
+    return rows
+
+
 def cmd_harness(args):
+    from harness_tasks import LOCAL_TASKS, write_tasks
+
+    if set(args.tasks) <= set(LOCAL_TASKS):  # nothing to fetch: keep datasets and the hub off the network
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import lm_eval
+        from lm_eval.tasks import TaskManager
     except ImportError:
-        sys.exit("the harness command needs lm-evaluation-harness: pip install lm-eval (and its task data)")
+        raise UserError("the harness command needs lm-evaluation-harness: pip install -r requirements-eval.txt") from None
+    from nirvana_hf import save_tokenizer
+
     lm_class = register_lm_eval()
     model, tok = load_model(args.checkpoint, args.device, args.dtype, args.tokenizer)
-    lm = lm_class(model, tok, args.batch_size, args.max_length)
-    results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot,
-                                      limit=args.limit)
-    print(json.dumps(results["results"], indent=2, default=str))
-    write_json(os.path.join(args.out_dir, f"harness_{args.name or model_name(args.checkpoint)}.json"),
-               json.loads(json.dumps(results["results"], default=str)))
+    tasks_dir = os.path.join(args.out_dir, "tasks")
+    write_tasks(tasks_dir)
+    metadata, max_length = {}, args.max_length or model.config.context_length
+    if "niah_single_1" in args.tasks:
+        # RULER sizes its haystacks with a tokenizer transformers loads: the model's own, saved with the tasks
+        tokenizer_dir = os.path.abspath(os.path.join(tasks_dir, "tokenizer"))
+        save_tokenizer(tok.spec, tokenizer_dir)
+        metadata = {"tokenizer": tokenizer_dir, "max_seq_lengths": args.niah_lengths}
+        max_length = args.max_length or max(max_length, *args.niah_lengths)  # no prompt cut short
+        with nltk_downloads_off():
+            import lm_eval.tasks.ruler.prepare_niah  # its import builds RULER's 6M-key word list
+    lm = lm_class(model, tok, args.batch_size, max_length)
+    task_manager = TaskManager(include_path=tasks_dir, metadata=metadata)
+    unknown = [task for task in args.tasks if task not in task_manager.all_tasks]
+    if unknown:
+        raise UserError(f"unknown lm-eval task(s) {unknown}: use 'local', 'paper' or names lm_eval lists "
+                         f"(`lm_eval ls tasks`)")
+    results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot,
+                                      limit=args.limit, task_manager=task_manager)
+    rows = harness_results_table(results["results"])
+    table = markdown_table(["task", "metric", "value"], [(t, m, f"{v:.4f}") for t, m, v in rows])
+    print(table)
+    stem = os.path.join(args.out_dir, f"harness_{args.name or model_name(args.checkpoint)}")
+    write_text_atomically(stem + ".md", table)
+    write_json(stem + ".json", json.loads(json.dumps(results["results"], default=str)))
+    print_written([stem + ".md", stem + ".json"])
+    return rows
+
+
+def cmd_export(args):
+    from nirvana_hf.folder import export_checkpoint
+
+    folder = export_checkpoint(args.checkpoint, args.out, args.tokenizer)
+    print(f"wrote {folder}: {', '.join(sorted(os.listdir(folder)))}")
+    print(f"load it with nirvana_hf.load_pretrained({folder!r}) or transformers' "
+          f"AutoModelForCausalLM.from_pretrained({folder!r}, trust_remote_code=True)")
 
 
 def cmd_gates(args):
@@ -1057,14 +1140,28 @@ def build_parser():
     p.add_argument("--limit", type=positive_int, default=None)
     p.set_defaults(run=cmd_lambada)
 
-    p = sub.add_parser("harness", help="run lm-evaluation-harness tasks (needs lm_eval)")
+    p = sub.add_parser("harness", help="lm-evaluation-harness tasks, by default the local ones (lm_eval)")
     add_model_args(p)
-    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--tasks", type=harness_task_names, default=harness_task_names("local"),
+                   help="comma-separated lm-eval task names; 'local' (the default: the corpus tasks of "
+                        "harness_tasks.py and RULER's niah_single_1, all offline) and 'paper' (Table 2: "
+                        "wikitext, lambada_openai, piqa, hellaswag, winogrande, arc_easy, arc_challenge, "
+                        "social_iqa, boolq; lm_eval fetches their data from the hub) expand to their lists")
+    p.add_argument("--niah-lengths", type=positive_int_list, default=[4096],
+                   help="niah_single_1's prompt lengths in tokens, answer included (default: RULER's 4096)")
     p.add_argument("--num-fewshot", type=non_negative_int, default=None)
-    p.add_argument("--limit", type=positive_int, default=None)
+    p.add_argument("--limit", type=positive_int, default=None, help="documents per task (default: all)")
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--max-length", type=positive_int, default=None)
+    p.add_argument("--max-length", type=positive_int, default=None,
+                   help="tokens per scored window and generation prompt (default: the model's "
+                        "context_length, or the longest --niah-lengths if longer)")
     p.set_defaults(run=cmd_harness)
+
+    p = sub.add_parser("export", help="a train.py checkpoint -> model.safetensors + config.json + code")
+    p.add_argument("--checkpoint", required=True, type=existing_file, help="train.py checkpoint (ckpt.pt)")
+    p.add_argument("--out", required=True, help="folder to write (transformers loads it: trust_remote_code)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer spec overriding the checkpoint's")
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("gates", help="heatmap of the gate t and the Trigger's |p| over layers and tokens")
     add_model_args(p)

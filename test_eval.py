@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,6 +16,9 @@ from cli import UserError, load_model
 from nirvana import Nirvana, NirvanaConfig
 from tokenizer import load_tokenizer
 
+# lm_eval's datasets and hub clients read these when first imported: the harness tests use local files only
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TOK = load_tokenizer("bytes")
 TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
         "All that glitters is not gold. Fortune favours the bold. ") * 4
@@ -306,13 +310,63 @@ def test_lm_eval_registration_when_installed(model, tmp_path):
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
         "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n")
     lm = lm_class(model, TOK, batch_size=2)
-    results = lm_eval.simple_evaluate(model=lm, tasks=["nirvana_fake_mc"],
-                                      task_manager=TaskManager(include_path=str(tmp_path)))
+    task_manager = TaskManager(include_path=str(tmp_path))
+    assert set(ev.harness_task_names("paper")) <= set(task_manager.all_tasks)   # real lm-eval task names
+    results = lm_eval.simple_evaluate(model=lm, tasks=["nirvana_fake_mc"], task_manager=task_manager)
     picks = []
     for d in docs:
         scores = [ll for ll, _ in lm.loglikelihood(requests(*[(d["question"], c) for c in d["choices"]]))]
         picks.append(int(np.argmax(scores)) == d["label"])
     assert results["results"]["nirvana_fake_mc"]["acc,none"] == pytest.approx(np.mean(picks))
+
+
+def test_harness_command_runs_the_local_tasks_through_lm_eval(model, checkpoint, tmp_path):
+    """`eval.py harness` with its default task list (the corpus tasks and RULER's niah_single_1) through the
+    real lm_eval, offline; the corpus tasks' numbers recomputed here from the model and the task files."""
+    pytest.importorskip("lm_eval")
+    ev.main(["harness", "--checkpoint", checkpoint, "--limit", "2", "--niah-lengths", "512",
+             "--batch-size", "2", "--device", "cpu", "--out-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "harness_tiny.json").read_text())
+    got = {(task, metric): value for task, metric, value in ev.harness_results_table(results)}
+    assert {task for task, _ in got} == {"nirvana_corpus_ppl", "nirvana_lastword", "nirvana_choice",
+                                         "niah_single_1"}
+
+    def docs(name):                                       # --limit 2: the first two documents of each task
+        lines = (tmp_path / "tasks" / f"{name}.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines[:2]]
+
+    texts = [d["text"] for d in docs("nirvana_corpus_ppl")]
+    lm = ev.HarnessLM(model, TOK, max_length=512)        # the context (256) raised to the niah length
+    logprob = sum(lm.loglikelihood_rolling(requests(*[(t,) for t in texts])))
+    bits_per_byte = -logprob / sum(len(t.encode()) for t in texts) / math.log(2)
+    assert got["nirvana_corpus_ppl", "bits_per_byte"] == pytest.approx(bits_per_byte, rel=1e-5)
+    examples = [tuple(d["text"].rsplit(" ", 1)) for d in docs("nirvana_lastword")]
+    lambada = ev.lambada(model, TOK, [(c, " " + w) for c, w in examples], 512, batch_size=2)
+    # a random model's perplexity is about e^50: compared as the mean log-probability, to 1e-4 nats
+    mean_logprob = math.log(lambada["ppl"])
+    assert math.log(got["nirvana_lastword", "perplexity"]) == pytest.approx(mean_logprob, abs=1e-4)
+    assert got["nirvana_lastword", "acc"] == pytest.approx(lambada["acc"] / 100)
+    picks, picks_norm = [], []
+    for d in docs("nirvana_choice"):
+        pairs = [(d["context"], " " + c) for c in d["choices"]]
+        scores = [ll for ll, _ in lm.loglikelihood(requests(*pairs))]
+        picks.append(int(np.argmax(scores)) == d["label"])
+        norm = [score / len(continuation) for score, (_, continuation) in zip(scores, pairs)]
+        picks_norm.append(int(np.argmax(norm)) == d["label"])
+    assert got["nirvana_choice", "acc"] == pytest.approx(np.mean(picks))
+    assert got["nirvana_choice", "acc_norm"] == pytest.approx(np.mean(picks_norm))
+    assert 0.0 <= got["niah_single_1", "512"] <= 1.0
+    assert (tmp_path / "tasks" / "tokenizer" / "tokenizer_config.json").is_file()   # what RULER sized with
+    table = (tmp_path / "harness_tiny.md").read_text()
+    assert "| nirvana_choice | acc |" in table and "| niah_single_1 | 512 |" in table
+
+
+def test_harness_task_lists():
+    assert ev.harness_task_names("local") == ["nirvana_corpus_ppl", "nirvana_lastword", "nirvana_choice",
+                                              "niah_single_1"]
+    paper = ev.harness_task_names("paper")
+    assert {"wikitext", "lambada_openai", "piqa", "hellaswag", "winogrande", "boolq"} <= set(paper)
+    assert ev.harness_task_names("piqa,local,piqa")[:2] == ["piqa", "nirvana_corpus_ppl"]
 
 
 # ----------------------------------------------------------------------------------------------- generation

@@ -23,6 +23,8 @@ Writes into --out: ckpt.pt (atomically; model, optimizer, schedule, data positio
 FILE.jsonl) and loss.png. The validation loss and perplexity it prints and logs are over the first
 --eval-tokens tokens of the validation split (8,192 for the tiny presets), a quick check during training;
 `python eval.py ppl` measures all of them, so its perplexity differs.
+With every checkpoint it also writes the weights as model.safetensors + config.json (the folder then
+loads with nirvana_hf.load_pretrained or transformers, see nirvana_hf/).
 """
 import argparse
 import ast
@@ -305,6 +307,8 @@ def save_checkpoint(path, model, optimizer, schedule, config, tokenizer, step, d
     """Gathers the full state on rank 0 (a collective under FSDP) and writes it atomically."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+    from nirvana_hf.folder import save_state_dict
+
     model_state = get_model_state_dict(model, options=state_dict_options())
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=state_dict_options())
     if d.master:
@@ -316,6 +320,8 @@ def save_checkpoint(path, model, optimizer, schedule, config, tokenizer, step, d
                                              "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None},
         }
         write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))  # a crash keeps the previous checkpoint
+        # the weights again in the form models are shared in, beside ckpt.pt: model.safetensors + config.json
+        save_state_dict(model_state, config, tokenizer, os.path.dirname(path))
     d.barrier()
 
 

@@ -1,0 +1,172 @@
+"""Small lm-evaluation-harness tasks generated from the built-in corpus, so `eval.py harness` runs offline.
+
+    python eval.py harness --checkpoint out/nirvana-tiny/ckpt.pt   # writes them to eval_out/tasks, runs them
+    python harness_tasks.py --out tasks                            # only writes them; then, in Python:
+    import eval, lm_eval; from lm_eval.tasks import TaskManager; eval.register_lm_eval()
+    lm_eval.simple_evaluate(model="nirvana", model_args="checkpoint=ckpt.pt", tasks=["nirvana_lastword"],
+                            task_manager=TaskManager(include_path="tasks"))
+
+The documents are the held-out (validation) pieces of the built-in corpus, chosen exactly as prepare.py
+splits them, so a model trained by `python train.py` has not seen them:
+    nirvana_corpus_ppl  loglikelihood_rolling over the passages: word/byte perplexity and bits per byte
+                        (the form of lm-eval's wikitext)
+    nirvana_lastword    LAMBADA-style: a passage without its last word, the model scored on that word
+                        (perplexity, and acc = the word is the greedy continuation); the word always occurs
+                        earlier in its passage, as LAMBADA's words are guessable only from the wider context
+    nirvana_choice      HellaSwag-style multiple choice: the sentences of a passage so far, then its true next
+                        sentence among three next sentences of other passages (acc, acc_norm)
+Each task is a YAML file with `dataset_path: json` and a .jsonl file beside it (absolute paths, written here).
+RULER's niah_single_1 comes with lm_eval itself; it builds its haystack and needs only a tokenizer that
+transformers can load (eval.py hands it the model's own, saved by nirvana_hf).
+The corpus is CPython's pydoc_data.topics: the same Python version gives the same tasks, byte for byte.
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+
+from cli import write_text_atomically
+from prepare import builtin_documents, is_validation_piece, split_into_pieces
+
+BUILTIN_VAL_FRACTION = 0.1  # prepare_builtin's split
+LOCAL_TASKS = ["nirvana_corpus_ppl", "nirvana_lastword", "nirvana_choice", "niah_single_1"]
+# The paper's Table 2 tasks as lm-eval names them (their data comes from the Hugging Face hub).
+PAPER_TASKS = [
+    "wikitext",
+    "lambada_openai",
+    "piqa",
+    "hellaswag",
+    "winogrande",
+    "arc_easy",
+    "arc_challenge",
+    "social_iqa",
+    "boolq",
+]
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"(])")
+MIN_WORD_LETTERS = 4  # a last word worth predicting: at least this many letters
+DISTRACTORS = 3
+
+
+def validation_pieces(documents=None):
+    """The pieces prepare_builtin puts in its validation split, in order."""
+    documents = builtin_documents() if documents is None else documents
+    pieces = [piece for document in documents for piece in split_into_pieces(document)]
+    return [piece for index, piece in enumerate(pieces) if is_validation_piece(index, BUILTIN_VAL_FRACTION)]
+
+
+def prose_passages(pieces):
+    """Paragraphs of running text (not grammar, not code), whitespace collapsed to single spaces."""
+    passages = []
+    for piece in pieces:
+        for paragraph in re.split(r"\n\s*\n", piece):
+            text = " ".join(paragraph.split())
+            if text[:1].isalpha() and "::=" not in text and ">>>" not in text and len(sentences(text)) >= 2:
+                passages.append(text)
+    return passages
+
+
+def sentences(text):
+    return [s for s in SENTENCE_END.split(text) if s]
+
+
+def last_word_examples(passages):
+    """One example per sentence end whose last word (MIN_WORD_LETTERS+ letters) occurs earlier in the
+    passage: {"text": the passage up to that word, without the sentence's final punctuation}."""
+    examples = []
+    for passage in passages:
+        so_far = ""
+        for sentence in sentences(passage):
+            so_far = f"{so_far} {sentence}".strip()
+            text = so_far.rstrip('.!?"):;,')
+            context, _, word = text.rpartition(" ")
+            if word.isalpha() and len(word) >= MIN_WORD_LETTERS and re.search(rf"\b{word}\b", context):
+                examples.append({"text": text})
+    return examples
+
+
+def choice_examples(passages, seed=0):
+    """One example per passage with a next sentence: {"context", "choices", "label"}; the distractors are
+    sentences that follow the first sentence of other passages."""
+    rng = random.Random(seed)
+    split = [sentences(p) for p in passages]
+    examples = []
+    for i, parts in enumerate(split):
+        cut = max(1, len(parts) // 2)
+        others = [s[1] for j, s in enumerate(split) if j != i and s[1] != parts[cut]]
+        choices = [parts[cut]] + rng.sample(others, DISTRACTORS)
+        rng.shuffle(choices)
+        examples.append(
+            {"context": " ".join(parts[:cut]), "choices": choices, "label": choices.index(parts[cut])}
+        )
+    return examples
+
+
+def task_yaml(name, data_file, body):
+    return (
+        f"# generated by harness_tasks.py from the built-in corpus (CPython {sys.version.split()[0]})\n"
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data_file}\n"
+        f"test_split: test\n{body}metadata:\n  version: 1.0\n"
+    )
+
+
+PPL_BODY = (
+    "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n"
+    + "".join(
+        f"  - metric: {metric}\n    aggregation: {aggregation}\n    higher_is_better: false\n"
+        for metric, aggregation in [
+            ("word_perplexity", "weighted_perplexity"),
+            ("byte_perplexity", "weighted_perplexity"),
+            ("bits_per_byte", "bits_per_byte"),
+        ]
+    )
+)
+LASTWORD_BODY = (
+    "output_type: loglikelihood\ndoc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\n"
+    "doc_to_target: \"{{' '+text.split(' ')[-1]}}\"\nmetric_list:\n"
+    "  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+    "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+)
+CHOICE_BODY = (
+    "output_type: multiple_choice\ndoc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\n"
+    "doc_to_target: '{{label}}'\nmetric_list:\n"
+    "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+)
+
+
+def write_tasks(folder):
+    """Writes the three corpus tasks (YAML + .jsonl each) into folder; -> {task name: number of documents}."""
+    folder = os.path.abspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    pieces = validation_pieces()
+    passages = prose_passages(pieces)
+    tasks = {
+        "nirvana_corpus_ppl": ([{"text": p} for p in passages], PPL_BODY),
+        "nirvana_lastword": (last_word_examples(passages), LASTWORD_BODY),
+        "nirvana_choice": (choice_examples(passages), CHOICE_BODY),
+    }
+    for name, (docs, body) in tasks.items():
+        data_file = os.path.join(folder, f"{name}.jsonl")
+        write_text_atomically(data_file, "".join(json.dumps(d) + "\n" for d in docs))
+        write_text_atomically(
+            os.path.join(folder, f"{name}.yaml"), task_yaml(name, json.dumps(data_file), body)
+        )
+    return {name: len(docs) for name, (docs, _) in tasks.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=os.path.join("eval_out", "tasks"), help="folder for the task files")
+    args = parser.parse_args(argv)
+    for name, count in write_tasks(args.out).items():
+        print(f"{name}: {count} documents")
+    print(f"load them with lm_eval's TaskManager(include_path={args.out!r})")
+
+
+if __name__ == "__main__":
+    main()
