@@ -78,6 +78,7 @@ def test_folder_holds_what_the_field_shares(folder):
         "configuration_nirvana.py",
         "modeling_nirvana.py",
         "tokenization_nirvana.py",
+        "cli.py",
         "nirvana.py",
         "tokenizer.py",
     } == names

@@ -18,7 +18,10 @@ import itertools
 import os
 import time
 
-from cli import UserError
+try:  # in a model folder saved for transformers, cli.py sits beside this file
+    from .cli import UserError
+except ImportError:  # in the repository
+    from cli import UserError
 
 BYTES_SPEC = "bytes"
 TIKTOKEN_PREFIX = "tiktoken:"

@@ -39,6 +39,7 @@ MODEL_CODE["nirvana.py"] = os.path.join(REPO_DIR, "nirvana.py")
 TOKENIZER_CODE = {
     "tokenization_nirvana.py": os.path.join(PACKAGE_DIR, "tokenization_nirvana.py"),
     "tokenizer.py": os.path.join(REPO_DIR, "tokenizer.py"),
+    "cli.py": os.path.join(REPO_DIR, "cli.py"),  # tokenizer.py's errors
 }
 AUTO_MAP = {
     "AutoConfig": "configuration_nirvana.NirvanaHFConfig",
