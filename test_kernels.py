@@ -143,17 +143,17 @@ def test_swa_window_one_is_identity_on_values():
     torch.testing.assert_close(kernels.sliding_window_attention(q, k, v, 1), v, rtol=1e-6, atol=1e-6)
 
 
-def test_swa_rope_matches_reference():
+def test_swa_after_the_models_rope_matches_reference():
+    # the nirvana-rope variant rotates q and k (nirvana.apply_rope) before the kernel; gradients flow back through it
     generator = torch.Generator(DEVICE).manual_seed(3)
     q, k, v = (random(generator, 1, 33, 2, 16, dtype=torch.float32) for _ in range(3))
-    from kernels.sliding_window_attention import sliding_window_attention_rope
+    positions = torch.arange(q.shape[1], device=DEVICE)
 
-    def reference(q, k, v):
-        positions = torch.arange(q.shape[1], device=q.device)
-        rotated = [nirvana.apply_rope(x, positions, 100.0) for x in (q, k)]
-        return (nirvana.sliding_window_attention(*rotated, v, 20),)
+    def after_rope(attention):
+        return lambda q, k, v: (attention(nirvana.apply_rope(q, positions, 100.0),
+                                          nirvana.apply_rope(k, positions, 100.0), v, 20),)
 
-    check_against_reference(lambda q, k, v: (sliding_window_attention_rope(q, k, v, 20, 100.0),), reference,
+    check_against_reference(after_rope(kernels.sliding_window_attention), after_rope(nirvana.sliding_window_attention),
                             [q, k, v], ["q", "k", "v"], "swa-rope", torch.float32)
 
 

@@ -17,25 +17,25 @@ chunk start; the WY/UT transform of the Gated DeltaNet paper):
 Forward, four kernels in reading order: the inversion and the WY preparation (both parallel over chunks), the
 state pass (the only sequential one: along each sequence's chunks it writes the chunk-start states and Vnew), the
 output (parallel over chunks). The one-token decode kernel follows. Backward, recomputing the forward's
-intermediates except Tinv instead of keeping them: WY preparation and state pass again, the reverse state pass
-(gradients of the chunk-end states, dVnew with its intra-chunk part), then two per-chunk gradient
-kernels: everything that needs the states and their gradients, one program per Dk block (dq, dW = -dVnew S^T,
-parts of dk and dg; run again over each sequence's first and last chunk, see SEQUENCE_ENDS); then the WY backward
-(Tinv, dW -> dk, dv, dbeta, dg).
+intermediates except Tinv: WY preparation and state pass again, the reverse state pass (gradients of the
+chunk-end states, dVnew with its intra-chunk part), then two per-chunk gradient kernels: everything that needs the
+states and their gradients, one program per Dk block (dq, dW = -dVnew S^T, parts of dk and dg; run again over each
+sequence's first and last chunk, see SEQUENCE_ENDS); then the WY backward (Tinv, dW -> dk, dv, dbeta, dg).
+Each kernel's docstring gives what one program computes and its blocks; block sizes and warps: _launch_config.
 
 Layout: (B, T, H, D), i.e. head after time. Packed sequences: B == 1 with cu_seqlens (N+1 offsets); a batch of B
-equal-length sequences is run as B packed sequences of length T. Supported: Dk and Dv powers of two in [16, 256]; q,
-k, v in float32, bfloat16 or float16; g <= 0 (log-decay) and beta of any float dtype. Precision: arithmetic and the
-state in float32; the chunk-start states are stored in the inputs' dtype. The gradients of each sequence's first and
-last chunk use h0 and dht (float32 inputs) at float32 accuracy (SEQUENCE_ENDS). Float32 inputs use exact float32 dot
-products and store every intermediate in float32. With 16-bit inputs, products of two 16-bit tensors (Q, K, stored
-states, dO) run natively on the tensor cores, the others in tf32. Tinv, W, U and Vnew are forward-pass quantities;
-for 16-bit inputs with Dk >= 64 they are stored in float16 and their products run natively in float16 (_product):
-the mantissa of tf32, so the same precision, at half the bytes and twice the rate (bf16 storage of W, U and Vnew had
-doubled the bf16 errors in the tests). Float16's range bounds them: the values stay below 65504 as long as |v| does
-(|Tinv| <= 1 and |W| < 1 were seen on random unit keys). Gradients are stored in float32, except dW, which only
-enters float32-accumulated products: bfloat16 for 16-bit inputs (_gradient_dtype). On CPU the kernels run only under
-TRITON_INTERPRET=1 (which upcasts every product to float32).
+equal-length sequences is run as B packed sequences of length T. Supported: Dk and Dv powers of two in [16, 256];
+q, k, v in float32, bfloat16 or float16; g <= 0 (log-decay) and beta of any float dtype.
+
+Precision: arithmetic and the state in float32; the chunk-start states are stored in the inputs' dtype, and the
+gradients of each sequence's first and last chunk use the float32 h0 and dht (SEQUENCE_ENDS). Float32 inputs use
+exact float32 products and store every intermediate in float32. With 16-bit inputs, products of two 16-bit tensors
+(Q, K, stored states, dO) run natively on the tensor cores, the others in tf32; Tinv, W, U and Vnew (forward-pass
+quantities) are stored in float16 when Dk >= 64 and multiplied natively (_product): tf32's mantissa at half the
+bytes and twice the rate (bfloat16's shorter mantissa was not accurate enough); they stay below float16's 65504
+as long as |v| does (|Tinv| <= 1 and |W| < 1 for unit keys). Gradients are stored in float32, except dW, which
+only enters float32-accumulated products: bfloat16 for 16-bit inputs (_gradient_dtype). On the CPU the kernels
+run only under TRITON_INTERPRET=1, which upcasts every product to float32.
 """
 import functools
 
@@ -302,8 +302,7 @@ def _state_forward_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, cu_ptr, chunk_o
 
     Blocks: state S (DK, BV) float32 in registers, K/W (C, DK), U/Vnew (C, BV). Per chunk: writes S (the
     chunk-start state) and Vnew = U - W S; then S <- Gamma_C S + (diag(exp(G_C - G)) K)^T Vnew.
-    Writes the final state at the end. (Scaling Vnew instead of K by exp(G_C - G) was 3.5% faster at Dk = 128, but
-    Triton 3.6 compiled it into an illegal memory access at Dk = 256 on the H100.)
+    Writes the final state at the end.
     """
     i_n, i_h, bos, eos, first_chunk, n_chunks, dk, cv, state_offsets = _sequence_program(
         cu_ptr, chunk_offsets_ptr, DK, DV, BV)
@@ -443,8 +442,7 @@ def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvne
     products with the residuals of the states that are float32 inputs: h0 - S in a first chunk, dht - dS' in a last
     one (rounded to the stored states' dtype, i.e. to 2^-8 of a residual that is itself within 2^-8 of the state).
     With 16-bit inputs the states are stored in 16 bits, and a sequence of one chunk (T = 1 included) would take its
-    dg and dbeta, B H sums of Dk Dv products that can cancel, from rounded copies of h0 and dht (dg's error at T = 1
-    in bfloat16 reached 1.6e-2 on the H100).
+    dg and dbeta, B H sums of Dk Dv products that can cancel, from rounded copies of h0 and dht.
     """
     # program 0 axis: chunk-major, Dk block fastest, so that the Dk blocks of a chunk run side by side and share its
     # dO, Vnew, dVnew in L2 (one axis: a grid's second and third axes stop at 65535 chunks)
@@ -600,14 +598,13 @@ def _precision(dtype):
 def _intermediate_dtype(dtype, DK):
     """dtype of the stored Tinv, W, U and Vnew (forward-pass quantities that enter products, see _product, and
     Vnew = U - W S): float16 where the products run in tf32 and Dk >= 64 (16-bit inputs): the same
-    10-bit mantissa at half the bytes; else float32. (At Dk = 16 float16 gave a wrong forward on the H100, before
-    Tinv was read back from memory.)"""
+    10-bit mantissa at half the bytes; else float32."""
     return torch.float16 if _precision(dtype)["PREC"] == "tf32" and DK >= 64 else torch.float32
 
 
 def _gradient_dtype(dtype):
     """dtype of the stored dW: bfloat16 for 16-bit inputs (a gradient needs float32's range), float32 for float32
-    inputs. (dVnew and the partial dk stay float32: in bfloat16 they took the tests' bf16 errors at T = 1 over 1e-2.)"""
+    inputs. (dVnew and the partial dk stay float32: bfloat16 was not accurate enough for them at T = 1.)"""
     return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
@@ -621,7 +618,7 @@ def _launch_config(dtype, DK, DV):
     """triton.Config per kernel, each timed on an H100 at Dk = Dv = 128 in bf16 (bench.py's delta section), Dk = 256
     at B2 T2048 H8. invert, wy: warps only (the inversion: 1, a 16-row tile is one warp's work; 4 for float32 and
     Dk = 256, whose tiles need more registers); state, state_backward: BV state columns per program of the
-    sequential passes (32 at Dk = 256: with 16 columns at 8 warps Triton 3.6 compiled the reverse pass wrongly);
+    sequential passes (32 at Dk = 256: 16 columns at 8 warps were miscompiled);
     recurrent: the decode kernel, with the state pass's BV and warps; chunk (output), grad (dq/dk/dW), wy_grad (the
     WY backward, 1 stage: it holds several (C, C) matrices): BK x BV blocks. Dk = 256: 8 warps, 1 stage where
     registers or shared memory run short."""

@@ -1,32 +1,26 @@
 """Causal sliding-window attention in Triton, flash style (FlashAttention-2 tiling, online softmax).
 
-Query i attends to keys j with i - window < j <= i (SPEC.md: W keys including itself). Each program
+Query i attends to keys j with i - window < j <= i (a window of W keys, itself included). Each program
 visits only the key blocks that intersect its window, so the cost is O(T * window), linear in T.
 
-Layout: q, k (B, T, H, Dk), v (B, T, H, Dv) as the model produces them; no transposes are made.
+Layout: q, k (B, T, H, Dk), v (B, T, H, Dv) as the model produces them, read in place (no transposes).
 Kernels:
-  _swa_fwd      one program = one (batch, head) and BLOCK_M queries; loops over the key blocks of the
-                window; writes o (BLOCK_M, Dv) and the log2-sum-exp of each row (for the backward).
-  _swa_bwd_delta  delta_i = rowsum(o_i * do_i), once per query row, for both backward kernels (one pass over
-                o and do; in PyTorch this took 0.42 ms at the size below, here 0.06 ms).
-  _swa_bwd      the dk/dv and dq programs in one launch (one grid tail instead of two): the first KEY_BLOCKS
-                programs of each (batch, head) row take BLOCK_N keys each, loop over the query blocks that can
-                see those keys (j <= i < j + window) and write dk, dv (_dkdv_block); the rest take BLOCK_M
-                queries each, loop like the forward and write dq (_dq_block).
+  _swa_fwd        one program = BLOCK_M queries of one (batch, head); loops over the key blocks
+                  (BLOCK_N keys) of the window; writes o (BLOCK_M, Dv) and each row's log2-sum-exp lse.
+  _swa_bwd_delta  delta_i = rowsum(o_i * do_i), once per query row, for both kinds of backward program.
+  _swa_bwd        the dk/dv and dq programs in one launch: the first KEY_BLOCKS programs of each
+                  (batch, head) take BLOCK_N1 keys each, loop over the query blocks (BLOCK_M1 queries)
+                  that see them (j <= i < j + W) and write dk, dv; the rest take BLOCK_M2 queries each,
+                  loop like the forward and write dq.
 Softmax runs in base 2: s2 = (q.k) * scale * log2(e), p = exp2(s2 - lse2). The forward and dq loops run in
-three ranges: blocks that cross the window's edge or the diagonal apply the mask, the blocks between skip it and
-load their tiles without bounds checks. The dk/dv loop is a single loop that applies the mask (a branch) only on
-those edge blocks: split into three loops, its two accumulators in flight made ptxas serialize every wgmma
-(warning C7515; SASS waited after each HGMMA). lse and delta are stored (B, H, t_pad), t_pad a multiple of every
-block with zero pad rows, so the dk/dv loop loads them unmasked: 8-byte copies instead of one masked 4-byte
-copy per value (that loop: 584 -> 397 SASS instructions per iteration).
-Block sizes (_launch_config): bf16/fp16 with head sizes <= 128: forward BLOCK_M x BLOCK_N = 128 x 64,
-dk/dv 64 queries x 128 keys, dq 128 x 64 (timed on an H100); float32 or larger heads: 64 x 32, 32 x 64,
-64 x 32; the dk/dv and dq programs share one launch, so one warp count and stage count; float32 with padded Dk + Dv > 256: 32 x 16, 16 x 16, 16 x 16 (shared memory); 16 x 16 under the CPU
-interpreter. BLOCK_DK, BLOCK_DV = head sizes rounded up to a power of two.
-
-No RoPE by default; sliding_window_attention_rope applies nirvana.apply_rope (positions 0..T-1) to q and k
-in PyTorch before the kernel, and autograd carries their gradients back.
+three ranges: the blocks that cross the window's edge or the diagonal apply the mask, the blocks between
+skip it and load their tiles without bounds checks. The dk/dv loop is one loop that masks (a branch) only
+on those edge blocks: split in three, its two accumulators made the compiler serialize the tensor-core
+products. lse and delta are stored (B, H, t_pad), t_pad a multiple of every block with zero pad rows, so
+that loop loads them unmasked.
+Block sizes: _launch_config; BLOCK_DK, BLOCK_DV = the head sizes rounded up to a power of two (>= 16).
+Precision: products of float32 inputs are float32-accurate (tf32x3), 16-bit inputs multiply natively; the
+accumulators and the softmax statistics are float32.
 """
 import torch
 import triton

@@ -23,26 +23,22 @@ Backward (the second-order path; derivation in _trigger_bwd's comments). With th
   Bank: dW_k = sum_tokens (dg_k u + p_k dz_tot) k^T + p'_k dzq q^T, db_k likewise without the outer k/q;
   a separate kernel sums these over tokens, KB bank blocks per program, without forming them per token.
 
-Precision: float32 inputs need float32-accurate products. On the GPU they run as three tf32 tensor-core
-products (hi*hi + lo*hi + hi*lo, the "tf32x3" split) with the split done here: the bank is split once per
-call on the host (hi = the bank rounded to tf32, lo = the rest) and each loop-invariant left operand once per
-program, so the tensor cores (wgmma on Hopper) read both halves of the bank straight from shared memory.
-bfloat16 inputs use one tf32 product (error ~5e-4, far under bf16's). The CPU interpreter runs the same split
-(its products are exact, so the split is tested there too).
+Kernels (one program = BLOCK_T tokens, except the bank kernel):
+  _trigger_fwd       three passes over the bank (z; g; p' and zq); writes c, p' and what the backward
+                     reuses (y, 1/sigma, g, yq, 1/sigma_q).
+  _trigger_bwd       four passes over the bank (one when detached: M_k; then U_k, A_k, N_k); writes dq, dk,
+                     dv, dp, deta and the per-token vectors the bank gradient needs (u, dz_tot, dzq, dg).
+  _trigger_bwd_bank  one program = KB bank blocks and one slice of the tokens; writes the partial dW
+                     (KB, D, D) and db (KB, D), which PyTorch sums over the slices.
+Each loop over the bank has one left operand, held in registers by the tensor cores; tiles are reloaded
+rather than kept, so that registers do not spill, and the per-bank-block results that a later loop needs
+(g, dp, dg columns) go through memory, ordered by a barrier. The bank is padded on the host to BLOCK_D (a
+power of two >= 16), so its tiles load unmasked; the token tensors' pad columns are masked and stay zero.
 
-Kernels. Each loop over the K bank blocks has a single left operand, which the tensor cores hold in registers
-(hi and lo: 64 registers a thread at 64 tokens and 4 warps), and tiles are reloaded from memory where needed
-rather than kept, so that registers do not spill much; results that a later loop of the same program needs
-per bank block (g, dp, dg columns) go through memory, ordered by a barrier.
-  _trigger_fwd  one program = BLOCK_T tokens; three passes over the bank (z; g; p' and zq); writes c, p' and
-                what the backward reuses (y, 1/sigma, g, yq, 1/sigma_q).
-  _trigger_bwd  one program = BLOCK_T tokens; four passes over the bank (one when detached: M_k; then U_k,
-                A_k, N_k); writes dq, dk, dv, dp, deta and the per-token vectors the bank gradient needs
-                (u, dz_tot, dzq, dg).
-  _trigger_bwd_bank  one program = KB bank blocks and one slice of the tokens; writes the partial
-                dW (KB, D, D) and db (KB, D); the slices are summed in PyTorch.
-The bank is padded on the host to BLOCK_D (a power of two >= 16), so its tiles load unmasked; pad columns
-of the token tensors are masked and stay zero.
+Precision: float32 inputs get float32-accurate products as three tf32 tensor-core products (hi*hi + lo*hi +
+hi*lo, "tf32x3") split here: the bank once per call on the host (hi = rounded to tf32, lo = the rest), each
+left operand once per program, so the tensor cores read both halves of the bank from shared memory.
+bfloat16 inputs use one tf32 product. The CPU interpreter runs the same split, with exact products.
 """
 import torch
 import triton
