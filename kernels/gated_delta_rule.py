@@ -618,10 +618,10 @@ def _launch_config(dtype, DK, DV):
     """triton.Config per kernel, each timed on an H100 at Dk = Dv = 128 in bf16 (bench.py's delta section), Dk = 256
     at B2 T2048 H8. invert, wy: warps only (the inversion: 1, a 16-row tile is one warp's work; 4 for float32 and
     Dk = 256, whose tiles need more registers); state, state_backward: BV state columns per program of the
-    sequential passes (32 at Dk = 256: 16 columns at 8 warps were miscompiled);
-    recurrent: the decode kernel, with the state pass's BV and warps; chunk (output), grad (dq/dk/dW), wy_grad (the
-    WY backward, 1 stage: it holds several (C, C) matrices): BK x BV blocks. Dk = 256: 8 warps, 1 stage where
-    registers or shared memory run short."""
+    sequential passes (32 at Dk = 256: 16 columns at 8 warps were miscompiled); recurrent: the decode kernel, with
+    the state pass's BV and warps; chunk (output), grad (dq/dk/dW), wy_grad (the WY backward, 1 stage: it holds
+    several (C, C) matrices): BK x BV blocks. Dk = 256: 8 warps, 1 stage where registers or shared memory run
+    short."""
     large, widest = DK > 64, DK > 128
     state_BV = min(DV, 32 if large else 64)
     state_warps = 8 if widest else 4
