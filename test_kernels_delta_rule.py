@@ -29,9 +29,9 @@ DEVICE = "cuda" if GPU else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 HEAD_DIMS = [(16, 32), (64, 64), (64, 128), (128, 128), (256, 256)] if GPU else [(16, 16), (32, 64), (64, 32)]
 LENGTHS = (1, 7, 63, 64, 65, 200, 513) if GPU else (1, 7, 63, 64, 65, 150)
-# per (head dims, dtype) case. GPU: 6 random examples, no shrinking. CPU: the same two generated examples in every
-# case (derandomized: the smallest, T = 1 in one head, and a large packed one) and the @example cases below (the
-# explicit phase runs on the CPU only), chosen to cover the shapes that matter at the interpreter's speed
+# per (head dims, dtype) case. GPU: 6 random examples, no shrinking. CPU: two generated examples, the same in every
+# case (derandomized, so the interpreter's run time is predictable), and the @example cases below (the explicit
+# phase runs on the CPU only), which pin the shapes that must be covered
 EXAMPLES = 6 if GPU else 2
 PROPERTY = settings(max_examples=EXAMPLES, deadline=None, derandomize=not GPU,
                     phases=[Phase.reuse, Phase.generate] if GPU
