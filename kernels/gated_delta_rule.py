@@ -51,7 +51,8 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Helpers shared by the kernels
+# Helpers shared by the kernels. The kernels see each (TT, H, D) tensor as a (TT * H, D) matrix: the row of token t
+# in head i_h is t * H + i_h (load_rows, store_rows).
 
 
 @triton.jit
@@ -148,7 +149,7 @@ def _load_block(k_ptr, g_ptr, beta_ptr, start, end, i_h, G_before, H: tl.constex
     r = tl.arange(0, SUB)
     rows = start + r
     valid = rows < end
-    k = load_rows(k_ptr + i_h * DK, rows, tl.arange(0, DK), H * DK, valid)
+    k = load_rows(k_ptr, rows * H + i_h, tl.arange(0, DK), DK, valid)
     beta = tl.load(beta_ptr + rows * H + i_h, mask=valid, other=0.)
     g = tl.load(g_ptr + rows * H + i_h, mask=valid, other=0.)
     G = tl.cumsum(tl.where(r == 0, G_before + g, g), 0)
@@ -279,8 +280,8 @@ def _wy_prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end
     dk = tl.arange(0, DK)
     dv = tl.arange(0, DV)
 
-    k = load_rows(k_ptr + i_h * DK, rows, dk, H * DK, valid)
-    v = load_rows(v_ptr + i_h * DV, rows, dv, H * DV, valid)
+    k = load_rows(k_ptr, rows * H + i_h, dk, DK, valid)
+    v = load_rows(v_ptr, rows * H + i_h, dv, DV, valid)
     g = tl.load(g_ptr + rows * H + i_h, mask=valid, other=0.)
     beta = tl.load(beta_ptr + rows * H + i_h, mask=valid, other=0.)
     G = tl.cumsum(g, 0)  # (C,) padded rows keep the last valid value since their g is 0
@@ -290,8 +291,8 @@ def _wy_prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end
     u = _product(tinv, v.to(tl.float32) * beta[:, None], LOW, PREC, NATIVE)  # (C, DV)
 
     tl.store(gcum_ptr + rows * H + i_h, G, mask=valid)
-    store_rows(w_ptr + i_h * DK, w, rows, dk, H * DK, valid)
-    store_rows(u_ptr + i_h * DV, u, rows, dv, H * DV, valid)
+    store_rows(w_ptr, w, rows * H + i_h, dk, DK, valid)
+    store_rows(u_ptr, u, rows * H + i_h, dv, DV, valid)
 
 
 @triton.jit
@@ -313,11 +314,11 @@ def _state_forward_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, cu_ptr, chunk_o
         rows, valid, last = _sequence_chunk_rows(bos, eos, c, C)
         tl.store(h_ptr + ((first_chunk + c) * H + i_h) * DK * DV + state_offsets, S.to(h_ptr.dtype.element_ty))
         G, G_last = _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H)
-        w = load_rows(w_ptr + i_h * DK, rows, dk, H * DK, valid)
-        u = load_rows(u_ptr + i_h * DV, rows, cv, H * DV, valid)
+        w = load_rows(w_ptr, rows * H + i_h, dk, DK, valid)
+        u = load_rows(u_ptr, rows * H + i_h, cv, DV, valid)
         vnew = u - _product(w, S, LOW, PREC, NATIVE)  # (C, BV)
-        store_rows(vnew_ptr + i_h * DV, vnew, rows, cv, H * DV, valid)
-        k = load_rows(k_ptr + i_h * DK, rows, dk, H * DK, valid).to(tl.float32)
+        store_rows(vnew_ptr, vnew, rows * H + i_h, cv, DV, valid)
+        k = load_rows(k_ptr, rows * H + i_h, dk, DK, valid).to(tl.float32)
         k_decayed = k * tl.exp(G_last - G)[:, None]
         S = S * tl.exp(G_last) + _product(tl.trans(k_decayed), vnew, LOW, PREC, NATIVE)
     tl.store(ht_ptr + (i_n * H + i_h) * DK * DV + state_offsets, S)
@@ -338,15 +339,15 @@ def _chunk_output_kernel(q_ptr, k_ptr, h_ptr, vnew_ptr, gcum_ptr, chunk_start_pt
     qS = tl.zeros((C, BV), dtype=tl.float32)
     for i_k in range(DK // BK):
         ck = i_k * BK + tl.arange(0, BK)
-        q = load_rows(q_ptr + i_h * DK, rows, ck, H * DK, valid)
-        k = load_rows(k_ptr + i_h * DK, rows, ck, H * DK, valid)
+        q = load_rows(q_ptr, rows * H + i_h, ck, DK, valid)
+        k = load_rows(k_ptr, rows * H + i_h, ck, DK, valid)
         S = tl.load(h_ptr + state_base + ck[:, None] * DV + cv[None, :])  # (BK, BV)
         qk += _dot(q, tl.trans(k), PREC, NATIVE)
         qS += _dot(q, S, PREC, NATIVE)
     scores = qk * _decay_matrix(G, True, C)
-    vnew = load_rows(vnew_ptr + i_h * DV, rows, cv, H * DV, valid)
+    vnew = load_rows(vnew_ptr, rows * H + i_h, cv, DV, valid)
     o = (qS * tl.exp(G)[:, None] + _product(scores, vnew, vnew_ptr.dtype.element_ty, PREC, NATIVE)) * scale
-    store_rows(o_ptr + i_h * DV, o, rows, cv, H * DV, valid)
+    store_rows(o_ptr, o, rows * H + i_h, cv, DV, valid)
 
 
 @triton.jit
@@ -406,14 +407,14 @@ def _state_backward_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dht_ptr, cu_pt
         rows, valid, last = _sequence_chunk_rows(bos, eos, c, C)
         tl.store(dh_ptr + ((first_chunk + c) * H + i_h) * DK * DV + state_offsets, dS.to(dh_ptr.dtype.element_ty))
         G, G_last = _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H)
-        q = load_rows(q_ptr + i_h * DK, rows, dk, H * DK, valid)
-        k = load_rows(k_ptr + i_h * DK, rows, dk, H * DK, valid)
-        do = load_rows(do_ptr + i_h * DV, rows, cv, H * DV, valid).to(tl.float32)
+        q = load_rows(q_ptr, rows * H + i_h, dk, DK, valid)
+        k = load_rows(k_ptr, rows * H + i_h, dk, DK, valid)
+        do = load_rows(do_ptr, rows * H + i_h, cv, DV, valid).to(tl.float32)
         scores = _dot(q, tl.trans(k), PREC, NATIVE) * _decay_matrix(G, True, C) * scale  # (C, C)
         dvnew = (tl.dot(tl.trans(scores), do, input_precision=PREC)
                  + tl.dot(k.to(tl.float32) * tl.exp(G_last - G)[:, None], dS, input_precision=PREC))  # (C, BV)
-        store_rows(dvnew_ptr + i_h * DV, dvnew, rows, cv, H * DV, valid)
-        w = load_rows(w_ptr + i_h * DK, rows, dk, H * DK, valid).to(tl.float32)
+        store_rows(dvnew_ptr, dvnew, rows * H + i_h, cv, DV, valid)
+        w = load_rows(w_ptr, rows * H + i_h, dk, DK, valid).to(tl.float32)
         q_decayed = q.to(tl.float32) * (tl.exp(G) * scale)[:, None]
         dS = (dS * tl.exp(G_last) + tl.dot(tl.trans(q_decayed), do, input_precision=PREC)
               - tl.dot(tl.trans(w), dvnew, input_precision=PREC))
@@ -472,9 +473,9 @@ def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvne
         block = ck[:, None] * DV + cv[None, :]  # (BK, BV) offsets inside one (DK, DV) state
         S = tl.load(h_ptr + state_base + block)
         dS = tl.load(dh_ptr + state_base + block)
-        do = load_rows(do_ptr + i_h * DV, rows, cv, H * DV, valid)
-        vnew = load_rows(vnew_ptr + i_h * DV, rows, cv, H * DV, valid)
-        dvnew = load_rows(dvnew_ptr + i_h * DV, rows, cv, H * DV, valid)
+        do = load_rows(do_ptr, rows * H + i_h, cv, DV, valid)
+        vnew = load_rows(vnew_ptr, rows * H + i_h, cv, DV, valid)
+        dvnew = load_rows(dvnew_ptr, rows * H + i_h, cv, DV, valid)
         do_St += _dot(do, tl.trans(S), PREC, NATIVE)
         vnew_dSt += _dot(vnew, tl.trans(dS), PREC, NATIVE)
         dvnew_St += _dot(dvnew, tl.trans(S), PREC, NATIVE)
@@ -491,17 +492,17 @@ def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvne
             vnew_dSt += _dot(vnew, tl.trans(dS_residual.to(S.dtype)), PREC, NATIVE)
             dvnew_St += _dot(dvnew, tl.trans(S_residual.to(S.dtype)), PREC, NATIVE)
             dS_dot_S += tl.sum(dS_residual * (S + S_residual) + dS.to(tl.float32) * S_residual, 0)
-    store_rows(dw_ptr + i_h * DK, -dvnew_St, rows, ck, H * DK, valid)
-    q = load_rows(q_ptr + i_h * DK, rows, ck, H * DK, valid)
-    k = load_rows(k_ptr + i_h * DK, rows, ck, H * DK, valid)
+    store_rows(dw_ptr, -dvnew_St, rows * H + i_h, ck, DK, valid)
+    q = load_rows(q_ptr, rows * H + i_h, ck, DK, valid)
+    k = load_rows(k_ptr, rows * H + i_h, ck, DK, valid)
     qk = _dot(q, tl.trans(k), PREC, NATIVE) * scale  # (C, C) these columns' part of Qs K^T
     q = q.to(tl.float32) * scale
     k = k.to(tl.float32)
     dqk = dscores * _decay_matrix(G, True, C)
     dq = do_St * gamma[:, None] + tl.dot(dqk, k, input_precision=PREC)
-    store_rows(dq_ptr + i_h * DK, dq * scale, rows, ck, H * DK, valid)
+    store_rows(dq_ptr, dq * scale, rows * H + i_h, ck, DK, valid)
     dk = tl.dot(tl.trans(dqk), q, input_precision=PREC) + vnew_dSt * to_end[:, None]
-    store_rows(dk_part_ptr + i_h * DK, dk, rows, ck, H * DK, valid)
+    store_rows(dk_part_ptr, dk, rows * H + i_h, ck, DK, valid)
 
     # a decay's gradient of G is dM * M: the scores' rows gain it, their columns lose it
     dqk_qk = dqk * qk
@@ -542,17 +543,17 @@ def _chunk_grad_wy_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tinv_ptr, dvnew_ptr,
     dbeta = tl.zeros((C, ), dtype=tl.float32)
     for i_v in range(DV // BV):
         cv = i_v * BV + tl.arange(0, BV)
-        v = load_rows(v_ptr + i_h * DV, rows, cv, H * DV, valid).to(tl.float32)
-        dvnew = load_rows(dvnew_ptr + i_h * DV, rows, cv, H * DV, valid)
+        v = load_rows(v_ptr, rows * H + i_h, cv, DV, valid).to(tl.float32)
+        dvnew = load_rows(dvnew_ptr, rows * H + i_h, cv, DV, valid)
         dtinv += tl.dot(dvnew, tl.trans(v * beta[:, None]), input_precision=PREC)
         du = tl.dot(tl.trans(tinv), dvnew, input_precision=PREC)  # gradient of diag(beta) V
         dbeta += tl.sum(du * v, 1)
-        store_rows(dv_ptr + i_h * DV, du * beta[:, None], rows, cv, H * DV, valid)
+        store_rows(dv_ptr, du * beta[:, None], rows * H + i_h, cv, DV, valid)
     kk = tl.zeros((C, C), dtype=tl.float32)
     for i_k in range(DK // BK):
         ck = i_k * BK + tl.arange(0, BK)
-        k = load_rows(k_ptr + i_h * DK, rows, ck, H * DK, valid)
-        dw = load_rows(dw_ptr + i_h * DK, rows, ck, H * DK, valid).to(tl.float32)
+        k = load_rows(k_ptr, rows * H + i_h, ck, DK, valid)
+        dw = load_rows(dw_ptr, rows * H + i_h, ck, DK, valid).to(tl.float32)
         kk += _dot(k, tl.trans(k), PREC, NATIVE)
         dtinv += tl.dot(dw, tl.trans(k.to(tl.float32) * bw_scale[:, None]), input_precision=PREC)
 
@@ -568,12 +569,12 @@ def _chunk_grad_wy_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tinv_ptr, dvnew_ptr,
     dkk += tl.trans(dkk)
     for i_k in range(DK // BK):
         ck = i_k * BK + tl.arange(0, BK)
-        k = load_rows(k_ptr + i_h * DK, rows, ck, H * DK, valid).to(tl.float32)
-        dbw = tl.dot(tl.trans(tinv), load_rows(dw_ptr + i_h * DK, rows, ck, H * DK, valid).to(tl.float32),
+        k = load_rows(k_ptr, rows * H + i_h, ck, DK, valid).to(tl.float32)
+        dbw = tl.dot(tl.trans(tinv), load_rows(dw_ptr, rows * H + i_h, ck, DK, valid).to(tl.float32),
                      input_precision=PREC)
-        dk = (load_rows(dk_part_ptr + i_h * DK, rows, ck, H * DK, valid) + dbw * bw_scale[:, None]
+        dk = (load_rows(dk_part_ptr, rows * H + i_h, ck, DK, valid) + dbw * bw_scale[:, None]
               + tl.dot(dkk, k, input_precision=PREC))
-        store_rows(dk_ptr + i_h * DK, dk, rows, ck, H * DK, valid)
+        store_rows(dk_ptr, dk, rows * H + i_h, ck, DK, valid)
         k_dbw = tl.sum(dbw * k, 1)
         dbeta += gamma * k_dbw
         dG += bw_scale * k_dbw
