@@ -144,7 +144,8 @@ def test_swa_window_one_is_identity_on_values():
 
 
 def test_swa_after_the_models_rope_matches_reference():
-    # the nirvana-rope variant rotates q and k (nirvana.apply_rope) before the kernel; gradients flow back through it
+    # the nirvana-rope variant rotates q and k (nirvana.apply_rope) before the kernel; gradients flow back
+    # through the rotation
     generator = torch.Generator(DEVICE).manual_seed(3)
     q, k, v = (random(generator, 1, 33, 2, 16, dtype=torch.float32) for _ in range(3))
     positions = torch.arange(q.shape[1], device=DEVICE)
@@ -153,8 +154,9 @@ def test_swa_after_the_models_rope_matches_reference():
         return lambda q, k, v: (attention(nirvana.apply_rope(q, positions, 100.0),
                                           nirvana.apply_rope(k, positions, 100.0), v, 20),)
 
-    check_against_reference(after_rope(kernels.sliding_window_attention), after_rope(nirvana.sliding_window_attention),
-                            [q, k, v], ["q", "k", "v"], "swa-rope", torch.float32)
+    check_against_reference(after_rope(kernels.sliding_window_attention),
+                            after_rope(nirvana.sliding_window_attention), [q, k, v], ["q", "k", "v"],
+                            "swa-rope", torch.float32)
 
 
 def test_swa_rejects_bad_inputs():
@@ -244,7 +246,7 @@ def test_trigger_rejects_bad_shapes():
 
 
 def tiny_model_loss_and_gradients(**config):
-    """nirvana-tiny (window 24) on a random batch of 2 x 40 tokens: the model, the batch, its loss and gradients."""
+    """nirvana-tiny (window 24) on a random batch of 2 x 40 tokens: model, batch, loss and gradients."""
     torch.manual_seed(0)
     config = nirvana.NirvanaConfig.from_preset("nirvana-tiny", window=24, **config)
     model = nirvana.Nirvana(config).to(DEVICE)
@@ -254,7 +256,7 @@ def tiny_model_loss_and_gradients(**config):
 
 
 def assert_same_loss_and_gradients(forward, model, idx, reference_loss, reference_grads, key):
-    """forward (the model, or a compiled model) gives the reference loss, and gradients of the model's parameters."""
+    """forward (the model, or the compiled model) gives the reference loss and parameter gradients."""
     _, loss = forward(idx, idx)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-5)

@@ -29,9 +29,9 @@ DEVICE = "cuda" if GPU else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 HEAD_DIMS = [(16, 32), (64, 64), (64, 128), (128, 128), (256, 256)] if GPU else [(16, 16), (32, 64), (64, 32)]
 LENGTHS = (1, 7, 63, 64, 65, 200, 513) if GPU else (1, 7, 63, 64, 65, 150)
-# per (head dims, dtype) case. GPU: 6 random examples, no shrinking. CPU: two generated examples, the same in every
-# case (derandomized, so the interpreter's run time is predictable), and the @example cases below (the explicit
-# phase runs on the CPU only), which pin the shapes that must be covered
+# per (head dims, dtype) case. GPU: 6 random examples, no shrinking. CPU: two generated examples, the same in
+# every case (derandomized, so the interpreter's run time is predictable), and the @example cases below (the
+# explicit phase runs on the CPU only), which pin the shapes that must be covered
 EXAMPLES = 6 if GPU else 2
 PROPERTY = settings(max_examples=EXAMPLES, deadline=None, derandomize=not GPU,
                     phases=[Phase.reuse, Phase.generate] if GPU
@@ -79,7 +79,8 @@ def relative_error(x, ref):
 @given(B=st.integers(1, 3 if GPU else 2), T=st.sampled_from(LENGTHS), H=st.integers(1, 4 if GPU else 2),
        packed=st.booleans(), n_cuts=st.integers(1, 5), with_state=st.booleans(),
        decay_shift=st.sampled_from([4.0, 1.0, -2.0]), seed=st.integers(0, 2**31 - 1))
-# batch 1, one head, one token past a chunk, from an initial state; packed documents, some shorter than a chunk
+# batch 1, one head, one token past a chunk, from an initial state; packed documents, some shorter than a
+# chunk
 @example(B=1, T=65, H=1, packed=False, n_cuts=1, with_state=True, decay_shift=1.0, seed=1)
 @example(B=2, T=64, H=2, packed=True, n_cuts=3, with_state=False, decay_shift=-2.0, seed=2)
 @PROPERTY

@@ -2,8 +2,8 @@
 launch configuration is written and passed, and the loads and stores of row tiles.
 
 Launch configurations are triton.Config objects (block sizes by the name of the kernel's constexpr argument,
-num_warps, num_stages), one per kernel, chosen by each kernel module's _launch_config; launch_options turns one
-into the keyword arguments of kernel[grid](...).
+num_warps, num_stages), one per kernel, chosen by each kernel module's _launch_config; launch_options turns
+one into the keyword arguments of kernel[grid](...).
 """
 import os
 
@@ -17,17 +17,17 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_device(name, *tensors):
-    """Raises ValueError unless the tensors are on one device, a CUDA one (or the CPU under the interpreter)."""
+    """Raises ValueError unless the tensors are on one device: a CUDA one, or the CPU if interpreted."""
     devices = {x.device for x in tensors}
     if len(devices) > 1:
         raise ValueError(f"{name}: the tensors must be on one device; got {sorted(map(str, devices))}")
     if tensors[0].device.type != "cuda" and not INTERPRET:
-        raise ValueError(f"{name} (Triton): tensors must be on CUDA, or set TRITON_INTERPRET=1 before triton is "
-                         f"imported to run on the CPU (or use backend='torch'); got {tensors[0].device}")
+        raise ValueError(f"{name} (Triton): tensors must be on CUDA, or set TRITON_INTERPRET=1 before triton "
+                         f"is imported to run on the CPU (or use backend='torch'); got {tensors[0].device}")
 
 
 def check_qkv(name, q, k, v):
-    """Raises ValueError unless q, k are (B, T, H, Dk) and v (B, T, H, Dv), all of one dtype in FLOAT_DTYPES."""
+    """Raises ValueError unless q, k are (B, T, H, Dk) and v (B, T, H, Dv), of one dtype in FLOAT_DTYPES."""
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"{name}: expected q, k (B, T, H, Dk) and v (B, T, H, Dv), "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -49,8 +49,8 @@ def launch_options(config, **blocks):
 
 @triton.jit
 def load_rows(ptr, rows, cols, row_stride, row_ok=None, col_ok=None):
-    """Tile (len(rows), len(cols)) of a matrix whose element (r, c) is at ptr + r * row_stride + c, in its dtype;
-    zero in the rows where row_ok and the columns where col_ok is False (None: all are inside, no mask)."""
+    """Tile (len(rows), len(cols)) of a matrix whose element (r, c) is at ptr + r * row_stride + c, in its
+    dtype; zero in the rows where row_ok and the columns where col_ok is False (None: no mask)."""
     ptrs = ptr + rows[:, None] * row_stride + cols[None, :]
     if row_ok is not None and col_ok is not None:
         x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)

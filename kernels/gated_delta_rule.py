@@ -14,28 +14,30 @@ chunk start; the WY/UT transform of the Gated DeltaNet paper):
     O     = diag(Gamma) Qs S + (Qs K^T * exp(G_t - G_i))_{i<=t} Vnew       Qs = scale Q
     S'    = Gamma_C S + (diag(exp(G_C - G)) K)^T Vnew
 
-Forward, four kernels in reading order: the inversion and the WY preparation (both parallel over chunks), the
-state pass (the only sequential one: along each sequence's chunks it writes the chunk-start states and Vnew), the
-output (parallel over chunks). The one-token decode kernel follows. Backward, recomputing the forward's
-intermediates except Tinv: WY preparation and state pass again, the reverse state pass (gradients of the
-chunk-end states, dVnew with its intra-chunk part), then two per-chunk gradient kernels: everything that needs the
-states and their gradients, one program per Dk block (dq, dW = -dVnew S^T, parts of dk and dg; run again over each
-sequence's first and last chunk, see SEQUENCE_ENDS); then the WY backward (Tinv, dW -> dk, dv, dbeta, dg).
-Each kernel's docstring gives what one program computes and its blocks; block sizes and warps: _launch_config.
+Forward, four kernels in reading order: the inversion and the WY preparation (both parallel over chunks),
+the state pass (the only sequential one: along each sequence's chunks it writes the chunk-start states and
+Vnew), the output (parallel over chunks). The one-token decode kernel follows. Backward, recomputing the
+forward's intermediates except Tinv: WY preparation and state pass again, the reverse state pass (gradients
+of the chunk-end states, dVnew with its intra-chunk part), then two per-chunk gradient kernels: everything
+that needs the states and their gradients, one program per Dk block (dq, dW = -dVnew S^T, parts of dk and dg;
+run again over each sequence's first and last chunk, see SEQUENCE_ENDS); then the WY backward (Tinv, dW -> dk,
+dv, dbeta, dg). Each kernel's docstring gives what one program computes and its blocks; block sizes and
+warps: _launch_config.
 
-Layout: (B, T, H, D), i.e. head after time. Packed sequences: B == 1 with cu_seqlens (N+1 offsets); a batch of B
-equal-length sequences is run as B packed sequences of length T. Supported: Dk and Dv powers of two in [16, 256];
-q, k, v in float32, bfloat16 or float16; g <= 0 (log-decay) and beta of any float dtype.
+Layout: (B, T, H, D), i.e. head after time. Packed sequences: B == 1 with cu_seqlens (N+1 offsets); a batch
+of B equal-length sequences is run as B packed sequences of length T. Supported: Dk and Dv powers of two in
+[16, 256]; q, k, v in float32, bfloat16 or float16; g <= 0 (log-decay) and beta of any float dtype.
 
-Precision: arithmetic and the state in float32; the chunk-start states are stored in the inputs' dtype, and the
-gradients of each sequence's first and last chunk use the float32 h0 and dht (SEQUENCE_ENDS). Float32 inputs use
-exact float32 products and store every intermediate in float32. With 16-bit inputs, products of two 16-bit tensors
-(Q, K, stored states, dO) run natively on the tensor cores, the others in tf32; Tinv, W, U and Vnew (forward-pass
-quantities) are stored in float16 when Dk >= 64 and multiplied natively (_product): tf32's mantissa at half the
-bytes and twice the rate (bfloat16's shorter mantissa was not accurate enough); they stay below float16's 65504
-as long as |v| does (|Tinv| <= 1 and |W| < 1 for unit keys). Gradients are stored in float32, except dW, which
-only enters float32-accumulated products: bfloat16 for 16-bit inputs (_gradient_dtype). On the CPU the kernels
-run only under TRITON_INTERPRET=1, which upcasts every product to float32.
+Precision: arithmetic and the state in float32; the chunk-start states are stored in the inputs' dtype, and
+the gradients of each sequence's first and last chunk use the float32 h0 and dht (SEQUENCE_ENDS). Float32
+inputs use exact float32 products and store every intermediate in float32. With 16-bit inputs, products of
+two 16-bit tensors (Q, K, stored states, dO) run natively on the tensor cores, the others in tf32; Tinv, W, U
+and Vnew (forward-pass quantities) are stored in float16 when Dk >= 64 and multiplied natively (_product):
+tf32's mantissa at half the bytes and twice the rate (bfloat16's shorter mantissa was not accurate enough);
+they stay below float16's 65504 as long as |v| does (|Tinv| <= 1 and |W| < 1 for unit keys). Gradients are
+stored in float32, except dW, which only enters float32-accumulated products: bfloat16 for 16-bit inputs
+(_gradient_dtype). On the CPU the kernels run only under TRITON_INTERPRET=1, which upcasts every product to
+float32.
 """
 import functools
 
@@ -51,8 +53,8 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Helpers shared by the kernels. The kernels see each (TT, H, D) tensor as a (TT * H, D) matrix: the row of token t
-# in head i_h is t * H + i_h (load_rows, store_rows).
+# Helpers shared by the kernels. The kernels see each (TT, H, D) tensor as a (TT * H, D) matrix: the row of
+# token t in head i_h is t * H + i_h (load_rows, store_rows).
 
 
 @triton.jit
@@ -616,13 +618,13 @@ def _inverse_precision(dtype):
 
 
 def _launch_config(dtype, DK, DV):
-    """triton.Config per kernel, each timed on an H100 at Dk = Dv = 128 in bf16 (bench.py's delta section), Dk = 256
-    at B2 T2048 H8. invert, wy: warps only (the inversion: 1, a 16-row tile is one warp's work; 4 for float32 and
-    Dk = 256, whose tiles need more registers); state, state_backward: BV state columns per program of the
-    sequential passes (32 at Dk = 256: 16 columns at 8 warps were miscompiled); recurrent: the decode kernel, with
-    the state pass's BV and warps; chunk (output), grad (dq/dk/dW), wy_grad (the WY backward, 1 stage: it holds
-    several (C, C) matrices): BK x BV blocks. Dk = 256: 8 warps, 1 stage where registers or shared memory run
-    short."""
+    """triton.Config per kernel, each timed on an H100 at Dk = Dv = 128 in bf16 (bench.py's delta section),
+    Dk = 256 at B2 T2048 H8. invert, wy: warps only (the inversion: 1, a 16-row tile is one warp's work; 4
+    for float32 and Dk = 256, whose tiles need more registers); state, state_backward: BV state columns per
+    program of the sequential passes (32 at Dk = 256: 16 columns at 8 warps were miscompiled); recurrent:
+    the decode kernel, with the state pass's BV and warps; chunk (output), grad (dq/dk/dW), wy_grad (the WY
+    backward, 1 stage: it holds several (C, C) matrices): BK x BV blocks. Dk = 256: 8 warps, 1 stage where
+    registers or shared memory run short."""
     large, widest = DK > 64, DK > 128
     state_BV = min(DV, 32 if large else 64)
     state_warps = 8 if widest else 4
@@ -633,8 +635,8 @@ def _launch_config(dtype, DK, DV):
         recurrent=triton.Config(dict(BV=state_BV), num_warps=state_warps),
         state_backward=triton.Config(dict(BV=min(DV, 32 if large else 64)), num_warps=8 if widest else 4,
                                      num_stages=1 if large else 2),
-        chunk=triton.Config(dict(BK=min(DK, 64), BV=min(DV, 128 if large else 64)), num_warps=8 if large else 4,
-                            num_stages=2),
+        chunk=triton.Config(dict(BK=min(DK, 64), BV=min(DV, 128 if large else 64)),
+                            num_warps=8 if large else 4, num_stages=2),
         grad=triton.Config(dict(BK=min(DK, 64), BV=min(DV, 32 if large else 64)), num_warps=4,
                            num_stages=3 if large else 1),
         wy_grad=triton.Config(dict(BK=min(DK, 64), BV=min(DV, 64)), num_warps=4, num_stages=1))
@@ -804,7 +806,8 @@ def _recurrent_forward(q, k, v, g, beta, h0, cu_seqlens, scale):
     o = torch.empty(TT, H, DV, dtype=q.dtype, device=q.device)
     ht = torch.empty(N, H, DK, DV, dtype=torch.float32, device=q.device)
     _recurrent_kernel[(N, H, DV // config["recurrent"].kwargs["BV"])](
-        q, k, v, g, beta, h0, cu_seqlens, o, ht, scale, H=H, DK=DK, DV=DV, **launch_options(config["recurrent"]))
+        q, k, v, g, beta, h0, cu_seqlens, o, ht, scale, H=H, DK=DK, DV=DV,
+        **launch_options(config["recurrent"]))
     return o, ht
 
 
@@ -816,7 +819,8 @@ def _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens):
     DV = v.shape[-1]
     for argument, x in (("g", g), ("beta", beta)):
         if x.shape != q.shape[:3]:
-            raise ValueError(f"{name}: {argument} must be (B, T, H) = {tuple(q.shape[:3])}; got {tuple(x.shape)}")
+            raise ValueError(f"{name}: {argument} must be (B, T, H) = {tuple(q.shape[:3])}; "
+                             f"got {tuple(x.shape)}")
     if DK not in SUPPORTED_HEAD_DIMS or DV not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"{name}: head dims must be one of {SUPPORTED_HEAD_DIMS}; got Dk={DK}, Dv={DV}")
     check_device(name, q, k, v, g, beta)

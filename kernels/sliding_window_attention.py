@@ -265,8 +265,8 @@ def _launch_config(dtype, dk, dv):
     """triton.Config per kernel: fwd (BLOCK_M queries x BLOCK_N keys); bwd, one launch of the dk/dv programs
     (BLOCK_M1 queries x BLOCK_N1 keys) and the dq programs (BLOCK_M2 x BLOCK_N2), so one warp and stage count;
     delta (BLOCK_M rows). bf16/fp16 with head sizes <= 128: the tiles timed fastest on an H100 at D = 128
-    (bench.py); float32 or larger heads: smaller tiles; float32 with padded Dk + Dv > 256: smaller still, within an
-    H100's 227 KB of shared memory up to Dk 256 + Dv 512; 16 x 16 under the CPU interpreter."""
+    (bench.py); float32 or larger heads: smaller tiles; float32 with padded Dk + Dv > 256: smaller still,
+    within an H100's 227 KB of shared memory up to Dk 256 + Dv 512; 16 x 16 under the CPU interpreter."""
     if INTERPRET:
         return dict(fwd=triton.Config(dict(BLOCK_M=16, BLOCK_N=16), num_warps=1, num_stages=1),
                     bwd=triton.Config(dict(BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=16), num_warps=1,

@@ -292,8 +292,9 @@ def _trigger_bwd_bank(Qx, Kx, P, G, ETA, U, DZT, DZQ, DG, DW_PART, DB_PART, N, T
 
 
 def _launch_config():
-    """triton.Config per kernel: BLOCK_T tokens per program, warps and stages; the bank kernel's KB bank blocks per
-    program (1 where K is not a multiple of it) and BANK_SLICES token slices (partial sums added in PyTorch)."""
+    """triton.Config per kernel: BLOCK_T tokens per program, warps and stages; the bank kernel's KB bank
+    blocks per program (1 where K is not a multiple of it) and BANK_SLICES token slices (partial sums added
+    in PyTorch)."""
     if INTERPRET:
         return dict(fwd=triton.Config(dict(BLOCK_T=16), num_warps=1, num_stages=1),
                     bwd=triton.Config(dict(BLOCK_T=16), num_warps=1, num_stages=1),
@@ -377,7 +378,8 @@ class _TriggerStep(torch.autograd.Function):
         db_part = torch.empty(slices, K, block_d, **f32)
         _trigger_bwd_bank[(K // kb, slices)](
             q, k, p, g, eta, u, dzt, dzq, dg, dw_part, db_part, N, tokens_per_slice,
-            D=D, K=K, BLOCK_D=block_d, DETACH=ctx.detach, **precision, **launch_options(config["bank"], KB=kb))
+            D=D, K=K, BLOCK_D=block_d, DETACH=ctx.detach, **precision,
+            **launch_options(config["bank"], KB=kb))
         dw = dw_part.sum(0)[:, :D, :D].to(ctx.bank_dtypes[0])
         db = db_part.sum(0)[:, :D].to(ctx.bank_dtypes[1])
         if ctx.detach:   # the inner gradient is a constant: k and v only reach c and p' through it
