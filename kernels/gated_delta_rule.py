@@ -28,16 +28,14 @@ Layout: (B, T, H, D), i.e. head after time. Packed sequences: B == 1 with cu_seq
 of B equal-length sequences is run as B packed sequences of length T. Supported: Dk and Dv powers of two in
 [16, 256]; q, k, v in float32, bfloat16 or float16; g <= 0 (log-decay) and beta of any float dtype.
 
-Precision: arithmetic and the state in float32; the chunk-start states are stored in the inputs' dtype, and
-the gradients of each sequence's first and last chunk use the float32 h0 and dht (SEQUENCE_ENDS). Float32
-inputs use exact float32 products and store every intermediate in float32. With 16-bit inputs, products of
-two 16-bit tensors (Q, K, stored states, dO) run natively on the tensor cores, the others in tf32; Tinv, W, U
-and Vnew (forward-pass quantities) are stored in float16 when Dk >= 64 and multiplied natively (_product):
-tf32's mantissa at half the bytes and twice the rate (bfloat16's shorter mantissa was not accurate enough);
-they stay below float16's 65504 as long as |v| does (|Tinv| <= 1 and |W| < 1 for unit keys). Gradients are
-stored in float32, except dW, which only enters float32-accumulated products: bfloat16 for 16-bit inputs
-(_gradient_dtype). On the CPU the kernels run only under TRITON_INTERPRET=1, which upcasts every product to
-float32.
+Precision: arithmetic and the state in float32. Float32 inputs: exact float32 products, every intermediate
+stored in float32. 16-bit inputs: products of two 16-bit tensors (Q, K, stored states, dO) run natively on
+the tensor cores, the others in tf32; the chunk-start states are stored in the inputs' dtype (each sequence's
+first and last chunk take their gradients from the float32 h0 and dht, SEQUENCE_ENDS); Tinv, W, U and Vnew
+are stored in float16 when Dk >= 64 (_intermediate_dtype: tf32's mantissa at half the bytes, where bfloat16's
+was not accurate enough; they stay below 65504 while |v| does) and dW in bfloat16 (_gradient_dtype), the
+other gradients in float32. On the CPU the kernels run only under TRITON_INTERPRET=1, which upcasts every
+product.
 """
 import functools
 
