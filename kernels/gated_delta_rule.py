@@ -14,56 +14,45 @@ chunk start; the WY/UT transform of the Gated DeltaNet paper):
     O     = diag(Gamma) Qs S + (Qs K^T * exp(G_t - G_i))_{i<=t} Vnew       Qs = scale Q
     S'    = Gamma_C S + (diag(exp(G_C - G)) K)^T Vnew
 
-Forward, four kernels in reading order: the inversion and the WY preparation (both parallel over chunks), the
-state pass (the only sequential one: along each sequence's chunks it writes the chunk-start states and Vnew), the
-output (parallel over chunks). The one-token decode kernel follows. Backward, recomputing the forward's
-intermediates except Tinv instead of keeping them: WY preparation and state pass again, the reverse state pass
-(gradients of the chunk-end states, dVnew with its intra-chunk part), then two per-chunk gradient
-kernels: everything that needs the states and their gradients, one program per Dk block (dq, dW = -dVnew S^T,
-parts of dk and dg; run again over each sequence's first and last chunk, see SEQUENCE_ENDS); then the WY backward
-(Tinv, dW -> dk, dv, dbeta, dg).
+Forward, four kernels in reading order: the inversion and the WY preparation (both parallel over chunks),
+the state pass (the only sequential one: along each sequence's chunks it writes the chunk-start states and
+Vnew), the output (parallel over chunks). The one-token decode kernel follows. Backward, recomputing the
+forward's intermediates except Tinv: WY preparation and state pass again, the reverse state pass (gradients
+of the chunk-end states, dVnew with its intra-chunk part), then two per-chunk gradient kernels: everything
+that needs the states and their gradients, one program per Dk block (dq, dW = -dVnew S^T, parts of dk and dg;
+run again over each sequence's first and last chunk, see SEQUENCE_ENDS); then the WY backward (Tinv, dW -> dk,
+dv, dbeta, dg). Each kernel's docstring gives what one program computes and its blocks; block sizes and
+warps: _launch_config.
 
-Layout: (B, T, H, D), i.e. head after time. Packed sequences: B == 1 with cu_seqlens (N+1 offsets); a batch of B
-equal-length sequences is run as B packed sequences of length T. Supported: Dk and Dv powers of two in [16, 256]; q,
-k, v in float32, bfloat16 or float16; g <= 0 (log-decay) and beta of any float dtype. Precision: arithmetic and the
-state in float32; the chunk-start states are stored in the inputs' dtype. The gradients of each sequence's first and
-last chunk use h0 and dht (float32 inputs) at float32 accuracy (SEQUENCE_ENDS). Float32 inputs use exact float32 dot
-products and store every intermediate in float32. With 16-bit inputs, products of two 16-bit tensors (Q, K, stored
-states, dO) run natively on the tensor cores, the others in tf32. Tinv, W, U and Vnew are forward-pass quantities;
-for 16-bit inputs with Dk >= 64 they are stored in float16 and their products run natively in float16 (_product):
-the mantissa of tf32, so the same precision, at half the bytes and twice the rate (bf16 storage of W, U and Vnew had
-doubled the bf16 errors in the tests). Float16's range bounds them: the values stay below 65504 as long as |v| does
-(|Tinv| <= 1 and |W| < 1 were seen on random unit keys). Gradients are stored in float32, except dW, which only
-enters float32-accumulated products: bfloat16 for 16-bit inputs (_gradient_dtype). On CPU the kernels run only under
-TRITON_INTERPRET=1 (which upcasts every product to float32).
+Layout: (B, T, H, D), i.e. head after time. Packed sequences: B == 1 with cu_seqlens (N+1 offsets); a batch
+of B equal-length sequences is run as B packed sequences of length T. Supported: Dk and Dv powers of two in
+[16, 256]; q, k, v in float32, bfloat16 or float16; g <= 0 (log-decay) and beta of any float dtype.
+
+Precision: arithmetic and the state in float32. Float32 inputs: exact float32 products, every intermediate
+stored in float32. 16-bit inputs: products of two 16-bit tensors (Q, K, stored states, dO) run natively on
+the tensor cores, the others in tf32; the chunk-start states are stored in the inputs' dtype (each sequence's
+first and last chunk take their gradients from the float32 h0 and dht, SEQUENCE_ENDS); Tinv, W, U and Vnew
+are stored in float16 when Dk >= 64 (_intermediate_dtype: tf32's mantissa at half the bytes, where bfloat16's
+was not accurate enough; they stay below 65504 while |v| does) and dW in bfloat16 (_gradient_dtype), the
+other gradients in float32. On the CPU the kernels run only under TRITON_INTERPRET=1, which upcasts every
+product.
 """
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.common import INTERPRET, check_device, check_qkv, launch_options, load_rows, store_rows
+
 CHUNK = 64  # tokens per chunk (C)
 SUB = 16  # side of the tiles of A and Tinv in _wy_invert_kernel (C = 4 SUB)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Helpers shared by the kernels
-
-
-@triton.jit
-def _load_rows(ptr, rows, valid, i_h, cols, H: tl.constexpr, D: tl.constexpr):
-    """Rows `rows` of head i_h, columns `cols`, of a (TT, H, D) tensor in its dtype; rows without `valid` read 0."""
-    return tl.load(ptr + (rows[:, None] * H + i_h) * D + cols[None, :], mask=valid[:, None], other=0.)
-
-
-@triton.jit
-def _store_rows(ptr, x, rows, valid, i_h, cols, H: tl.constexpr, D: tl.constexpr):
-    """Writes x (len(rows), len(cols)) into the valid rows of head i_h of a (TT, H, D) tensor, in its dtype."""
-    tl.store(ptr + (rows[:, None] * H + i_h) * D + cols[None, :], x.to(ptr.dtype.element_ty), mask=valid[:, None])
+# Helpers shared by the kernels. The kernels see each (TT, H, D) tensor as a (TT * H, D) matrix: the row of
+# token t in head i_h is t * H + i_h (load_rows, store_rows).
 
 
 @triton.jit
@@ -160,7 +149,7 @@ def _load_block(k_ptr, g_ptr, beta_ptr, start, end, i_h, G_before, H: tl.constex
     r = tl.arange(0, SUB)
     rows = start + r
     valid = rows < end
-    k = _load_rows(k_ptr, rows, valid, i_h, tl.arange(0, DK), H, DK)
+    k = load_rows(k_ptr, rows * H + i_h, tl.arange(0, DK), DK, valid)
     beta = tl.load(beta_ptr + rows * H + i_h, mask=valid, other=0.)
     g = tl.load(g_ptr + rows * H + i_h, mask=valid, other=0.)
     G = tl.cumsum(tl.where(r == 0, G_before + g, g), 0)
@@ -291,8 +280,8 @@ def _wy_prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end
     dk = tl.arange(0, DK)
     dv = tl.arange(0, DV)
 
-    k = _load_rows(k_ptr, rows, valid, i_h, dk, H, DK)
-    v = _load_rows(v_ptr, rows, valid, i_h, dv, H, DV)
+    k = load_rows(k_ptr, rows * H + i_h, dk, DK, valid)
+    v = load_rows(v_ptr, rows * H + i_h, dv, DV, valid)
     g = tl.load(g_ptr + rows * H + i_h, mask=valid, other=0.)
     beta = tl.load(beta_ptr + rows * H + i_h, mask=valid, other=0.)
     G = tl.cumsum(g, 0)  # (C,) padded rows keep the last valid value since their g is 0
@@ -302,8 +291,8 @@ def _wy_prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end
     u = _product(tinv, v.to(tl.float32) * beta[:, None], LOW, PREC, NATIVE)  # (C, DV)
 
     tl.store(gcum_ptr + rows * H + i_h, G, mask=valid)
-    _store_rows(w_ptr, w, rows, valid, i_h, dk, H, DK)
-    _store_rows(u_ptr, u, rows, valid, i_h, dv, H, DV)
+    store_rows(w_ptr, w, rows * H + i_h, dk, DK, valid)
+    store_rows(u_ptr, u, rows * H + i_h, dv, DV, valid)
 
 
 @triton.jit
@@ -314,8 +303,7 @@ def _state_forward_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, cu_ptr, chunk_o
 
     Blocks: state S (DK, BV) float32 in registers, K/W (C, DK), U/Vnew (C, BV). Per chunk: writes S (the
     chunk-start state) and Vnew = U - W S; then S <- Gamma_C S + (diag(exp(G_C - G)) K)^T Vnew.
-    Writes the final state at the end. (Scaling Vnew instead of K by exp(G_C - G) was 3.5% faster at Dk = 128, but
-    Triton 3.6 compiled it into an illegal memory access at Dk = 256 on the H100.)
+    Writes the final state at the end.
     """
     i_n, i_h, bos, eos, first_chunk, n_chunks, dk, cv, state_offsets = _sequence_program(
         cu_ptr, chunk_offsets_ptr, DK, DV, BV)
@@ -326,11 +314,11 @@ def _state_forward_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, cu_ptr, chunk_o
         rows, valid, last = _sequence_chunk_rows(bos, eos, c, C)
         tl.store(h_ptr + ((first_chunk + c) * H + i_h) * DK * DV + state_offsets, S.to(h_ptr.dtype.element_ty))
         G, G_last = _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H)
-        w = _load_rows(w_ptr, rows, valid, i_h, dk, H, DK)
-        u = _load_rows(u_ptr, rows, valid, i_h, cv, H, DV)
+        w = load_rows(w_ptr, rows * H + i_h, dk, DK, valid)
+        u = load_rows(u_ptr, rows * H + i_h, cv, DV, valid)
         vnew = u - _product(w, S, LOW, PREC, NATIVE)  # (C, BV)
-        _store_rows(vnew_ptr, vnew, rows, valid, i_h, cv, H, DV)
-        k = _load_rows(k_ptr, rows, valid, i_h, dk, H, DK).to(tl.float32)
+        store_rows(vnew_ptr, vnew, rows * H + i_h, cv, DV, valid)
+        k = load_rows(k_ptr, rows * H + i_h, dk, DK, valid).to(tl.float32)
         k_decayed = k * tl.exp(G_last - G)[:, None]
         S = S * tl.exp(G_last) + _product(tl.trans(k_decayed), vnew, LOW, PREC, NATIVE)
     tl.store(ht_ptr + (i_n * H + i_h) * DK * DV + state_offsets, S)
@@ -351,15 +339,15 @@ def _chunk_output_kernel(q_ptr, k_ptr, h_ptr, vnew_ptr, gcum_ptr, chunk_start_pt
     qS = tl.zeros((C, BV), dtype=tl.float32)
     for i_k in range(DK // BK):
         ck = i_k * BK + tl.arange(0, BK)
-        q = _load_rows(q_ptr, rows, valid, i_h, ck, H, DK)
-        k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK)
+        q = load_rows(q_ptr, rows * H + i_h, ck, DK, valid)
+        k = load_rows(k_ptr, rows * H + i_h, ck, DK, valid)
         S = tl.load(h_ptr + state_base + ck[:, None] * DV + cv[None, :])  # (BK, BV)
         qk += _dot(q, tl.trans(k), PREC, NATIVE)
         qS += _dot(q, S, PREC, NATIVE)
     scores = qk * _decay_matrix(G, True, C)
-    vnew = _load_rows(vnew_ptr, rows, valid, i_h, cv, H, DV)
+    vnew = load_rows(vnew_ptr, rows * H + i_h, cv, DV, valid)
     o = (qS * tl.exp(G)[:, None] + _product(scores, vnew, vnew_ptr.dtype.element_ty, PREC, NATIVE)) * scale
-    _store_rows(o_ptr, o, rows, valid, i_h, cv, H, DV)
+    store_rows(o_ptr, o, rows * H + i_h, cv, DV, valid)
 
 
 @triton.jit
@@ -419,14 +407,14 @@ def _state_backward_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dht_ptr, cu_pt
         rows, valid, last = _sequence_chunk_rows(bos, eos, c, C)
         tl.store(dh_ptr + ((first_chunk + c) * H + i_h) * DK * DV + state_offsets, dS.to(dh_ptr.dtype.element_ty))
         G, G_last = _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H)
-        q = _load_rows(q_ptr, rows, valid, i_h, dk, H, DK)
-        k = _load_rows(k_ptr, rows, valid, i_h, dk, H, DK)
-        do = _load_rows(do_ptr, rows, valid, i_h, cv, H, DV).to(tl.float32)
+        q = load_rows(q_ptr, rows * H + i_h, dk, DK, valid)
+        k = load_rows(k_ptr, rows * H + i_h, dk, DK, valid)
+        do = load_rows(do_ptr, rows * H + i_h, cv, DV, valid).to(tl.float32)
         scores = _dot(q, tl.trans(k), PREC, NATIVE) * _decay_matrix(G, True, C) * scale  # (C, C)
         dvnew = (tl.dot(tl.trans(scores), do, input_precision=PREC)
                  + tl.dot(k.to(tl.float32) * tl.exp(G_last - G)[:, None], dS, input_precision=PREC))  # (C, BV)
-        _store_rows(dvnew_ptr, dvnew, rows, valid, i_h, cv, H, DV)
-        w = _load_rows(w_ptr, rows, valid, i_h, dk, H, DK).to(tl.float32)
+        store_rows(dvnew_ptr, dvnew, rows * H + i_h, cv, DV, valid)
+        w = load_rows(w_ptr, rows * H + i_h, dk, DK, valid).to(tl.float32)
         q_decayed = q.to(tl.float32) * (tl.exp(G) * scale)[:, None]
         dS = (dS * tl.exp(G_last) + tl.dot(tl.trans(q_decayed), do, input_precision=PREC)
               - tl.dot(tl.trans(w), dvnew, input_precision=PREC))
@@ -455,8 +443,7 @@ def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvne
     products with the residuals of the states that are float32 inputs: h0 - S in a first chunk, dht - dS' in a last
     one (rounded to the stored states' dtype, i.e. to 2^-8 of a residual that is itself within 2^-8 of the state).
     With 16-bit inputs the states are stored in 16 bits, and a sequence of one chunk (T = 1 included) would take its
-    dg and dbeta, B H sums of Dk Dv products that can cancel, from rounded copies of h0 and dht (dg's error at T = 1
-    in bfloat16 reached 1.6e-2 on the H100).
+    dg and dbeta, B H sums of Dk Dv products that can cancel, from rounded copies of h0 and dht.
     """
     # program 0 axis: chunk-major, Dk block fastest, so that the Dk blocks of a chunk run side by side and share its
     # dO, Vnew, dVnew in L2 (one axis: a grid's second and third axes stop at 65535 chunks)
@@ -486,9 +473,9 @@ def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvne
         block = ck[:, None] * DV + cv[None, :]  # (BK, BV) offsets inside one (DK, DV) state
         S = tl.load(h_ptr + state_base + block)
         dS = tl.load(dh_ptr + state_base + block)
-        do = _load_rows(do_ptr, rows, valid, i_h, cv, H, DV)
-        vnew = _load_rows(vnew_ptr, rows, valid, i_h, cv, H, DV)
-        dvnew = _load_rows(dvnew_ptr, rows, valid, i_h, cv, H, DV)
+        do = load_rows(do_ptr, rows * H + i_h, cv, DV, valid)
+        vnew = load_rows(vnew_ptr, rows * H + i_h, cv, DV, valid)
+        dvnew = load_rows(dvnew_ptr, rows * H + i_h, cv, DV, valid)
         do_St += _dot(do, tl.trans(S), PREC, NATIVE)
         vnew_dSt += _dot(vnew, tl.trans(dS), PREC, NATIVE)
         dvnew_St += _dot(dvnew, tl.trans(S), PREC, NATIVE)
@@ -505,17 +492,17 @@ def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvne
             vnew_dSt += _dot(vnew, tl.trans(dS_residual.to(S.dtype)), PREC, NATIVE)
             dvnew_St += _dot(dvnew, tl.trans(S_residual.to(S.dtype)), PREC, NATIVE)
             dS_dot_S += tl.sum(dS_residual * (S + S_residual) + dS.to(tl.float32) * S_residual, 0)
-    _store_rows(dw_ptr, -dvnew_St, rows, valid, i_h, ck, H, DK)
-    q = _load_rows(q_ptr, rows, valid, i_h, ck, H, DK)
-    k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK)
+    store_rows(dw_ptr, -dvnew_St, rows * H + i_h, ck, DK, valid)
+    q = load_rows(q_ptr, rows * H + i_h, ck, DK, valid)
+    k = load_rows(k_ptr, rows * H + i_h, ck, DK, valid)
     qk = _dot(q, tl.trans(k), PREC, NATIVE) * scale  # (C, C) these columns' part of Qs K^T
     q = q.to(tl.float32) * scale
     k = k.to(tl.float32)
     dqk = dscores * _decay_matrix(G, True, C)
     dq = do_St * gamma[:, None] + tl.dot(dqk, k, input_precision=PREC)
-    _store_rows(dq_ptr, dq * scale, rows, valid, i_h, ck, H, DK)
+    store_rows(dq_ptr, dq * scale, rows * H + i_h, ck, DK, valid)
     dk = tl.dot(tl.trans(dqk), q, input_precision=PREC) + vnew_dSt * to_end[:, None]
-    _store_rows(dk_part_ptr, dk, rows, valid, i_h, ck, H, DK)
+    store_rows(dk_part_ptr, dk, rows * H + i_h, ck, DK, valid)
 
     # a decay's gradient of G is dM * M: the scores' rows gain it, their columns lose it
     dqk_qk = dqk * qk
@@ -556,17 +543,17 @@ def _chunk_grad_wy_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tinv_ptr, dvnew_ptr,
     dbeta = tl.zeros((C, ), dtype=tl.float32)
     for i_v in range(DV // BV):
         cv = i_v * BV + tl.arange(0, BV)
-        v = _load_rows(v_ptr, rows, valid, i_h, cv, H, DV).to(tl.float32)
-        dvnew = _load_rows(dvnew_ptr, rows, valid, i_h, cv, H, DV)
+        v = load_rows(v_ptr, rows * H + i_h, cv, DV, valid).to(tl.float32)
+        dvnew = load_rows(dvnew_ptr, rows * H + i_h, cv, DV, valid)
         dtinv += tl.dot(dvnew, tl.trans(v * beta[:, None]), input_precision=PREC)
         du = tl.dot(tl.trans(tinv), dvnew, input_precision=PREC)  # gradient of diag(beta) V
         dbeta += tl.sum(du * v, 1)
-        _store_rows(dv_ptr, du * beta[:, None], rows, valid, i_h, cv, H, DV)
+        store_rows(dv_ptr, du * beta[:, None], rows * H + i_h, cv, DV, valid)
     kk = tl.zeros((C, C), dtype=tl.float32)
     for i_k in range(DK // BK):
         ck = i_k * BK + tl.arange(0, BK)
-        k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK)
-        dw = _load_rows(dw_ptr, rows, valid, i_h, ck, H, DK).to(tl.float32)
+        k = load_rows(k_ptr, rows * H + i_h, ck, DK, valid)
+        dw = load_rows(dw_ptr, rows * H + i_h, ck, DK, valid).to(tl.float32)
         kk += _dot(k, tl.trans(k), PREC, NATIVE)
         dtinv += tl.dot(dw, tl.trans(k.to(tl.float32) * bw_scale[:, None]), input_precision=PREC)
 
@@ -582,12 +569,12 @@ def _chunk_grad_wy_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tinv_ptr, dvnew_ptr,
     dkk += tl.trans(dkk)
     for i_k in range(DK // BK):
         ck = i_k * BK + tl.arange(0, BK)
-        k = _load_rows(k_ptr, rows, valid, i_h, ck, H, DK).to(tl.float32)
-        dbw = tl.dot(tl.trans(tinv), _load_rows(dw_ptr, rows, valid, i_h, ck, H, DK).to(tl.float32),
+        k = load_rows(k_ptr, rows * H + i_h, ck, DK, valid).to(tl.float32)
+        dbw = tl.dot(tl.trans(tinv), load_rows(dw_ptr, rows * H + i_h, ck, DK, valid).to(tl.float32),
                      input_precision=PREC)
-        dk = (_load_rows(dk_part_ptr, rows, valid, i_h, ck, H, DK) + dbw * bw_scale[:, None]
+        dk = (load_rows(dk_part_ptr, rows * H + i_h, ck, DK, valid) + dbw * bw_scale[:, None]
               + tl.dot(dkk, k, input_precision=PREC))
-        _store_rows(dk_ptr, dk, rows, valid, i_h, ck, H, DK)
+        store_rows(dk_ptr, dk, rows * H + i_h, ck, DK, valid)
         k_dbw = tl.sum(dbw * k, 1)
         dbeta += gamma * k_dbw
         dG += bw_scale * k_dbw
@@ -612,14 +599,13 @@ def _precision(dtype):
 def _intermediate_dtype(dtype, DK):
     """dtype of the stored Tinv, W, U and Vnew (forward-pass quantities that enter products, see _product, and
     Vnew = U - W S): float16 where the products run in tf32 and Dk >= 64 (16-bit inputs): the same
-    10-bit mantissa at half the bytes; else float32. (At Dk = 16 float16 gave a wrong forward on the H100, before
-    Tinv was read back from memory.)"""
+    10-bit mantissa at half the bytes; else float32."""
     return torch.float16 if _precision(dtype)["PREC"] == "tf32" and DK >= 64 else torch.float32
 
 
 def _gradient_dtype(dtype):
     """dtype of the stored dW: bfloat16 for 16-bit inputs (a gradient needs float32's range), float32 for float32
-    inputs. (dVnew and the partial dk stay float32: in bfloat16 they took the tests' bf16 errors at T = 1 over 1e-2.)"""
+    inputs. (dVnew and the partial dk stay float32: bfloat16 was not accurate enough for them at T = 1.)"""
     return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
@@ -630,25 +616,28 @@ def _inverse_precision(dtype):
 
 
 def _launch_config(dtype, DK, DV):
-    """Launch parameters per kernel group, timed per kernel on an H100 at Dk = Dv = 128 in bf16 (B4 T4096 H16),
-    each the fastest of 3 to 14 candidates. invert, wy: warps of the inversion (1: a 16-row tile is one warp's
-    work, more warps repeat it; 4 for Dk = 256 and float32, whose tiles need more registers) and of the WY
-    preparation.
-    state / state_backward: BV state columns per program, warps, pipeline stages of the sequential passes (the
-    forward's also serve the decode kernel). chunk: BK, BV blocks, warps and stages of the output kernel. grad:
-    BK, BV blocks, warps and stages of the dq/dk/dW kernel; wy_grad: those of the WY backward (1 stage: it holds
-    several (C, C) matrices). Dk = 256 (timed at B2 T2048 H8): 8 warps in the WY preparation and the state passes,
-    32 state columns (with 16 columns at 8 warps, Triton 3.6 compiled the reverse state pass wrongly: wrong
-    gradients on the H100)."""
-    large, widest = DK > 64, DK > 128  # Dk = 256: 8 warps, 1 stage (registers, shared memory)
-    return dict(invert_warps=1 if dtype != torch.float32 and DK <= 128 else 4, wy_warps=8 if widest else 4,
-                state_BV=min(DV, 32 if large else 64), state_warps=8 if widest else 4, state_stages=1 if widest else 2,
-                state_backward_BV=min(DV, 32 if large else 64), state_backward_warps=8 if widest else 4,
-                state_backward_stages=1 if large else 2,
-                chunk_BK=min(DK, 64), chunk_BV=min(DV, 128 if large else 64), chunk_warps=8 if large else 4,
-                chunk_stages=2,
-                grad_BK=min(DK, 64), grad_BV=min(DV, 32 if large else 64), grad_warps=4, grad_stages=3 if large else 1,
-                wy_grad_BK=min(DK, 64), wy_grad_BV=min(DV, 64), wy_grad_warps=4, wy_grad_stages=1)
+    """triton.Config per kernel, each timed on an H100 at Dk = Dv = 128 in bf16 (bench.py's delta section),
+    Dk = 256 at B2 T2048 H8. invert, wy: warps only (the inversion: 1, a 16-row tile is one warp's work; 4
+    for float32 and Dk = 256, whose tiles need more registers); state, state_backward: BV state columns per
+    program of the sequential passes (32 at Dk = 256: 16 columns at 8 warps were miscompiled); recurrent:
+    the decode kernel, with the state pass's BV and warps; chunk (output), grad (dq/dk/dW), wy_grad (the WY
+    backward, 1 stage: it holds several (C, C) matrices): BK x BV blocks. Dk = 256: 8 warps, 1 stage where
+    registers or shared memory run short."""
+    large, widest = DK > 64, DK > 128
+    state_BV = min(DV, 32 if large else 64)
+    state_warps = 8 if widest else 4
+    return dict(
+        invert=triton.Config({}, num_warps=1 if dtype != torch.float32 and DK <= 128 else 4),
+        wy=triton.Config({}, num_warps=8 if widest else 4),
+        state=triton.Config(dict(BV=state_BV), num_warps=state_warps, num_stages=1 if widest else 2),
+        recurrent=triton.Config(dict(BV=state_BV), num_warps=state_warps),
+        state_backward=triton.Config(dict(BV=min(DV, 32 if large else 64)), num_warps=8 if widest else 4,
+                                     num_stages=1 if large else 2),
+        chunk=triton.Config(dict(BK=min(DK, 64), BV=min(DV, 128 if large else 64)),
+                            num_warps=8 if large else 4, num_stages=2),
+        grad=triton.Config(dict(BK=min(DK, 64), BV=min(DV, 32 if large else 64)), num_warps=4,
+                           num_stages=3 if large else 1),
+        wy_grad=triton.Config(dict(BK=min(DK, 64), BV=min(DV, 64)), num_warps=4, num_stages=1))
 
 
 def _chunk_index(cu_seqlens):
@@ -693,14 +682,14 @@ def _wy_prepare(k, v, g, beta, chunk_start, chunk_end, tinv=None):
         tinv = torch.empty(n_chunks, H, CHUNK, CHUNK, dtype=low, device=k.device)
         if n_chunks > 0:
             _wy_invert_kernel[(n_chunks, H)](k, g, beta, chunk_start, chunk_end, tinv, H=H, DK=DK, C=CHUNK, SUB=SUB,
-                                             INVERSE_PREC=_inverse_precision(k.dtype), num_warps=config["invert_warps"],
-                                             **_precision(k.dtype))
+                                             INVERSE_PREC=_inverse_precision(k.dtype), **_precision(k.dtype),
+                                             **launch_options(config["invert"]))
     gcum = torch.empty(TT, H, dtype=torch.float32, device=k.device)
     w = torch.empty(TT, H, DK, dtype=low, device=k.device)
     u = torch.empty(TT, H, DV, dtype=low, device=k.device)
     if n_chunks > 0:
         _wy_prepare_kernel[(n_chunks, H)](k, v, g, beta, chunk_start, chunk_end, tinv, gcum, w, u, H=H, DK=DK, DV=DV,
-                                          C=CHUNK, num_warps=config["wy_warps"], **_precision(k.dtype))
+                                          C=CHUNK, **launch_options(config["wy"]), **_precision(k.dtype))
     return gcum, tinv, w, u
 
 
@@ -714,10 +703,9 @@ def _state_forward(k, w, u, gcum, h0, cu_seqlens, chunk_offsets, n_chunks):
     ht = torch.empty(N, H, DK, DV, dtype=torch.float32, device=k.device)
     h = torch.empty(n_chunks, H, DK, DV, dtype=k.dtype, device=k.device)
     vnew = torch.empty(TT, H, DV, dtype=w.dtype, device=k.device)
-    _state_forward_kernel[(N, H, DV // config["state_BV"])](
+    _state_forward_kernel[(N, H, DV // config["state"].kwargs["BV"])](
         k, w, u, gcum, h0, cu_seqlens, chunk_offsets, ht, h, vnew,
-        H=H, DK=DK, DV=DV, BV=config["state_BV"], C=CHUNK, **_precision(k.dtype),
-        num_warps=config["state_warps"], num_stages=config["state_stages"])
+        H=H, DK=DK, DV=DV, C=CHUNK, **_precision(k.dtype), **launch_options(config["state"]))
     return ht, h, vnew
 
 
@@ -729,10 +717,9 @@ def _chunk_output(q, k, h, vnew, gcum, chunk_start, chunk_end, scale):
     o = torch.empty(TT, H, DV, dtype=q.dtype, device=q.device)
     n_chunks = chunk_start.numel()
     if n_chunks > 0:
-        _chunk_output_kernel[(n_chunks, H, DV // config["chunk_BV"])](
-            q, k, h, vnew, gcum, chunk_start, chunk_end, o, scale, H=H, DK=DK, DV=DV, BK=config["chunk_BK"],
-            BV=config["chunk_BV"], C=CHUNK, num_warps=config["chunk_warps"], num_stages=config["chunk_stages"],
-            **_precision(q.dtype))
+        _chunk_output_kernel[(n_chunks, H, DV // config["chunk"].kwargs["BV"])](
+            q, k, h, vnew, gcum, chunk_start, chunk_end, o, scale, H=H, DK=DK, DV=DV, C=CHUNK,
+            **launch_options(config["chunk"]), **_precision(q.dtype))
     return o
 
 
@@ -762,28 +749,25 @@ def _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, scale, 
     dvnew = torch.empty(TT, H, DV, dtype=torch.float32, device=q.device)
     dh = torch.empty_like(h)
     dh0 = torch.empty(N, H, DK, DV, dtype=torch.float32, device=q.device)
-    _state_backward_kernel[(N, H, DV // config["state_backward_BV"])](
+    _state_backward_kernel[(N, H, DV // config["state_backward"].kwargs["BV"])](
         q, k, w, gcum, do, dht, cu_seqlens, chunk_offsets, dh, dvnew, dh0, scale,
-        H=H, DK=DK, DV=DV, BV=config["state_backward_BV"], C=CHUNK, **precision,
-        num_warps=config["state_backward_warps"], num_stages=config["state_backward_stages"])
+        H=H, DK=DK, DV=DV, C=CHUNK, **precision, **launch_options(config["state_backward"]))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty(TT, H, dtype=torch.float32, device=q.device)
     dg = torch.empty(TT, H, dtype=torch.float32, device=q.device)
     if n_chunks > 0:
-        n_k = DK // config["grad_BK"]
+        n_k = DK // config["grad"].kwargs["BK"]
         dk_part = torch.empty(TT, H, DK, dtype=torch.float32, device=q.device)
         dw = torch.empty(TT, H, DK, dtype=_gradient_dtype(q.dtype), device=q.device)
         dg_part = torch.empty(n_k, TT, H, dtype=torch.float32, device=q.device)
         for sequence_ends in (False, True) if float32_ends and h.dtype != torch.float32 else (False, ):
             _chunk_grad_qkw_kernel[(n_k * (end_chunks.numel() if sequence_ends else n_chunks), H)](
                 q, k, gcum, h, dh, vnew, dvnew, do, h0, dht, cu_seqlens, chunk_start, chunk_end, chunk_sequence,
-                end_chunks, dq, dk_part, dw, dg_part, scale, TT, H=H, DK=DK, DV=DV, BK=config["grad_BK"],
-                BV=config["grad_BV"], C=CHUNK, num_warps=config["grad_warps"], num_stages=config["grad_stages"],
-                SEQUENCE_ENDS=sequence_ends, **precision)
+                end_chunks, dq, dk_part, dw, dg_part, scale, TT, H=H, DK=DK, DV=DV, C=CHUNK,
+                SEQUENCE_ENDS=sequence_ends, **precision, **launch_options(config["grad"]))
         _chunk_grad_wy_kernel[(n_chunks, H)](
             k, v, beta, gcum, tinv, dvnew, dw, dk_part, dg_part, chunk_start, chunk_end, dk, dv, dbeta, dg, TT,
-            H=H, DK=DK, DV=DV, BK=config["wy_grad_BK"], BV=config["wy_grad_BV"], NK=n_k, C=CHUNK,
-            num_warps=config["wy_grad_warps"], num_stages=config["wy_grad_stages"], **precision)
+            H=H, DK=DK, DV=DV, NK=n_k, C=CHUNK, **precision, **launch_options(config["wy_grad"]))
     return dq, dk, dv, dg, dbeta, dh0
 
 
@@ -819,43 +803,35 @@ def _recurrent_forward(q, k, v, g, beta, h0, cu_seqlens, scale):
     config = _launch_config(k.dtype, DK, DV)
     o = torch.empty(TT, H, DV, dtype=q.dtype, device=q.device)
     ht = torch.empty(N, H, DK, DV, dtype=torch.float32, device=q.device)
-    _recurrent_kernel[(N, H, DV // config["state_BV"])](q, k, v, g, beta, h0, cu_seqlens, o, ht, scale,
-                                                        H=H, DK=DK, DV=DV, BV=config["state_BV"],
-                                                        num_warps=config["state_warps"])
+    _recurrent_kernel[(N, H, DV // config["recurrent"].kwargs["BV"])](
+        q, k, v, g, beta, h0, cu_seqlens, o, ht, scale, H=H, DK=DK, DV=DV,
+        **launch_options(config["recurrent"]))
     return o, ht
 
 
 def _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens):
     """Raises ValueError naming the first problem with the arguments; returns N (number of sequences)."""
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"q and k must both be (B, T, H, Dk); got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    name = "gated_delta_rule"
+    check_qkv(name, q, k, v)
     B, T, H, DK = q.shape
-    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be (B, T, H, Dv) = ({B}, {T}, {H}, Dv); got {tuple(v.shape)}")
-    for name, x in (("g", g), ("beta", beta)):
-        if x.shape != q.shape[:3]:
-            raise ValueError(f"{name} must be (B, T, H) = {tuple(q.shape[:3])}; got {tuple(x.shape)}")
     DV = v.shape[-1]
+    for argument, x in (("g", g), ("beta", beta)):
+        if x.shape != q.shape[:3]:
+            raise ValueError(f"{name}: {argument} must be (B, T, H) = {tuple(q.shape[:3])}; "
+                             f"got {tuple(x.shape)}")
     if DK not in SUPPORTED_HEAD_DIMS or DV not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dims must be one of {SUPPORTED_HEAD_DIMS}; got Dk={DK}, Dv={DV}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"q, k, v must share one dtype among float32/bfloat16/float16; "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not all(x.device == q.device for x in (k, v, g, beta)):
-        raise ValueError("q, k, v, g, beta must be on one device")
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("the Triton gated delta rule runs on CPU tensors only under TRITON_INTERPRET=1; "
-                         "use a CUDA device or the torch backend")
+        raise ValueError(f"{name}: head dims must be one of {SUPPORTED_HEAD_DIMS}; got Dk={DK}, Dv={DV}")
+    check_device(name, q, k, v, g, beta)
     if cu_seqlens is not None:
         if B != 1:
-            raise ValueError(f"cu_seqlens needs B == 1 (packed sequences); got B={B}")
+            raise ValueError(f"{name}: cu_seqlens needs B == 1 (packed sequences); got B={B}")
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor of N+1 offsets")
+            raise ValueError(f"{name}: cu_seqlens must be a 1-D int32/int64 tensor of N+1 offsets")
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError(f"cu_seqlens must rise from 0 to T={T}; got {cu_seqlens.tolist()}")
+            raise ValueError(f"{name}: cu_seqlens must rise from 0 to T={T}; got {cu_seqlens.tolist()}")
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None and initial_state.shape != (N, H, DK, DV):
-        raise ValueError(f"initial_state must be (N, H, Dk, Dv) = ({N}, {H}, {DK}, {DV}); "
+        raise ValueError(f"{name}: initial_state must be (N, H, Dk, Dv) = ({N}, {H}, {DK}, {DV}); "
                          f"got {tuple(initial_state.shape)}")
     return N
 

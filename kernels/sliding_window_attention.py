@@ -1,41 +1,35 @@
 """Causal sliding-window attention in Triton, flash style (FlashAttention-2 tiling, online softmax).
 
-Query i attends to keys j with i - window < j <= i (SPEC.md: W keys including itself). Each program
+Query i attends to keys j with i - window < j <= i (a window of W keys, itself included). Each program
 visits only the key blocks that intersect its window, so the cost is O(T * window), linear in T.
 
-Layout: q, k (B, T, H, Dk), v (B, T, H, Dv) as the model produces them; no transposes are made.
+Layout: q, k (B, T, H, Dk), v (B, T, H, Dv) as the model produces them, read in place (no transposes).
 Kernels:
-  _swa_fwd      one program = one (batch, head) and BLOCK_M queries; loops over the key blocks of the
-                window; writes o (BLOCK_M, Dv) and the log2-sum-exp of each row (for the backward).
-  _swa_bwd_delta  delta_i = rowsum(o_i * do_i), once per query row, for both backward kernels (one pass over
-                o and do; in PyTorch this took 0.42 ms at the size below, here 0.06 ms).
-  _swa_bwd      the dk/dv and dq programs in one launch (one grid tail instead of two): the first KEY_BLOCKS
-                programs of each (batch, head) row take BLOCK_N keys each, loop over the query blocks that can
-                see those keys (j <= i < j + window) and write dk, dv (_dkdv_block); the rest take BLOCK_M
-                queries each, loop like the forward and write dq (_dq_block).
+  _swa_fwd        one program = BLOCK_M queries of one (batch, head); loops over the key blocks
+                  (BLOCK_N keys) of the window; writes o (BLOCK_M, Dv) and each row's log2-sum-exp lse.
+  _swa_bwd_delta  delta_i = rowsum(o_i * do_i), once per query row, for both kinds of backward program.
+  _swa_bwd        the dk/dv and dq programs in one launch: the first KEY_BLOCKS programs of each
+                  (batch, head) take BLOCK_N1 keys each, loop over the query blocks (BLOCK_M1 queries)
+                  that see them (j <= i < j + W) and write dk, dv; the rest take BLOCK_M2 queries each,
+                  loop like the forward and write dq.
 Softmax runs in base 2: s2 = (q.k) * scale * log2(e), p = exp2(s2 - lse2). The forward and dq loops run in
-three ranges: blocks that cross the window's edge or the diagonal apply the mask, the blocks between skip it and
-load their tiles without bounds checks. The dk/dv loop is a single loop that applies the mask (a branch) only on
-those edge blocks: split into three loops, its two accumulators in flight made ptxas serialize every wgmma
-(warning C7515; SASS waited after each HGMMA). lse and delta are stored (B, H, t_pad), t_pad a multiple of every
-block with zero pad rows, so the dk/dv loop loads them unmasked: 8-byte copies instead of one masked 4-byte
-copy per value (that loop: 584 -> 397 SASS instructions per iteration).
-Block sizes (_launch_config): bf16/fp16 with head sizes <= 128: forward BLOCK_M x BLOCK_N = 128 x 64,
-dk/dv 64 queries x 128 keys, dq 128 x 64 (timed on an H100); float32 or larger heads: 64 x 32, 32 x 64,
-64 x 32; the dk/dv and dq programs share one launch, so one warp count and stage count; float32 with padded Dk + Dv > 256: 32 x 16, 16 x 16, 16 x 16 (shared memory); 16 x 16 under the CPU
-interpreter. BLOCK_DK, BLOCK_DV = head sizes rounded up to a power of two.
-
-No RoPE by default; sliding_window_attention_rope applies nirvana.apply_rope (positions 0..T-1) to q and k
-in PyTorch before the kernel, and autograd carries their gradients back.
+three ranges: the blocks that cross the window's edge or the diagonal apply the mask, the blocks between
+skip it and load their tiles without bounds checks. The dk/dv loop is one loop that masks (a branch) only
+on those edge blocks: split in three, its two accumulators made the compiler serialize the tensor-core
+products. lse and delta are stored (B, H, t_pad), t_pad a multiple of every block with zero pad rows, so
+that loop loads them unmasked.
+Block sizes: _launch_config; BLOCK_DK, BLOCK_DV = the head sizes rounded up to a power of two (>= 16).
+Precision: products of float32 inputs are float32-accurate (tf32x3), 16-bit inputs multiply natively; the
+accumulators and the softmax statistics are float32.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kernels.common import (INTERPRET, block_size, check_device, check_qkv, launch_options, load_rows,
+                            store_rows)
+
 LOG2E = 1.4426950408889634
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -103,12 +97,14 @@ def _load_tile(X, base, offs_t, T, row_stride, D: tl.constexpr, BLOCK_D: tl.cons
     CHECK_ROWS False: the caller knows every row is < T (the mask-free middle ranges), so only pad columns
     (D not a power of two) are masked."""
     offs_d = tl.arange(0, BLOCK_D)
-    ptrs = X + base + offs_t[:, None] * row_stride + offs_d[None, :]
+    row_ok = None
+    col_ok = None
     if CHECK_ROWS:
-        return tl.load(ptrs, mask=(offs_t[:, None] < T) & (offs_d[None, :] < D), other=0.0)
-    if BLOCK_D != D:
-        return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
-    return tl.load(ptrs)
+        row_ok = offs_t < T
+        col_ok = offs_d < D
+    elif BLOCK_D != D:
+        col_ok = offs_d < D
+    return load_rows(X + base, offs_t, offs_d, row_stride, row_ok, col_ok)
 
 
 @triton.jit
@@ -153,8 +149,7 @@ def _swa_fwd(Q, K, V, O, LSE, scale_log2, T, H, WINDOW, T_PAD,
                                WINDOW, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, PRECISION, True)
     l_i = tl.where(l_i > 0.0, l_i, 1.0)      # pad rows past T may see no key
     o = acc / l_i[:, None]
-    tl.store(O + base_v + offs_m[:, None] * (H * DV) + offs_dv[None, :], o.to(O.dtype.element_ty),
-             mask=(offs_m[:, None] < T) & (offs_dv[None, :] < DV))
+    store_rows(O + base_v, o, offs_m, offs_dv, H * DV, offs_m < T, offs_dv < DV)
     tl.store(LSE + bh.to(tl.int64) * T_PAD + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
 
 
@@ -206,10 +201,8 @@ def _dkdv_block(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, scale, scale_log2, T, H
     dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, base_qk, base_v, bh, offs_n, lo, mid_lo, mid_hi, hi,
                          scale_log2, T, H, WINDOW, T_PAD, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_M, PRECISION)
     dk = dk * scale
-    tl.store(DK_OUT + base_qk + offs_n[:, None] * (H * DK) + offs_dk[None, :], dk.to(DK_OUT.dtype.element_ty),
-             mask=(offs_n[:, None] < T) & (offs_dk[None, :] < DK))
-    tl.store(DV_OUT + base_v + offs_n[:, None] * (H * DV) + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty),
-             mask=(offs_n[:, None] < T) & (offs_dv[None, :] < DV))
+    store_rows(DK_OUT + base_qk, dk, offs_n, offs_dk, H * DK, offs_n < T, offs_dk < DK)
+    store_rows(DV_OUT + base_v, dv, offs_n, offs_dv, H * DV, offs_n < T, offs_dv < DV)
 
 
 @triton.jit
@@ -249,8 +242,7 @@ def _dq_block(Q, K, V, DO, LSE, DELTA, DQ_OUT, scale, scale_log2, T, H, WINDOW, 
     dq = _dq_inner(dq, q, do, lse, delta, K, V, base_qk, base_v, offs_m, mid_hi, hi, scale_log2, T, H, WINDOW,
                    DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, PRECISION, True)
     dq = dq * scale
-    tl.store(DQ_OUT + base_qk + offs_m[:, None] * (H * DK) + offs_dk[None, :], dq.to(DQ_OUT.dtype.element_ty),
-             mask=(offs_m[:, None] < T) & (offs_dk[None, :] < DK))
+    store_rows(DQ_OUT + base_qk, dq, offs_m, offs_dk, H * DK, offs_m < T, offs_dk < DK)
 
 
 @triton.jit(do_not_specialize=["T", "H", "WINDOW", "KEY_BLOCKS"])
@@ -270,42 +262,41 @@ def _swa_bwd(Q, K, V, DO, LSE, DELTA, DQ_OUT, DK_OUT, DV_OUT, scale, scale_log2,
 
 
 def _launch_config(dtype, dk, dv):
-    """fwd: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward; dkdv, dq: (BLOCK_M, BLOCK_N) of the two
-    kinds of backward programs, bwd: (num_warps, num_stages) of their one launch; delta: the delta kernel's rows
-    per program. Small blocks under the CPU interpreter, tiles chosen by timing on an H100 for bf16 D=128
-    otherwise (bench.py)."""
+    """triton.Config per kernel: fwd (BLOCK_M queries x BLOCK_N keys); bwd, one launch of the dk/dv programs
+    (BLOCK_M1 queries x BLOCK_N1 keys) and the dq programs (BLOCK_M2 x BLOCK_N2), so one warp and stage count;
+    delta (BLOCK_M rows). bf16/fp16 with head sizes <= 128: the tiles timed fastest on an H100 at D = 128
+    (bench.py); float32 or larger heads: smaller tiles; float32 with padded Dk + Dv > 256: smaller still,
+    within an H100's 227 KB of shared memory up to Dk 256 + Dv 512; 16 x 16 under the CPU interpreter."""
     if INTERPRET:
-        return dict(fwd=(16, 16, 1, 1), dkdv=(16, 16), dq=(16, 16), bwd=(1, 1), delta=16)
-    padded = max(16, triton.next_power_of_2(dk)) + max(16, triton.next_power_of_2(dv))
-    if dtype == torch.float32 and padded > 256:
-        # float32 with Dk + Dv > 256 (e.g. 128 + 256): the tiles below needed up to 304 KB of shared memory,
-        # more than an H100's 227 KB; these need at most 160 KB up to Dk 256 + Dv 512 (compiled for sm_90)
-        return dict(fwd=(32, 16, 4, 1), dkdv=(16, 16), dq=(16, 16), bwd=(4, 1), delta=16)
+        return dict(fwd=triton.Config(dict(BLOCK_M=16, BLOCK_N=16), num_warps=1, num_stages=1),
+                    bwd=triton.Config(dict(BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=16), num_warps=1,
+                                      num_stages=1),
+                    delta=triton.Config(dict(BLOCK_M=16)))
+    if dtype == torch.float32 and block_size(dk) + block_size(dv) > 256:
+        return dict(fwd=triton.Config(dict(BLOCK_M=32, BLOCK_N=16), num_warps=4, num_stages=1),
+                    bwd=triton.Config(dict(BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=16), num_warps=4,
+                                      num_stages=1),
+                    delta=triton.Config(dict(BLOCK_M=16)))
     if max(dk, dv) > 128 or dtype == torch.float32:
-        return dict(fwd=(64, 32, 4, 2), dkdv=(32, 64), dq=(64, 32), bwd=(4, 2), delta=32)
-    return dict(fwd=CONFIG_FWD, dkdv=CONFIG_DKDV, dq=CONFIG_DQ, bwd=CONFIG_BWD, delta=64)
+        return dict(fwd=triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=2),
+                    bwd=triton.Config(dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32), num_warps=4,
+                                      num_stages=2),
+                    delta=triton.Config(dict(BLOCK_M=32)))
+    return dict(fwd=triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
+                bwd=triton.Config(dict(BLOCK_M1=64, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=64), num_warps=8,
+                                  num_stages=3),
+                delta=triton.Config(dict(BLOCK_M=64)))
 
 
-# H100, B4 T4096 H16 D128 W2048 (.gpu_swa run1/run2, notes/swa_gpu): fwd 0.55 ms, (128, 128, 8, 3) 0.59,
-# (64, 64, 4, 4) 0.80; dk/dv 0.93 ms (serialized wgmma and masked lse loads: 1.23), (32, 64, 4, 4) 0.93,
-# (64, 128, 8, 2) 0.97, (32, 128, 8, 4) 1.04; dq 0.63-0.66 ms, (128, 64, 8, 4) 0.67, (128, 128, 8, 2) 0.72;
-# dk/dv and dq in one launch 1.50-1.54 ms, in two 1.57. dq by float32 atomics inside dk/dv: 1.93 ms (older kernels).
-CONFIG_FWD = (128, 64, 8, 3)
-CONFIG_DKDV = (64, 128)
-CONFIG_DQ = (128, 64)
-CONFIG_BWD = (8, 3)
-
-
-def _padded_rows(T, cfg):
+def _padded_rows(T, config):
     """Length of the (B, H, t_pad) row statistics lse and delta: T rounded up to a multiple of every block, so the
     backward loads them without bounds checks (pad rows hold 0)."""
-    blocks = [*cfg["fwd"][:2], *cfg["dkdv"], *cfg["dq"], cfg["delta"]]
-    return triton.cdiv(T, max(blocks)) * max(blocks)
+    largest = max(block for kernel in config.values() for block in kernel.kwargs.values())
+    return triton.cdiv(T, largest) * largest
 
 
 def _dims(dk, dv, dtype):
-    return dict(DK=dk, DV=dv, BLOCK_DK=max(16, triton.next_power_of_2(dk)),
-                BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+    return dict(DK=dk, DV=dv, BLOCK_DK=block_size(dk), BLOCK_DV=block_size(dv),
                 PRECISION="upcast" if INTERPRET else ("tf32x3" if dtype == torch.float32 else "tf32"))
 
 
@@ -316,13 +307,12 @@ class _SlidingWindowAttention(torch.autograd.Function):
         dv = v.shape[-1]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o = torch.empty_like(v)
-        cfg = _launch_config(q.dtype, dk, dv)
-        t_pad = _padded_rows(T, cfg)
+        config = _launch_config(q.dtype, dk, dv)
+        t_pad = _padded_rows(T, config)
         lse = torch.empty(B, H, t_pad, device=q.device, dtype=torch.float32)
-        block_m, block_n, warps, stages = cfg["fwd"]
-        grid = (triton.cdiv(T, block_m), B * H)
+        grid = (triton.cdiv(T, config["fwd"].kwargs["BLOCK_M"]), B * H)
         _swa_fwd[grid](q, k, v, o, lse, scale * LOG2E, T, H, window, t_pad, **_dims(dk, dv, q.dtype),
-                       BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                       **launch_options(config["fwd"]))
         if t_pad > T:
             lse[:, :, T:] = 0.0   # pad rows (zero q and do rows in the backward) need finite values
         ctx.save_for_backward(q, k, v, o, lse)
@@ -336,52 +326,30 @@ class _SlidingWindowAttention(torch.autograd.Function):
         dv = v.shape[-1]
         do = do.contiguous()
         dq, dk_, dv_ = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        cfg = _launch_config(q.dtype, dk, dv)
+        config = _launch_config(q.dtype, dk, dv)
         dims = _dims(dk, dv, q.dtype)
         t_pad = lse.shape[-1]
         delta = torch.empty_like(lse)                                            # (B, H, t_pad) rowsum(o * do)
-        block_m = cfg["delta"]
-        _swa_bwd_delta[(triton.cdiv(t_pad, block_m), B * H)](o, do, delta, T, H, t_pad, DV=dv,
-                                                             BLOCK_DV=dims["BLOCK_DV"], BLOCK_M=block_m)
+        _swa_bwd_delta[(triton.cdiv(t_pad, config["delta"].kwargs["BLOCK_M"]), B * H)](
+            o, do, delta, T, H, t_pad, DV=dv, BLOCK_DV=dims["BLOCK_DV"], **launch_options(config["delta"]))
         args = (ctx.scale, ctx.scale * LOG2E, T, H, ctx.window, t_pad)
-        block_m1, block_n1 = cfg["dkdv"]
-        block_m2, block_n2 = cfg["dq"]
-        warps, stages = cfg["bwd"]
-        key_blocks, query_blocks = triton.cdiv(T, block_n1), triton.cdiv(T, block_m2)
+        blocks = config["bwd"].kwargs
+        key_blocks, query_blocks = triton.cdiv(T, blocks["BLOCK_N1"]), triton.cdiv(T, blocks["BLOCK_M2"])
         _swa_bwd[(key_blocks + query_blocks, B * H)](
-            q, k, v, do, lse, delta, dq, dk_, dv_, *args, key_blocks, **dims, BLOCK_M1=block_m1, BLOCK_N1=block_n1,
-            BLOCK_M2=block_m2, BLOCK_N2=block_n2, num_warps=warps, num_stages=stages)
+            q, k, v, do, lse, delta, dq, dk_, dv_, *args, key_blocks, **dims, **launch_options(config["bwd"]))
         return dq, dk_, dv_, None, None
-
-
-def _check_inputs(q, k, v, window):
-    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"sliding_window_attention: expected q, k (B,T,H,Dk) and v (B,T,H,Dv), "
-                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"sliding_window_attention: q, k, v must share one dtype among float32, bfloat16, "
-                         f"float16; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if int(window) != window or window < 1:
-        raise ValueError(f"sliding_window_attention: window must be a positive integer, got {window}")
-    if q.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError("sliding_window_attention (Triton): tensors must be on CUDA, "
-                           "or set TRITON_INTERPRET=1 before importing triton to run on the CPU")
 
 
 def sliding_window_attention(q, k, v, window, scale=None):
     """Causal sliding-window attention. q, k (B,T,H,Dk), v (B,T,H,Dv) -> (B,T,H,Dv).
 
-    Query i attends to keys j with i - window < j <= i; scale defaults to Dk**-0.5. No RoPE.
+    Query i attends to keys j with i - window < j <= i; scale defaults to Dk**-0.5. Positions (RoPE) are the
+    caller's: the model rotates q and k before calling it.
     """
-    _check_inputs(q, k, v, window)
+    check_qkv("sliding_window_attention", q, k, v)
+    if int(window) != window or window < 1:
+        raise ValueError(f"sliding_window_attention: window must be a positive integer, got {window}")
+    check_device("sliding_window_attention", q, k, v)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return _SlidingWindowAttention.apply(q, k, v, int(window), float(scale))
-
-
-def sliding_window_attention_rope(q, k, v, window, rope_base, scale=None):
-    """The same with RoPE (nirvana.apply_rope, positions 0..T-1) on q and k, as the nirvana-rope variant."""
-    from nirvana import apply_rope   # the model's RoPE; nirvana.py imports kernels lazily, so no cycle
-    positions = torch.arange(q.shape[1], device=q.device)
-    return sliding_window_attention(apply_rope(q, positions, rope_base), apply_rope(k, positions, rope_base),
-                                    v, window, scale)

@@ -23,34 +23,29 @@ Backward (the second-order path; derivation in _trigger_bwd's comments). With th
   Bank: dW_k = sum_tokens (dg_k u + p_k dz_tot) k^T + p'_k dzq q^T, db_k likewise without the outer k/q;
   a separate kernel sums these over tokens, KB bank blocks per program, without forming them per token.
 
-Precision: float32 inputs need float32-accurate products. On the GPU they run as three tf32 tensor-core
-products (hi*hi + lo*hi + hi*lo, the "tf32x3" split) with the split done here: the bank is split once per
-call on the host (hi = the bank rounded to tf32, lo = the rest) and each loop-invariant left operand once per
-program, so the tensor cores (wgmma on Hopper) read both halves of the bank straight from shared memory.
-bfloat16 inputs use one tf32 product (error ~5e-4, far under bf16's). The CPU interpreter runs the same split
-(its products are exact, so the split is tested there too).
+Kernels (one program = BLOCK_T tokens, except the bank kernel):
+  _trigger_fwd       three passes over the bank (z; g; p' and zq); writes c, p' and what the backward
+                     reuses (y, 1/sigma, g, yq, 1/sigma_q).
+  _trigger_bwd       four passes over the bank (one when detached: M_k; then U_k, A_k, N_k); writes dq, dk,
+                     dv, dp, deta and the per-token vectors the bank gradient needs (u, dz_tot, dzq, dg).
+  _trigger_bwd_bank  one program = KB bank blocks and one slice of the tokens; writes the partial dW
+                     (KB, D, D) and db (KB, D), which PyTorch sums over the slices.
+Each loop over the bank has one left operand, held in registers by the tensor cores; tiles are reloaded
+rather than kept, so that registers do not spill, and the per-bank-block results that a later loop needs
+(g, dp, dg columns) go through memory, ordered by a barrier. The bank is padded on the host to BLOCK_D (a
+power of two >= 16), so its tiles load unmasked; the token tensors' pad columns are masked and stay zero.
 
-Kernels. Each loop over the K bank blocks has a single left operand, which the tensor cores hold in registers
-(hi and lo: 64 registers a thread at 64 tokens and 4 warps), and tiles are reloaded from memory where needed
-rather than kept, so that registers do not spill much; results that a later loop of the same program needs
-per bank block (g, dp, dg columns) go through memory, ordered by a barrier.
-  _trigger_fwd  one program = BLOCK_T tokens; three passes over the bank (z; g; p' and zq); writes c, p' and
-                what the backward reuses (y, 1/sigma, g, yq, 1/sigma_q).
-  _trigger_bwd  one program = BLOCK_T tokens; four passes over the bank (one when detached: M_k; then U_k,
-                A_k, N_k); writes dq, dk, dv, dp, deta and the per-token vectors the bank gradient needs
-                (u, dz_tot, dzq, dg).
-  _trigger_bwd_bank  one program = KB bank blocks and one slice of the tokens; writes the partial
-                dW (KB, D, D) and db (KB, D); the slices are summed in PyTorch.
-The bank is padded on the host to BLOCK_D (a power of two >= 16), so its tiles load unmasked; pad columns
-of the token tensors are masked and stay zero.
+Precision: float32 inputs get float32-accurate products as three tf32 tensor-core products (hi*hi + lo*hi +
+hi*lo, "tf32x3") split here: the bank once per call on the host (hi = rounded to tf32, lo = the rest), each
+left operand once per program, so the tensor cores read both halves of the bank from shared memory.
+bfloat16 inputs use one tf32 product. The CPU interpreter runs the same split, with exact products.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from kernels.common import INTERPRET, block_size, check_device, launch_options, load_rows, store_rows
+
 LN_EPS = tl.constexpr(1e-5)   # torch.nn.functional.layer_norm's default, as nirvana.fast_weight_function uses
 
 
@@ -108,18 +103,6 @@ def _bank_mm(a_hi, a_lo, BH, BL, kb, offs_d, SPLIT: tl.constexpr, PRECISION: tl.
 
 
 @triton.jit
-def _load_rows(X, offs_t, offs_d, row_ok, col_ok, D: tl.constexpr):
-    return tl.load(X + offs_t[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                   other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store_rows(X, x, offs_t, offs_d, row_ok, col_ok, D: tl.constexpr):
-    tl.store(X + offs_t[:, None] * D + offs_d[None, :], x.to(X.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
 def _load_col(X, offs_t, row_ok, kb, K: tl.constexpr):
     """Column kb of a (N, K) tensor for the program's tokens, as float32."""
     return tl.load(X + offs_t * K + kb, mask=row_ok, other=0.0).to(tl.float32)
@@ -137,7 +120,8 @@ def _trigger_fwd(Qx, Kx, Vx, P, ETA, WH, WL, BB, C, PNEW, Y, RSTD, G, YQ, RSTDQ,
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_t < N
     col_ok = offs_d < D
-    k_hi, k_lo = _split(_load_rows(Kx, offs_t, offs_d, row_ok, col_ok, D), SPLIT)   # (BLOCK_T, BLOCK_D)
+    k = load_rows(Kx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)           # (BLOCK_T, BLOCK_D)
+    k_hi, k_lo = _split(k, SPLIT)
     # pass 1: z = sum_k p_k (W_k k + b_k)
     z = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for kb in range(K):
@@ -145,10 +129,10 @@ def _trigger_fwd(Qx, Kx, Vx, P, ETA, WH, WL, BB, C, PNEW, Y, RSTD, G, YQ, RSTDQ,
         a = _bank_mm(k_hi, k_lo, WH, WL, kb, offs_d, SPLIT, PRECISION, BLOCK_D) + b[None, :]   # A_k
         z += _load_col(P, offs_t, row_ok, kb, K)[:, None] * a
     y, rstd = _layer_norm(z, col_ok, D)
-    _store_rows(Y, y, offs_t, offs_d, row_ok, col_ok, D)
+    store_rows(Y, y, offs_t, offs_d, D, row_ok, col_ok)
     tl.store(RSTD + offs_t, rstd, mask=row_ok)
-    r = 2.0 * (_load_rows(Kx, offs_t, offs_d, row_ok, col_ok, D) + y
-               - _load_rows(Vx, offs_t, offs_d, row_ok, col_ok, D))           # dL/df, eq.(3)
+    r = 2.0 * (load_rows(Kx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32) + y
+               - load_rows(Vx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32))           # dL/df, eq.(3)
     u = _layer_norm_bwd(r, y, rstd, col_ok, D)                                 # dL/dz
     # pass 2: g_k = <u, A_k> (eq. 7)
     for kb in range(K):
@@ -159,7 +143,7 @@ def _trigger_fwd(Qx, Kx, Vx, P, ETA, WH, WL, BB, C, PNEW, Y, RSTD, G, YQ, RSTDQ,
     # pass 2 stored (other threads' stores: the barrier orders them)
     tl.debug_barrier()
     eta = tl.load(ETA + offs_t, mask=row_ok, other=0.0).to(tl.float32)
-    q_hi, q_lo = _split(_load_rows(Qx, offs_t, offs_d, row_ok, col_ok, D), SPLIT)
+    q_hi, q_lo = _split(load_rows(Qx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32), SPLIT)
     zq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for kb in range(K):
         b = tl.load(BB + kb * BLOCK_D + offs_d)
@@ -168,9 +152,10 @@ def _trigger_fwd(Qx, Kx, Vx, P, ETA, WH, WL, BB, C, PNEW, Y, RSTD, G, YQ, RSTDQ,
                                   + b[None, :])
         tl.store(PNEW + offs_t * K + kb, p_new_k.to(PNEW.dtype.element_ty), mask=row_ok)
     yq, rstdq = _layer_norm(zq, col_ok, D)
-    _store_rows(YQ, yq, offs_t, offs_d, row_ok, col_ok, D)
+    store_rows(YQ, yq, offs_t, offs_d, D, row_ok, col_ok)
     tl.store(RSTDQ + offs_t, rstdq, mask=row_ok)
-    _store_rows(C, _load_rows(Qx, offs_t, offs_d, row_ok, col_ok, D) + yq, offs_t, offs_d, row_ok, col_ok, D)
+    c = load_rows(Qx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32) + yq
+    store_rows(C, c, offs_t, offs_d, D, row_ok, col_ok)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -186,12 +171,12 @@ def _trigger_bwd(Qx, Kx, Vx, P, ETA, WH, WL, WTH, WTL, BB, Y, RSTD, G, YQ, RSTDQ
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_t < N
     col_ok = offs_d < D
-    dc = _load_rows(DC, offs_t, offs_d, row_ok, col_ok, D)
-    dzq = _layer_norm_bwd(dc, _load_rows(YQ, offs_t, offs_d, row_ok, col_ok, D),
+    dc = load_rows(DC, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
+    dzq = _layer_norm_bwd(dc, load_rows(YQ, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32),
                           tl.load(RSTDQ + offs_t, mask=row_ok, other=1.0), col_ok, D)   # through c = q + LN(zq)
-    _store_rows(DZQ, dzq, offs_t, offs_d, row_ok, col_ok, D)
+    store_rows(DZQ, dzq, offs_t, offs_d, D, row_ok, col_ok)
     dzq_hi, dzq_lo = _split(dzq, SPLIT)
-    q = _load_rows(Qx, offs_t, offs_d, row_ok, col_ok, D)
+    q = load_rows(Qx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
     eta = tl.load(ETA + offs_t, mask=row_ok, other=0.0).to(tl.float32)
     # pass 1: the read-out c = f(q; p') and the step p' = p - eta g. M_k = dzq @ W_k (W_k^T dzq per token)
     # gives dp'_k = <Q_k, dzq> = <M_k, q> + <b_k, dzq> and dq = dc + sum_k p'_k M_k.
@@ -207,16 +192,17 @@ def _trigger_bwd(Qx, Kx, Vx, P, ETA, WH, WL, WTH, WTL, BB, Y, RSTD, G, YQ, RSTDQ
         tl.store(DP + offs_t * K + kb, dp_new_k.to(DP.dtype.element_ty), mask=row_ok)
         if not DETACH:
             tl.store(DG + offs_t * K + kb, -eta * dp_new_k, mask=row_ok)
-    _store_rows(DQ, dq, offs_t, offs_d, row_ok, col_ok, D)
+    store_rows(DQ, dq, offs_t, offs_d, D, row_ok, col_ok)
     tl.store(DETA + offs_t, deta.to(DETA.dtype.element_ty), mask=row_ok)
     if not DETACH:
         # dg = -eta dp' flows through g_k = <u, A_k> into A_k and u (second order through the LayerNorm)
         tl.debug_barrier()
-        y = _load_rows(Y, offs_t, offs_d, row_ok, col_ok, D)
+        y = load_rows(Y, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
         rstd = tl.load(RSTD + offs_t, mask=row_ok, other=1.0)
-        u = _layer_norm_bwd(2.0 * (_load_rows(Kx, offs_t, offs_d, row_ok, col_ok, D) + y
-                                   - _load_rows(Vx, offs_t, offs_d, row_ok, col_ok, D)), y, rstd, col_ok, D)
-        _store_rows(U, u, offs_t, offs_d, row_ok, col_ok, D)
+        u = _layer_norm_bwd(2.0 * (load_rows(Kx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32) + y
+                                   - load_rows(Vx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)),
+                            y, rstd, col_ok, D)
+        store_rows(U, u, offs_t, offs_d, D, row_ok, col_ok)
         # pass 2: dk's part sum_k dg_k W_k^T u (U_k = u @ W_k)
         u_hi, u_lo = _split(u, SPLIT)
         dk = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
@@ -224,37 +210,38 @@ def _trigger_bwd(Qx, Kx, Vx, P, ETA, WH, WL, WTH, WTL, BB, Y, RSTD, G, YQ, RSTDQ
             dk += (_load_col(DG, offs_t, row_ok, kb, K)[:, None]
                    * _bank_mm(u_hi, u_lo, WTH, WTL, kb, offs_d, SPLIT, PRECISION, BLOCK_D))
         # pass 3: du = sum_k dg_k A_k (A_k = W_k k + b_k)
-        k_hi, k_lo = _split(_load_rows(Kx, offs_t, offs_d, row_ok, col_ok, D), SPLIT)
+        k_hi, k_lo = _split(load_rows(Kx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32), SPLIT)
         du = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for kb in range(K):
             b = tl.load(BB + kb * BLOCK_D + offs_d)
             du += _load_col(DG, offs_t, row_ok, kb, K)[:, None] * (
                 _bank_mm(k_hi, k_lo, WH, WL, kb, offs_d, SPLIT, PRECISION, BLOCK_D) + b[None, :])
         # u = J r with J = (I - 11^T/D - y y^T/D) / sigma symmetric, J and sigma functions of z
-        y = _load_rows(Y, offs_t, offs_d, row_ok, col_ok, D)
-        r = 2.0 * (_load_rows(Kx, offs_t, offs_d, row_ok, col_ok, D) + y
-                   - _load_rows(Vx, offs_t, offs_d, row_ok, col_ok, D))
+        y = load_rows(Y, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
+        r = 2.0 * (load_rows(Kx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32) + y
+                   - load_rows(Vx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32))
         dr = _layer_norm_bwd(du, y, rstd, col_ok, D)                             # J du
         mean_yr = tl.sum(y * r, 1) / D
         mean_duy = tl.sum(du * y, 1) / D
         dy = -rstd[:, None] * (du * mean_yr[:, None] + r * mean_duy[:, None])    # through y inside J
         dy += 2.0 * dr                                                           # r = 2 (k + y - v)
-        dsigma = -rstd * tl.sum(du * _load_rows(U, offs_t, offs_d, row_ok, col_ok, D), 1)   # u ~ 1/sigma
+        u = load_rows(U, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
+        dsigma = -rstd * tl.sum(du * u, 1)                                       # u ~ 1/sigma
         dzt = _layer_norm_bwd(dy, y, rstd, col_ok, D) + tl.where(col_ok[None, :], dsigma[:, None] * y / D, 0.0)
-        _store_rows(DZT, dzt, offs_t, offs_d, row_ok, col_ok, D)
-        _store_rows(DV, -2.0 * dr, offs_t, offs_d, row_ok, col_ok, D)
+        store_rows(DZT, dzt, offs_t, offs_d, D, row_ok, col_ok)
+        store_rows(DV, -2.0 * dr, offs_t, offs_d, D, row_ok, col_ok)
         dk += 2.0 * dr
         # pass 4: z = sum_k p_k A_k; with N_k = dz_tot @ W_k: dp_k += <A_k, dz_tot> = <N_k, k> + <b_k, dz_tot>,
         # dk += p_k N_k
         dzt_hi, dzt_lo = _split(dzt, SPLIT)
-        k = _load_rows(Kx, offs_t, offs_d, row_ok, col_ok, D)
+        k = load_rows(Kx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
         for kb in range(K):
             b = tl.load(BB + kb * BLOCK_D + offs_d)
             n = _bank_mm(dzt_hi, dzt_lo, WTH, WTL, kb, offs_d, SPLIT, PRECISION, BLOCK_D)         # N_k
             dp_k = _load_col(DP, offs_t, row_ok, kb, K) + tl.sum(n * k + dzt * b[None, :], 1)
             tl.store(DP + offs_t * K + kb, dp_k.to(DP.dtype.element_ty), mask=row_ok)
             dk += _load_col(P, offs_t, row_ok, kb, K)[:, None] * n
-        _store_rows(DK, dk, offs_t, offs_d, row_ok, col_ok, D)
+        store_rows(DK, dk, offs_t, offs_d, D, row_ok, col_ok)
 
 
 @triton.jit(do_not_specialize=["N", "TOKENS_PER_SLICE"])
@@ -284,16 +271,18 @@ def _trigger_bwd_bank(Qx, Kx, P, G, ETA, U, DZT, DZQ, DG, DW_PART, DB_PART, N, T
         eta = tl.load(ETA + offs_t, mask=row_ok, other=0.0).to(tl.float32)
         p = tl.load(P + cols, mask=row_ok[:, None], other=0.0).to(tl.float32)
         p_new = p - eta[:, None] * tl.load(G + cols, mask=row_ok[:, None], other=0.0)
-        d_a = p_new[:, :, None] * _load_rows(DZQ, offs_t, offs_d, row_ok, col_ok, D)[:, None, :]  # (T, KB, D)
-        b_hi, b_lo = _split(_load_rows(Qx, offs_t, offs_d, row_ok, col_ok, D), SPLIT)
+        dzq = load_rows(DZQ, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
+        d_a = p_new[:, :, None] * dzq[:, None, :]                                   # (BLOCK_T, KB, BLOCK_D)
+        b_hi, b_lo = _split(load_rows(Qx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32), SPLIT)
         a_hi, a_lo = _split(tl.trans(tl.reshape(d_a, [BLOCK_T, KB * BLOCK_D])), SPLIT)
         dw += _mm(a_hi, a_lo, b_hi, b_lo, SPLIT, PRECISION)
         db += tl.sum(d_a, 0)
         if not DETACH:
-            d_a = (tl.load(DG + cols, mask=row_ok[:, None], other=0.0)[:, :, None]
-                   * _load_rows(U, offs_t, offs_d, row_ok, col_ok, D)[:, None, :]
-                   + p[:, :, None] * _load_rows(DZT, offs_t, offs_d, row_ok, col_ok, D)[:, None, :])
-            b_hi, b_lo = _split(_load_rows(Kx, offs_t, offs_d, row_ok, col_ok, D), SPLIT)
+            dg = tl.load(DG + cols, mask=row_ok[:, None], other=0.0)
+            u = load_rows(U, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
+            dzt = load_rows(DZT, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
+            d_a = dg[:, :, None] * u[:, None, :] + p[:, :, None] * dzt[:, None, :]
+            b_hi, b_lo = _split(load_rows(Kx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32), SPLIT)
             a_hi, a_lo = _split(tl.trans(tl.reshape(d_a, [BLOCK_T, KB * BLOCK_D])), SPLIT)
             dw += _mm(a_hi, a_lo, b_hi, b_lo, SPLIT, PRECISION)
             db += tl.sum(d_a, 0)
@@ -302,21 +291,26 @@ def _trigger_bwd_bank(Qx, Kx, P, G, ETA, U, DZT, DZQ, DG, DW_PART, DB_PART, N, T
     tl.store(DB_PART + (part.to(tl.int64) * K + offs_kb[:, None]) * BLOCK_D + offs_d[None, :], db)
 
 
-# launch settings: (BLOCK_T, num_warps, num_stages) per kernel; KB and token slices for the bank kernel.
-# H100, N=16384, D=K=64, float32, kernel times: fwd 0.34 ms, bwd 0.64, bank 0.57 (the previous kernels: 0.53,
-# 1.50, 0.75; these kernels with fwd (128, 8, 2), bwd (64, 8, 2), bank (64, 8, 2): 0.38, 1.13, 0.60).
-CONFIG = dict(fwd=(64, 4, 2), bwd=(64, 4, 2), bank=(64, 8, 3), bank_kb=2, bank_slices=8)
-INTERPRET_CONFIG = dict(fwd=(16, 1, 1), bwd=(16, 1, 1), bank=(16, 1, 1), bank_kb=2, bank_slices=2)
+def _launch_config():
+    """triton.Config per kernel: BLOCK_T tokens per program, warps and stages; the bank kernel's KB bank
+    blocks per program (1 where K is not a multiple of it) and BANK_SLICES token slices (partial sums added
+    in PyTorch)."""
+    if INTERPRET:
+        return dict(fwd=triton.Config(dict(BLOCK_T=16), num_warps=1, num_stages=1),
+                    bwd=triton.Config(dict(BLOCK_T=16), num_warps=1, num_stages=1),
+                    bank=triton.Config(dict(BLOCK_T=16, KB=2), num_warps=1, num_stages=1))
+    return dict(fwd=triton.Config(dict(BLOCK_T=64), num_warps=4, num_stages=2),
+                bwd=triton.Config(dict(BLOCK_T=64), num_warps=4, num_stages=2),
+                bank=triton.Config(dict(BLOCK_T=64, KB=2), num_warps=8, num_stages=3))
 
 
-def _settings(q):
-    """(dims, split, precision, config): three-way tf32 split for float32 inputs (float32-accurate products),
-    one tf32 product for bfloat16 inputs; the interpreter runs the split with exact products."""
-    D = q.shape[-1]
-    block_d = max(16, triton.next_power_of_2(D))
-    split = q.dtype == torch.float32
-    precision = "ieee" if INTERPRET else "tf32"
-    return block_d, split, precision, (INTERPRET_CONFIG if INTERPRET else CONFIG)
+BANK_SLICES = 2 if INTERPRET else 8
+
+
+def _precision(q):
+    """Kernel arguments of the products: the three-way tf32 split for float32 inputs (float32-accurate
+    products), one tf32 product for bfloat16 inputs; the interpreter runs the split with exact products."""
+    return dict(SPLIT=q.dtype == torch.float32, PRECISION="ieee" if INTERPRET else "tf32")
 
 
 def _padded_bank(bank_weight, bank_bias, block_d, split):
@@ -339,17 +333,16 @@ class _TriggerStep(torch.autograd.Function):
     def forward(ctx, q, k, v, p, eta, bank_weight, bank_bias, detach):
         N, D = q.shape
         K = p.shape[-1]
-        block_d, split, precision, config = _settings(q)
-        block_t, warps, stages = config["fwd"]
+        block_d = block_size(D)
+        config = _launch_config()["fwd"]
         f32 = dict(device=q.device, dtype=torch.float32)
         c, p_new = torch.empty_like(q), torch.empty_like(p)
         y, yq, g = torch.empty(N, D, **f32), torch.empty(N, D, **f32), torch.empty(N, K, **f32)
         rstd, rstdq = torch.empty(N, **f32), torch.empty(N, **f32)
-        wh, wl, bias = _padded_bank(bank_weight, bank_bias, block_d, split)
-        _trigger_fwd[(triton.cdiv(N, block_t),)](
+        wh, wl, bias = _padded_bank(bank_weight, bank_bias, block_d, q.dtype == torch.float32)
+        _trigger_fwd[(triton.cdiv(N, config.kwargs["BLOCK_T"]),)](
             q, k, v, p, eta, wh, wl, bias, c, p_new, y, rstd, g, yq, rstdq, N,
-            D=D, K=K, BLOCK_D=block_d, BLOCK_T=block_t, SPLIT=split, PRECISION=precision,
-            num_warps=warps, num_stages=stages)
+            D=D, K=K, BLOCK_D=block_d, **_precision(q), **launch_options(config))
         ctx.save_for_backward(q, k, v, p, eta, wh, wl, bias, y, rstd, g, yq, rstdq)
         ctx.detach, ctx.bank_dtypes = detach, (bank_weight.dtype, bank_bias.dtype)
         return c, p_new
@@ -359,8 +352,8 @@ class _TriggerStep(torch.autograd.Function):
         q, k, v, p, eta, wh, wl, bias, y, rstd, g, yq, rstdq = ctx.saved_tensors
         N, D = q.shape
         K = p.shape[-1]
-        block_d, split, precision, config = _settings(q)
-        block_t, warps, stages = config["bwd"]
+        block_d, precision = block_size(D), _precision(q)
+        config = _launch_config()
         dc = dc.contiguous() if dc is not None else torch.zeros_like(q)
         dp_new = dp_new.contiguous() if dp_new is not None else torch.zeros_like(p)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -369,25 +362,24 @@ class _TriggerStep(torch.autograd.Function):
         u, dzt, dzq, dg = (torch.empty(N, D, **f32), torch.empty(N, D, **f32), torch.empty(N, D, **f32),
                            torch.empty(N, K, **f32))
         wth = wh.transpose(1, 2).contiguous()
-        wtl = wl.transpose(1, 2).contiguous() if split else wth
-        _trigger_bwd[(triton.cdiv(N, block_t),)](
+        wtl = wl.transpose(1, 2).contiguous() if precision["SPLIT"] else wth
+        _trigger_bwd[(triton.cdiv(N, config["bwd"].kwargs["BLOCK_T"]),)](
             q, k, v, p, eta, wh, wl, wth, wtl, bias, y, rstd, g, yq, rstdq, dc, dp_new,
             dq, dk, dv, dp, deta, u, dzt, dzq, dg, N,
-            D=D, K=K, BLOCK_D=block_d, BLOCK_T=block_t, SPLIT=split, PRECISION=precision, DETACH=ctx.detach,
-            num_warps=warps, num_stages=stages)
+            D=D, K=K, BLOCK_D=block_d, DETACH=ctx.detach, **precision, **launch_options(config["bwd"]))
         # bank gradient: K / KB groups of bank blocks x token slices, the slices summed here
-        block_t, warps, stages = config["bank"]
-        kb = min(config["bank_kb"], K)
+        block_t = config["bank"].kwargs["BLOCK_T"]
+        kb = min(config["bank"].kwargs["KB"], K)
         kb = kb if K % kb == 0 else 1
-        slices = max(1, min(triton.cdiv(N, block_t), config["bank_slices"]))
+        slices = max(1, min(triton.cdiv(N, block_t), BANK_SLICES))
         tokens_per_slice = block_t * triton.cdiv(triton.cdiv(N, block_t), slices)
         slices = triton.cdiv(N, tokens_per_slice)
         dw_part = torch.empty(slices, K, block_d, block_d, **f32)
         db_part = torch.empty(slices, K, block_d, **f32)
         _trigger_bwd_bank[(K // kb, slices)](
             q, k, p, g, eta, u, dzt, dzq, dg, dw_part, db_part, N, tokens_per_slice,
-            D=D, K=K, KB=kb, BLOCK_D=block_d, BLOCK_T=block_t, SPLIT=split, PRECISION=precision,
-            DETACH=ctx.detach, num_warps=warps, num_stages=stages)
+            D=D, K=K, BLOCK_D=block_d, DETACH=ctx.detach, **precision,
+            **launch_options(config["bank"], KB=kb))
         dw = dw_part.sum(0)[:, :D, :D].to(ctx.bank_dtypes[0])
         db = db_part.sum(0)[:, :D].to(ctx.bank_dtypes[1])
         if ctx.detach:   # the inner gradient is a constant: k and v only reach c and p' through it
@@ -407,9 +399,7 @@ def _check_inputs(q, k, v, p_prev, eta, bank_weight, bank_bias):
         raise ValueError(f"trigger_step: p_prev must end in K={K}, got {tuple(p_prev.shape)}")
     if eta.dim() > q.dim() - 1:
         raise ValueError(f"trigger_step: eta must be (N...,) = {tuple(q.shape[:-1])}, got {tuple(eta.shape)}")
-    if q.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError("trigger_step (Triton): tensors must be on CUDA, "
-                           "or set TRITON_INTERPRET=1 before importing triton to run on the CPU")
+    check_device("trigger_step", q, k, v, p_prev, eta, bank_weight, bank_bias)
 
 
 def trigger_step(q, k, v, p_prev, eta, bank_weight, bank_bias, detach_inner_grad=False):
