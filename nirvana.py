@@ -312,12 +312,22 @@ def trigger_step(q, k, v, p_prev, eta, bank_weight, bank_bias, detach_inner_grad
     return fast_weight_function(q, p, bank_weight, bank_bias), p                     # eq.(2)
 
 
+def linear_cross_entropy(h, weight, targets):
+    """Mean cross-entropy of the logits h W^T over the targets that are not -1 (the language-model loss).
+
+    h (N, d_model), weight (vocab, d_model), targets (N,) -> scalar float32. The logits are formed at the
+    matmul's precision (autocast's under autocast) and the softmax runs in float32 over all N x vocab of them.
+    """
+    logits = F.linear(h, weight)                                                      # (N, vocab)
+    return F.cross_entropy(logits.float(), targets, ignore_index=-1)
+
+
 TORCH_OPS = SimpleNamespace(gated_delta_rule=gated_delta_rule, sliding_window_attention=sliding_window_attention,
-                            trigger_step=trigger_step)
+                            trigger_step=trigger_step, linear_cross_entropy=linear_cross_entropy)
 
 
 def load_backend(name):
-    """The three hot functions for `backend`: this file's ("torch") or the Triton kernels ("triton")."""
+    """The hot functions for `backend`: this file's ("torch") or the fast ones of kernels/ ("triton")."""
     if name == "torch":
         return TORCH_OPS
     try:
@@ -325,9 +335,11 @@ def load_backend(name):
     except ImportError as error:
         raise RuntimeError(f"backend='triton' needs the kernels/ package and Triton ({error}); "
                            "use backend='torch' or install triton") from error
+    from kernels.linear_cross_entropy import chunked_linear_cross_entropy
+
     return SimpleNamespace(gated_delta_rule=kernels.gated_delta_rule,
                            sliding_window_attention=kernels.sliding_window_attention,
-                           trigger_step=kernels.trigger_step)
+                           trigger_step=kernels.trigger_step, linear_cross_entropy=chunked_linear_cross_entropy)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -659,6 +671,7 @@ class Nirvana(nn.Module):
         self.blocks = nn.ModuleList(Block(config, layer, ops) for layer in range(config.n_layers))
         self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.linear_cross_entropy = ops.linear_cross_entropy                         # lm_head + loss in one
         # Decoding state: cache_position counts tokens on the host (for users and the size check); the buffer
         # `position` holds the same count on the device, so a one-token step has no host sync and can be
         # captured in a CUDA graph (only the buffer advances when such a graph is replayed).
@@ -713,14 +726,16 @@ class Nirvana(nn.Module):
         return self.final_norm(h)
 
     def forward(self, idx, targets=None, return_trace=False):
-        """idx (B, T) -> logits (B, T, vocab) and, given targets (B, T) (-1 = ignore), the mean cross-entropy."""
+        """idx (B, T) -> (logits (B, T, vocab), None); given targets (B, T) (-1 = ignore) -> (None, the mean
+        cross-entropy): training needs no logits, and the triton backend's loss never forms them all at once."""
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
         trace = {} if return_trace else None
-        logits = self.lm_head(self.backbone(self.embed(idx), trace))
-        loss = None
-        if targets is not None:
-            if targets.shape != idx.shape:
-                raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        h = self.backbone(self.embed(idx), trace)                                      # (B, T, d_model)
+        if targets is None:
+            logits, loss = self.lm_head(h), None
+        else:
+            logits, loss = None, self.linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
         return (logits, loss, trace) if return_trace else (logits, loss)
 
     # Inference: caches are plain buffers on the modules; decoding runs the same forward as training.
