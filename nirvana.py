@@ -335,11 +335,13 @@ def load_backend(name):
     except ImportError as error:
         raise RuntimeError(f"backend='triton' needs the kernels/ package and Triton ({error}); "
                            "use backend='torch' or install triton") from error
+    from kernels import trigger_decode
     from kernels.linear_cross_entropy import chunked_linear_cross_entropy
 
     return SimpleNamespace(gated_delta_rule=kernels.gated_delta_rule,
                            sliding_window_attention=kernels.sliding_window_attention,
-                           trigger_step=kernels.trigger_step, linear_cross_entropy=chunked_linear_cross_entropy)
+                           trigger_step=trigger_decode.trigger_step,   # the fused kernel, or closed form to decode
+                           linear_cross_entropy=chunked_linear_cross_entropy)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Property tests of the fused paths against their plain-PyTorch twins in nirvana.py:
-kernels.linear_cross_entropy.chunked_linear_cross_entropy vs nirvana.linear_cross_entropy (loss, dh, dW).
+kernels.linear_cross_entropy.chunked_linear_cross_entropy vs nirvana.linear_cross_entropy (loss, dh, dW);
+kernels.trigger_decode.trigger_step_closed_form (decoding) vs nirvana.trigger_step.
 
     python -m pytest -q test_kernels_fused.py                              # CPU
     NIRVANA_KERNEL_TESTS=cuda python -m pytest -q test_kernels_fused.py    # GPU: larger shapes
@@ -19,7 +20,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import nirvana
+from kernels import trigger_decode
 from kernels.linear_cross_entropy import chunked_linear_cross_entropy
+from kernels.trigger_decode import trigger_step_closed_form
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}   # worst seen on the CPU: 2e-7, 2.4e-3 (dW)
@@ -85,3 +88,46 @@ def test_model_loss_with_chunked_cross_entropy_matches_torch_backend():
     torch.testing.assert_close(chunked_loss, loss, rtol=1e-5, atol=1e-6)
     for (name, _), actual, expected in zip(model.named_parameters(), chunked_grads, grads):
         assert relative_error(actual, expected) <= 1e-5, name
+
+
+# ------------------------------------------------------------------------------------------------------
+# The Trigger's closed-form step for decoding vs nirvana.trigger_step (autograd for the inner gradient)
+
+
+@settings(max_examples=30 if ON_CUDA else 15, deadline=None, database=None, derandomize=not ON_CUDA)
+@given(lead=st.one_of(st.tuples(st.integers(1, 8)), st.tuples(st.integers(1, 4), st.integers(1, 3))),
+       d_t=st.integers(2, 64), K=st.integers(1, 64), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 2**16))
+def test_trigger_closed_form_matches_reference(lead, d_t, K, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(*lead, d_t, generator=generator).to(dtype).to(DEVICE) for _ in range(3))
+    p_prev = (1 + 0.3 * torch.randn(*lead, K, generator=generator)).to(DEVICE)
+    eta = (0.1 * torch.rand(*lead, generator=generator)).to(DEVICE)
+    bank_weight = (torch.randn(K, d_t, d_t, generator=generator) / (K * d_t) ** 0.5).to(DEVICE)
+    bank_bias = (torch.randn(K, d_t, generator=generator) / (K * d_t) ** 0.5).to(DEVICE)
+    inputs = (q, k, v, p_prev, eta, bank_weight, bank_bias)
+    with torch.no_grad():
+        c, p = trigger_step_closed_form(*inputs)
+        c_model, p_model = nirvana.trigger_step(*inputs)                 # as the model calls it: dtypes
+        c_ref, p_ref = nirvana.trigger_step(*(x.double() for x in inputs))   # float64 reference values
+    assert (c.dtype, p.dtype, c.shape, p.shape) == (c_model.dtype, p_model.dtype, c_model.shape, p_model.shape)
+    # float32 arithmetic here: c within its dtype's rounding (bf16: 2^-8 relative), p within float32's
+    assert relative_error(c, c_ref) <= (1e-5 if dtype == torch.float32 else 4e-3)
+    assert relative_error(p, p_ref) <= 1e-5
+
+
+def test_trigger_dispatch_closed_form_only_without_gradients():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 16, device=DEVICE) for _ in range(3))
+    p_prev, eta = 1 + 0.3 * torch.randn(3, 8, device=DEVICE), 0.1 * torch.rand(3, device=DEVICE)
+    bank_weight, bank_bias = torch.randn(8, 16, 16, device=DEVICE) / 12, torch.randn(8, 16, device=DEVICE) / 12
+    inputs = [q, k, v, p_prev, eta, bank_weight, bank_bias]
+    with torch.no_grad():
+        closed = trigger_decode.trigger_step(*inputs)
+    for a, b in zip(closed, trigger_step_closed_form(*inputs)):
+        assert torch.equal(a, b)
+    bank_weight.requires_grad_()
+    c, p = trigger_decode.trigger_step(*inputs)                          # the fused kernel, differentiable
+    assert c.requires_grad and p.requires_grad
+    c_ref, p_ref = nirvana.trigger_step(*inputs)
+    assert relative_error(c, c_ref) <= 1e-4 and relative_error(p, p_ref) <= 1e-4
