@@ -312,6 +312,15 @@ def trigger_step(q, k, v, p_prev, eta, bank_weight, bank_bias, detach_inner_grad
     return fast_weight_function(q, p, bank_weight, bank_bias), p                     # eq.(2)
 
 
+def gated_rms_norm(x, gate, weight, eps):
+    """Gated DeltaNet's output norm: RMSNorm(x) w * SiLU(gate) over the last dimension (one head's Dv values).
+
+    x, gate (..., D), weight (D,). The norm runs in float32 (under autocast too), the result is in gate's dtype.
+    """
+    normed = F.rms_norm(x.float(), x.shape[-1:], weight.float(), eps)
+    return normed.to(gate.dtype) * F.silu(gate)
+
+
 def linear_cross_entropy(h, weight, targets):
     """Mean cross-entropy of the logits h W^T over the targets that are not -1 (the language-model loss).
 
@@ -323,7 +332,8 @@ def linear_cross_entropy(h, weight, targets):
 
 
 TORCH_OPS = SimpleNamespace(gated_delta_rule=gated_delta_rule, sliding_window_attention=sliding_window_attention,
-                            trigger_step=trigger_step, linear_cross_entropy=linear_cross_entropy)
+                            trigger_step=trigger_step, gated_rms_norm=gated_rms_norm,
+                            linear_cross_entropy=linear_cross_entropy)
 
 
 def load_backend(name):
@@ -336,11 +346,13 @@ def load_backend(name):
         raise RuntimeError(f"backend='triton' needs the kernels/ package and Triton ({error}); "
                            "use backend='torch' or install triton") from error
     from kernels import trigger_decode
+    from kernels.gated_rms_norm import gated_rms_norm as fused_gated_rms_norm
     from kernels.linear_cross_entropy import chunked_linear_cross_entropy
 
     return SimpleNamespace(gated_delta_rule=kernels.gated_delta_rule,
                            sliding_window_attention=kernels.sliding_window_attention,
                            trigger_step=trigger_decode.trigger_step,   # the fused kernel, or closed form to decode
+                           gated_rms_norm=fused_gated_rms_norm,
                            linear_cross_entropy=chunked_linear_cross_entropy)
 
 
@@ -351,14 +363,13 @@ def load_backend(name):
 class GatedRMSNorm(nn.Module):
     """RMSNorm over each head's Dv values, times SiLU of an output gate (Gated DeltaNet's output norm)."""
 
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, ops):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.gated_rms_norm = eps, ops.gated_rms_norm
 
     def forward(self, x, gate):  # (B, T, H, Dv), (B, T, H, Dv)
-        normed = F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps)  # float32 under autocast too
-        return normed.to(gate.dtype) * F.silu(gate)
+        return self.gated_rms_norm(x, gate, self.weight, self.eps)                    # float32 under autocast too
 
 
 class CausalConv(nn.Module):
@@ -465,7 +476,7 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.empty(H).uniform_(0, 16).clamp_(min=1e-4).log())
         dt = torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)).exp()
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))                 # softplus^-1(dt)
-        self.norm = GatedRMSNorm(Dv, config.norm_eps)
+        self.norm = GatedRMSNorm(Dv, config.norm_eps, ops)
         self.register_buffer("state", None, persistent=False)
 
     def setup_cache(self, batch_size, max_seq_len, device, dtype):

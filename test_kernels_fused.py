@@ -1,6 +1,7 @@
 """Property tests of the fused paths against their plain-PyTorch twins in nirvana.py:
 kernels.linear_cross_entropy.chunked_linear_cross_entropy vs nirvana.linear_cross_entropy (loss, dh, dW);
-kernels.trigger_decode.trigger_step_closed_form (decoding) vs nirvana.trigger_step.
+kernels.trigger_decode.trigger_step_closed_form (decoding) vs nirvana.trigger_step;
+kernels.gated_rms_norm.gated_rms_norm (Triton) vs nirvana.gated_rms_norm (output, dx, dgate, dw).
 
     python -m pytest -q test_kernels_fused.py                              # CPU
     NIRVANA_KERNEL_TESTS=cuda python -m pytest -q test_kernels_fused.py    # GPU: larger shapes
@@ -21,6 +22,7 @@ from hypothesis import given, settings, strategies as st
 
 import nirvana
 from kernels import trigger_decode
+from kernels.gated_rms_norm import gated_rms_norm
 from kernels.linear_cross_entropy import chunked_linear_cross_entropy
 from kernels.trigger_decode import trigger_step_closed_form
 
@@ -131,3 +133,36 @@ def test_trigger_dispatch_closed_form_only_without_gradients():
     assert c.requires_grad and p.requires_grad
     c_ref, p_ref = nirvana.trigger_step(*inputs)
     assert relative_error(c, c_ref) <= 1e-4 and relative_error(p, p_ref) <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------------------
+# Gated DeltaNet's output norm: one Triton kernel each way vs nirvana.gated_rms_norm
+
+
+@settings(max_examples=30 if ON_CUDA else 12, deadline=None, database=None, derandomize=not ON_CUDA)
+@given(lead=st.one_of(st.tuples(st.integers(0, 40)),
+                      st.tuples(st.integers(1, 3), st.integers(1, 20), st.integers(1, 4))),
+       D=st.sampled_from([3, 16, 64, 100, 128]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       x_float32=st.booleans(), seed=st.integers(0, 2**16))
+def test_gated_rms_norm_matches_reference(lead, D, dtype, x_float32, seed):
+    # as the model calls it: gate in the compute dtype, x in it or float32, weight float32
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, D, generator=generator).to(torch.float32 if x_float32 else dtype).to(DEVICE)
+    gate = (2 * torch.randn(*lead, D, generator=generator)).to(dtype).to(DEVICE)
+    weight = (1 + 0.3 * torch.randn(D, generator=generator)).to(DEVICE)
+    grad_out = torch.randn(*lead, D, generator=generator).to(dtype).to(DEVICE)
+    inputs = [t.clone().requires_grad_() for t in (x, gate, weight)]
+    reference = [t.detach().double().requires_grad_() for t in (x, gate, weight)]
+    out = gated_rms_norm(*inputs, 1e-6)
+    expected = nirvana.gated_rms_norm(*reference, 1e-6)
+    out_model = nirvana.gated_rms_norm(*(t.detach() for t in inputs), 1e-6)
+    assert out.dtype == out_model.dtype == dtype and out.shape == expected.shape
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    assert x.numel() == 0 or relative_error(out, expected) <= bound
+    if x.numel() == 0:
+        return
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    expected_grads = torch.autograd.grad(expected, reference, grad_out.double())
+    for name, actual, want, given_input in zip(("dx", "dgate", "dw"), grads, expected_grads, inputs):
+        assert actual.dtype == given_input.dtype, name
+        assert relative_error(actual, want) <= bound, f"{name}: {relative_error(actual, want):.2e}"
