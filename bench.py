@@ -762,15 +762,17 @@ def profile_decode_step(name, model, batch_size, prompt_len, steps=8, use_device
     try:
         with torch.no_grad():
             for start in range(0, prompt_len, evaluation.PREFILL_CHUNK):
-                logits = model(prompt[:, start:start + evaluation.PREFILL_CHUNK])[0][:, -1]
-            token = logits.argmax(-1, keepdim=True)
+                logits = model(prompt[:, start:start + evaluation.PREFILL_CHUNK], input_pos=start)[0][:, -1]
+            token, position = logits.argmax(-1, keepdim=True), prompt_len
             for _ in range(4):
-                token = evaluation.decode_step(model, token).argmax(-1, keepdim=True)
+                token = evaluation.decode_step(model, token, position).argmax(-1, keepdim=True)
+                position += 1
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_device else [])
             with profile(activities=activities) as prof:
                 for _ in range(steps):
                     with phase("decode step"):
-                        token = evaluation.decode_step(model, token).argmax(-1, keepdim=True)
+                        token = evaluation.decode_step(model, token, position).argmax(-1, keepdim=True)
+                    position += 1
                 if use_device:
                     torch.cuda.synchronize()
     finally:

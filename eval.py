@@ -609,24 +609,28 @@ WARMUP_STEPS = 3      # eager decode steps before the timed ones (kernel autotun
 PREFILL_CHUNK = 4096  # prompts are prefilled through the caches in chunks of this many tokens
 
 
-def decode_step(model, token):
-    """token (B, 1) -> next-token logits (B, V) through the caches: the model's forward without the
-    host-side token-range check of model.embed (a device sync that would stall every eager step)."""
-    return model.lm_head(model.backbone(model.token_embedding(token)))[:, -1]
+def decode_step(model, token, input_pos):
+    """token (B, 1) at position input_pos -> next-token logits (B, V) through the caches: the model's
+    forward without the host-side token-range check of model.embed (a device sync that would stall every
+    eager step)."""
+    return model.lm_head(model.backbone(model.token_embedding(token), input_pos))[:, -1]
 
 
 class GraphedStep:
     """One decode step captured as a CUDA graph and replayed at every position (gpt-fast style): the
-    model keeps its cache position in a device buffer that the replayed kernels advance."""
+    token and its position are device tensors that each call overwrites before the replay."""
 
     def __init__(self, model, batch_size):
-        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=model_device(model))  # static input
+        device = model_device(model)
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # static inputs
+        self.input_pos = torch.zeros((), dtype=torch.long, device=device)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = decode_step(model, self.token)
+            self.logits = decode_step(model, self.token, self.input_pos)
 
-    def __call__(self, token):
+    def __call__(self, token, input_pos):
         self.token.copy_(token)
+        self.input_pos.fill_(input_pos)
         self.graph.replay()
         return self.logits
 
@@ -642,18 +646,20 @@ def prefill_and_decode(model, prompt, steps, use_graph, tokens=None):
         sync(device)
         t0 = time.perf_counter()
         for s in range(0, prompt.shape[1], PREFILL_CHUNK):
-            logits = model(prompt[:, s:s + PREFILL_CHUNK])[0][:, -1]
+            logits = model(prompt[:, s:s + PREFILL_CHUNK], input_pos=s)[0][:, -1]
         sync(device)
         t1 = time.perf_counter()
         token = logits.argmax(-1, keepdim=True) if tokens is None else tokens[0]
+        position = prompt.shape[1]
         for _ in range(WARMUP_STEPS):
-            decode_step(model, token)
-        step = GraphedStep(model, prompt.shape[0]) if use_graph else lambda x: decode_step(model, x)
+            decode_step(model, token, position)
+            position += 1
+        step = GraphedStep(model, prompt.shape[0]) if use_graph else lambda x, pos: decode_step(model, x, pos)
         sync(device)
         t2 = time.perf_counter()
         out = []
         for i in range(steps):
-            logits = step(token)
+            logits = step(token, position + i)
             out.append(logits.to(torch.float32, copy=True))
             token = logits.argmax(-1, keepdim=True) if tokens is None else tokens[min(i + 1, steps - 1)]
         sync(device)

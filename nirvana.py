@@ -6,35 +6,54 @@ Read it top to bottom:
   2. The three hot functions, in plain PyTorch: the gated delta rule (token-by-token recurrence = the
      executable spec, plus a chunked form), sliding-window attention, and the Trigger's CL-OGD step.
      `backend="triton"` swaps them for the compiled versions in kernels/; the model code does not change.
-  3. Small modules in reading order: norms, causal conv, RoPE, attention with its cache, Gated DeltaNet,
-     the Trigger, the Updater, the mixers, the block, and the model with generate().
+  3. Small modules in reading order: norms, the fused projection (several linear maps of one input as
+     one GEMM), causal conv, RoPE, attention with its cache, Gated DeltaNet, the Trigger, the Updater,
+     the mixers, the block, and the model with generate().
 
 Shapes: B batch, T tokens, H heads, Dk key/query head size, Dv value head size (= expand_v * Dk),
-d_t trigger space (64), K bank size (64). Equation numbers refer to the paper; ../shared/SPEC.md fixes the
-details the paper leaves open, and a one-line comment marks each choice this file makes on its own.
+d_t trigger space (64), K bank size (64). Equation numbers refer to the paper. Where the paper leaves a
+detail open (initialisations, the order of the Trigger's steps, the exact window), the comment next to the
+code says which choice this file makes.
+
+Decoding: setup_caches(batch_size, max_seq_len) gives every cached module (causal convs, delta-rule
+states, attention rings) its buffers; each call then passes input_pos, the position of its first token,
+and the caller advances it (an int, or a device tensor when a one-token step is replayed from a CUDA
+graph). The model itself keeps no count of the tokens it has seen.
 """
 
 import math
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Configuration
 
 
+class Variant(NamedTuple):
+    layout: str      # "nirvana", "gdn", "hybrid" or "attention": which mixer each layer uses (layer_kind)
+    trigger: bool    # the Trigger (Sec. 2.2) in every post-prelude Nirvana layer
+    swa_rope: bool   # RoPE in the sliding-window branch
+
+
 # Each variant fixes the layer layout; the paper's tables compare them side by side (Tables 2-9, Fig. 4).
 VARIANTS = {
-    # name:              (layout,     trigger, RoPE in the SWA branch)
-    "nirvana":           ("nirvana",  True,    False),
-    "nirvana-notrigger": ("nirvana",  False,   False),  # t = sigmoid(u . x), zeta sees [a; b]
-    "nirvana-rope":      ("nirvana",  True,    True),   # Appendix A.4
-    "gated-deltanet":    ("gdn",      False,   False),  # every layer is the Gated DeltaNet branch alone
-    "hybrid":            ("hybrid",   False,   True),   # GDN and SWA layers alternating; SWA with RoPE as in Samba
-    "transformer":       ("attention", False,  True),   # Transformer++: full causal attention with RoPE
+    "nirvana": Variant("nirvana", trigger=True, swa_rope=False),
+    # without the Trigger: t = sigmoid(u . x), zeta sees [a; b]
+    "nirvana-notrigger": Variant("nirvana", trigger=False, swa_rope=False),
+    # Appendix A.4
+    "nirvana-rope": Variant("nirvana", trigger=True, swa_rope=True),
+    # every layer is the Gated DeltaNet branch alone
+    "gated-deltanet": Variant("gdn", trigger=False, swa_rope=False),
+    # GDN and SWA layers alternating; SWA with RoPE as in Samba
+    "hybrid": Variant("hybrid", trigger=False, swa_rope=True),
+    # Transformer++: full causal attention with RoPE
+    "transformer": Variant("attention", trigger=False, swa_rope=True),
 }
 
 # Sizes. Parameter counts with vocab 32000 and untied embeddings (test_nirvana.py checks them):
@@ -59,7 +78,7 @@ class NirvanaConfig:
     context_length: int = 4096      # training context (Sec. 3); the model itself has no length limit
     d_model: int = 2048
     n_layers: int = 22
-    n_heads: int = 16               # shared by both memory branches (SPEC: same heads, same head sizes)
+    n_heads: int = 16               # shared by both memory branches (same heads, same head sizes)
     head_dim: int | None = None     # Dk; None means d_model // n_heads
     expand_v: int = 1               # Dv = expand_v * Dk
     n_prelude: int = 2              # first layers are Gated DeltaNet only (Sec. 2.2)
@@ -107,19 +126,27 @@ class NirvanaConfig:
 
     @property
     def layout(self):
-        return VARIANTS[self.variant][0]
+        return VARIANTS[self.variant].layout
 
     @property
     def trigger(self):
-        return VARIANTS[self.variant][1]
+        return VARIANTS[self.variant].trigger
 
     @property
     def swa_rope(self):
-        return VARIANTS[self.variant][2]
+        return VARIANTS[self.variant].swa_rope
+
+    @property
+    def value_head_dim(self):
+        return self.head_dim * self.expand_v  # Dv
+
+    @property
+    def key_dim(self):
+        return self.n_heads * self.head_dim  # H * Dk: the width of q and k
 
     @property
     def value_dim(self):
-        return self.n_heads * self.head_dim * self.expand_v  # len(a) = len(b) = H * Dv
+        return self.n_heads * self.value_head_dim  # H * Dv: the width of v, and len(a) = len(b)
 
     def layer_kind(self, layer):
         """What mixer layer `layer` uses: 'gdn', 'swa', 'attention' or 'nirvana'."""
@@ -130,7 +157,7 @@ class NirvanaConfig:
         return self.layout
 
     @classmethod
-    def from_preset(cls, name, **overrides):
+    def from_preset(cls, name: str, **overrides) -> "NirvanaConfig":
         """'<variant>-<size>' (e.g. 'nirvana-125m', 'gated-deltanet-350m') or a bare size (the nirvana variant)."""
         variant, size = "nirvana", name
         for candidate in sorted(VARIANTS, key=len, reverse=True):
@@ -251,7 +278,9 @@ def _per_sequence(fn, q, k, v, g, beta, scale, initial_state, output_final_state
     return torch.cat(outs, dim=1), (torch.cat(states) if output_final_state else None)
 
 
-def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float | None = None,
+                     initial_state: Tensor | None = None, output_final_state: bool = False,
+                     cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Torch backend: the chunked form for sequences, the recurrence for one-token decoding."""
     rule = gated_delta_rule_recurrent if q.shape[1] == 1 else gated_delta_rule_chunked
     return rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
@@ -272,8 +301,9 @@ def windowed_attention(q, k, v, q_positions, k_positions, window=None, scale=Non
     return o.transpose(1, 2)
 
 
-def sliding_window_attention(q, k, v, window, scale=None):
-    """Causal sliding-window attention, SPEC: query i attends keys (i - window, i], itself included.
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
+                             scale: float | None = None) -> Tensor:
+    """Causal sliding-window attention: query i attends keys (i - window, i], itself included.
 
     q, k (B, T, H, Dk), v (B, T, H, Dv) -> (B, T, H, Dv); scale defaults to Dk ** -0.5.
     """
@@ -293,10 +323,11 @@ def fast_weight_function(x, p, bank_weight, bank_bias):
     return x + F.layer_norm(z, z.shape[-1:])
 
 
-def trigger_step(q, k, v, p_prev, eta, bank_weight, bank_bias, detach_inner_grad=False):
+def trigger_step(q: Tensor, k: Tensor, v: Tensor, p_prev: Tensor, eta: Tensor, bank_weight: Tensor,
+                 bank_bias: Tensor, detach_inner_grad: bool = False) -> tuple[Tensor, Tensor]:
     """One CL-OGD step of the Trigger (Sec. 2.2), for every token at once; tokens never share p.
 
-    q, k, v (..., d_t) are q~, k~, v~; p_prev (..., K); eta (...,). In SPEC's order:
+    q, k, v (..., d_t) are q~, k~, v~; p_prev (..., K); eta (...,). In this order (learn, then read):
       L = ||f(k~; p_prev) - v~||^2                eq.(3)
       grad = dL/dp at p_prev                      eq.(4), (7): by autograd, kept in the graph
       p = p_prev - eta * grad                     eq.(5)
@@ -372,6 +403,22 @@ class GatedRMSNorm(nn.Module):
         return self.gated_rms_norm(x, gate, self.weight, self.eps)                    # float32 under autocast too
 
 
+class FusedLinear(nn.Linear):
+    """Linear maps of one input computed as one GEMM (one launch instead of one per map): the parts' weight
+    rows stacked, the output split. parts: name -> output width, in row order; forward returns the parts."""
+
+    def __init__(self, d_in, **parts):
+        super().__init__(d_in, sum(parts.values()), bias=False)
+        self.parts = parts
+
+    def forward(self, x):  # (..., d_in) -> one (..., width) tensor per part
+        return super().forward(x).split(list(self.parts.values()), dim=-1)
+
+
+# Every module with an inference cache has setup_cache(batch_size, max_seq_len, device, dtype) and
+# clear_cache(); Nirvana.setup_caches / clear_caches call them on every such module.
+
+
 class CausalConv(nn.Module):
     """Depthwise causal conv over time, kernel conv_size; its cache is the last conv_size - 1 inputs."""
 
@@ -382,6 +429,9 @@ class CausalConv(nn.Module):
 
     def setup_cache(self, batch_size, max_seq_len, device, dtype):
         self.tail = torch.zeros(batch_size, self.weight.shape[-1] - 1, self.weight.shape[0], device=device, dtype=dtype)
+
+    def clear_cache(self):
+        self.tail = None
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
         B, T, C = x.shape
@@ -416,17 +466,23 @@ class Attention(nn.Module):
     def __init__(self, config, window, rope, ops):
         super().__init__()
         self.window, self.rope, self.rope_base, self.ops = window, rope, config.rope_base, ops
+        self.H, self.Dk, self.Dv = config.n_heads, config.head_dim, config.value_head_dim
         for name in ("k_cache", "v_cache", "slot_positions"):
             self.register_buffer(name, None, persistent=False)
 
-    def setup_cache(self, batch_size, max_seq_len, device, dtype, n_heads, head_dim, value_dim):
+    def setup_cache(self, batch_size, max_seq_len, device, dtype):
         slots = max_seq_len if self.window is None else min(self.window, max_seq_len)
-        self.k_cache = torch.zeros(batch_size, slots, n_heads, head_dim, device=device, dtype=dtype)
-        self.v_cache = torch.zeros(batch_size, slots, n_heads, value_dim, device=device, dtype=dtype)
+        self.k_cache = torch.zeros(batch_size, slots, self.H, self.Dk, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(batch_size, slots, self.H, self.Dv, device=device, dtype=dtype)
         self.slot_positions = torch.full((slots,), -1, device=device)                  # -1: empty slot
 
-    def forward(self, q, k, v, start):  # (B, T, H, Dk), (B, T, H, Dk), (B, T, H, Dv); start: position of q[:, 0]
-        positions = start + torch.arange(q.shape[1], device=q.device)                # start: int or device tensor
+    def clear_cache(self):
+        self.k_cache = self.v_cache = self.slot_positions = None
+
+    def forward(self, q, k, v, input_pos=None):  # q, k (B, T, H, Dk), v (B, T, H, Dv) -> (B, T, H, Dv)
+        positions = torch.arange(q.shape[1], device=q.device)
+        if input_pos is not None:
+            positions = input_pos + positions                                          # int or device tensor
         if self.rope:
             q, k = apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base)
         if self.k_cache is None:
@@ -455,8 +511,15 @@ class Attention(nn.Module):
         self.slot_positions[slots] = positions[-kept:]
 
 
+def gated_deltanet_projections(config):
+    """What the Gated DeltaNet branch reads from x, name -> width: q, k, v and Wa x, Wb x, Wg x (the
+    projections of the decay, of beta and of the output gate, before their nonlinearities)."""
+    H, key_dim, value_dim = config.n_heads, config.key_dim, config.value_dim
+    return dict(q=key_dim, k=key_dim, v=value_dim, decay=H, beta=H, gate=value_dim)
+
+
 class GatedDeltaNet(nn.Module):
-    """The linear-attention branch (Gated DeltaNet), given the shared projections q, k, v of x.
+    """The linear-attention branch (Gated DeltaNet), given the projections of x (gated_deltanet_projections).
 
     q1, k1 = L2norm(SiLU(conv(q))), L2norm(SiLU(conv(k))); v1 = SiLU(conv(v));
     g = -exp(A_log) softplus(Wa x + dt_bias), beta = sigmoid(Wb x); b = GatedRMSNorm(S^T q1, SiLU(Wg x)).
@@ -465,13 +528,10 @@ class GatedDeltaNet(nn.Module):
 
     def __init__(self, config, ops):
         super().__init__()
-        H, Dk, Dv = config.n_heads, config.head_dim, config.head_dim * config.expand_v
+        H, Dk, Dv = config.n_heads, config.head_dim, config.value_head_dim
         self.H, self.Dk, self.Dv, self.ops = H, Dk, Dv, ops
         self.q_conv, self.k_conv = CausalConv(H * Dk, config.conv_size), CausalConv(H * Dk, config.conv_size)
         self.v_conv = CausalConv(H * Dv, config.conv_size)
-        self.a_proj = nn.Linear(config.d_model, H, bias=False)
-        self.b_proj = nn.Linear(config.d_model, H, bias=False)
-        self.g_proj = nn.Linear(config.d_model, H * Dv, bias=False)
         # Gated DeltaNet's initialisation: decay rate A ~ U(0, 16), time step dt ~ logU(1e-3, 1e-1)
         self.A_log = nn.Parameter(torch.empty(H).uniform_(0, 16).clamp_(min=1e-4).log())
         dt = torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)).exp()
@@ -479,34 +539,27 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(Dv, config.norm_eps, ops)
         self.register_buffer("state", None, persistent=False)
 
-    def setup_cache(self, batch_size, max_seq_len, device, dtype):
+    def setup_cache(self, batch_size, max_seq_len, device, dtype):  # the state is float32 whatever dtype is
         self.state = torch.zeros(batch_size, self.H, self.Dk, self.Dv, device=device)
 
-    def forward(self, x, q, k, v):  # x (B, T, d_model); q, k (B, T, H*Dk); v (B, T, H*Dv) -> b (B, T, H*Dv)
-        B, T, _ = x.shape
+    def clear_cache(self):
+        self.state = None
+
+    def forward(self, q, k, v, decay, beta, gate):
+        """q, k (B, T, H*Dk); v (B, T, H*Dv); Wa x, Wb x (B, T, H); Wg x (B, T, H*Dv) -> b (B, T, H*Dv)."""
+        B, T, _ = q.shape
         q1 = F.normalize(F.silu(self.q_conv(q)).view(B, T, self.H, self.Dk), dim=-1)
         k1 = F.normalize(F.silu(self.k_conv(k)).view(B, T, self.H, self.Dk), dim=-1)
         v1 = F.silu(self.v_conv(v)).view(B, T, self.H, self.Dv)
         q1, k1 = q1.to(v1.dtype), k1.to(v1.dtype)                                     # autocast normalises in float32
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)   # (B, T, H) log alpha
-        beta = self.b_proj(x).float().sigmoid()                                          # (B, T, H)
+        g = -self.A_log.float().exp() * F.softplus(decay.float() + self.dt_bias)        # (B, T, H) log alpha
+        beta = beta.float().sigmoid()                                                    # (B, T, H)
         o, state = self.ops.gated_delta_rule(q1, k1, v1, g, beta, initial_state=self.state,
                                              output_final_state=self.state is not None)
         if self.state is not None:
             self.state.copy_(state)
-        gate = self.g_proj(x).view(B, T, self.H, self.Dv)
+        gate = gate.view(B, T, self.H, self.Dv)
         return self.norm(o.to(gate.dtype), gate).view(B, T, self.H * self.Dv)
-
-
-class LowRank(nn.Module):
-    """U D x with rank r: the cheap difference between the SWA and the linear-attention projections (Sec. 2.1)."""
-
-    def __init__(self, d_in, rank, d_out):
-        super().__init__()
-        self.down, self.up = nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=False)
-
-    def forward(self, x):
-        return self.up(self.down(x))
 
 
 class TriggerBank(nn.Module):
@@ -521,18 +574,17 @@ class TriggerBank(nn.Module):
 
 
 class Trigger(nn.Module):
-    """Per layer: q~, k~, v~ = Linear(d_model -> d_t) of x, theta_l (d_model,); one CL-OGD step (Sec. 2.2)."""
+    """Per layer: one CL-OGD step (Sec. 2.2) on q~, k~, v~ = Linear(d_model -> d_t) of x (computed by the
+    mixer's fused projection), with the step size of eq.(5) from theta_l (d_model,)."""
 
     def __init__(self, config, ops):
         super().__init__()
-        d_t = config.trigger_dim
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(config.d_model, d_t, bias=False) for _ in range(3))
         self.theta = nn.Parameter(torch.zeros(config.d_model))
         self.eta_ref, self.detach_inner_grad, self.ops = config.eta_ref, config.detach_inner_grad, ops
 
-    def forward(self, x, p_prev, bank):  # x (B, T, d_model), p_prev (B, T, K) -> c (B, T, d_t), p (B, T, K)
+    def forward(self, x, q, k, v, p_prev, bank):
+        """x (B, T, d_model); q~, k~, v~ (B, T, d_t); p_prev (B, T, K) -> c (B, T, d_t), p (B, T, K)."""
         eta = self.eta_ref * torch.sigmoid((x @ self.theta.to(x.dtype)).float())       # (B, T) eq.(5)
-        q, k, v = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))         # (B, T, d_t) in x's dtype
         # the bank products run at q~'s precision (autocast's under autocast, as any matmul); p stays float32
         return self.ops.trigger_step(q, k, v, p_prev.float(), eta, bank.weight, bank.bias, self.detach_inner_grad)
 
@@ -540,21 +592,23 @@ class Trigger(nn.Module):
 class Updater(nn.Module):
     """Conditional interpolation eq.(8): o = t a + (1 - t) b + zeta([a; b; c]), t = sigmoid(u . c).
 
-    zeta: Linear -> Swish -> Linear with hidden size len(a)/8. Without the Trigger (nirvana-notrigger),
-    t = sigmoid(u . x) from the block input and zeta sees [a; b].
+    zeta: Linear -> Swish -> Linear with hidden size len(a)/8. Without the Trigger (nirvana-notrigger), the
+    condition is the block input x: t = sigmoid(u . x), and zeta sees [a; b].
     """
 
     def __init__(self, config):
         super().__init__()
         D = config.value_dim
+        self.condition_in_zeta = config.trigger                                  # c enters zeta, x does not
         condition_dim = config.trigger_dim if config.trigger else config.d_model
         self.u = nn.Parameter(torch.zeros(condition_dim))
-        self.zeta = nn.Sequential(nn.Linear(2 * D + (config.trigger_dim if config.trigger else 0), D // 8, bias=False),
-                                  nn.SiLU(), nn.Linear(D // 8, D, bias=False))
+        zeta_in = 2 * D + (condition_dim if self.condition_in_zeta else 0)
+        self.zeta = nn.Sequential(nn.Linear(zeta_in, D // 8, bias=False), nn.SiLU(),
+                                  nn.Linear(D // 8, D, bias=False))
 
-    def forward(self, a, b, condition, c=None):  # a, b (B, T, H*Dv); condition (B, T, d_t or d_model)
+    def forward(self, a, b, condition):  # a, b (B, T, H*Dv); condition: c (B, T, d_t) or x (B, T, d_model)
         t = torch.sigmoid((condition @ self.u.to(condition.dtype)).float()).to(a.dtype)   # (B, T)
-        zeta_in = torch.cat([a, b] if c is None else [a, b, c.to(a.dtype)], dim=-1)
+        zeta_in = torch.cat([a, b, condition.to(a.dtype)] if self.condition_in_zeta else [a, b], dim=-1)
         return torch.lerp(b, a, t[..., None]) + self.zeta(zeta_in), t                 # t a + (1 - t) b + zeta
 
 
@@ -563,16 +617,12 @@ class GatedDeltaNetMixer(nn.Module):
 
     def __init__(self, config, ops):
         super().__init__()
-        H, Dk, Dv = config.n_heads, config.head_dim, config.head_dim * config.expand_v
-        self.q_proj = nn.Linear(config.d_model, H * Dk, bias=False)
-        self.k_proj = nn.Linear(config.d_model, H * Dk, bias=False)
-        self.v_proj = nn.Linear(config.d_model, H * Dv, bias=False)
+        self.in_proj = FusedLinear(config.d_model, **gated_deltanet_projections(config))
         self.gated_deltanet = GatedDeltaNet(config, ops)
-        self.o_proj = nn.Linear(H * Dv, config.d_model, bias=False)
+        self.o_proj = nn.Linear(config.value_dim, config.d_model, bias=False)
 
-    def forward(self, x, p, bank, start):
-        b = self.gated_deltanet(x, self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        return self.o_proj(b), p, None
+    def forward(self, x):  # (B, T, d_model) -> (B, T, d_model)
+        return self.o_proj(self.gated_deltanet(*self.in_proj(x)))
 
 
 class AttentionMixer(nn.Module):
@@ -580,72 +630,75 @@ class AttentionMixer(nn.Module):
 
     def __init__(self, config, window, ops):
         super().__init__()
-        H, Dk, Dv = config.n_heads, config.head_dim, config.head_dim * config.expand_v
-        self.H, self.Dk, self.Dv = H, Dk, Dv
-        self.q_proj = nn.Linear(config.d_model, H * Dk, bias=False)
-        self.k_proj = nn.Linear(config.d_model, H * Dk, bias=False)
-        self.v_proj = nn.Linear(config.d_model, H * Dv, bias=False)
+        self.H, self.Dk, self.Dv = config.n_heads, config.head_dim, config.value_head_dim
+        self.qkv_proj = FusedLinear(config.d_model, q=config.key_dim, k=config.key_dim, v=config.value_dim)
         self.attention = Attention(config, window, config.swa_rope, ops)
-        self.o_proj = nn.Linear(H * Dv, config.d_model, bias=False)
+        self.o_proj = nn.Linear(config.value_dim, config.d_model, bias=False)
 
-    def forward(self, x, p, bank, start):
+    def forward(self, x, input_pos):  # (B, T, d_model) -> (B, T, d_model)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.H, self.Dk)
-        k = self.k_proj(x).view(B, T, self.H, self.Dk)
-        v = self.v_proj(x).view(B, T, self.H, self.Dv)
-        return self.o_proj(self.attention(q, k, v, start).reshape(B, T, -1)), p, None
+        q, k, v = self.qkv_proj(x)
+        q, k, v = q.view(B, T, self.H, self.Dk), k.view(B, T, self.H, self.Dk), v.view(B, T, self.H, self.Dv)
+        return self.o_proj(self.attention(q, k, v, input_pos).reshape(B, T, -1))
 
 
 class NirvanaMixer(nn.Module):
-    """A post-prelude Nirvana layer: both memory branches on shared q, k, v, the Trigger, the Updater."""
+    """A post-prelude Nirvana layer: both memory branches on shared q, k, v, the Trigger, the Updater.
+
+    Every projection of x is one GEMM (in_proj): the Gated DeltaNet's (q, k, v shared with the SWA branch,
+    and its gates), the down projections D x of the SWA branch's low-rank deltas U D x (Sec. 2.1, rank r),
+    and the Trigger's q~, k~, v~ (Sec. 2.2).
+    """
 
     def __init__(self, config, ops):
         super().__init__()
-        H, Dk, Dv = config.n_heads, config.head_dim, config.head_dim * config.expand_v
-        self.H, self.Dk, self.Dv = H, Dk, Dv
-        self.q_proj = nn.Linear(config.d_model, H * Dk, bias=False)                    # shared by both branches
-        self.k_proj = nn.Linear(config.d_model, H * Dk, bias=False)
-        self.v_proj = nn.Linear(config.d_model, H * Dv, bias=False)
+        self.H, self.Dk, self.Dv = config.n_heads, config.head_dim, config.value_head_dim
+        r, d_t = config.lowrank, config.trigger_dim
+        trigger_parts = dict(trigger_q=d_t, trigger_k=d_t, trigger_v=d_t) if config.trigger else {}
+        self.in_proj = FusedLinear(config.d_model, **gated_deltanet_projections(config), q_delta=r, k_delta=r,
+                                   v_delta=r, **trigger_parts)
         self.gated_deltanet = GatedDeltaNet(config, ops)
-        self.q_delta = LowRank(config.d_model, config.lowrank, H * Dk)
-        self.k_delta = LowRank(config.d_model, config.lowrank, H * Dk)
-        self.v_delta = LowRank(config.d_model, config.lowrank, H * Dv)
+        self.q_delta_up = nn.Linear(r, config.key_dim, bias=False)             # U of the low-rank deltas
+        self.k_delta_up = nn.Linear(r, config.key_dim, bias=False)
+        self.v_delta_up = nn.Linear(r, config.value_dim, bias=False)
         self.attention = Attention(config, config.window, config.swa_rope, ops)
         self.trigger = Trigger(config, ops) if config.trigger else None
         self.updater = Updater(config)
-        self.o_proj = nn.Linear(H * Dv, config.d_model, bias=False)
+        self.o_proj = nn.Linear(config.value_dim, config.d_model, bias=False)
 
-    def forward(self, x, p, bank, start):  # x (B, T, d_model); p (B, T, K) from the layer below
+    def forward(self, x, input_pos, p, bank):
+        """x (B, T, d_model), p (B, T, K) from the layer below -> out (B, T, d_model), p, t (B, T)."""
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        b = self.gated_deltanet(x, q, k, v)                                            # (B, T, H*Dv) linear attention
-        q2 = (q + self.q_delta(x)).view(B, T, self.H, self.Dk)                         # Sec. 2.1 low-rank deltas
-        k2 = (k + self.k_delta(x)).view(B, T, self.H, self.Dk)
-        v2 = (v + self.v_delta(x)).view(B, T, self.H, self.Dv)
-        a = self.attention(q2, k2, v2, start).reshape(B, T, -1)                        # (B, T, H*Dv) SWA
+        q, k, v, decay, beta, gate, q_delta, k_delta, v_delta, *trigger_qkv = self.in_proj(x)
+        b = self.gated_deltanet(q, k, v, decay, beta, gate)                    # (B, T, H*Dv) linear attention
+        q2 = (q + self.q_delta_up(q_delta)).view(B, T, self.H, self.Dk)          # Sec. 2.1 low-rank deltas
+        k2 = (k + self.k_delta_up(k_delta)).view(B, T, self.H, self.Dk)
+        v2 = (v + self.v_delta_up(v_delta)).view(B, T, self.H, self.Dv)
+        a = self.attention(q2, k2, v2, input_pos).reshape(B, T, -1)                    # (B, T, H*Dv) SWA
         if self.trigger is None:
-            o, t = self.updater(a, b, condition=x)
+            o, t = self.updater(a, b, x)
         else:
-            c, p = self.trigger(x, p, bank)                                            # (B, T, d_t), (B, T, K)
-            o, t = self.updater(a, b, condition=c, c=c)                                # eq.(8)
+            c, p = self.trigger(x, *trigger_qkv, p, bank)                        # (B, T, d_t), (B, T, K)
+            o, t = self.updater(a, b, c)                                               # eq.(8)
         return self.o_proj(o), p, t
 
 
 class SwiGLU(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.gate = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
-        self.up = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.gate_up = FusedLinear(config.d_model, gate=config.ffn_hidden, up=config.ffn_hidden)
         self.down = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
 
     def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x)
+        return self.down(F.silu(gate) * up)
 
 
 def autocast_input(x):
     """x in the autocast dtype when autocast is on, else unchanged. A norm's float32 output feeds many
-    projections (up to 13 in a Nirvana mixer); autocast would cast it once per projection and add their input
-    gradients in float32, this casts it once (same forward values; the gradients add up in that dtype)."""
+    projections (the Nirvana mixer's fused one, the Trigger's theta, the Updater's u without the Trigger);
+    autocast would cast it once per projection and add their input gradients in float32, this casts it
+    once (same forward values; the gradients add up in that dtype)."""
     if torch.is_autocast_enabled(x.device.type):
         return x.to(torch.get_autocast_dtype(x.device.type))
     return x
@@ -668,10 +721,50 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.ffn = SwiGLU(config)
 
-    def forward(self, h, p, bank, start):
-        out, p, t = self.mixer(autocast_input(self.mixer_norm(h)), p, bank, start)
+    def forward(self, h, input_pos, p, bank):
+        """h (B, T, d_model) -> h, and the Trigger's p (B, T, K) and the gate t (B, T) of a Nirvana layer.
+
+        Each mixer gets what it reads: the Gated DeltaNet only x; attention also the positions; a Nirvana
+        layer also p from the layer below and the shared bank (other layers pass p on and give t = None).
+        """
+        x = autocast_input(self.mixer_norm(h))
+        t = None
+        if self.kind == "nirvana":
+            out, p, t = self.mixer(x, input_pos, p, bank)
+        elif self.kind == "gdn":
+            out = self.mixer(x)
+        else:
+            out = self.mixer(x, input_pos)
         h = h + out
         return h + self.ffn(autocast_input(self.ffn_norm(h))), p, t
+
+
+# Checkpoints written before the projections of one input became one GEMM (FusedLinear) hold each part
+# under its own name. Per block, a fused weight <- the old weights of its parts, in row order; parts the
+# checkpoint lacks (the Trigger's, in a variant without it) are not in the fused weight either.
+UNFUSED_NAMES = {
+    "mixer.qkv_proj.weight": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj"],
+    "mixer.in_proj.weight": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.gated_deltanet.a_proj",
+                             "mixer.gated_deltanet.b_proj", "mixer.gated_deltanet.g_proj",
+                             "mixer.q_delta.down", "mixer.k_delta.down", "mixer.v_delta.down",
+                             "mixer.trigger.q_proj", "mixer.trigger.k_proj", "mixer.trigger.v_proj"],
+    "mixer.q_delta_up.weight": ["mixer.q_delta.up"],
+    "mixer.k_delta_up.weight": ["mixer.k_delta.up"],
+    "mixer.v_delta_up.weight": ["mixer.v_delta.up"],
+    "ffn.gate_up.weight": ["ffn.gate", "ffn.up"],
+}
+
+
+def load_unfused_checkpoint(model, state_dict, prefix, *args):
+    """load_state_dict pre-hook of Nirvana: a checkpoint of separate projections gets its fused weights."""
+    for name, _ in model.named_parameters():
+        _, layer, within_block = name.split(".", 2) if name.startswith("blocks.") else ("", "", "")
+        if within_block not in UNFUSED_NAMES or prefix + name in state_dict:
+            continue
+        old = [f"{prefix}blocks.{layer}.{part}.weight" for part in UNFUSED_NAMES[within_block]]
+        old = [key for key in old if key in state_dict]
+        if old:
+            state_dict[prefix + name] = torch.cat([state_dict.pop(key) for key in old])
 
 
 class Nirvana(nn.Module):
@@ -685,12 +778,8 @@ class Nirvana(nn.Module):
         self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.linear_cross_entropy = ops.linear_cross_entropy                         # lm_head + loss in one
-        # Decoding state: cache_position counts tokens on the host (for users and the size check); the buffer
-        # `position` holds the same count on the device, so a one-token step has no host sync and can be
-        # captured in a CUDA graph (only the buffer advances when such a graph is replayed).
-        self.cache_position = 0
-        self.max_seq_len = None
-        self.register_buffer("position", None, persistent=False)
+        self.max_seq_len = None                                            # the caches' size, once set up
+        self.register_load_state_dict_pre_hook(load_unfused_checkpoint)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 # GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layers)
@@ -713,38 +802,54 @@ class Nirvana(nn.Module):
                              f"got min {int(idx.min())} and max {int(idx.max())}")
         return self.token_embedding(idx)
 
-    def backbone(self, h, trace=None):
-        """All blocks and the final norm on embeddings h (B, T, d_model); continues from the caches if set.
+    def backbone(self, h, input_pos=None, trace=None):
+        """All blocks and the final norm on embeddings h (B, T, d_model).
 
+        input_pos: with caches set up, the position of h[:, 0] in the sequence (0 for the prompt), an int or
+        a 0-dim device tensor that the caller advances (a CUDA graph of a one-token step reads it there);
+        without caches, None. An int is checked against the caches' size; a device tensor is not (reading it
+        would wait for the device).
         trace: a dict to fill with per-Nirvana-layer lists "gate" (B, T) (t of eq.8) and "p" (B, T, K) (eq.5).
         """
         if h.dim() != 3 or h.shape[-1] != self.config.d_model:
             raise ValueError(f"embeddings must have shape (B, T, {self.config.d_model}), got {tuple(h.shape)}")
-        if self.max_seq_len is not None and self.cache_position + h.shape[1] > self.max_seq_len:
-            raise ValueError(f"the caches hold {self.max_seq_len} tokens; {self.cache_position} + {h.shape[1]} "
-                             "do not fit: call setup_caches with a larger max_seq_len")
-        start = 0 if self.position is None else self.position                          # position of h[:, 0]
+        self.check_input_pos(input_pos, h.shape[1])
         p = None
         if self.config.trigger:
             p = h.new_ones(h.shape[0], h.shape[1], self.config.bank_size, dtype=torch.float32)  # p^0 = all-ones
         for block in self.blocks:
-            h, p, t = block(h, p, self.trigger_bank, start)
+            h, p, t = block(h, input_pos, p, self.trigger_bank)
             if trace is not None and t is not None:
                 trace.setdefault("gate", []).append(t.detach())
                 if self.config.trigger:
                     trace.setdefault("p", []).append(p.detach())
-        if self.position is not None:
-            self.position.add_(h.shape[1])
-            self.cache_position += h.shape[1]
         return self.final_norm(h)
 
-    def forward(self, idx, targets=None, return_trace=False):
+    def check_input_pos(self, input_pos, n_tokens):
+        if self.max_seq_len is None:
+            if input_pos is not None:
+                raise ValueError("input_pos is for decoding through the caches: call setup_caches first")
+            return
+        if input_pos is None:
+            raise ValueError("the caches are set up: pass input_pos, the position of this call's first token "
+                             "(0 for the prompt)")
+        if isinstance(input_pos, int) or input_pos.device.type == "cpu":             # no device sync
+            if int(input_pos) < 0:
+                raise ValueError(f"input_pos must be >= 0, got {int(input_pos)}")
+            if int(input_pos) + n_tokens > self.max_seq_len:
+                raise ValueError(f"the caches hold {self.max_seq_len} tokens; {int(input_pos)} + {n_tokens} "
+                                 "do not fit: call setup_caches with a larger max_seq_len")
+
+    def forward(self, idx, targets=None, return_trace=False, *, input_pos=None):
         """idx (B, T) -> (logits (B, T, vocab), None); given targets (B, T) (-1 = ignore) -> (None, the mean
-        cross-entropy): training needs no logits, and the triton backend's loss never forms them all at once."""
+        cross-entropy): training needs no logits, and the triton backend's loss never forms them all at once.
+
+        input_pos: the position of idx[:, 0] when decoding through the caches (see backbone).
+        """
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
         trace = {} if return_trace else None
-        h = self.backbone(self.embed(idx), trace)                                      # (B, T, d_model)
+        h = self.backbone(self.embed(idx), input_pos, trace)                           # (B, T, d_model)
         if targets is None:
             logits, loss = self.lm_head(h), None
         else:
@@ -756,37 +861,43 @@ class Nirvana(nn.Module):
     def setup_caches(self, batch_size, max_seq_len):
         """Allocate every layer's cache: delta-rule state, conv tails, SWA ring buffer, full-attention KV."""
         weight = self.lm_head.weight
-        self.cache_position, self.max_seq_len = 0, max_seq_len
-        self.position = torch.zeros((), dtype=torch.long, device=weight.device)
-        c = self.config
+        self.max_seq_len = max_seq_len
         for module in self.modules():
-            if isinstance(module, (CausalConv, GatedDeltaNet)):
+            if hasattr(module, "setup_cache"):
                 module.setup_cache(batch_size, max_seq_len, weight.device, weight.dtype)
-            elif isinstance(module, Attention):
-                module.setup_cache(batch_size, max_seq_len, weight.device, weight.dtype, c.n_heads, c.head_dim,
-                                   c.head_dim * c.expand_v)
 
     def clear_caches(self):
+        self.max_seq_len = None
         for module in self.modules():
-            for name in ("tail", "state", "k_cache", "v_cache", "slot_positions"):
-                if hasattr(module, name) and isinstance(getattr(module, name), torch.Tensor):
-                    setattr(module, name, None)
-        self.cache_position, self.max_seq_len, self.position = 0, None, None
+            if hasattr(module, "clear_cache"):
+                module.clear_cache()
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None) -> Tensor:
         """Continue idx (B, T) by max_new_tokens sampled tokens: prefill, then O(1)-per-token decoding.
 
-        temperature 0 picks the most likely token; top_k keeps only the k most likely.
+        temperature 0 picks the most likely token; else softmax(logits / temperature) over the top_k most
+        likely (all when top_k is None).
         """
-        self.setup_caches(idx.shape[0], idx.shape[1] + max_new_tokens)
+        prompt_len = idx.shape[1]
+        self.setup_caches(idx.shape[0], prompt_len + max_new_tokens)
         try:
-            logits, _ = self(idx)
+            logits, _ = self(idx, input_pos=0)
             tokens = [idx]
             for step in range(max_new_tokens):
-                tokens.append(sample_next(logits[:, -1], temperature, top_k))
+                logits = logits[:, -1]                                                 # (B, vocab)
+                if temperature == 0:
+                    next_token = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    logits = logits.float() / temperature
+                    if top_k is not None:
+                        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, -math.inf)
+                    next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+                tokens.append(next_token)
                 if step + 1 < max_new_tokens:
-                    logits, _ = self(tokens[-1])
+                    logits, _ = self(next_token, input_pos=prompt_len + step)
         finally:
             self.clear_caches()
         return torch.cat(tokens, dim=1)
@@ -805,14 +916,3 @@ class Nirvana(nn.Module):
         model = cls(NirvanaConfig.from_dict({**checkpoint["config"], **overrides}))
         model.load_state_dict(checkpoint["model"])
         return model
-
-
-def sample_next(logits, temperature=1.0, top_k=None):
-    """One token per row of logits (B, vocab): greedy at temperature 0, else softmax(logits / T) over the top k."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)

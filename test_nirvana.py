@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from nirvana import (PRESETS, VARIANTS, Nirvana, NirvanaConfig, fast_weight_function, gated_delta_rule_chunked,
-                     gated_delta_rule_recurrent, sliding_window_attention, trigger_step)
+from nirvana import (PRESETS, VARIANTS, FusedLinear, Nirvana, NirvanaConfig, fast_weight_function,
+                     gated_delta_rule_chunked, gated_delta_rule_recurrent, sliding_window_attention,
+                     trigger_step)
 
 ALL_VARIANTS = sorted(VARIANTS)
 
@@ -181,7 +182,8 @@ def test_decoding_reproduces_the_parallel_forward(variant):
     with torch.no_grad():
         logits, _ = model(idx)
         model.setup_caches(batch_size=2, max_seq_len=80)
-        steps = [model(idx[:, :11])[0]] + [model(idx[:, i:i + 1])[0] for i in range(11, 80)]
+        steps = [model(idx[:, :11], input_pos=0)[0]]
+        steps += [model(idx[:, i:i + 1], input_pos=i)[0] for i in range(11, 80)]
         model.clear_caches()
     torch.testing.assert_close(torch.cat(steps, dim=1), logits, rtol=1e-4, atol=1e-4)
 
@@ -192,7 +194,7 @@ def test_decoding_in_chunks_longer_than_the_window():
     with torch.no_grad():
         logits, _ = model(idx)
         model.setup_caches(batch_size=1, max_seq_len=50)
-        chunks = [model(idx[:, a:b])[0] for a, b in ((0, 3), (3, 20), (20, 21), (21, 50))]
+        chunks = [model(idx[:, a:b], input_pos=a)[0] for a, b in ((0, 3), (3, 20), (20, 21), (21, 50))]
         model.clear_caches()
     torch.testing.assert_close(torch.cat(chunks, dim=1), logits, rtol=1e-4, atol=1e-4)
 
@@ -203,9 +205,8 @@ def test_decoding_state_does_not_grow_with_context():
     sizes = sum(buffer.numel() for buffer in model.buffers())
     with torch.no_grad():
         for i in range(40):
-            model(torch.tensor([[i]]))
+            model(torch.tensor([[i]]), input_pos=i)
     assert sum(buffer.numel() for buffer in model.buffers()) == sizes
-    assert model.cache_position == 40
     assert max(buffer.shape[1] for name, buffer in model.named_buffers() if name.endswith("k_cache")) == 8
 
 
@@ -218,7 +219,7 @@ def test_greedy_generation_equals_argmax_of_full_forward():
         for _ in range(12):
             expected = torch.cat([expected, model(expected)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated, expected)
-    assert model.cache_position == 0 and model.max_seq_len is None            # caches cleared afterwards
+    assert model.max_seq_len is None and not list(model.buffers())             # caches cleared afterwards
 
 
 def test_top_k_sampling_stays_in_the_top_k():
@@ -237,11 +238,20 @@ def test_gradients_reach_every_parameter():
     _, loss = model(idx, idx)
     loss.backward()
     names = [name for name, _ in model.named_parameters()]
-    for part in ("trigger_bank.weight", "trigger_bank.bias", "trigger.theta", "trigger.q_proj", "trigger.k_proj",
-                 "trigger.v_proj", "updater.u", "updater.zeta", "q_delta", "k_delta", "v_delta", "A_log", "dt_bias"):
+    for part in ("trigger_bank.weight", "trigger_bank.bias", "trigger.theta", "updater.u", "updater.zeta",
+                 "q_delta_up", "k_delta_up", "v_delta_up", "A_log", "dt_bias", "in_proj"):
         assert any(part in name for name in names), part
     no_gradient = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    # each part of a fused projection too: q, k, v, the gates, the deltas' down projections, q~ k~ v~
+    fused_parts = set()
+    for name, module in model.named_modules():
+        if isinstance(module, FusedLinear):
+            for part, grad in zip(module.parts, module.weight.grad.split(list(module.parts.values()))):
+                fused_parts.add(part)
+                if not grad.abs().sum() > 0:
+                    no_gradient.append(f"{name}[{part}]")
     assert not no_gradient
+    assert {"q", "decay", "beta", "gate", "q_delta", "trigger_q", "trigger_k", "trigger_v"} <= fused_parts
 
 
 def test_notrigger_variant_has_no_trigger_parameters():
@@ -288,6 +298,57 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path):
         Nirvana.from_checkpoint(tmp_path / "broken.pt")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         Nirvana.from_checkpoint(tmp_path / "missing.pt")
+
+
+# Before the projections of one input were fused into one GEMM, each had its own weight (per block).
+UNFUSED = {
+    "mixer.qkv_proj": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj"],
+    "mixer.in_proj": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.gated_deltanet.a_proj",
+                      "mixer.gated_deltanet.b_proj", "mixer.gated_deltanet.g_proj",
+                      "mixer.q_delta.down", "mixer.k_delta.down", "mixer.v_delta.down",
+                      "mixer.trigger.q_proj", "mixer.trigger.k_proj", "mixer.trigger.v_proj"],
+    "ffn.gate_up": ["ffn.gate", "ffn.up"],
+}
+RENAMED = {"mixer.q_delta_up": "mixer.q_delta.up", "mixer.k_delta_up": "mixer.k_delta.up",
+           "mixer.v_delta_up": "mixer.v_delta.up"}
+
+
+def unfused_state_dict(model):
+    """model's weights under the names a checkpoint written before the fusion used."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        state[name] = tensor
+        if name.startswith("blocks."):
+            _, layer, module_name = name.removesuffix(".weight").split(".", 2)
+            if module_name in UNFUSED:
+                del state[name]
+                widths = list(model.get_submodule(name.removesuffix(".weight")).parts.values())
+                for old, part in zip(UNFUSED[module_name], tensor.split(widths)):
+                    state[f"blocks.{layer}.{old}.weight"] = part
+            elif module_name in RENAMED:
+                state[f"blocks.{layer}.{RENAMED[module_name]}.weight"] = state.pop(name)
+    return state
+
+
+@pytest.mark.parametrize("variant", ["nirvana", "nirvana-notrigger", "hybrid"])
+def test_checkpoints_from_before_the_fusion_load(tmp_path, variant):
+    from dataclasses import asdict
+    model = tiny_model(variant)
+    old_state = unfused_state_dict(model)
+    assert "blocks.0.mixer.q_proj.weight" in old_state and "blocks.0.ffn.up.weight" in old_state
+    if variant == "nirvana":
+        assert {"blocks.3.mixer.trigger.k_proj.weight", "blocks.3.mixer.q_delta.up.weight"} <= set(old_state)
+    path = tmp_path / "old.pt"
+    torch.save({"config": asdict(model.config), "model": old_state}, path)
+    loaded = Nirvana.from_checkpoint(path)                                            # strict: every key used
+    idx = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
+    wrapper = torch.nn.Module()                                                 # as a submodule (mri.py)
+    wrapper.llm = tiny_model(variant, seed=1)
+    wrapper.load_state_dict({f"llm.{name}": tensor for name, tensor in old_state.items()})
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper.llm(idx)[0], model(idx)[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("size, variant, expected", [
@@ -343,7 +404,14 @@ def test_bad_token_ids_and_shapes_raise():
         model(torch.tensor([[1, 2]]), torch.tensor([[1, 2, 3]]))
     model.setup_caches(batch_size=1, max_seq_len=4)
     with pytest.raises(ValueError, match="caches hold 4 tokens"):
-        model(torch.tensor([[1, 2, 3, 4, 5]]))
+        model(torch.tensor([[1, 2, 3, 4, 5]]), input_pos=0)
+    with pytest.raises(ValueError, match="caches hold 4 tokens; 3 . 2"):
+        model(torch.tensor([[1, 2]]), input_pos=torch.tensor(3))
+    with pytest.raises(ValueError, match="pass input_pos"):
+        model(torch.tensor([[1, 2]]))
+    model.clear_caches()
+    with pytest.raises(ValueError, match="call setup_caches first"):
+        model(torch.tensor([[1, 2]]), input_pos=0)
 
 
 def test_triton_backend_without_kernels_is_a_clear_error(monkeypatch):
