@@ -343,6 +343,22 @@ def trigger_step(q: Tensor, k: Tensor, v: Tensor, p_prev: Tensor, eta: Tensor, b
     return fast_weight_function(q, p, bank_weight, bank_bias), p                     # eq.(2)
 
 
+def causal_conv(x, weight, history=None):
+    """Depthwise causal convolution over time: y_t = sum_j w_j x_{t-K+1+j} per channel.
+
+    x (B, T, C), weight (C, 1, K), history (B, K - 1, C): the inputs just before x (zeros when None).
+    Returns (B, T, C) in x's dtype.
+    """
+    B, T, C = x.shape
+    K = weight.shape[-1]
+    history = x.new_zeros(B, K - 1, C) if history is None else history.to(x.dtype)
+    x = torch.cat([history, x], dim=1)                                                 # (B, K - 1 + T, C)
+    # as a (B, C, 1, K - 1 + T) image in channels-last layout, which is x's own memory: cuDNN's depthwise
+    # kernel reads and writes it without the transposed copies conv1d makes; the output is (B, T, C) again
+    y = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight.unsqueeze(2).to(x.dtype), groups=C)
+    return y.squeeze(2).transpose(1, 2)
+
+
 def gated_rms_norm(x, gate, weight, eps):
     """Gated DeltaNet's output norm: RMSNorm(x) w * SiLU(gate) over the last dimension (one head's Dv values).
 
@@ -363,7 +379,7 @@ def linear_cross_entropy(h, weight, targets):
 
 
 TORCH_OPS = SimpleNamespace(gated_delta_rule=gated_delta_rule, sliding_window_attention=sliding_window_attention,
-                            trigger_step=trigger_step, gated_rms_norm=gated_rms_norm,
+                            trigger_step=trigger_step, causal_conv=causal_conv, gated_rms_norm=gated_rms_norm,
                             linear_cross_entropy=linear_cross_entropy)
 
 
@@ -377,13 +393,14 @@ def load_backend(name):
         raise RuntimeError(f"backend='triton' needs the kernels/ package and Triton ({error}); "
                            "use backend='torch' or install triton") from error
     from kernels import trigger_decode
+    from kernels.causal_conv import causal_conv as fused_causal_conv
     from kernels.gated_rms_norm import gated_rms_norm as fused_gated_rms_norm
     from kernels.linear_cross_entropy import chunked_linear_cross_entropy
 
     return SimpleNamespace(gated_delta_rule=kernels.gated_delta_rule,
                            sliding_window_attention=kernels.sliding_window_attention,
                            trigger_step=trigger_decode.trigger_step,   # the fused kernel, or closed form to decode
-                           gated_rms_norm=fused_gated_rms_norm,
+                           causal_conv=fused_causal_conv, gated_rms_norm=fused_gated_rms_norm,
                            linear_cross_entropy=chunked_linear_cross_entropy)
 
 
@@ -422,9 +439,10 @@ class FusedLinear(nn.Linear):
 class CausalConv(nn.Module):
     """Depthwise causal conv over time, kernel conv_size; its cache is the last conv_size - 1 inputs."""
 
-    def __init__(self, channels, kernel_size):
+    def __init__(self, channels, kernel_size, ops):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size).uniform_(-1, 1) / math.sqrt(kernel_size))
+        self.causal_conv = ops.causal_conv
         self.register_buffer("tail", None, persistent=False)
 
     def setup_cache(self, batch_size, max_seq_len, device, dtype):
@@ -434,15 +452,11 @@ class CausalConv(nn.Module):
         self.tail = None
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
-        B, T, C = x.shape
-        tail = x.new_zeros(B, self.weight.shape[-1] - 1, C) if self.tail is None else self.tail.to(x.dtype)
-        x = torch.cat([tail, x], dim=1)
-        if self.tail is not None:
-            self.tail.copy_(x[:, -tail.shape[1]:])
-        # as a (B, C, 1, T + K - 1) image in channels-last layout, which is x's own memory: cuDNN's depthwise
-        # kernel reads and writes it without the transposed copies conv1d makes; the output is (B, T, C) again
-        y = F.conv2d(x.transpose(1, 2).unsqueeze(2), self.weight.unsqueeze(2).to(x.dtype), groups=C)
-        return y.squeeze(2).transpose(1, 2)
+        if self.tail is None:
+            return self.causal_conv(x, self.weight)
+        history = self.tail.clone()
+        self.tail.copy_(torch.cat([history, x.to(history.dtype)], dim=1)[:, -history.shape[1]:])
+        return self.causal_conv(x, self.weight, history)
 
 
 def apply_rope(x, positions, base):
@@ -530,8 +544,8 @@ class GatedDeltaNet(nn.Module):
         super().__init__()
         H, Dk, Dv = config.n_heads, config.head_dim, config.value_head_dim
         self.H, self.Dk, self.Dv, self.ops = H, Dk, Dv, ops
-        self.q_conv, self.k_conv = CausalConv(H * Dk, config.conv_size), CausalConv(H * Dk, config.conv_size)
-        self.v_conv = CausalConv(H * Dv, config.conv_size)
+        self.q_conv, self.k_conv = (CausalConv(H * Dk, config.conv_size, ops) for _ in range(2))
+        self.v_conv = CausalConv(H * Dv, config.conv_size, ops)
         # Gated DeltaNet's initialisation: decay rate A ~ U(0, 16), time step dt ~ logU(1e-3, 1e-1)
         self.A_log = nn.Parameter(torch.empty(H).uniform_(0, 16).clamp_(min=1e-4).log())
         dt = torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)).exp()

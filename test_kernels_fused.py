@@ -1,7 +1,8 @@
 """Property tests of the fused paths against their plain-PyTorch twins in nirvana.py:
 kernels.linear_cross_entropy.chunked_linear_cross_entropy vs nirvana.linear_cross_entropy (loss, dh, dW);
 kernels.trigger_decode.trigger_step_closed_form (decoding) vs nirvana.trigger_step;
-kernels.gated_rms_norm.gated_rms_norm (Triton) vs nirvana.gated_rms_norm (output, dx, dgate, dw).
+kernels.gated_rms_norm.gated_rms_norm (Triton) vs nirvana.gated_rms_norm (output, dx, dgate, dw);
+kernels.causal_conv.causal_conv (Triton) vs nirvana.causal_conv (output, dx, dw).
 
     python -m pytest -q test_kernels_fused.py                              # CPU
     NIRVANA_KERNEL_TESTS=cuda python -m pytest -q test_kernels_fused.py    # GPU: larger shapes
@@ -22,6 +23,7 @@ from hypothesis import given, settings, strategies as st
 
 import nirvana
 from kernels import trigger_decode
+from kernels.causal_conv import causal_conv
 from kernels.gated_rms_norm import gated_rms_norm
 from kernels.linear_cross_entropy import chunked_linear_cross_entropy
 from kernels.trigger_decode import trigger_step_closed_form
@@ -166,3 +168,38 @@ def test_gated_rms_norm_matches_reference(lead, D, dtype, x_float32, seed):
     for name, actual, want, given_input in zip(("dx", "dgate", "dw"), grads, expected_grads, inputs):
         assert actual.dtype == given_input.dtype, name
         assert relative_error(actual, want) <= bound, f"{name}: {relative_error(actual, want):.2e}"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Gated DeltaNet's short convolution: Triton forward and backward vs nirvana.causal_conv (cuDNN)
+
+
+@settings(max_examples=30 if ON_CUDA else 12, deadline=None, database=None, derandomize=not ON_CUDA)
+@given(B=st.integers(1, 3), T=st.integers(1, 300 if ON_CUDA else 40), C=st.integers(1, 300 if ON_CUDA else 40),
+       K=st.integers(1, 5), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_causal_conv_matches_reference(B, T, C, K, dtype, seed):
+    # as the model calls it: x in the compute dtype, weight float32
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, C, generator=generator).to(dtype).to(DEVICE)
+    weight = (torch.randn(C, 1, K, generator=generator) / K ** 0.5).to(DEVICE)
+    grad_out = torch.randn(B, T, C, generator=generator).to(dtype).to(DEVICE)
+    inputs = [t.clone().requires_grad_() for t in (x, weight)]
+    reference = [t.detach().double().requires_grad_() for t in (x, weight)]
+    out = causal_conv(*inputs)
+    expected = nirvana.causal_conv(*reference)
+    assert out.dtype == dtype and out.shape == expected.shape
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    assert relative_error(out, expected) <= bound
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    expected_grads = torch.autograd.grad(expected, reference, grad_out.double())
+    for name, actual, want, given_input in zip(("dx", "dw"), grads, expected_grads, inputs):
+        assert actual.dtype == given_input.dtype, name
+        assert relative_error(actual, want) <= bound, f"{name}: {relative_error(actual, want):.2e}"
+
+
+def test_causal_conv_with_history_is_the_reference():
+    x, weight, history = torch.randn(2, 3, 8, device=DEVICE), torch.randn(8, 1, 4, device=DEVICE), torch.randn(
+        2, 3, 8, device=DEVICE)
+    assert torch.equal(causal_conv(x, weight, history), nirvana.causal_conv(x, weight, history))
+    with pytest.raises(ValueError, match=r"x \(B, T, C\) and weight \(C, 1, K\)"):
+        causal_conv(x, weight[:4])
