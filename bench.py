@@ -22,7 +22,14 @@ Sections:
   train    training throughput of same-size presets (--train-presets, default nirvana-350m, gated-deltanet-350m,
            transformer-350m) as train.py trains them: backend triton, bf16 autocast, forward + backward + gradient
            clipping + AdamW on one micro-batch (--train-shape, default 4,4096), eager and torch.compile'd:
-           tokens/s, MFU (train.py's FLOP count), peak memory, and tokens/s relative to the first preset.
+           tokens/s, MFU (train.py's FLOP count), peak memory; beside the first gated-deltanet preset, fla's
+           GatedDeltaNetForCausalLM of the same architecture in the same loop when flash-linear-attention is
+           importable (--no-fla-peer leaves it out); tokens/s and peak memory relative to fla's model.
+  profile  where the time and the memory go, per component (module class, or owner.name for a Linear): one
+           training step of --profile-presets (default gated-deltanet-350m, nirvana-350m) and fla's model,
+           GPU kernel time forward / backward (charged to the module whose forward op made the autograd node)
+           / clipping / optimizer, kernel launches, bytes saved for backward; and one eager decode step of
+           each preset after a 4096-token prompt (batch --batch). Tables on stdout and in profile.txt under --out.
   decode   the paper's Table 4: generated tokens/s at prompt 4096, batch 4, 128 new tokens for nirvana,
            nirvana-notrigger, gated-deltanet and transformer (KV cache) of one size (--decode-size, default
            350m, random weights, CUDA-graph replays of the decode step), through eval.decode_speed.
@@ -307,8 +314,8 @@ def fla_chunk_gated_delta_rule():
 
 
 def bypass_fla_hopper_check():
-    """fla's backward refuses Triton < 3.7.1 on Hopper (it reports wrong gated dq/dk/dw there); to time it, the
-    check is switched off, said once on stdout (the delta section's table gives its gradient error)."""
+    """fla's backward refuses Triton < 3.7.1 on Hopper (it reports wrong gated dq/dk/dw there); to time it,
+    the check is switched off, said once on stdout (the delta section's table gives its gradient error)."""
     import triton
     import fla.ops.common.chunk_o as fla_chunk_o
 
@@ -785,8 +792,8 @@ def profile_decode_step(name, model, batch_size, prompt_len, steps=8, use_device
 
 
 def bench_profile(table, args):
-    """Per-component breakdown of one training step (our gated-deltanet and nirvana presets, fla's model) and of
-    one decode step (nirvana and gated-deltanet); the tables go to stdout and profile.txt under --out."""
+    """Per-component breakdown of one training step (our gated-deltanet and nirvana presets, fla's model) and
+    of one decode step (nirvana and gated-deltanet); the tables go to stdout and profile.txt under --out."""
     import eval as evaluation
     import train
 

@@ -362,7 +362,8 @@ def causal_conv(x, weight, history=None):
 def gated_rms_norm(x, gate, weight, eps):
     """Gated DeltaNet's output norm: RMSNorm(x) w * SiLU(gate) over the last dimension (one head's Dv values).
 
-    x, gate (..., D), weight (D,). The norm runs in float32 (under autocast too), the result is in gate's dtype.
+    x, gate (..., D), weight (D,). The norm runs in float32 (under autocast too); the result is in gate's
+    dtype.
     """
     normed = F.rms_norm(x.float(), x.shape[-1:], weight.float(), eps)
     return normed.to(gate.dtype) * F.silu(gate)
@@ -399,7 +400,7 @@ def load_backend(name):
 
     return SimpleNamespace(gated_delta_rule=kernels.gated_delta_rule,
                            sliding_window_attention=kernels.sliding_window_attention,
-                           trigger_step=trigger_decode.trigger_step,   # the fused kernel, or closed form to decode
+                           trigger_step=trigger_decode.trigger_step,   # fused kernel, or closed form to decode
                            causal_conv=fused_causal_conv, gated_rms_norm=fused_gated_rms_norm,
                            linear_cross_entropy=chunked_linear_cross_entropy)
 
@@ -417,7 +418,7 @@ class GatedRMSNorm(nn.Module):
         self.eps, self.gated_rms_norm = eps, ops.gated_rms_norm
 
     def forward(self, x, gate):  # (B, T, H, Dv), (B, T, H, Dv)
-        return self.gated_rms_norm(x, gate, self.weight, self.eps)                    # float32 under autocast too
+        return self.gated_rms_norm(x, gate, self.weight, self.eps)    # the norm in float32 under autocast too
 
 
 class FusedLinear(nn.Linear):
@@ -864,10 +865,11 @@ class Nirvana(nn.Module):
             raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
         trace = {} if return_trace else None
         h = self.backbone(self.embed(idx), input_pos, trace)                           # (B, T, d_model)
+        logits = loss = None
         if targets is None:
-            logits, loss = self.lm_head(h), None
+            logits = self.lm_head(h)                                                   # (B, T, vocab)
         else:
-            logits, loss = None, self.linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
+            loss = self.linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
         return (logits, loss, trace) if return_trace else (logits, loss)
 
     # Inference: caches are plain buffers on the modules; decoding runs the same forward as training.

@@ -1,18 +1,20 @@
 """The language-model loss without its logits: nirvana.linear_cross_entropy chunk by chunk.
 
 nirvana.linear_cross_entropy forms all N x vocab logits, then their float32 copy, the float32 softmax autograd
-saves for backward and, in backward, its float32 and 16-bit gradients: at N = 4 x 4096 tokens and a 32000-token
-vocabulary, each float32 copy is 2 GiB. Here one program of plain PyTorch runs over the tokens in chunks of about
-CHUNK_BYTES of float32 logits; for each chunk it forms the logits at the matmul's precision, their float32
-log-sum-exp, the chunk's share of the loss and, when a gradient is wanted, the gradients of h and W right away:
+saves for backward and, in backward, its float32 and 16-bit gradients: at N = 4 x 4096 tokens and a
+32000-token vocabulary, each float32 copy is 2 GiB. Here one program of plain PyTorch runs over the tokens in
+chunks of about CHUNK_BYTES of float32 logits; for each chunk it forms the logits at the matmul's precision,
+their float32 log-sum-exp, the chunk's share of the loss and, when a gradient is wanted, the gradients of h
+and W right away:
   dlogits = (softmax(logits) - onehot(target)) / n_valid   (zero on ignored rows), in the matmul's dtype
   dh = dlogits W,   dW += dlogits^T h   (dW summed over the chunks in float32)
-so backward only scales the saved dh and dW by the loss's gradient. At most one chunk's logits exist at a time.
-Same values as the reference up to rounding (test_kernels_fused.py compares them in float32 and bf16).
+so backward only scales the saved dh and dW by the loss's gradient. At most one chunk's logits exist at a
+time. Same values as the reference up to rounding (test_kernels_fused.py compares them in float32 and bf16).
 """
+
 import torch
 
-CHUNK_BYTES = 256 * 2**20   # float32 logits of one chunk: 2048 tokens of a 32000-token vocabulary
+CHUNK_BYTES = 256 * 2**20  # float32 logits of one chunk: 2048 tokens of a 32000-token vocabulary
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -27,20 +29,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
             n_valid = valid.sum()
             loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
             dh = torch.empty_like(h) if want_dh else None
-            dweight = torch.zeros(V, weight.shape[1], dtype=torch.float32, device=h.device) if want_dweight else None
+            dweight = (
+                torch.zeros(V, weight.shape[1], dtype=torch.float32, device=h.device)
+                if want_dweight
+                else None
+            )
             for start in range(0, N, chunk_size):
                 rows = slice(start, min(start + chunk_size, N))
-                logits = (h_c[rows] @ weight_c.T).float()                               # (n, V)
-                lse = torch.logsumexp(logits, dim=-1)                                   # (n,)
+                logits = (h_c[rows] @ weight_c.T).float()  # (n, V)
+                lse = torch.logsumexp(logits, dim=-1)  # (n,)
                 target = targets[rows].clamp(min=0)[:, None]
                 chunk_valid = valid[rows]
                 target_logit = logits.gather(1, target).squeeze(1)
                 loss_sum += torch.where(chunk_valid, lse - target_logit, 0.0).sum()
                 if not (want_dh or want_dweight):
                     continue
-                dlogits = logits.sub_(lse[:, None]).exp_()                                # softmax, in place
+                dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 dlogits.scatter_add_(1, target, torch.full_like(target, -1, dtype=dlogits.dtype))
-                dlogits = (dlogits * (chunk_valid / n_valid)[:, None]).to(dtype)          # d(mean loss)/dlogits
+                dlogits = (dlogits * (chunk_valid / n_valid)[:, None]).to(dtype)  # d(mean loss)/dlogits
                 if want_dh:
                     dh[rows] = dlogits @ weight_c
                 if want_dweight:
@@ -57,7 +63,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh, dweight, None, None, None, None
 
 
-@torch.compiler.disable   # under torch.compile it runs as it is, between two graphs (as the Triton kernels do)
+@torch.compiler.disable  # under torch.compile it runs as it is, between two graphs (as the Triton kernels do)
 def chunked_linear_cross_entropy(h, weight, targets, chunk_size=None):
     """nirvana.linear_cross_entropy(h, weight, targets) without all the logits at once.
 
@@ -66,7 +72,9 @@ def chunked_linear_cross_entropy(h, weight, targets, chunk_size=None):
     their dtypes (dW summed in float32).
     """
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
-        raise ValueError(f"h (N, D) and weight (vocab, D) expected, got {tuple(h.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"h (N, D) and weight (vocab, D) expected, got {tuple(h.shape)} and {tuple(weight.shape)}"
+        )
     if targets.shape != h.shape[:1]:
         raise ValueError(f"targets must have shape ({h.shape[0]},), got {tuple(targets.shape)}")
     device_type = h.device.type
