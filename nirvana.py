@@ -453,11 +453,10 @@ class CausalConv(nn.Module):
         self.tail = None
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
-        if self.tail is None:
-            return self.causal_conv(x, self.weight)
-        history = self.tail.clone()
-        self.tail.copy_(torch.cat([history, x.to(history.dtype)], dim=1)[:, -history.shape[1]:])
-        return self.causal_conv(x, self.weight, history)
+        y = self.causal_conv(x, self.weight, self.tail)                                # tail None: zeros
+        if self.tail is not None:
+            self.tail.copy_(torch.cat([self.tail, x.to(self.tail.dtype)], dim=1)[:, -self.tail.shape[1]:])
+        return y
 
 
 def apply_rope(x, positions, base):
