@@ -4,12 +4,16 @@ nirvana.linear_cross_entropy forms all N x vocab logits, then their float32 copy
 saves for backward and, in backward, its float32 and 16-bit gradients: at N = 4 x 4096 tokens and a
 32000-token vocabulary, each float32 copy is 2 GiB. Here one program of plain PyTorch runs over the tokens in
 chunks of about CHUNK_BYTES of float32 logits; for each chunk it forms the logits at the matmul's precision,
-their float32 log-sum-exp, the chunk's share of the loss and, when a gradient is wanted, the gradients of h
+their float32 log-softmax, the chunk's share of the loss and, when a gradient is wanted, the gradients of h
 and W right away:
   dlogits = (softmax(logits) - onehot(target)) / n_valid   (zero on ignored rows), in the matmul's dtype
   dh = dlogits W,   dW += dlogits^T h   (dW summed over the chunks in float32)
 so backward only scales the saved dh and dW by the loss's gradient. At most one chunk's logits exist at a
 time. Same values as the reference up to rounding (test_kernels_fused.py compares them in float32 and bf16).
+Cost on an H200 at 4 x 4096 tokens, vocabulary 32000, bf16 autocast: about 17 ms of GPU time per training
+step against the reference's 11 ms (lm head + loss), for 2 to 5 GiB less peak memory (measured with a
+logsumexp and a separate float32 copy, before the one-pass log-softmax here; the rest is elementwise passes
+over each chunk's float32 logits, which a fused Triton kernel would remove).
 """
 
 import torch
@@ -36,17 +40,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             )
             for start in range(0, N, chunk_size):
                 rows = slice(start, min(start + chunk_size, N))
-                logits = (h_c[rows] @ weight_c.T).float()  # (n, V)
-                lse = torch.logsumexp(logits, dim=-1)  # (n,)
+                # log-softmax of the logits in float32, read from the matmul's output in one pass: (n, V)
+                log_probs = torch.log_softmax(h_c[rows] @ weight_c.T, dim=-1, dtype=torch.float32)
                 target = targets[rows].clamp(min=0)[:, None]
                 chunk_valid = valid[rows]
-                target_logit = logits.gather(1, target).squeeze(1)
-                loss_sum += torch.where(chunk_valid, lse - target_logit, 0.0).sum()
+                loss_sum -= torch.where(chunk_valid, log_probs.gather(1, target).squeeze(1), 0.0).sum()
                 if not (want_dh or want_dweight):
                     continue
-                dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                dlogits = log_probs.exp_()  # softmax, in place
                 dlogits.scatter_add_(1, target, torch.full_like(target, -1, dtype=dlogits.dtype))
-                dlogits = (dlogits * (chunk_valid / n_valid)[:, None]).to(dtype)  # d(mean loss)/dlogits
+                dlogits = dlogits.mul_((chunk_valid / n_valid)[:, None]).to(dtype)  # d(mean loss)/dlogits
                 if want_dh:
                     dh[rows] = dlogits @ weight_c
                 if want_dweight:
