@@ -392,7 +392,7 @@ def bench_model(table, args):
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out, p_new, _ = block(h, p, bank, 0)
+                out, p_new, _ = block(h, p=p, bank=bank)
             (out.float().square().mean() + p_new.mean()).backward()
         try:
             ms, note = time_or_note(step, grad_to_none=[h, *block.parameters(), *bank.parameters()])

@@ -735,7 +735,7 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.ffn = SwiGLU(config)
 
-    def forward(self, h, input_pos, p, bank):
+    def forward(self, h, input_pos=None, p=None, bank=None):
         """h (B, T, d_model) -> h, and the Trigger's p (B, T, K) and the gate t (B, T) of a Nirvana layer.
 
         Each mixer gets what it reads: the Gated DeltaNet only x; attention also the positions; a Nirvana
@@ -769,16 +769,41 @@ UNFUSED_NAMES = {
 }
 
 
-def load_unfused_checkpoint(model, state_dict, prefix, *args):
-    """load_state_dict pre-hook of Nirvana: a checkpoint of separate projections gets its fused weights."""
+def unfused_parts(model, keys, prefix=""):
+    """For a checkpoint written before the fusion (keys: the names of its entries, prefix included):
+    fused parameter name -> the names of its parts there, in row order. Empty for a newer checkpoint."""
+    keys, parts = set(keys), {}
     for name, _ in model.named_parameters():
         _, layer, within_block = name.split(".", 2) if name.startswith("blocks.") else ("", "", "")
-        if within_block not in UNFUSED_NAMES or prefix + name in state_dict:
-            continue
-        old = [f"{prefix}blocks.{layer}.{part}.weight" for part in UNFUSED_NAMES[within_block]]
-        old = [key for key in old if key in state_dict]
-        if old:
-            state_dict[prefix + name] = torch.cat([state_dict.pop(key) for key in old])
+        old = [f"{prefix}blocks.{layer}.{part}.weight" for part in UNFUSED_NAMES.get(within_block, [])]
+        if old := [key for key in old if key in keys]:
+            parts[prefix + name] = old
+    return parts
+
+
+def load_unfused_checkpoint(model, state_dict, prefix, *args):
+    """load_state_dict pre-hook of Nirvana: a checkpoint of separate projections gets its fused weights
+    (replacing any fused entry: torch.distributed's set_model_state_dict fills in the model's own)."""
+    for fused, old in unfused_parts(model, state_dict, prefix).items():
+        state_dict[fused] = torch.cat([state_dict.pop(key) for key in old])
+
+
+def fuse_optimizer_state(model, optimizer_state):
+    """A full optimizer state dict keyed by parameter name (as torch.distributed.checkpoint's
+    get_optimizer_state_dict gives it) from before the fusion: each part's state (AdamW's moments)
+    concatenated like the weights, the parts' names in param_groups replaced by the fused name."""
+    state = optimizer_state["state"]
+    parts = unfused_parts(model, state)
+    for fused, old in parts.items():
+        entries = [state.pop(key) for key in old]
+        state[fused] = {name: torch.cat([entry[name] for entry in entries])
+                        if torch.is_tensor(value) and value.dim() else value       # "step" is shared
+                        for name, value in entries[0].items()}
+    renamed = {old[0]: fused for fused, old in parts.items()}
+    dropped = {key for old in parts.values() for key in old[1:]}
+    for group in optimizer_state["param_groups"]:
+        group["params"] = [renamed.get(name, name) for name in group["params"] if name not in dropped]
+    return optimizer_state
 
 
 class Nirvana(nn.Module):

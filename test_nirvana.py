@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from nirvana import (PRESETS, VARIANTS, FusedLinear, Nirvana, NirvanaConfig, fast_weight_function,
-                     gated_delta_rule_chunked, gated_delta_rule_recurrent, sliding_window_attention,
-                     trigger_step)
+                     fuse_optimizer_state, gated_delta_rule_chunked, gated_delta_rule_recurrent,
+                     sliding_window_attention, trigger_step)
 
 ALL_VARIANTS = sorted(VARIANTS)
 
@@ -246,7 +246,8 @@ def test_gradients_reach_every_parameter():
     fused_parts = set()
     for name, module in model.named_modules():
         if isinstance(module, FusedLinear):
-            for part, grad in zip(module.parts, module.weight.grad.split(list(module.parts.values()))):
+            grads = module.weight.grad.split(list(module.parts.values()))
+            for part, grad in zip(module.parts, grads, strict=True):
                 fused_parts.add(part)
                 if not grad.abs().sum() > 0:
                     no_gradient.append(f"{name}[{part}]")
@@ -313,20 +314,32 @@ RENAMED = {"mixer.q_delta_up": "mixer.q_delta.up", "mixer.k_delta_up": "mixer.k_
            "mixer.v_delta_up": "mixer.v_delta.up"}
 
 
+def old_names(model, name):
+    """A parameter's name before the fusion -> [(name, rows)] of its parts there."""
+    if not name.startswith("blocks."):
+        return [(name, None)]
+    _, layer, module_name = name.removesuffix(".weight").split(".", 2)
+    if module_name in UNFUSED:
+        widths = model.get_submodule(name.removesuffix(".weight")).parts.values()
+        # without the Trigger, its three parts (the last) are absent
+        return [(f"blocks.{layer}.{old}.weight", rows) for old, rows in zip(UNFUSED[module_name], widths)]
+    if module_name in RENAMED:
+        return [(f"blocks.{layer}.{RENAMED[module_name]}.weight", None)]
+    return [(name, None)]
+
+
+def unfused(model, name, tensor):
+    """{old name: tensor's rows of that part}, for one parameter (or its optimizer state)."""
+    parts = old_names(model, name)
+    rows = [n for _, n in parts] if parts[0][1] is not None else [tensor.shape[0]]
+    return {old: part for (old, _), part in zip(parts, tensor.split(rows), strict=True)}
+
+
 def unfused_state_dict(model):
     """model's weights under the names a checkpoint written before the fusion used."""
     state = {}
     for name, tensor in model.state_dict().items():
-        state[name] = tensor
-        if name.startswith("blocks."):
-            _, layer, module_name = name.removesuffix(".weight").split(".", 2)
-            if module_name in UNFUSED:
-                del state[name]
-                widths = list(model.get_submodule(name.removesuffix(".weight")).parts.values())
-                for old, part in zip(UNFUSED[module_name], tensor.split(widths)):
-                    state[f"blocks.{layer}.{old}.weight"] = part
-            elif module_name in RENAMED:
-                state[f"blocks.{layer}.{RENAMED[module_name]}.weight"] = state.pop(name)
+        state.update(unfused(model, name, tensor))
     return state
 
 
@@ -349,6 +362,34 @@ def test_checkpoints_from_before_the_fusion_load(tmp_path, variant):
     wrapper.load_state_dict({f"llm.{name}": tensor for name, tensor in old_state.items()})
     with torch.no_grad():
         torch.testing.assert_close(wrapper.llm(idx)[0], model(idx)[0], rtol=0, atol=0)
+
+
+def test_optimizer_state_from_before_the_fusion_is_fused_like_the_weights():
+    """train.py --resume of a run begun before the fusion: AdamW's moments per part concatenated."""
+    model = tiny_model("nirvana")
+    # AdamW's state keyed by parameter name, as torch.distributed.checkpoint's get_optimizer_state_dict
+    # gives it to train.py (random moments: a misplaced row shows)
+    weights = dict(model.named_parameters())
+    fused = {"state": {name: {"step": torch.tensor(7.0), "exp_avg": torch.randn_like(p),
+                              "exp_avg_sq": torch.rand_like(p)} for name, p in weights.items()},
+             "param_groups": [{"lr": 1e-3, "params": [name for name, p in weights.items() if p.dim() >= 2]},
+                              {"lr": 1e-3, "params": [name for name, p in weights.items() if p.dim() < 2]}]}
+    old = {"state": {}, "param_groups": []}
+    for name, entry in fused["state"].items():
+        for old_name, _ in old_names(model, name):
+            old["state"][old_name] = {key: unfused(model, name, value)[old_name] if value.dim() else value
+                                      for key, value in entry.items()}
+    for group in fused["param_groups"]:
+        params = [old_name for name in group["params"] for old_name, _ in old_names(model, name)]
+        old["param_groups"].append({**group, "params": params})
+    assert "blocks.3.mixer.trigger.v_proj.weight" in old["state"]
+    converted = fuse_optimizer_state(model, old)
+    assert sorted(converted["state"]) == sorted(fused["state"])
+    for name, entry in fused["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(converted["state"][name][key], value), (name, key)
+    assert [sorted(g["params"]) for g in converted["param_groups"]] == [sorted(g["params"])
+                                                                         for g in fused["param_groups"]]
 
 
 @pytest.mark.parametrize("size, variant, expected", [
