@@ -22,7 +22,14 @@ Sections:
   train    training throughput of same-size presets (--train-presets, default nirvana-350m, gated-deltanet-350m,
            transformer-350m) as train.py trains them: backend triton, bf16 autocast, forward + backward + gradient
            clipping + AdamW on one micro-batch (--train-shape, default 4,4096), eager and torch.compile'd:
-           tokens/s, MFU (train.py's FLOP count), peak memory, and tokens/s relative to the first preset.
+           tokens/s, MFU (train.py's FLOP count), peak memory; beside the first gated-deltanet preset, fla's
+           GatedDeltaNetForCausalLM of the same architecture in the same loop when flash-linear-attention is
+           importable (--no-fla-peer leaves it out); tokens/s and peak memory relative to fla's model.
+  profile  where the time and the memory go, per component (module class, or owner.name for a Linear): one
+           training step of --profile-presets (default gated-deltanet-350m, nirvana-350m) and fla's model,
+           GPU kernel time forward / backward (charged to the module whose forward op made the autograd node)
+           / clipping / optimizer, kernel launches, bytes saved for backward; and one eager decode step of
+           each preset after a 4096-token prompt (batch --batch). Tables on stdout and in profile.txt under --out.
   decode   the paper's Table 4: generated tokens/s at prompt 4096, batch 4, 128 new tokens for nirvana,
            nirvana-notrigger, gated-deltanet and transformer (KV cache) of one size (--decode-size, default
            350m, random weights, CUDA-graph replays of the decode step), through eval.decode_speed.
@@ -40,7 +47,7 @@ import sys
 
 import torch
 
-SECTIONS = ("swa", "trigger", "delta", "model", "step", "train", "decode")
+SECTIONS = ("swa", "trigger", "delta", "model", "step", "train", "decode", "profile")
 
 
 def parse_args():
@@ -58,6 +65,10 @@ def parse_args():
                         help="presets of the train section; ratios are to the first")
     parser.add_argument("--train-shape", default="4,4096", help="micro-batch,tokens of the train section")
     parser.add_argument("--train-modes", default="eager,compiled", help="eager and/or compiled (torch.compile)")
+    parser.add_argument("--fla-peer", default=True, action=argparse.BooleanOptionalAction,
+                        help="time fla's GatedDeltaNetForCausalLM in the train section when fla is importable")
+    parser.add_argument("--profile-presets", default="gated-deltanet-350m,nirvana-350m",
+                        help="presets of the profile section (training step at --train-shape, decode step)")
     parser.add_argument("--decode-size", default="350m", help="preset size of the decode section")
     args = parser.parse_args()
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -295,16 +306,23 @@ def bench_trigger(table, args, N=None, section="trigger"):
 def fla_chunk_gated_delta_rule():
     """fla's chunk_gated_delta_rule, or None when fla-core is not installed (it is not a dependency)."""
     try:
-        import triton
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-        import fla.ops.common.chunk_o as fla_chunk_o
     except ImportError:
         return None
+    bypass_fla_hopper_check()
+    return lambda q, k, v, g, beta: chunk_gated_delta_rule(q, k, v, g, beta)
+
+
+def bypass_fla_hopper_check():
+    """fla's backward refuses Triton < 3.7.1 on Hopper (it reports wrong gated dq/dk/dw there); to time it,
+    the check is switched off, said once on stdout (the delta section's table gives its gradient error)."""
+    import triton
+    import fla.ops.common.chunk_o as fla_chunk_o
+
     if not getattr(fla_chunk_o, "TRITON_ABOVE_3_7_1", True):
         fla_chunk_o.TRITON_ABOVE_3_7_1 = True
-        print(f"delta: fla's backward refuses Triton {triton.__version__} on Hopper (wrong results reported by fla);"
-              " its check is bypassed here to time it - see its gradient error in the table")
-    return lambda q, k, v, g, beta: chunk_gated_delta_rule(q, k, v, g, beta)
+        print(f"fla's backward refuses Triton {triton.__version__} on Hopper (wrong results reported by fla); "
+              "its check is bypassed here to time it - see its gradient error in the delta section")
 
 
 def bench_delta(table, args):
@@ -440,9 +458,72 @@ def time_training_steps(step, warmup=3, steps=10):
     return statistics.median(times)
 
 
-def bench_train(table, args):
-    """Tokens/s of one training step per preset and mode, as train.py runs it (its optimizer and FLOP count)."""
+def fla_gated_deltanet_model(config):
+    """fla's GatedDeltaNetForCausalLM with the architecture of a gated-deltanet NirvanaConfig (hidden size,
+    layers, heads x head size, expand_v, SwiGLU size, conv size, untied embeddings: the same parameter count),
+    or None when flash-linear-attention is not importable (it is not a dependency). fla's own defaults stay:
+    its fused norms, SwiGLU and cross-entropy. Its backward refuses Triton < 3.7.1 on Hopper; the check is
+    bypassed as in the delta section."""
+    try:
+        from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+    except ImportError:
+        return None
+    bypass_fla_hopper_check()
+    fla_config = GatedDeltaNetConfig(
+        hidden_size=config.d_model, num_hidden_layers=config.n_layers, num_heads=config.n_heads,
+        head_dim=config.head_dim, expand_v=config.expand_v, intermediate_size=config.ffn_hidden,
+        conv_size=config.conv_size, norm_eps=config.norm_eps, vocab_size=config.vocab_size,
+        tie_word_embeddings=False, initializer_range=config.init_std)
+    return GatedDeltaNetForCausalLM(fla_config)
+
+
+class FlaAsNirvana(torch.nn.Module):
+    """fla's causal LM called like ours: model(idx, targets) -> (logits, loss). fla shifts the labels by one
+    itself (HF convention), so the loss is over T - 1 positions; the work per step is the same."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, targets=None):
+        out = self.model(input_ids=idx, labels=targets)
+        return out.logits, out.loss
+
+
+def train_contenders(presets, fla_peer):
+    """(name, NirvanaConfig for the FLOP count, model builder) of each preset, then fla's model beside the
+    first gated-deltanet preset when fla_peer and fla is importable."""
     import nirvana
+
+    contenders = []
+    for preset in presets:
+        config = nirvana.NirvanaConfig.from_preset(preset, backend="triton")
+        contenders.append((preset, config, lambda config=config: nirvana.Nirvana(config)))
+    peer = next((c for name, c, _ in contenders if c.variant == "gated-deltanet"), None)
+    if fla_peer and peer is not None:
+        if fla_gated_deltanet_model(nirvana.NirvanaConfig.from_preset("gated-deltanet-tiny")) is None:
+            print("train: flash-linear-attention is not importable; fla's GatedDeltaNetForCausalLM is left out")
+        else:
+            name = f"fla GatedDeltaNetForCausalLM ({peer.d_model}x{peer.n_layers})"
+            contenders.append((name, peer, lambda: FlaAsNirvana(fla_gated_deltanet_model(peer))))
+    return contenders
+
+
+def training_step(model, forward, optimizer, idx, grad_clip):
+    """train.py's step on one micro-batch: bf16 autocast over float32 weights, backward, clipping, AdamW."""
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward(idx, idx)[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_train(table, args):
+    """Tokens/s of one training step per preset and mode, as train.py runs it (its optimizer and FLOP count),
+    with fla's Gated DeltaNet model as the peer: every contender in the same loop, ratios from one run."""
     import train
 
     B, T = (int(x) for x in args.train_shape.split(","))
@@ -450,43 +531,299 @@ def bench_train(table, args):
     modes = [m.strip() for m in args.train_modes.split(",") if m.strip()]
     idx = torch.randint(0, 32000, (B, T), device="cuda")
     peak = train.peak_flops(torch.device("cuda"))
+    run_args = train.parse_args(["--preset", presets[0]])   # train.py's defaults: AdamW settings, clipping
     for mode in modes:
-        tokens_per_s = {}
-        for preset in presets:
+        results = {}   # name -> (tokens/s, peak GiB)
+        for name, config, build in train_contenders(presets, args.fla_peer):
             torch.manual_seed(0)
-            config = nirvana.NirvanaConfig.from_preset(preset, backend="triton")
-            model = nirvana.Nirvana(config).cuda()
+            model = build().cuda()
             forward = torch.compile(model) if mode == "compiled" else model
-            run_args = train.parse_args(["--preset", preset])   # train.py's defaults: AdamW settings, clipping
             optimizer = train.build_optimizer(run_args, model)
-
-            def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = forward(idx, idx)[1]
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), run_args.grad_clip or float("inf"))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
+            params = sum(p.numel() for p in model.parameters())
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            flop = None
             try:
-                ms = time_training_steps(step)
-                tokens_per_s[preset] = B * T / (ms * 1e-3)
-                flop = train.flops_per_token(config, model, T) * B * T
-                mfu = flop / (ms * 1e-3) / peak if peak else None
-                note = (f"{tokens_per_s[preset]:,.0f} tok/s, MFU {'n/a' if mfu is None else f'{mfu:.1%}'}, "
-                        f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, "
-                        f"{model.num_params() / 1e6:.0f}M params")
+                ms = time_training_steps(training_step(model, forward, optimizer, idx, run_args.grad_clip))
+                tokens_per_s = B * T / (ms * 1e-3)
+                peak_gib = torch.cuda.max_memory_allocated() / 2**30
+                results[name] = (tokens_per_s, peak_gib)
+                flop = train.flops_per_token(config, meta_model(config), T) * B * T   # the peer's: its twin's
+                mfu = flop / (ms * 1e-3) / peak if peak and flop else None
+                note = (f"{tokens_per_s:,.0f} tok/s, MFU {'n/a' if mfu is None else f'{mfu:.1%}'}, "
+                        f"peak memory {peak_gib:.1f} GiB, {params:,} params")
             except torch.OutOfMemoryError:
-                ms, flop, note = None, None, "out of memory"
-            table.add("train", f"{preset} B{B} T{T}", f"step ({mode})", "step", ms, flop, note=note)
+                ms, note = None, "out of memory"
+            except Exception as error:   # e.g. torch.compile failing on a peer: report it, time the others
+                ms, note = None, f"failed: {error!r}"[:160]
+            table.add("train", f"{name} B{B} T{T}", f"step ({mode})", "step", ms, flop, note=note)
             del model, forward, optimizer
             torch.cuda.empty_cache()
-        first = presets[0]
-        for preset in presets[1:]:
-            if first in tokens_per_s and preset in tokens_per_s:
-                print(f"train ({mode}): {first} at {tokens_per_s[first] / tokens_per_s[preset]:.2f}x the tokens/s "
-                      f"of {preset}")
+        print_train_ratios(mode, results)
+
+
+def meta_model(config):
+    """A NirvanaConfig's model on the meta device (nothing allocated): for its parameter and FLOP counts."""
+    import nirvana
+
+    with torch.device("meta"):
+        return nirvana.Nirvana(config)
+
+
+def print_train_ratios(mode, results):
+    """tokens/s and peak memory of every contender relative to fla's model (when timed), else to the first."""
+    if not results:
+        return
+    reference = next((name for name in results if name.startswith("fla ")), next(iter(results)))
+    ref_tokens, ref_peak = results[reference]
+    print(f"train ({mode}): ratios to {reference}")
+    print(f"  {'model':48} {'tokens/s':>10} {'ratio':>6} {'peak GiB':>9} {'ratio':>6}")
+    for name, (tokens_per_s, peak_gib) in results.items():
+        print(f"  {name:48} {tokens_per_s:10,.0f} {tokens_per_s / ref_tokens:6.2f} {peak_gib:9.1f} "
+              f"{peak_gib / ref_peak:6.2f}")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Profile: where one training step's and one decode step's GPU time and activation memory go, per component
+
+
+def component_label(name, module, modules):
+    """The row a module's work lands in: its class; for a Linear, its owner's class and its path from there
+    (NirvanaMixer.q_proj, Trigger.q_proj, Updater.zeta.0), containers skipped."""
+    if not isinstance(module, torch.nn.Linear):
+        return type(module).__name__
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        owner = modules[".".join(parts[:cut])]
+        if not isinstance(owner, (torch.nn.Sequential, torch.nn.ModuleList)):
+            return f"{type(owner).__name__}.{'.'.join(parts[cut:])}"
+    return name
+
+
+class ComponentProfile:
+    """Names each module's share of the work. Forward hooks open a torch.profiler range per module call
+    ("component: <label>", innermost wins) and count the bytes each component saves for backward (storages
+    of saved tensors, each once, parameters excluded). Backward kernels are charged to the component whose
+    forward op created their autograd node (the profiler gives both the same sequence number)."""
+
+    PREFIX = "component: "
+
+    def __init__(self, model, top_label="model (embedding, lm head, loss, glue)"):
+        self.stack, self.saved, self.seen_storages, self.handles = [], {}, set(), []
+        self.parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        modules = dict(model.named_modules())
+        for name, module in modules.items():
+            label = top_label if module is model else component_label(name, module, modules)
+            self.handles.append(module.register_forward_pre_hook(lambda m, a, label=label: self.enter(label)))
+            self.handles.append(module.register_forward_hook(lambda m, a, o: self.exit(), always_call=True))
+
+    def enter(self, label):
+        self.stack.append((label, torch.ops.profiler._record_function_enter_new(self.PREFIX + label)))
+
+    def exit(self):
+        torch.ops.profiler._record_function_exit(self.stack.pop()[1])
+
+    def pack(self, tensor):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if self.stack and key not in self.seen_storages and key not in self.parameter_storages:
+            self.seen_storages.add(key)
+            label = self.stack[-1][0]
+            self.saved[label] = self.saved.get(label, 0) + storage.nbytes()
+        return tensor
+
+    def saving(self):
+        """Context manager: count the tensors autograd saves for backward while it is open."""
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def phase(name):
+    return torch.profiler.record_function("phase: " + name)
+
+
+def attribute_time(events, use_device):
+    """{(phase, component): microseconds} and {(phase, component): kernel launches} from profiler events.
+
+    Each CPU op's own kernels (their device time; its own CPU time when use_device is False) go to the
+    innermost component range around it; an op outside every component (the backward, on the autograd
+    thread) goes to the component whose forward op has its autograd node's sequence number, else "other"."""
+    from torch.autograd import DeviceType
+
+    cpu_events = [e for e in events if e.device_type == DeviceType.CPU]
+    phases = sorted((e.time_range.start, e.time_range.end, e.name[len("phase: "):])
+                    for e in cpu_events if e.name.startswith("phase: "))
+
+    def phase_of(event):
+        start = event.time_range.start
+        return next((name for begin, end, name in phases if begin <= start <= end), None)
+
+    def component_of(event):
+        while event is not None:
+            if event.name.startswith(ComponentProfile.PREFIX):
+                return event.name[len(ComponentProfile.PREFIX):]
+            event = event.cpu_parent
+        return None
+
+    forward_component = {}
+    for event in cpu_events:
+        if event.sequence_nr >= 0 and phase_of(event) in ("forward", "decode step"):
+            component = component_of(event)
+            if component is not None:
+                forward_component.setdefault(event.sequence_nr, component)
+
+    def backward_component_of(event):
+        while event is not None:
+            if event.sequence_nr >= 0 and not event.name.startswith("aten::") and \
+                    event.sequence_nr in forward_component:
+                return forward_component[event.sequence_nr]
+            event = event.cpu_parent
+        return "other"
+
+    times, launches = {}, {}
+    for event in cpu_events:
+        if event.name.startswith(("phase: ", ComponentProfile.PREFIX)):
+            continue
+        cost = sum(k.duration for k in event.kernels) if use_device else event.self_cpu_time_total
+        if not cost:
+            continue
+        step_phase = phase_of(event)
+        if step_phase is None:
+            continue
+        component = component_of(event) or (backward_component_of(event) if step_phase == "backward" else "other")
+        key = (step_phase, component)
+        times[key] = times.get(key, 0.0) + cost
+        launches[key] = launches.get(key, 0) + (len(event.kernels) if use_device else 1)
+    return times, launches
+
+
+def profile_table(title, times, launches, saved=None, steps=1, top=None):
+    """Lines of a table: component, time per step per phase, its share, launches, bytes saved for backward."""
+    phases = sorted({p for p, _ in times}, key=["forward", "backward", "clip", "optimizer", "decode step"].index)
+    components = {}
+    for (p, component), us in times.items():
+        components.setdefault(component, {})[p] = us / steps
+    total = sum(times.values()) / steps
+    rows = sorted(components.items(), key=lambda item: -sum(item[1].values()))[:top]
+    header = f"{'component':44} " + " ".join(f"{p + ' ms':>13}" for p in phases) + \
+        f" {'share':>6} {'launches':>8}" + (f" {'saved GiB':>9}" if saved is not None else "")
+    lines = [f"{title}: total {total / 1e3:.2f} ms per step", header]
+    for component, per_phase in rows:
+        n = sum(v for (_, c), v in launches.items() if c == component) / steps
+        line = f"{component[:44]:44} " + " ".join(f"{per_phase.get(p, 0) / 1e3:13.3f}" for p in phases) + \
+            f" {sum(per_phase.values()) / total:6.1%} {n:8.0f}"
+        if saved is not None:
+            line += f" {saved.get(component, 0) / 2**30:9.3f}"
+        lines.append(line)
+    return lines
+
+
+def profile_training_step(name, model, forward, optimizer, idx, grad_clip, use_device=True):
+    """One profiled training step (after two unprofiled ones): the table lines, and the memory figures."""
+    from torch.profiler import ProfilerActivity, profile
+
+    components = ComponentProfile(model)
+    step = training_step(model, forward, optimizer, idx, grad_clip)
+    for _ in range(2):
+        step()
+    synchronize = torch.cuda.synchronize if use_device else (lambda: None)
+    synchronize()
+    if use_device:
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if use_device else 0
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_device else [])
+    with profile(activities=activities) as prof:
+        with phase("forward"), components.saving(), torch.autocast(idx.device.type, dtype=torch.bfloat16):
+            loss = forward(idx, idx)[1]
+        synchronize()
+        after_forward = torch.cuda.memory_allocated() if use_device else 0
+        with phase("backward"):
+            loss.backward()
+        with phase("clip"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+        with phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        synchronize()
+    components.remove()
+    times, launches = attribute_time(prof.events(), use_device)
+    lines = profile_table(f"profile: training step of {name}, B{idx.shape[0]} T{idx.shape[1]}", times, launches,
+                          components.saved)
+    memory = dict(saved_for_backward=sum(components.saved.values()), held_after_forward=after_forward - before,
+                  peak=torch.cuda.max_memory_allocated() if use_device else 0, weights_grads_adam=before)
+    lines.append("memory: " + ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f} GiB" for k, v in memory.items()))
+    return lines
+
+
+def profile_decode_step(name, model, batch_size, prompt_len, steps=8, use_device=True):
+    """Eager one-token decode steps after a prefill of prompt_len: GPU kernel time per component per step."""
+    import eval as evaluation
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = evaluation.random_prompt(model, batch_size, prompt_len)
+    model.setup_caches(batch_size, prompt_len + 4 + steps)
+    components = ComponentProfile(model, top_label="model (embedding, lm head)")
+    try:
+        with torch.no_grad():
+            for start in range(0, prompt_len, evaluation.PREFILL_CHUNK):
+                logits = model(prompt[:, start:start + evaluation.PREFILL_CHUNK], input_pos=start)[0][:, -1]
+            token, position = logits.argmax(-1, keepdim=True), prompt_len
+            for _ in range(4):
+                token = evaluation.decode_step(model, token, position).argmax(-1, keepdim=True)
+                position += 1
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_device else [])
+            with profile(activities=activities) as prof:
+                for _ in range(steps):
+                    with phase("decode step"):
+                        token = evaluation.decode_step(model, token, position).argmax(-1, keepdim=True)
+                    position += 1
+                if use_device:
+                    torch.cuda.synchronize()
+    finally:
+        components.remove()
+        model.clear_caches()
+    times, launches = attribute_time(prof.events(), use_device)
+    return profile_table(f"profile: eager decode step of {name}, batch {batch_size}, after a prompt of {prompt_len} "
+                         "(GPU kernel time; the CUDA graph replays the same kernels without the host gaps)",
+                         times, launches, steps=steps)
+
+
+def bench_profile(table, args):
+    """Per-component breakdown of one training step (our gated-deltanet and nirvana presets, fla's model) and
+    of one decode step (nirvana and gated-deltanet); the tables go to stdout and profile.txt under --out."""
+    import eval as evaluation
+    import train
+
+    B, T = (int(x) for x in args.train_shape.split(","))
+    idx = torch.randint(0, 32000, (B, T), device="cuda")
+    run_args = train.parse_args(["--preset", "gated-deltanet-350m"])
+    presets = [p.strip() for p in args.profile_presets.split(",") if p.strip()]
+    lines = [f"device {torch.cuda.get_device_name()}, torch {torch.__version__}"]
+    for name, _, build in train_contenders(presets, args.fla_peer):
+        torch.manual_seed(0)
+        model = build().cuda()
+        optimizer = train.build_optimizer(run_args, model)
+        model_lines = profile_training_step(name, model, model, optimizer, idx, run_args.grad_clip)
+        print("\n".join(model_lines), flush=True)
+        lines += model_lines + [""]
+        del model, optimizer
+        torch.cuda.empty_cache()
+    for preset in presets:
+        variant, size = preset.rsplit("-", 1)
+        model = evaluation.speed_model(variant, size, "triton", "cuda", torch.bfloat16, 32000)
+        model_lines = profile_decode_step(preset, model, args.batch, 4096)
+        print("\n".join(model_lines), flush=True)
+        lines += model_lines + [""]
+        del model
+        torch.cuda.empty_cache()
+    text = "\n".join(lines)
+    from cli import write_text_atomically
+
+    os.makedirs(args.out, exist_ok=True)
+    write_text_atomically(os.path.join(args.out, "profile.txt"), text + "\n")
 
 
 def bench_decode(table, args):
@@ -514,7 +851,8 @@ def main():
     table = Table(bandwidth, flops)
     print(Table.header())
     runners = dict(swa=bench_swa, trigger=bench_trigger, delta=bench_delta, model=bench_model, step=bench_step,
-                   train=bench_train, decode=bench_decode)
+                   train=bench_train, decode=bench_decode,
+                   profile=bench_profile)
     for section in args.only:
         try:
             runners[section](table, args)

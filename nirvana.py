@@ -343,12 +343,49 @@ def trigger_step(q: Tensor, k: Tensor, v: Tensor, p_prev: Tensor, eta: Tensor, b
     return fast_weight_function(q, p, bank_weight, bank_bias), p                     # eq.(2)
 
 
+def causal_conv(x, weight, history=None):
+    """Depthwise causal convolution over time: y_t = sum_j w_j x_{t-K+1+j} per channel.
+
+    x (B, T, C), weight (C, 1, K), history (B, K - 1, C): the inputs just before x (zeros when None).
+    Returns (B, T, C) in x's dtype.
+    """
+    B, T, C = x.shape
+    K = weight.shape[-1]
+    history = x.new_zeros(B, K - 1, C) if history is None else history.to(x.dtype)
+    x = torch.cat([history, x], dim=1)                                                 # (B, K - 1 + T, C)
+    # as a (B, C, 1, K - 1 + T) image in channels-last layout, which is x's own memory: cuDNN's depthwise
+    # kernel reads and writes it without the transposed copies conv1d makes; the output is (B, T, C) again
+    y = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight.unsqueeze(2).to(x.dtype), groups=C)
+    return y.squeeze(2).transpose(1, 2)
+
+
+def gated_rms_norm(x, gate, weight, eps):
+    """Gated DeltaNet's output norm: RMSNorm(x) w * SiLU(gate) over the last dimension (one head's Dv values).
+
+    x, gate (..., D), weight (D,). The norm runs in float32 (under autocast too); the result is in gate's
+    dtype.
+    """
+    normed = F.rms_norm(x.float(), x.shape[-1:], weight.float(), eps)
+    return normed.to(gate.dtype) * F.silu(gate)
+
+
+def linear_cross_entropy(h, weight, targets):
+    """Mean cross-entropy of the logits h W^T over the targets that are not -1 (the language-model loss).
+
+    h (N, d_model), weight (vocab, d_model), targets (N,) -> scalar float32. The logits are formed at the
+    matmul's precision (autocast's under autocast) and the softmax runs in float32 over all N x vocab of them.
+    """
+    logits = F.linear(h, weight)                                                      # (N, vocab)
+    return F.cross_entropy(logits.float(), targets, ignore_index=-1)
+
+
 TORCH_OPS = SimpleNamespace(gated_delta_rule=gated_delta_rule, sliding_window_attention=sliding_window_attention,
-                            trigger_step=trigger_step)
+                            trigger_step=trigger_step, causal_conv=causal_conv, gated_rms_norm=gated_rms_norm,
+                            linear_cross_entropy=linear_cross_entropy)
 
 
 def load_backend(name):
-    """The three hot functions for `backend`: this file's ("torch") or the Triton kernels ("triton")."""
+    """The hot functions for `backend`: this file's ("torch") or the fast ones of kernels/ ("triton")."""
     if name == "torch":
         return TORCH_OPS
     try:
@@ -356,9 +393,16 @@ def load_backend(name):
     except ImportError as error:
         raise RuntimeError(f"backend='triton' needs the kernels/ package and Triton ({error}); "
                            "use backend='torch' or install triton") from error
+    from kernels import trigger_decode
+    from kernels.causal_conv import causal_conv as fused_causal_conv
+    from kernels.gated_rms_norm import gated_rms_norm as fused_gated_rms_norm
+    from kernels.linear_cross_entropy import chunked_linear_cross_entropy
+
     return SimpleNamespace(gated_delta_rule=kernels.gated_delta_rule,
                            sliding_window_attention=kernels.sliding_window_attention,
-                           trigger_step=kernels.trigger_step)
+                           trigger_step=trigger_decode.trigger_step,   # fused kernel, or closed form to decode
+                           causal_conv=fused_causal_conv, gated_rms_norm=fused_gated_rms_norm,
+                           linear_cross_entropy=chunked_linear_cross_entropy)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -368,14 +412,13 @@ def load_backend(name):
 class GatedRMSNorm(nn.Module):
     """RMSNorm over each head's Dv values, times SiLU of an output gate (Gated DeltaNet's output norm)."""
 
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, ops):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.gated_rms_norm = eps, ops.gated_rms_norm
 
     def forward(self, x, gate):  # (B, T, H, Dv), (B, T, H, Dv)
-        normed = F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps)  # float32 under autocast too
-        return normed.to(gate.dtype) * F.silu(gate)
+        return self.gated_rms_norm(x, gate, self.weight, self.eps)    # the norm in float32 under autocast too
 
 
 class FusedLinear(nn.Linear):
@@ -397,9 +440,10 @@ class FusedLinear(nn.Linear):
 class CausalConv(nn.Module):
     """Depthwise causal conv over time, kernel conv_size; its cache is the last conv_size - 1 inputs."""
 
-    def __init__(self, channels, kernel_size):
+    def __init__(self, channels, kernel_size, ops):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size).uniform_(-1, 1) / math.sqrt(kernel_size))
+        self.causal_conv = ops.causal_conv
         self.register_buffer("tail", None, persistent=False)
 
     def setup_cache(self, batch_size, max_seq_len, device, dtype):
@@ -409,15 +453,10 @@ class CausalConv(nn.Module):
         self.tail = None
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
-        B, T, C = x.shape
-        tail = x.new_zeros(B, self.weight.shape[-1] - 1, C) if self.tail is None else self.tail.to(x.dtype)
-        x = torch.cat([tail, x], dim=1)
+        y = self.causal_conv(x, self.weight, self.tail)                                # tail None: zeros
         if self.tail is not None:
-            self.tail.copy_(x[:, -tail.shape[1]:])
-        # as a (B, C, 1, T + K - 1) image in channels-last layout, which is x's own memory: cuDNN's depthwise
-        # kernel reads and writes it without the transposed copies conv1d makes; the output is (B, T, C) again
-        y = F.conv2d(x.transpose(1, 2).unsqueeze(2), self.weight.unsqueeze(2).to(x.dtype), groups=C)
-        return y.squeeze(2).transpose(1, 2)
+            self.tail.copy_(torch.cat([self.tail, x.to(self.tail.dtype)], dim=1)[:, -self.tail.shape[1]:])
+        return y
 
 
 def apply_rope(x, positions, base):
@@ -505,13 +544,13 @@ class GatedDeltaNet(nn.Module):
         super().__init__()
         H, Dk, Dv = config.n_heads, config.head_dim, config.value_head_dim
         self.H, self.Dk, self.Dv, self.ops = H, Dk, Dv, ops
-        self.q_conv, self.k_conv = CausalConv(H * Dk, config.conv_size), CausalConv(H * Dk, config.conv_size)
-        self.v_conv = CausalConv(H * Dv, config.conv_size)
+        self.q_conv, self.k_conv = (CausalConv(H * Dk, config.conv_size, ops) for _ in range(2))
+        self.v_conv = CausalConv(H * Dv, config.conv_size, ops)
         # Gated DeltaNet's initialisation: decay rate A ~ U(0, 16), time step dt ~ logU(1e-3, 1e-1)
         self.A_log = nn.Parameter(torch.empty(H).uniform_(0, 16).clamp_(min=1e-4).log())
         dt = torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)).exp()
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))                 # softplus^-1(dt)
-        self.norm = GatedRMSNorm(Dv, config.norm_eps)
+        self.norm = GatedRMSNorm(Dv, config.norm_eps, ops)
         self.register_buffer("state", None, persistent=False)
 
     def setup_cache(self, batch_size, max_seq_len, device, dtype):  # the state is float32 whatever dtype is
@@ -777,6 +816,7 @@ class Nirvana(nn.Module):
         self.blocks = nn.ModuleList(Block(config, layer, ops) for layer in range(config.n_layers))
         self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.linear_cross_entropy = ops.linear_cross_entropy                         # lm_head + loss in one
         self.max_seq_len = None                                            # the caches' size, once set up
         self.register_load_state_dict_pre_hook(load_unfused_checkpoint)
         for name, module in self.named_modules():
@@ -840,17 +880,20 @@ class Nirvana(nn.Module):
                                  "do not fit: call setup_caches with a larger max_seq_len")
 
     def forward(self, idx, targets=None, return_trace=False, *, input_pos=None):
-        """idx (B, T) -> logits (B, T, vocab) and, given targets (B, T) (-1 = ignore), the mean cross-entropy.
+        """idx (B, T) -> (logits (B, T, vocab), None); given targets (B, T) (-1 = ignore) -> (None, the mean
+        cross-entropy): training needs no logits, and the triton backend's loss never forms them all at once.
 
         input_pos: the position of idx[:, 0] when decoding through the caches (see backbone).
         """
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
         trace = {} if return_trace else None
-        logits = self.lm_head(self.backbone(self.embed(idx), input_pos, trace))
-        loss = None
-        if targets is not None:
-            if targets.shape != idx.shape:
-                raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        h = self.backbone(self.embed(idx), input_pos, trace)                           # (B, T, d_model)
+        logits = loss = None
+        if targets is None:
+            logits = self.lm_head(h)                                                   # (B, T, vocab)
+        else:
+            loss = self.linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
         return (logits, loss, trace) if return_trace else (logits, loss)
 
     # Inference: caches are plain buffers on the modules; decoding runs the same forward as training.

@@ -1,0 +1,240 @@
+"""Property tests of the fused paths against their plain-PyTorch twins in nirvana.py:
+kernels.linear_cross_entropy.chunked_linear_cross_entropy vs nirvana.linear_cross_entropy (loss, dh, dW);
+kernels.trigger_decode.trigger_step_closed_form (decoding) vs nirvana.trigger_step;
+kernels.gated_rms_norm.gated_rms_norm (Triton) vs nirvana.gated_rms_norm (output, dx, dgate, dw);
+kernels.causal_conv.causal_conv (Triton) vs nirvana.causal_conv (output, dx, dw).
+
+    python -m pytest -q test_kernels_fused.py                              # CPU
+    NIRVANA_KERNEL_TESTS=cuda python -m pytest -q test_kernels_fused.py    # GPU: larger shapes
+
+Errors are ||out - ref|| / ||ref|| over whole tensors; float32 runs both in float32 (only the summation order
+differs), bfloat16 under autocast (both form the logits and their gradient in bf16; dW sums its chunks in
+float32 here, in one bf16 product there).
+"""
+
+import os
+
+ON_CUDA = os.environ.get("NIRVANA_KERNEL_TESTS", "cpu") == "cuda"
+if not ON_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import nirvana
+from kernels import trigger_decode
+from kernels.causal_conv import causal_conv
+from kernels.gated_rms_norm import gated_rms_norm
+from kernels.linear_cross_entropy import chunked_linear_cross_entropy
+from kernels.trigger_decode import trigger_step_closed_form
+
+DEVICE = "cuda" if ON_CUDA else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # worst seen on the CPU: 2e-7, 2.4e-3 (dW)
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def loss_and_grads(loss_fn, h, weight, targets, dtype, **kwargs):
+    h, weight = h.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss = loss_fn(h, weight, targets, **kwargs)
+    loss.backward()
+    return loss.detach(), h.grad, weight.grad
+
+
+@settings(max_examples=30 if ON_CUDA else 15, deadline=None, database=None, derandomize=not ON_CUDA)
+@given(
+    N=st.integers(1, 3000 if ON_CUDA else 300),
+    D=st.integers(1, 96),
+    V=st.integers(2, 700),
+    chunk_size=st.one_of(st.none(), st.integers(1, 400)),
+    ignored=st.floats(0, 0.9),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_linear_cross_entropy_matches_reference(N, D, V, chunk_size, ignored, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=generator).to(DEVICE)
+    weight = (torch.randn(V, D, generator=generator) * 2 / D**0.5).to(DEVICE)
+    targets = torch.randint(0, V, (N,), generator=generator)
+    targets[torch.rand(N, generator=generator) < ignored] = -1
+    targets[0] = int(torch.randint(0, V, ()))  # at least one counts
+    targets = targets.to(DEVICE)
+    expected = loss_and_grads(nirvana.linear_cross_entropy, h, weight, targets, dtype)
+    actual = loss_and_grads(chunked_linear_cross_entropy, h, weight, targets, dtype, chunk_size=chunk_size)
+    for name, a, e in zip(("loss", "dh", "dW"), actual, expected):
+        assert a.dtype == e.dtype and a.shape == e.shape, (
+            f"{name}: {a.dtype} {a.shape} vs {e.dtype} {e.shape}"
+        )
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        assert relative_error(a, e) <= TOLERANCE[dtype], f"{name}: relative error {relative_error(a, e):.2e}"
+
+
+def test_chunked_linear_cross_entropy_without_gradients_and_bad_shapes():
+    h, weight = torch.randn(50, 8, device=DEVICE), torch.randn(30, 8, device=DEVICE)
+    targets = torch.randint(0, 30, (50,), device=DEVICE)
+    with torch.no_grad():
+        loss = chunked_linear_cross_entropy(h, weight, targets, chunk_size=7)
+    torch.testing.assert_close(loss, nirvana.linear_cross_entropy(h, weight, targets))
+    with pytest.raises(ValueError, match="targets must have shape"):
+        chunked_linear_cross_entropy(h, weight, targets[:-1])
+    with pytest.raises(ValueError, match=r"h \(N, D\) and weight \(vocab, D\)"):
+        chunked_linear_cross_entropy(h, weight[:, :-1], targets)
+
+
+def test_model_loss_with_chunked_cross_entropy_matches_torch_backend():
+    # the tiny model's loss and gradients with the triton backend's loss are the torch backend's
+    torch.manual_seed(0)
+    model = nirvana.Nirvana(nirvana.NirvanaConfig.from_preset("gated-deltanet-tiny")).to(DEVICE)
+    idx = torch.randint(0, model.config.vocab_size, (2, 24), device=DEVICE)
+    targets = idx.roll(-1, dims=1)
+    targets[:, -1] = -1
+    logits, loss = model(idx, targets)
+    assert logits is None
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    model.linear_cross_entropy = chunked_linear_cross_entropy
+    _, chunked_loss = model(idx, targets)
+    chunked_grads = torch.autograd.grad(chunked_loss, list(model.parameters()))
+    torch.testing.assert_close(chunked_loss, loss, rtol=1e-5, atol=1e-6)
+    for (name, _), actual, expected in zip(model.named_parameters(), chunked_grads, grads):
+        assert relative_error(actual, expected) <= 1e-5, name
+
+
+# ------------------------------------------------------------------------------------------------------
+# The Trigger's closed-form step for decoding vs nirvana.trigger_step (autograd for the inner gradient)
+
+
+@settings(max_examples=30 if ON_CUDA else 15, deadline=None, database=None, derandomize=not ON_CUDA)
+@given(
+    lead=st.one_of(st.tuples(st.integers(1, 8)), st.tuples(st.integers(1, 4), st.integers(1, 3))),
+    d_t=st.integers(2, 64),
+    K=st.integers(1, 64),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_trigger_closed_form_matches_reference(lead, d_t, K, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(*lead, d_t, generator=generator).to(dtype).to(DEVICE) for _ in range(3))
+    p_prev = (1 + 0.3 * torch.randn(*lead, K, generator=generator)).to(DEVICE)
+    eta = (0.1 * torch.rand(*lead, generator=generator)).to(DEVICE)
+    bank_weight = (torch.randn(K, d_t, d_t, generator=generator) / (K * d_t) ** 0.5).to(DEVICE)
+    bank_bias = (torch.randn(K, d_t, generator=generator) / (K * d_t) ** 0.5).to(DEVICE)
+    inputs = (q, k, v, p_prev, eta, bank_weight, bank_bias)
+    with torch.no_grad():
+        c, p = trigger_step_closed_form(*inputs)
+        c_model, p_model = nirvana.trigger_step(*inputs)  # as the model calls it: dtypes
+        c_ref, p_ref = nirvana.trigger_step(*(x.double() for x in inputs))  # float64 reference values
+    assert (c.dtype, p.dtype, c.shape, p.shape) == (
+        c_model.dtype,
+        p_model.dtype,
+        c_model.shape,
+        p_model.shape,
+    )
+    # float32 arithmetic here: c within its dtype's rounding (bf16: 2^-8 relative), p within float32's
+    assert relative_error(c, c_ref) <= (1e-5 if dtype == torch.float32 else 4e-3)
+    assert relative_error(p, p_ref) <= 1e-5
+
+
+def test_trigger_dispatch_closed_form_only_without_gradients():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 16, device=DEVICE) for _ in range(3))
+    p_prev, eta = 1 + 0.3 * torch.randn(3, 8, device=DEVICE), 0.1 * torch.rand(3, device=DEVICE)
+    bank_weight, bank_bias = (
+        torch.randn(8, 16, 16, device=DEVICE) / 12,
+        torch.randn(8, 16, device=DEVICE) / 12,
+    )
+    inputs = [q, k, v, p_prev, eta, bank_weight, bank_bias]
+    with torch.no_grad():
+        closed = trigger_decode.trigger_step(*inputs)
+    for a, b in zip(closed, trigger_step_closed_form(*inputs)):
+        assert torch.equal(a, b)
+    bank_weight.requires_grad_()
+    c, p = trigger_decode.trigger_step(*inputs)  # the fused kernel, differentiable
+    assert c.requires_grad and p.requires_grad
+    c_ref, p_ref = nirvana.trigger_step(*inputs)
+    assert relative_error(c, c_ref) <= 1e-4 and relative_error(p, p_ref) <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------------------
+# Gated DeltaNet's output norm: one Triton kernel each way vs nirvana.gated_rms_norm
+
+
+@settings(max_examples=30 if ON_CUDA else 12, deadline=None, database=None, derandomize=not ON_CUDA)
+@given(
+    lead=st.one_of(
+        st.tuples(st.integers(0, 40)), st.tuples(st.integers(1, 3), st.integers(1, 20), st.integers(1, 4))
+    ),
+    D=st.sampled_from([3, 16, 64, 100, 128]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    x_float32=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_gated_rms_norm_matches_reference(lead, D, dtype, x_float32, seed):
+    # as the model calls it: gate in the compute dtype, x in it or float32, weight float32
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, D, generator=generator).to(torch.float32 if x_float32 else dtype).to(DEVICE)
+    gate = (2 * torch.randn(*lead, D, generator=generator)).to(dtype).to(DEVICE)
+    weight = (1 + 0.3 * torch.randn(D, generator=generator)).to(DEVICE)
+    grad_out = torch.randn(*lead, D, generator=generator).to(dtype).to(DEVICE)
+    inputs = [t.clone().requires_grad_() for t in (x, gate, weight)]
+    reference = [t.detach().double().requires_grad_() for t in (x, gate, weight)]
+    out = gated_rms_norm(*inputs, 1e-6)
+    expected = nirvana.gated_rms_norm(*reference, 1e-6)
+    out_model = nirvana.gated_rms_norm(*(t.detach() for t in inputs), 1e-6)
+    assert out.dtype == out_model.dtype == dtype and out.shape == expected.shape
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    assert x.numel() == 0 or relative_error(out, expected) <= bound
+    if x.numel() == 0:
+        return
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    expected_grads = torch.autograd.grad(expected, reference, grad_out.double())
+    for name, actual, want, given_input in zip(("dx", "dgate", "dw"), grads, expected_grads, inputs):
+        assert actual.dtype == given_input.dtype, name
+        assert relative_error(actual, want) <= bound, f"{name}: {relative_error(actual, want):.2e}"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Gated DeltaNet's short convolution: Triton forward and backward vs nirvana.causal_conv (cuDNN)
+
+
+@settings(max_examples=30 if ON_CUDA else 12, deadline=None, database=None, derandomize=not ON_CUDA)
+@given(
+    B=st.integers(1, 3),
+    T=st.integers(1, 300 if ON_CUDA else 40),
+    C=st.integers(1, 300 if ON_CUDA else 40),
+    K=st.integers(1, 5),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_causal_conv_matches_reference(B, T, C, K, dtype, seed):
+    # as the model calls it: x in the compute dtype, weight float32
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, C, generator=generator).to(dtype).to(DEVICE)
+    weight = (torch.randn(C, 1, K, generator=generator) / K**0.5).to(DEVICE)
+    grad_out = torch.randn(B, T, C, generator=generator).to(dtype).to(DEVICE)
+    inputs = [t.clone().requires_grad_() for t in (x, weight)]
+    reference = [t.detach().double().requires_grad_() for t in (x, weight)]
+    out = causal_conv(*inputs)
+    expected = nirvana.causal_conv(*reference)
+    assert out.dtype == dtype and out.shape == expected.shape
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    assert relative_error(out, expected) <= bound
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    expected_grads = torch.autograd.grad(expected, reference, grad_out.double())
+    for name, actual, want, given_input in zip(("dx", "dw"), grads, expected_grads, inputs):
+        assert actual.dtype == given_input.dtype, name
+        assert relative_error(actual, want) <= bound, f"{name}: {relative_error(actual, want):.2e}"
+
+
+def test_causal_conv_with_history_is_the_reference():
+    x, weight, history = (
+        torch.randn(2, 3, 8, device=DEVICE),
+        torch.randn(8, 1, 4, device=DEVICE),
+        torch.randn(2, 3, 8, device=DEVICE),
+    )
+    assert torch.equal(causal_conv(x, weight, history), nirvana.causal_conv(x, weight, history))
+    with pytest.raises(ValueError, match=r"x \(B, T, C\) and weight \(C, 1, K\)"):
+        causal_conv(x, weight[:4])
