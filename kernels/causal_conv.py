@@ -2,24 +2,19 @@
 
   y[b, t, c] = sum_j w[c, j] x[b, t - K + 1 + j, c]      (x = 0 before t = 0; depthwise, K taps)
 
-The plain twin runs cuDNN's depthwise conv2d on x's memory; its backward took 38 ms of a 232 ms
-gated-deltanet-350m training step on an H200 (72 convolutions of (4, 4096, 1024) in bf16), about ten times its
-forward. Here one program takes BLOCK_T time steps x BLOCK_C channels of one sequence: forward, K shifted
-loads of x (the overlap comes from cache) and K multiply-adds in float32; backward, dx from K shifted loads of
-dy and each tap's dw summed over the program's time steps into a float32 partial sum per program (summed by
-PyTorch). Block sizes: BLOCK_T x BLOCK_C = 64 x 128, 4 warps (16 x 16 under the CPU interpreter). A call with
-a history (decoding through the cache) runs the plain twin. test_kernels_fused.py compares the two.
+The plain twin runs cuDNN's depthwise conv2d, whose backward is about ten times its forward. Here one program
+takes BLOCK_T time steps x BLOCK_C channels of one sequence: forward, K shifted loads of x (the overlap comes
+from cache) and K multiply-adds in float32; backward, dx from K shifted loads of dy and each tap's dw summed
+over the program's time steps into a float32 partial sum per program (summed by PyTorch). Block sizes: BLOCK_T
+x BLOCK_C = 64 x 128, 4 warps (16 x 16 under the CPU interpreter). A call with a history (decoding through the
+cache) runs on the history and x together. test_kernels_fused.py compares the two.
 """
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-import nirvana
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from kernels.common import INTERPRET
 
 
 @triton.jit
@@ -106,9 +101,10 @@ class _CausalConv(torch.autograd.Function):
 @torch.compiler.disable  # under torch.compile it runs as it is, between two graphs (as the other kernels do)
 def causal_conv(x, weight, history=None):
     """nirvana.causal_conv: x (B, T, C), weight (C, 1, K), history (B, K - 1, C) or None -> y (B, T, C) in x's
-    dtype. Without a history, the Triton kernels (the taps in float32); with one, the plain twin."""
+    dtype, by the Triton kernels (the taps in float32). With a history (decoding through the cache) the kernels
+    run on [history; x] and the history's own outputs are dropped."""
     if history is not None:
-        return nirvana.causal_conv(x, weight, history)
+        return causal_conv(torch.cat([history.to(x.dtype), x], dim=1), weight)[:, history.shape[1]:]
     if x.dim() != 3 or weight.shape[0] != x.shape[-1] or weight.dim() != 3 or weight.shape[1] != 1:
         raise ValueError(
             f"x (B, T, C) and weight (C, 1, K) expected, got {tuple(x.shape)} and {tuple(weight.shape)}"

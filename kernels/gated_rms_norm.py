@@ -10,13 +10,11 @@ of dw per program (summed by PyTorch). BLOCK_D = D rounded up to a power of two;
 interpreter). test_kernels_fused.py compares it with nirvana.gated_rms_norm.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from kernels.common import INTERPRET
 
 
 @triton.jit

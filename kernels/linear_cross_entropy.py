@@ -10,10 +10,6 @@ and W right away:
   dh = dlogits W,   dW += dlogits^T h   (dW summed over the chunks in float32)
 so backward only scales the saved dh and dW by the loss's gradient. At most one chunk's logits exist at a
 time. Same values as the reference up to rounding (test_kernels_fused.py compares them in float32 and bf16).
-Cost on an H200 at 4 x 4096 tokens, vocabulary 32000, bf16 autocast: about 17 ms of GPU time per training
-step against the reference's 11 ms (lm head + loss), for 2 to 5 GiB less peak memory (measured with a
-logsumexp and a separate float32 copy, before the one-pass log-softmax here; the rest is elementwise passes
-over each chunk's float32 logits, which a fused Triton kernel would remove).
 """
 
 import torch

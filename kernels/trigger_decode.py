@@ -2,7 +2,7 @@
 
 nirvana.trigger_step computes it with autograd; the fused kernel (kernels/trigger.py) gives each program a
 block of tokens and loops over the K bank blocks: at one token per sequence (N = batch size) a handful of
-programs run the whole loop, about 140 us per layer on an H200. Here the same step is a few batched products
+programs run the whole loop. Here the same step is a few batched products
 over all K blocks at once, in float32, with the gradient of eq.(4) written out (no autograd), for N tokens
 (each its own p):
   A_k = W_k k~ + b_k  (N, K, d_t);   z = A p;   y = LN(z);   f = k~ + y            eq.(6), eq.(3)
