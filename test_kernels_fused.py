@@ -229,12 +229,15 @@ def test_causal_conv_matches_reference(B, T, C, K, dtype, seed):
         assert relative_error(actual, want) <= bound, f"{name}: {relative_error(actual, want):.2e}"
 
 
-def test_causal_conv_with_history_is_the_reference():
-    x, weight, history = (
-        torch.randn(2, 3, 8, device=DEVICE),
-        torch.randn(8, 1, 4, device=DEVICE),
-        torch.randn(2, 3, 8, device=DEVICE),
-    )
-    assert torch.equal(causal_conv(x, weight, history), nirvana.causal_conv(x, weight, history))
+def test_causal_conv_with_history_matches_the_reference():
+    """Decoding through the cache: the kernels run on [history; x] (one token, and several), float32."""
+    for T in (1, 3):
+        x, weight, history = (
+            torch.randn(2, T, 8, device=DEVICE),
+            torch.randn(8, 1, 4, device=DEVICE),
+            torch.randn(2, 3, 8, device=DEVICE),
+        )
+        torch.testing.assert_close(causal_conv(x, weight, history), nirvana.causal_conv(x, weight, history),
+                                   rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"x \(B, T, C\) and weight \(C, 1, K\)"):
         causal_conv(x, weight[:4])
