@@ -38,12 +38,13 @@ Every row has the floor: max(FLOPs / measured bf16 matmul rate, bytes / measured
 measured at the start of the run. Times are medians of triton.testing.do_bench on random non-zero data.
 Results: a table on stdout, and bench.json + bench.csv under --out.
 """
+
 import argparse
 import csv
 import json
 import os
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import torch
 
@@ -51,7 +52,9 @@ SECTIONS = ("swa", "trigger", "delta", "model", "step", "train", "decode", "prof
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--out", default="bench_out", help="folder for bench.json and bench.csv")
     parser.add_argument("--batch", type=int, default=4)
@@ -61,14 +64,26 @@ def parse_args():
     parser.add_argument("--seq-lens", default="4096,16384", help="T values for the SWA section")
     parser.add_argument("--step-preset", default="nirvana-350m", help="preset of the step section")
     parser.add_argument("--step-shape", default="2,2048", help="batch,tokens of the step section")
-    parser.add_argument("--train-presets", default="nirvana-350m,gated-deltanet-350m,transformer-350m",
-                        help="presets of the train section; ratios are to the first")
+    parser.add_argument(
+        "--train-presets",
+        default="nirvana-350m,gated-deltanet-350m,transformer-350m",
+        help="presets of the train section; ratios are to the first",
+    )
     parser.add_argument("--train-shape", default="4,4096", help="micro-batch,tokens of the train section")
-    parser.add_argument("--train-modes", default="eager,compiled", help="eager and/or compiled (torch.compile)")
-    parser.add_argument("--fla-peer", default=True, action=argparse.BooleanOptionalAction,
-                        help="time fla's GatedDeltaNetForCausalLM in the train section when fla is importable")
-    parser.add_argument("--profile-presets", default="gated-deltanet-350m,nirvana-350m",
-                        help="presets of the profile section (training step at --train-shape, decode step)")
+    parser.add_argument(
+        "--train-modes", default="eager,compiled", help="eager and/or compiled (torch.compile)"
+    )
+    parser.add_argument(
+        "--fla-peer",
+        default=True,
+        action=argparse.BooleanOptionalAction,
+        help="time fla's GatedDeltaNetForCausalLM in the train section when fla is importable",
+    )
+    parser.add_argument(
+        "--profile-presets",
+        default="gated-deltanet-350m,nirvana-350m",
+        help="presets of the profile section (training step at --train-shape, decode step)",
+    )
     parser.add_argument("--decode-size", default="350m", help="preset size of the decode section")
     args = parser.parse_args()
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -84,19 +99,19 @@ def parse_args():
 
 def bench_ms(fn, grad_to_none=None):
     from triton.testing import do_bench
+
     return do_bench(fn, warmup=50, rep=200, grad_to_none=grad_to_none, return_mode="median")
 
 
 def measure_ceilings():
     """Copy bandwidth (bytes read + written per second) and bf16 matmul rate (FLOP/s), measured here."""
-    src = torch.randn(256 * 2**20, device="cuda")                                     # 1 GiB
+    src = torch.randn(256 * 2**20, device="cuda")  # 1 GiB
     dst = torch.empty_like(src)
     copy_ms = bench_ms(lambda: dst.copy_(src))
     bandwidth = 2 * src.numel() * 4 / (copy_ms * 1e-3)
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     mm_ms = bench_ms(lambda: a @ b)
     flops = 2 * 8192**3 / (mm_ms * 1e-3)
-    del src, dst, a, b
     return bandwidth, flops
 
 
@@ -106,21 +121,34 @@ class Table:
 
     def add(self, section, case, impl, mode, ms, flop=None, nbytes=None, error=None, note=""):
         floor = max(flop / self.flops if flop else 0.0, nbytes / self.bandwidth if nbytes else 0.0) * 1e3
-        row = dict(section=section, case=case, impl=impl, mode=mode, ms=ms, floor_ms=floor or None,
-                   tflops=(flop / (ms * 1e-3) / 1e12) if flop and ms else None, rel_error=error, note=note)
+        row = dict(
+            section=section,
+            case=case,
+            impl=impl,
+            mode=mode,
+            ms=ms,
+            floor_ms=floor or None,
+            tflops=(flop / (ms * 1e-3) / 1e12) if flop and ms else None,
+            rel_error=error,
+            note=note,
+        )
         self.rows.append(row)
         print(self.format(row), flush=True)
 
     @staticmethod
     def header():
-        return (f"{'section':8} {'case':26} {'impl':22} {'mode':11} {'ms':>9} {'floor ms':>9} {'TFLOP/s':>8} "
-                f"{'rel.err':>8}  note")
+        return (
+            f"{'section':8} {'case':26} {'impl':22} {'mode':11} {'ms':>9} {'floor ms':>9} {'TFLOP/s':>8} "
+            f"{'rel.err':>8}  note"
+        )
 
     @staticmethod
     def format(r):
         num = lambda x, f: format(x, f) if isinstance(x, (int, float)) else "-"
-        return (f"{r['section']:8} {r['case']:26} {r['impl']:22} {r['mode']:11} {num(r['ms'], '9.3f')} "
-                f"{num(r['floor_ms'], '9.3f')} {num(r['tflops'], '8.1f')} {num(r['rel_error'], '8.1e')}  {r['note']}")
+        return (
+            f"{r['section']:8} {r['case']:26} {r['impl']:22} {r['mode']:11} {num(r['ms'], '9.3f')} "
+            f"{num(r['floor_ms'], '9.3f')} {num(r['tflops'], '8.1f')} {num(r['rel_error'], '8.1e')}  {r['note']}"
+        )
 
     def ratios(self):
         """Each row's time over the reference's and the best peer's of the same section, case and mode."""
@@ -134,14 +162,20 @@ class Table:
                 continue
             for other in rows:
                 if other is not kernel and other["ms"]:
-                    lines.append(f"{section:8} {case:26} {mode:11} kernel / {other['impl']:22} = "
-                                 f"{kernel['ms'] / other['ms']:6.3f}")
+                    lines.append(
+                        f"{section:8} {case:26} {mode:11} kernel / {other['impl']:22} = "
+                        f"{kernel['ms'] / other['ms']:6.3f}"
+                    )
         return lines
 
     def save(self, folder):
         os.makedirs(folder, exist_ok=True)
-        meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                    bandwidth_GBps=self.bandwidth / 1e9, bf16_matmul_TFLOPs=self.flops / 1e12)
+        meta = dict(
+            device=torch.cuda.get_device_name(),
+            torch=torch.__version__,
+            bandwidth_GBps=self.bandwidth / 1e9,
+            bf16_matmul_TFLOPs=self.flops / 1e12,
+        )
         from cli import write_atomically
 
         text = json.dumps(dict(meta=meta, rows=self.rows), indent=1)
@@ -178,6 +212,7 @@ def gpu_kernel_ms(fn, grad_to_none=None, calls=20):
         for x in grad_to_none or []:
             x.grad = None
         fn()
+
     call()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -192,6 +227,7 @@ def forward_and_backward(fn, inputs, grad_out):
     def step():
         out = fn(*inputs)
         out.backward(grad_out)
+
     return step
 
 
@@ -200,34 +236,61 @@ def forward_and_backward(fn, inputs, grad_out):
 
 
 def bench_swa(table, args):
-    import nirvana
-    import kernels
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    import kernels
+    import nirvana
 
     flex = torch.compile(flex_attention)
     B, H, D, W = args.batch, args.heads, args.head_dim, args.window
     for T in [int(t) for t in args.seq_lens.split(",")]:
         case = f"B{B} T{T} H{H} D{D} W{W}"
-        q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        q, k, v = (
+            torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+        )
         grad_out = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
-        qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))   # (B, H, T, D)
+        qh, kh, vh = (
+            x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)
+        )  # (B, H, T, D)
         grad_out_h = grad_out.transpose(1, 2).contiguous()
 
         def window_mask(b, h, q_idx, kv_idx):
             return (kv_idx <= q_idx) & (q_idx - kv_idx < W)
 
         block_mask = create_block_mask(window_mask, None, None, T, T, device="cuda")
-        pairs = sum(min(i + 1, W) for i in range(T))                                  # visible (query, key) pairs
+        pairs = sum(min(i + 1, W) for i in range(T))  # visible (query, key) pairs
         causal_pairs = T * (T + 1) // 2
-        io = 4 * B * T * H * D * 2                                                    # q, k, v, o in bf16
+        io = 4 * B * T * H * D * 2  # q, k, v, o in bf16
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        contenders = [   # name, function, inputs, output gradient, visible (query, key) pairs
-            ("triton kernel", lambda q, k, v: kernels.sliding_window_attention(q, k, v, W), (q, k, v), grad_out, pairs),
-            ("torch reference", lambda q, k, v: nirvana.sliding_window_attention(q, k, v, W), (q, k, v), grad_out,
-             pairs),
-            ("flex_attention SWA", lambda q, k, v: flex(q, k, v, block_mask=block_mask), (qh, kh, vh), grad_out_h,
-             pairs),
-            ("sdpa full causal", lambda q, k, v: sdpa(q, k, v, is_causal=True), (qh, kh, vh), grad_out_h, causal_pairs),
+        contenders = [  # name, function, inputs, output gradient, visible (query, key) pairs
+            (
+                "triton kernel",
+                lambda q, k, v: kernels.sliding_window_attention(q, k, v, W),
+                (q, k, v),
+                grad_out,
+                pairs,
+            ),
+            (
+                "torch reference",
+                lambda q, k, v: nirvana.sliding_window_attention(q, k, v, W),
+                (q, k, v),
+                grad_out,
+                pairs,
+            ),
+            (
+                "flex_attention SWA",
+                lambda q, k, v: flex(q, k, v, block_mask=block_mask),
+                (qh, kh, vh),
+                grad_out_h,
+                pairs,
+            ),
+            (
+                "sdpa full causal",
+                lambda q, k, v: sdpa(q, k, v, is_causal=True),
+                (qh, kh, vh),
+                grad_out_h,
+                causal_pairs,
+            ),
         ]
         with torch.no_grad():
             expected = nirvana.sliding_window_attention(q, k, v, W) if T <= 4096 else None
@@ -273,8 +336,8 @@ def trigger_cost(N, D, K, dtype):
 
 def bench_trigger(table, args, N=None, section="trigger"):
     """Both dtype cases; returns {impl: fwd+bwd ms} of the bf16 case (the model's under autocast)."""
-    import nirvana
     import kernels
+    import nirvana
 
     N = N or args.batch * 4096
     D = K = 64
@@ -284,17 +347,20 @@ def bench_trigger(table, args, N=None, section="trigger"):
         inputs = trigger_inputs(N, D, K, dtype)
         with torch.no_grad():
             c, p = kernels.trigger_step(*inputs)
-        c_ref, p_ref = nirvana.trigger_step(*[x.detach().float() for x in inputs])   # float32 reference
+        c_ref, p_ref = nirvana.trigger_step(*[x.detach().float() for x in inputs])  # float32 reference
         error = max(rel_error(c, c_ref), rel_error(p, p_ref))
         cost = trigger_cost(N, D, K, dtype)
         for name, fn in (("triton kernel", kernels.trigger_step), ("torch reference", nirvana.trigger_step)):
             with torch.no_grad():
                 ms, note = time_or_note(lambda: fn(*inputs))
-            table.add(section, case, name, "fwd", ms, *cost["fwd"], error if name == "triton kernel" else None, note)
+            table.add(
+                section, case, name, "fwd", ms, *cost["fwd"], error if name == "triton kernel" else None, note
+            )
 
             def step(fn=fn):
                 c, p = fn(*inputs)
                 torch.autograd.backward([c, p], [torch.ones_like(c), torch.ones_like(p)])
+
             ms, note = time_or_note(step, grad_to_none=inputs)
             if dtype == torch.bfloat16:
                 model_case_times[name] = ms
@@ -316,13 +382,15 @@ def fla_chunk_gated_delta_rule():
 def bypass_fla_hopper_check():
     """fla's backward refuses Triton < 3.7.1 on Hopper (it reports wrong gated dq/dk/dw there); to time it,
     the check is switched off, said once on stdout (the delta section's table gives its gradient error)."""
-    import triton
     import fla.ops.common.chunk_o as fla_chunk_o
+    import triton
 
     if not getattr(fla_chunk_o, "TRITON_ABOVE_3_7_1", True):
         fla_chunk_o.TRITON_ABOVE_3_7_1 = True
-        print(f"fla's backward refuses Triton {triton.__version__} on Hopper (wrong results reported by fla); "
-              "its check is bypassed here to time it - see its gradient error in the delta section")
+        print(
+            f"fla's backward refuses Triton {triton.__version__} on Hopper (wrong results reported by fla); "
+            "its check is bypassed here to time it - see its gradient error in the delta section"
+        )
 
 
 def bench_delta(table, args):
@@ -331,8 +399,12 @@ def bench_delta(table, args):
 
     B, H, D, T = args.batch, args.heads, args.head_dim, 4096
     case = f"B{B} T{T} H{H} D{D}"
-    q, k = (torch.nn.functional.normalize(torch.randn(B, T, H, D, device="cuda"), dim=-1).bfloat16().requires_grad_()
-            for _ in range(2))
+    q, k = (
+        torch.nn.functional.normalize(torch.randn(B, T, H, D, device="cuda"), dim=-1)
+        .bfloat16()
+        .requires_grad_()
+        for _ in range(2)
+    )
     v = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = (-torch.rand(B, T, H, device="cuda") * 0.1).requires_grad_()
     beta = torch.rand(B, T, H, device="cuda").requires_grad_()
@@ -365,24 +437,37 @@ def bench_delta(table, args):
         ms, note = time_or_note(step, grad_to_none=inputs)
         table.add("delta", case, name, "fwd+bwd", ms, 3 * flop, 2.5 * io, errors[1], note)
         if ms is not None and name != "torch reference":
-            table.add("delta", case, name, "fwd+bwd GPU", gpu_kernel_ms(step, grad_to_none=inputs), 3 * flop, 2.5 * io,
-                      note="sum of its GPU kernels' times (torch.profiler), without the host's launch gaps")
+            table.add(
+                "delta",
+                case,
+                name,
+                "fwd+bwd GPU",
+                gpu_kernel_ms(step, grad_to_none=inputs),
+                3 * flop,
+                2.5 * io,
+                note="sum of its GPU kernels' times (torch.profiler), without the host's launch gaps",
+            )
 
 
 def bench_model(table, args):
     """One Nirvana block of the 1.3b preset (d_model 2048, 16 heads of 128, window 2048), bf16 autocast,
     with the torch ops, all Triton ops, and the Triton SWA + Trigger beside torch's gated delta rule."""
-    import nirvana
     import kernels
+    import nirvana
 
     B, T = args.batch, 4096
     case = f"1.3b block B{B} T{T}"
     config = nirvana.NirvanaConfig.from_preset("nirvana-1.3b", n_layers=3, n_prelude=2)
     h = torch.randn(B, T, config.d_model, device="cuda", requires_grad=True)
-    op_sets = dict(torch=nirvana.load_backend("torch"), triton=nirvana.load_backend("triton"),
-                   swa_trigger=type(nirvana.TORCH_OPS)(gated_delta_rule=nirvana.gated_delta_rule,
-                                                       sliding_window_attention=kernels.sliding_window_attention,
-                                                       trigger_step=kernels.trigger_step))
+    op_sets = dict(
+        torch=nirvana.load_backend("torch"),
+        triton=nirvana.load_backend("triton"),
+        swa_trigger=type(nirvana.TORCH_OPS)(
+            gated_delta_rule=nirvana.gated_delta_rule,
+            sliding_window_attention=kernels.sliding_window_attention,
+            trigger_step=kernels.trigger_step,
+        ),
+    )
     times = {}
     for name, ops in op_sets.items():
         torch.manual_seed(0)
@@ -394,13 +479,14 @@ def bench_model(table, args):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out, p_new, _ = block(h, p=p, bank=bank)
             (out.float().square().mean() + p_new.mean()).backward()
+
         try:
             ms, note = time_or_note(step, grad_to_none=[h, *block.parameters(), *bank.parameters()])
-        except Exception as error:   # e.g. a kernel that rejects what the model passes: report, go on
+        except Exception as error:  # e.g. a kernel that rejects what the model passes: report, go on
             ms, note = None, f"failed: {error!r}"[:160]
         times[name] = ms
         table.add("model", case, f"block ({name} ops)", "fwd+bwd", ms, note=note)
-        del block, bank
+        block = bank = None  # freed before the next ops' block
         torch.cuda.empty_cache()
     trigger_times = bench_trigger(table, args, N=B * T, section="model")
     for name in ("triton", "swa_trigger"):
@@ -433,10 +519,12 @@ def bench_step(table, args):
         losses[backend] = step().item()
         times[backend], note = time_or_note(step, grad_to_none=list(model.parameters()))
         table.add("step", case, f"model (backend {backend})", "fwd+bwd", times[backend], note=note)
-        del model
+        model = None  # freed before the next backend's model
         torch.cuda.empty_cache()
-    print(f"step: {case} loss with backend triton {losses['triton']:.6f}, torch {losses['torch']:.6f} "
-          f"(relative difference {abs(losses['triton'] - losses['torch']) / losses['torch']:.2e})")
+    print(
+        f"step: {case} loss with backend triton {losses['triton']:.6f}, torch {losses['torch']:.6f} "
+        f"(relative difference {abs(losses['triton'] - losses['torch']) / losses['torch']:.2e})"
+    )
     if times["triton"] and times["torch"]:
         print(f"step: backend triton is {times['torch'] / times['triton']:.2f}x as fast as backend torch")
 
@@ -470,10 +558,18 @@ def fla_gated_deltanet_model(config):
         return None
     bypass_fla_hopper_check()
     fla_config = GatedDeltaNetConfig(
-        hidden_size=config.d_model, num_hidden_layers=config.n_layers, num_heads=config.n_heads,
-        head_dim=config.head_dim, expand_v=config.expand_v, intermediate_size=config.ffn_hidden,
-        conv_size=config.conv_size, norm_eps=config.norm_eps, vocab_size=config.vocab_size,
-        tie_word_embeddings=False, initializer_range=config.init_std)
+        hidden_size=config.d_model,
+        num_hidden_layers=config.n_layers,
+        num_heads=config.n_heads,
+        head_dim=config.head_dim,
+        expand_v=config.expand_v,
+        intermediate_size=config.ffn_hidden,
+        conv_size=config.conv_size,
+        norm_eps=config.norm_eps,
+        vocab_size=config.vocab_size,
+        tie_word_embeddings=False,
+        initializer_range=config.init_std,
+    )
     return GatedDeltaNetForCausalLM(fla_config)
 
 
@@ -502,7 +598,9 @@ def train_contenders(presets, fla_peer):
     peer = next((c for name, c, _ in contenders if c.variant == "gated-deltanet"), None)
     if fla_peer and peer is not None:
         if fla_gated_deltanet_model(nirvana.NirvanaConfig.from_preset("gated-deltanet-tiny")) is None:
-            print("train: flash-linear-attention is not importable; fla's GatedDeltaNetForCausalLM is left out")
+            print(
+                "train: flash-linear-attention is not importable; fla's GatedDeltaNetForCausalLM is left out"
+            )
         else:
             name = f"fla GatedDeltaNetForCausalLM ({peer.d_model}x{peer.n_layers})"
             contenders.append((name, peer, lambda: FlaAsNirvana(fla_gated_deltanet_model(peer))))
@@ -511,6 +609,7 @@ def train_contenders(presets, fla_peer):
 
 def training_step(model, forward, optimizer, idx, grad_clip):
     """train.py's step on one micro-batch: bf16 autocast over float32 weights, backward, clipping, AdamW."""
+
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = forward(idx, idx)[1]
@@ -518,6 +617,7 @@ def training_step(model, forward, optimizer, idx, grad_clip):
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -531,9 +631,9 @@ def bench_train(table, args):
     modes = [m.strip() for m in args.train_modes.split(",") if m.strip()]
     idx = torch.randint(0, 32000, (B, T), device="cuda")
     peak = train.peak_flops(torch.device("cuda"))
-    run_args = train.parse_args(["--preset", presets[0]])   # train.py's defaults: AdamW settings, clipping
+    run_args = train.parse_args(["--preset", presets[0]])  # train.py's defaults: AdamW settings, clipping
     for mode in modes:
-        results = {}   # name -> (tokens/s, peak GiB)
+        results = {}  # name -> (tokens/s, peak GiB)
         for name, config, build in train_contenders(presets, args.fla_peer):
             torch.manual_seed(0)
             model = build().cuda()
@@ -548,13 +648,15 @@ def bench_train(table, args):
                 tokens_per_s = B * T / (ms * 1e-3)
                 peak_gib = torch.cuda.max_memory_allocated() / 2**30
                 results[name] = (tokens_per_s, peak_gib)
-                flop = train.flops_per_token(config, meta_model(config), T) * B * T   # the peer's: its twin's
+                flop = train.flops_per_token(config, meta_model(config), T) * B * T  # the peer's: its twin's
                 mfu = flop / (ms * 1e-3) / peak if peak and flop else None
-                note = (f"{tokens_per_s:,.0f} tok/s, MFU {'n/a' if mfu is None else f'{mfu:.1%}'}, "
-                        f"peak memory {peak_gib:.1f} GiB, {params:,} params")
+                note = (
+                    f"{tokens_per_s:,.0f} tok/s, MFU {'n/a' if mfu is None else f'{mfu:.1%}'}, "
+                    f"peak memory {peak_gib:.1f} GiB, {params:,} params"
+                )
             except torch.OutOfMemoryError:
                 ms, note = None, "out of memory"
-            except Exception as error:   # e.g. torch.compile failing on a peer: report it, time the others
+            except Exception as error:  # e.g. torch.compile failing on a peer: report it, time the others
                 ms, note = None, f"failed: {error!r}"[:160]
             table.add("train", f"{name} B{B} T{T}", f"step ({mode})", "step", ms, flop, note=note)
             del model, forward, optimizer
@@ -579,8 +681,10 @@ def print_train_ratios(mode, results):
     print(f"train ({mode}): ratios to {reference}")
     print(f"  {'model':48} {'tokens/s':>10} {'ratio':>6} {'peak GiB':>9} {'ratio':>6}")
     for name, (tokens_per_s, peak_gib) in results.items():
-        print(f"  {name:48} {tokens_per_s:10,.0f} {tokens_per_s / ref_tokens:6.2f} {peak_gib:9.1f} "
-              f"{peak_gib / ref_peak:6.2f}")
+        print(
+            f"  {name:48} {tokens_per_s:10,.0f} {tokens_per_s / ref_tokens:6.2f} {peak_gib:9.1f} "
+            f"{peak_gib / ref_peak:6.2f}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -654,8 +758,11 @@ def attribute_time(events, use_device):
     from torch.autograd import DeviceType
 
     cpu_events = [e for e in events if e.device_type == DeviceType.CPU]
-    phases = sorted((e.time_range.start, e.time_range.end, e.name[len("phase: "):])
-                    for e in cpu_events if e.name.startswith("phase: "))
+    phases = sorted(
+        (e.time_range.start, e.time_range.end, e.name[len("phase: ") :])
+        for e in cpu_events
+        if e.name.startswith("phase: ")
+    )
 
     def phase_of(event):
         start = event.time_range.start
@@ -664,7 +771,7 @@ def attribute_time(events, use_device):
     def component_of(event):
         while event is not None:
             if event.name.startswith(ComponentProfile.PREFIX):
-                return event.name[len(ComponentProfile.PREFIX):]
+                return event.name[len(ComponentProfile.PREFIX) :]
             event = event.cpu_parent
         return None
 
@@ -677,8 +784,11 @@ def attribute_time(events, use_device):
 
     def backward_component_of(event):
         while event is not None:
-            if event.sequence_nr >= 0 and not event.name.startswith("aten::") and \
-                    event.sequence_nr in forward_component:
+            if (
+                event.sequence_nr >= 0
+                and not event.name.startswith("aten::")
+                and event.sequence_nr in forward_component
+            ):
                 return forward_component[event.sequence_nr]
             event = event.cpu_parent
         return "other"
@@ -693,7 +803,9 @@ def attribute_time(events, use_device):
         step_phase = phase_of(event)
         if step_phase is None:
             continue
-        component = component_of(event) or (backward_component_of(event) if step_phase == "backward" else "other")
+        component = component_of(event) or (
+            backward_component_of(event) if step_phase == "backward" else "other"
+        )
         key = (step_phase, component)
         times[key] = times.get(key, 0.0) + cost
         launches[key] = launches.get(key, 0) + (len(event.kernels) if use_device else 1)
@@ -702,19 +814,28 @@ def attribute_time(events, use_device):
 
 def profile_table(title, times, launches, saved=None, steps=1, top=None):
     """Lines of a table: component, time per step per phase, its share, launches, bytes saved for backward."""
-    phases = sorted({p for p, _ in times}, key=["forward", "backward", "clip", "optimizer", "decode step"].index)
+    phases = sorted(
+        {p for p, _ in times}, key=["forward", "backward", "clip", "optimizer", "decode step"].index
+    )
     components = {}
     for (p, component), us in times.items():
         components.setdefault(component, {})[p] = us / steps
     total = sum(times.values()) / steps
     rows = sorted(components.items(), key=lambda item: -sum(item[1].values()))[:top]
-    header = f"{'component':44} " + " ".join(f"{p + ' ms':>13}" for p in phases) + \
-        f" {'share':>6} {'launches':>8}" + (f" {'saved GiB':>9}" if saved is not None else "")
+    header = (
+        f"{'component':44} "
+        + " ".join(f"{p + ' ms':>13}" for p in phases)
+        + f" {'share':>6} {'launches':>8}"
+        + (f" {'saved GiB':>9}" if saved is not None else "")
+    )
     lines = [f"{title}: total {total / 1e3:.2f} ms per step", header]
     for component, per_phase in rows:
         n = sum(v for (_, c), v in launches.items() if c == component) / steps
-        line = f"{component[:44]:44} " + " ".join(f"{per_phase.get(p, 0) / 1e3:13.3f}" for p in phases) + \
-            f" {sum(per_phase.values()) / total:6.1%} {n:8.0f}"
+        line = (
+            f"{component[:44]:44} "
+            + " ".join(f"{per_phase.get(p, 0) / 1e3:13.3f}" for p in phases)
+            + f" {sum(per_phase.values()) / total:6.1%} {n:8.0f}"
+        )
         if saved is not None:
             line += f" {saved.get(component, 0) / 2**30:9.3f}"
         lines.append(line)
@@ -750,18 +871,29 @@ def profile_training_step(name, model, forward, optimizer, idx, grad_clip, use_d
         synchronize()
     components.remove()
     times, launches = attribute_time(prof.events(), use_device)
-    lines = profile_table(f"profile: training step of {name}, B{idx.shape[0]} T{idx.shape[1]}", times, launches,
-                          components.saved)
-    memory = dict(saved_for_backward=sum(components.saved.values()), held_after_forward=after_forward - before,
-                  peak=torch.cuda.max_memory_allocated() if use_device else 0, weights_grads_adam=before)
-    lines.append("memory: " + ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f} GiB" for k, v in memory.items()))
+    lines = profile_table(
+        f"profile: training step of {name}, B{idx.shape[0]} T{idx.shape[1]}",
+        times,
+        launches,
+        components.saved,
+    )
+    memory = dict(
+        saved_for_backward=sum(components.saved.values()),
+        held_after_forward=after_forward - before,
+        peak=torch.cuda.max_memory_allocated() if use_device else 0,
+        weights_grads_adam=before,
+    )
+    lines.append(
+        "memory: " + ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f} GiB" for k, v in memory.items())
+    )
     return lines
 
 
 def profile_decode_step(name, model, batch_size, prompt_len, steps=8, use_device=True):
     """Eager one-token decode steps after a prefill of prompt_len: GPU kernel time per component per step."""
-    import eval as evaluation
     from torch.profiler import ProfilerActivity, profile
+
+    import eval as evaluation
 
     prompt = evaluation.random_prompt(model, batch_size, prompt_len)
     model.setup_caches(batch_size, prompt_len + 4 + steps)
@@ -769,7 +901,7 @@ def profile_decode_step(name, model, batch_size, prompt_len, steps=8, use_device
     try:
         with torch.no_grad():
             for start in range(0, prompt_len, evaluation.PREFILL_CHUNK):
-                logits = model(prompt[:, start:start + evaluation.PREFILL_CHUNK], input_pos=start)[0][:, -1]
+                logits = model(prompt[:, start : start + evaluation.PREFILL_CHUNK], input_pos=start)[0][:, -1]
             token, position = logits.argmax(-1, keepdim=True), prompt_len
             for _ in range(4):
                 token = evaluation.decode_step(model, token, position).argmax(-1, keepdim=True)
@@ -786,9 +918,13 @@ def profile_decode_step(name, model, batch_size, prompt_len, steps=8, use_device
         components.remove()
         model.clear_caches()
     times, launches = attribute_time(prof.events(), use_device)
-    return profile_table(f"profile: eager decode step of {name}, batch {batch_size}, after a prompt of {prompt_len} "
-                         "(GPU kernel time; the CUDA graph replays the same kernels without the host gaps)",
-                         times, launches, steps=steps)
+    return profile_table(
+        f"profile: eager decode step of {name}, batch {batch_size}, after a prompt of {prompt_len} "
+        "(GPU kernel time; the CUDA graph replays the same kernels without the host gaps)",
+        times,
+        launches,
+        steps=steps,
+    )
 
 
 def bench_profile(table, args):
@@ -834,29 +970,45 @@ def bench_decode(table, args):
         model = evaluation.speed_model(variant, args.decode_size, "triton", "cuda", torch.bfloat16, 32000)
         result = evaluation.decode_speed(model, prompt_len=4096, batch_size=4, new_tokens=128)
         note = f"{result['decode_tokens_per_s']:.1f} generated tokens/s, cuda_graph={result['cuda_graph']}"
-        table.add("decode", f"{args.decode_size} prompt4096 B4", variant, "decode", result["ms_per_token"], note=note)
+        table.add(
+            "decode",
+            f"{args.decode_size} prompt4096 B4",
+            variant,
+            "decode",
+            result["ms_per_token"],
+            note=note,
+        )
         del model
         torch.cuda.empty_cache()
 
 
-def main():
+def main() -> None:
     args = parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU (the Triton kernels are timed on one); none is available here")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     torch.manual_seed(0)
     bandwidth, flops = measure_ceilings()
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; measured copy bandwidth "
-          f"{bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
+    print(
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; measured copy bandwidth "
+        f"{bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s"
+    )
     table = Table(bandwidth, flops)
     print(Table.header())
-    runners = dict(swa=bench_swa, trigger=bench_trigger, delta=bench_delta, model=bench_model, step=bench_step,
-                   train=bench_train, decode=bench_decode,
-                   profile=bench_profile)
+    runners = dict(
+        swa=bench_swa,
+        trigger=bench_trigger,
+        delta=bench_delta,
+        model=bench_model,
+        step=bench_step,
+        train=bench_train,
+        decode=bench_decode,
+        profile=bench_profile,
+    )
     for section in args.only:
         try:
             runners[section](table, args)
-        except Exception as error:   # one broken contender must not hide the other sections' numbers
+        except Exception as error:  # one broken contender must not hide the other sections' numbers
             print(f"{section}: failed with {error!r}; going on with the next section")
             torch.cuda.empty_cache()
         table.save(args.out)

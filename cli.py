@@ -128,7 +128,9 @@ def write_atomically(path, write):
     never leaves a half-written checkpoint, shard, table or picture (the old file, if any, stays intact)."""
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")  # the writer creates it: usual permissions, same extension
+    tmp = os.path.join(
+        folder, f".tmp-{os.getpid()}-{name}"
+    )  # the writer creates it: usual permissions, same extension
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -173,10 +175,10 @@ def no_half_made_output(folder):
 class Progress:
     """Progress lines with an ETA for long CPU work, at most one every `every` seconds (and the last one).
 
-        progress = Progress("tokenizing", total=len(files))
-        for path in files:
-            ...
-            progress.update()
+    progress = Progress("tokenizing", total=len(files))
+    for path in files:
+        ...
+        progress.update()
     """
 
     def __init__(self, what, total=None, every=10.0, stream=None):
@@ -199,7 +201,6 @@ class Progress:
             return f"{self.what}: {self.done} done, {elapsed:.0f} s"
         remaining = elapsed / max(self.done, 1) * (self.total - self.done)
         return f"{self.what}: {self.done}/{self.total} ({100 * self.done / self.total:.0f}%), {elapsed:.0f} s, ETA {remaining:.0f} s"
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,17 +235,24 @@ def read_checkpoint(path):
     if os.path.isdir(path):
         raise UserError(f"checkpoint {path} is a folder; pass the ckpt.pt file inside it")
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist; train.py writes <run folder>/ckpt.pt "
-                        f"(out/nirvana-tiny/ckpt.pt for `python train.py`)")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its own error for anything else misleads
-        raise UserError(f"{path} is not a PyTorch checkpoint (not the zip archive torch.save writes: another kind "
-                        f"of file, or cut short); pass a ckpt.pt written by train.py")
+        raise UserError(
+            f"checkpoint {path} does not exist; train.py writes <run folder>/ckpt.pt "
+            f"(out/nirvana-tiny/ckpt.pt for `python train.py`)"
+        )
+    if not zipfile.is_zipfile(
+        path
+    ):  # torch.save writes a zip archive; its own error for anything else misleads
+        raise UserError(
+            f"{path} is not a PyTorch checkpoint (not the zip archive torch.save writes: another kind "
+            f"of file, or cut short); pass a ckpt.pt written by train.py"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as error:
         reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({reason}); pass a ckpt.pt written "
-                        f"by train.py") from error
+        raise UserError(
+            f"{path} is not a readable PyTorch checkpoint ({reason}); pass a ckpt.pt written by train.py"
+        ) from error
     if not isinstance(checkpoint, dict) or not {"config", "model"} <= set(checkpoint):
         raise UserError(f"{path} holds no 'config' and 'model' entries: not a checkpoint written by train.py")
     return checkpoint
@@ -256,8 +264,10 @@ def checkpoint_tokenizer(checkpoint, tokenizer=None):
 
     spec = tokenizer or read_checkpoint(checkpoint).get("tokenizer")
     if spec is None:
-        raise UserError(f"checkpoint {checkpoint} names no tokenizer (key 'tokenizer'); pass --tokenizer SPEC "
-                        f"('bytes', '<path>.model' or 'tiktoken:<path>')")
+        raise UserError(
+            f"checkpoint {checkpoint} names no tokenizer (key 'tokenizer'); pass --tokenizer SPEC "
+            f"('bytes', '<path>.model' or 'tiktoken:<path>')"
+        )
     return load_tokenizer(spec)
 
 
@@ -271,10 +281,13 @@ def load_model(checkpoint, device=None, dtype=None, tokenizer=None):
     try:
         model = Nirvana.from_checkpoint(checkpoint, map_location="cpu")
     except (ValueError, RuntimeError) as error:
-        raise UserError(f"checkpoint {checkpoint} does not fit nirvana.py's model: "
-                        f"{str(error).splitlines()[0][:200]}") from error
+        raise UserError(
+            f"checkpoint {checkpoint} does not fit nirvana.py's model: {str(error).splitlines()[0][:200]}"
+        ) from error
     if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"tokenizer {tok.spec!r} has {tok.vocab_size} tokens but the model's vocabulary is "
-                        f"{model.config.vocab_size}: wrong --tokenizer for this checkpoint?")
+        raise UserError(
+            f"tokenizer {tok.spec!r} has {tok.vocab_size} tokens but the model's vocabulary is "
+            f"{model.config.vocab_size}: wrong --tokenizer for this checkpoint?"
+        )
     model.to(device=device, dtype=parse_dtype(dtype, device)).eval()
     return model, tok

@@ -2,6 +2,7 @@
 
 The tiny models gain little from more threads, and on a shared 2-core CPU several threads stall each other.
 """
+
 import pytest
 import torch
 

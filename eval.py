@@ -24,6 +24,7 @@ prepare.py folder (its --split, default val: all of it, where train.py's validat
     import lm_eval, eval; eval.register_lm_eval()      # registers model name "nirvana"
     lm_eval.simple_evaluate(model="nirvana", model_args="checkpoint=out/nirvana-tiny/ckpt.pt", tasks=[...])
 """
+
 import argparse
 import contextlib
 import json
@@ -38,9 +39,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import (DTYPES, ArgumentParser, Progress, UserError, checkpoint_tokenizer, default_device, existing_file,
-                 load_model, non_negative_int, parse_dtype, positive_int, positive_int_list, run_main,
-                 torch_device, unit_interval_list, write_atomically, write_text_atomically)
+from cli import (
+    DTYPES,
+    ArgumentParser,
+    Progress,
+    UserError,
+    checkpoint_tokenizer,
+    default_device,
+    existing_file,
+    load_model,
+    non_negative_int,
+    parse_dtype,
+    positive_int,
+    positive_int_list,
+    run_main,
+    torch_device,
+    unit_interval_list,
+    write_atomically,
+    write_text_atomically,
+)
 from cli import save_figure as save_png
 from nirvana import PRESETS, VARIANTS, Nirvana, NirvanaConfig
 from prepare import TokenShards, load_meta
@@ -50,7 +67,7 @@ from prepare import TokenShards, load_meta
 
 
 def save_npz(path, arrays):
-    with open(path, "wb") as f:                                   # a file object: np.savez adds no ".npz"
+    with open(path, "wb") as f:  # a file object: np.savez adds no ".npz"
         np.savez(f, **arrays)
 
 
@@ -105,22 +122,30 @@ def read_tokens(path, tok, split="val"):
             with open(path, encoding="utf-8") as f:
                 tokens = tok.encode(f.read())
         except UnicodeDecodeError as error:
-            raise UserError(f"--data {path} is not UTF-8 text ({error.reason} at byte {error.start}); give a "
-                            f"text file, a prepare.py folder or one of its .bin shards") from error
+            raise UserError(
+                f"--data {path} is not UTF-8 text ({error.reason} at byte {error.start}); give a "
+                f"text file, a prepare.py folder or one of its .bin shards"
+            ) from error
     else:
-        raise UserError(f"--data {path} does not exist (a text file, a prepare.py folder or one of its .bin "
-                        f"shards; `python train.py` prepares data/pydoc)")
+        raise UserError(
+            f"--data {path} does not exist (a text file, a prepare.py folder or one of its .bin "
+            f"shards; `python train.py` prepares data/pydoc)"
+        )
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= tok.vocab_size):
-        raise UserError(f"{path}: token id {int(tokens.max())} is outside the tokenizer's vocabulary "
-                        f"[0, {tok.vocab_size}): the data was made with another tokenizer")
+        raise UserError(
+            f"{path}: token id {int(tokens.max())} is outside the tokenizer's vocabulary "
+            f"[0, {tok.vocab_size}): the data was made with another tokenizer"
+        )
     return tokens
 
 
 def check_tokenizer_matches(meta, tok, path):
     if meta["vocab_size"] != tok.vocab_size:
-        raise UserError(f"{path} was tokenised with '{meta['tokenizer']}' (vocab {meta['vocab_size']}), the model "
-                         f"uses '{tok.spec}' (vocab {tok.vocab_size}): re-run prepare.py with --tokenizer {tok.spec}")
+        raise UserError(
+            f"{path} was tokenised with '{meta['tokenizer']}' (vocab {meta['vocab_size']}), the model "
+            f"uses '{tok.spec}' (vocab {tok.vocab_size}): re-run prepare.py with --tokenizer {tok.spec}"
+        )
     if meta["tokenizer"] != tok.spec:
         print(f"note: {path} names tokenizer '{meta['tokenizer']}', the model '{tok.spec}' (same vocab size)")
 
@@ -133,14 +158,14 @@ def check_tokenizer_matches(meta, tok, path):
 @torch.no_grad()
 def score_tokens(model, idx, targets, head_chunk=1024):
     """idx, targets (B, T) long -> (log p(targets) (B, T) float32, targets == argmax (B, T) bool)."""
-    h = model.backbone(model.embed(idx))                                  # (B, T, d_model)
+    h = model.backbone(model.embed(idx))  # (B, T, d_model)
     logprob = torch.empty(targets.shape, dtype=torch.float32, device=idx.device)
     greedy = torch.empty(targets.shape, dtype=torch.bool, device=idx.device)
     for s in range(0, idx.shape[1], head_chunk):
-        logits = model.lm_head(h[:, s:s + head_chunk]).float()            # (B, chunk, V)
-        tgt = targets[:, s:s + head_chunk]
-        logprob[:, s:s + head_chunk] = -F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
-        greedy[:, s:s + head_chunk] = logits.argmax(-1) == tgt
+        logits = model.lm_head(h[:, s : s + head_chunk]).float()  # (B, chunk, V)
+        tgt = targets[:, s : s + head_chunk]
+        logprob[:, s : s + head_chunk] = -F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
+        greedy[:, s : s + head_chunk] = logits.argmax(-1) == tgt
     return logprob, greedy
 
 
@@ -155,12 +180,14 @@ def window_logprobs(model, tokens, context_length, batch_size=1, show_progress=F
         raise UserError("need at least 2 tokens to measure perplexity")
     starts = list(range(0, n_pred, context_length))
     full = [s for s in starts if s + context_length <= n_pred]
-    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
-    batches += [[s] for s in starts if s + context_length > n_pred]       # the shorter last window
-    progress = Progress(f"perplexity at context {context_length}: windows", len(starts)) if show_progress else None
+    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+    batches += [[s] for s in starts if s + context_length > n_pred]  # the shorter last window
+    progress = (
+        Progress(f"perplexity at context {context_length}: windows", len(starts)) if show_progress else None
+    )
     for batch in batches:
         length = min(context_length, n_pred - batch[0])
-        window = torch.stack([tokens[s:s + length + 1] for s in batch]).to(device)   # (B, length+1)
+        window = torch.stack([tokens[s : s + length + 1] for s in batch]).to(device)  # (B, length+1)
         logprob, _ = score_tokens(model, window[:, :-1], window[:, 1:])
         for start, row in zip(batch, logprob.double().sum(dim=1).tolist()):
             yield start + 1, length, row
@@ -183,8 +210,12 @@ def perplexity(model, tokens, context_length, batch_size=1, show_progress=False)
 
 def perplexity_of_windows(windows, context_length):
     total, count = sum(w[2] for w in windows), sum(w[1] for w in windows)
-    return {"context_length": context_length, "tokens": count, "loss": -total / count,
-            "ppl": math.exp(-total / count)}
+    return {
+        "context_length": context_length,
+        "tokens": count,
+        "loss": -total / count,
+        "ppl": math.exp(-total / count),
+    }
 
 
 def encode_pair(tok, context, continuation):
@@ -198,7 +229,7 @@ def encode_pair(tok, context, continuation):
         return [tok.eos_id], tok.encode(continuation)
     context_ids = tok.encode(context)
     whole = tok.encode(context + continuation)
-    return context_ids, whole[len(context_ids):]
+    return context_ids, whole[len(context_ids) :]
 
 
 def continuation_scores(model, pairs, max_length, batch_size=1, progress=None):
@@ -206,21 +237,23 @@ def continuation_scores(model, pairs, max_length, batch_size=1, progress=None):
     The context is cut from the left so that the whole fits max_length tokens. progress: a cli.Progress."""
     device = model_device(model)
     results = [None] * len(pairs)
-    for i, (ctx, cont) in enumerate(pairs):
+    for i, (_, cont) in enumerate(pairs):
         if not cont:
             raise UserError(f"request {i}: the continuation encodes to no tokens")
         if len(cont) > max_length:
-            raise UserError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length {max_length}")
+            raise UserError(
+                f"request {i}: continuation of {len(cont)} tokens exceeds max_length {max_length}"
+            )
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
     for b in range(0, len(order), batch_size):
-        batch = order[b:b + batch_size]
-        seqs = [(pairs[i][0] + pairs[i][1])[-(max_length + 1):] for i in batch]
+        batch = order[b : b + batch_size]
+        seqs = [(pairs[i][0] + pairs[i][1])[-(max_length + 1) :] for i in batch]
         width = max(len(s) for s in seqs) - 1
         idx = torch.zeros(len(batch), width, dtype=torch.long)
         tgt = torch.zeros(len(batch), width, dtype=torch.long)
         for row, s in enumerate(seqs):
-            idx[row, :len(s) - 1] = torch.tensor(s[:-1])
-            tgt[row, :len(s) - 1] = torch.tensor(s[1:])
+            idx[row, : len(s) - 1] = torch.tensor(s[:-1])
+            tgt[row, : len(s) - 1] = torch.tensor(s[1:])
         logprob, greedy = score_tokens(model, idx.to(device), tgt.to(device))
         for row, (i, s) in enumerate(zip(batch, seqs)):
             n = len(pairs[i][1])
@@ -238,7 +271,9 @@ def continuation_scores(model, pairs, max_length, batch_size=1, progress=None):
 def generate_ids(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None):
     """-> the new token ids after prompt_ids (one sequence); temperature 0 is greedy decoding."""
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=model_device(model))
-    return model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)[0, len(prompt_ids):].tolist()
+    return model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)[
+        0, len(prompt_ids) :
+    ].tolist()
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -247,40 +282,151 @@ def generate_ids(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None)
 # haystack; w: word in an essay-like haystack (the paper's S-NIAH-W). The essay haystack (RULER: Paul
 # Graham essays) is generated locally from a small grammar, so nothing is downloaded.
 
-NOISE_SENTENCES = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
-                   "There and back again."]
-ESSAY_SUBJECTS = ["The old lighthouse keeper", "A patient gardener", "The village baker", "Our neighbour",
-                  "The tired traveller", "A curious child", "The morning ferry", "A quiet librarian",
-                  "The mountain guide", "An old fisherman", "The school teacher", "A wandering musician",
-                  "The harbour master", "My grandmother", "The young carpenter", "A shy painter"]
-ESSAY_PREDICATES = ["walked slowly", "waited patiently", "sang softly", "looked around", "rested for a while",
-                    "told a long story", "watched the clouds", "counted the boats", "mended the fence",
-                    "painted the door", "read a faded letter", "listened to the rain", "cleaned the windows",
-                    "planted some seeds", "carried a heavy basket", "wrote in a notebook"]
-ESSAY_PLACES = ["near the bridge", "after lunch", "in the garden", "before sunset", "under the tall trees",
-                "by the harbour", "on the hill", "during the storm", "beside the well", "at the edge of town",
-                "in the evening", "along the river bank", "behind the church", "on a cold morning"]
-KEY_ADJECTIVES = ["amber", "brisk", "cobalt", "dusty", "eager", "frosty", "hollow", "ivory", "jolly", "lively",
-                  "mellow", "nimble", "proud", "quaint", "rustic", "silent", "tawny", "vivid", "witty", "zesty"]
-KEY_NOUNS = ["anchor", "badger", "canyon", "dagger", "falcon", "goblet", "igloo", "jigsaw", "kettle",
-             "lantern", "meadow", "nectar", "pebble", "quiver", "rocket", "saddle", "thimble", "violin"]
-VALUE_WORDS = ["apricot", "blizzard", "compass", "dolphin", "emerald", "flamingo", "glacier", "hammock",
-               "iceberg", "juniper", "kayak", "lobster", "mosaic", "nutmeg", "octopus", "pelican", "quartz",
-               "raccoon", "sapphire", "tornado", "umbrella", "volcano", "waffle", "yogurt"]
+NOISE_SENTENCES = [
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+]
+ESSAY_SUBJECTS = [
+    "The old lighthouse keeper",
+    "A patient gardener",
+    "The village baker",
+    "Our neighbour",
+    "The tired traveller",
+    "A curious child",
+    "The morning ferry",
+    "A quiet librarian",
+    "The mountain guide",
+    "An old fisherman",
+    "The school teacher",
+    "A wandering musician",
+    "The harbour master",
+    "My grandmother",
+    "The young carpenter",
+    "A shy painter",
+]
+ESSAY_PREDICATES = [
+    "walked slowly",
+    "waited patiently",
+    "sang softly",
+    "looked around",
+    "rested for a while",
+    "told a long story",
+    "watched the clouds",
+    "counted the boats",
+    "mended the fence",
+    "painted the door",
+    "read a faded letter",
+    "listened to the rain",
+    "cleaned the windows",
+    "planted some seeds",
+    "carried a heavy basket",
+    "wrote in a notebook",
+]
+ESSAY_PLACES = [
+    "near the bridge",
+    "after lunch",
+    "in the garden",
+    "before sunset",
+    "under the tall trees",
+    "by the harbour",
+    "on the hill",
+    "during the storm",
+    "beside the well",
+    "at the edge of town",
+    "in the evening",
+    "along the river bank",
+    "behind the church",
+    "on a cold morning",
+]
+KEY_ADJECTIVES = [
+    "amber",
+    "brisk",
+    "cobalt",
+    "dusty",
+    "eager",
+    "frosty",
+    "hollow",
+    "ivory",
+    "jolly",
+    "lively",
+    "mellow",
+    "nimble",
+    "proud",
+    "quaint",
+    "rustic",
+    "silent",
+    "tawny",
+    "vivid",
+    "witty",
+    "zesty",
+]
+KEY_NOUNS = [
+    "anchor",
+    "badger",
+    "canyon",
+    "dagger",
+    "falcon",
+    "goblet",
+    "igloo",
+    "jigsaw",
+    "kettle",
+    "lantern",
+    "meadow",
+    "nectar",
+    "pebble",
+    "quiver",
+    "rocket",
+    "saddle",
+    "thimble",
+    "violin",
+]
+VALUE_WORDS = [
+    "apricot",
+    "blizzard",
+    "compass",
+    "dolphin",
+    "emerald",
+    "flamingo",
+    "glacier",
+    "hammock",
+    "iceberg",
+    "juniper",
+    "kayak",
+    "lobster",
+    "mosaic",
+    "nutmeg",
+    "octopus",
+    "pelican",
+    "quartz",
+    "raccoon",
+    "sapphire",
+    "tornado",
+    "umbrella",
+    "volcano",
+    "waffle",
+    "yogurt",
+]
 
-NIAH_INTRO = ("Some special magic {kinds} are hidden within the following text. Make sure to memorize it. "
-              "I will quiz you about the {kinds} afterwards.\n")
+NIAH_INTRO = (
+    "Some special magic {kinds} are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the {kinds} afterwards.\n"
+)
 NIAH_NEEDLE = "One of the special magic {kinds} for {key} is: {value}."
-NIAH_QUESTION = ("\nWhat is the special magic {kind} for {key} mentioned in the provided text? "
-                 "The special magic {kind} for {key} mentioned in the provided text is")
+NIAH_QUESTION = (
+    "\nWhat is the special magic {kind} for {key} mentioned in the provided text? "
+    "The special magic {kind} for {key} mentioned in the provided text is"
+)
 
 
 @dataclass(frozen=True)
 class NiahTask:
-    name: str          # as in the paper's Table 3
-    haystack: str      # "noise" | "essay"
-    value: str         # "number" | "word"
-    lengths: tuple     # the paper's context lengths for this task
+    name: str  # as in the paper's Table 3
+    haystack: str  # "noise" | "essay"
+    value: str  # "number" | "word"
+    lengths: tuple  # the paper's context lengths for this task
 
 
 NIAH_TASKS = {
@@ -293,8 +439,8 @@ NIAH_TASKS = {
 @dataclass
 class NiahSample:
     task: str
-    length: int        # token budget: prompt plus the tokens the answer may take
-    depth: float       # where the needle sits in the haystack, 0 = first sentence, 1 = last
+    length: int  # token budget: prompt plus the tokens the answer may take
+    depth: float  # where the needle sits in the haystack, 0 = first sentence, 1 = last
     key: str
     answer: str
     prompt: str
@@ -336,7 +482,7 @@ def make_niah_sample(task_id, length, depth, tok, seed, answer_tokens=32):
     key = f"{rng.choice(KEY_ADJECTIVES)}-{rng.choice(KEY_NOUNS)}"
     value = str(rng.randint(10**6, 10**7 - 1)) if task.value == "number" else rng.choice(VALUE_WORDS)
     budget = length - answer_tokens
-    pool = []                                          # haystack sentences, drawn as the search needs them
+    pool = []  # haystack sentences, drawn as the search needs them
 
     def fits(n):
         while len(pool) < n:
@@ -344,18 +490,21 @@ def make_niah_sample(task_id, length, depth, tok, seed, answer_tokens=32):
         return len(tok.encode(render_niah(task, key, value, pool[:n], depth)[0])) <= budget
 
     if not fits(0):
-        raise UserError(f"S-NIAH length {length} is too short for the prompt template and "
-                        f"{answer_tokens} answer tokens: use a longer --lengths or fewer --answer-tokens")
+        raise UserError(
+            f"S-NIAH length {length} is too short for the prompt template and "
+            f"{answer_tokens} answer tokens: use a longer --lengths or fewer --answer-tokens"
+        )
     hi = 16
     while fits(hi):
         hi *= 2
-    lo = hi // 2 if hi > 16 else 0                     # fits(lo), not fits(hi)
+    lo = hi // 2 if hi > 16 else 0  # fits(lo), not fits(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     prompt, needle_start, hay_start, hay_end = render_niah(task, key, value, pool[:lo], depth)
-    return NiahSample(task_id, length, depth, key, value, prompt, needle_start, hay_start, hay_end,
-                      len(tok.encode(prompt)))
+    return NiahSample(
+        task_id, length, depth, key, value, prompt, needle_start, hay_start, hay_end, len(tok.encode(prompt))
+    )
 
 
 def niah_correct(prediction, answer):
@@ -381,9 +530,17 @@ def run_niah(model, tok, task_ids, depths, samples, lengths=None, answer_tokens=
                     s = make_niah_sample(task_id, length, depth, tok, seed * 1_000_003 + i, answer_tokens)
                     new_ids = generate_ids(model, tok.encode(s.prompt), answer_tokens)
                     prediction = tok.decode([t for t in new_ids if t != tok.eos_id])
-                    records.append({"task": task_id, "length": length, "depth": depth, "sample": i,
-                                    "answer": s.answer, "prediction": prediction,
-                                    "correct": niah_correct(prediction, s.answer)})
+                    records.append(
+                        {
+                            "task": task_id,
+                            "length": length,
+                            "depth": depth,
+                            "sample": i,
+                            "answer": s.answer,
+                            "prediction": prediction,
+                            "correct": niah_correct(prediction, s.answer),
+                        }
+                    )
             hits = [r["correct"] for r in records if r["task"] == task_id]
             print(f"  {NIAH_TASKS[task_id].name}: {sum(hits)}/{len(hits)} correct so far", flush=True)
     return records
@@ -399,24 +556,36 @@ def niah_accuracy(records):
 
 def niah_table(accuracy_by_model):
     """Table 3: a row per model, a column per (task, length), and the average."""
-    cells = sorted({c for acc in accuracy_by_model.values() for c in acc},
-                   key=lambda c: (list(NIAH_TASKS).index(c[0]), c[1]))
-    header = ["Model"] + [f"{NIAH_TASKS[t].name} {length // 1024}K" if length % 1024 == 0
-                          else f"{NIAH_TASKS[t].name} {length}" for t, length in cells] + ["Avg."]
+    cells = sorted(
+        {c for acc in accuracy_by_model.values() for c in acc},
+        key=lambda c: (list(NIAH_TASKS).index(c[0]), c[1]),
+    )
+    header = (
+        ["Model"]
+        + [
+            f"{NIAH_TASKS[t].name} {length // 1024}K"
+            if length % 1024 == 0
+            else f"{NIAH_TASKS[t].name} {length}"
+            for t, length in cells
+        ]
+        + ["Avg."]
+    )
     rows = []
     for name, acc in accuracy_by_model.items():
         values = [acc.get(c) for c in cells]
         shown = [v for v in values if v is not None]
-        rows.append([name] + ["-" if v is None else f"{v:.1f}" for v in values]
-                    + [f"{sum(shown) / len(shown):.1f}"])
+        rows.append(
+            [name] + ["-" if v is None else f"{v:.1f}" for v in values] + [f"{sum(shown) / len(shown):.1f}"]
+        )
     return markdown_table(header, rows)
 
 
 def plot_niah(records, path, title):
     """Accuracy over (needle depth, context length), a panel per task."""
     task_ids = [t for t in NIAH_TASKS if any(r["task"] == t for r in records)]
-    fig, axes = new_figure(1, len(task_ids), figsize=(4.5 * len(task_ids), 3.8), squeeze=False,
-                           layout="constrained")
+    fig, axes = new_figure(
+        1, len(task_ids), figsize=(4.5 * len(task_ids), 3.8), squeeze=False, layout="constrained"
+    )
     for ax, task_id in zip(axes[0], task_ids):
         rs = [r for r in records if r["task"] == task_id]
         lengths = sorted({r["length"] for r in rs})
@@ -468,10 +637,15 @@ def read_lambada(path):
 def lambada(model, tok, examples, max_length, batch_size=16):
     """-> {"acc": % of targets that are the greedy continuation, "ppl": exp(-mean target log-prob)}."""
     pairs = [encode_pair(tok, c, t) for c, t in examples]
-    scores = continuation_scores(model, pairs, max_length, batch_size, Progress("LAMBADA: examples", len(pairs)))
+    scores = continuation_scores(
+        model, pairs, max_length, batch_size, Progress("LAMBADA: examples", len(pairs))
+    )
     logprobs = [lp for lp, _ in scores]
-    return {"examples": len(examples), "acc": 100.0 * sum(g for _, g in scores) / len(scores),
-            "ppl": math.exp(-sum(logprobs) / len(logprobs))}
+    return {
+        "examples": len(examples),
+        "acc": 100.0 * sum(g for _, g in scores) / len(scores),
+        "ppl": math.exp(-sum(logprobs) / len(logprobs)),
+    }
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -493,7 +667,9 @@ class HarnessLM:
         args.update({k: v for k, v in (additional_config or {}).items() if v is not None})
         if "checkpoint" not in args:
             raise ValueError("model_args must name checkpoint=<path to a train.py checkpoint>")
-        model, tok = load_model(args["checkpoint"], args.get("device"), args.get("dtype"), args.get("tokenizer"))
+        model, tok = load_model(
+            args["checkpoint"], args.get("device"), args.get("dtype"), args.get("tokenizer")
+        )
         batch_size = args.get("batch_size", 1)
         return cls(model, tok, 1 if batch_size in ("auto", None) else batch_size, args.get("max_length"))
 
@@ -504,8 +680,10 @@ class HarnessLM:
 
     def loglikelihood_rolling(self, requests):
         """args (text,) -> [log p(text)], the text read after an <eos> in windows of max_length."""
-        return [stream_logprob(self.model, [self.tok.eos_id] + self.tok.encode(text), self.max_length)[0]
-                for (text,) in (r.args for r in requests)]
+        return [
+            stream_logprob(self.model, [self.tok.eos_id] + self.tok.encode(text), self.max_length)[0]
+            for (text,) in (r.args for r in requests)
+        ]
 
     def generate_until(self, requests):
         """args (context, {"until": [...], "max_gen_toks": n, "do_sample": b, "temperature": x}) -> [text]."""
@@ -516,13 +694,13 @@ class HarnessLM:
             max_new = int(gen_kwargs.get("max_gen_toks", 256))
             temperature = float(gen_kwargs.get("temperature", 0.0))
             sample = gen_kwargs.get("do_sample", False) and temperature > 0
-            prompt = self.tok.encode(context)[-max(1, self.max_length - max_new):] or [self.tok.eos_id]
+            prompt = self.tok.encode(context)[-max(1, self.max_length - max_new) :] or [self.tok.eos_id]
             new_ids = generate_ids(self.model, prompt, max_new, temperature if sample else 0.0)
             if self.tok.eos_id in new_ids:
-                new_ids = new_ids[:new_ids.index(self.tok.eos_id)]
+                new_ids = new_ids[: new_ids.index(self.tok.eos_id)]
             text = self.tok.decode(new_ids)
             cuts = [text.index(stop) for stop in until if stop and stop in text]
-            outputs.append(text[:min(cuts)] if cuts else text)
+            outputs.append(text[: min(cuts)] if cuts else text)
         return outputs
 
 
@@ -559,9 +737,11 @@ def gate_maps(model, ids):
     idx = torch.tensor([ids], dtype=torch.long, device=model_device(model))
     _, _, trace = model(idx, None, return_trace=True)
     if not trace.get("gate"):
-        raise UserError(f"variant '{model.config.variant}' has no Updater gate t to show "
-                         f"(use a nirvana, nirvana-notrigger or nirvana-rope checkpoint)")
-    t = torch.stack([g[0] for g in trace["gate"]]).float().cpu().numpy()                  # (L, T)
+        raise UserError(
+            f"variant '{model.config.variant}' has no Updater gate t to show "
+            f"(use a nirvana, nirvana-notrigger or nirvana-rope checkpoint)"
+        )
+    t = torch.stack([g[0] for g in trace["gate"]]).float().cpu().numpy()  # (L, T)
     p = trace.get("p")
     p_norm = torch.stack([x[0].float().norm(dim=-1) for x in p]).cpu().numpy() if p else None  # (L, T)
     return t, p_norm
@@ -569,13 +749,20 @@ def gate_maps(model, ids):
 
 def plot_gates(t, p_norm, labels, first_layer, path, title):
     """Heatmaps over (layer, token): the gate t (1 = all SWA, 0 = all linear attention) and |p|."""
-    panels = [("Updater gate t (1 = SWA, 0 = linear attention), eq. (8)", t, dict(vmin=0.0, vmax=1.0, cmap="coolwarm"))]
+    panels = [
+        (
+            "Updater gate t (1 = SWA, 0 = linear attention), eq. (8)",
+            t,
+            dict(vmin=0.0, vmax=1.0, cmap="coolwarm"),
+        )
+    ]
     if p_norm is not None:
         panels.append(("Trigger fast-weight norm |p|, eq. (5)", p_norm, dict(cmap="viridis")))
     width = min(24.0, 5.0 + 0.2 * t.shape[1])
     height = max(2.0, 1.0 + 0.3 * t.shape[0])
-    fig, axes = new_figure(len(panels), 1, figsize=(width, height * len(panels)), squeeze=False,
-                           layout="constrained")
+    fig, axes = new_figure(
+        len(panels), 1, figsize=(width, height * len(panels)), squeeze=False, layout="constrained"
+    )
     for ax, (label, values, style) in zip(axes[:, 0], panels):
         im = ax.imshow(values, aspect="auto", interpolation="nearest", **style)
         ax.set_yticks(range(values.shape[0]), [str(first_layer + i) for i in range(values.shape[0])])
@@ -604,7 +791,7 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-WARMUP_STEPS = 3      # eager decode steps before the timed ones (kernel autotuning, allocator warm-up)
+WARMUP_STEPS = 3  # eager decode steps before the timed ones (kernel autotuning, allocator warm-up)
 PREFILL_CHUNK = 4096  # prompts are prefilled through the caches in chunks of this many tokens
 
 
@@ -645,7 +832,7 @@ def prefill_and_decode(model, prompt, steps, use_graph, tokens=None):
         sync(device)
         t0 = time.perf_counter()
         for s in range(0, prompt.shape[1], PREFILL_CHUNK):
-            logits = model(prompt[:, s:s + PREFILL_CHUNK], input_pos=s)[0][:, -1]
+            logits = model(prompt[:, s : s + PREFILL_CHUNK], input_pos=s)[0][:, -1]
         sync(device)
         t1 = time.perf_counter()
         token = logits.argmax(-1, keepdim=True) if tokens is None else tokens[0]
@@ -670,7 +857,9 @@ def prefill_and_decode(model, prompt, steps, use_graph, tokens=None):
 
 def random_prompt(model, batch_size, length, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.config.vocab_size, (batch_size, length), generator=g).to(model_device(model))
+    return torch.randint(0, model.config.vocab_size, (batch_size, length), generator=g).to(
+        model_device(model)
+    )
 
 
 @torch.no_grad()
@@ -679,7 +868,7 @@ def graph_is_safe(model, batch_size, steps=6):
     if model_device(model).type != "cuda":
         return False
     prompt = random_prompt(model, batch_size, 64, seed=1)
-    tokens = random_prompt(model, batch_size, steps, seed=2).T.unsqueeze(-1)        # (steps, B, 1)
+    tokens = random_prompt(model, batch_size, steps, seed=2).T.unsqueeze(-1)  # (steps, B, 1)
     eager = prefill_and_decode(model, prompt, steps, False, tokens)[2]
     try:
         graphed = prefill_and_decode(model, prompt, steps, True, tokens)[2]
@@ -700,14 +889,20 @@ def decode_speed(model, prompt_len=4096, batch_size=4, new_tokens=128, cuda_grap
     also counts the prefill."""
     use_graph = cuda_graph and graph_is_safe(model, batch_size)
     prompt = random_prompt(model, batch_size, prompt_len, seed)
-    prefill_and_decode(model, prompt, 4, use_graph)                       # warm-up at this prompt length
+    prefill_and_decode(model, prompt, 4, use_graph)  # warm-up at this prompt length
     prefill_s, decode_s, _ = prefill_and_decode(model, prompt, new_tokens, use_graph)
     generated = batch_size * new_tokens
-    return {"prompt_len": prompt_len, "batch_size": batch_size, "new_tokens": new_tokens,
-            "cuda_graph": use_graph, "prefill_s": prefill_s, "decode_s": decode_s,
-            "ms_per_token": 1000.0 * decode_s / new_tokens,
-            "decode_tokens_per_s": generated / decode_s,
-            "end_to_end_tokens_per_s": generated / (prefill_s + decode_s)}
+    return {
+        "prompt_len": prompt_len,
+        "batch_size": batch_size,
+        "new_tokens": new_tokens,
+        "cuda_graph": use_graph,
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "ms_per_token": 1000.0 * decode_s / new_tokens,
+        "decode_tokens_per_s": generated / decode_s,
+        "end_to_end_tokens_per_s": generated / (prefill_s + decode_s),
+    }
 
 
 @torch.no_grad()
@@ -839,17 +1034,34 @@ def cmd_ppl(args):
     tokens = read_tokens(args.data, tok, args.split)
     length = args.context_length or model.config.context_length
     what = f"the {args.split} split of " if os.path.isdir(args.data) else ""
-    print(f"perplexity of {args.checkpoint} on all {len(tokens):,} tokens of {what}{args.data} in windows of "
-          f"{length}", flush=True)
+    print(
+        f"perplexity of {args.checkpoint} on all {len(tokens):,} tokens of {what}{args.data} in windows of "
+        f"{length}",
+        flush=True,
+    )
     windows = list(window_logprobs(model, tokens, length, args.batch_size, show_progress=True))
     result = perplexity_of_windows(windows, length)
-    result.update(checkpoint=args.checkpoint, data=args.data, split=args.split if os.path.isdir(args.data) else None)
-    print(f"ppl {result['ppl']:.4f}  loss {result['loss']:.4f}  over all {result['tokens']:,} predicted tokens")
+    result.update(
+        checkpoint=args.checkpoint, data=args.data, split=args.split if os.path.isdir(args.data) else None
+    )
+    print(
+        f"ppl {result['ppl']:.4f}  loss {result['loss']:.4f}  over all {result['tokens']:,} predicted tokens"
+    )
     name = args.name or f"{model_name(args.checkpoint)}_{data_name(args.data)}"
     stem = os.path.join(args.out_dir, f"ppl_{name}")
-    table = markdown_table(["checkpoint", "data", "predicted tokens", "context", "loss", "ppl"],
-                           [[args.checkpoint, what + args.data, result["tokens"], length, f"{result['loss']:.4f}",
-                             f"{result['ppl']:.4f}"]])
+    table = markdown_table(
+        ["checkpoint", "data", "predicted tokens", "context", "loss", "ppl"],
+        [
+            [
+                args.checkpoint,
+                what + args.data,
+                result["tokens"],
+                length,
+                f"{result['loss']:.4f}",
+                f"{result['ppl']:.4f}",
+            ]
+        ],
+    )
     write_text_atomically(stem + ".md", table)
     write_json(stem + ".json", result)
     plot_window_losses(windows, result, stem + ".png", f"{name}: loss per window of {length} tokens")
@@ -865,12 +1077,13 @@ def check_checkpoints(checkpoints, tokenizer):
 def cmd_extrapolate(args):
     check_checkpoints(args.checkpoint, args.tokenizer)
     if not os.path.exists(args.data):
-        raise UserError(f"--data {args.data} does not exist (a text file, a prepare.py folder or one of its "
-                        f".bin shards)")
+        raise UserError(
+            f"--data {args.data} does not exist (a text file, a prepare.py folder or one of its .bin shards)"
+        )
     results = {}
     for checkpoint in args.checkpoint:
         model, tok = load_model(checkpoint, args.device, args.dtype, args.tokenizer)
-        tokens = read_tokens(args.data, tok, args.split)[:args.max_tokens]
+        tokens = read_tokens(args.data, tok, args.split)[: args.max_tokens]
         name = f"{model_name(checkpoint)} ({model.config.variant})"
         results[name] = []
         for length in args.lengths:
@@ -897,8 +1110,9 @@ def cmd_niah(args):
         model, tok = load_model(checkpoint, args.device, args.dtype, args.tokenizer)
         name = f"{model_name(checkpoint)} ({model.config.variant})"
         print(f"S-NIAH on {name}", flush=True)
-        records = run_niah(model, tok, args.tasks, args.depths, args.samples, args.lengths, args.answer_tokens,
-                           args.seed)
+        records = run_niah(
+            model, tok, args.tasks, args.depths, args.samples, args.lengths, args.answer_tokens, args.seed
+        )
         accuracy[name] = niah_accuracy(records)
         all_records += [dict(r, model=name) for r in records]
         picture = os.path.join(args.out_dir, f"niah_{model_name(checkpoint)}.png")
@@ -914,15 +1128,20 @@ def cmd_niah(args):
 
 
 def cmd_lambada(args):
-    examples = read_lambada(args.data)[:args.limit]
+    examples = read_lambada(args.data)[: args.limit]
     model, tok = load_model(args.checkpoint, args.device, args.dtype, args.tokenizer)
     print(f"LAMBADA: {len(examples)} examples from {args.data}", flush=True)
     result = lambada(model, tok, examples, args.max_length or model.config.context_length, args.batch_size)
     result.update(checkpoint=args.checkpoint, data=args.data)
     print(f"LAMBADA acc {result['acc']:.2f}%  ppl {result['ppl']:.3f}")
     stem = os.path.join(args.out_dir, f"lambada_{args.name or model_name(args.checkpoint)}")
-    write_text_atomically(stem + ".md", markdown_table(["checkpoint", "examples", "acc (%)", "ppl"], [
-        [args.checkpoint, result["examples"], f"{result['acc']:.2f}", f"{result['ppl']:.3f}"]]))
+    write_text_atomically(
+        stem + ".md",
+        markdown_table(
+            ["checkpoint", "examples", "acc (%)", "ppl"],
+            [[args.checkpoint, result["examples"], f"{result['acc']:.2f}", f"{result['ppl']:.3f}"]],
+        ),
+    )
     write_json(stem + ".json", result)
     print_written([stem + ".md", stem + ".json"])
 
@@ -979,7 +1198,9 @@ def cmd_harness(args):
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise UserError("the harness command needs lm-evaluation-harness: pip install -r requirements-eval.txt") from None
+        raise UserError(
+            "the harness command needs lm-evaluation-harness: pip install -r requirements-eval.txt"
+        ) from None
     from nirvana_hf import save_tokenizer
 
     lm_class = register_lm_eval()
@@ -999,10 +1220,13 @@ def cmd_harness(args):
     task_manager = TaskManager(include_path=tasks_dir, metadata=metadata)
     unknown = [task for task in args.tasks if task not in task_manager.all_tasks]
     if unknown:
-        raise UserError(f"unknown lm-eval task(s) {unknown}: use 'local', 'paper' or names lm_eval lists "
-                         f"(`lm_eval ls tasks`)")
-    results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot,
-                                      limit=args.limit, task_manager=task_manager)
+        raise UserError(
+            f"unknown lm-eval task(s) {unknown}: use 'local', 'paper' or names lm_eval lists "
+            f"(`lm_eval ls tasks`)"
+        )
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit, task_manager=task_manager
+    )
     rows = harness_results_table(results["results"])
     table = markdown_table(["task", "metric", "value"], [(t, m, f"{v:.4f}") for t, m, v in rows])
     print(table)
@@ -1018,8 +1242,10 @@ def cmd_export(args):
 
     folder = export_checkpoint(args.checkpoint, args.out, args.tokenizer)
     print(f"wrote {folder}: {', '.join(sorted(os.listdir(folder)))}")
-    print(f"load it with nirvana_hf.load_pretrained({folder!r}) or transformers' "
-          f"AutoModelForCausalLM.from_pretrained({folder!r}, trust_remote_code=True)")
+    print(
+        f"load it with nirvana_hf.load_pretrained({folder!r}) or transformers' "
+        f"AutoModelForCausalLM.from_pretrained({folder!r}, trust_remote_code=True)"
+    )
 
 
 def cmd_gates(args):
@@ -1029,15 +1255,21 @@ def cmd_gates(args):
             text = f.read()
     else:
         text = args.text
-    ids = tok.encode(text)[:args.max_tokens]
+    ids = tok.encode(text)[: args.max_tokens]
     if not ids:
         raise UserError("the text encodes to no tokens: give a non-empty --text or --text-file")
     t, p_norm = gate_maps(model, ids)
     first_layer = model.config.n_prelude
     name = args.name or model_name(args.checkpoint)
     stem = os.path.join(args.out_dir, f"gates_{name}")
-    plot_gates(t, p_norm, token_labels(tok, ids), first_layer, stem + ".png",
-               f"Updater gate t and Trigger |p|: {name}")
+    plot_gates(
+        t,
+        p_norm,
+        token_labels(tok, ids),
+        first_layer,
+        stem + ".png",
+        f"Updater gate t and Trigger |p|: {name}",
+    )
     arrays = {"t": t, "token_ids": np.array(ids)} | ({"p_norm": p_norm} if p_norm is not None else {})
     write_atomically(stem + ".npz", lambda tmp: save_npz(tmp, arrays))
     print(f"t per layer (mean over tokens): {np.round(t.mean(axis=1), 3).tolist()}")
@@ -1057,24 +1289,48 @@ def cmd_speed(args):
         result = decode_speed(model, args.prompt_len, args.batch_size, args.new_tokens, not args.eager)
         result.update(variant=variant, params=model.num_params(), backend=backend)
         results[variant] = result
-        print(f"  {result['decode_tokens_per_s']:.1f} generated tokens/s (decode), "
-              f"{result['end_to_end_tokens_per_s']:.1f} with prefill, cuda_graph={result['cuda_graph']}", flush=True)
+        print(
+            f"  {result['decode_tokens_per_s']:.1f} generated tokens/s (decode), "
+            f"{result['end_to_end_tokens_per_s']:.1f} with prefill, cuda_graph={result['cuda_graph']}",
+            flush=True,
+        )
         if args.contexts:
-            latency[variant] = decode_latency(model, args.contexts, args.batch_size, args.latency_steps,
-                                              not args.eager)
+            latency[variant] = decode_latency(
+                model, args.contexts, args.batch_size, args.latency_steps, not args.eager
+            )
         del model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     base = results.get("transformer")
     for variant, r in results.items():
         ratio = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x" if base else "-"
-        table_rows.append([variant, f"{r['params'] / 1e6:.0f}M", f"{r['decode_tokens_per_s']:.1f}",
-                           f"{r['end_to_end_tokens_per_s']:.1f}", f"{r['ms_per_token']:.2f}", ratio,
-                           str(r["cuda_graph"])])
-    table = markdown_table(["Model", "params", "decode tokens/s", "end-to-end tokens/s", "ms/step",
-                            "vs transformer", "CUDA graph"], table_rows)
-    print(f"prompt {args.prompt_len}, batch {args.batch_size}, {args.new_tokens} new tokens, "
-          f"{torch.cuda.get_device_name() if device.startswith('cuda') else device}\n{table}")
+        table_rows.append(
+            [
+                variant,
+                f"{r['params'] / 1e6:.0f}M",
+                f"{r['decode_tokens_per_s']:.1f}",
+                f"{r['end_to_end_tokens_per_s']:.1f}",
+                f"{r['ms_per_token']:.2f}",
+                ratio,
+                str(r["cuda_graph"]),
+            ]
+        )
+    table = markdown_table(
+        [
+            "Model",
+            "params",
+            "decode tokens/s",
+            "end-to-end tokens/s",
+            "ms/step",
+            "vs transformer",
+            "CUDA graph",
+        ],
+        table_rows,
+    )
+    print(
+        f"prompt {args.prompt_len}, batch {args.batch_size}, {args.new_tokens} new tokens, "
+        f"{torch.cuda.get_device_name() if device.startswith('cuda') else device}\n{table}"
+    )
     stem = os.path.join(args.out_dir, f"speed_{args.name or args.size}")
     write_text_atomically(stem + ".md", table)
     write_json(stem + ".json", {"speed": results, "latency": latency})
@@ -1086,8 +1342,13 @@ def cmd_speed(args):
 
 
 def add_model_args(p, many=False):
-    p.add_argument("--checkpoint", required=True, nargs="+" if many else None, type=existing_file,
-                   help="train.py checkpoint(s), e.g. out/nirvana-tiny/ckpt.pt")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        nargs="+" if many else None,
+        type=existing_file,
+        help="train.py checkpoint(s), e.g. out/nirvana-tiny/ckpt.pt",
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer spec overriding the checkpoint's")
     add_output_args(p)
 
@@ -1096,8 +1357,11 @@ def add_output_args(p):
     p.add_argument("--device", default=None, type=torch_device, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default: bfloat16 on cuda, else float32")
     p.add_argument("--out-dir", default="eval_out")
-    p.add_argument("--name", default=None,
-                   help="name of the output files (default: the checkpoint's run folder, e.g. nirvana-tiny)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="name of the output files (default: the checkpoint's run folder, e.g. nirvana-tiny)",
+    )
 
 
 def build_parser():
@@ -1108,7 +1372,9 @@ def build_parser():
     add_model_args(p)
     p.add_argument("--data", required=True, help="text file, prepare.py folder, or one of its .bin shards")
     p.add_argument("--split", default="val", choices=["train", "val"], help="split of a prepare.py folder")
-    p.add_argument("--context-length", type=positive_int, default=None, help="default: the model's context_length")
+    p.add_argument(
+        "--context-length", type=positive_int, default=None, help="default: the model's context_length"
+    )
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.set_defaults(run=cmd_ppl)
 
@@ -1117,24 +1383,34 @@ def build_parser():
     p.add_argument("--data", required=True, help="text file, prepare.py folder, or one of its .bin shards")
     p.add_argument("--split", default="val", choices=["train", "val"], help="split of a prepare.py folder")
     p.add_argument("--lengths", type=positive_int_list, default=[4096, 8192, 12288, 16384, 20480])
-    p.add_argument("--max-tokens", type=positive_int, default=None, help="use only the first N tokens of --data")
+    p.add_argument(
+        "--max-tokens", type=positive_int, default=None, help="use only the first N tokens of --data"
+    )
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.set_defaults(run=cmd_extrapolate)
 
     p = sub.add_parser("niah", help="S-NIAH-PK/N/W accuracy (Table 3)")
     add_model_args(p, many=True)
     p.add_argument("--tasks", type=niah_task_list, default=list(NIAH_TASKS), help="pk,n,w")
-    p.add_argument("--lengths", type=positive_int_list, default=None, help="default: the paper's lengths per task")
+    p.add_argument(
+        "--lengths", type=positive_int_list, default=None, help="default: the paper's lengths per task"
+    )
     p.add_argument("--depths", type=unit_interval_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--samples", type=positive_int, default=10, help="samples per (task, length, depth)")
-    p.add_argument("--answer-tokens", type=positive_int, default=32, help="greedy tokens generated per answer")
+    p.add_argument(
+        "--answer-tokens", type=positive_int, default=32, help="greedy tokens generated per answer"
+    )
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(run=cmd_niah)
 
     p = sub.add_parser("lambada", help="LAMBADA last-word accuracy and perplexity from a .jsonl")
     add_model_args(p)
-    p.add_argument("--data", required=True, type=existing_file,
-                   help=".jsonl with a 'text' field per line (lambada_openai)")
+    p.add_argument(
+        "--data",
+        required=True,
+        type=existing_file,
+        help=".jsonl with a 'text' field per line (lambada_openai)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--max-length", type=positive_int, default=None)
     p.add_argument("--limit", type=positive_int, default=None)
@@ -1142,19 +1418,31 @@ def build_parser():
 
     p = sub.add_parser("harness", help="lm-evaluation-harness tasks, by default the local ones (lm_eval)")
     add_model_args(p)
-    p.add_argument("--tasks", type=harness_task_names, default=harness_task_names("local"),
-                   help="comma-separated lm-eval task names; 'local' (the default: the corpus tasks of "
-                        "harness_tasks.py and RULER's niah_single_1, all offline) and 'paper' (Table 2: "
-                        "wikitext, lambada_openai, piqa, hellaswag, winogrande, arc_easy, arc_challenge, "
-                        "social_iqa, boolq; lm_eval fetches their data from the hub) expand to their lists")
-    p.add_argument("--niah-lengths", type=positive_int_list, default=[4096],
-                   help="niah_single_1's prompt lengths in tokens, answer included (default: RULER's 4096)")
+    p.add_argument(
+        "--tasks",
+        type=harness_task_names,
+        default=harness_task_names("local"),
+        help="comma-separated lm-eval task names; 'local' (the default: the corpus tasks of "
+        "harness_tasks.py and RULER's niah_single_1, all offline) and 'paper' (Table 2: "
+        "wikitext, lambada_openai, piqa, hellaswag, winogrande, arc_easy, arc_challenge, "
+        "social_iqa, boolq; lm_eval fetches their data from the hub) expand to their lists",
+    )
+    p.add_argument(
+        "--niah-lengths",
+        type=positive_int_list,
+        default=[4096],
+        help="niah_single_1's prompt lengths in tokens, answer included (default: RULER's 4096)",
+    )
     p.add_argument("--num-fewshot", type=non_negative_int, default=None)
     p.add_argument("--limit", type=positive_int, default=None, help="documents per task (default: all)")
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--max-length", type=positive_int, default=None,
-                   help="tokens per scored window and generation prompt (default: the model's "
-                        "context_length, or the longest --niah-lengths if longer)")
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=None,
+        help="tokens per scored window and generation prompt (default: the model's "
+        "context_length, or the longest --niah-lengths if longer)",
+    )
     p.set_defaults(run=cmd_harness)
 
     p = sub.add_parser("export", help="a train.py checkpoint -> model.safetensors + config.json + code")
@@ -1172,17 +1460,28 @@ def build_parser():
     p.set_defaults(run=cmd_gates)
 
     p = sub.add_parser("speed", help="generated tokens/s (Table 4) and decode ms/token vs context")
-    p.add_argument("--variants", type=variant_list, default=["nirvana", "nirvana-notrigger", "gated-deltanet",
-                                                             "transformer"])
-    p.add_argument("--size", type=preset_size, default="350m",
-                   help="preset size: tiny, 125m, 350m, 1.3b (random weights)")
+    p.add_argument(
+        "--variants",
+        type=variant_list,
+        default=["nirvana", "nirvana-notrigger", "gated-deltanet", "transformer"],
+    )
+    p.add_argument(
+        "--size",
+        type=preset_size,
+        default="350m",
+        help="preset size: tiny, 125m, 350m, 1.3b (random weights)",
+    )
     p.add_argument("--backend", default="triton", choices=["triton", "torch"])
     p.add_argument("--vocab-size", type=positive_int, default=32000)
     p.add_argument("--prompt-len", type=positive_int, default=4096)
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--new-tokens", type=positive_int, default=128)
-    p.add_argument("--contexts", type=context_list, default=[1024, 2048, 4096, 8192, 16384],
-                   help="context lengths for the ms/token curve ('' to skip)")
+    p.add_argument(
+        "--contexts",
+        type=context_list,
+        default=[1024, 2048, 4096, 8192, 16384],
+        help="context lengths for the ms/token curve ('' to skip)",
+    )
     p.add_argument("--latency-steps", type=positive_int, default=32)
     p.add_argument("--eager", action="store_true", help="time eager decoding, not CUDA-graph replays")
     add_output_args(p)
@@ -1190,7 +1489,7 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.run(args)
 

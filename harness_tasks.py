@@ -157,7 +157,7 @@ def write_tasks(folder):
     return {name: len(docs) for name, (docs, _) in tasks.items()}
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -159,7 +159,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from mri_recon import experiment  # torch and the models, imported once the options are known to be good
 

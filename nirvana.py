@@ -36,9 +36,9 @@ from torch import Tensor
 
 
 class Variant(NamedTuple):
-    layout: str      # "nirvana", "gdn", "hybrid" or "attention": which mixer each layer uses (layer_kind)
-    trigger: bool    # the Trigger (Sec. 2.2) in every post-prelude Nirvana layer
-    swa_rope: bool   # RoPE in the sliding-window branch
+    layout: str  # "nirvana", "gdn", "hybrid" or "attention": which mixer each layer uses (layer_kind)
+    trigger: bool  # the Trigger (Sec. 2.2) in every post-prelude Nirvana layer
+    swa_rope: bool  # RoPE in the sliding-window branch
 
 
 # Each variant fixes the layer layout; the paper's tables compare them side by side (Tables 2-9, Fig. 4).
@@ -63,8 +63,17 @@ VARIANTS = {
 #   1.3b   1,386,310,336  1,377,850,816      1,338,488,256   1,291,357,920  1,244,227,584
 # (nirvana-rope has nirvana's count). "tiny" (366,832 for nirvana, vocab 512) is for tests and the CPU.
 PRESETS = {
-    "tiny": dict(vocab_size=512, context_length=256, d_model=64, n_layers=4, n_heads=2, window=32,
-                 lowrank=8, trigger_dim=16, bank_size=8),
+    "tiny": dict(
+        vocab_size=512,
+        context_length=256,
+        d_model=64,
+        n_layers=4,
+        n_heads=2,
+        window=32,
+        lowrank=8,
+        trigger_dim=16,
+        bank_size=8,
+    ),
     "125m": dict(d_model=768, n_layers=12, n_heads=6, window=2048, context_length=4096),
     "350m": dict(d_model=1024, n_layers=24, n_heads=8, window=2048, context_length=4096),
     "1.3b": dict(d_model=2048, n_layers=22, n_heads=16, window=2048, context_length=4096),
@@ -73,27 +82,27 @@ PRESETS = {
 
 @dataclass
 class NirvanaConfig:
-    variant: str = "nirvana"        # a key of VARIANTS
-    vocab_size: int = 32000         # LLaMA-2-sized sentencepiece vocabulary (Sec. 3)
-    context_length: int = 4096      # training context (Sec. 3); the model itself has no length limit
+    variant: str = "nirvana"  # a key of VARIANTS
+    vocab_size: int = 32000  # LLaMA-2-sized sentencepiece vocabulary (Sec. 3)
+    context_length: int = 4096  # training context (Sec. 3); the model itself has no length limit
     d_model: int = 2048
     n_layers: int = 22
-    n_heads: int = 16               # shared by both memory branches (same heads, same head sizes)
-    head_dim: int | None = None     # Dk; None means d_model // n_heads
-    expand_v: int = 1               # Dv = expand_v * Dk
-    n_prelude: int = 2              # first layers are Gated DeltaNet only (Sec. 2.2)
-    window: int = 2048              # W: keys (i-W, i] including the query itself (Sec. 3)
-    lowrank: int = 32               # r of the low-rank q/k/v deltas of the SWA branch (Sec. 2.1)
-    trigger_dim: int = 64           # d_t, "a compact 64-dimensional space" (Sec. 3.1)
-    bank_size: int = 64             # K blocks in the shared fast-weight bank (Sec. 2.2)
-    eta_ref: float = 0.1            # eq.(5); our choice: |Δp| about 0.06 per layer at init (d_t = 64)
+    n_heads: int = 16  # shared by both memory branches (same heads, same head sizes)
+    head_dim: int | None = None  # Dk; None means d_model // n_heads
+    expand_v: int = 1  # Dv = expand_v * Dk
+    n_prelude: int = 2  # first layers are Gated DeltaNet only (Sec. 2.2)
+    window: int = 2048  # W: keys (i-W, i] including the query itself (Sec. 3)
+    lowrank: int = 32  # r of the low-rank q/k/v deltas of the SWA branch (Sec. 2.1)
+    trigger_dim: int = 64  # d_t, "a compact 64-dimensional space" (Sec. 3.1)
+    bank_size: int = 64  # K blocks in the shared fast-weight bank (Sec. 2.2)
+    eta_ref: float = 0.1  # eq.(5); our choice: |Δp| about 0.06 per layer at init (d_t = 64)
     detach_inner_grad: bool = False  # True stops training gradients through the inner gradient of eq.(4)
-    conv_size: int = 4              # causal depthwise conv of Gated DeltaNet
-    ffn_hidden: int | None = None   # SwiGLU hidden size; None means 8/3 d_model rounded up to 128
+    conv_size: int = 4  # causal depthwise conv of Gated DeltaNet
+    ffn_hidden: int | None = None  # SwiGLU hidden size; None means 8/3 d_model rounded up to 128
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
-    backend: str = "torch"          # "torch" (this file) or "triton" (kernels/)
+    backend: str = "torch"  # "torch" (this file) or "triton" (kernels/)
 
     def __post_init__(self):
         def fail(message):
@@ -103,8 +112,18 @@ class NirvanaConfig:
             fail(f"unknown variant {self.variant!r}; choose one of {sorted(VARIANTS)}")
         if self.backend not in ("torch", "triton"):
             fail(f"unknown backend {self.backend!r}; choose 'torch' or 'triton'")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "window", "lowrank", "trigger_dim",
-                     "bank_size", "conv_size", "expand_v"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "window",
+            "lowrank",
+            "trigger_dim",
+            "bank_size",
+            "conv_size",
+            "expand_v",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.head_dim is None:
@@ -120,7 +139,9 @@ class NirvanaConfig:
         if self.layout == "nirvana" and self.n_prelude == self.n_layers:
             fail("a Nirvana model needs at least one post-prelude layer (n_prelude < n_layers)")
         if self.value_dim < 8:
-            fail(f"n_heads * head_dim * expand_v must be >= 8 (zeta's hidden size is 1/8 of it), got {self.value_dim}")
+            fail(
+                f"n_heads * head_dim * expand_v must be >= 8 (zeta's hidden size is 1/8 of it), got {self.value_dim}"
+            )
         if self.eta_ref < 0:
             fail(f"eta_ref must be >= 0, got {self.eta_ref}")
 
@@ -162,11 +183,13 @@ class NirvanaConfig:
         variant, size = "nirvana", name
         for candidate in sorted(VARIANTS, key=len, reverse=True):
             if name.startswith(candidate + "-"):
-                variant, size = candidate, name[len(candidate) + 1:]
+                variant, size = candidate, name[len(candidate) + 1 :]
                 break
         if size not in PRESETS:
             names = [f"{v}-{s}" for v in VARIANTS for s in PRESETS]
-            raise ValueError(f"unknown preset {name!r}; sizes are {list(PRESETS)}, e.g. {names[:3]} ... {names[-1]}")
+            raise ValueError(
+                f"unknown preset {name!r}; sizes are {list(PRESETS)}, e.g. {names[:3]} ... {names[-1]}"
+            )
         return cls.from_dict({"variant": variant, **PRESETS[size], **overrides})
 
     @classmethod
@@ -183,8 +206,9 @@ class NirvanaConfig:
 CHUNK_SIZE = 64
 
 
-def gated_delta_rule_recurrent(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                               cu_seqlens=None):
+def gated_delta_rule_recurrent(
+    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
     """The gated delta rule token by token: the executable spec (Gated DeltaNet, Yang et al. 2025).
 
     q, k (B, T, H, Dk) L2-normalised; v (B, T, H, Dv); g (B, T, H) log-decay; beta (B, T, H) in (0, 1).
@@ -192,26 +216,37 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, scale=None, initial_state=None,
     o_t = S_t^T (scale q_t). Returns o (B, T, H, Dv) in v's dtype and the final state (N, H, Dk, Dv) float32.
     """
     if cu_seqlens is not None:
-        return _per_sequence(gated_delta_rule_recurrent, q, k, v, g, beta, scale, initial_state,
-                             output_final_state, cu_seqlens)
+        return _per_sequence(
+            gated_delta_rule_recurrent, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens
+        )
     B, T, H, Dk = q.shape
-    scale = Dk ** -0.5 if scale is None else scale
+    scale = Dk**-0.5 if scale is None else scale
     out_dtype, dtype = v.dtype, _compute_dtype(v)
     q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
     S = q.new_zeros(B, H, Dk, v.shape[-1]) if initial_state is None else initial_state.to(dtype).clone()
     out = []
     for t in range(T):
-        k_t, v_t, beta_t = k[:, t], v[:, t], beta[:, t, :, None]                    # (B, H, Dk), (B, H, Dv)
-        S = S * g[:, t, :, None, None].exp()                                         # alpha_t S
+        k_t, v_t, beta_t = k[:, t], v[:, t], beta[:, t, :, None]  # (B, H, Dk), (B, H, Dv)
+        S = S * g[:, t, :, None, None].exp()  # alpha_t S
         S = S - torch.einsum("bhk,bhv->bhkv", k_t, beta_t * torch.einsum("bhk,bhkv->bhv", k_t, S))
-        S = S + torch.einsum("bhk,bhv->bhkv", beta_t * k_t, v_t)                    # + beta_t k_t v_t^T
-        out.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))              # S_t^T q_t
+        S = S + torch.einsum("bhk,bhv->bhkv", beta_t * k_t, v_t)  # + beta_t k_t v_t^T
+        out.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))  # S_t^T q_t
     o = torch.stack(out, dim=1) if out else v.new_zeros(B, 0, H, v.shape[-1])
     return o.to(out_dtype), (S if output_final_state else None)
 
 
-def gated_delta_rule_chunked(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                             cu_seqlens=None, chunk_size=CHUNK_SIZE):
+def gated_delta_rule_chunked(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    chunk_size=CHUNK_SIZE,
+):
     """The same function as gated_delta_rule_recurrent, chunk by chunk (the WY/UT form of Gated DeltaNet).
 
     Inside a chunk with cumulative log-decay G_t = sum_{s<=t} g_s, the delta-rule "new values"
@@ -221,12 +256,13 @@ def gated_delta_rule_chunked(q, k, v, g, beta, scale=None, initial_state=None, o
           S_C = exp(G_C) S_0 + (K * exp(G_C - G))^T U.
     """
     if cu_seqlens is not None:
-        return _per_sequence(gated_delta_rule_chunked, q, k, v, g, beta, scale, initial_state,
-                             output_final_state, cu_seqlens)
+        return _per_sequence(
+            gated_delta_rule_chunked, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens
+        )
     B, T, H, Dk = q.shape
     Dv, out_dtype = v.shape[-1], v.dtype
     C = chunk_size
-    scale = Dk ** -0.5 if scale is None else scale
+    scale = Dk**-0.5 if scale is None else scale
     pad = (-T) % C  # padded tokens have k = 0, beta = 0, g = 0: they leave the state unchanged
 
     dtype = _compute_dtype(v)
@@ -237,21 +273,28 @@ def gated_delta_rule_chunked(q, k, v, g, beta, scale=None, initial_state=None, o
         return x.view(B, (T + pad) // C, C, H, *x.shape[3:]).transpose(1, 3).transpose(2, 3)
 
     q, k, v, g, beta = chunks(q) * scale, chunks(k), chunks(v), chunks(g), chunks(beta)
-    G = g.cumsum(-1)                                                                 # (B, H, N, C)
+    G = g.cumsum(-1)  # (B, H, N, C)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, -math.inf).exp()  # exp(G_t - G_s), s <= t
+    decay = (
+        (G[..., :, None] - G[..., None, :]).masked_fill(~causal, -math.inf).exp()
+    )  # exp(G_t - G_s), s <= t
     L = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)
     I_plus_L = L + torch.eye(C, device=q.device, dtype=dtype)
     U0 = torch.linalg.solve_triangular(I_plus_L, beta[..., None] * v, upper=False, unitriangular=True)
-    W = torch.linalg.solve_triangular(I_plus_L, (beta * G.exp())[..., None] * k, upper=False, unitriangular=True)
-    attn = (q @ k.transpose(-1, -2)) * decay                                         # (B, H, N, C, C)
+    W = torch.linalg.solve_triangular(
+        I_plus_L, (beta * G.exp())[..., None] * k, upper=False, unitriangular=True
+    )
+    attn = (q @ k.transpose(-1, -2)) * decay  # (B, H, N, C, C)
     S = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(dtype)
     out = []
     for n in range(q.shape[2]):
-        U = U0[:, :, n] - W[:, :, n] @ S                                             # (B, H, C, Dv)
+        U = U0[:, :, n] - W[:, :, n] @ S  # (B, H, C, Dv)
         out.append((q[:, :, n] * G[:, :, n, :, None].exp()) @ S + attn[:, :, n] @ U)
-        G_last = G[:, :, n, -1:]                                                     # (B, H, 1)
-        S = G_last[..., None].exp() * S + (k[:, :, n] * (G_last - G[:, :, n]).exp()[..., None]).transpose(-1, -2) @ U
+        G_last = G[:, :, n, -1:]  # (B, H, 1)
+        S = (
+            G_last[..., None].exp() * S
+            + (k[:, :, n] * (G_last - G[:, :, n]).exp()[..., None]).transpose(-1, -2) @ U
+        )
     o = torch.stack(out, dim=2).reshape(B, H, T + pad, Dv)[:, :, :T].transpose(1, 2)
     return o.to(out_dtype), (S if output_final_state else None)
 
@@ -270,17 +313,29 @@ def _per_sequence(fn, q, k, v, g, beta, scale, initial_state, output_final_state
         raise ValueError(f"cu_seqlens must rise from 0 to T={q.shape[1]}, got {offsets}")
     outs, states = [], []
     for n, (start, end) in enumerate(zip(offsets[:-1], offsets[1:])):
-        state = None if initial_state is None else initial_state[n:n + 1]
-        o, s = fn(*(x[:, start:end] for x in (q, k, v, g, beta)), scale=scale, initial_state=state,
-                  output_final_state=True)
+        state = None if initial_state is None else initial_state[n : n + 1]
+        o, s = fn(
+            *(x[:, start:end] for x in (q, k, v, g, beta)),
+            scale=scale,
+            initial_state=state,
+            output_final_state=True,
+        )
         outs.append(o)
         states.append(s)
     return torch.cat(outs, dim=1), (torch.cat(states) if output_final_state else None)
 
 
-def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float | None = None,
-                     initial_state: Tensor | None = None, output_final_state: bool = False,
-                     cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+def gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """Torch backend: the chunked form for sequences, the recurrence for one-token decoding."""
     rule = gated_delta_rule_recurrent if q.shape[1] == 1 else gated_delta_rule_chunked
     return rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
@@ -292,17 +347,19 @@ def windowed_attention(q, k, v, q_positions, k_positions, window=None, scale=Non
     q (B, Tq, H, Dk), k (B, Tk, H, Dk), v (B, Tk, H, Dv); positions (Tq,), (Tk,) absolute, a key position < 0
     marks an empty cache slot; window None means full causal attention. Returns (B, Tq, H, Dv).
     """
-    delta = q_positions[:, None] - k_positions[None, :]                              # (Tq, Tk) = i - j
+    delta = q_positions[:, None] - k_positions[None, :]  # (Tq, Tk) = i - j
     visible = (delta >= 0) & (k_positions[None, :] >= 0)
     if window is not None:
         visible &= delta < window
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=visible, scale=scale)
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=visible, scale=scale
+    )
     return o.transpose(1, 2)
 
 
-def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int,
-                             scale: float | None = None) -> Tensor:
+def sliding_window_attention(
+    q: Tensor, k: Tensor, v: Tensor, window: int, scale: float | None = None
+) -> Tensor:
     """Causal sliding-window attention: query i attends keys (i - window, i], itself included.
 
     q, k (B, T, H, Dk), v (B, T, H, Dv) -> (B, T, H, Dv); scale defaults to Dk ** -0.5.
@@ -319,12 +376,20 @@ def fast_weight_function(x, p, bank_weight, bank_bias):
     (torch.einsum contracts left to right: bank with x gives (..., K, d_t), then p sums over K).
     """
     bank_weight, bank_bias, p = bank_weight.to(x.dtype), bank_bias.to(x.dtype), p.to(x.dtype)  # in x's dtype
-    z = torch.einsum("kij,...j,...k->...i", bank_weight, x, p) + p @ bank_bias        # (..., d_t)
+    z = torch.einsum("kij,...j,...k->...i", bank_weight, x, p) + p @ bank_bias  # (..., d_t)
     return x + F.layer_norm(z, z.shape[-1:])
 
 
-def trigger_step(q: Tensor, k: Tensor, v: Tensor, p_prev: Tensor, eta: Tensor, bank_weight: Tensor,
-                 bank_bias: Tensor, detach_inner_grad: bool = False) -> tuple[Tensor, Tensor]:
+def trigger_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    p_prev: Tensor,
+    eta: Tensor,
+    bank_weight: Tensor,
+    bank_bias: Tensor,
+    detach_inner_grad: bool = False,
+) -> tuple[Tensor, Tensor]:
     """One CL-OGD step of the Trigger (Sec. 2.2), for every token at once; tokens never share p.
 
     q, k, v (..., d_t) are q~, k~, v~; p_prev (..., K); eta (...,). In this order (learn, then read):
@@ -337,10 +402,12 @@ def trigger_step(q: Tensor, k: Tensor, v: Tensor, p_prev: Tensor, eta: Tensor, b
     differentiable = torch.is_grad_enabled() and not detach_inner_grad
     with torch.enable_grad():
         p_in = p_prev if p_prev.requires_grad else p_prev.detach().requires_grad_()
-        loss = (fast_weight_function(k, p_in, bank_weight, bank_bias) - v).pow(2).sum()  # eq.(3), summed over tokens
+        loss = (
+            (fast_weight_function(k, p_in, bank_weight, bank_bias) - v).pow(2).sum()
+        )  # eq.(3), summed over tokens
         (grad,) = torch.autograd.grad(loss, p_in, create_graph=differentiable, retain_graph=True)
-    p = p_prev - eta[..., None] * grad                                                # eq.(5)
-    return fast_weight_function(q, p, bank_weight, bank_bias), p                     # eq.(2)
+    p = p_prev - eta[..., None] * grad  # eq.(5)
+    return fast_weight_function(q, p, bank_weight, bank_bias), p  # eq.(2)
 
 
 def causal_conv(x, weight, history=None):
@@ -352,7 +419,7 @@ def causal_conv(x, weight, history=None):
     B, T, C = x.shape
     K = weight.shape[-1]
     history = x.new_zeros(B, K - 1, C) if history is None else history.to(x.dtype)
-    x = torch.cat([history, x], dim=1)                                                 # (B, K - 1 + T, C)
+    x = torch.cat([history, x], dim=1)  # (B, K - 1 + T, C)
     # as a (B, C, 1, K - 1 + T) image in channels-last layout, which is x's own memory: cuDNN's depthwise
     # kernel reads and writes it without the transposed copies conv1d makes; the output is (B, T, C) again
     y = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight.unsqueeze(2).to(x.dtype), groups=C)
@@ -375,13 +442,18 @@ def linear_cross_entropy(h, weight, targets):
     h (N, d_model), weight (vocab, d_model), targets (N,) -> scalar float32. The logits are formed at the
     matmul's precision (autocast's under autocast) and the softmax runs in float32 over all N x vocab of them.
     """
-    logits = F.linear(h, weight)                                                      # (N, vocab)
+    logits = F.linear(h, weight)  # (N, vocab)
     return F.cross_entropy(logits.float(), targets, ignore_index=-1)
 
 
-TORCH_OPS = SimpleNamespace(gated_delta_rule=gated_delta_rule, sliding_window_attention=sliding_window_attention,
-                            trigger_step=trigger_step, causal_conv=causal_conv, gated_rms_norm=gated_rms_norm,
-                            linear_cross_entropy=linear_cross_entropy)
+TORCH_OPS = SimpleNamespace(
+    gated_delta_rule=gated_delta_rule,
+    sliding_window_attention=sliding_window_attention,
+    trigger_step=trigger_step,
+    causal_conv=causal_conv,
+    gated_rms_norm=gated_rms_norm,
+    linear_cross_entropy=linear_cross_entropy,
+)
 
 
 def load_backend(name):
@@ -391,18 +463,23 @@ def load_backend(name):
     try:
         import kernels
     except ImportError as error:
-        raise RuntimeError(f"backend='triton' needs the kernels/ package and Triton ({error}); "
-                           "use backend='torch' or install triton") from error
+        raise RuntimeError(
+            f"backend='triton' needs the kernels/ package and Triton ({error}); "
+            "use backend='torch' or install triton"
+        ) from error
     from kernels import trigger_decode
     from kernels.causal_conv import causal_conv as fused_causal_conv
     from kernels.gated_rms_norm import gated_rms_norm as fused_gated_rms_norm
     from kernels.linear_cross_entropy import chunked_linear_cross_entropy
 
-    return SimpleNamespace(gated_delta_rule=kernels.gated_delta_rule,
-                           sliding_window_attention=kernels.sliding_window_attention,
-                           trigger_step=trigger_decode.trigger_step,   # fused kernel, or closed form to decode
-                           causal_conv=fused_causal_conv, gated_rms_norm=fused_gated_rms_norm,
-                           linear_cross_entropy=chunked_linear_cross_entropy)
+    return SimpleNamespace(
+        gated_delta_rule=kernels.gated_delta_rule,
+        sliding_window_attention=kernels.sliding_window_attention,
+        trigger_step=trigger_decode.trigger_step,  # fused kernel, or closed form to decode
+        causal_conv=fused_causal_conv,
+        gated_rms_norm=fused_gated_rms_norm,
+        linear_cross_entropy=chunked_linear_cross_entropy,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -418,7 +495,7 @@ class GatedRMSNorm(nn.Module):
         self.eps, self.gated_rms_norm = eps, ops.gated_rms_norm
 
     def forward(self, x, gate):  # (B, T, H, Dv), (B, T, H, Dv)
-        return self.gated_rms_norm(x, gate, self.weight, self.eps)    # the norm in float32 under autocast too
+        return self.gated_rms_norm(x, gate, self.weight, self.eps)  # the norm in float32 under autocast too
 
 
 class FusedLinear(nn.Linear):
@@ -442,20 +519,24 @@ class CausalConv(nn.Module):
 
     def __init__(self, channels, kernel_size, ops):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size).uniform_(-1, 1) / math.sqrt(kernel_size))
+        self.weight = nn.Parameter(
+            torch.empty(channels, 1, kernel_size).uniform_(-1, 1) / math.sqrt(kernel_size)
+        )
         self.causal_conv = ops.causal_conv
         self.register_buffer("tail", None, persistent=False)
 
     def setup_cache(self, batch_size, max_seq_len, device, dtype):
-        self.tail = torch.zeros(batch_size, self.weight.shape[-1] - 1, self.weight.shape[0], device=device, dtype=dtype)
+        self.tail = torch.zeros(
+            batch_size, self.weight.shape[-1] - 1, self.weight.shape[0], device=device, dtype=dtype
+        )
 
     def clear_cache(self):
         self.tail = None
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
-        y = self.causal_conv(x, self.weight, self.tail)                                # tail None: zeros
+        y = self.causal_conv(x, self.weight, self.tail)  # tail None: zeros
         if self.tail is not None:
-            self.tail.copy_(torch.cat([self.tail, x.to(self.tail.dtype)], dim=1)[:, -self.tail.shape[1]:])
+            self.tail.copy_(torch.cat([self.tail, x.to(self.tail.dtype)], dim=1)[:, -self.tail.shape[1] :])
         return y
 
 
@@ -463,10 +544,10 @@ def apply_rope(x, positions, base):
     """Rotary position embedding (Su et al.) on (B, T, H, D) at absolute `positions` (T,)."""
     half = x.shape[-1] // 2
     frequencies = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.float()[:, None] * frequencies                                # (T, D/2)
+    angles = positions.float()[:, None] * frequencies  # (T, D/2)
     cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
-    x1, x2 = x.float()[..., :half], x.float()[..., half:2 * half]
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x.float()[..., 2 * half:]], dim=-1)
+    x1, x2 = x.float()[..., :half], x.float()[..., half : 2 * half]
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x.float()[..., 2 * half :]], dim=-1)
     return rotated.to(x.dtype)
 
 
@@ -488,7 +569,7 @@ class Attention(nn.Module):
         slots = max_seq_len if self.window is None else min(self.window, max_seq_len)
         self.k_cache = torch.zeros(batch_size, slots, self.H, self.Dk, device=device, dtype=dtype)
         self.v_cache = torch.zeros(batch_size, slots, self.H, self.Dv, device=device, dtype=dtype)
-        self.slot_positions = torch.full((slots,), -1, device=device)                  # -1: empty slot
+        self.slot_positions = torch.full((slots,), -1, device=device)  # -1: empty slot
 
     def clear_cache(self):
         self.k_cache = self.v_cache = self.slot_positions = None
@@ -496,23 +577,32 @@ class Attention(nn.Module):
     def forward(self, q, k, v, input_pos=None):  # q, k (B, T, H, Dk), v (B, T, H, Dv) -> (B, T, H, Dv)
         positions = torch.arange(q.shape[1], device=q.device)
         if input_pos is not None:
-            positions = input_pos + positions                                          # int or device tensor
+            positions = input_pos + positions  # int or device tensor
         if self.rope:
             q, k = apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base)
         if self.k_cache is None:
             if self.window is None:
-                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                      is_causal=True).transpose(1, 2)
+                return F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+                ).transpose(1, 2)
             return self.ops.sliding_window_attention(q, k, v, self.window)
         # Writing first overwrites no key that a query of this call still sees when every key fits (full
         # attention) or one token arrives (its write evicts position i - W); then the cache alone is attended.
         if self.window is None or q.shape[1] == 1:
             self.write_cache(k, v, positions)
-            return windowed_attention(q, self.k_cache.to(q.dtype), self.v_cache.to(v.dtype), positions,
-                                      self.slot_positions, self.window)
+            return windowed_attention(
+                q,
+                self.k_cache.to(q.dtype),
+                self.v_cache.to(v.dtype),
+                positions,
+                self.slot_positions,
+                self.window,
+            )
         keys = torch.cat([self.k_cache.to(k.dtype), k], dim=1)
         values = torch.cat([self.v_cache.to(v.dtype), v], dim=1)
-        o = windowed_attention(q, keys, values, positions, torch.cat([self.slot_positions, positions]), self.window)
+        o = windowed_attention(
+            q, keys, values, positions, torch.cat([self.slot_positions, positions]), self.window
+        )
         self.write_cache(k, v, positions)
         return o
 
@@ -549,7 +639,7 @@ class GatedDeltaNet(nn.Module):
         # Gated DeltaNet's initialisation: decay rate A ~ U(0, 16), time step dt ~ logU(1e-3, 1e-1)
         self.A_log = nn.Parameter(torch.empty(H).uniform_(0, 16).clamp_(min=1e-4).log())
         dt = torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)).exp()
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))                 # softplus^-1(dt)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         self.norm = GatedRMSNorm(Dv, config.norm_eps, ops)
         self.register_buffer("state", None, persistent=False)
 
@@ -565,11 +655,12 @@ class GatedDeltaNet(nn.Module):
         q1 = F.normalize(F.silu(self.q_conv(q)).view(B, T, self.H, self.Dk), dim=-1)
         k1 = F.normalize(F.silu(self.k_conv(k)).view(B, T, self.H, self.Dk), dim=-1)
         v1 = F.silu(self.v_conv(v)).view(B, T, self.H, self.Dv)
-        q1, k1 = q1.to(v1.dtype), k1.to(v1.dtype)                                     # autocast normalises in float32
-        g = -self.A_log.float().exp() * F.softplus(decay.float() + self.dt_bias)        # (B, T, H) log alpha
-        beta = beta.float().sigmoid()                                                    # (B, T, H)
-        o, state = self.ops.gated_delta_rule(q1, k1, v1, g, beta, initial_state=self.state,
-                                             output_final_state=self.state is not None)
+        q1, k1 = q1.to(v1.dtype), k1.to(v1.dtype)  # autocast normalises in float32
+        g = -self.A_log.float().exp() * F.softplus(decay.float() + self.dt_bias)  # (B, T, H) log alpha
+        beta = beta.float().sigmoid()  # (B, T, H)
+        o, state = self.ops.gated_delta_rule(
+            q1, k1, v1, g, beta, initial_state=self.state, output_final_state=self.state is not None
+        )
         if self.state is not None:
             self.state.copy_(state)
         gate = gate.view(B, T, self.H, self.Dv)
@@ -598,9 +689,11 @@ class Trigger(nn.Module):
 
     def forward(self, x, q, k, v, p_prev, bank):
         """x (B, T, d_model); q~, k~, v~ (B, T, d_t); p_prev (B, T, K) -> c (B, T, d_t), p (B, T, K)."""
-        eta = self.eta_ref * torch.sigmoid((x @ self.theta.to(x.dtype)).float())       # (B, T) eq.(5)
+        eta = self.eta_ref * torch.sigmoid((x @ self.theta.to(x.dtype)).float())  # (B, T) eq.(5)
         # the bank products run at q~'s precision (autocast's under autocast, as any matmul); p stays float32
-        return self.ops.trigger_step(q, k, v, p_prev.float(), eta, bank.weight, bank.bias, self.detach_inner_grad)
+        return self.ops.trigger_step(
+            q, k, v, p_prev.float(), eta, bank.weight, bank.bias, self.detach_inner_grad
+        )
 
 
 class Updater(nn.Module):
@@ -613,17 +706,18 @@ class Updater(nn.Module):
     def __init__(self, config):
         super().__init__()
         D = config.value_dim
-        self.condition_in_zeta = config.trigger                                  # c enters zeta, x does not
+        self.condition_in_zeta = config.trigger  # c enters zeta, x does not
         condition_dim = config.trigger_dim if config.trigger else config.d_model
         self.u = nn.Parameter(torch.zeros(condition_dim))
         zeta_in = 2 * D + (condition_dim if self.condition_in_zeta else 0)
-        self.zeta = nn.Sequential(nn.Linear(zeta_in, D // 8, bias=False), nn.SiLU(),
-                                  nn.Linear(D // 8, D, bias=False))
+        self.zeta = nn.Sequential(
+            nn.Linear(zeta_in, D // 8, bias=False), nn.SiLU(), nn.Linear(D // 8, D, bias=False)
+        )
 
     def forward(self, a, b, condition):  # a, b (B, T, H*Dv); condition: c (B, T, d_t) or x (B, T, d_model)
-        t = torch.sigmoid((condition @ self.u.to(condition.dtype)).float()).to(a.dtype)   # (B, T)
+        t = torch.sigmoid((condition @ self.u.to(condition.dtype)).float()).to(a.dtype)  # (B, T)
         zeta_in = torch.cat([a, b, condition.to(a.dtype)] if self.condition_in_zeta else [a, b], dim=-1)
-        return torch.lerp(b, a, t[..., None]) + self.zeta(zeta_in), t                 # t a + (1 - t) b + zeta
+        return torch.lerp(b, a, t[..., None]) + self.zeta(zeta_in), t  # t a + (1 - t) b + zeta
 
 
 class GatedDeltaNetMixer(nn.Module):
@@ -669,10 +763,16 @@ class NirvanaMixer(nn.Module):
         self.H, self.Dk, self.Dv = config.n_heads, config.head_dim, config.value_head_dim
         r, d_t = config.lowrank, config.trigger_dim
         trigger_parts = dict(trigger_q=d_t, trigger_k=d_t, trigger_v=d_t) if config.trigger else {}
-        self.in_proj = FusedLinear(config.d_model, **gated_deltanet_projections(config), q_delta=r, k_delta=r,
-                                   v_delta=r, **trigger_parts)
+        self.in_proj = FusedLinear(
+            config.d_model,
+            **gated_deltanet_projections(config),
+            q_delta=r,
+            k_delta=r,
+            v_delta=r,
+            **trigger_parts,
+        )
         self.gated_deltanet = GatedDeltaNet(config, ops)
-        self.q_delta_up = nn.Linear(r, config.key_dim, bias=False)             # U of the low-rank deltas
+        self.q_delta_up = nn.Linear(r, config.key_dim, bias=False)  # U of the low-rank deltas
         self.k_delta_up = nn.Linear(r, config.key_dim, bias=False)
         self.v_delta_up = nn.Linear(r, config.value_dim, bias=False)
         self.attention = Attention(config, config.window, config.swa_rope, ops)
@@ -684,16 +784,16 @@ class NirvanaMixer(nn.Module):
         """x (B, T, d_model), p (B, T, K) from the layer below -> out (B, T, d_model), p, t (B, T)."""
         B, T, _ = x.shape
         q, k, v, decay, beta, gate, q_delta, k_delta, v_delta, *trigger_qkv = self.in_proj(x)
-        b = self.gated_deltanet(q, k, v, decay, beta, gate)                    # (B, T, H*Dv) linear attention
-        q2 = (q + self.q_delta_up(q_delta)).view(B, T, self.H, self.Dk)          # Sec. 2.1 low-rank deltas
+        b = self.gated_deltanet(q, k, v, decay, beta, gate)  # (B, T, H*Dv) linear attention
+        q2 = (q + self.q_delta_up(q_delta)).view(B, T, self.H, self.Dk)  # Sec. 2.1 low-rank deltas
         k2 = (k + self.k_delta_up(k_delta)).view(B, T, self.H, self.Dk)
         v2 = (v + self.v_delta_up(v_delta)).view(B, T, self.H, self.Dv)
-        a = self.attention(q2, k2, v2, input_pos).reshape(B, T, -1)                    # (B, T, H*Dv) SWA
+        a = self.attention(q2, k2, v2, input_pos).reshape(B, T, -1)  # (B, T, H*Dv) SWA
         if self.trigger is None:
             o, t = self.updater(a, b, x)
         else:
-            c, p = self.trigger(x, *trigger_qkv, p, bank)                        # (B, T, d_t), (B, T, K)
-            o, t = self.updater(a, b, c)                                               # eq.(8)
+            c, p = self.trigger(x, *trigger_qkv, p, bank)  # (B, T, d_t), (B, T, K)
+            o, t = self.updater(a, b, c)  # eq.(8)
         return self.o_proj(o), p, t
 
 
@@ -758,10 +858,20 @@ class Block(nn.Module):
 # checkpoint lacks (the Trigger's, in a variant without it) are not in the fused weight either.
 UNFUSED_NAMES = {
     "mixer.qkv_proj.weight": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj"],
-    "mixer.in_proj.weight": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.gated_deltanet.a_proj",
-                             "mixer.gated_deltanet.b_proj", "mixer.gated_deltanet.g_proj",
-                             "mixer.q_delta.down", "mixer.k_delta.down", "mixer.v_delta.down",
-                             "mixer.trigger.q_proj", "mixer.trigger.k_proj", "mixer.trigger.v_proj"],
+    "mixer.in_proj.weight": [
+        "mixer.q_proj",
+        "mixer.k_proj",
+        "mixer.v_proj",
+        "mixer.gated_deltanet.a_proj",
+        "mixer.gated_deltanet.b_proj",
+        "mixer.gated_deltanet.g_proj",
+        "mixer.q_delta.down",
+        "mixer.k_delta.down",
+        "mixer.v_delta.down",
+        "mixer.trigger.q_proj",
+        "mixer.trigger.k_proj",
+        "mixer.trigger.v_proj",
+    ],
     "mixer.q_delta_up.weight": ["mixer.q_delta.up"],
     "mixer.k_delta_up.weight": ["mixer.k_delta.up"],
     "mixer.v_delta_up.weight": ["mixer.v_delta.up"],
@@ -796,9 +906,12 @@ def fuse_optimizer_state(model, optimizer_state):
     parts = unfused_parts(model, state)
     for fused, old in parts.items():
         entries = [state.pop(key) for key in old]
-        state[fused] = {name: torch.cat([entry[name] for entry in entries])
-                        if torch.is_tensor(value) and value.dim() else value       # "step" is shared
-                        for name, value in entries[0].items()}
+        state[fused] = {
+            name: torch.cat([entry[name] for entry in entries])
+            if torch.is_tensor(value) and value.dim()
+            else value  # "step" is shared
+            for name, value in entries[0].items()
+        }
     renamed = {old[0]: fused for fused, old in parts.items()}
     dropped = {key for old in parts.values() for key in old[1:]}
     for group in optimizer_state["param_groups"]:
@@ -816,8 +929,8 @@ class Nirvana(nn.Module):
         self.blocks = nn.ModuleList(Block(config, layer, ops) for layer in range(config.n_layers))
         self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.linear_cross_entropy = ops.linear_cross_entropy                         # lm_head + loss in one
-        self.max_seq_len = None                                            # the caches' size, once set up
+        self.linear_cross_entropy = ops.linear_cross_entropy  # lm_head + loss in one
+        self.max_seq_len = None  # the caches' size, once set up
         self.register_load_state_dict_pre_hook(load_unfused_checkpoint)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -835,10 +948,14 @@ class Nirvana(nn.Module):
             raise ValueError(f"token ids must have shape (B, T), got {tuple(idx.shape)}")
         if idx.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"token ids must be integers, got {idx.dtype}")
-        capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()        # a host check cannot run in a graph
+        capturing = (
+            idx.is_cuda and torch.cuda.is_current_stream_capturing()
+        )  # a host check cannot run in a graph
         if idx.numel() and not capturing and bool(((idx < 0) | (idx >= self.config.vocab_size)).any()):
-            raise ValueError(f"token id out of range: ids must lie in [0, {self.config.vocab_size}), "
-                             f"got min {int(idx.min())} and max {int(idx.max())}")
+            raise ValueError(
+                f"token id out of range: ids must lie in [0, {self.config.vocab_size}), "
+                f"got min {int(idx.min())} and max {int(idx.max())}"
+            )
         return self.token_embedding(idx)
 
     def backbone(self, h, input_pos=None, trace=None):
@@ -851,11 +968,15 @@ class Nirvana(nn.Module):
         trace: a dict to fill with per-Nirvana-layer lists "gate" (B, T) (t of eq.8) and "p" (B, T, K) (eq.5).
         """
         if h.dim() != 3 or h.shape[-1] != self.config.d_model:
-            raise ValueError(f"embeddings must have shape (B, T, {self.config.d_model}), got {tuple(h.shape)}")
+            raise ValueError(
+                f"embeddings must have shape (B, T, {self.config.d_model}), got {tuple(h.shape)}"
+            )
         self.check_input_pos(input_pos, h.shape[1])
         p = None
         if self.config.trigger:
-            p = h.new_ones(h.shape[0], h.shape[1], self.config.bank_size, dtype=torch.float32)  # p^0 = all-ones
+            p = h.new_ones(
+                h.shape[0], h.shape[1], self.config.bank_size, dtype=torch.float32
+            )  # p^0 = all-ones
         for block in self.blocks:
             h, p, t = block(h, input_pos, p, self.trigger_bank)
             if trace is not None and t is not None:
@@ -870,14 +991,18 @@ class Nirvana(nn.Module):
                 raise ValueError("input_pos is for decoding through the caches: call setup_caches first")
             return
         if input_pos is None:
-            raise ValueError("the caches are set up: pass input_pos, the position of this call's first token "
-                             "(0 for the prompt)")
-        if isinstance(input_pos, int) or input_pos.device.type == "cpu":             # no device sync
+            raise ValueError(
+                "the caches are set up: pass input_pos, the position of this call's first token "
+                "(0 for the prompt)"
+            )
+        if isinstance(input_pos, int) or input_pos.device.type == "cpu":  # no device sync
             if int(input_pos) < 0:
                 raise ValueError(f"input_pos must be >= 0, got {int(input_pos)}")
             if int(input_pos) + n_tokens > self.max_seq_len:
-                raise ValueError(f"the caches hold {self.max_seq_len} tokens; {int(input_pos)} + {n_tokens} "
-                                 "do not fit: call setup_caches with a larger max_seq_len")
+                raise ValueError(
+                    f"the caches hold {self.max_seq_len} tokens; {int(input_pos)} + {n_tokens} "
+                    "do not fit: call setup_caches with a larger max_seq_len"
+                )
 
     def forward(self, idx, targets=None, return_trace=False, *, input_pos=None):
         """idx (B, T) -> (logits (B, T, vocab), None); given targets (B, T) (-1 = ignore) -> (None, the mean
@@ -886,12 +1011,14 @@ class Nirvana(nn.Module):
         input_pos: the position of idx[:, 0] when decoding through the caches (see backbone).
         """
         if targets is not None and targets.shape != idx.shape:
-            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+            raise ValueError(
+                f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}"
+            )
         trace = {} if return_trace else None
-        h = self.backbone(self.embed(idx), input_pos, trace)                           # (B, T, d_model)
+        h = self.backbone(self.embed(idx), input_pos, trace)  # (B, T, d_model)
         logits = loss = None
         if targets is None:
-            logits = self.lm_head(h)                                                   # (B, T, vocab)
+            logits = self.lm_head(h)  # (B, T, vocab)
         else:
             loss = self.linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
         return (logits, loss, trace) if return_trace else (logits, loss)
@@ -913,8 +1040,9 @@ class Nirvana(nn.Module):
                 module.clear_cache()
 
     @torch.no_grad()
-    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None) -> Tensor:
+    def generate(
+        self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+    ) -> Tensor:
         """Continue idx (B, T) by max_new_tokens sampled tokens: prefill, then O(1)-per-token decoding.
 
         temperature 0 picks the most likely token; else softmax(logits / temperature) over the top_k most
@@ -926,7 +1054,7 @@ class Nirvana(nn.Module):
             logits, _ = self(idx, input_pos=0)
             tokens = [idx]
             for step in range(max_new_tokens):
-                logits = logits[:, -1]                                                 # (B, vocab)
+                logits = logits[:, -1]  # (B, vocab)
                 if temperature == 0:
                     next_token = logits.argmax(dim=-1, keepdim=True)
                 else:

@@ -22,6 +22,7 @@ here is named relative to the folder, so the folder can move) and shards
 train_00000.bin, ..., val_00000.bin. Documents are joined with <eos> after each. The split is by pieces of
 documents of at most PIECE_CHARS characters: an evenly spread --val-fraction of them goes to validation.
 """
+
 import argparse
 import json
 import multiprocessing
@@ -30,8 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import (ArgumentParser, Progress, UserError, fraction, no_half_made_output, positive_int, run_main,
-                 write_atomically)
+from cli import (
+    ArgumentParser,
+    Progress,
+    UserError,
+    fraction,
+    no_half_made_output,
+    positive_int,
+    run_main,
+    write_atomically,
+)
 from tokenizer import load_tokenizer, train_sentencepiece
 
 FORMAT = "nirvana-tokens-v1"
@@ -42,6 +51,7 @@ BUILTIN_VOCAB_SIZE = 2048
 
 
 # ----------------------------------------------------------------------------- reading documents
+
 
 def builtin_documents():
     """The built-in corpus: the Python Language Reference (~465 kB of English prose and grammar) that
@@ -112,7 +122,9 @@ def _read_documents(path, text_field):
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     text = e
                 if not isinstance(text, str):
-                    raise UserError(f"{path}:{line_number}: not a JSON object with a string field '{text_field}'")
+                    raise UserError(
+                        f"{path}:{line_number}: not a JSON object with a string field '{text_field}'"
+                    )
                 yield text
     elif path.endswith(".parquet"):
         pyarrow = import_pyarrow(path)
@@ -147,7 +159,7 @@ def split_into_pieces(document):
     pieces, current = [], ""
     for line in document.splitlines(keepends=True):
         for start in range(0, len(line), PIECE_CHARS):
-            part = line[start:start + PIECE_CHARS]
+            part = line[start : start + PIECE_CHARS]
             if current and len(current) + len(part) > PIECE_CHARS:
                 pieces.append(current)
                 current = ""
@@ -158,6 +170,7 @@ def split_into_pieces(document):
 
 
 # ----------------------------------------------------------------------------- encoding and writing
+
 
 def choose_tokenizer(spec, files, out_dir, vocab_size, text_field="text"):
     """Returns the tokenizer: a new sentencepiece model trained on the input files (None: the built-in
@@ -227,8 +240,17 @@ def is_validation_piece(index, val_fraction):
     return int((index + 1) * val_fraction) > int(index * val_fraction)
 
 
-def prepare(paths, out_dir, tokenizer="sentencepiece", vocab_size=32000, val_fraction=0.005,
-            text_field="text", shard_tokens=100_000_000, workers=1, overwrite=False):
+def prepare(
+    paths,
+    out_dir,
+    tokenizer="sentencepiece",
+    vocab_size=32000,
+    val_fraction=0.005,
+    text_field="text",
+    shard_tokens=100_000_000,
+    workers=1,
+    overwrite=False,
+):
     """Tokenises the documents under paths (None: the built-in corpus) into out_dir; returns the meta dict.
     A folder already prepared is replaced only with overwrite; a failed run removes what it wrote."""
     if not 0 < val_fraction < 1:
@@ -236,12 +258,15 @@ def prepare(paths, out_dir, tokenizer="sentencepiece", vocab_size=32000, val_fra
     files = None if paths is None else find_text_files(paths)  # bad paths fail before any work
     if os.path.isfile(os.path.join(out_dir, "meta.json")):
         if not overwrite:
-            raise UserError(f"{out_dir} already holds a prepared corpus (meta.json); pass --overwrite to "
-                            f"replace it, or choose another --out")
+            raise UserError(
+                f"{out_dir} already holds a prepared corpus (meta.json); pass --overwrite to "
+                f"replace it, or choose another --out"
+            )
         remove_prepared(out_dir)
     with no_half_made_output(out_dir):
-        meta = write_shards(paths, files, out_dir, tokenizer, vocab_size, val_fraction, text_field, shard_tokens,
-                            workers)
+        meta = write_shards(
+            paths, files, out_dir, tokenizer, vocab_size, val_fraction, text_field, shard_tokens, workers
+        )
     return meta
 
 
@@ -262,7 +287,9 @@ def remove_prepared(out_dir):
             os.remove(os.path.join(out_dir, name))
 
 
-def write_shards(paths, files, out_dir, tokenizer, vocab_size, val_fraction, text_field, shard_tokens, workers):
+def write_shards(
+    paths, files, out_dir, tokenizer, vocab_size, val_fraction, text_field, shard_tokens, workers
+):
     os.makedirs(out_dir, exist_ok=True)
     tok = choose_tokenizer(tokenizer, files, out_dir, vocab_size, text_field)
     dtype = token_dtype(tok.vocab_size)
@@ -280,7 +307,9 @@ def write_shards(paths, files, out_dir, tokenizer, vocab_size, val_fraction, tex
     try:
         for index, ids in enumerate(encoded):
             if len(ids) and ids.max() >= tok.vocab_size:
-                raise ValueError(f"tokenizer {tok.spec} produced id {ids.max()} >= its vocab_size {tok.vocab_size}")
+                raise ValueError(
+                    f"tokenizer {tok.spec} produced id {ids.max()} >= its vocab_size {tok.vocab_size}"
+                )
             writers["val" if is_validation_piece(index, val_fraction) else "train"].add(ids)
             total += len(ids)
             if index % 10000 == 9999:
@@ -292,12 +321,24 @@ def write_shards(paths, files, out_dir, tokenizer, vocab_size, val_fraction, tex
     if not shards["train"]:
         raise UserError(f"empty corpus: no text in {paths if paths else 'the built-in corpus'}")
     if not shards["val"]:
-        raise UserError(f"corpus too small for a validation split ({index + 1} pieces of <= {PIECE_CHARS} "
-                        f"characters at val_fraction {val_fraction}): add text or raise --val-fraction")
-    meta = {"format": FORMAT, "tokenizer": portable_spec(tok.spec, out_dir), "vocab_size": tok.vocab_size,
-            "eos_id": tok.eos_id, "dtype": np.dtype(dtype).name, "train": shards["train"], "val": shards["val"],
-            "sources": paths or ["builtin:pydoc_data.topics"], "val_fraction": val_fraction}
-    write_atomically(os.path.join(out_dir, "meta.json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+        raise UserError(
+            f"corpus too small for a validation split ({index + 1} pieces of <= {PIECE_CHARS} "
+            f"characters at val_fraction {val_fraction}): add text or raise --val-fraction"
+        )
+    meta = {
+        "format": FORMAT,
+        "tokenizer": portable_spec(tok.spec, out_dir),
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "dtype": np.dtype(dtype).name,
+        "train": shards["train"],
+        "val": shards["val"],
+        "sources": paths or ["builtin:pydoc_data.topics"],
+        "val_fraction": val_fraction,
+    }
+    write_atomically(
+        os.path.join(out_dir, "meta.json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1))
+    )
     return meta
 
 
@@ -323,18 +364,23 @@ def prepare_builtin(out_dir=BUILTIN_DIR):
 
 # ----------------------------------------------------------------------------- reading shards back
 
+
 def load_meta(data_dir):
     """The meta.json of a folder written by prepare.py; anything else is a UserError saying how to make it."""
     make = f"`python prepare.py --input <text files or folders> --out {data_dir}`"
     if os.path.isfile(data_dir):
         folder = os.path.splitext(data_dir)[0] + "_tokens"
-        raise UserError(f"{data_dir} is a file; a folder written by prepare.py (meta.json and token shards) is "
-                        f"needed: `python prepare.py --input {data_dir} --out {folder}`, then use {folder}")
+        raise UserError(
+            f"{data_dir} is a file; a folder written by prepare.py (meta.json and token shards) is "
+            f"needed: `python prepare.py --input {data_dir} --out {folder}`, then use {folder}"
+        )
     if not os.path.isdir(data_dir):
         raise UserError(f"data folder {data_dir} does not exist; make it with {make}")
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
-        raise UserError(f"{data_dir} has no meta.json: not a folder written by prepare.py (make one with {make})")
+        raise UserError(
+            f"{data_dir} has no meta.json: not a folder written by prepare.py (make one with {make})"
+        )
     try:
         with open(path) as f:
             meta = json.load(f)
@@ -358,8 +404,10 @@ class TokenShards:
                 raise UserError(f"shard {path} listed in meta.json is missing; prepare the folder again")
             tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
             if len(tokens) != shard["tokens"]:
-                raise UserError(f"shard {path} holds {len(tokens)} tokens, meta.json says {shard['tokens']}; "
-                                f"prepare the folder again")
+                raise UserError(
+                    f"shard {path} holds {len(tokens)} tokens, meta.json says {shard['tokens']}; "
+                    f"prepare the folder again"
+                )
             self.shards.append(tokens)
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.num_tokens = int(self.starts[-1])
@@ -375,25 +423,35 @@ class TokenShards:
             shard = int(np.searchsorted(self.starts, offset, side="right")) - 1
             local = offset - self.starts[shard]
             take = min(count - filled, len(self.shards[shard]) - local)
-            out[filled:filled + take] = self.shards[shard][local:local + take]
+            out[filled : filled + take] = self.shards[shard][local : local + take]
             filled += take
         return out
 
 
 # ----------------------------------------------------------------------------- command line
 
+
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", help="text files or folders (default: the built-in corpus)")
     parser.add_argument("--out", default=None, help=f"output folder (default with no --input: {BUILTIN_DIR})")
     parser.add_argument("--overwrite", action="store_true", help="replace a corpus already prepared in --out")
-    parser.add_argument("--tokenizer", default="sentencepiece",
-                        help='"sentencepiece" (train one), "bytes", "<path>.model" or "tiktoken:<path>"')
-    parser.add_argument("--vocab-size", type=positive_int, default=None,
-                        help=f"sentencepiece vocabulary (default 32000, the paper's; {BUILTIN_VOCAB_SIZE} built-in)")
+    parser.add_argument(
+        "--tokenizer",
+        default="sentencepiece",
+        help='"sentencepiece" (train one), "bytes", "<path>.model" or "tiktoken:<path>"',
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=positive_int,
+        default=None,
+        help=f"sentencepiece vocabulary (default 32000, the paper's; {BUILTIN_VOCAB_SIZE} built-in)",
+    )
     parser.add_argument("--val-fraction", type=fraction, default=None, help="default 0.005 (0.1 built-in)")
     parser.add_argument("--text-field", default="text", help="field of .jsonl/.parquet/.arrow records")
-    parser.add_argument("--shard-tokens", type=positive_int, default=100_000_000, help="tokens per shard file")
+    parser.add_argument(
+        "--shard-tokens", type=positive_int, default=100_000_000, help="tokens per shard file"
+    )
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count(), help="encoding processes")
     args = parser.parse_args(argv)
     if args.input is None:
@@ -406,17 +464,28 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.tokenizer != "sentencepiece":
         load_tokenizer(args.tokenizer)  # a bad spec fails here, before any work
     out = args.out
-    meta = prepare(args.input, out, args.tokenizer, args.vocab_size, args.val_fraction, args.text_field,
-                   args.shard_tokens, args.workers, args.overwrite)
+    meta = prepare(
+        args.input,
+        out,
+        args.tokenizer,
+        args.vocab_size,
+        args.val_fraction,
+        args.text_field,
+        args.shard_tokens,
+        args.workers,
+        args.overwrite,
+    )
     counts = {split: sum(s["tokens"] for s in meta[split]) for split in ("train", "val")}
-    print(f"wrote {out}: tokenizer {tokenizer_spec(meta, out)} (vocab {meta['vocab_size']}), "
-          f"{counts['train']:,} train and {counts['val']:,} val tokens as {meta['dtype']}; "
-          f"train on it with `python train.py --data {out}`")
+    print(
+        f"wrote {out}: tokenizer {tokenizer_spec(meta, out)} (vocab {meta['vocab_size']}), "
+        f"{counts['train']:,} train and {counts['val']:,} val tokens as {meta['dtype']}; "
+        f"train on it with `python train.py --data {out}`"
+    )
     return meta
 
 

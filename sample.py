@@ -7,12 +7,22 @@ After `python train.py` (which writes out/nirvana-tiny/ckpt.pt):
 
 The prompt is encoded with the checkpoint's tokenizer (or --tokenizer); an empty prompt starts from <eos>.
 """
+
 import argparse
 
 import torch
 
-from cli import (ArgumentParser, UserError, existing_file, load_model, non_negative_float, non_negative_int,
-                 positive_int, run_main, torch_device)
+from cli import (
+    ArgumentParser,
+    UserError,
+    existing_file,
+    load_model,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    run_main,
+    torch_device,
+)
 
 
 @torch.no_grad()
@@ -22,16 +32,18 @@ def sample(model, tok, prompt, num_samples=1, max_new_tokens=200, temperature=1.
     idx = torch.tensor([prompt_ids] * num_samples, dtype=torch.long, device=next(model.parameters()).device)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
     texts = []
-    for row in out[:, len(prompt_ids):].tolist():
+    for row in out[:, len(prompt_ids) :].tolist():
         if tok.eos_id in row:
-            row = row[:row.index(tok.eos_id)]
+            row = row[: row.index(tok.eos_id)]
         texts.append(tok.decode(row))
     return texts
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=existing_file, help="e.g. out/nirvana-tiny/ckpt.pt")
+    parser.add_argument(
+        "--checkpoint", required=True, type=existing_file, help="e.g. out/nirvana-tiny/ckpt.pt"
+    )
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="")
     prompt.add_argument("--prompt-file", default=None, type=existing_file)
@@ -41,12 +53,14 @@ def parse_args(argv=None):
     parser.add_argument("--top-k", type=positive_int, default=200)
     parser.add_argument("--seed", type=non_negative_int, default=1337)
     parser.add_argument("--tokenizer", default=None, help="tokenizer spec overriding the checkpoint's")
-    parser.add_argument("--device", default=None, type=torch_device, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--device", default=None, type=torch_device, help="default: cuda if available, else cpu"
+    )
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> list[str]:
     args = parse_args(argv)
     text = args.prompt
     if args.prompt_file:

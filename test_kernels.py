@@ -14,25 +14,27 @@ bfloat16 3e-2 (bf16 operands and outputs; worst seen: 1.3e-2 in 40 random SWA ca
 25 on an H100; one random CPU example reached 3.0e-2: SWA dq at T = 2, Dk = 16, window 2, seed 2727, where the
 backward's delta = rowsum(o * do) comes from the bf16-rounded o and dq = P (dP - delta) K cancels).
 """
+
 import json
 import os
 
 ON_CUDA = os.environ.get("NIRVANA_KERNEL_TESTS", "cpu") == "cuda"
 if not ON_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kernels
 import nirvana
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
-EXAMPLES = 25 if ON_CUDA else 12    # each new head size / dtype compiles kernels
+EXAMPLES = 25 if ON_CUDA else 12  # each new head size / dtype compiles kernels
 # CPU (CI): a fixed example order, so that a run is reproducible; GPU: new random examples each run.
-WORST = {}   # (kernel, dtype, tensor) -> worst relative error seen
+WORST = {}  # (kernel, dtype, tensor) -> worst relative error seen
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,8 +76,9 @@ def outputs_and_gradients(fn, inputs, cotangents):
     return outputs, torch.autograd.grad(total, inputs, allow_unused=True)
 
 
-def check_against_reference(kernel_fn, reference_fn, inputs, names, kernel_name, dtype, zero_grad=(),
-                            output_dtypes=None):
+def check_against_reference(
+    kernel_fn, reference_fn, inputs, names, kernel_name, dtype, zero_grad=(), output_dtypes=None
+):
     """Compare outputs and all input gradients of kernel_fn (on `inputs`) with reference_fn in float64, under
     dtype's bound. Each gradient must come back in its input's dtype, each output in output_dtypes (default:
     dtype)."""
@@ -83,15 +86,17 @@ def check_against_reference(kernel_fn, reference_fn, inputs, names, kernel_name,
     with torch.no_grad():
         probe = kernel_fn(*inputs)
     # both sides get the same cotangent values (representable in the output dtype)
-    cotangents = [torch.randn(o.shape, generator=generator, device=DEVICE, dtype=torch.float64).to(o.dtype).double()
-                  for o in probe]
+    cotangents = [
+        torch.randn(o.shape, generator=generator, device=DEVICE, dtype=torch.float64).to(o.dtype).double()
+        for o in probe
+    ]
     out, grads = outputs_and_gradients(kernel_fn, inputs, cotangents)
     reference_inputs = [x.detach().double().requires_grad_() for x in inputs]
     ref_out, ref_grads = outputs_and_gradients(reference_fn, reference_inputs, cotangents)
     for i, (o, r, o_dtype) in enumerate(zip(out, ref_out, output_dtypes or [dtype] * len(out))):
         assert_close(o, r, o_dtype, (kernel_name, f"out{i}"), bound=dtype)
     for name, g, r, x in zip(names, grads, ref_grads, inputs):
-        if name in zero_grad:   # the reference has no path from this input
+        if name in zero_grad:  # the reference has no path from this input
             assert r is None and (g is None or not g.any()), f"{kernel_name}: {name} should get no gradient"
             continue
         assert_close(g, r, x.dtype, (kernel_name, "d" + name), bound=dtype)
@@ -108,18 +113,27 @@ def check_swa(B, T, H, Dk, expand_v, window, dtype, seed, scale=None):
     check_against_reference(
         lambda q, k, v: (kernels.sliding_window_attention(q, k, v, window, scale),),
         lambda q, k, v: (nirvana.sliding_window_attention(q, k, v, window, scale),),
-        [q, k, v], ["q", "k", "v"], "swa", dtype)
+        [q, k, v],
+        ["q", "k", "v"],
+        "swa",
+        dtype,
+    )
 
 
 MAX_T = 700 if ON_CUDA else 70
 
 
 @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=not ON_CUDA)
-@given(B=st.integers(1, 3 if ON_CUDA else 2), H=st.integers(1, 4 if ON_CUDA else 2),
-       T=st.one_of(st.integers(1, 3), st.integers(1, MAX_T)),
-       Dk=st.sampled_from([64, 128] if ON_CUDA else [16, 24, 32]), expand_v=st.sampled_from([1, 2]),
-       window=st.one_of(st.integers(1, 4), st.integers(1, MAX_T + 20)),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
+@given(
+    B=st.integers(1, 3 if ON_CUDA else 2),
+    H=st.integers(1, 4 if ON_CUDA else 2),
+    T=st.one_of(st.integers(1, 3), st.integers(1, MAX_T)),
+    Dk=st.sampled_from([64, 128] if ON_CUDA else [16, 24, 32]),
+    expand_v=st.sampled_from([1, 2]),
+    window=st.one_of(st.integers(1, 4), st.integers(1, MAX_T + 20)),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_swa_matches_reference(B, T, H, Dk, expand_v, window, dtype, seed):
     check_swa(B, T, H, Dk, expand_v, window, dtype, seed)
 
@@ -151,12 +165,20 @@ def test_swa_after_the_models_rope_matches_reference():
     positions = torch.arange(q.shape[1], device=DEVICE)
 
     def after_rope(attention):
-        return lambda q, k, v: (attention(nirvana.apply_rope(q, positions, 100.0),
-                                          nirvana.apply_rope(k, positions, 100.0), v, 20),)
+        return lambda q, k, v: (
+            attention(
+                nirvana.apply_rope(q, positions, 100.0), nirvana.apply_rope(k, positions, 100.0), v, 20
+            ),
+        )
 
-    check_against_reference(after_rope(kernels.sliding_window_attention),
-                            after_rope(nirvana.sliding_window_attention), [q, k, v], ["q", "k", "v"],
-                            "swa-rope", torch.float32)
+    check_against_reference(
+        after_rope(kernels.sliding_window_attention),
+        after_rope(nirvana.sliding_window_attention),
+        [q, k, v],
+        ["q", "k", "v"],
+        "swa-rope",
+        torch.float32,
+    )
 
 
 def test_swa_rejects_bad_inputs():
@@ -176,9 +198,9 @@ def test_swa_rejects_bad_inputs():
 def trigger_inputs(shape, D, K, dtype, seed):
     generator = torch.Generator(DEVICE).manual_seed(seed)
     q, k, v = (random(generator, *shape, D, dtype=dtype) for _ in range(3))
-    p_prev = random(generator, *shape, K, dtype=dtype, scale=0.3, shift=1.0)           # near the all-ones start
+    p_prev = random(generator, *shape, K, dtype=dtype, scale=0.3, shift=1.0)  # near the all-ones start
     eta = (torch.rand(shape, generator=generator, device=DEVICE, dtype=torch.float64) * 0.2).to(dtype)
-    bank_weight = random(generator, K, D, D, dtype=dtype, scale=(K * D) ** -0.5)        # the model's init scale
+    bank_weight = random(generator, K, D, D, dtype=dtype, scale=(K * D) ** -0.5)  # the model's init scale
     bank_bias = random(generator, K, D, dtype=dtype, scale=(K * D) ** -0.5)
     return [q, k, v, p_prev, eta.requires_grad_(), bank_weight, bank_bias]
 
@@ -188,17 +210,26 @@ def check_trigger(shape, D, K, dtype, detach, seed):
     check_against_reference(
         lambda *x: kernels.trigger_step(*x, detach_inner_grad=detach),
         lambda *x: nirvana.trigger_step(*x, detach_inner_grad=detach),
-        inputs, ["q", "k", "v", "p_prev", "eta", "bank_weight", "bank_bias"],
-        "trigger-detach" if detach else "trigger", dtype, zero_grad=("k", "v") if detach else ())
+        inputs,
+        ["q", "k", "v", "p_prev", "eta", "bank_weight", "bank_bias"],
+        "trigger-detach" if detach else "trigger",
+        dtype,
+        zero_grad=("k", "v") if detach else (),
+    )
 
 
 @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=not ON_CUDA)
-@given(shape=st.one_of(st.tuples(st.integers(1, 3000 if ON_CUDA else 40)),
-                       st.tuples(st.integers(1, 4), st.integers(1, 700 if ON_CUDA else 12))),
-       D=st.sampled_from([48, 64] if ON_CUDA else [8, 16, 24]),
-       K=st.sampled_from([16, 64] if ON_CUDA else [4, 8, 12]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), detach=st.booleans(),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    shape=st.one_of(
+        st.tuples(st.integers(1, 3000 if ON_CUDA else 40)),
+        st.tuples(st.integers(1, 4), st.integers(1, 700 if ON_CUDA else 12)),
+    ),
+    D=st.sampled_from([48, 64] if ON_CUDA else [8, 16, 24]),
+    K=st.sampled_from([16, 64] if ON_CUDA else [4, 8, 12]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    detach=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_trigger_matches_reference(shape, D, K, dtype, detach, seed):
     check_trigger(shape, D, K, dtype, detach, seed)
 
@@ -215,9 +246,15 @@ def test_trigger_with_the_dtypes_of_the_model_under_autocast():
     shape = (2, 33) if ON_CUDA else (17,)
     q, k, v, p_prev, eta, bank_weight, bank_bias = trigger_inputs(shape, 64, 64, torch.bfloat16, seed=8)
     inputs = [q, k, v] + [x.detach().float().requires_grad_() for x in (p_prev, eta, bank_weight, bank_bias)]
-    check_against_reference(kernels.trigger_step, nirvana.trigger_step, inputs,
-                            ["q", "k", "v", "p_prev", "eta", "bank_weight", "bank_bias"], "trigger-autocast",
-                            torch.bfloat16, output_dtypes=(torch.bfloat16, torch.float32))
+    check_against_reference(
+        kernels.trigger_step,
+        nirvana.trigger_step,
+        inputs,
+        ["q", "k", "v", "p_prev", "eta", "bank_weight", "bank_bias"],
+        "trigger-autocast",
+        torch.bfloat16,
+        output_dtypes=(torch.bfloat16, torch.float32),
+    )
 
 
 def test_trigger_broadcasts_p_prev_and_matches_without_grad():
@@ -266,9 +303,11 @@ def assert_same_loss_and_gradients(forward, model, idx, reference_loss, referenc
 
 def test_tiny_model_with_kernels_matches_torch_backend():
     model, idx, loss, grads = tiny_model_loss_and_gradients()
-    kernel_ops = type(nirvana.TORCH_OPS)(gated_delta_rule=nirvana.gated_delta_rule,
-                                         sliding_window_attention=kernels.sliding_window_attention,
-                                         trigger_step=kernels.trigger_step)
+    kernel_ops = type(nirvana.TORCH_OPS)(
+        gated_delta_rule=nirvana.gated_delta_rule,
+        sliding_window_attention=kernels.sliding_window_attention,
+        trigger_step=kernels.trigger_step,
+    )
     swapped = 0
     for module in model.modules():
         if getattr(module, "ops", None) is nirvana.TORCH_OPS:

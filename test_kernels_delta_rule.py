@@ -10,6 +10,7 @@ float32 1e-4 (the kernels use exact float32 dots for float32 inputs), bfloat16 a
 and gradients are rounded to 16 bits; tf32 dots inside). Each example prints its errors
 (see them with -rP).
 """
+
 import os
 
 import torch
@@ -20,7 +21,8 @@ if not GPU:
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from hypothesis import Phase, example, given, settings, strategies as st  # noqa: E402
+from hypothesis import Phase, example, given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 from kernels.gated_delta_rule import gated_delta_rule  # noqa: E402
 from nirvana import gated_delta_rule_recurrent  # noqa: E402
@@ -33,9 +35,14 @@ LENGTHS = (1, 7, 63, 64, 65, 200, 513) if GPU else (1, 7, 63, 64, 65, 150)
 # every case (derandomized, so the interpreter's run time is predictable), and the @example cases below (the
 # explicit phase runs on the CPU only), which pin the shapes that must be covered
 EXAMPLES = 6 if GPU else 2
-PROPERTY = settings(max_examples=EXAMPLES, deadline=None, derandomize=not GPU,
-                    phases=[Phase.reuse, Phase.generate] if GPU
-                    else [Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink])
+PROPERTY = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=not GPU,
+    phases=[Phase.reuse, Phase.generate]
+    if GPU
+    else [Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
+)
 
 
 def random_inputs(B, T, H, Dk, Dv, decay_shift, seed, n_seqs):
@@ -76,16 +83,24 @@ def relative_error(x, ref):
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE))
 @pytest.mark.parametrize("Dk,Dv", HEAD_DIMS)
-@given(B=st.integers(1, 3 if GPU else 2), T=st.sampled_from(LENGTHS), H=st.integers(1, 4 if GPU else 2),
-       packed=st.booleans(), n_cuts=st.integers(1, 5), with_state=st.booleans(),
-       decay_shift=st.sampled_from([4.0, 1.0, -2.0]), seed=st.integers(0, 2**31 - 1))
+@given(
+    B=st.integers(1, 3 if GPU else 2),
+    T=st.sampled_from(LENGTHS),
+    H=st.integers(1, 4 if GPU else 2),
+    packed=st.booleans(),
+    n_cuts=st.integers(1, 5),
+    with_state=st.booleans(),
+    decay_shift=st.sampled_from([4.0, 1.0, -2.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
 # batch 1, one head, one token past a chunk, from an initial state; packed documents, some shorter than a
 # chunk
 @example(B=1, T=65, H=1, packed=False, n_cuts=1, with_state=True, decay_shift=1.0, seed=1)
 @example(B=2, T=64, H=2, packed=True, n_cuts=3, with_state=False, decay_shift=-2.0, seed=2)
 @PROPERTY
-def test_matches_reference_forward_and_backward(Dk, Dv, dtype, B, T, H, packed, n_cuts, with_state, decay_shift,
-                                                seed):
+def test_matches_reference_forward_and_backward(
+    Dk, Dv, dtype, B, T, H, packed, n_cuts, with_state, decay_shift, seed
+):
     """Output, final state and all six input gradients agree with the float64 reference; packed sequences
     (cu_seqlens) reset the state at every boundary."""
     cu_seqlens = random_cu_seqlens(B * T, n_cuts, seed) if packed else None
@@ -99,8 +114,14 @@ def test_matches_reference_forward_and_backward(Dk, Dv, dtype, B, T, H, packed, 
     dht = torch.randn(n_seqs, H, Dk, Dv, generator=gen).to(DEVICE)
 
     o, ht, grads = run_with_grads(gated_delta_rule, inputs, do, dht, cu_seqlens, with_state)
-    ref_o, ref_ht, ref_grads = run_with_grads(gated_delta_rule_recurrent, [x.double() for x in inputs],
-                                              do.double(), dht.double(), cu_seqlens, with_state)
+    ref_o, ref_ht, ref_grads = run_with_grads(
+        gated_delta_rule_recurrent,
+        [x.double() for x in inputs],
+        do.double(),
+        dht.double(),
+        cu_seqlens,
+        with_state,
+    )
     assert o.dtype == dtype and o.shape == (B, T, H, Dv)
     tol = TOLERANCE[dtype]
     errors = {"o": relative_error(o, ref_o)}
@@ -110,8 +131,11 @@ def test_matches_reference_forward_and_backward(Dk, Dv, dtype, B, T, H, packed, 
     for name, grad, ref_grad, x in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), grads, ref_grads, inputs):
         assert grad.dtype == x.dtype and grad.shape == x.shape, name
         errors[name] = relative_error(grad, ref_grad)
-    print(f"B={B} T={T} H={H} Dk={Dk} Dv={Dv} {dtype} packed={packed} state={with_state} worst="
-          f"{max(errors.values()):.2e}", " ".join(f"{name}={err:.1e}" for name, err in errors.items()))
+    print(
+        f"B={B} T={T} H={H} Dk={Dk} Dv={Dv} {dtype} packed={packed} state={with_state} worst="
+        f"{max(errors.values()):.2e}",
+        " ".join(f"{name}={err:.1e}" for name, err in errors.items()),
+    )
     assert all(err < tol for err in errors.values()), errors
 
 
@@ -128,10 +152,13 @@ def test_one_token_gradients_take_the_float32_states(seed):
     do = torch.randn(B, T, H, Dv, generator=gen).to(DEVICE, torch.bfloat16)
     dht = torch.randn(B, H, Dk, Dv, generator=gen).to(DEVICE)
     _, _, grads = run_with_grads(gated_delta_rule, inputs, do, dht, None, True)
-    _, _, ref_grads = run_with_grads(gated_delta_rule_recurrent, [x.double() for x in inputs], do.double(),
-                                     dht.double(), None, True)
-    errors = {name: relative_error(grad, ref) for name, grad, ref in
-              zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), grads, ref_grads)}
+    _, _, ref_grads = run_with_grads(
+        gated_delta_rule_recurrent, [x.double() for x in inputs], do.double(), dht.double(), None, True
+    )
+    errors = {
+        name: relative_error(grad, ref)
+        for name, grad, ref in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), grads, ref_grads)
+    }
     print(f"seed={seed}", " ".join(f"{name}={err:.1e}" for name, err in errors.items()))
     assert errors["dg"] < 1.5e-3, errors
     assert all(err < TOLERANCE[torch.bfloat16] for err in errors.values()), errors
@@ -139,8 +166,8 @@ def test_one_token_gradients_take_the_float32_states(seed):
 
 @pytest.mark.parametrize("Dk,Dv", HEAD_DIMS)
 @given(B=st.integers(1, 3), T=st.sampled_from([1, 5, 64, 70]), seed=st.integers(0, 2**31 - 1))
-@example(B=2, T=64, seed=3)   # a whole chunk, then decoding into the next one
-@example(B=1, T=5, seed=4)    # part of a chunk
+@example(B=2, T=64, seed=3)  # a whole chunk, then decoding into the next one
+@example(B=1, T=5, seed=4)  # part of a chunk
 @PROPERTY
 def test_prefill_then_decode_continues_the_sequence(Dk, Dv, B, T, seed):
     """Prefill T tokens, then decode two tokens one at a time (the recurrent decode kernel, no autograd):
@@ -149,12 +176,20 @@ def test_prefill_then_decode_continues_the_sequence(Dk, Dv, B, T, seed):
     q, k, v, g, beta, h0 = random_inputs(B, T + 2, H, Dk, Dv, 1.0, seed, B)
     with torch.no_grad():
         full_o, full_ht = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
-        o, state = gated_delta_rule(q[:, :T], k[:, :T], v[:, :T], g[:, :T], beta[:, :T], initial_state=h0,
-                                    output_final_state=True)
+        o, state = gated_delta_rule(
+            q[:, :T], k[:, :T], v[:, :T], g[:, :T], beta[:, :T], initial_state=h0, output_final_state=True
+        )
         steps = [o]
         for t in (T, T + 1):
-            o, state = gated_delta_rule(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1],
-                                        beta[:, t:t + 1], initial_state=state, output_final_state=True)
+            o, state = gated_delta_rule(
+                q[:, t : t + 1],
+                k[:, t : t + 1],
+                v[:, t : t + 1],
+                g[:, t : t + 1],
+                beta[:, t : t + 1],
+                initial_state=state,
+                output_final_state=True,
+            )
             steps.append(o)
     assert relative_error(torch.cat(steps, 1), full_o.double()) < 1e-5
     assert relative_error(state, full_ht.double()) < 1e-5
@@ -165,10 +200,14 @@ def test_packed_sequences_do_not_share_state():
     T, H, (Dk, Dv) = 150, 2, HEAD_DIMS[1]
     cu_seqlens = torch.tensor([0, 40, 41, 130, 150], device=DEVICE)
     q, k, v, g, beta, h0 = random_inputs(1, T, H, Dk, Dv, 1.0, 0, 4)
-    o, ht = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens)
+    o, ht = gated_delta_rule(
+        q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens
+    )
     v2 = v.clone()
     v2[:, 41:130] += 1.0  # the third document
-    o2, ht2 = gated_delta_rule(q, k, v2, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens)
+    o2, ht2 = gated_delta_rule(
+        q, k, v2, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens
+    )
     outside = torch.ones(T, dtype=torch.bool, device=DEVICE)
     outside[41:130] = False
     assert torch.equal(o[:, outside], o2[:, outside])
@@ -189,4 +228,6 @@ def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="g must be"):
         gated_delta_rule(q, k, v, g[:, :4], beta)
     with pytest.raises(ValueError, match="cu_seqlens must rise"):
-        gated_delta_rule(q[:1], k[:1], v[:1], g[:1], beta[:1], cu_seqlens=torch.tensor([0, 5, 3, 8], device=DEVICE))
+        gated_delta_rule(
+            q[:1], k[:1], v[:1], g[:1], beta[:1], cu_seqlens=torch.tensor([0, 5, 3, 8], device=DEVICE)
+        )

@@ -20,7 +20,8 @@ if not ON_CUDA:
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import nirvana
 from kernels import trigger_decode
@@ -237,7 +238,8 @@ def test_causal_conv_with_history_matches_the_reference():
             torch.randn(8, 1, 4, device=DEVICE),
             torch.randn(2, 3, 8, device=DEVICE),
         )
-        torch.testing.assert_close(causal_conv(x, weight, history), nirvana.causal_conv(x, weight, history),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            causal_conv(x, weight, history), nirvana.causal_conv(x, weight, history), rtol=1e-5, atol=1e-6
+        )
     with pytest.raises(ValueError, match=r"x \(B, T, C\) and weight \(C, 1, K\)"):
         causal_conv(x, weight[:4])

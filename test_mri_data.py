@@ -14,7 +14,6 @@ from mri_recon.metrics import score_reports
 from mri_recon.models import centre_lines
 from mri_recon.phantoms import Lesion, make_volume, parse_report, report_text
 
-
 # ---------------------------------------------------------------- masks (Table 10)
 
 

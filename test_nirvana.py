@@ -6,11 +6,22 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from nirvana import (PRESETS, VARIANTS, FusedLinear, Nirvana, NirvanaConfig, fast_weight_function,
-                     fuse_optimizer_state, gated_delta_rule_chunked, gated_delta_rule_recurrent,
-                     sliding_window_attention, trigger_step)
+from nirvana import (
+    PRESETS,
+    VARIANTS,
+    FusedLinear,
+    Nirvana,
+    NirvanaConfig,
+    fast_weight_function,
+    fuse_optimizer_state,
+    gated_delta_rule_chunked,
+    gated_delta_rule_recurrent,
+    sliding_window_attention,
+    trigger_step,
+)
 
 ALL_VARIANTS = sorted(VARIANTS)
 
@@ -28,7 +39,7 @@ def random_delta_rule_inputs(B, T, H, Dk, Dv, dtype=torch.float64, generator=Non
     q = F.normalize(randn(B, T, H, Dk), dim=-1)
     k = F.normalize(randn(B, T, H, Dk), dim=-1)
     v = randn(B, T, H, Dv)
-    g = -torch.rand(B, T, H, dtype=dtype, generator=generator) * 0.5   # log alpha in (-0.5, 0]
+    g = -torch.rand(B, T, H, dtype=dtype, generator=generator) * 0.5  # log alpha in (-0.5, 0]
     beta = torch.rand(B, T, H, dtype=dtype, generator=generator)
     return q, k, v, g, beta
 
@@ -37,15 +48,26 @@ def random_delta_rule_inputs(B, T, H, Dk, Dv, dtype=torch.float64, generator=Non
 
 
 @settings(max_examples=25, deadline=None)
-@given(B=st.integers(1, 2), T=st.integers(1, 150), H=st.integers(1, 3), Dk=st.sampled_from([4, 16, 32]),
-       expand_v=st.sampled_from([1, 2]), chunk=st.sampled_from([16, 64]), with_state=st.booleans(),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    B=st.integers(1, 2),
+    T=st.integers(1, 150),
+    H=st.integers(1, 3),
+    Dk=st.sampled_from([4, 16, 32]),
+    expand_v=st.sampled_from([1, 2]),
+    chunk=st.sampled_from([16, 64]),
+    with_state=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_chunked_delta_rule_equals_recurrence(B, T, H, Dk, expand_v, chunk, with_state, seed):
     generator = torch.Generator().manual_seed(seed)
     q, k, v, g, beta = random_delta_rule_inputs(B, T, H, Dk, Dk * expand_v, generator=generator)
-    state = torch.randn(B, H, Dk, Dk * expand_v, dtype=torch.float64, generator=generator) if with_state else None
+    state = (
+        torch.randn(B, H, Dk, Dk * expand_v, dtype=torch.float64, generator=generator) if with_state else None
+    )
     o_ref, s_ref = gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=state, output_final_state=True)
-    o, s = gated_delta_rule_chunked(q, k, v, g, beta, initial_state=state, output_final_state=True, chunk_size=chunk)
+    o, s = gated_delta_rule_chunked(
+        q, k, v, g, beta, initial_state=state, output_final_state=True, chunk_size=chunk
+    )
     torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)
 
@@ -56,7 +78,9 @@ def test_delta_rule_recurrence_is_the_equation():
     q, k, v, g, beta = random_delta_rule_inputs(1, 1, 1, 4, 3)
     S0 = torch.randn(1, 1, 4, 3, dtype=torch.float64)
     kk, vv, a, b = k[0, 0, 0], v[0, 0, 0], g[0, 0, 0].exp(), beta[0, 0, 0]
-    S1 = a * (torch.eye(4, dtype=torch.float64) - b * torch.outer(kk, kk)) @ S0[0, 0] + b * torch.outer(kk, vv)
+    S1 = a * (torch.eye(4, dtype=torch.float64) - b * torch.outer(kk, kk)) @ S0[0, 0] + b * torch.outer(
+        kk, vv
+    )
     o, S = gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=S0, output_final_state=True)
     torch.testing.assert_close(S[0, 0], S1)
     torch.testing.assert_close(o[0, 0, 0], S1.T @ q[0, 0, 0] / 2)
@@ -71,10 +95,13 @@ def test_packed_sequences_do_not_share_state():
     for rule in (gated_delta_rule_recurrent, gated_delta_rule_chunked):
         o, s = rule(q, k, v, g, beta, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
         for n, (start, end) in enumerate(zip(cu_seqlens[:-1], cu_seqlens[1:])):
-            o_n, s_n = gated_delta_rule_recurrent(*(x[:, start:end] for x in (q, k, v, g, beta)),
-                                                  initial_state=state[n:n + 1], output_final_state=True)
+            o_n, s_n = gated_delta_rule_recurrent(
+                *(x[:, start:end] for x in (q, k, v, g, beta)),
+                initial_state=state[n : n + 1],
+                output_final_state=True,
+            )
             torch.testing.assert_close(o[:, start:end], o_n)
-            torch.testing.assert_close(s[n:n + 1], s_n)
+            torch.testing.assert_close(s[n : n + 1], s_n)
     with pytest.raises(ValueError, match="cu_seqlens"):
         gated_delta_rule_chunked(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 5, 3, 109]))
 
@@ -83,10 +110,14 @@ def test_delta_rule_gradcheck_float64():
     torch.manual_seed(3)
     inputs = [x.requires_grad_() for x in random_delta_rule_inputs(1, 5, 2, 3, 4)]
     state = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
-    for rule in (gated_delta_rule_recurrent, lambda *a, **kw: gated_delta_rule_chunked(*a, **kw, chunk_size=4)):
+    for rule in (
+        gated_delta_rule_recurrent,
+        lambda *a, **kw: gated_delta_rule_chunked(*a, **kw, chunk_size=4),
+    ):
         assert torch.autograd.gradcheck(
             lambda q, k, v, g, beta, s: rule(q, k, v, g, beta, initial_state=s, output_final_state=True),
-            (*inputs, state))
+            (*inputs, state),
+        )
 
 
 # ---------------------------------------------------------------- sliding-window attention
@@ -100,7 +131,7 @@ def test_sliding_window_attention_sees_exactly_its_window(T, window, H, seed):
     v = torch.randn(2, T, H, 5, dtype=torch.float64, generator=generator)
     o = sliding_window_attention(q, k, v, window)
     for i in range(T):
-        keys = range(max(0, i - window + 1), i + 1)                                   # (i - W, i], self included
+        keys = range(max(0, i - window + 1), i + 1)  # (i - W, i], self included
         scores = torch.stack([(q[:, i] * k[:, j]).sum(-1) / math.sqrt(8) for j in keys], dim=-1)
         expected = torch.einsum("bhj,jbhv->bhv", scores.softmax(-1), torch.stack([v[:, j] for j in keys]))
         torch.testing.assert_close(o[:, i], expected)
@@ -115,28 +146,35 @@ def random_trigger_inputs(N, d_t, K, dtype=torch.float64, seed=0):
     def randn(*shape):
         return torch.randn(*shape, dtype=dtype, generator=generator)
 
-    return (randn(N, d_t), randn(N, d_t), randn(N, d_t), 1 + 0.3 * randn(N, K),
-            torch.rand(N, dtype=dtype, generator=generator), randn(K, d_t, d_t) / d_t, randn(K, d_t) / d_t)
+    return (
+        randn(N, d_t),
+        randn(N, d_t),
+        randn(N, d_t),
+        1 + 0.3 * randn(N, K),
+        torch.rand(N, dtype=dtype, generator=generator),
+        randn(K, d_t, d_t) / d_t,
+        randn(K, d_t) / d_t,
+    )
 
 
 def test_trigger_gradient_equals_closed_form():
     """Eq.(4)/(7) derived by hand: dL/dp_k = <dL/dz, W_k k~ + b_k>, dL/dz through the affine-free LayerNorm."""
     q, k, v, p, eta, W, b = random_trigger_inputs(7, 6, 5)
-    A = torch.einsum("kij,nj->nki", W, k) + b                                         # (N, K, d_t): W_k k~ + b_k
-    z = torch.einsum("nk,nki->ni", p, A)                                              # W(p) k~ + b(p), eq.(6)
+    A = torch.einsum("kij,nj->nki", W, k) + b  # (N, K, d_t): W_k k~ + b_k
+    z = torch.einsum("nk,nki->ni", p, A)  # W(p) k~ + b(p), eq.(6)
     mu, sigma = z.mean(-1, keepdim=True), (z.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
-    y = (z - mu) / sigma                                                              # LN(z)
-    r = 2 * (k + y - v)                                                               # dL/df, eq.(3)
+    y = (z - mu) / sigma  # LN(z)
+    r = 2 * (k + y - v)  # dL/df, eq.(3)
     dz = (r - r.mean(-1, keepdim=True) - y * (r * y).mean(-1, keepdim=True)) / sigma
-    grad = torch.einsum("ni,nki->nk", dz, A)                                          # eq.(4) with eq.(7)
+    grad = torch.einsum("ni,nki->nk", dz, A)  # eq.(4) with eq.(7)
     c, p_new = trigger_step(q, k, v, p, eta, W, b)
-    torch.testing.assert_close(p_new, p - eta[:, None] * grad)                        # eq.(5)
+    torch.testing.assert_close(p_new, p - eta[:, None] * grad)  # eq.(5)
     torch.testing.assert_close(c, fast_weight_function(q, p - eta[:, None] * grad, W, b))  # eq.(2)
 
 
 def test_fast_weight_function_is_the_weighted_bank():
     q, _, _, p, _, W, b = random_trigger_inputs(4, 6, 5, seed=1)
-    W_p = torch.einsum("nk,kij->nij", p, W)                                           # W(p) per token, eq.(6)
+    W_p = torch.einsum("nk,kij->nij", p, W)  # W(p) per token, eq.(6)
     z = torch.einsum("nij,nj->ni", W_p, q) + p @ b
     torch.testing.assert_close(fast_weight_function(q, p, W, b), q + F.layer_norm(z, (6,)))
 
@@ -183,7 +221,7 @@ def test_decoding_reproduces_the_parallel_forward(variant):
         logits, _ = model(idx)
         model.setup_caches(batch_size=2, max_seq_len=80)
         steps = [model(idx[:, :11], input_pos=0)[0]]
-        steps += [model(idx[:, i:i + 1], input_pos=i)[0] for i in range(11, 80)]
+        steps += [model(idx[:, i : i + 1], input_pos=i)[0] for i in range(11, 80)]
         model.clear_caches()
     torch.testing.assert_close(torch.cat(steps, dim=1), logits, rtol=1e-4, atol=1e-4)
 
@@ -219,7 +257,7 @@ def test_greedy_generation_equals_argmax_of_full_forward():
         for _ in range(12):
             expected = torch.cat([expected, model(expected)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated, expected)
-    assert model.max_seq_len is None and not list(model.buffers())             # caches cleared afterwards
+    assert model.max_seq_len is None and not list(model.buffers())  # caches cleared afterwards
 
 
 def test_top_k_sampling_stays_in_the_top_k():
@@ -238,10 +276,23 @@ def test_gradients_reach_every_parameter():
     _, loss = model(idx, idx)
     loss.backward()
     names = [name for name, _ in model.named_parameters()]
-    for part in ("trigger_bank.weight", "trigger_bank.bias", "trigger.theta", "updater.u", "updater.zeta",
-                 "q_delta_up", "k_delta_up", "v_delta_up", "A_log", "dt_bias", "in_proj"):
+    for part in (
+        "trigger_bank.weight",
+        "trigger_bank.bias",
+        "trigger.theta",
+        "updater.u",
+        "updater.zeta",
+        "q_delta_up",
+        "k_delta_up",
+        "v_delta_up",
+        "A_log",
+        "dt_bias",
+        "in_proj",
+    ):
         assert any(part in name for name in names), part
-    no_gradient = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    no_gradient = [
+        name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0
+    ]
     # each part of a fused projection too: q, k, v, the gates, the deltas' down projections, q~ k~ v~
     fused_parts = set()
     for name, module in model.named_modules():
@@ -270,7 +321,7 @@ def test_trace_returns_gates_and_fast_parameters():
     assert len(trace["gate"]) == len(trace["p"]) == n_post
     assert trace["gate"][0].shape == (2, 10) and ((trace["gate"][0] > 0) & (trace["gate"][0] < 1)).all()
     assert trace["p"][0].shape == (2, 10, model.config.bank_size)
-    assert not torch.allclose(trace["p"][0], torch.ones_like(trace["p"][0]))    # CL-OGD moved p
+    assert not torch.allclose(trace["p"][0], torch.ones_like(trace["p"][0]))  # CL-OGD moved p
 
 
 def test_loss_is_cross_entropy_with_ignored_targets():
@@ -278,7 +329,7 @@ def test_loss_is_cross_entropy_with_ignored_targets():
     idx = torch.randint(0, model.config.vocab_size, (2, 9))
     targets = idx.roll(-1, dims=1)
     targets[:, -1] = -1
-    no_logits, loss = model(idx, targets)                                      # training needs no logits
+    no_logits, loss = model(idx, targets)  # training needs no logits
     assert no_logits is None
     logits = model(idx)[0]
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets[:, :-1].reshape(-1))
@@ -287,6 +338,7 @@ def test_loss_is_cross_entropy_with_ignored_targets():
 
 def test_checkpoint_round_trip_and_bad_files(tmp_path):
     from dataclasses import asdict
+
     model = tiny_model("hybrid")
     path = tmp_path / "model.pt"
     torch.save({"config": asdict(model.config), "model": model.state_dict(), "tokenizer": "bytes"}, path)
@@ -304,14 +356,27 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path):
 # Before the projections of one input were fused into one GEMM, each had its own weight (per block).
 UNFUSED = {
     "mixer.qkv_proj": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj"],
-    "mixer.in_proj": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.gated_deltanet.a_proj",
-                      "mixer.gated_deltanet.b_proj", "mixer.gated_deltanet.g_proj",
-                      "mixer.q_delta.down", "mixer.k_delta.down", "mixer.v_delta.down",
-                      "mixer.trigger.q_proj", "mixer.trigger.k_proj", "mixer.trigger.v_proj"],
+    "mixer.in_proj": [
+        "mixer.q_proj",
+        "mixer.k_proj",
+        "mixer.v_proj",
+        "mixer.gated_deltanet.a_proj",
+        "mixer.gated_deltanet.b_proj",
+        "mixer.gated_deltanet.g_proj",
+        "mixer.q_delta.down",
+        "mixer.k_delta.down",
+        "mixer.v_delta.down",
+        "mixer.trigger.q_proj",
+        "mixer.trigger.k_proj",
+        "mixer.trigger.v_proj",
+    ],
     "ffn.gate_up": ["ffn.gate", "ffn.up"],
 }
-RENAMED = {"mixer.q_delta_up": "mixer.q_delta.up", "mixer.k_delta_up": "mixer.k_delta.up",
-           "mixer.v_delta_up": "mixer.v_delta.up"}
+RENAMED = {
+    "mixer.q_delta_up": "mixer.q_delta.up",
+    "mixer.k_delta_up": "mixer.k_delta.up",
+    "mixer.v_delta_up": "mixer.v_delta.up",
+}
 
 
 def old_names(model, name):
@@ -346,6 +411,7 @@ def unfused_state_dict(model):
 @pytest.mark.parametrize("variant", ["nirvana", "nirvana-notrigger", "hybrid"])
 def test_checkpoints_from_before_the_fusion_load(tmp_path, variant):
     from dataclasses import asdict
+
     model = tiny_model(variant)
     old_state = unfused_state_dict(model)
     assert "blocks.0.mixer.q_proj.weight" in old_state and "blocks.0.ffn.up.weight" in old_state
@@ -353,11 +419,11 @@ def test_checkpoints_from_before_the_fusion_load(tmp_path, variant):
         assert {"blocks.3.mixer.trigger.k_proj.weight", "blocks.3.mixer.q_delta.up.weight"} <= set(old_state)
     path = tmp_path / "old.pt"
     torch.save({"config": asdict(model.config), "model": old_state}, path)
-    loaded = Nirvana.from_checkpoint(path)                                            # strict: every key used
+    loaded = Nirvana.from_checkpoint(path)  # strict: every key used
     idx = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
-    wrapper = torch.nn.Module()                                                 # as a submodule (mri.py)
+    wrapper = torch.nn.Module()  # as a submodule (mri.py)
     wrapper.llm = tiny_model(variant, seed=1)
     wrapper.load_state_dict({f"llm.{name}": tensor for name, tensor in old_state.items()})
     with torch.no_grad():
@@ -370,15 +436,27 @@ def test_optimizer_state_from_before_the_fusion_is_fused_like_the_weights():
     # AdamW's state keyed by parameter name, as torch.distributed.checkpoint's get_optimizer_state_dict
     # gives it to train.py (random moments: a misplaced row shows)
     weights = dict(model.named_parameters())
-    fused = {"state": {name: {"step": torch.tensor(7.0), "exp_avg": torch.randn_like(p),
-                              "exp_avg_sq": torch.rand_like(p)} for name, p in weights.items()},
-             "param_groups": [{"lr": 1e-3, "params": [name for name, p in weights.items() if p.dim() >= 2]},
-                              {"lr": 1e-3, "params": [name for name, p in weights.items() if p.dim() < 2]}]}
+    fused = {
+        "state": {
+            name: {
+                "step": torch.tensor(7.0),
+                "exp_avg": torch.randn_like(p),
+                "exp_avg_sq": torch.rand_like(p),
+            }
+            for name, p in weights.items()
+        },
+        "param_groups": [
+            {"lr": 1e-3, "params": [name for name, p in weights.items() if p.dim() >= 2]},
+            {"lr": 1e-3, "params": [name for name, p in weights.items() if p.dim() < 2]},
+        ],
+    }
     old = {"state": {}, "param_groups": []}
     for name, entry in fused["state"].items():
         for old_name, _ in old_names(model, name):
-            old["state"][old_name] = {key: unfused(model, name, value)[old_name] if value.dim() else value
-                                      for key, value in entry.items()}
+            old["state"][old_name] = {
+                key: unfused(model, name, value)[old_name] if value.dim() else value
+                for key, value in entry.items()
+            }
     for group in fused["param_groups"]:
         params = [old_name for name in group["params"] for old_name, _ in old_names(model, name)]
         old["param_groups"].append({**group, "params": params})
@@ -388,16 +466,25 @@ def test_optimizer_state_from_before_the_fusion_is_fused_like_the_weights():
     for name, entry in fused["state"].items():
         for key, value in entry.items():
             assert torch.equal(converted["state"][name][key], value), (name, key)
-    assert [sorted(g["params"]) for g in converted["param_groups"]] == [sorted(g["params"])
-                                                                         for g in fused["param_groups"]]
+    assert [sorted(g["params"]) for g in converted["param_groups"]] == [
+        sorted(g["params"]) for g in fused["param_groups"]
+    ]
 
 
-@pytest.mark.parametrize("size, variant, expected", [
-    ("tiny", "nirvana", 366_832),
-    ("125m", "nirvana", 146_903_568), ("125m", "gated-deltanet", 141_406_608), ("125m", "transformer", 134_105_856),
-    ("350m", "nirvana", 417_496_832), ("350m", "nirvana-notrigger", 412_723_584), ("350m", "hybrid", 386_796_224),
-    ("1.3b", "nirvana", 1_386_310_336), ("1.3b", "gated-deltanet", 1_338_488_256),
-])
+@pytest.mark.parametrize(
+    "size, variant, expected",
+    [
+        ("tiny", "nirvana", 366_832),
+        ("125m", "nirvana", 146_903_568),
+        ("125m", "gated-deltanet", 141_406_608),
+        ("125m", "transformer", 134_105_856),
+        ("350m", "nirvana", 417_496_832),
+        ("350m", "nirvana-notrigger", 412_723_584),
+        ("350m", "hybrid", 386_796_224),
+        ("1.3b", "nirvana", 1_386_310_336),
+        ("1.3b", "gated-deltanet", 1_338_488_256),
+    ],
+)
 def test_preset_parameter_counts(size, variant, expected):
     with torch.device("meta"):
         model = Nirvana(NirvanaConfig.from_preset(f"{variant}-{size}"))
@@ -413,14 +500,17 @@ def test_every_variant_and_size_is_a_preset():
     assert NirvanaConfig.from_preset("125m").variant == "nirvana"
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(window=0), "window"),
-    (dict(d_model=64, n_heads=5), "n_heads .5. must divide d_model .64."),
-    (dict(variant="mamba"), "unknown variant"),
-    (dict(backend="cuda"), "unknown backend"),
-    (dict(n_prelude=4, n_layers=4), "post-prelude"),
-    (dict(lowrank=0), "lowrank"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(window=0), "window"),
+        (dict(d_model=64, n_heads=5), "n_heads .5. must divide d_model .64."),
+        (dict(variant="mamba"), "unknown variant"),
+        (dict(backend="cuda"), "unknown backend"),
+        (dict(n_prelude=4, n_layers=4), "post-prelude"),
+        (dict(lowrank=0), "lowrank"),
+    ],
+)
 def test_bad_config_raises_a_clear_error(bad, message):
     with pytest.raises(ValueError, match=message):
         NirvanaConfig.from_preset("tiny", **bad)
@@ -456,6 +546,6 @@ def test_bad_token_ids_and_shapes_raise():
 
 
 def test_triton_backend_without_kernels_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "kernels", None)                                  # import kernels fails
+    monkeypatch.setitem(sys.modules, "kernels", None)  # import kernels fails
     with pytest.raises(RuntimeError, match="backend='triton' needs the kernels/ package"):
         Nirvana(NirvanaConfig.from_preset("tiny", backend="triton"))

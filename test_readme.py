@@ -7,6 +7,7 @@ other, and must exit with status 0. There `python train.py` runs a two-step sche
 (TINY_DEFAULTS shortened here; the command line is the README's), and the built-in corpus goes to the
 folder's data/pydoc instead of the repository's.
 """
+
 import os
 import re
 import shlex
@@ -43,7 +44,7 @@ def logical_lines(lines):
 def split_command(line):
     """'python x.py --a 1   # GPU' -> (['python', 'x.py', '--a', '1'], 'GPU')."""
     match = re.search(r"\s#\s(.*)$", line)
-    return shlex.split(line[:match.start()] if match else line), match.group(1) if match else ""
+    return shlex.split(line[: match.start()] if match else line), match.group(1) if match else ""
 
 
 def readme_commands():
@@ -77,22 +78,30 @@ def docstring_commands(module):
     return commands
 
 
-SCRIPTS = {"train.py": train, "eval.py": ev, "sample.py": sample, "prepare.py": prepare, "mri.py": mri,
-           "bench.py": bench}
+SCRIPTS = {
+    "train.py": train,
+    "eval.py": ev,
+    "sample.py": sample,
+    "prepare.py": prepare,
+    "mri.py": mri,
+    "bench.py": bench,
+}
 
 
 def script_and_args(argv):
-    """-> (script name, its arguments), or None for set-up lines (pip, apt-get), pytest and experiments/ (whose
+    """-> (script name, its arguments), or None for set-up lines (pip, apt-get, ruff), pytest and experiments/ (whose
     pipeline test_experiments.py runs); environment assignments skipped."""
     while argv and re.match(r"^[A-Z_]+=", argv[0]):
         argv = argv[1:]
-    if argv[0] in ("pip", "apt-get") or argv[:3] == ["python", "-m", "pytest"]:
+    if argv[0] in ("pip", "apt-get", "ruff") or argv[:3] == ["python", "-m", "pytest"]:
         return None
     if any(word.startswith("experiments/") for word in argv[:2]):
         return None
-    position = next(i for i, word in enumerate(argv) if word.endswith(".py"))  # python X.py or torchrun ... X.py
+    position = next(
+        i for i, word in enumerate(argv) if word.endswith(".py")
+    )  # python X.py or torchrun ... X.py
     assert argv[0] in ("python", "torchrun") and argv[position] in SCRIPTS, argv
-    return argv[position], argv[position + 1:]
+    return argv[position], argv[position + 1 :]
 
 
 def parses(script, args, monkeypatch):
@@ -127,8 +136,17 @@ def folder(tmp_path, monkeypatch):
         monkeypatch.setattr(module, "BUILTIN_DIR", str(tmp_path / "data" / "pydoc"))
     steps = 2
     tokens = steps * train.TINY_DEFAULTS["global_batch_tokens"]
-    monkeypatch.setattr(train, "TINY_DEFAULTS", dict(train.TINY_DEFAULTS, max_tokens=tokens, warmup_tokens=tokens // 2,
-                                                     eval_every=steps, save_every=steps))
+    monkeypatch.setattr(
+        train,
+        "TINY_DEFAULTS",
+        dict(
+            train.TINY_DEFAULTS,
+            max_tokens=tokens,
+            warmup_tokens=tokens // 2,
+            eval_every=steps,
+            save_every=steps,
+        ),
+    )
     return tmp_path
 
 
@@ -156,8 +174,13 @@ def test_readme_then_eval_and_sample_help_commands_run_in_order(folder, monkeypa
     assert ["pip", "install", "-r", "requirements.txt"] in [argv for _, argv, _ in readme if argv[0] == "pip"]
     assert os.path.isfile(os.path.join(REPO, "requirements.txt"))
     done = set()
-    ran, parsed = run_in_order([(argv, comment, section.startswith(RUN_SECTIONS)) for section, argv, comment in readme],
-                               True, monkeypatch, capsys, done)
+    ran, parsed = run_in_order(
+        [(argv, comment, section.startswith(RUN_SECTIONS)) for section, argv, comment in readme],
+        True,
+        monkeypatch,
+        capsys,
+        done,
+    )
     assert ran[:2] == ["python train.py", "python train.py --resume"]
     assert any(command.startswith("python eval.py ppl") for command in ran)
     assert any(command.startswith("python sample.py") for command in ran)
@@ -166,14 +189,21 @@ def test_readme_then_eval_and_sample_help_commands_run_in_order(folder, monkeypa
     assert (folder / "eval_out" / "ppl_nirvana-tiny_pydoc.png").is_file()
     # the --help of eval.py and sample.py start "After `python train.py`": in the same folder
     for module in (ev, sample):
-        run_in_order([(argv, comment, True) for argv, comment in docstring_commands(module)], True, monkeypatch,
-                     capsys, done)
+        run_in_order(
+            [(argv, comment, True) for argv, comment in docstring_commands(module)],
+            True,
+            monkeypatch,
+            capsys,
+            done,
+        )
 
 
 @pytest.mark.parametrize("module", [train, prepare], ids=["train.py", "prepare.py"])
 def test_help_commands_run_in_order_in_a_fresh_folder(folder, monkeypatch, capsys, module):
     commands = docstring_commands(module)
     assert commands, f"no commands in {module.__name__}'s --help"
-    ran, _ = run_in_order([(argv, comment, True) for argv, comment in commands], True, monkeypatch, capsys, set())
+    ran, _ = run_in_order(
+        [(argv, comment, True) for argv, comment in commands], True, monkeypatch, capsys, set()
+    )
     assert ran  # at least its first command runs on a CPU
     assert (folder / "data" / "pydoc" / "meta.json").is_file()

@@ -1,4 +1,5 @@
 """Tests of tokenizer.py, prepare.py and train.py on the CPU (a few minutes on 2 cores)."""
+
 import base64
 import csv
 import json
@@ -20,8 +21,20 @@ from prepare import BUILTIN_VOCAB_SIZE, TokenShards, builtin_documents, prepare,
 from tokenizer import load_tokenizer, train_sentencepiece
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-SMALL_RUN = ["--micro-batch", "4", "--seq-len", "32", "--global-batch-tokens", "256", "--eval-tokens", "128",
-             "--log-every", "1", "--warmup-tokens", "512"]
+SMALL_RUN = [
+    "--micro-batch",
+    "4",
+    "--seq-len",
+    "32",
+    "--global-batch-tokens",
+    "256",
+    "--eval-tokens",
+    "128",
+    "--log-every",
+    "1",
+    "--warmup-tokens",
+    "512",
+]
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +51,7 @@ def read_log(path):
 
 
 # ----------------------------------------------------------------------------- tokenizer.py
+
 
 def test_byte_tokenizer_round_trip():
     tok = load_tokenizer("bytes")
@@ -59,7 +73,10 @@ def test_sentencepiece_train_and_round_trip(tmp_path):
     assert tok.decode(ids) == text  # no normalisation, byte fallback: lossless
     assert len(ids) < len(text.encode()) / 2  # it really merges
     # a vocabulary larger than the corpus supports is an upper bound, not an error
-    assert load_tokenizer(train_sentencepiece(iter(documents[:2]), str(tmp_path / "big"), 32000)).vocab_size < 32000
+    assert (
+        load_tokenizer(train_sentencepiece(iter(documents[:2]), str(tmp_path / "big"), 32000)).vocab_size
+        < 32000
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -108,6 +125,7 @@ def test_tokenizer_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- prepare.py
 
+
 def test_prepare_reads_txt_jsonl_and_dataset_folders(tmp_path):
     documents = builtin_documents()[:30]
     (tmp_path / "in" / "hf").mkdir(parents=True)
@@ -116,10 +134,17 @@ def test_prepare_reads_txt_jsonl_and_dataset_folders(tmp_path):
         for d in documents[1:]:
             f.write(json.dumps({"text": d, "id": 1}) + "\n")
     (tmp_path / "in" / "hf" / "dataset_info.json").write_text("{}")  # skipped, not data
-    meta = prepare([str(tmp_path / "in")], str(tmp_path / "out"), "bytes", val_fraction=0.2, shard_tokens=20000)
+    meta = prepare(
+        [str(tmp_path / "in")], str(tmp_path / "out"), "bytes", val_fraction=0.2, shard_tokens=20000
+    )
     assert meta["dtype"] == "uint16" and len(meta["train"]) > 1  # several shards
-    train_split, val_split = TokenShards(str(tmp_path / "out"), "train"), TokenShards(str(tmp_path / "out"), "val")
-    everything = np.concatenate([train_split.read(0, train_split.num_tokens), val_split.read(0, val_split.num_tokens)])
+    train_split, val_split = (
+        TokenShards(str(tmp_path / "out"), "train"),
+        TokenShards(str(tmp_path / "out"), "val"),
+    )
+    everything = np.concatenate(
+        [train_split.read(0, train_split.num_tokens), val_split.read(0, val_split.num_tokens)]
+    )
     assert (everything == 256).sum() == len(documents)  # one <eos> per document
     assert everything.size == sum(len(d.encode()) for d in documents) + len(documents)
     assert 0.05 < val_split.num_tokens / everything.size < 0.4
@@ -147,7 +172,9 @@ def test_prepare_errors(tmp_path):
     first = prepare([str(tmp_path / "good.txt")], str(tmp_path / "out"), "bytes", val_fraction=0.5)
     with pytest.raises(UserError, match="already holds a prepared corpus.*--overwrite"):
         prepare([str(tmp_path / "good.txt")], str(tmp_path / "out"), "bytes", val_fraction=0.5)
-    again = prepare([str(tmp_path / "good.txt")], str(tmp_path / "out"), "bytes", val_fraction=0.5, overwrite=True)
+    again = prepare(
+        [str(tmp_path / "good.txt")], str(tmp_path / "out"), "bytes", val_fraction=0.5, overwrite=True
+    )
     assert again["train"] == first["train"]
 
 
@@ -188,9 +215,20 @@ def test_builtin_corpus(corpus):
 
 # ----------------------------------------------------------------------------- train.py
 
+
 def test_set_overrides_preset_fields_with_typed_values():
-    args = train.parse_args(["--preset", "nirvana-125m", "--set", "d_model=384", "--set", "detach_inner_grad=True",
-                             "--set", "variant=transformer"])
+    args = train.parse_args(
+        [
+            "--preset",
+            "nirvana-125m",
+            "--set",
+            "d_model=384",
+            "--set",
+            "detach_inner_grad=True",
+            "--set",
+            "variant=transformer",
+        ]
+    )
     assert args.config_overrides == {"d_model": 384, "detach_inner_grad": True, "variant": "transformer"}
     with pytest.raises(SystemExit):
         train.parse_args(["--set", "window"])  # not FIELD=VALUE
@@ -208,9 +246,30 @@ def test_schedule_warmup_then_cosine():
 
 
 def test_loss_falls_on_tiny_preset(corpus, tmp_path):
-    result = train.main(["--data", corpus, "--out", str(tmp_path), "--max-tokens", str(60 * 512),
-                         "--micro-batch", "8", "--seq-len", "64", "--global-batch-tokens", "512",
-                         "--warmup-tokens", "2048", "--eval-every", "30", "--eval-tokens", "1024", "--log-every", "10"])
+    result = train.main(
+        [
+            "--data",
+            corpus,
+            "--out",
+            str(tmp_path),
+            "--max-tokens",
+            str(60 * 512),
+            "--micro-batch",
+            "8",
+            "--seq-len",
+            "64",
+            "--global-batch-tokens",
+            "512",
+            "--warmup-tokens",
+            "2048",
+            "--eval-every",
+            "30",
+            "--eval-tokens",
+            "1024",
+            "--log-every",
+            "10",
+        ]
+    )
     losses = result["losses"]
     assert len(losses) == 60
     assert losses[0] > math.log(BUILTIN_VOCAB_SIZE) - 0.5  # starts near uniform
@@ -225,8 +284,21 @@ def test_loss_falls_on_tiny_preset(corpus, tmp_path):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_variant_trains(corpus, tmp_path, variant):
-    result = train.main(["--preset", f"{variant}-tiny", "--data", corpus, "--out", str(tmp_path), "--max-tokens",
-                         str(2 * 256), "--eval-every", "2"] + SMALL_RUN)
+    result = train.main(
+        [
+            "--preset",
+            f"{variant}-tiny",
+            "--data",
+            corpus,
+            "--out",
+            str(tmp_path),
+            "--max-tokens",
+            str(2 * 256),
+            "--eval-every",
+            "2",
+        ]
+        + SMALL_RUN
+    )
     assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"])
     assert Nirvana.from_checkpoint(str(tmp_path / "ckpt.pt")).config.variant == variant
 
@@ -251,14 +323,23 @@ def torchrun(args, cwd):
     second abort, fails the test; the callers' loss comparisons are unchanged.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(REPO, "train.py"), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.join(REPO, "train.py"),
+        *args,
+    ]
     for attempt in (1, 2):
         done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
         if done.returncode == 0 or "Signal 6 (SIGABRT)" not in done.stdout + done.stderr or attempt == 2:
             break
-        print(f"torchrun: a worker aborted (SIGABRT); retrying once. Its output ends:\n{done.stderr[-1500:]}",
-              file=sys.stderr)
+        print(
+            f"torchrun: a worker aborted (SIGABRT); retrying once. Its output ends:\n{done.stderr[-1500:]}",
+            file=sys.stderr,
+        )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -279,8 +360,9 @@ def test_ddp_then_fsdp_then_one_process_equal_one_uninterrupted_run(corpus, tmp_
     logged = read_log(tmp_path / "parts" / "log.csv")
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in logged] == pytest.approx(whole["losses"], rel=1e-5)
-    assert [r["val_loss"] for r in logged if r["val_loss"]] == pytest.approx([v for _, v in whole["val_losses"]],
-                                                                              rel=1e-5)
+    assert [r["val_loss"] for r in logged if r["val_loss"]] == pytest.approx(
+        [v for _, v in whole["val_losses"]], rel=1e-5
+    )
 
 
 def test_bad_inputs_give_clear_errors(corpus, tmp_path):
@@ -302,8 +384,10 @@ def test_bad_inputs_give_clear_errors(corpus, tmp_path):
     # a checkpoint from another config
     train.main(base + ["--data", corpus, "--out", str(tmp_path / "c")])
     with pytest.raises(UserError, match="another model config.*variant"):
-        train.main(base + ["--data", corpus, "--out", str(tmp_path / "c"), "--resume",
-                           "--preset", "gated-deltanet-tiny"])
+        train.main(
+            base
+            + ["--data", corpus, "--out", str(tmp_path / "c"), "--resume", "--preset", "gated-deltanet-tiny"]
+        )
     with pytest.raises(UserError, match="no checkpoint"):
         train.main(base + ["--data", corpus, "--out", str(tmp_path / "d"), "--resume"])
 
@@ -336,5 +420,23 @@ def test_nan_loss_stops_with_step_number(corpus, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "Nirvana", DivergingNirvana)
     with pytest.raises(FloatingPointError, match="loss is nan at step 2"):
-        train.main(["--data", corpus, "--out", str(tmp_path), "--max-tokens", "2048", "--eval-every", "100",
-                    "--micro-batch", "8", "--seq-len", "32", "--global-batch-tokens", "256", "--log-every", "1"])
+        train.main(
+            [
+                "--data",
+                corpus,
+                "--out",
+                str(tmp_path),
+                "--max-tokens",
+                "2048",
+                "--eval-every",
+                "100",
+                "--micro-batch",
+                "8",
+                "--seq-len",
+                "32",
+                "--global-batch-tokens",
+                "256",
+                "--log-every",
+                "1",
+            ]
+        )

@@ -13,6 +13,7 @@ The paper uses a LLaMA-2-sized 32k sentencepiece vocabulary; train_sentencepiece
 (BPE, byte fallback so no text is ever unknown, no normalisation so decode(encode(text)) == text; the one
 exception is U+2581 '▁', sentencepiece's own mark for a space, which decodes as a space).
 """
+
 import base64
 import itertools
 import os
@@ -60,7 +61,9 @@ class SentencePieceTokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=path)
         except (RuntimeError, OSError) as error:
-            raise UserError(f"{path} is not a sentencepiece model file ({str(error).strip()[:100]})") from error
+            raise UserError(
+                f"{path} is not a sentencepiece model file ({str(error).strip()[:100]})"
+            ) from error
         self.vocab_size = self.sp.get_piece_size()
         if self.sp.eos_id() < 0:
             raise UserError(f"sentencepiece model {path} has no <eos> piece; train it with eos_id >= 0")
@@ -84,7 +87,9 @@ class TiktokenTokenizer:
         ranks = read_tiktoken_ranks(path)
         name = os.path.basename(path).split(".")[0]
         pat_str, special_tokens = tiktoken_pattern_and_specials(name, ranks)
-        self.enc = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens)
+        self.enc = tiktoken.Encoding(
+            name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens
+        )
         self.eos_id = special_tokens["<|endoftext|>"]
         self.vocab_size = self.enc.max_token_value + 1
 
@@ -138,20 +143,23 @@ def load_tokenizer(spec):
     if spec == BYTES_SPEC:
         return ByteTokenizer()
     if spec.startswith(TIKTOKEN_PREFIX):
-        path = spec[len(TIKTOKEN_PREFIX):]
+        path = spec[len(TIKTOKEN_PREFIX) :]
         if not os.path.isfile(path):
             raise UserError(
                 f"tiktoken ranks file '{path}' not found; copy e.g. cl100k_base.tiktoken onto this machine "
-                f"(nothing is downloaded at run time), or use a sentencepiece model or 'bytes'")
+                f"(nothing is downloaded at run time), or use a sentencepiece model or 'bytes'"
+            )
         return TiktokenTokenizer(spec, path)
     if spec.endswith(".model"):
         if not os.path.isfile(spec):
             raise UserError(
                 f"sentencepiece model '{spec}' not found (moved or deleted?); pass the right one, e.g. --tokenizer "
-                f"<data folder>/tokenizer.model, or make one with `python prepare.py --input <text> --out <folder>`")
+                f"<data folder>/tokenizer.model, or make one with `python prepare.py --input <text> --out <folder>`"
+            )
         return SentencePieceTokenizer(spec)
     raise UserError(
-        f"unknown tokenizer spec '{spec}': use 'bytes', a sentencepiece '<path>.model' or 'tiktoken:<path>'")
+        f"unknown tokenizer spec '{spec}': use 'bytes', a sentencepiece '<path>.model' or 'tiktoken:<path>'"
+    )
 
 
 def sentencepiece_lines(texts):
@@ -160,7 +168,7 @@ def sentencepiece_lines(texts):
         for line in text.splitlines():
             line = line.strip()
             for start in range(0, len(line), SENTENCEPIECE_MAX_LINE_CHARS):
-                yield line[start:start + SENTENCEPIECE_MAX_LINE_CHARS]
+                yield line[start : start + SENTENCEPIECE_MAX_LINE_CHARS]
 
 
 def read_text_files(paths):
@@ -182,28 +190,51 @@ def train_sentencepiece(text_files_or_iterator, out_prefix, vocab_size=32000, ma
     if isinstance(source, (list, tuple)) and all(isinstance(p, (str, os.PathLike)) for p in source):
         missing = [repr(str(p)[:100]) for p in source if not os.path.isfile(p)]
         if missing:
-            raise UserError(f"{len(missing)} text file(s) for the tokenizer not found: "
-                                    f"{', '.join(missing[:3])} (to train on strings pass an iterator: iter(texts))")
+            raise UserError(
+                f"{len(missing)} text file(s) for the tokenizer not found: "
+                f"{', '.join(missing[:3])} (to train on strings pass an iterator: iter(texts))"
+            )
         source = read_text_files(source)
     lines = list(itertools.islice((line for line in sentencepiece_lines(source) if line), max_lines))
     if not lines:
         raise UserError("cannot train a sentencepiece model on an empty corpus (no non-blank text)")
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-    print(f"training a sentencepiece BPE tokenizer (vocab <= {vocab_size}) on {len(lines):,} lines; "
-          f"sentencepiece reports no progress of its own (minutes for a large corpus) ...", flush=True)
+    print(
+        f"training a sentencepiece BPE tokenizer (vocab <= {vocab_size}) on {len(lines):,} lines; "
+        f"sentencepiece reports no progress of its own (minutes for a large corpus) ...",
+        flush=True,
+    )
     start = time.perf_counter()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_prefix=str(out_prefix), vocab_size=vocab_size,
-            hard_vocab_limit=False, model_type="bpe", byte_fallback=True, character_coverage=0.99995,
-            split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True, add_dummy_prefix=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            num_threads=os.cpu_count() or 1, minloglevel=2)
-    except RuntimeError as error:  # e.g. a vocabulary smaller than the 256 byte pieces and the characters seen
+            sentence_iterator=iter(lines),
+            model_prefix=str(out_prefix),
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            model_type="bpe",
+            byte_fallback=True,
+            character_coverage=0.99995,
+            split_digits=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            add_dummy_prefix=False,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except (
+        RuntimeError
+    ) as error:  # e.g. a vocabulary smaller than the 256 byte pieces and the characters seen
         reason = str(error).strip().splitlines()[-1]
         if "Vocabulary size is smaller than required_chars" in reason:
             reason = "it must hold the 256 byte pieces, 3 special pieces and every character of the corpus"
-        raise UserError(f"sentencepiece cannot train a vocabulary of {vocab_size} ({reason[-160:]}): "
-                        f"use a larger vocabulary size") from error
+        raise UserError(
+            f"sentencepiece cannot train a vocabulary of {vocab_size} ({reason[-160:]}): "
+            f"use a larger vocabulary size"
+        ) from error
     print(f"trained {out_prefix}.model in {time.perf_counter() - start:.0f} s", flush=True)
     return f"{out_prefix}.model"

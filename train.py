@@ -26,6 +26,7 @@ FILE.jsonl) and loss.png. The validation loss and perplexity it prints and logs 
 With every checkpoint it also writes the weights as model.safetensors + config.json (the folder then
 loads with nirvana_hf.load_pretrained or transformers, see nirvana_hf/).
 """
+
 import argparse
 import ast
 import contextlib
@@ -41,16 +42,43 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import (ArgumentParser, UserError, non_negative_float, non_negative_int, positive_float, positive_int,
-                 read_checkpoint, run_main, torch_device, write_atomically)
+from cli import (
+    ArgumentParser,
+    UserError,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    read_checkpoint,
+    run_main,
+    torch_device,
+    write_atomically,
+)
 from nirvana import Nirvana, NirvanaConfig, fuse_optimizer_state
 from prepare import BUILTIN_DIR, TokenShards, load_meta, prepare_builtin
 
-PAPER_DEFAULTS = dict(seq_len=None, micro_batch=4, global_batch_tokens=524_288, max_tokens=100_000_000_000,
-                      warmup_tokens=1_000_000_000, lr=4e-4, eval_every=1000, eval_tokens=4_194_304,
-                      save_every=1000)
-TINY_DEFAULTS = dict(seq_len=128, micro_batch=8, global_batch_tokens=2048, max_tokens=1_024_000,
-                     warmup_tokens=102_400, lr=2e-3, eval_every=50, eval_tokens=8192, save_every=100)
+PAPER_DEFAULTS = dict(
+    seq_len=None,
+    micro_batch=4,
+    global_batch_tokens=524_288,
+    max_tokens=100_000_000_000,
+    warmup_tokens=1_000_000_000,
+    lr=4e-4,
+    eval_every=1000,
+    eval_tokens=4_194_304,
+    save_every=1000,
+)
+TINY_DEFAULTS = dict(
+    seq_len=128,
+    micro_batch=8,
+    global_batch_tokens=2048,
+    max_tokens=1_024_000,
+    warmup_tokens=102_400,
+    lr=2e-3,
+    eval_every=50,
+    eval_tokens=8192,
+    save_every=100,
+)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
 
 
@@ -68,38 +96,71 @@ def device_option(text):
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="nirvana-tiny", help="<variant>-<size> of nirvana.py, e.g. nirvana-350m")
+    p.add_argument(
+        "--preset", default="nirvana-tiny", help="<variant>-<size> of nirvana.py, e.g. nirvana-350m"
+    )
     p.add_argument("--backend", default="torch", choices=["torch", "triton"])
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="config_overrides",
-                   help="override one NirvanaConfig field of the preset, e.g. --set window=256 (repeatable)")
-    p.add_argument("--data", default=None, help=f"folder written by prepare.py (default: built-in, {BUILTIN_DIR})")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        dest="config_overrides",
+        help="override one NirvanaConfig field of the preset, e.g. --set window=256 (repeatable)",
+    )
+    p.add_argument(
+        "--data", default=None, help=f"folder written by prepare.py (default: built-in, {BUILTIN_DIR})"
+    )
     p.add_argument("--out", default=None, help="run folder (default out/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
     p.add_argument("--overwrite", action="store_true", help="replace the checkpoint and log already in --out")
-    p.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default: the preset's context_length)")
+    p.add_argument(
+        "--seq-len", type=positive_int, help="tokens per sequence (default: the preset's context_length)"
+    )
     p.add_argument("--micro-batch", type=positive_int, help="sequences per device per forward pass")
-    p.add_argument("--global-batch-tokens", type=positive_int, help="tokens per optimizer step over all devices")
-    p.add_argument("--max-tokens", type=positive_int, help="training length in tokens (sets the cosine schedule)")
+    p.add_argument(
+        "--global-batch-tokens", type=positive_int, help="tokens per optimizer step over all devices"
+    )
+    p.add_argument(
+        "--max-tokens", type=positive_int, help="training length in tokens (sets the cosine schedule)"
+    )
     p.add_argument("--warmup-tokens", type=non_negative_int, help="linear warm-up length in tokens")
-    p.add_argument("--stop-step", type=positive_int,
-                   help="end this run after this step (schedule unchanged; --resume later)")
+    p.add_argument(
+        "--stop-step",
+        type=positive_int,
+        help="end this run after this step (schedule unchanged; --resume later)",
+    )
     p.add_argument("--lr", type=positive_float, help="peak learning rate")
-    p.add_argument("--min-lr-fraction", type=probability, default=0.1, help="cosine decays to this fraction of --lr")
+    p.add_argument(
+        "--min-lr-fraction", type=probability, default=0.1, help="cosine decays to this fraction of --lr"
+    )
     p.add_argument("--weight-decay", type=non_negative_float, default=0.1)
     p.add_argument("--beta1", type=probability, default=0.9)
     p.add_argument("--beta2", type=probability, default=0.95)
-    p.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max global gradient norm (0: off)")
+    p.add_argument(
+        "--grad-clip", type=non_negative_float, default=1.0, help="max global gradient norm (0: off)"
+    )
     p.add_argument("--eval-every", type=positive_int, help="steps between validation runs")
-    p.add_argument("--eval-tokens", type=positive_int,
-                   help="validation tokens per run: the first ones of the validation split")
-    p.add_argument("--save-every", type=non_negative_int,
-                   help="steps between checkpoints, one also at the end (0: none, e.g. for benchmarks)")
+    p.add_argument(
+        "--eval-tokens",
+        type=positive_int,
+        help="validation tokens per run: the first ones of the validation split",
+    )
+    p.add_argument(
+        "--save-every",
+        type=non_negative_int,
+        help="steps between checkpoints, one also at the end (0: none, e.g. for benchmarks)",
+    )
     p.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")
     p.add_argument("--log", default=None, help="log file, .csv or .jsonl (default <out>/log.csv)")
     p.add_argument("--plot", default=None, help="loss-curve PNG (default <out>/loss.png)")
-    p.add_argument("--dist", default="ddp", choices=["ddp", "fsdp"], help="multi-process wrapper under torchrun")
+    p.add_argument(
+        "--dist", default="ddp", choices=["ddp", "fsdp"], help="multi-process wrapper under torchrun"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--device", default="auto", type=device_option, help="auto (cuda if available), cpu or cuda")
+    p.add_argument(
+        "--device", default="auto", type=device_option, help="auto (cuda if available), cpu or cuda"
+    )
     p.add_argument("--seed", type=non_negative_int, default=1337)
     args = p.parse_args(argv)
     defaults = TINY_DEFAULTS if args.preset.endswith("-tiny") else PAPER_DEFAULTS
@@ -141,6 +202,7 @@ def parse_config_overrides(parser, items):
 
 
 # ----------------------------------------------------------------------------- distributed setup
+
 
 @dataclasses.dataclass
 class Dist:
@@ -186,6 +248,7 @@ def setup_distributed(device_arg):
 
 # ----------------------------------------------------------------------------- data
 
+
 def open_data(args, d):
     """The train and validation streams; the built-in corpus is prepared on first use (by rank 0)."""
     data_dir = args.data or BUILTIN_DIR
@@ -203,8 +266,10 @@ def get_batch(stream, position, batch, seq_len, vocab_size, device):
     tokens = stream.read(position, batch * seq_len + 1)
     if tokens.max() >= vocab_size:
         bad = int(np.argmax(tokens >= vocab_size))
-        raise UserError(f"token id {tokens[bad]} at data position {position + bad} is outside the model's "
-                        f"vocabulary [0, {vocab_size}): the data was made with another tokenizer; prepare it again")
+        raise UserError(
+            f"token id {tokens[bad]} at data position {position + bad} is outside the model's "
+            f"vocabulary [0, {vocab_size}): the data was made with another tokenizer; prepare it again"
+        )
     tokens = torch.from_numpy(tokens)
     x = tokens[:-1].view(batch, seq_len)
     y = tokens[1:].view(batch, seq_len)  # y[i, t] = x[i, t + 1]; across sequence ends the stream continues
@@ -213,14 +278,18 @@ def get_batch(stream, position, batch, seq_len, vocab_size, device):
 
 # ----------------------------------------------------------------------------- model, optimizer, schedule
 
+
 def model_config(args, vocab_size):
     """The preset's NirvanaConfig with the run's overrides; checks that --compile can run it."""
-    config = NirvanaConfig.from_preset(args.preset, **args.config_overrides, vocab_size=vocab_size,
-                                       backend=args.backend)
+    config = NirvanaConfig.from_preset(
+        args.preset, **args.config_overrides, vocab_size=vocab_size, backend=args.backend
+    )
     if args.compile and config.trigger and config.backend == "torch" and not config.detach_inner_grad:
-        raise UserError(f"--compile with {args.preset} on the torch backend fails: torch.compile cannot take the "
-                        "double backward through the Trigger's inner gradient (eq. 4); use --backend triton "
-                        "or leave out --compile")
+        raise UserError(
+            f"--compile with {args.preset} on the torch backend fails: torch.compile cannot take the "
+            "double backward through the Trigger's inner gradient (eq. 4); use --backend triton "
+            "or leave out --compile"
+        )
     return config
 
 
@@ -256,6 +325,7 @@ def build_optimizer(args, model):
 @dataclasses.dataclass
 class Schedule:
     """Linear warm-up to peak_lr, then cosine decay to min_lr at max_steps (paper Sec. 3)."""
+
     peak_lr: float
     min_lr: float
     warmup_steps: int
@@ -284,7 +354,7 @@ def flops_per_token(config, model, seq_len):
         if kind == "attention":
             mixing += 3 * 2 * H * (Dk + Dv) * seq_len / 2
         if kind == "nirvana" and config.trigger:
-            mixing += 3 * 3 * 2 * config.bank_size * config.trigger_dim ** 2
+            mixing += 3 * 3 * 2 * config.bank_size * config.trigger_dim**2
     return 6 * model.num_params(non_embedding=True) + mixing
 
 
@@ -296,6 +366,7 @@ def peak_flops(device):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
 
 def state_dict_options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -313,13 +384,23 @@ def save_checkpoint(path, model, optimizer, schedule, config, tokenizer, step, d
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=state_dict_options())
     if d.master:
         checkpoint = {
-            "config": dataclasses.asdict(config), "model": model_state, "tokenizer": tokenizer,
-            "optimizer": optimizer_state, "scheduler": dataclasses.asdict(schedule), "step": step,
-            "data_position": data_position, "global_batch_tokens": args.global_batch_tokens,
-            "seq_len": args.seq_len, "rng": {"torch": torch.get_rng_state(),
-                                             "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None},
+            "config": dataclasses.asdict(config),
+            "model": model_state,
+            "tokenizer": tokenizer,
+            "optimizer": optimizer_state,
+            "scheduler": dataclasses.asdict(schedule),
+            "step": step,
+            "data_position": data_position,
+            "global_batch_tokens": args.global_batch_tokens,
+            "seq_len": args.seq_len,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None,
+            },
         }
-        write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))  # a crash keeps the previous checkpoint
+        write_atomically(
+            path, lambda tmp: torch.save(checkpoint, tmp)
+        )  # a crash keeps the previous checkpoint
         # the weights again in the form models are shared in, beside ckpt.pt: model.safetensors + config.json
         save_state_dict(model_state, config, tokenizer, os.path.dirname(path))
     d.barrier()
@@ -334,17 +415,26 @@ def load_checkpoint(path, model, optimizer, config, tokenizer, d):
     checkpoint = read_checkpoint(path)
     missing = {"config", "model", "optimizer", "step", "data_position"} - set(checkpoint)
     if missing:
-        raise UserError(f"checkpoint {path} lacks {sorted(missing)}: not written by train.py, cannot --resume")
+        raise UserError(
+            f"checkpoint {path} lacks {sorted(missing)}: not written by train.py, cannot --resume"
+        )
     wanted = dataclasses.asdict(config)
-    differ = {k: (checkpoint["config"].get(k), v) for k, v in wanted.items()
-              if checkpoint["config"].get(k) != v and k != "backend"}  # the backend may change between runs
+    differ = {
+        k: (checkpoint["config"].get(k), v)
+        for k, v in wanted.items()
+        if checkpoint["config"].get(k) != v and k != "backend"
+    }  # the backend may change between runs
     if differ:
         listing = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in differ.items())
-        raise UserError(f"checkpoint {path} is from another model config ({listing}); resume with the run's "
-                        f"--preset and --set options")
+        raise UserError(
+            f"checkpoint {path} is from another model config ({listing}); resume with the run's "
+            f"--preset and --set options"
+        )
     if checkpoint.get("tokenizer") != tokenizer:
-        raise UserError(f"checkpoint {path} used tokenizer {checkpoint.get('tokenizer')!r}, "
-                        f"the data uses {tokenizer!r}: resume with the run's --data")
+        raise UserError(
+            f"checkpoint {path} used tokenizer {checkpoint.get('tokenizer')!r}, "
+            f"the data uses {tokenizer!r}: resume with the run's --data"
+        )
     set_model_state_dict(model, checkpoint["model"], options=state_dict_options())
     # a run begun before the projections were fused keeps its AdamW moments, concatenated like the weights
     optimizer_state = fuse_optimizer_state(model, checkpoint["optimizer"])
@@ -357,7 +447,18 @@ def load_checkpoint(path, model, optimizer, config, tokenizer, d):
 
 # ----------------------------------------------------------------------------- logging
 
-LOG_FIELDS = ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_ppl", "elapsed_s"]
+LOG_FIELDS = [
+    "step",
+    "tokens",
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "mfu",
+    "val_loss",
+    "val_ppl",
+    "elapsed_s",
+]
 
 
 class Log:
@@ -373,8 +474,13 @@ class Log:
     def read(path):
         with open(path) as f:
             if path.endswith(".csv"):
-                return [{k: None if v in ("", None) else int(v) if k in ("step", "tokens") else float(v)
-                         for k, v in row.items()} for row in csv.DictReader(f)]
+                return [
+                    {
+                        k: None if v in ("", None) else int(v) if k in ("step", "tokens") else float(v)
+                        for k, v in row.items()
+                    }
+                    for row in csv.DictReader(f)
+                ]
             return [json.loads(line) for line in f if line.strip()]
 
     def rewrite(self):
@@ -427,10 +533,13 @@ class Log:
 def memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports kB: the process's peak RSS
+    return (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    )  # Linux reports kB: the process's peak RSS
 
 
 # ----------------------------------------------------------------------------- evaluation and training
+
 
 @torch.no_grad()
 def evaluate(model, val, args, vocab_size, d, autocast):
@@ -464,8 +573,10 @@ def gradient_sync(model, d, enabled):
 def grad_accum_steps(args, d):
     per_micro_step = d.world * args.micro_batch * args.seq_len
     if args.global_batch_tokens % per_micro_step:
-        raise UserError(f"--global-batch-tokens {args.global_batch_tokens} is not a multiple of "
-                        f"devices x micro-batch x seq-len = {d.world} x {args.micro_batch} x {args.seq_len}")
+        raise UserError(
+            f"--global-batch-tokens {args.global_batch_tokens} is not a multiple of "
+            f"devices x micro-batch x seq-len = {d.world} x {args.micro_batch} x {args.seq_len}"
+        )
     return args.global_batch_tokens // per_micro_step
 
 
@@ -477,7 +588,9 @@ def train_step(model, raw_model, optimizer, stream, position, accum, vocab_size,
     total = 0.0
     for micro in range(accum):
         index = d.rank * accum + micro  # this rank's micro-batches are contiguous in the global batch
-        x, y = get_batch(stream, position + index * micro_tokens, args.micro_batch, args.seq_len, vocab_size, d.device)
+        x, y = get_batch(
+            stream, position + index * micro_tokens, args.micro_batch, args.seq_len, vocab_size, d.device
+        )
         with gradient_sync(model, d, micro == accum - 1), autocast:
             _, loss = model(x, y)
         (loss / accum).backward()
@@ -495,10 +608,14 @@ def check_run_folder(args):
     """A run folder holding a checkpoint is continued (--resume) or replaced (--overwrite), never silently."""
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
-        raise UserError(f"{args.out} already holds a checkpoint ({ckpt_path}); continue it with --resume, "
-                        f"replace it with --overwrite, or choose another --out")
+        raise UserError(
+            f"{args.out} already holds a checkpoint ({ckpt_path}); continue it with --resume, "
+            f"replace it with --overwrite, or choose another --out"
+        )
     if args.resume and not os.path.isfile(ckpt_path):
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}; leave out --resume to start a new run there")
+        raise UserError(
+            f"--resume: no checkpoint at {ckpt_path}; leave out --resume to start a new run there"
+        )
 
 
 def train(args):
@@ -531,17 +648,22 @@ def run(args, d):
         step, data_position = checkpoint["step"], checkpoint["data_position"]
     log = Log(args.log, step if args.resume else None, d.master)
     forward = torch.compile(model) if args.compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else contextlib.nullcontext()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else contextlib.nullcontext()
+    )
     flops, peak = flops_per_token(config, raw_model, args.seq_len), peak_flops(d.device)
     last_step = min(max_steps, args.stop_step or max_steps)
     eval_batch_tokens = args.micro_batch * args.seq_len
     val_tokens = max(1, args.eval_tokens // eval_batch_tokens) * eval_batch_tokens  # what evaluate() reads
     if d.master:
         wrapper = "" if d.world == 1 else args.dist + ", "
-        print(f"{args.preset}: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {vocab_size} ({tokenizer}), "
-              f"{d.world} x {d.device.type}, {wrapper}micro-batch {args.micro_batch} x {args.seq_len}, "
-              f"grad accumulation {accum}, global batch {args.global_batch_tokens} tokens, "
-              f"steps {step} -> {last_step} of {max_steps}", flush=True)
+        print(
+            f"{args.preset}: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {vocab_size} ({tokenizer}), "
+            f"{d.world} x {d.device.type}, {wrapper}micro-batch {args.micro_batch} x {args.seq_len}, "
+            f"grad accumulation {accum}, global batch {args.global_batch_tokens} tokens, "
+            f"steps {step} -> {last_step} of {max_steps}",
+            flush=True,
+        )
     if d.master and step >= last_step:
         print(f"{ckpt_path} is already at step {step}: nothing to train", flush=True)
     losses, val_losses = [], []
@@ -551,12 +673,15 @@ def run(args, d):
         lr = schedule.lr(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, grad_norm = train_step(forward, raw_model, optimizer, train_data, data_position, accum, vocab_size,
-                                     args, d, autocast)
+        loss, grad_norm = train_step(
+            forward, raw_model, optimizer, train_data, data_position, accum, vocab_size, args, d, autocast
+        )
         if not math.isfinite(loss):
             left = ckpt_path if os.path.exists(ckpt_path) else "none"
-            raise FloatingPointError(f"training loss is {loss} at step {step + 1}; stopped before the update "
-                                     f"(last checkpoint: {left}; {args.log} holds the steps before)")
+            raise FloatingPointError(
+                f"training loss is {loss} at step {step + 1}; stopped before the update "
+                f"(last checkpoint: {left}; {args.log} holds the steps before)"
+            )
         step += 1
         data_position += args.global_batch_tokens
         interval_tokens += args.global_batch_tokens
@@ -568,9 +693,12 @@ def run(args, d):
             mfu = flops * tokens_per_s / (peak * d.world) if peak else None
             row.update(tokens_per_s=tokens_per_s, mfu=mfu, elapsed_s=time.time() - run_start)
             if d.master:
-                print(f"step {step:6d}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
-                      f"{tokens_per_s:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{mfu:.1%}'} | "
-                      f"mem {memory_gb(d.device):.2f} GB", flush=True)
+                print(
+                    f"step {step:6d}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
+                    f"{tokens_per_s:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{mfu:.1%}'} | "
+                    f"mem {memory_gb(d.device):.2f} GB",
+                    flush=True,
+                )
             interval_seconds, interval_tokens = 0.0, 0
         evaluating = step % args.eval_every == 0 or step == last_step
         if evaluating:
@@ -578,24 +706,34 @@ def run(args, d):
             val_losses.append((step, val_loss))
             row.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
             if d.master:
-                print(f"step {step:6d} | validation loss {val_loss:.4f} | perplexity {row['val_ppl']:.2f} "
-                      f"(first {val_tokens:,} validation tokens)", flush=True)
+                print(
+                    f"step {step:6d} | validation loss {val_loss:.4f} | perplexity {row['val_ppl']:.2f} "
+                    f"(first {val_tokens:,} validation tokens)",
+                    flush=True,
+                )
         log.append(**row)
         if evaluating:
-            log.plot(args.plot, f"{args.preset} on {os.path.basename(os.path.normpath(args.data or BUILTIN_DIR))}")
+            log.plot(
+                args.plot, f"{args.preset} on {os.path.basename(os.path.normpath(args.data or BUILTIN_DIR))}"
+            )
         if args.save_every and (step % args.save_every == 0 or step == last_step):
-            save_checkpoint(ckpt_path, raw_model, optimizer, schedule, config, tokenizer, step, data_position, args, d)
+            save_checkpoint(
+                ckpt_path, raw_model, optimizer, schedule, config, tokenizer, step, data_position, args, d
+            )
             if d.master:
                 print(f"step {step:6d} | saved checkpoint {ckpt_path}", flush=True)
     if d.master and losses:
         saved = f"checkpoint {ckpt_path}, " if args.save_every else "no checkpoint (--save-every 0), "
-        print(f"done: {saved}log {args.log}, loss curve {args.plot}. Validation perplexity above is over the first "
-              f"{val_tokens:,} validation tokens; all of them: python eval.py ppl --checkpoint {ckpt_path} "
-              f"--data {args.data or os.path.relpath(BUILTIN_DIR)}", flush=True)
+        print(
+            f"done: {saved}log {args.log}, loss curve {args.plot}. Validation perplexity above is over the first "
+            f"{val_tokens:,} validation tokens; all of them: python eval.py ppl --checkpoint {ckpt_path} "
+            f"--data {args.data or os.path.relpath(BUILTIN_DIR)}",
+            flush=True,
+        )
     return {"losses": losses, "val_losses": val_losses, "step": step, "checkpoint": ckpt_path}
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> dict:
     return train(parse_args(argv))
 
 

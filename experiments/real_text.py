@@ -537,7 +537,7 @@ def summary_table(stats):
     return "\n".join(rows) + "\n"
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

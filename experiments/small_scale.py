@@ -809,7 +809,7 @@ def spawn_workers(args, runs, gpus, device, clock):
     return codes
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

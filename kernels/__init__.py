@@ -7,6 +7,7 @@ nirvana.py (see nirvana.load_backend):
 
 Each works on CUDA tensors, or on the CPU when TRITON_INTERPRET=1 is set before triton is imported.
 """
+
 import torch
 
 from kernels import gated_delta_rule as _gated_delta_rule

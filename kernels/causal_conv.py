@@ -104,7 +104,7 @@ def causal_conv(x, weight, history=None):
     dtype, by the Triton kernels (the taps in float32). With a history (decoding through the cache) the kernels
     run on [history; x] and the history's own outputs are dropped."""
     if history is not None:
-        return causal_conv(torch.cat([history.to(x.dtype), x], dim=1), weight)[:, history.shape[1]:]
+        return causal_conv(torch.cat([history.to(x.dtype), x], dim=1), weight)[:, history.shape[1] :]
     if x.dim() != 3 or weight.shape[0] != x.shape[-1] or weight.dim() != 3 or weight.shape[1] != 1:
         raise ValueError(
             f"x (B, T, C) and weight (C, 1, K) expected, got {tuple(x.shape)} and {tuple(weight.shape)}"

@@ -5,6 +5,7 @@ Launch configurations are triton.Config objects (block sizes by the name of the 
 num_warps, num_stages), one per kernel, chosen by each kernel module's _launch_config; launch_options turns
 one into the keyword arguments of kernel[grid](...).
 """
+
 import os
 
 import torch
@@ -22,18 +23,24 @@ def check_device(name, *tensors):
     if len(devices) > 1:
         raise ValueError(f"{name}: the tensors must be on one device; got {sorted(map(str, devices))}")
     if tensors[0].device.type != "cuda" and not INTERPRET:
-        raise ValueError(f"{name} (Triton): tensors must be on CUDA, or set TRITON_INTERPRET=1 before triton "
-                         f"is imported to run on the CPU (or use backend='torch'); got {tensors[0].device}")
+        raise ValueError(
+            f"{name} (Triton): tensors must be on CUDA, or set TRITON_INTERPRET=1 before triton "
+            f"is imported to run on the CPU (or use backend='torch'); got {tensors[0].device}"
+        )
 
 
 def check_qkv(name, q, k, v):
     """Raises ValueError unless q, k are (B, T, H, Dk) and v (B, T, H, Dv), of one dtype in FLOAT_DTYPES."""
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"{name}: expected q, k (B, T, H, Dk) and v (B, T, H, Dv), "
-                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"{name}: expected q, k (B, T, H, Dk) and v (B, T, H, Dv), "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name}: q, k, v must share one dtype among float32, bfloat16, float16; "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"{name}: q, k, v must share one dtype among float32, bfloat16, float16; "
+            f"got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
 
 
 def block_size(d):

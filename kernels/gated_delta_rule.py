@@ -37,6 +37,7 @@ was not accurate enough; they stay below 65504 while |v| does) and dW in bfloat1
 other gradients in float32. On the CPU the kernels run only under TRITON_INTERPRET=1, which upcasts every
 product.
 """
+
 import functools
 
 import torch
@@ -72,7 +73,9 @@ def _product(a, b, LOW: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
     if LOW == tl.float16:
         if NATIVE:
             return tl.dot(a.to(tl.float16), b.to(tl.float16))
-        return tl.dot(a.to(tl.float16).to(tl.float32), b.to(tl.float16).to(tl.float32), input_precision="ieee")
+        return tl.dot(
+            a.to(tl.float16).to(tl.float32), b.to(tl.float16).to(tl.float32), input_precision="ieee"
+        )
     return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
 
 
@@ -90,7 +93,7 @@ def _chunk_rows(chunk_start_ptr, chunk_end_ptr, i_c, C: tl.constexpr):
 def _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H: tl.constexpr):
     """G (C,) of a chunk, padded rows set to G_C; and G_C (the last valid row's G)."""
     G_last = tl.load(gcum_ptr + last * H + i_h)
-    G = tl.load(gcum_ptr + rows * H + i_h, mask=valid, other=0.)
+    G = tl.load(gcum_ptr + rows * H + i_h, mask=valid, other=0.0)
     return tl.where(valid, G, G_last), G_last
 
 
@@ -117,8 +120,9 @@ def _sequence_chunk_rows(bos, eos, c, C: tl.constexpr):
 
 
 @triton.jit
-def _chunk_columns_program(chunk_start_ptr, chunk_end_ptr, gcum_ptr, H: tl.constexpr, BV: tl.constexpr,
-                           C: tl.constexpr):
+def _chunk_columns_program(
+    chunk_start_ptr, chunk_end_ptr, gcum_ptr, H: tl.constexpr, BV: tl.constexpr, C: tl.constexpr
+):
     """What a program of the (chunk, head, BV columns) grid works on: chunk i_c, head i_h, the chunk's rows and
     their validity, G (C,) (padded rows at G_C), and its value columns cv (BV,)."""
     i_c = tl.program_id(0).to(tl.int64)
@@ -136,12 +140,13 @@ def _decay_matrix(G, INCLUSIVE: tl.constexpr, C: tl.constexpr):
         keep = r[:, None] >= r[None, :]
     else:
         keep = r[:, None] > r[None, :]
-    return tl.where(keep, tl.exp(tl.where(keep, G[:, None] - G[None, :], 0.)), 0.)
+    return tl.where(keep, tl.exp(tl.where(keep, G[:, None] - G[None, :], 0.0)), 0.0)
 
 
 @triton.jit
-def _load_block(k_ptr, g_ptr, beta_ptr, start, end, i_h, G_before, H: tl.constexpr, DK: tl.constexpr,
-                SUB: tl.constexpr):
+def _load_block(
+    k_ptr, g_ptr, beta_ptr, start, end, i_h, G_before, H: tl.constexpr, DK: tl.constexpr, SUB: tl.constexpr
+):
     """The SUB token rows start..start+SUB-1 of head i_h: K (SUB, DK) in its dtype, beta (SUB,), the in-chunk
     cumulative log-decay G (SUB,) continuing G_before (G of the row before these, 0 for the first block; added in
     the order of one cumsum over the chunk), and G's last value (the next block's G_before). Rows at or past
@@ -150,15 +155,24 @@ def _load_block(k_ptr, g_ptr, beta_ptr, start, end, i_h, G_before, H: tl.constex
     rows = start + r
     valid = rows < end
     k = load_rows(k_ptr, rows * H + i_h, tl.arange(0, DK), DK, valid)
-    beta = tl.load(beta_ptr + rows * H + i_h, mask=valid, other=0.)
-    g = tl.load(g_ptr + rows * H + i_h, mask=valid, other=0.)
+    beta = tl.load(beta_ptr + rows * H + i_h, mask=valid, other=0.0)
+    g = tl.load(g_ptr + rows * H + i_h, mask=valid, other=0.0)
     G = tl.cumsum(tl.where(r == 0, G_before + g, g), 0)
-    return k, beta, G, tl.sum(tl.where(r == SUB - 1, G, 0.), 0)
+    return k, beta, G, tl.sum(tl.where(r == SUB - 1, G, 0.0), 0)
 
 
 @triton.jit
-def _a_tile(k_i, k_j, beta_i, G_i, G_j, DIAGONAL: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr,
-            NATIVE: tl.constexpr):
+def _a_tile(
+    k_i,
+    k_j,
+    beta_i,
+    G_i,
+    G_j,
+    DIAGONAL: tl.constexpr,
+    SUB: tl.constexpr,
+    PREC: tl.constexpr,
+    NATIVE: tl.constexpr,
+):
     """(SUB, SUB) float32 tile (i, j), j <= i, of A = diag(beta) (K K^T * exp(G_t - G_i))_{i<t}: its rows from
     row block i (k_i, beta_i, G_i), its columns from row block j (k_j, G_j). A diagonal tile (DIAGONAL, i == j)
     keeps its strictly lower part."""
@@ -176,17 +190,26 @@ def _unit_lower_tile_inverse(A, SUB: tl.constexpr):
     unrolled steps: when step t starts, row t of the inverse X is final, and the step removes it from the rows
     below (X[i] -= A[i, t] X[t])."""
     r = tl.arange(0, SUB)
-    X = tl.where(r[:, None] == r[None, :], 1., 0.)
+    X = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
     for t in tl.static_range(SUB - 1):
-        a_col = tl.sum(tl.where(r[None, :] == t, A, 0.), 1)  # (SUB,) A[:, t]
-        x_row = tl.sum(tl.where(r[:, None] == t, X, 0.), 0)  # (SUB,) X[t, :]
+        a_col = tl.sum(tl.where(r[None, :] == t, A, 0.0), 1)  # (SUB,) A[:, t]
+        x_row = tl.sum(tl.where(r[:, None] == t, X, 0.0), 0)  # (SUB,) X[t, :]
         X -= a_col[:, None] * x_row[None, :]
     return X
 
 
 @triton.jit
-def _store_tile(tinv_ptr, x, i_c, i_h, bi: tl.constexpr, bj: tl.constexpr, H: tl.constexpr, C: tl.constexpr,
-                SUB: tl.constexpr):
+def _store_tile(
+    tinv_ptr,
+    x,
+    i_c,
+    i_h,
+    bi: tl.constexpr,
+    bj: tl.constexpr,
+    H: tl.constexpr,
+    C: tl.constexpr,
+    SUB: tl.constexpr,
+):
     """Writes x (SUB, SUB) as tile (bi, bj) of the chunk's row-major (C, C) Tinv, in tinv_ptr's dtype."""
     r = tl.arange(0, SUB)
     offsets = ((i_c * H + i_h) * C + bi * SUB + r[:, None]) * C + bj * SUB + r[None, :]
@@ -198,9 +221,21 @@ def _store_tile(tinv_ptr, x, i_c, i_h, bi: tl.constexpr, bj: tl.constexpr, H: tl
 
 
 @triton.jit
-def _wy_invert_kernel(k_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end_ptr, tinv_ptr,
-                      H: tl.constexpr, DK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr,
-                      INVERSE_PREC: tl.constexpr, NATIVE: tl.constexpr):
+def _wy_invert_kernel(
+    k_ptr,
+    g_ptr,
+    beta_ptr,
+    chunk_start_ptr,
+    chunk_end_ptr,
+    tinv_ptr,
+    H: tl.constexpr,
+    DK: tl.constexpr,
+    C: tl.constexpr,
+    SUB: tl.constexpr,
+    PREC: tl.constexpr,
+    INVERSE_PREC: tl.constexpr,
+    NATIVE: tl.constexpr,
+):
     """One program = one chunk (C=64 tokens) of one head: Tinv = (I + A)^-1 (C, C), stored in tinv_ptr's dtype.
 
     Blocks: the chunk's four row blocks of SUB = 16 rows, K (SUB, DK) each; A and Tinv as SUB x SUB tiles
@@ -212,7 +247,7 @@ def _wy_invert_kernel(k_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end_ptr, ti
     i_h = tl.program_id(1)
     start = tl.load(chunk_start_ptr + i_c).to(tl.int64)
     end = tl.load(chunk_end_ptr + i_c).to(tl.int64)
-    k0, beta0, G0, G_end = _load_block(k_ptr, g_ptr, beta_ptr, start, end, i_h, 0., H, DK, SUB)
+    k0, beta0, G0, G_end = _load_block(k_ptr, g_ptr, beta_ptr, start, end, i_h, 0.0, H, DK, SUB)
     k1, beta1, G1, G_end = _load_block(k_ptr, g_ptr, beta_ptr, start + SUB, end, i_h, G_end, H, DK, SUB)
     k2, beta2, G2, G_end = _load_block(k_ptr, g_ptr, beta_ptr, start + 2 * SUB, end, i_h, G_end, H, DK, SUB)
     k3, beta3, G3, _ = _load_block(k_ptr, g_ptr, beta_ptr, start + 3 * SUB, end, i_h, G_end, H, DK, SUB)
@@ -237,12 +272,20 @@ def _wy_invert_kernel(k_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end_ptr, ti
     x10 = -_dot(x11, _dot(a10, x00, INVERSE_PREC, False), INVERSE_PREC, False)
     x21 = -_dot(x22, _dot(a21, x11, INVERSE_PREC, False), INVERSE_PREC, False)
     x32 = -_dot(x33, _dot(a32, x22, INVERSE_PREC, False), INVERSE_PREC, False)
-    x20 = -_dot(x22, _dot(a20, x00, INVERSE_PREC, False) + _dot(a21, x10, INVERSE_PREC, False),
-                INVERSE_PREC, False)
-    x31 = -_dot(x33, _dot(a31, x11, INVERSE_PREC, False) + _dot(a32, x21, INVERSE_PREC, False),
-                INVERSE_PREC, False)
-    x30 = -_dot(x33, _dot(a30, x00, INVERSE_PREC, False) + _dot(a31, x10, INVERSE_PREC, False)
-                + _dot(a32, x20, INVERSE_PREC, False), INVERSE_PREC, False)
+    x20 = -_dot(
+        x22, _dot(a20, x00, INVERSE_PREC, False) + _dot(a21, x10, INVERSE_PREC, False), INVERSE_PREC, False
+    )
+    x31 = -_dot(
+        x33, _dot(a31, x11, INVERSE_PREC, False) + _dot(a32, x21, INVERSE_PREC, False), INVERSE_PREC, False
+    )
+    x30 = -_dot(
+        x33,
+        _dot(a30, x00, INVERSE_PREC, False)
+        + _dot(a31, x10, INVERSE_PREC, False)
+        + _dot(a32, x20, INVERSE_PREC, False),
+        INVERSE_PREC,
+        False,
+    )
 
     zero = tl.zeros((SUB, SUB), dtype=tl.float32)
     _store_tile(tinv_ptr, x00, i_c, i_h, 0, 0, H, C, SUB)
@@ -264,9 +307,24 @@ def _wy_invert_kernel(k_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end_ptr, ti
 
 
 @triton.jit
-def _wy_prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end_ptr, tinv_ptr, gcum_ptr, w_ptr, u_ptr,
-                       H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
-                       NATIVE: tl.constexpr):
+def _wy_prepare_kernel(
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    beta_ptr,
+    chunk_start_ptr,
+    chunk_end_ptr,
+    tinv_ptr,
+    gcum_ptr,
+    w_ptr,
+    u_ptr,
+    H: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    C: tl.constexpr,
+    PREC: tl.constexpr,
+    NATIVE: tl.constexpr,
+):
     """One program = one chunk (C=64 tokens) of one head. Blocks: K (C, DK), V (C, DV), Tinv (C, C).
 
     Writes the in-chunk cumulative log-decay G (C,) and, from the stored Tinv (_wy_invert_kernel), the WY factors
@@ -282,8 +340,8 @@ def _wy_prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end
 
     k = load_rows(k_ptr, rows * H + i_h, dk, DK, valid)
     v = load_rows(v_ptr, rows * H + i_h, dv, DV, valid)
-    g = tl.load(g_ptr + rows * H + i_h, mask=valid, other=0.)
-    beta = tl.load(beta_ptr + rows * H + i_h, mask=valid, other=0.)
+    g = tl.load(g_ptr + rows * H + i_h, mask=valid, other=0.0)
+    beta = tl.load(beta_ptr + rows * H + i_h, mask=valid, other=0.0)
     G = tl.cumsum(g, 0)  # (C,) padded rows keep the last valid value since their g is 0
     tinv = tl.load(tinv_ptr + ((i_c * H + i_h) * C + r[:, None]) * C + r[None, :])
     LOW: tl.constexpr = w_ptr.dtype.element_ty
@@ -296,9 +354,25 @@ def _wy_prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, chunk_start_ptr, chunk_end
 
 
 @triton.jit
-def _state_forward_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, cu_ptr, chunk_offsets_ptr, ht_ptr, h_ptr, vnew_ptr,
-                          H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-                          C: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
+def _state_forward_kernel(
+    k_ptr,
+    w_ptr,
+    u_ptr,
+    gcum_ptr,
+    h0_ptr,
+    cu_ptr,
+    chunk_offsets_ptr,
+    ht_ptr,
+    h_ptr,
+    vnew_ptr,
+    H: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BV: tl.constexpr,
+    C: tl.constexpr,
+    PREC: tl.constexpr,
+    NATIVE: tl.constexpr,
+):
     """One program = one sequence, one head, BV columns of the state; walks the sequence's chunks in order.
 
     Blocks: state S (DK, BV) float32 in registers, K/W (C, DK), U/Vnew (C, BV). Per chunk: writes S (the
@@ -306,13 +380,16 @@ def _state_forward_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, cu_ptr, chunk_o
     Writes the final state at the end.
     """
     i_n, i_h, bos, eos, first_chunk, n_chunks, dk, cv, state_offsets = _sequence_program(
-        cu_ptr, chunk_offsets_ptr, DK, DV, BV)
+        cu_ptr, chunk_offsets_ptr, DK, DV, BV
+    )
 
     LOW: tl.constexpr = w_ptr.dtype.element_ty
     S = tl.load(h0_ptr + (i_n * H + i_h) * DK * DV + state_offsets)
     for c in range(n_chunks):
         rows, valid, last = _sequence_chunk_rows(bos, eos, c, C)
-        tl.store(h_ptr + ((first_chunk + c) * H + i_h) * DK * DV + state_offsets, S.to(h_ptr.dtype.element_ty))
+        tl.store(
+            h_ptr + ((first_chunk + c) * H + i_h) * DK * DV + state_offsets, S.to(h_ptr.dtype.element_ty)
+        )
         G, G_last = _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H)
         w = load_rows(w_ptr, rows * H + i_h, dk, DK, valid)
         u = load_rows(u_ptr, rows * H + i_h, cv, DV, valid)
@@ -325,9 +402,25 @@ def _state_forward_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, h0_ptr, cu_ptr, chunk_o
 
 
 @triton.jit
-def _chunk_output_kernel(q_ptr, k_ptr, h_ptr, vnew_ptr, gcum_ptr, chunk_start_ptr, chunk_end_ptr, o_ptr, scale,
-                         H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         C: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
+def _chunk_output_kernel(
+    q_ptr,
+    k_ptr,
+    h_ptr,
+    vnew_ptr,
+    gcum_ptr,
+    chunk_start_ptr,
+    chunk_end_ptr,
+    o_ptr,
+    scale,
+    H: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    C: tl.constexpr,
+    PREC: tl.constexpr,
+    NATIVE: tl.constexpr,
+):
     """One program = one chunk of one head, BV output columns: O = diag(Gamma) Qs S + (Qs K^T * decay) Vnew.
 
     Blocks: Q/K (C, BK) walked over Dk, the chunk-start state S (BK, BV), Vnew and O (C, BV), scores (C, C).
@@ -351,8 +444,22 @@ def _chunk_output_kernel(q_ptr, k_ptr, h_ptr, vnew_ptr, gcum_ptr, chunk_start_pt
 
 
 @triton.jit
-def _recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, cu_ptr, o_ptr, ht_ptr, scale,
-                      H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
+def _recurrent_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    g_ptr,
+    beta_ptr,
+    h0_ptr,
+    cu_ptr,
+    o_ptr,
+    ht_ptr,
+    scale,
+    H: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BV: tl.constexpr,
+):
     """One program = one sequence, one head, BV columns of the state; one token at a time (the decode path).
 
     Blocks: state S (DK, BV) float32, q/k (DK,), v/o (BV,). Per token:
@@ -386,10 +493,27 @@ def _recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, cu_ptr, o_pt
 
 
 @triton.jit
-def _state_backward_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dht_ptr, cu_ptr, chunk_offsets_ptr,
-                           dh_ptr, dvnew_ptr, dh0_ptr, scale,
-                           H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-                           C: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
+def _state_backward_kernel(
+    q_ptr,
+    k_ptr,
+    w_ptr,
+    gcum_ptr,
+    do_ptr,
+    dht_ptr,
+    cu_ptr,
+    chunk_offsets_ptr,
+    dh_ptr,
+    dvnew_ptr,
+    dh0_ptr,
+    scale,
+    H: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BV: tl.constexpr,
+    C: tl.constexpr,
+    PREC: tl.constexpr,
+    NATIVE: tl.constexpr,
+):
     """One program = one sequence, one head, BV state columns; walks the chunks backwards.
 
     Blocks: dS (DK, BV) float32 (gradient of the state at the current chunk's end), Q/K/W (C, DK),
@@ -399,34 +523,68 @@ def _state_backward_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, do_ptr, dht_ptr, cu_pt
     Writes dS of each chunk end, dVnew (float32), and the initial-state gradient.
     """
     i_n, i_h, bos, eos, first_chunk, n_chunks, dk, cv, state_offsets = _sequence_program(
-        cu_ptr, chunk_offsets_ptr, DK, DV, BV)
+        cu_ptr, chunk_offsets_ptr, DK, DV, BV
+    )
 
     dS = tl.load(dht_ptr + (i_n * H + i_h) * DK * DV + state_offsets)
     for i in range(n_chunks):
         c = n_chunks - 1 - i
         rows, valid, last = _sequence_chunk_rows(bos, eos, c, C)
-        tl.store(dh_ptr + ((first_chunk + c) * H + i_h) * DK * DV + state_offsets, dS.to(dh_ptr.dtype.element_ty))
+        tl.store(
+            dh_ptr + ((first_chunk + c) * H + i_h) * DK * DV + state_offsets, dS.to(dh_ptr.dtype.element_ty)
+        )
         G, G_last = _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H)
         q = load_rows(q_ptr, rows * H + i_h, dk, DK, valid)
         k = load_rows(k_ptr, rows * H + i_h, dk, DK, valid)
         do = load_rows(do_ptr, rows * H + i_h, cv, DV, valid).to(tl.float32)
         scores = _dot(q, tl.trans(k), PREC, NATIVE) * _decay_matrix(G, True, C) * scale  # (C, C)
-        dvnew = (tl.dot(tl.trans(scores), do, input_precision=PREC)
-                 + tl.dot(k.to(tl.float32) * tl.exp(G_last - G)[:, None], dS, input_precision=PREC))  # (C, BV)
+        dvnew = tl.dot(tl.trans(scores), do, input_precision=PREC) + tl.dot(
+            k.to(tl.float32) * tl.exp(G_last - G)[:, None], dS, input_precision=PREC
+        )  # (C, BV)
         store_rows(dvnew_ptr, dvnew, rows * H + i_h, cv, DV, valid)
         w = load_rows(w_ptr, rows * H + i_h, dk, DK, valid).to(tl.float32)
         q_decayed = q.to(tl.float32) * (tl.exp(G) * scale)[:, None]
-        dS = (dS * tl.exp(G_last) + tl.dot(tl.trans(q_decayed), do, input_precision=PREC)
-              - tl.dot(tl.trans(w), dvnew, input_precision=PREC))
+        dS = (
+            dS * tl.exp(G_last)
+            + tl.dot(tl.trans(q_decayed), do, input_precision=PREC)
+            - tl.dot(tl.trans(w), dvnew, input_precision=PREC)
+        )
     tl.store(dh0_ptr + (i_n * H + i_h) * DK * DV + state_offsets, dS)
 
 
 @triton.jit
-def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvnew_ptr, do_ptr, h0_ptr, dht_ptr,
-                           cu_ptr, chunk_start_ptr, chunk_end_ptr, chunk_sequence_ptr, end_chunks_ptr,
-                           dq_ptr, dk_part_ptr, dw_ptr, dg_part_ptr, scale, TT,
-                           H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           C: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr, SEQUENCE_ENDS: tl.constexpr):
+def _chunk_grad_qkw_kernel(
+    q_ptr,
+    k_ptr,
+    gcum_ptr,
+    h_ptr,
+    dh_ptr,
+    vnew_ptr,
+    dvnew_ptr,
+    do_ptr,
+    h0_ptr,
+    dht_ptr,
+    cu_ptr,
+    chunk_start_ptr,
+    chunk_end_ptr,
+    chunk_sequence_ptr,
+    end_chunks_ptr,
+    dq_ptr,
+    dk_part_ptr,
+    dw_ptr,
+    dg_part_ptr,
+    scale,
+    TT,
+    H: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    C: tl.constexpr,
+    PREC: tl.constexpr,
+    NATIVE: tl.constexpr,
+    SEQUENCE_ENDS: tl.constexpr,
+):
     """One program = one chunk of one head and BK columns of Dk: everything of the backward that needs the
     chunk-start state S or the chunk-end state gradient dS', for those columns.
 
@@ -448,7 +606,9 @@ def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvne
     # program 0 axis: chunk-major, Dk block fastest, so that the Dk blocks of a chunk run side by side and share its
     # dO, Vnew, dVnew in L2 (one axis: a grid's second and third axes stop at 65535 chunks)
     i_k = tl.program_id(0) % (DK // BK)
-    i_c = (tl.program_id(0) // (DK // BK)).to(tl.int64)  # 64-bit offsets: n_chunks * H * Dk * Dv may pass 2**31
+    i_c = (tl.program_id(0) // (DK // BK)).to(
+        tl.int64
+    )  # 64-bit offsets: n_chunks * H * Dk * Dv may pass 2**31
     i_h = tl.program_id(1)
     if SEQUENCE_ENDS:
         i_c = tl.load(end_chunks_ptr + i_c)
@@ -467,7 +627,7 @@ def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvne
     vnew_dSt = tl.zeros((C, BK), dtype=tl.float32)
     dvnew_St = tl.zeros((C, BK), dtype=tl.float32)  # -dW
     dscores = tl.zeros((C, C), dtype=tl.float32)
-    dS_dot_S = tl.zeros((BV, ), dtype=tl.float32)  # <dS', S> partial sums
+    dS_dot_S = tl.zeros((BV,), dtype=tl.float32)  # <dS', S> partial sums
     for i_v in range(DV // BV):
         cv = i_v * BV + tl.arange(0, BV)
         block = ck[:, None] * DV + cv[None, :]  # (BK, BV) offsets inside one (DK, DV) state
@@ -509,15 +669,38 @@ def _chunk_grad_qkw_kernel(q_ptr, k_ptr, gcum_ptr, h_ptr, dh_ptr, vnew_ptr, dvne
     dto_end = tl.sum(k * vnew_dSt, 1) * to_end
     dG = tl.sum(dqk_qk, 1) - tl.sum(dqk_qk, 0) + gamma * tl.sum(q * do_St, 1) - dto_end
     # G_C's gradient (from exp(G_C - G) and S' = Gamma_C S + ...) at the chunk's last row
-    dG += tl.where(rows == last, tl.sum(dto_end, 0) + tl.exp(G_last) * tl.sum(dS_dot_S, 0), 0.)
+    dG += tl.where(rows == last, tl.sum(dto_end, 0) + tl.exp(G_last) * tl.sum(dS_dot_S, 0), 0.0)
     tl.store(dg_part_ptr + (i_k * TT + rows) * H + i_h, dG, mask=valid)
 
 
 @triton.jit
-def _chunk_grad_wy_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tinv_ptr, dvnew_ptr, dw_ptr, dk_part_ptr, dg_part_ptr,
-                          chunk_start_ptr, chunk_end_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, TT,
-                          H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          NK: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
+def _chunk_grad_wy_kernel(
+    k_ptr,
+    v_ptr,
+    beta_ptr,
+    gcum_ptr,
+    tinv_ptr,
+    dvnew_ptr,
+    dw_ptr,
+    dk_part_ptr,
+    dg_part_ptr,
+    chunk_start_ptr,
+    chunk_end_ptr,
+    dk_ptr,
+    dv_ptr,
+    dbeta_ptr,
+    dg_ptr,
+    TT,
+    H: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    NK: tl.constexpr,
+    C: tl.constexpr,
+    PREC: tl.constexpr,
+    NATIVE: tl.constexpr,
+):
     """One program = one chunk of one head: the backward of the WY representation (after _chunk_grad_qkw_kernel),
     which finishes dk, dv, dbeta and dg. Blocks: (C, C) matrices; K/dW/dk (C, BK) walked twice over Dk;
     V/dVnew/dv (C, BV) walked over Dv.
@@ -533,14 +716,14 @@ def _chunk_grad_wy_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tinv_ptr, dvnew_ptr,
     i_h = tl.program_id(1)
     rows, valid, last = _chunk_rows(chunk_start_ptr, chunk_end_ptr, i_c, C)
     G, _ = _load_chunk_decay(gcum_ptr, rows, valid, last, i_h, H)
-    beta = tl.load(beta_ptr + rows * H + i_h, mask=valid, other=0.)
+    beta = tl.load(beta_ptr + rows * H + i_h, mask=valid, other=0.0)
     gamma = tl.exp(G)
     bw_scale = beta * gamma
     r = tl.arange(0, C)
     tinv = tl.load(tinv_ptr + ((i_c * H + i_h) * C + r[:, None]) * C + r[None, :]).to(tl.float32)
 
     dtinv = tl.zeros((C, C), dtype=tl.float32)
-    dbeta = tl.zeros((C, ), dtype=tl.float32)
+    dbeta = tl.zeros((C,), dtype=tl.float32)
     for i_v in range(DV // BV):
         cv = i_v * BV + tl.arange(0, BV)
         v = load_rows(v_ptr, rows * H + i_h, cv, DV, valid).to(tl.float32)
@@ -570,16 +753,22 @@ def _chunk_grad_wy_kernel(k_ptr, v_ptr, beta_ptr, gcum_ptr, tinv_ptr, dvnew_ptr,
     for i_k in range(DK // BK):
         ck = i_k * BK + tl.arange(0, BK)
         k = load_rows(k_ptr, rows * H + i_h, ck, DK, valid).to(tl.float32)
-        dbw = tl.dot(tl.trans(tinv), load_rows(dw_ptr, rows * H + i_h, ck, DK, valid).to(tl.float32),
-                     input_precision=PREC)
-        dk = (load_rows(dk_part_ptr, rows * H + i_h, ck, DK, valid) + dbw * bw_scale[:, None]
-              + tl.dot(dkk, k, input_precision=PREC))
+        dbw = tl.dot(
+            tl.trans(tinv),
+            load_rows(dw_ptr, rows * H + i_h, ck, DK, valid).to(tl.float32),
+            input_precision=PREC,
+        )
+        dk = (
+            load_rows(dk_part_ptr, rows * H + i_h, ck, DK, valid)
+            + dbw * bw_scale[:, None]
+            + tl.dot(dkk, k, input_precision=PREC)
+        )
         store_rows(dk_ptr, dk, rows * H + i_h, ck, DK, valid)
         k_dbw = tl.sum(dbw * k, 1)
         dbeta += gamma * k_dbw
         dG += bw_scale * k_dbw
     for i_k in range(NK):
-        dG += tl.load(dg_part_ptr + (i_k * TT + rows) * H + i_h, mask=valid, other=0.)
+        dG += tl.load(dg_part_ptr + (i_k * TT + rows) * H + i_h, mask=valid, other=0.0)
     tl.store(dbeta_ptr + rows * H + i_h, dbeta, mask=valid)
     tl.store(dg_ptr + rows * H + i_h, tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG, mask=valid)
 
@@ -631,13 +820,17 @@ def _launch_config(dtype, DK, DV):
         wy=triton.Config({}, num_warps=8 if widest else 4),
         state=triton.Config(dict(BV=state_BV), num_warps=state_warps, num_stages=1 if widest else 2),
         recurrent=triton.Config(dict(BV=state_BV), num_warps=state_warps),
-        state_backward=triton.Config(dict(BV=min(DV, 32 if large else 64)), num_warps=8 if widest else 4,
-                                     num_stages=1 if large else 2),
-        chunk=triton.Config(dict(BK=min(DK, 64), BV=min(DV, 128 if large else 64)),
-                            num_warps=8 if large else 4, num_stages=2),
-        grad=triton.Config(dict(BK=min(DK, 64), BV=min(DV, 32 if large else 64)), num_warps=4,
-                           num_stages=3 if large else 1),
-        wy_grad=triton.Config(dict(BK=min(DK, 64), BV=min(DV, 64)), num_warps=4, num_stages=1))
+        state_backward=triton.Config(
+            dict(BV=min(DV, 32 if large else 64)), num_warps=8 if widest else 4, num_stages=1 if large else 2
+        ),
+        chunk=triton.Config(
+            dict(BK=min(DK, 64), BV=min(DV, 128 if large else 64)), num_warps=8 if large else 4, num_stages=2
+        ),
+        grad=triton.Config(
+            dict(BK=min(DK, 64), BV=min(DV, 32 if large else 64)), num_warps=4, num_stages=3 if large else 1
+        ),
+        wy_grad=triton.Config(dict(BK=min(DK, 64), BV=min(DV, 64)), num_warps=4, num_stages=1),
+    )
 
 
 def _chunk_index(cu_seqlens):
@@ -650,10 +843,13 @@ def _chunk_index(cu_seqlens):
     chunk_offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=cu_seqlens.device)
     chunk_offsets[1:] = torch.cumsum(n_chunks, 0)
     total = int(chunk_offsets[-1])
-    seq_of_chunk = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), n_chunks,
-                                           output_size=total)
-    chunk_start = cu_seqlens[seq_of_chunk] + (torch.arange(total, device=cu_seqlens.device)
-                                              - chunk_offsets[seq_of_chunk]) * CHUNK
+    seq_of_chunk = torch.repeat_interleave(
+        torch.arange(len(lengths), device=cu_seqlens.device), n_chunks, output_size=total
+    )
+    chunk_start = (
+        cu_seqlens[seq_of_chunk]
+        + (torch.arange(total, device=cu_seqlens.device) - chunk_offsets[seq_of_chunk]) * CHUNK
+    )
     chunk_end = cu_seqlens[seq_of_chunk + 1]
     # (a one-chunk sequence lists its chunk twice and an empty one lists some other chunk: running a chunk again at
     # SEQUENCE_ENDS gives its results again)
@@ -681,15 +877,43 @@ def _wy_prepare(k, v, g, beta, chunk_start, chunk_end, tinv=None):
     if tinv is None:
         tinv = torch.empty(n_chunks, H, CHUNK, CHUNK, dtype=low, device=k.device)
         if n_chunks > 0:
-            _wy_invert_kernel[(n_chunks, H)](k, g, beta, chunk_start, chunk_end, tinv, H=H, DK=DK, C=CHUNK, SUB=SUB,
-                                             INVERSE_PREC=_inverse_precision(k.dtype), **_precision(k.dtype),
-                                             **launch_options(config["invert"]))
+            _wy_invert_kernel[(n_chunks, H)](
+                k,
+                g,
+                beta,
+                chunk_start,
+                chunk_end,
+                tinv,
+                H=H,
+                DK=DK,
+                C=CHUNK,
+                SUB=SUB,
+                INVERSE_PREC=_inverse_precision(k.dtype),
+                **_precision(k.dtype),
+                **launch_options(config["invert"]),
+            )
     gcum = torch.empty(TT, H, dtype=torch.float32, device=k.device)
     w = torch.empty(TT, H, DK, dtype=low, device=k.device)
     u = torch.empty(TT, H, DV, dtype=low, device=k.device)
     if n_chunks > 0:
-        _wy_prepare_kernel[(n_chunks, H)](k, v, g, beta, chunk_start, chunk_end, tinv, gcum, w, u, H=H, DK=DK, DV=DV,
-                                          C=CHUNK, **launch_options(config["wy"]), **_precision(k.dtype))
+        _wy_prepare_kernel[(n_chunks, H)](
+            k,
+            v,
+            g,
+            beta,
+            chunk_start,
+            chunk_end,
+            tinv,
+            gcum,
+            w,
+            u,
+            H=H,
+            DK=DK,
+            DV=DV,
+            C=CHUNK,
+            **launch_options(config["wy"]),
+            **_precision(k.dtype),
+        )
     return gcum, tinv, w, u
 
 
@@ -704,8 +928,23 @@ def _state_forward(k, w, u, gcum, h0, cu_seqlens, chunk_offsets, n_chunks):
     h = torch.empty(n_chunks, H, DK, DV, dtype=k.dtype, device=k.device)
     vnew = torch.empty(TT, H, DV, dtype=w.dtype, device=k.device)
     _state_forward_kernel[(N, H, DV // config["state"].kwargs["BV"])](
-        k, w, u, gcum, h0, cu_seqlens, chunk_offsets, ht, h, vnew,
-        H=H, DK=DK, DV=DV, C=CHUNK, **_precision(k.dtype), **launch_options(config["state"]))
+        k,
+        w,
+        u,
+        gcum,
+        h0,
+        cu_seqlens,
+        chunk_offsets,
+        ht,
+        h,
+        vnew,
+        H=H,
+        DK=DK,
+        DV=DV,
+        C=CHUNK,
+        **_precision(k.dtype),
+        **launch_options(config["state"]),
+    )
     return ht, h, vnew
 
 
@@ -718,8 +957,22 @@ def _chunk_output(q, k, h, vnew, gcum, chunk_start, chunk_end, scale):
     n_chunks = chunk_start.numel()
     if n_chunks > 0:
         _chunk_output_kernel[(n_chunks, H, DV // config["chunk"].kwargs["BV"])](
-            q, k, h, vnew, gcum, chunk_start, chunk_end, o, scale, H=H, DK=DK, DV=DV, C=CHUNK,
-            **launch_options(config["chunk"]), **_precision(q.dtype))
+            q,
+            k,
+            h,
+            vnew,
+            gcum,
+            chunk_start,
+            chunk_end,
+            o,
+            scale,
+            H=H,
+            DK=DK,
+            DV=DV,
+            C=CHUNK,
+            **launch_options(config["chunk"]),
+            **_precision(q.dtype),
+        )
     return o
 
 
@@ -750,8 +1003,25 @@ def _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, scale, 
     dh = torch.empty_like(h)
     dh0 = torch.empty(N, H, DK, DV, dtype=torch.float32, device=q.device)
     _state_backward_kernel[(N, H, DV // config["state_backward"].kwargs["BV"])](
-        q, k, w, gcum, do, dht, cu_seqlens, chunk_offsets, dh, dvnew, dh0, scale,
-        H=H, DK=DK, DV=DV, C=CHUNK, **precision, **launch_options(config["state_backward"]))
+        q,
+        k,
+        w,
+        gcum,
+        do,
+        dht,
+        cu_seqlens,
+        chunk_offsets,
+        dh,
+        dvnew,
+        dh0,
+        scale,
+        H=H,
+        DK=DK,
+        DV=DV,
+        C=CHUNK,
+        **precision,
+        **launch_options(config["state_backward"]),
+    )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty(TT, H, dtype=torch.float32, device=q.device)
     dg = torch.empty(TT, H, dtype=torch.float32, device=q.device)
@@ -760,14 +1030,62 @@ def _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, scale, 
         dk_part = torch.empty(TT, H, DK, dtype=torch.float32, device=q.device)
         dw = torch.empty(TT, H, DK, dtype=_gradient_dtype(q.dtype), device=q.device)
         dg_part = torch.empty(n_k, TT, H, dtype=torch.float32, device=q.device)
-        for sequence_ends in (False, True) if float32_ends and h.dtype != torch.float32 else (False, ):
+        for sequence_ends in (False, True) if float32_ends and h.dtype != torch.float32 else (False,):
             _chunk_grad_qkw_kernel[(n_k * (end_chunks.numel() if sequence_ends else n_chunks), H)](
-                q, k, gcum, h, dh, vnew, dvnew, do, h0, dht, cu_seqlens, chunk_start, chunk_end, chunk_sequence,
-                end_chunks, dq, dk_part, dw, dg_part, scale, TT, H=H, DK=DK, DV=DV, C=CHUNK,
-                SEQUENCE_ENDS=sequence_ends, **precision, **launch_options(config["grad"]))
+                q,
+                k,
+                gcum,
+                h,
+                dh,
+                vnew,
+                dvnew,
+                do,
+                h0,
+                dht,
+                cu_seqlens,
+                chunk_start,
+                chunk_end,
+                chunk_sequence,
+                end_chunks,
+                dq,
+                dk_part,
+                dw,
+                dg_part,
+                scale,
+                TT,
+                H=H,
+                DK=DK,
+                DV=DV,
+                C=CHUNK,
+                SEQUENCE_ENDS=sequence_ends,
+                **precision,
+                **launch_options(config["grad"]),
+            )
         _chunk_grad_wy_kernel[(n_chunks, H)](
-            k, v, beta, gcum, tinv, dvnew, dw, dk_part, dg_part, chunk_start, chunk_end, dk, dv, dbeta, dg, TT,
-            H=H, DK=DK, DV=DV, NK=n_k, C=CHUNK, **precision, **launch_options(config["wy_grad"]))
+            k,
+            v,
+            beta,
+            gcum,
+            tinv,
+            dvnew,
+            dw,
+            dk_part,
+            dg_part,
+            chunk_start,
+            chunk_end,
+            dk,
+            dv,
+            dbeta,
+            dg,
+            TT,
+            H=H,
+            DK=DK,
+            DV=DV,
+            NK=n_k,
+            C=CHUNK,
+            **precision,
+            **launch_options(config["wy_grad"]),
+        )
     return dq, dk, dv, dg, dbeta, dh0
 
 
@@ -790,8 +1108,9 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         do = torch.zeros_like(v) if do is None else do.contiguous()
         float32_ends = ctx.given_initial_state or dht is not None
         dht = torch.zeros_like(h0) if dht is None else dht.float().contiguous()
-        dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, ctx.scale,
-                                                     do, dht, float32_ends)
+        dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(
+            q, k, v, g, beta, h0, tinv, cu_seqlens, chunk_index, ctx.scale, do, dht, float32_ends
+        )
         return dq, dk, dv, dg, dbeta, dh0, None, None, None, None
 
 
@@ -804,8 +1123,21 @@ def _recurrent_forward(q, k, v, g, beta, h0, cu_seqlens, scale):
     o = torch.empty(TT, H, DV, dtype=q.dtype, device=q.device)
     ht = torch.empty(N, H, DK, DV, dtype=torch.float32, device=q.device)
     _recurrent_kernel[(N, H, DV // config["recurrent"].kwargs["BV"])](
-        q, k, v, g, beta, h0, cu_seqlens, o, ht, scale, H=H, DK=DK, DV=DV,
-        **launch_options(config["recurrent"]))
+        q,
+        k,
+        v,
+        g,
+        beta,
+        h0,
+        cu_seqlens,
+        o,
+        ht,
+        scale,
+        H=H,
+        DK=DK,
+        DV=DV,
+        **launch_options(config["recurrent"]),
+    )
     return o, ht
 
 
@@ -817,26 +1149,39 @@ def _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens):
     DV = v.shape[-1]
     for argument, x in (("g", g), ("beta", beta)):
         if x.shape != q.shape[:3]:
-            raise ValueError(f"{name}: {argument} must be (B, T, H) = {tuple(q.shape[:3])}; "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"{name}: {argument} must be (B, T, H) = {tuple(q.shape[:3])}; got {tuple(x.shape)}"
+            )
     if DK not in SUPPORTED_HEAD_DIMS or DV not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"{name}: head dims must be one of {SUPPORTED_HEAD_DIMS}; got Dk={DK}, Dv={DV}")
     check_device(name, q, k, v, g, beta)
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"{name}: cu_seqlens needs B == 1 (packed sequences); got B={B}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        if (
+            cu_seqlens.dim() != 1
+            or cu_seqlens.numel() < 2
+            or cu_seqlens.dtype not in (torch.int32, torch.int64)
+        ):
             raise ValueError(f"{name}: cu_seqlens must be a 1-D int32/int64 tensor of N+1 offsets")
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        if (
+            int(cu_seqlens[0]) != 0
+            or int(cu_seqlens[-1]) != T
+            or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any())
+        ):
             raise ValueError(f"{name}: cu_seqlens must rise from 0 to T={T}; got {cu_seqlens.tolist()}")
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None and initial_state.shape != (N, H, DK, DV):
-        raise ValueError(f"{name}: initial_state must be (N, H, Dk, Dv) = ({N}, {H}, {DK}, {DV}); "
-                         f"got {tuple(initial_state.shape)}")
+        raise ValueError(
+            f"{name}: initial_state must be (N, H, Dk, Dv) = ({N}, {H}, {DK}, {DV}); "
+            f"got {tuple(initial_state.shape)}"
+        )
     return N
 
 
-def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+def gated_delta_rule(
+    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
     """Gated delta rule, Triton. q, k (B,T,H,Dk) L2-normalised by the caller; v (B,T,H,Dv); g (B,T,H) log-decay
     (<= 0); beta (B,T,H) in (0,1); scale defaults to Dk**-0.5; initial_state (N,H,Dk,Dv) float32 or None;
     cu_seqlens (N+1,) offsets of packed sequences with B == 1 (the state never crosses a boundary).
@@ -849,7 +1194,7 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     N = _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
     B, T, H, DK = q.shape
     DV = v.shape[-1]
-    scale = DK ** -0.5 if scale is None else float(scale)
+    scale = DK**-0.5 if scale is None else float(scale)
     if cu_seqlens is None:
         cu_seqlens, chunk_index = _equal_length_chunk_index(B, T, q.device)
     else:
@@ -862,13 +1207,14 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
         h0 = torch.zeros(N, H, DK, DV, dtype=torch.float32, device=q.device)
     else:
         h0 = initial_state.float().contiguous()
-    inputs = (q, k, v, g, beta) + (() if initial_state is None else (initial_state, ))
+    inputs = (q, k, v, g, beta) + (() if initial_state is None else (initial_state,))
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
     if (needs_grad or T > 1) and chunk_index is None:
         chunk_index = _chunk_index(cu_seqlens)
     if needs_grad:
-        o, ht = _ChunkGatedDeltaRule.apply(*flat, g_flat, beta_flat, h0, cu_seqlens, chunk_index, scale,
-                                           initial_state is not None)
+        o, ht = _ChunkGatedDeltaRule.apply(
+            *flat, g_flat, beta_flat, h0, cu_seqlens, chunk_index, scale, initial_state is not None
+        )
     elif T == 1:
         o, ht = _recurrent_forward(*flat, g_flat, beta_flat, h0, cu_seqlens, scale)
     else:

@@ -22,12 +22,20 @@ Block sizes: _launch_config; BLOCK_DK, BLOCK_DV = the head sizes rounded up to a
 Precision: products of float32 inputs are float32-accurate (tf32x3), 16-bit inputs multiply natively; the
 accumulators and the softmax statistics are float32.
 """
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.common import (INTERPRET, block_size, check_device, check_qkv, launch_options, load_rows,
-                            store_rows)
+from kernels.common import (
+    INTERPRET,
+    block_size,
+    check_device,
+    check_qkv,
+    launch_options,
+    load_rows,
+    store_rows,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -55,8 +63,8 @@ def _key_blocks(start_m, T, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
     [lo, mid_lo) needs the mask, [mid_lo, mid_hi) is fully visible, [mid_hi, hi) needs the mask."""
     lo = (tl.maximum(start_m - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
     hi = tl.minimum(start_m + BLOCK_M, T)
-    full_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M - WINDOW, 0), BLOCK_N) * BLOCK_N   # j > i - W for all i
-    full_hi = ((start_m + 1) // BLOCK_N) * BLOCK_N                                   # j <= i for all i
+    full_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M - WINDOW, 0), BLOCK_N) * BLOCK_N  # j > i - W for all i
+    full_hi = ((start_m + 1) // BLOCK_N) * BLOCK_N  # j <= i for all i
     mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), hi)
     return lo, mid_lo, mid_hi, hi
@@ -68,8 +76,8 @@ def _query_blocks(start_n, T, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
     _key_blocks; the middle one also stays inside T (pad query rows need the mask)."""
     lo = (start_n // BLOCK_M) * BLOCK_M
     hi = tl.minimum(start_n + BLOCK_N + WINDOW - 1, T)
-    full_lo = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M                       # i >= j for all j
-    full_hi = (tl.minimum(start_n + WINDOW, T) // BLOCK_M) * BLOCK_M                  # i < j + W for all j
+    full_lo = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M  # i >= j for all j
+    full_hi = (tl.minimum(start_n + WINDOW, T) // BLOCK_M) * BLOCK_M  # i < j + W for all j
     mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), hi)
     return lo, mid_lo, mid_hi, hi
@@ -92,7 +100,9 @@ def _block_program(T, H, DK: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _load_tile(X, base, offs_t, T, row_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+def _load_tile(
+    X, base, offs_t, T, row_stride, D: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr
+):
     """Rows offs_t of one (batch, head) of a (B, T, H, D) tensor -> (len(offs_t), BLOCK_D), zero outside.
     CHECK_ROWS False: the caller knows every row is < T (the mask-free middle ranges), so only pad columns
     (D not a power of two) are masked."""
@@ -108,14 +118,35 @@ def _load_tile(X, base, offs_t, T, row_stride, D: tl.constexpr, BLOCK_D: tl.cons
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, base_qk, base_v, offs_m, lo, hi, scale_log2, T, H, WINDOW,
-               DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+def _fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K,
+    V,
+    base_qk,
+    base_v,
+    offs_m,
+    lo,
+    hi,
+    scale_log2,
+    T,
+    H,
+    WINDOW,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """Online softmax over key blocks [lo, hi) for the queries offs_m; updates acc, l_i, m_i."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(K, base_qk, offs_n, T, H * DK, DK, BLOCK_DK, MASKED)
-        s = _mm(q, tl.trans(k), PRECISION) * scale_log2                          # (BLOCK_M, BLOCK_N)
+        s = _mm(q, tl.trans(k), PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
         if MASKED:
             s = tl.where(_window_mask(offs_m, offs_n, T, WINDOW), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -129,9 +160,25 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, base_qk, base_v, offs_m, lo, hi, scale_lo
 
 
 @triton.jit(do_not_specialize=["T", "H", "WINDOW"])
-def _swa_fwd(Q, K, V, O, LSE, scale_log2, T, H, WINDOW, T_PAD,
-             DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _swa_fwd(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    scale_log2,
+    T,
+    H,
+    WINDOW,
+    T_PAD,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One program: queries [start_m, start_m + BLOCK_M) of one (batch, head); o (BLOCK_M, Dv)."""
     start_m, bh, offs_m, base_qk, base_v = _block_program(T, H, DK, DV, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -141,32 +188,126 @@ def _swa_fwd(Q, K, V, O, LSE, scale_log2, T, H, WINDOW, T_PAD,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _key_blocks(start_m, T, WINDOW, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, base_qk, base_v, offs_m, lo, mid_lo, scale_log2, T, H,
-                               WINDOW, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, PRECISION, True)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, base_qk, base_v, offs_m, mid_lo, mid_hi, scale_log2, T, H,
-                               WINDOW, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, PRECISION, False)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, base_qk, base_v, offs_m, mid_hi, hi, scale_log2, T, H,
-                               WINDOW, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, PRECISION, True)
-    l_i = tl.where(l_i > 0.0, l_i, 1.0)      # pad rows past T may see no key
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K,
+        V,
+        base_qk,
+        base_v,
+        offs_m,
+        lo,
+        mid_lo,
+        scale_log2,
+        T,
+        H,
+        WINDOW,
+        DK,
+        DV,
+        BLOCK_DK,
+        BLOCK_DV,
+        BLOCK_N,
+        PRECISION,
+        True,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K,
+        V,
+        base_qk,
+        base_v,
+        offs_m,
+        mid_lo,
+        mid_hi,
+        scale_log2,
+        T,
+        H,
+        WINDOW,
+        DK,
+        DV,
+        BLOCK_DK,
+        BLOCK_DV,
+        BLOCK_N,
+        PRECISION,
+        False,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K,
+        V,
+        base_qk,
+        base_v,
+        offs_m,
+        mid_hi,
+        hi,
+        scale_log2,
+        T,
+        H,
+        WINDOW,
+        DK,
+        DV,
+        BLOCK_DK,
+        BLOCK_DV,
+        BLOCK_N,
+        PRECISION,
+        True,
+    )
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)  # pad rows past T may see no key
     o = acc / l_i[:, None]
     store_rows(O + base_v, o, offs_m, offs_dv, H * DV, offs_m < T, offs_dv < DV)
     tl.store(LSE + bh.to(tl.int64) * T_PAD + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
 
 
 @triton.jit(do_not_specialize=["T", "H"])
-def _swa_bwd_delta(O, DO, DELTA, T, H, T_PAD, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+def _swa_bwd_delta(
+    O, DO, DELTA, T, H, T_PAD, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr
+):
     """One program: BLOCK_M rows of one (batch, head); delta_i = sum_d o_id do_id (B, H, T) float32, the
     softmax backward's row correction, computed once here for both backward kernels."""
     _, bh, offs_m, _, base_v = _block_program(T, H, DV, DV, BLOCK_M)
     o = _load_tile(O, base_v, offs_m, T, H * DV, DV, BLOCK_DV, True).to(tl.float32)
     do = _load_tile(DO, base_v, offs_m, T, H * DV, DV, BLOCK_DV, True).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * T_PAD + offs_m, tl.sum(o * do, 1), mask=offs_m < T_PAD)   # pad rows: 0
+    tl.store(DELTA + bh.to(tl.int64) * T_PAD + offs_m, tl.sum(o * do, 1), mask=offs_m < T_PAD)  # pad rows: 0
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, base_qk, base_v, bh, offs_n, lo, mid_lo, mid_hi, hi, scale_log2,
-                T, H, WINDOW, T_PAD, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    Q,
+    DO,
+    LSE,
+    DELTA,
+    base_qk,
+    base_v,
+    bh,
+    offs_n,
+    lo,
+    mid_lo,
+    mid_hi,
+    hi,
+    scale_log2,
+    T,
+    H,
+    WINDOW,
+    T_PAD,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """dk, dv of the keys offs_n over query blocks [lo, hi), the mask applied outside [mid_lo, mid_hi); works on
     transposed scores (keys x queries)."""
     for start_m in range(lo, hi, BLOCK_M):
@@ -176,19 +317,41 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, base_qk, base_v, bh, offs_n, lo
         # rows < T_PAD (a multiple of every block): no mask, so these loads stay few and vectorized
         lse = tl.load(LSE + bh.to(tl.int64) * T_PAD + offs_m)
         delta = tl.load(DELTA + bh.to(tl.int64) * T_PAD + offs_m)
-        p_t = tl.math.exp2(_mm(k, tl.trans(q), PRECISION) * scale_log2 - lse[None, :])   # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(_mm(k, tl.trans(q), PRECISION) * scale_log2 - lse[None, :])  # (BLOCK_N, BLOCK_M)
         if (start_m < mid_lo) | (start_m >= mid_hi):
             p_t = tl.where(tl.trans(_window_mask(offs_m, offs_n, T, WINDOW)), p_t, 0.0)
         dv += _mm(p_t.to(do.dtype), do, PRECISION)
-        ds_t = p_t * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])           # dS^T = P^T (dP^T - delta)
+        ds_t = p_t * (_mm(v, tl.trans(do), PRECISION) - delta[None, :])  # dS^T = P^T (dP^T - delta)
         dk += _mm(ds_t.to(q.dtype), q, PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _dkdv_block(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, scale, scale_log2, T, H, WINDOW, T_PAD, block, bh,
-                DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_block(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK_OUT,
+    DV_OUT,
+    scale,
+    scale_log2,
+    T,
+    H,
+    WINDOW,
+    T_PAD,
+    block,
+    bh,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Keys [block * BLOCK_N, (block + 1) * BLOCK_N) of (batch, head) bh: dk (BLOCK_N, Dk), dv (BLOCK_N, Dv)."""
     start_n, bh, offs_n, base_qk, base_v = _rows(block, bh, T, H, DK, DV, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -198,23 +361,72 @@ def _dkdv_block(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, scale, scale_log2, T, H
     dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _query_blocks(start_n, T, WINDOW, BLOCK_M, BLOCK_N)
-    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, base_qk, base_v, bh, offs_n, lo, mid_lo, mid_hi, hi,
-                         scale_log2, T, H, WINDOW, T_PAD, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_M, PRECISION)
+    dk, dv = _dkdv_inner(
+        dk,
+        dv,
+        k,
+        v,
+        Q,
+        DO,
+        LSE,
+        DELTA,
+        base_qk,
+        base_v,
+        bh,
+        offs_n,
+        lo,
+        mid_lo,
+        mid_hi,
+        hi,
+        scale_log2,
+        T,
+        H,
+        WINDOW,
+        T_PAD,
+        DK,
+        DV,
+        BLOCK_DK,
+        BLOCK_DV,
+        BLOCK_M,
+        PRECISION,
+    )
     dk = dk * scale
     store_rows(DK_OUT + base_qk, dk, offs_n, offs_dk, H * DK, offs_n < T, offs_dk < DK)
     store_rows(DV_OUT + base_v, dv, offs_n, offs_dv, H * DV, offs_n < T, offs_dv < DV)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, K, V, base_qk, base_v, offs_m, lo, hi, scale_log2, T, H, WINDOW,
-              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+def _dq_inner(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    K,
+    V,
+    base_qk,
+    base_v,
+    offs_m,
+    lo,
+    hi,
+    scale_log2,
+    T,
+    H,
+    WINDOW,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """dq of the queries offs_m over key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(K, base_qk, offs_n, T, H * DK, DK, BLOCK_DK, MASKED)
         v = _load_tile(V, base_v, offs_n, T, H * DV, DV, BLOCK_DV, MASKED)
-        p = tl.math.exp2(_mm(q, tl.trans(k), PRECISION) * scale_log2 - lse[:, None])   # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(_mm(q, tl.trans(k), PRECISION) * scale_log2 - lse[:, None])  # (BLOCK_M, BLOCK_N)
         if MASKED:
             p = tl.where(_window_mask(offs_m, offs_n, T, WINDOW), p, 0.0)
         ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
@@ -223,9 +435,30 @@ def _dq_inner(dq, q, do, lse, delta, K, V, base_qk, base_v, offs_m, lo, hi, scal
 
 
 @triton.jit
-def _dq_block(Q, K, V, DO, LSE, DELTA, DQ_OUT, scale, scale_log2, T, H, WINDOW, T_PAD, block, bh,
-              DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_block(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ_OUT,
+    scale,
+    scale_log2,
+    T,
+    H,
+    WINDOW,
+    T_PAD,
+    block,
+    bh,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Queries [block * BLOCK_M, (block + 1) * BLOCK_M) of (batch, head) bh: dq (BLOCK_M, Dk)."""
     start_m, bh, offs_m, base_qk, base_v = _rows(block, bh, T, H, DK, DV, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -235,30 +468,167 @@ def _dq_block(Q, K, V, DO, LSE, DELTA, DQ_OUT, scale, scale_log2, T, H, WINDOW, 
     delta = tl.load(DELTA + bh.to(tl.int64) * T_PAD + offs_m)
     dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _key_blocks(start_m, T, WINDOW, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, K, V, base_qk, base_v, offs_m, lo, mid_lo, scale_log2, T, H, WINDOW,
-                   DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, PRECISION, True)
-    dq = _dq_inner(dq, q, do, lse, delta, K, V, base_qk, base_v, offs_m, mid_lo, mid_hi, scale_log2, T, H, WINDOW,
-                   DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, PRECISION, False)
-    dq = _dq_inner(dq, q, do, lse, delta, K, V, base_qk, base_v, offs_m, mid_hi, hi, scale_log2, T, H, WINDOW,
-                   DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N, PRECISION, True)
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        K,
+        V,
+        base_qk,
+        base_v,
+        offs_m,
+        lo,
+        mid_lo,
+        scale_log2,
+        T,
+        H,
+        WINDOW,
+        DK,
+        DV,
+        BLOCK_DK,
+        BLOCK_DV,
+        BLOCK_N,
+        PRECISION,
+        True,
+    )
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        K,
+        V,
+        base_qk,
+        base_v,
+        offs_m,
+        mid_lo,
+        mid_hi,
+        scale_log2,
+        T,
+        H,
+        WINDOW,
+        DK,
+        DV,
+        BLOCK_DK,
+        BLOCK_DV,
+        BLOCK_N,
+        PRECISION,
+        False,
+    )
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        K,
+        V,
+        base_qk,
+        base_v,
+        offs_m,
+        mid_hi,
+        hi,
+        scale_log2,
+        T,
+        H,
+        WINDOW,
+        DK,
+        DV,
+        BLOCK_DK,
+        BLOCK_DV,
+        BLOCK_N,
+        PRECISION,
+        True,
+    )
     dq = dq * scale
     store_rows(DQ_OUT + base_qk, dq, offs_m, offs_dk, H * DK, offs_m < T, offs_dk < DK)
 
 
 @triton.jit(do_not_specialize=["T", "H", "WINDOW", "KEY_BLOCKS"])
-def _swa_bwd(Q, K, V, DO, LSE, DELTA, DQ_OUT, DK_OUT, DV_OUT, scale, scale_log2, T, H, WINDOW, T_PAD, KEY_BLOCKS,
-             DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-             BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
-             PRECISION: tl.constexpr):
+def _swa_bwd(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ_OUT,
+    DK_OUT,
+    DV_OUT,
+    scale,
+    scale_log2,
+    T,
+    H,
+    WINDOW,
+    T_PAD,
+    KEY_BLOCKS,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M1: tl.constexpr,
+    BLOCK_N1: tl.constexpr,
+    BLOCK_M2: tl.constexpr,
+    BLOCK_N2: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """The backward in one launch: programs [0, KEY_BLOCKS) of axis 0 compute dk, dv (_dkdv_block, BLOCK_M1
     queries x BLOCK_N1 keys), the rest dq (_dq_block, BLOCK_M2 x BLOCK_N2)."""
     pid = tl.program_id(0)
     if pid < KEY_BLOCKS:
-        _dkdv_block(Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, scale, scale_log2, T, H, WINDOW, T_PAD, pid,
-                    tl.program_id(1), DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_M1, BLOCK_N1, PRECISION)
+        _dkdv_block(
+            Q,
+            K,
+            V,
+            DO,
+            LSE,
+            DELTA,
+            DK_OUT,
+            DV_OUT,
+            scale,
+            scale_log2,
+            T,
+            H,
+            WINDOW,
+            T_PAD,
+            pid,
+            tl.program_id(1),
+            DK,
+            DV,
+            BLOCK_DK,
+            BLOCK_DV,
+            BLOCK_M1,
+            BLOCK_N1,
+            PRECISION,
+        )
     else:
-        _dq_block(Q, K, V, DO, LSE, DELTA, DQ_OUT, scale, scale_log2, T, H, WINDOW, T_PAD, pid - KEY_BLOCKS,
-                  tl.program_id(1), DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_M2, BLOCK_N2, PRECISION)
+        _dq_block(
+            Q,
+            K,
+            V,
+            DO,
+            LSE,
+            DELTA,
+            DQ_OUT,
+            scale,
+            scale_log2,
+            T,
+            H,
+            WINDOW,
+            T_PAD,
+            pid - KEY_BLOCKS,
+            tl.program_id(1),
+            DK,
+            DV,
+            BLOCK_DK,
+            BLOCK_DV,
+            BLOCK_M2,
+            BLOCK_N2,
+            PRECISION,
+        )
 
 
 def _launch_config(dtype, dk, dv):
@@ -268,24 +638,36 @@ def _launch_config(dtype, dk, dv):
     (bench.py); float32 or larger heads: smaller tiles; float32 with padded Dk + Dv > 256: smaller still,
     within an H100's 227 KB of shared memory up to Dk 256 + Dv 512; 16 x 16 under the CPU interpreter."""
     if INTERPRET:
-        return dict(fwd=triton.Config(dict(BLOCK_M=16, BLOCK_N=16), num_warps=1, num_stages=1),
-                    bwd=triton.Config(dict(BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=16), num_warps=1,
-                                      num_stages=1),
-                    delta=triton.Config(dict(BLOCK_M=16)))
+        return dict(
+            fwd=triton.Config(dict(BLOCK_M=16, BLOCK_N=16), num_warps=1, num_stages=1),
+            bwd=triton.Config(
+                dict(BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=16), num_warps=1, num_stages=1
+            ),
+            delta=triton.Config(dict(BLOCK_M=16)),
+        )
     if dtype == torch.float32 and block_size(dk) + block_size(dv) > 256:
-        return dict(fwd=triton.Config(dict(BLOCK_M=32, BLOCK_N=16), num_warps=4, num_stages=1),
-                    bwd=triton.Config(dict(BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=16), num_warps=4,
-                                      num_stages=1),
-                    delta=triton.Config(dict(BLOCK_M=16)))
+        return dict(
+            fwd=triton.Config(dict(BLOCK_M=32, BLOCK_N=16), num_warps=4, num_stages=1),
+            bwd=triton.Config(
+                dict(BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=16), num_warps=4, num_stages=1
+            ),
+            delta=triton.Config(dict(BLOCK_M=16)),
+        )
     if max(dk, dv) > 128 or dtype == torch.float32:
-        return dict(fwd=triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=2),
-                    bwd=triton.Config(dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32), num_warps=4,
-                                      num_stages=2),
-                    delta=triton.Config(dict(BLOCK_M=32)))
-    return dict(fwd=triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
-                bwd=triton.Config(dict(BLOCK_M1=64, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=64), num_warps=8,
-                                  num_stages=3),
-                delta=triton.Config(dict(BLOCK_M=64)))
+        return dict(
+            fwd=triton.Config(dict(BLOCK_M=64, BLOCK_N=32), num_warps=4, num_stages=2),
+            bwd=triton.Config(
+                dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32), num_warps=4, num_stages=2
+            ),
+            delta=triton.Config(dict(BLOCK_M=32)),
+        )
+    return dict(
+        fwd=triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
+        bwd=triton.Config(
+            dict(BLOCK_M1=64, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=64), num_warps=8, num_stages=3
+        ),
+        delta=triton.Config(dict(BLOCK_M=64)),
+    )
 
 
 def _padded_rows(T, config):
@@ -296,8 +678,13 @@ def _padded_rows(T, config):
 
 
 def _dims(dk, dv, dtype):
-    return dict(DK=dk, DV=dv, BLOCK_DK=block_size(dk), BLOCK_DV=block_size(dv),
-                PRECISION="upcast" if INTERPRET else ("tf32x3" if dtype == torch.float32 else "tf32"))
+    return dict(
+        DK=dk,
+        DV=dv,
+        BLOCK_DK=block_size(dk),
+        BLOCK_DV=block_size(dv),
+        PRECISION="upcast" if INTERPRET else ("tf32x3" if dtype == torch.float32 else "tf32"),
+    )
 
 
 class _SlidingWindowAttention(torch.autograd.Function):
@@ -311,10 +698,22 @@ class _SlidingWindowAttention(torch.autograd.Function):
         t_pad = _padded_rows(T, config)
         lse = torch.empty(B, H, t_pad, device=q.device, dtype=torch.float32)
         grid = (triton.cdiv(T, config["fwd"].kwargs["BLOCK_M"]), B * H)
-        _swa_fwd[grid](q, k, v, o, lse, scale * LOG2E, T, H, window, t_pad, **_dims(dk, dv, q.dtype),
-                       **launch_options(config["fwd"]))
+        _swa_fwd[grid](
+            q,
+            k,
+            v,
+            o,
+            lse,
+            scale * LOG2E,
+            T,
+            H,
+            window,
+            t_pad,
+            **_dims(dk, dv, q.dtype),
+            **launch_options(config["fwd"]),
+        )
         if t_pad > T:
-            lse[:, :, T:] = 0.0   # pad rows (zero q and do rows in the backward) need finite values
+            lse[:, :, T:] = 0.0  # pad rows (zero q and do rows in the backward) need finite values
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.window, ctx.scale = window, scale
         return o
@@ -329,14 +728,16 @@ class _SlidingWindowAttention(torch.autograd.Function):
         config = _launch_config(q.dtype, dk, dv)
         dims = _dims(dk, dv, q.dtype)
         t_pad = lse.shape[-1]
-        delta = torch.empty_like(lse)                                            # (B, H, t_pad) rowsum(o * do)
+        delta = torch.empty_like(lse)  # (B, H, t_pad) rowsum(o * do)
         _swa_bwd_delta[(triton.cdiv(t_pad, config["delta"].kwargs["BLOCK_M"]), B * H)](
-            o, do, delta, T, H, t_pad, DV=dv, BLOCK_DV=dims["BLOCK_DV"], **launch_options(config["delta"]))
+            o, do, delta, T, H, t_pad, DV=dv, BLOCK_DV=dims["BLOCK_DV"], **launch_options(config["delta"])
+        )
         args = (ctx.scale, ctx.scale * LOG2E, T, H, ctx.window, t_pad)
         blocks = config["bwd"].kwargs
         key_blocks, query_blocks = triton.cdiv(T, blocks["BLOCK_N1"]), triton.cdiv(T, blocks["BLOCK_M2"])
         _swa_bwd[(key_blocks + query_blocks, B * H)](
-            q, k, v, do, lse, delta, dq, dk_, dv_, *args, key_blocks, **dims, **launch_options(config["bwd"]))
+            q, k, v, do, lse, delta, dq, dk_, dv_, *args, key_blocks, **dims, **launch_options(config["bwd"])
+        )
         return dq, dk_, dv_, None, None
 
 

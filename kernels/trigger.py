@@ -40,13 +40,14 @@ hi*lo, "tf32x3") split here: the bank once per call on the host (hi = rounded to
 left operand once per program, so the tensor cores read both halves of the bank from shared memory.
 bfloat16 inputs use one tf32 product. The CPU interpreter runs the same split, with exact products.
 """
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels.common import INTERPRET, block_size, check_device, launch_options, load_rows, store_rows
 
-LN_EPS = tl.constexpr(1e-5)   # torch.nn.functional.layer_norm's default, as nirvana.fast_weight_function uses
+LN_EPS = tl.constexpr(1e-5)  # torch.nn.functional.layer_norm's default, as nirvana.fast_weight_function uses
 
 
 @triton.jit
@@ -88,8 +89,9 @@ def _mm(a_hi, a_lo, b_hi, b_lo, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _bank_mm(a_hi, a_lo, BH, BL, kb, offs_d, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-             BLOCK_D: tl.constexpr):
+def _bank_mm(
+    a_hi, a_lo, BH, BL, kb, offs_d, SPLIT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """a (BLOCK_T, BLOCK_D) @ M_kb^T for the padded bank M (K, BLOCK_D, BLOCK_D) given as hi (BH) and lo (BL):
     out[t, n] = sum_c a[t, c] M[kb, n, c]. The tile is read row-major and transposed, so the reduced index c
     is contiguous (K-major, as tf32 tensor-core products need)."""
@@ -109,9 +111,30 @@ def _load_col(X, offs_t, row_ok, kb, K: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["N"])
-def _trigger_fwd(Qx, Kx, Vx, P, ETA, WH, WL, BB, C, PNEW, Y, RSTD, G, YQ, RSTDQ, N,
-                 D: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                 SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+def _trigger_fwd(
+    Qx,
+    Kx,
+    Vx,
+    P,
+    ETA,
+    WH,
+    WL,
+    BB,
+    C,
+    PNEW,
+    Y,
+    RSTD,
+    G,
+    YQ,
+    RSTDQ,
+    N,
+    D: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One program: tokens [start, start + BLOCK_T); c (BLOCK_T, D), p' (BLOCK_T, K).
     WH, WL: the bank (K, BLOCK_D, BLOCK_D) as W[k, i, j] (hi and lo halves); BB (K, BLOCK_D).
     Each loop over the bank has one left operand (held in registers by the tensor cores, as hi and lo), and
@@ -120,20 +143,23 @@ def _trigger_fwd(Qx, Kx, Vx, P, ETA, WH, WL, BB, C, PNEW, Y, RSTD, G, YQ, RSTDQ,
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_t < N
     col_ok = offs_d < D
-    k = load_rows(Kx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)           # (BLOCK_T, BLOCK_D)
+    k = load_rows(Kx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)  # (BLOCK_T, BLOCK_D)
     k_hi, k_lo = _split(k, SPLIT)
     # pass 1: z = sum_k p_k (W_k k + b_k)
     z = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for kb in range(K):
         b = tl.load(BB + kb * BLOCK_D + offs_d)
-        a = _bank_mm(k_hi, k_lo, WH, WL, kb, offs_d, SPLIT, PRECISION, BLOCK_D) + b[None, :]   # A_k
+        a = _bank_mm(k_hi, k_lo, WH, WL, kb, offs_d, SPLIT, PRECISION, BLOCK_D) + b[None, :]  # A_k
         z += _load_col(P, offs_t, row_ok, kb, K)[:, None] * a
     y, rstd = _layer_norm(z, col_ok, D)
     store_rows(Y, y, offs_t, offs_d, D, row_ok, col_ok)
     tl.store(RSTD + offs_t, rstd, mask=row_ok)
-    r = 2.0 * (load_rows(Kx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32) + y
-               - load_rows(Vx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32))           # dL/df, eq.(3)
-    u = _layer_norm_bwd(r, y, rstd, col_ok, D)                                 # dL/dz
+    r = 2.0 * (
+        load_rows(Kx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
+        + y
+        - load_rows(Vx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
+    )  # dL/df, eq.(3)
+    u = _layer_norm_bwd(r, y, rstd, col_ok, D)  # dL/dz
     # pass 2: g_k = <u, A_k> (eq. 7)
     for kb in range(K):
         b = tl.load(BB + kb * BLOCK_D + offs_d)
@@ -148,8 +174,9 @@ def _trigger_fwd(Qx, Kx, Vx, P, ETA, WH, WL, BB, C, PNEW, Y, RSTD, G, YQ, RSTDQ,
     for kb in range(K):
         b = tl.load(BB + kb * BLOCK_D + offs_d)
         p_new_k = _load_col(P, offs_t, row_ok, kb, K) - eta * _load_col(G, offs_t, row_ok, kb, K)
-        zq += p_new_k[:, None] * (_bank_mm(q_hi, q_lo, WH, WL, kb, offs_d, SPLIT, PRECISION, BLOCK_D)
-                                  + b[None, :])
+        zq += p_new_k[:, None] * (
+            _bank_mm(q_hi, q_lo, WH, WL, kb, offs_d, SPLIT, PRECISION, BLOCK_D) + b[None, :]
+        )
         tl.store(PNEW + offs_t * K + kb, p_new_k.to(PNEW.dtype.element_ty), mask=row_ok)
     yq, rstdq = _layer_norm(zq, col_ok, D)
     store_rows(YQ, yq, offs_t, offs_d, D, row_ok, col_ok)
@@ -159,10 +186,42 @@ def _trigger_fwd(Qx, Kx, Vx, P, ETA, WH, WL, BB, C, PNEW, Y, RSTD, G, YQ, RSTDQ,
 
 
 @triton.jit(do_not_specialize=["N"])
-def _trigger_bwd(Qx, Kx, Vx, P, ETA, WH, WL, WTH, WTL, BB, Y, RSTD, G, YQ, RSTDQ, DC, DPNEW,
-                 DQ, DK, DV, DP, DETA, U, DZT, DZQ, DG, N,
-                 D: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                 SPLIT: tl.constexpr, PRECISION: tl.constexpr, DETACH: tl.constexpr):
+def _trigger_bwd(
+    Qx,
+    Kx,
+    Vx,
+    P,
+    ETA,
+    WH,
+    WL,
+    WTH,
+    WTL,
+    BB,
+    Y,
+    RSTD,
+    G,
+    YQ,
+    RSTDQ,
+    DC,
+    DPNEW,
+    DQ,
+    DK,
+    DV,
+    DP,
+    DETA,
+    U,
+    DZT,
+    DZQ,
+    DG,
+    N,
+    D: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DETACH: tl.constexpr,
+):
     """One program: tokens [start, start + BLOCK_T); gradients of q, k, v (BLOCK_T, D), p (BLOCK_T, K), eta.
     WH, WL: the padded bank W[k, i, j]; WTH, WTL: its transpose W[k, j, i] (hi and lo halves). One left
     operand per loop over the bank, as in _trigger_fwd; later passes read back the dp and dg columns that
@@ -172,8 +231,13 @@ def _trigger_bwd(Qx, Kx, Vx, P, ETA, WH, WL, WTH, WTL, BB, Y, RSTD, G, YQ, RSTDQ
     row_ok = offs_t < N
     col_ok = offs_d < D
     dc = load_rows(DC, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
-    dzq = _layer_norm_bwd(dc, load_rows(YQ, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32),
-                          tl.load(RSTDQ + offs_t, mask=row_ok, other=1.0), col_ok, D)   # through c = q + LN(zq)
+    dzq = _layer_norm_bwd(
+        dc,
+        load_rows(YQ, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32),
+        tl.load(RSTDQ + offs_t, mask=row_ok, other=1.0),
+        col_ok,
+        D,
+    )  # through c = q + LN(zq)
     store_rows(DZQ, dzq, offs_t, offs_d, D, row_ok, col_ok)
     dzq_hi, dzq_lo = _split(dzq, SPLIT)
     q = load_rows(Qx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
@@ -185,7 +249,7 @@ def _trigger_bwd(Qx, Kx, Vx, P, ETA, WH, WL, WTH, WTL, BB, Y, RSTD, G, YQ, RSTDQ
     for kb in range(K):
         b = tl.load(BB + kb * BLOCK_D + offs_d)
         g_k = _load_col(G, offs_t, row_ok, kb, K)
-        m = _bank_mm(dzq_hi, dzq_lo, WTH, WTL, kb, offs_d, SPLIT, PRECISION, BLOCK_D)            # M_k
+        m = _bank_mm(dzq_hi, dzq_lo, WTH, WTL, kb, offs_d, SPLIT, PRECISION, BLOCK_D)  # M_k
         dp_new_k = tl.sum(m * q + dzq * b[None, :], 1) + _load_col(DPNEW, offs_t, row_ok, kb, K)
         dq += (_load_col(P, offs_t, row_ok, kb, K) - eta * g_k)[:, None] * m
         deta -= dp_new_k * g_k
@@ -199,35 +263,51 @@ def _trigger_bwd(Qx, Kx, Vx, P, ETA, WH, WL, WTH, WTL, BB, Y, RSTD, G, YQ, RSTDQ
         tl.debug_barrier()
         y = load_rows(Y, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
         rstd = tl.load(RSTD + offs_t, mask=row_ok, other=1.0)
-        u = _layer_norm_bwd(2.0 * (load_rows(Kx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32) + y
-                                   - load_rows(Vx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)),
-                            y, rstd, col_ok, D)
+        u = _layer_norm_bwd(
+            2.0
+            * (
+                load_rows(Kx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
+                + y
+                - load_rows(Vx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
+            ),
+            y,
+            rstd,
+            col_ok,
+            D,
+        )
         store_rows(U, u, offs_t, offs_d, D, row_ok, col_ok)
         # pass 2: dk's part sum_k dg_k W_k^T u (U_k = u @ W_k)
         u_hi, u_lo = _split(u, SPLIT)
         dk = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for kb in range(K):
-            dk += (_load_col(DG, offs_t, row_ok, kb, K)[:, None]
-                   * _bank_mm(u_hi, u_lo, WTH, WTL, kb, offs_d, SPLIT, PRECISION, BLOCK_D))
+            dk += _load_col(DG, offs_t, row_ok, kb, K)[:, None] * _bank_mm(
+                u_hi, u_lo, WTH, WTL, kb, offs_d, SPLIT, PRECISION, BLOCK_D
+            )
         # pass 3: du = sum_k dg_k A_k (A_k = W_k k + b_k)
         k_hi, k_lo = _split(load_rows(Kx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32), SPLIT)
         du = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for kb in range(K):
             b = tl.load(BB + kb * BLOCK_D + offs_d)
             du += _load_col(DG, offs_t, row_ok, kb, K)[:, None] * (
-                _bank_mm(k_hi, k_lo, WH, WL, kb, offs_d, SPLIT, PRECISION, BLOCK_D) + b[None, :])
+                _bank_mm(k_hi, k_lo, WH, WL, kb, offs_d, SPLIT, PRECISION, BLOCK_D) + b[None, :]
+            )
         # u = J r with J = (I - 11^T/D - y y^T/D) / sigma symmetric, J and sigma functions of z
         y = load_rows(Y, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
-        r = 2.0 * (load_rows(Kx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32) + y
-                   - load_rows(Vx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32))
-        dr = _layer_norm_bwd(du, y, rstd, col_ok, D)                             # J du
+        r = 2.0 * (
+            load_rows(Kx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
+            + y
+            - load_rows(Vx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
+        )
+        dr = _layer_norm_bwd(du, y, rstd, col_ok, D)  # J du
         mean_yr = tl.sum(y * r, 1) / D
         mean_duy = tl.sum(du * y, 1) / D
-        dy = -rstd[:, None] * (du * mean_yr[:, None] + r * mean_duy[:, None])    # through y inside J
-        dy += 2.0 * dr                                                           # r = 2 (k + y - v)
+        dy = -rstd[:, None] * (du * mean_yr[:, None] + r * mean_duy[:, None])  # through y inside J
+        dy += 2.0 * dr  # r = 2 (k + y - v)
         u = load_rows(U, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
-        dsigma = -rstd * tl.sum(du * u, 1)                                       # u ~ 1/sigma
-        dzt = _layer_norm_bwd(dy, y, rstd, col_ok, D) + tl.where(col_ok[None, :], dsigma[:, None] * y / D, 0.0)
+        dsigma = -rstd * tl.sum(du * u, 1)  # u ~ 1/sigma
+        dzt = _layer_norm_bwd(dy, y, rstd, col_ok, D) + tl.where(
+            col_ok[None, :], dsigma[:, None] * y / D, 0.0
+        )
         store_rows(DZT, dzt, offs_t, offs_d, D, row_ok, col_ok)
         store_rows(DV, -2.0 * dr, offs_t, offs_d, D, row_ok, col_ok)
         dk += 2.0 * dr
@@ -237,7 +317,7 @@ def _trigger_bwd(Qx, Kx, Vx, P, ETA, WH, WL, WTH, WTL, BB, Y, RSTD, G, YQ, RSTDQ
         k = load_rows(Kx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
         for kb in range(K):
             b = tl.load(BB + kb * BLOCK_D + offs_d)
-            n = _bank_mm(dzt_hi, dzt_lo, WTH, WTL, kb, offs_d, SPLIT, PRECISION, BLOCK_D)         # N_k
+            n = _bank_mm(dzt_hi, dzt_lo, WTH, WTL, kb, offs_d, SPLIT, PRECISION, BLOCK_D)  # N_k
             dp_k = _load_col(DP, offs_t, row_ok, kb, K) + tl.sum(n * k + dzt * b[None, :], 1)
             tl.store(DP + offs_t * K + kb, dp_k.to(DP.dtype.element_ty), mask=row_ok)
             dk += _load_col(P, offs_t, row_ok, kb, K)[:, None] * n
@@ -245,10 +325,29 @@ def _trigger_bwd(Qx, Kx, Vx, P, ETA, WH, WL, WTH, WTL, BB, Y, RSTD, G, YQ, RSTDQ
 
 
 @triton.jit(do_not_specialize=["N", "TOKENS_PER_SLICE"])
-def _trigger_bwd_bank(Qx, Kx, P, G, ETA, U, DZT, DZQ, DG, DW_PART, DB_PART, N, TOKENS_PER_SLICE,
-                      D: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_T: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                      DETACH: tl.constexpr):
+def _trigger_bwd_bank(
+    Qx,
+    Kx,
+    P,
+    G,
+    ETA,
+    U,
+    DZT,
+    DZQ,
+    DG,
+    DW_PART,
+    DB_PART,
+    N,
+    TOKENS_PER_SLICE,
+    D: tl.constexpr,
+    K: tl.constexpr,
+    KB: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DETACH: tl.constexpr,
+):
     """One program: bank blocks [k0, k0 + KB), tokens of one slice; partial dW (KB, BLOCK_D, BLOCK_D) and
     db (KB, BLOCK_D), padded.
 
@@ -267,12 +366,12 @@ def _trigger_bwd_bank(Qx, Kx, P, G, ETA, U, DZT, DZQ, DG, DW_PART, DB_PART, N, T
     for t0 in range(start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         row_ok = offs_t < end
-        cols = offs_t[:, None] * K + offs_kb[None, :]                                 # (BLOCK_T, KB)
+        cols = offs_t[:, None] * K + offs_kb[None, :]  # (BLOCK_T, KB)
         eta = tl.load(ETA + offs_t, mask=row_ok, other=0.0).to(tl.float32)
         p = tl.load(P + cols, mask=row_ok[:, None], other=0.0).to(tl.float32)
         p_new = p - eta[:, None] * tl.load(G + cols, mask=row_ok[:, None], other=0.0)
         dzq = load_rows(DZQ, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
-        d_a = p_new[:, :, None] * dzq[:, None, :]                                   # (BLOCK_T, KB, BLOCK_D)
+        d_a = p_new[:, :, None] * dzq[:, None, :]  # (BLOCK_T, KB, BLOCK_D)
         b_hi, b_lo = _split(load_rows(Qx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32), SPLIT)
         a_hi, a_lo = _split(tl.trans(tl.reshape(d_a, [BLOCK_T, KB * BLOCK_D])), SPLIT)
         dw += _mm(a_hi, a_lo, b_hi, b_lo, SPLIT, PRECISION)
@@ -296,12 +395,16 @@ def _launch_config():
     blocks per program (1 where K is not a multiple of it) and BANK_SLICES token slices (partial sums added
     in PyTorch)."""
     if INTERPRET:
-        return dict(fwd=triton.Config(dict(BLOCK_T=16), num_warps=1, num_stages=1),
-                    bwd=triton.Config(dict(BLOCK_T=16), num_warps=1, num_stages=1),
-                    bank=triton.Config(dict(BLOCK_T=16, KB=2), num_warps=1, num_stages=1))
-    return dict(fwd=triton.Config(dict(BLOCK_T=64), num_warps=4, num_stages=2),
-                bwd=triton.Config(dict(BLOCK_T=64), num_warps=4, num_stages=2),
-                bank=triton.Config(dict(BLOCK_T=64, KB=2), num_warps=8, num_stages=3))
+        return dict(
+            fwd=triton.Config(dict(BLOCK_T=16), num_warps=1, num_stages=1),
+            bwd=triton.Config(dict(BLOCK_T=16), num_warps=1, num_stages=1),
+            bank=triton.Config(dict(BLOCK_T=16, KB=2), num_warps=1, num_stages=1),
+        )
+    return dict(
+        fwd=triton.Config(dict(BLOCK_T=64), num_warps=4, num_stages=2),
+        bwd=triton.Config(dict(BLOCK_T=64), num_warps=4, num_stages=2),
+        bank=triton.Config(dict(BLOCK_T=64, KB=2), num_warps=8, num_stages=3),
+    )
 
 
 BANK_SLICES = 2 if INTERPRET else 8
@@ -341,8 +444,28 @@ class _TriggerStep(torch.autograd.Function):
         rstd, rstdq = torch.empty(N, **f32), torch.empty(N, **f32)
         wh, wl, bias = _padded_bank(bank_weight, bank_bias, block_d, q.dtype == torch.float32)
         _trigger_fwd[(triton.cdiv(N, config.kwargs["BLOCK_T"]),)](
-            q, k, v, p, eta, wh, wl, bias, c, p_new, y, rstd, g, yq, rstdq, N,
-            D=D, K=K, BLOCK_D=block_d, **_precision(q), **launch_options(config))
+            q,
+            k,
+            v,
+            p,
+            eta,
+            wh,
+            wl,
+            bias,
+            c,
+            p_new,
+            y,
+            rstd,
+            g,
+            yq,
+            rstdq,
+            N,
+            D=D,
+            K=K,
+            BLOCK_D=block_d,
+            **_precision(q),
+            **launch_options(config),
+        )
         ctx.save_for_backward(q, k, v, p, eta, wh, wl, bias, y, rstd, g, yq, rstdq)
         ctx.detach, ctx.bank_dtypes = detach, (bank_weight.dtype, bank_bias.dtype)
         return c, p_new
@@ -359,14 +482,49 @@ class _TriggerStep(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dp, deta = torch.empty_like(p), torch.empty_like(eta)
         f32 = dict(device=q.device, dtype=torch.float32)
-        u, dzt, dzq, dg = (torch.empty(N, D, **f32), torch.empty(N, D, **f32), torch.empty(N, D, **f32),
-                           torch.empty(N, K, **f32))
+        u, dzt, dzq, dg = (
+            torch.empty(N, D, **f32),
+            torch.empty(N, D, **f32),
+            torch.empty(N, D, **f32),
+            torch.empty(N, K, **f32),
+        )
         wth = wh.transpose(1, 2).contiguous()
         wtl = wl.transpose(1, 2).contiguous() if precision["SPLIT"] else wth
         _trigger_bwd[(triton.cdiv(N, config["bwd"].kwargs["BLOCK_T"]),)](
-            q, k, v, p, eta, wh, wl, wth, wtl, bias, y, rstd, g, yq, rstdq, dc, dp_new,
-            dq, dk, dv, dp, deta, u, dzt, dzq, dg, N,
-            D=D, K=K, BLOCK_D=block_d, DETACH=ctx.detach, **precision, **launch_options(config["bwd"]))
+            q,
+            k,
+            v,
+            p,
+            eta,
+            wh,
+            wl,
+            wth,
+            wtl,
+            bias,
+            y,
+            rstd,
+            g,
+            yq,
+            rstdq,
+            dc,
+            dp_new,
+            dq,
+            dk,
+            dv,
+            dp,
+            deta,
+            u,
+            dzt,
+            dzq,
+            dg,
+            N,
+            D=D,
+            K=K,
+            BLOCK_D=block_d,
+            DETACH=ctx.detach,
+            **precision,
+            **launch_options(config["bwd"]),
+        )
         # bank gradient: K / KB groups of bank blocks x token slices, the slices summed here
         block_t = config["bank"].kwargs["BLOCK_T"]
         kb = min(config["bank"].kwargs["KB"], K)
@@ -377,12 +535,29 @@ class _TriggerStep(torch.autograd.Function):
         dw_part = torch.empty(slices, K, block_d, block_d, **f32)
         db_part = torch.empty(slices, K, block_d, **f32)
         _trigger_bwd_bank[(K // kb, slices)](
-            q, k, p, g, eta, u, dzt, dzq, dg, dw_part, db_part, N, tokens_per_slice,
-            D=D, K=K, BLOCK_D=block_d, DETACH=ctx.detach, **precision,
-            **launch_options(config["bank"], KB=kb))
+            q,
+            k,
+            p,
+            g,
+            eta,
+            u,
+            dzt,
+            dzq,
+            dg,
+            dw_part,
+            db_part,
+            N,
+            tokens_per_slice,
+            D=D,
+            K=K,
+            BLOCK_D=block_d,
+            DETACH=ctx.detach,
+            **precision,
+            **launch_options(config["bank"], KB=kb),
+        )
         dw = dw_part.sum(0)[:, :D, :D].to(ctx.bank_dtypes[0])
         db = db_part.sum(0)[:, :D].to(ctx.bank_dtypes[1])
-        if ctx.detach:   # the inner gradient is a constant: k and v only reach c and p' through it
+        if ctx.detach:  # the inner gradient is a constant: k and v only reach c and p' through it
             dk, dv = None, None
         return dq, dk, dv, dp, deta, dw, db, None
 
@@ -390,11 +565,14 @@ class _TriggerStep(torch.autograd.Function):
 def _check_inputs(q, k, v, p_prev, eta, bank_weight, bank_bias):
     K, D = bank_bias.shape
     if q.shape[-1] != D or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"trigger_step: q, k, v must share one shape (..., d_t={D}); "
-                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"trigger_step: q, k, v must share one shape (..., d_t={D}); "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if bank_weight.shape != (K, D, D):
-        raise ValueError(f"trigger_step: bank_weight must be (K, d_t, d_t) = {(K, D, D)}, "
-                         f"got {tuple(bank_weight.shape)}")
+        raise ValueError(
+            f"trigger_step: bank_weight must be (K, d_t, d_t) = {(K, D, D)}, got {tuple(bank_weight.shape)}"
+        )
     if p_prev.shape[-1] != K:
         raise ValueError(f"trigger_step: p_prev must end in K={K}, got {tuple(p_prev.shape)}")
     if eta.dim() > q.dim() - 1:
@@ -414,7 +592,14 @@ def trigger_step(q, k, v, p_prev, eta, bank_weight, bank_bias, detach_inner_grad
     D, K = q.shape[-1], bank_bias.shape[0]
     p_flat = p_prev.expand(*lead, K).reshape(-1, K).contiguous()
     eta_flat = eta.expand(lead).reshape(-1).contiguous()
-    c, p_new = _TriggerStep.apply(q.reshape(-1, D).contiguous(), k.reshape(-1, D).contiguous(),
-                                  v.reshape(-1, D).contiguous(), p_flat, eta_flat,
-                                  bank_weight.contiguous(), bank_bias.contiguous(), bool(detach_inner_grad))
+    c, p_new = _TriggerStep.apply(
+        q.reshape(-1, D).contiguous(),
+        k.reshape(-1, D).contiguous(),
+        v.reshape(-1, D).contiguous(),
+        p_flat,
+        eta_flat,
+        bank_weight.contiguous(),
+        bank_bias.contiguous(),
+        bool(detach_inner_grad),
+    )
     return c.view(*lead, D), p_new.view(*lead, K)
