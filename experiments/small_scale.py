@@ -145,13 +145,6 @@ class Run:
     overrides: tuple = ()  # ((field, value), ...) on top of the size's
     note: str = ""
 
-    @property
-    def resumable(self):
-        """train.py cannot resume a run whose Trigger k~, v~ projections get no gradient (the inner gradient
-        detached): AdamW holds no state for them and the checkpoint's optimizer state does not load. Such a
-        run trains in one chunk."""
-        return ("detach_inner_grad", True) not in self.overrides
-
 
 RUNS = [
     Run("nirvana-s1", "nirvana", 1),
@@ -254,33 +247,18 @@ def checkpoint_step(path):
     return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
 
 
-def whole_run_seconds(runs_dir):
-    """The longest wall time a finished run took to train, or None before any finished."""
-    seconds = [read_json(p)["seconds"] for p in Path(runs_dir).glob("*/train_done.json")]
-    return max(seconds) if seconds else None
-
-
 def train_run(run, size, tokens_dir, run_dir, device, clock):
-    """Trains run up to size.train_steps in chunks; -> True when finished, False when the budget ran out.
-    A run train.py cannot resume (Run.resumable) starts only when a whole run's time (measured on another
-    run) fits the budget."""
+    """Trains run up to size.train_steps in chunks; -> True when finished, False when the budget ran out."""
     done_path = os.path.join(run_dir, "train_done.json")
     if os.path.isfile(done_path):
         return True
     checkpoint, progress_path = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "train_seconds.json")
     step, chunk_steps, seconds_per_step = checkpoint_step(checkpoint), size.first_chunk_steps, None
-    if step and not run.resumable:
-        step = 0  # a run cut short starts again
     seconds = read_json(progress_path)["seconds"] if step and os.path.isfile(progress_path) else 0.0
     while step < size.train_steps:
-        if not run.resumable:
-            chunk_steps = size.train_steps
-            whole = whole_run_seconds(os.path.dirname(run_dir))
-            estimate = math.inf if whole is None and clock.budget else 1.15 * (whole or 0)
-        else:
-            if seconds_per_step is not None:
-                chunk_steps = max(1, int(size.chunk_seconds / seconds_per_step))
-            estimate = FIRST_CHUNK_SECONDS if seconds_per_step is None else chunk_steps * seconds_per_step
+        if seconds_per_step is not None:
+            chunk_steps = max(1, int(size.chunk_seconds / seconds_per_step))
+        estimate = FIRST_CHUNK_SECONDS if seconds_per_step is None else chunk_steps * seconds_per_step
         target = min(size.train_steps, step + chunk_steps)
         if not clock.fits(estimate):
             return False
