@@ -249,9 +249,8 @@ def bench_swa(table, args):
             torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
         )
         grad_out = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
-        qh, kh, vh = (
-            x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)
-        )  # (B, H, T, D)
+        # (B, H, T, D)
+        qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
         grad_out_h = grad_out.transpose(1, 2).contiguous()
 
         def window_mask(b, h, q_idx, kv_idx):

@@ -128,9 +128,8 @@ def write_atomically(path, write):
     never leaves a half-written checkpoint, shard, table or picture (the old file, if any, stays intact)."""
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(
-        folder, f".tmp-{os.getpid()}-{name}"
-    )  # the writer creates it: usual permissions, same extension
+    # the writer creates it: usual permissions, same extension
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -275,9 +275,8 @@ def gated_delta_rule_chunked(
     q, k, v, g, beta = chunks(q) * scale, chunks(k), chunks(v), chunks(g), chunks(beta)
     G = g.cumsum(-1)  # (B, H, N, C)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    decay = (
-        (G[..., :, None] - G[..., None, :]).masked_fill(~causal, -math.inf).exp()
-    )  # exp(G_t - G_s), s <= t
+    # exp(G_t - G_s), s <= t
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, -math.inf).exp()
     L = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)
     I_plus_L = L + torch.eye(C, device=q.device, dtype=dtype)
     U0 = torch.linalg.solve_triangular(I_plus_L, beta[..., None] * v, upper=False, unitriangular=True)
@@ -402,9 +401,8 @@ def trigger_step(
     differentiable = torch.is_grad_enabled() and not detach_inner_grad
     with torch.enable_grad():
         p_in = p_prev if p_prev.requires_grad else p_prev.detach().requires_grad_()
-        loss = (
-            (fast_weight_function(k, p_in, bank_weight, bank_bias) - v).pow(2).sum()
-        )  # eq.(3), summed over tokens
+        # eq.(3), summed over tokens
+        loss = (fast_weight_function(k, p_in, bank_weight, bank_bias) - v).pow(2).sum()
         (grad,) = torch.autograd.grad(loss, p_in, create_graph=differentiable, retain_graph=True)
     p = p_prev - eta[..., None] * grad  # eq.(5)
     return fast_weight_function(q, p, bank_weight, bank_bias), p  # eq.(2)
@@ -948,9 +946,8 @@ class Nirvana(nn.Module):
             raise ValueError(f"token ids must have shape (B, T), got {tuple(idx.shape)}")
         if idx.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"token ids must be integers, got {idx.dtype}")
-        capturing = (
-            idx.is_cuda and torch.cuda.is_current_stream_capturing()
-        )  # a host check cannot run in a graph
+        # a host check cannot run in a graph
+        capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()
         if idx.numel() and not capturing and bool(((idx < 0) | (idx >= self.config.vocab_size)).any()):
             raise ValueError(
                 f"token id out of range: ids must lie in [0, {self.config.vocab_size}), "
@@ -974,9 +971,8 @@ class Nirvana(nn.Module):
         self.check_input_pos(input_pos, h.shape[1])
         p = None
         if self.config.trigger:
-            p = h.new_ones(
-                h.shape[0], h.shape[1], self.config.bank_size, dtype=torch.float32
-            )  # p^0 = all-ones
+            # p^0 = all-ones
+            p = h.new_ones(h.shape[0], h.shape[1], self.config.bank_size, dtype=torch.float32)
         for block in self.blocks:
             h, p, t = block(h, input_pos, p, self.trigger_bank)
             if trace is not None and t is not None:

@@ -200,9 +200,8 @@ def test_transformers_loads_the_folder_offline_in_a_fresh_process(
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert not report["repo_on_path"] and REPO not in report["nirvana_loaded_from"]
-    assert report["nirvana_loaded_from"].startswith(
-        str(tmp_path / "hf_home")
-    )  # the folder's copy of nirvana.py
+    # the folder's copy of nirvana.py
+    assert report["nirvana_loaded_from"].startswith(str(tmp_path / "hf_home"))
     assert not report["training"]
     tok = load_tokenizer("bytes")
     assert report["ids"] == tok.encode(TEXT) and report["decoded"] == TEXT

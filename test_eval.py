@@ -435,9 +435,8 @@ def test_harness_command_runs_the_local_tasks_through_lm_eval(model, checkpoint,
         pairs = [(d["context"], " " + c) for c in d["choices"]]
         scores = [ll for ll, _ in lm.loglikelihood(requests(*pairs))]
         picks.append(int(np.argmax(scores)) == d["label"])
-        norm = [
-            score / len(choice) for score, choice in zip(scores, d["choices"])
-        ]  # lm-eval: the choice's characters
+        # lm-eval: the choice's characters
+        norm = [score / len(choice) for score, choice in zip(scores, d["choices"])]
         picks_norm.append(int(np.argmax(norm)) == d["label"])
     assert got["nirvana_choice", "acc"] == pytest.approx(np.mean(picks))
     assert got["nirvana_choice", "acc_norm"] == pytest.approx(np.mean(picks_norm))

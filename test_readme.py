@@ -97,9 +97,8 @@ def script_and_args(argv):
         return None
     if any(word.startswith("experiments/") for word in argv[:2]):
         return None
-    position = next(
-        i for i, word in enumerate(argv) if word.endswith(".py")
-    )  # python X.py or torchrun ... X.py
+    # python X.py or torchrun ... X.py
+    position = next(i for i, word in enumerate(argv) if word.endswith(".py"))
     assert argv[0] in ("python", "torchrun") and argv[position] in SCRIPTS, argv
     return argv[position], argv[position + 1 :]
 

@@ -226,9 +226,8 @@ def train_sentencepiece(text_files_or_iterator, out_prefix, vocab_size=32000, ma
             num_threads=os.cpu_count() or 1,
             minloglevel=2,
         )
-    except (
-        RuntimeError
-    ) as error:  # e.g. a vocabulary smaller than the 256 byte pieces and the characters seen
+    except RuntimeError as error:
+        # e.g. a vocabulary smaller than the 256 byte pieces and the characters seen
         reason = str(error).strip().splitlines()[-1]
         if "Vocabulary size is smaller than required_chars" in reason:
             reason = "it must hold the 256 byte pieces, 3 special pieces and every character of the corpus"

@@ -400,9 +400,8 @@ def save_checkpoint(path, model, optimizer, schedule, config, tokenizer, step, d
                 "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None,
             },
         }
-        write_atomically(
-            path, lambda tmp: torch.save(checkpoint, tmp)
-        )  # a crash keeps the previous checkpoint
+        # a crash keeps the previous checkpoint
+        write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
         # the weights again in the form models are shared in, beside ckpt.pt: model.safetensors + config.json
         save_state_dict(model_state, config, tokenizer, os.path.dirname(path))
     d.barrier()
@@ -535,9 +534,8 @@ class Log:
 def memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    )  # Linux reports kB: the process's peak RSS
+    # Linux reports kB: the process's peak RSS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 # ----------------------------------------------------------------------------- evaluation and training

@@ -120,9 +120,10 @@ def read_perl_docs():
 
 def read_kernel_docs():
     root = "/usr/share/doc/linux-doc-6.1/Documentation/"
+    # English only
     files = [
         f for f in need(root + "**/*.rst.gz", "apt-get install linux-doc-6.1") if "/translations/" not in f
-    ]  # English only
+    ]
     progress = Progress("reading the kernel documentation", total=len(files))
     documents = []
     for f in files:

@@ -402,9 +402,8 @@ def measure_trigger(model, tok, size, eval_sets):
             if trace.get("p"):
                 p = torch.stack([x[0].float() for x in trace["p"]])  # (layers, T, K)
                 p_docs.append(p.mean(1).flatten().cpu().numpy())
-                p_distance.append(
-                    (p - 1).pow(2).mean(-1).sqrt().mean(1).cpu().numpy()
-                )  # RMS |p - 1| per layer
+                # RMS |p - 1| per layer
+                p_distance.append((p - 1).pow(2).mean(-1).sqrt().mean(1).cpu().numpy())
                 p_token_std.append(p.std(1).mean().item())
             labels.append(domain)
     t_docs = np.asarray(t_docs)

@@ -538,9 +538,10 @@ def _state_backward_kernel(
         k = load_rows(k_ptr, rows * H + i_h, dk, DK, valid)
         do = load_rows(do_ptr, rows * H + i_h, cv, DV, valid).to(tl.float32)
         scores = _dot(q, tl.trans(k), PREC, NATIVE) * _decay_matrix(G, True, C) * scale  # (C, C)
+        # (C, BV)
         dvnew = tl.dot(tl.trans(scores), do, input_precision=PREC) + tl.dot(
             k.to(tl.float32) * tl.exp(G_last - G)[:, None], dS, input_precision=PREC
-        )  # (C, BV)
+        )
         store_rows(dvnew_ptr, dvnew, rows * H + i_h, cv, DV, valid)
         w = load_rows(w_ptr, rows * H + i_h, dk, DK, valid).to(tl.float32)
         q_decayed = q.to(tl.float32) * (tl.exp(G) * scale)[:, None]
@@ -606,9 +607,8 @@ def _chunk_grad_qkw_kernel(
     # program 0 axis: chunk-major, Dk block fastest, so that the Dk blocks of a chunk run side by side and share its
     # dO, Vnew, dVnew in L2 (one axis: a grid's second and third axes stop at 65535 chunks)
     i_k = tl.program_id(0) % (DK // BK)
-    i_c = (tl.program_id(0) // (DK // BK)).to(
-        tl.int64
-    )  # 64-bit offsets: n_chunks * H * Dk * Dv may pass 2**31
+    # 64-bit offsets: n_chunks * H * Dk * Dv may pass 2**31
+    i_c = (tl.program_id(0) // (DK // BK)).to(tl.int64)
     i_h = tl.program_id(1)
     if SEQUENCE_ENDS:
         i_c = tl.load(end_chunks_ptr + i_c)

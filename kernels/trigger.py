@@ -154,11 +154,12 @@ def _trigger_fwd(
     y, rstd = _layer_norm(z, col_ok, D)
     store_rows(Y, y, offs_t, offs_d, D, row_ok, col_ok)
     tl.store(RSTD + offs_t, rstd, mask=row_ok)
+    # dL/df, eq.(3)
     r = 2.0 * (
         load_rows(Kx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
         + y
         - load_rows(Vx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
-    )  # dL/df, eq.(3)
+    )
     u = _layer_norm_bwd(r, y, rstd, col_ok, D)  # dL/dz
     # pass 2: g_k = <u, A_k> (eq. 7)
     for kb in range(K):
@@ -231,13 +232,14 @@ def _trigger_bwd(
     row_ok = offs_t < N
     col_ok = offs_d < D
     dc = load_rows(DC, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
+    # through c = q + LN(zq)
     dzq = _layer_norm_bwd(
         dc,
         load_rows(YQ, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32),
         tl.load(RSTDQ + offs_t, mask=row_ok, other=1.0),
         col_ok,
         D,
-    )  # through c = q + LN(zq)
+    )
     store_rows(DZQ, dzq, offs_t, offs_d, D, row_ok, col_ok)
     dzq_hi, dzq_lo = _split(dzq, SPLIT)
     q = load_rows(Qx, offs_t, offs_d, D, row_ok, col_ok).to(tl.float32)
