@@ -9,7 +9,10 @@ Set NIRVANA_DEBUG=1 to see the traceback of a user error too.
 import argparse
 import contextlib
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -150,21 +153,38 @@ def save_figure(path, figure, dpi=120):
 
 @contextlib.contextmanager
 def no_half_made_output(folder):
-    """A block that writes new files into `folder`: when it fails, the files it added there are removed, and
-    the folder too if the block created it, so a failed run leaves nothing half-made behind. Files that were
-    there before are kept (the block must not change those in place)."""
+    """A block that writes new files or folders into `folder`: when it fails (an error, Ctrl-C, or SIGTERM from
+    a job's time limit or `kill`), what it added there is removed, and the folder too if the block created it,
+    so a failed run leaves nothing half-made behind; a failure that is not a UserError also says what was
+    removed. Entries that were there before are kept (the block must not change those in place)."""
     existed = os.path.isdir(folder)
     before = set(os.listdir(folder)) if existed else set()
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may handle signals
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal) if in_main_thread else None
     try:
         yield
-    except BaseException:
-        if os.path.isdir(folder):
-            for name in set(os.listdir(folder)) - before:
-                if os.path.isfile(os.path.join(folder, name)):
-                    os.remove(os.path.join(folder, name))
-            if not existed and not os.listdir(folder):
-                os.rmdir(folder)
+    except BaseException as error:
+        added = sorted(set(os.listdir(folder)) - before) if os.path.isdir(folder) else []
+        for name in added:
+            path = os.path.join(folder, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+        if not existed and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+        if added and not isinstance(error, UserError):  # a user error is its one line alone
+            removed = folder if not existed else ", ".join(os.path.join(folder, name) for name in added)
+            print(f"the run failed: removed {removed}, which it had written", file=sys.stderr)
         raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_signal(signum, frame):
+    """SIGTERM as an exception, so that cleanups run."""
+    raise SystemExit(128 + signum)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import time
 from cli import (
     ArgumentParser,
     existing_file,
+    no_half_made_output,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     experiment.check_run(args)  # before any training: backbones load, --data holds volumes, ...
     t_start = time.time()
-    with experiment.removed_on_failure(experiment.run_folders(args)):
+    with no_half_made_output(args.out):  # a failed run removes what it wrote there
         data = experiment.load_data(args)
         run = experiment.Run()
         experiment.train_baselines(run, data, args, rng)

@@ -1,21 +1,16 @@
 """The steps of `python mri.py`, in the order main calls them: check what the run needs, read or generate the
 data, train the baselines, train and score each backbone, evaluate every method and write the outputs."""
 
-import contextlib
 import dataclasses
 import json
 import os
-import shutil
-import signal
-import sys
-import threading
 import time
 
 import h5py
 import numpy as np
 import torch
 
-from cli import UserError, write_text_atomically
+from cli import UserError, no_half_made_output, write_text_atomically
 from mri_recon.backbones import (
     describe_backbone,
     load_backbones,
@@ -52,7 +47,7 @@ def set_up(args):
 
 def generate(args):
     """--generate: only write a synthetic data set."""
-    with removed_on_failure([args.generate]):
+    with no_half_made_output(args.generate):
         generate_dataset(args.generate, args.volumes, args.slices, args.size, args.coils, args.seed)
 
 
@@ -79,40 +74,6 @@ def check_run(args):
                 f"{args.data}: {len(paths)} .h5 file(s) used; train, validation and test need at least 3 "
                 "volumes: add files or raise --max-volumes"
             )
-
-
-def run_folders(args):
-    """The folders a run writes: --out, and <out>/synthetic without --data."""
-    return [args.out] + ([] if args.data else [os.path.join(args.out, "synthetic")])
-
-
-@contextlib.contextmanager
-def removed_on_failure(folders):
-    """Creates the missing `folders` (the first holds the others); if the body fails (an error, Ctrl-C or
-    SIGTERM), the outermost one created here is removed again, so a failed run leaves no half-made output (a
-    folder that existed before keeps what it held; the outputs are written at the end, each file
-    atomically)."""
-    created = next((folder for folder in folders if not os.path.exists(folder)), None)
-    os.makedirs(folders[0], exist_ok=True)
-    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may handle signals
-    if in_main_thread:
-        previous = signal.signal(signal.SIGTERM, exit_on_signal)
-    try:
-        yield
-    except BaseException as error:
-        if created:
-            shutil.rmtree(created, ignore_errors=True)
-            if not isinstance(error, UserError):  # a user error is its one line alone
-                print(f"the run failed: removed {created}, which it had created", file=sys.stderr)
-        raise
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def exit_on_signal(signum, frame):
-    """SIGTERM (a job's time limit, `kill`) as an exception, so that cleanups run."""
-    raise SystemExit(128 + signum)
 
 
 @dataclasses.dataclass
