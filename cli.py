@@ -72,9 +72,26 @@ def non_negative_float(text):
     return _number(float, text, 0.0, True, "a number >= 0")
 
 
+def comma_separated(text):
+    """'a, b,,c' -> ['a', 'b', 'c']: the items of a comma-separated option value, blanks dropped."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def names_from(choices, what):
+    """The option type of a comma-separated list of names from `choices` (at least one)."""
+
+    def names(text):
+        items = comma_separated(text)
+        if not items or any(item not in choices for item in items):
+            raise argparse.ArgumentTypeError(f"expected {what} from {','.join(choices)}, got {text!r}")
+        return items
+
+    return names
+
+
 def positive_int_list(text):
     """'4096,8192' -> [4096, 8192]: a comma-separated list of positive integers."""
-    parts = [part.strip() for part in text.split(",") if part.strip()]
+    parts = comma_separated(text)
     if not parts:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
     return [positive_int(part) for part in parts]
@@ -90,7 +107,7 @@ def fraction(text):
 
 def unit_interval_list(text):
     """'0,0.5,1' -> [0.0, 0.5, 1.0]: comma-separated numbers in [0, 1]."""
-    parts = [part.strip() for part in text.split(",") if part.strip()]
+    parts = comma_separated(text)
     if not parts:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}")
     values = [non_negative_float(part) for part in parts]

@@ -45,9 +45,11 @@ from cli import (
     Progress,
     UserError,
     checkpoint_tokenizer,
+    comma_separated,
     default_device,
     existing_file,
     load_model,
+    names_from,
     non_negative_int,
     parse_dtype,
     positive_int,
@@ -977,22 +979,6 @@ def context_list(text):
     return positive_int_list(text) if text.strip() else []
 
 
-def niah_task_list(text):
-    tasks = [task.strip() for task in text.split(",") if task.strip()]
-    unknown = [task for task in tasks if task not in NIAH_TASKS]
-    if not tasks or unknown:
-        raise argparse.ArgumentTypeError(f"expected S-NIAH tasks from {','.join(NIAH_TASKS)}, got {text!r}")
-    return tasks
-
-
-def variant_list(text):
-    variants = [variant.strip() for variant in text.split(",") if variant.strip()]
-    unknown = [variant for variant in variants if variant not in VARIANTS]
-    if not variants or unknown:
-        raise argparse.ArgumentTypeError(f"expected variants from {','.join(VARIANTS)}, got {text!r}")
-    return variants
-
-
 def preset_size(text):
     if text not in PRESETS:
         raise argparse.ArgumentTypeError(f"expected a preset size from {', '.join(PRESETS)}, got {text!r}")
@@ -1151,7 +1137,7 @@ def harness_task_names(text):
     from harness_tasks import LOCAL_TASKS, PAPER_TASKS
 
     names = []
-    for name in (n.strip() for n in text.split(",") if n.strip()):
+    for name in comma_separated(text):
         for task in {"local": LOCAL_TASKS, "paper": PAPER_TASKS}.get(name, [name]):
             if task not in names:
                 names.append(task)
@@ -1391,7 +1377,9 @@ def build_parser():
 
     p = sub.add_parser("niah", help="S-NIAH-PK/N/W accuracy (Table 3)")
     add_model_args(p, many=True)
-    p.add_argument("--tasks", type=niah_task_list, default=list(NIAH_TASKS), help="pk,n,w")
+    p.add_argument(
+        "--tasks", type=names_from(NIAH_TASKS, "S-NIAH tasks"), default=list(NIAH_TASKS), help="pk,n,w"
+    )
     p.add_argument(
         "--lengths", type=positive_int_list, default=None, help="default: the paper's lengths per task"
     )
@@ -1462,7 +1450,7 @@ def build_parser():
     p = sub.add_parser("speed", help="generated tokens/s (Table 4) and decode ms/token vs context")
     p.add_argument(
         "--variants",
-        type=variant_list,
+        type=names_from(VARIANTS, "variants"),
         default=["nirvana", "nirvana-notrigger", "gated-deltanet", "transformer"],
     )
     p.add_argument(
