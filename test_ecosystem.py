@@ -15,6 +15,7 @@ import torch
 
 import eval as ev
 import train
+from cli import UserError
 from nirvana import Nirvana, NirvanaConfig
 from nirvana_hf import (
     export_checkpoint,
@@ -116,7 +117,7 @@ def test_export_of_a_checkpoint_and_errors(model, tmp_path):
     torch.save(
         {"config": dataclasses.asdict(model.config), "model": model.state_dict()}, tmp_path / "notok.pt"
     )
-    with pytest.raises(ValueError, match="names no tokenizer"):
+    with pytest.raises(UserError, match="names no tokenizer"):
         export_checkpoint(str(tmp_path / "notok.pt"), str(tmp_path / "x"))
 
 

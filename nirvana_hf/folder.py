@@ -20,8 +20,6 @@ import json
 import os
 import shutil
 
-import torch
-
 from cli import write_atomically, write_text_atomically
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,16 +184,9 @@ def pretrained_tokenizer(folder):
 
 
 def export_checkpoint(checkpoint, folder, tokenizer=None):
-    """A train.py checkpoint (ckpt.pt) -> a saved folder; tokenizer: a spec overriding the checkpoint's."""
-    from nirvana import Nirvana
+    """A train.py checkpoint (ckpt.pt) -> a saved folder; tokenizer: a spec overriding the checkpoint's.
+    A missing, corrupt or foreign checkpoint, or one that names no tokenizer, is a cli.UserError."""
+    from cli import load_model
 
-    model = Nirvana.from_checkpoint(checkpoint, map_location="cpu")
-    if tokenizer is None:
-        saved = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)
-        tokenizer = saved.get("tokenizer")
-        if tokenizer is None:
-            raise ValueError(
-                f"checkpoint {checkpoint} names no tokenizer (key 'tokenizer'); pass one "
-                f"('bytes', '<path>.model' or 'tiktoken:<path>')"
-            )
-    return save_pretrained(model, folder, tokenizer)
+    model, tok = load_model(checkpoint, device="cpu", dtype="float32", tokenizer=tokenizer)
+    return save_pretrained(model, folder, tok.spec)
