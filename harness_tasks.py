@@ -29,9 +29,8 @@ import re
 import sys
 
 from cli import write_text_atomically
-from prepare import builtin_documents, is_validation_piece, split_into_pieces
+from prepare import BUILTIN_VAL_FRACTION, builtin_documents, is_validation_piece, split_into_pieces
 
-BUILTIN_VAL_FRACTION = 0.1  # prepare_builtin's split
 LOCAL_TASKS = ["nirvana_corpus_ppl", "nirvana_lastword", "nirvana_choice", "niah_single_1"]
 # The paper's Table 2 tasks as lm-eval names them (their data comes from the Hugging Face hub).
 PAPER_TASKS = [

@@ -48,6 +48,7 @@ PIECE_CHARS = 16384  # documents are cut (at line ends) into pieces of at most t
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "pydoc")
 BUILTIN_VOCAB_SIZE = 2048
+BUILTIN_VAL_FRACTION = 0.1  # the built-in corpus's validation share (harness_tasks.py reads the same pieces)
 
 
 # ----------------------------------------------------------------------------- reading documents
@@ -359,7 +360,7 @@ def tokenizer_spec(meta, data_dir):
 
 def prepare_builtin(out_dir=BUILTIN_DIR):
     """The default data of `python train.py`: the built-in corpus with a 2k sentencepiece vocabulary."""
-    return prepare(None, out_dir, "sentencepiece", BUILTIN_VOCAB_SIZE, val_fraction=0.1)
+    return prepare(None, out_dir, "sentencepiece", BUILTIN_VOCAB_SIZE, val_fraction=BUILTIN_VAL_FRACTION)
 
 
 # ----------------------------------------------------------------------------- reading shards back
@@ -456,7 +457,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.input is None:
         args.out = args.out or BUILTIN_DIR
-        args.vocab_size, args.val_fraction = args.vocab_size or BUILTIN_VOCAB_SIZE, args.val_fraction or 0.1
+        args.vocab_size, args.val_fraction = (
+            args.vocab_size or BUILTIN_VOCAB_SIZE,
+            args.val_fraction or BUILTIN_VAL_FRACTION,
+        )
     else:
         if args.out is None:
             parser.error("--out is required with --input")
