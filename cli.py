@@ -8,6 +8,7 @@ Set NIRVANA_DEBUG=1 to see the traceback of a user error too.
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -161,6 +162,10 @@ def write_atomically(path, write):
 
 def write_text_atomically(path, text):
     write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json_atomically(path, obj):
+    write_text_atomically(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_figure(path, figure, dpi=120):

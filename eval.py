@@ -58,6 +58,7 @@ from cli import (
     torch_device,
     unit_interval_list,
     write_atomically,
+    write_json_atomically,
     write_text_atomically,
 )
 from cli import save_figure as save_png
@@ -71,10 +72,6 @@ from prepare import TokenShards, load_meta
 def save_npz(path, arrays):
     with open(path, "wb") as f:  # a file object: np.savez adds no ".npz"
         np.savez(f, **arrays)
-
-
-def write_json(path, obj):
-    write_text_atomically(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_figure(fig, path):
@@ -1049,7 +1046,7 @@ def cmd_ppl(args):
         ],
     )
     write_text_atomically(stem + ".md", table)
-    write_json(stem + ".json", result)
+    write_json_atomically(stem + ".json", result)
     plot_window_losses(windows, result, stem + ".png", f"{name}: loss per window of {length} tokens")
     print_written([stem + ".md", stem + ".json", stem + ".png"])
 
@@ -1084,7 +1081,7 @@ def cmd_extrapolate(args):
     names = args.name or "+".join(model_name(checkpoint) for checkpoint in args.checkpoint)
     stem = os.path.join(args.out_dir, f"extrapolation_{names}")
     write_text_atomically(stem + ".md", table)
-    write_json(stem + ".json", results)
+    write_json_atomically(stem + ".json", results)
     plot_extrapolation(results, stem + ".png")
     print_written([stem + ".md", stem + ".json", stem + ".png"])
 
@@ -1128,7 +1125,7 @@ def cmd_lambada(args):
             [[args.checkpoint, result["examples"], f"{result['acc']:.2f}", f"{result['ppl']:.3f}"]],
         ),
     )
-    write_json(stem + ".json", result)
+    write_json_atomically(stem + ".json", result)
     print_written([stem + ".md", stem + ".json"])
 
 
@@ -1218,7 +1215,7 @@ def cmd_harness(args):
     print(table)
     stem = os.path.join(args.out_dir, f"harness_{args.name or model_name(args.checkpoint)}")
     write_text_atomically(stem + ".md", table)
-    write_json(stem + ".json", json.loads(json.dumps(results["results"], default=str)))
+    write_json_atomically(stem + ".json", json.loads(json.dumps(results["results"], default=str)))
     print_written([stem + ".md", stem + ".json"])
     return rows
 
@@ -1319,7 +1316,7 @@ def cmd_speed(args):
     )
     stem = os.path.join(args.out_dir, f"speed_{args.name or args.size}")
     write_text_atomically(stem + ".md", table)
-    write_json(stem + ".json", {"speed": results, "latency": latency})
+    write_json_atomically(stem + ".json", {"speed": results, "latency": latency})
     written = [stem + ".md", stem + ".json"]
     if latency:
         plot_speed(latency, stem + "_latency.png", f"decode time per token, batch {args.batch_size}")

@@ -38,7 +38,6 @@ import glob
 import gzip
 import html
 import html.parser
-import json
 import multiprocessing
 import os
 import random
@@ -62,7 +61,7 @@ from cli import (
     positive_int,
     run_main,
     write_atomically,
-    write_text_atomically,
+    write_json_atomically,
 )
 from tokenizer import load_tokenizer
 
@@ -590,7 +589,7 @@ def main(argv: list[str] | None = None) -> None:
         stats = {"tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"], "domains": stats}
     else:
         stats = {"domains": stats}
-    write_text_atomically(stats_path, json.dumps(stats, indent=1) + "\n")
+    write_json_atomically(stats_path, stats)
     print(summary_table(stats["domains"]), end="")
     print(f"wrote {args.out}" + ("" if args.no_tokenize else f" (train.py --data {args.out}/tokens)"))
 

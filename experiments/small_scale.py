@@ -47,7 +47,7 @@ from real_text import HELD_OUT, load_eval_set
 
 import eval as evaluation
 import train
-from cli import UserError, non_negative_float, run_main, write_text_atomically
+from cli import UserError, non_negative_float, run_main, write_json_atomically, write_text_atomically
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,10 +170,6 @@ def read_json(path):
         return json.load(f)
 
 
-def write_json(path, obj):
-    write_text_atomically(path, json.dumps(obj, indent=1) + "\n")
-
-
 class Clock:
     """The call's time budget: work starts only when its estimated length still fits."""
 
@@ -271,11 +267,11 @@ def train_run(run, size, tokens_dir, run_dir, device, clock):
         step = checkpoint_step(checkpoint)
         if step != target:
             raise RuntimeError(f"[{run.name}] train.py stopped at step {step}, expected {target}")
-        write_json(progress_path, {"step": step, "seconds": seconds})
+        write_json_atomically(progress_path, {"step": step, "seconds": seconds})
     rows = train.Log.read(os.path.join(run_dir, "log.csv"))
     speeds = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
     params = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["model"]
-    write_json(
+    write_json_atomically(
         done_path,
         {
             "steps": step,
@@ -455,7 +451,7 @@ def measure_run(run, size, run_dir, eval_sets, device, clock):
         print(f"[{run.name}] measuring {name} ...", flush=True)
         started = time.time()
         result = MEASURE[name](model, tok, size, eval_sets)
-        write_json(
+        write_json_atomically(
             os.path.join(run_dir, "measure", name + ".json"),
             {"result": result, "seconds": time.time() - started},
         )
@@ -629,7 +625,7 @@ def report(results, size_name, size, domains, out_dir):
         name: {k: ({**v, "records": len(v["records"])} if k == "niah" else v) for k, v in entry.items()}
         for name, entry in results.items()
     }  # the answers themselves stay in <runs>/*/measure
-    write_json(
+    write_json_atomically(
         os.path.join(out_dir, "results.json"),
         {"size": size_name, "config": dataclasses.asdict(size), "runs": runs},
     )

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 
-from cli import write_atomically, write_text_atomically
+from cli import write_atomically, write_json_atomically
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -77,7 +77,7 @@ def save_state_dict(state, config, tokenizer, folder):
         "use_cache": False,
         "dtype": dtype,
     }
-    write_json(
+    write_json_atomically(
         os.path.join(folder, CONFIG_NAME),
         {**dataclasses.asdict(config), "backend": "torch", "tokenizer": folder_spec, **hf_keys},
     )
@@ -91,7 +91,7 @@ def save_tokenizer(spec, folder):
     os.makedirs(folder, exist_ok=True)
     folder_spec = copy_tokenizer_file(spec, folder)
     copy_files(TOKENIZER_CODE, folder)
-    write_json(
+    write_json_atomically(
         os.path.join(folder, TOKENIZER_CONFIG_NAME),
         {"tokenizer_class": "NirvanaTokenizer", "auto_map": TOKENIZER_AUTO_MAP, "spec": folder_spec},
     )
@@ -133,10 +133,6 @@ def copy_files(sources, folder):
     """sources: {name in folder: source path}."""
     for name, source in sources.items():
         write_atomically(os.path.join(folder, name), lambda tmp, source=source: shutil.copyfile(source, tmp))
-
-
-def write_json(path, obj):
-    write_text_atomically(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_config(folder):
