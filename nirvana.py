@@ -424,6 +424,26 @@ def causal_conv(x, weight, history=None):
     return y.squeeze(2).transpose(1, 2)
 
 
+def autocast_input(x):
+    """x in the autocast dtype when autocast is on, else unchanged. A norm's float32 output feeds many
+    projections (the Nirvana mixer's fused one, the Trigger's theta, the Updater's u without the Trigger);
+    autocast would cast it once per projection and add their input gradients in float32, this casts it
+    once (same forward values; the gradients add up in that dtype)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm over the last dimension (d_model), in float32: the pre-norms of every block and the final norm.
+
+    x (..., D), weight (D,). The result is in the autocast dtype under autocast, cast once here (see
+    autocast_input), else in x's dtype.
+    """
+    normed = F.rms_norm(x.float(), x.shape[-1:], weight.float(), eps)
+    return autocast_input(normed.to(x.dtype))
+
+
 def gated_rms_norm(x, gate, weight, eps):
     """Gated DeltaNet's output norm: RMSNorm(x) w * SiLU(gate) over the last dimension (one head's Dv values).
 
@@ -432,6 +452,11 @@ def gated_rms_norm(x, gate, weight, eps):
     """
     normed = F.rms_norm(x.float(), x.shape[-1:], weight.float(), eps)
     return normed.to(gate.dtype) * F.silu(gate)
+
+
+def swiglu_linear(gate, up, weight):
+    """SwiGLU's output projection: (SiLU(gate) * up) W^T. gate, up (..., F), weight (d_model, F)."""
+    return F.linear(F.silu(gate) * up, weight)
 
 
 def linear_cross_entropy(h, weight, targets):
@@ -449,7 +474,9 @@ TORCH_OPS = SimpleNamespace(
     sliding_window_attention=sliding_window_attention,
     trigger_step=trigger_step,
     causal_conv=causal_conv,
+    rms_norm=rms_norm,
     gated_rms_norm=gated_rms_norm,
+    swiglu_linear=swiglu_linear,
     linear_cross_entropy=linear_cross_entropy,
 )
 
@@ -467,21 +494,37 @@ def load_backend(name):
         ) from error
     from kernels import trigger_decode
     from kernels.causal_conv import causal_conv as fused_causal_conv
-    from kernels.gated_rms_norm import gated_rms_norm as fused_gated_rms_norm
     from kernels.linear_cross_entropy import chunked_linear_cross_entropy
+    from kernels.rms_norm import gated_rms_norm as fused_gated_rms_norm
+    from kernels.rms_norm import rms_norm as fused_rms_norm
+    from kernels.swiglu import swiglu_linear as fused_swiglu_linear
 
     return SimpleNamespace(
         gated_delta_rule=kernels.gated_delta_rule,
         sliding_window_attention=kernels.sliding_window_attention,
         trigger_step=trigger_decode.trigger_step,  # fused kernel, or closed form to decode
         causal_conv=fused_causal_conv,
+        rms_norm=fused_rms_norm,
         gated_rms_norm=fused_gated_rms_norm,
+        swiglu_linear=fused_swiglu_linear,
         linear_cross_entropy=chunked_linear_cross_entropy,
     )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 3. Modules, in reading order
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over d_model, in float32; its output in the autocast dtype under autocast (rms_norm)."""
+
+    def __init__(self, dim, eps, ops):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.rms_norm = eps, ops.rms_norm
+
+    def forward(self, x):  # (B, T, d_model) -> (B, T, d_model)
+        return self.rms_norm(x, self.weight, self.eps)
 
 
 class GatedRMSNorm(nn.Module):
@@ -796,24 +839,17 @@ class NirvanaMixer(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, config):
+    """down(SiLU(gate x) * up x); the triton backend keeps only gate x and up x for backward."""
+
+    def __init__(self, config, ops):
         super().__init__()
         self.gate_up = FusedLinear(config.d_model, gate=config.ffn_hidden, up=config.ffn_hidden)
         self.down = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+        self.swiglu_linear = ops.swiglu_linear
 
-    def forward(self, x):
-        gate, up = self.gate_up(x)
-        return self.down(F.silu(gate) * up)
-
-
-def autocast_input(x):
-    """x in the autocast dtype when autocast is on, else unchanged. A norm's float32 output feeds many
-    projections (the Nirvana mixer's fused one, the Trigger's theta, the Updater's u without the Trigger);
-    autocast would cast it once per projection and add their input gradients in float32, this casts it
-    once (same forward values; the gradients add up in that dtype)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return x.to(torch.get_autocast_dtype(x.device.type))
-    return x
+    def forward(self, x):  # (B, T, d_model) -> (B, T, d_model)
+        gate, up = self.gate_up(x)  # (B, T, ffn_hidden) each
+        return self.swiglu_linear(gate, up, self.down.weight)
 
 
 class Block(nn.Module):
@@ -823,15 +859,15 @@ class Block(nn.Module):
         super().__init__()
         kind = config.layer_kind(layer)
         self.kind = kind
-        self.mixer_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps, ops)
         if kind == "gdn":
             self.mixer = GatedDeltaNetMixer(config, ops)
         elif kind == "nirvana":
             self.mixer = NirvanaMixer(config, ops)
         else:
             self.mixer = AttentionMixer(config, config.window if kind == "swa" else None, ops)
-        self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.ffn = SwiGLU(config)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps, ops)
+        self.ffn = SwiGLU(config, ops)
 
     def forward(self, h, input_pos=None, p=None, bank=None):
         """h (B, T, d_model) -> h, and the Trigger's p (B, T, K) and the gate t (B, T) of a Nirvana layer.
@@ -839,7 +875,7 @@ class Block(nn.Module):
         Each mixer gets what it reads: the Gated DeltaNet only x; attention also the positions; a Nirvana
         layer also p from the layer below and the shared bank (other layers pass p on and give t = None).
         """
-        x = autocast_input(self.mixer_norm(h))
+        x = self.mixer_norm(h)  # in the autocast dtype under autocast
         t = None
         if self.kind == "nirvana":
             out, p, t = self.mixer(x, input_pos, p, bank)
@@ -848,7 +884,7 @@ class Block(nn.Module):
         else:
             out = self.mixer(x, input_pos)
         h = h + out
-        return h + self.ffn(autocast_input(self.ffn_norm(h))), p, t
+        return h + self.ffn(self.ffn_norm(h)), p, t
 
 
 # Checkpoints written before the projections of one input became one GEMM (FusedLinear) hold each part
@@ -925,7 +961,7 @@ class Nirvana(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.trigger_bank = TriggerBank(config) if config.trigger else None
         self.blocks = nn.ModuleList(Block(config, layer, ops) for layer in range(config.n_layers))
-        self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps, ops)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.linear_cross_entropy = ops.linear_cross_entropy  # lm_head + loss in one
         self.max_seq_len = None  # the caches' size, once set up

@@ -1,7 +1,10 @@
 """Property tests of the fused paths against their plain-PyTorch twins in nirvana.py:
 kernels.linear_cross_entropy.chunked_linear_cross_entropy vs nirvana.linear_cross_entropy (loss, dh, dW);
 kernels.trigger_decode.trigger_step_closed_form (decoding) vs nirvana.trigger_step;
-kernels.gated_rms_norm.gated_rms_norm (Triton) vs nirvana.gated_rms_norm (output, dx, dgate, dw);
+kernels.rms_norm.gated_rms_norm (Triton) vs nirvana.gated_rms_norm (output, dx, dgate, dw);
+kernels.rms_norm.rms_norm (Triton) vs nirvana.rms_norm (output, dx, dw);
+kernels.swiglu.swiglu_linear (Triton elementwise, product formed again in backward) vs nirvana.swiglu_linear;
+what the fused norm and SwiGLU save for backward against their twins;
 kernels.causal_conv.causal_conv (Triton) vs nirvana.causal_conv (output, dx, dw).
 
     python -m pytest -q test_kernels_fused.py                              # CPU
@@ -26,8 +29,9 @@ from hypothesis import strategies as st
 import nirvana
 from kernels import trigger_decode
 from kernels.causal_conv import causal_conv
-from kernels.gated_rms_norm import gated_rms_norm
 from kernels.linear_cross_entropy import chunked_linear_cross_entropy
+from kernels.rms_norm import gated_rms_norm, rms_norm
+from kernels.swiglu import swiglu_linear
 from kernels.trigger_decode import trigger_step_closed_form
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
@@ -102,6 +106,31 @@ def test_model_loss_with_chunked_cross_entropy_matches_torch_backend():
     torch.testing.assert_close(chunked_loss, loss, rtol=1e-5, atol=1e-6)
     for (name, _), actual, expected in zip(model.named_parameters(), chunked_grads, grads):
         assert relative_error(actual, expected) <= 1e-5, name
+
+
+@pytest.mark.parametrize("variant", ["gated-deltanet", "nirvana"])
+def test_tiny_model_on_the_triton_backend_matches_torch_backend(variant):
+    # every fast path at once (kernels, fused norms, SwiGLU, chunked loss), float32: the same loss and
+    # gradients as the plain model with the same weights, up to the kernels' tf32 products: 3e-6 over all
+    # gradients together, 2e-4 to 1e-2 for the smallest (the last layer's Trigger theta, whose gradient
+    # norm is 1e-5 there, reaches only its own layer's output)
+    torch.manual_seed(0)
+    model = nirvana.Nirvana(nirvana.NirvanaConfig.from_preset(f"{variant}-tiny")).to(DEVICE)
+    fast = nirvana.Nirvana(nirvana.NirvanaConfig.from_preset(f"{variant}-tiny", backend="triton")).to(DEVICE)
+    fast.load_state_dict(model.state_dict())
+    idx = torch.randint(0, model.config.vocab_size, (2, 40), device=DEVICE)
+    losses, grads = [], []
+    for m in (model, fast):
+        _, loss = m(idx, idx.roll(-1, dims=1))
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, list(m.parameters())))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    assert (
+        relative_error(torch.cat([g.flatten() for g in grads[1]]), torch.cat([g.flatten() for g in grads[0]]))
+        <= 1e-4
+    )
+    for (name, _), actual, expected in zip(model.named_parameters(), grads[1], grads[0]):
+        assert relative_error(actual, expected) <= 3e-2, name
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -195,6 +224,123 @@ def test_gated_rms_norm_matches_reference(lead, D, dtype, x_float32, seed):
     for name, actual, want, given_input in zip(("dx", "dgate", "dw"), grads, expected_grads, inputs):
         assert actual.dtype == given_input.dtype, name
         assert relative_error(actual, want) <= bound, f"{name}: {relative_error(actual, want):.2e}"
+
+
+@settings(max_examples=30 if ON_CUDA else 12, deadline=None, database=None, derandomize=not ON_CUDA)
+@given(
+    lead=st.one_of(st.tuples(st.integers(0, 40)), st.tuples(st.integers(1, 3), st.integers(1, 20))),
+    D=st.sampled_from([3, 64, 100, 256, 1024]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_rms_norm_matches_reference(lead, D, dtype, seed):
+    # as the model calls it: x the float32 residual stream, weight float32; bf16 means under autocast, where
+    # both write their output in bf16
+    generator = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(*lead, D, generator=generator)).to(DEVICE)
+    weight = (1 + 0.3 * torch.randn(D, generator=generator)).to(DEVICE)
+    grad_out = torch.randn(*lead, D, generator=generator).to(dtype).to(DEVICE)
+    inputs = [t.clone().requires_grad_() for t in (x, weight)]
+    reference = [t.detach().double().requires_grad_() for t in (x, weight)]
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = rms_norm(*inputs, 1e-6)
+        out_model = nirvana.rms_norm(*(t.detach() for t in inputs), 1e-6)
+    expected = nirvana.rms_norm(*reference, 1e-6)
+    assert out.dtype == out_model.dtype == dtype and out.shape == expected.shape
+    bound = TOLERANCE[dtype]
+    assert x.numel() == 0 or relative_error(out, expected) <= bound
+    if x.numel() == 0:
+        return
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    expected_grads = torch.autograd.grad(expected, reference, grad_out.double())
+    for name, actual, want in zip(("dx", "dw"), grads, expected_grads):
+        assert actual.dtype == torch.float32, name
+        assert relative_error(actual, want) <= bound, f"{name}: {relative_error(actual, want):.2e}"
+
+
+def test_norms_reject_mismatched_shapes():
+    x = torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"weight \(D,\) expected, got \(2, 8\) and \(7,\)"):
+        rms_norm(x, torch.ones(7, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="x and gate"):
+        gated_rms_norm(x, x[:, :4], torch.ones(8, device=DEVICE), 1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------
+# SwiGLU's output projection: the product formed by a Triton kernel, and again in backward
+
+
+@settings(max_examples=30 if ON_CUDA else 12, deadline=None, database=None, derandomize=not ON_CUDA)
+@given(
+    lead=st.one_of(st.tuples(st.integers(0, 30)), st.tuples(st.integers(1, 3), st.integers(1, 17))),
+    F_=st.sampled_from([1, 24, 100, 352]),
+    D=st.sampled_from([8, 40, 64]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_swiglu_linear_matches_reference(lead, F_, D, dtype, seed):
+    # as the model calls it: gate and up out of a GEMM in the compute dtype, weight float32 (bf16: autocast)
+    generator = torch.Generator().manual_seed(seed)
+    gate = (2 * torch.randn(*lead, F_, generator=generator)).to(dtype).to(DEVICE)
+    up = torch.randn(*lead, F_, generator=generator).to(dtype).to(DEVICE)
+    weight = (torch.randn(D, F_, generator=generator) / F_**0.5).to(DEVICE)
+    grad_out = torch.randn(*lead, D, generator=generator).to(dtype).to(DEVICE)
+    inputs = [t.clone().requires_grad_() for t in (gate, up, weight)]
+    reference = [t.detach().double().requires_grad_() for t in (gate, up, weight)]
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = swiglu_linear(*inputs)
+        out_model = nirvana.swiglu_linear(*(t.detach() for t in inputs))
+    expected = nirvana.swiglu_linear(*reference)
+    assert out.dtype == out_model.dtype == dtype and out.shape == expected.shape
+    bound = TOLERANCE[dtype]
+    assert gate.numel() == 0 or relative_error(out, expected) <= bound
+    if gate.numel() == 0:
+        return
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    expected_grads = torch.autograd.grad(expected, reference, grad_out.double())
+    for name, actual, want, given_input in zip(("dgate", "dup", "dw"), grads, expected_grads, inputs):
+        assert actual.dtype == given_input.dtype, name
+        assert relative_error(actual, want) <= bound, f"{name}: {relative_error(actual, want):.2e}"
+
+
+def test_swiglu_linear_rejects_mismatched_shapes():
+    gate = torch.randn(2, 6, device=DEVICE)
+    with pytest.raises(ValueError, match=r"got \(2, 6\), \(2, 5\) and \(4, 6\)"):
+        swiglu_linear(gate, gate[:, :5], torch.randn(4, 6, device=DEVICE))
+    with pytest.raises(ValueError, match="one dtype"):
+        swiglu_linear(gate, gate.bfloat16(), torch.randn(4, 6, device=DEVICE))
+
+
+def saved_bytes(fn, *inputs):
+    """Bytes fn's autograd graph keeps for backward, not counting the inputs themselves (the bf16 copies
+    autocast makes of them count)."""
+    given = {t.untyped_storage().data_ptr() for t in inputs}
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in given:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            fn(*inputs)
+    return sum(storages.values())
+
+
+def test_fused_norm_and_swiglu_keep_less_for_backward():
+    # what makes the triton backend's training step smaller: per token at d_model 1024 and ffn 2816, in bf16,
+    # the pre-norm keeps one float32 rstd beside its input (its twin also the float32 normed x), and SwiGLU
+    # only gate and up (its twin also SiLU(gate) and the product)
+    T, D, F_ = 64, 1024, 2816
+    h = torch.randn(T, D, device=DEVICE, requires_grad=True)
+    weight = torch.ones(D, device=DEVICE, requires_grad=True)
+    assert saved_bytes(lambda x, w: rms_norm(x, w, 1e-6), h, weight) == 4 * T
+    assert saved_bytes(lambda x, w: nirvana.rms_norm(x, w, 1e-6), h, weight) >= 4 * T * D
+    gate, up = (torch.randn(T, F_, device=DEVICE).bfloat16().requires_grad_() for _ in range(2))
+    down = torch.randn(D, F_, device=DEVICE, requires_grad=True)
+    assert saved_bytes(swiglu_linear, gate, up, down) == 0
+    assert saved_bytes(nirvana.swiglu_linear, gate, up, down) >= 2 * (2 * T * F_) + 2 * D * F_
 
 
 # ------------------------------------------------------------------------------------------------------

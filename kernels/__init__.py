@@ -6,8 +6,8 @@ nirvana.py (see nirvana.load_backend):
   trigger_step(q, k, v, p_prev, eta, bank_weight, bank_bias, detach_inner_grad=False)
 
 Each works on CUDA tensors, or on the CPU when TRITON_INTERPRET=1 is set before triton is imported.
-The other fast paths of the model are modules beside these: causal_conv, gated_rms_norm,
-linear_cross_entropy, and trigger_decode (the closed-form Trigger step for decoding, which falls back to
+The other fast paths of the model are modules beside these: causal_conv, rms_norm (the pre-norms and
+gated_rms_norm), swiglu (SwiGLU's output projection), linear_cross_entropy, and trigger_decode (the closed-form Trigger step for decoding, which falls back to
 trigger_step); nirvana.load_backend puts them all in the backend's table.
 """
 
