@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -109,10 +110,15 @@ def test_tiny_pipeline_end_to_end_and_resumes(tmp_path, capsys):
     assert "all done" in capsys.readouterr().out
 
     checkpoint = tmp_path / "runs" / "nirvana-s1" / "ckpt.pt"
-    measured = tmp_path / "runs" / "nirvana-s1" / "measure" / "ppl.json"
+    measured = tmp_path / "results" / "runs" / "nirvana-s1" / "measure" / "ppl.json"
     stamps = checkpoint.stat().st_mtime_ns, measured.stat().st_mtime_ns
     small_scale.main(argv)  # resumes: nothing left to do
     assert (checkpoint.stat().st_mtime_ns, measured.stat().st_mtime_ns) == stamps
+    out = capsys.readouterr().out
+    assert "training steps" not in out and "measuring" not in out and "all done" in out
+
+    shutil.rmtree(tmp_path / "runs")  # a fresh checkout with the committed records: nothing to redo either
+    assert small_scale.main(argv) == results
     out = capsys.readouterr().out
     assert "training steps" not in out and "measuring" not in out and "all done" in out
 

@@ -11,7 +11,11 @@ transformer with one, and two ablations of nirvana: eta_ref 1.0 (the model's def
 inner gradient detached. The seed sets the initial weights only: every run reads the same token stream in the
 same order. A run's checkpoint lives in <runs>/<run>/ (train.py's ckpt.pt, log.csv); training goes in chunks
 of steps (train.py --stop-step, then --resume), so --time-budget can stop between chunks and the next call
-continues. Each measurement of a run is written to <runs>/<run>/measure/<name>.json once and skipped after.
+continues. A run's record lives beside the report, in <results>/runs/<run>/: train_done.json (steps, tokens,
+seconds, seed, parameters, tokens/s, device) and a copy of log.csv once it is trained, then
+measure/<name>.json for each measurement, written once and skipped after. The report is built from the
+records alone, and they are small: committed with the results, they let a fresh checkout (on a fresh machine,
+without the checkpoints) continue with the runs not yet recorded.
 
 Measurements (MEASUREMENTS), all on documents no run trained on:
     ppl        perplexity of each domain's held-out documents and of the held-out Wikipedia articles (Table 5)
@@ -245,9 +249,10 @@ def checkpoint_step(path):
     return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
 
 
-def train_run(run, size, tokens_dir, run_dir, device, clock):
-    """Trains run up to size.train_steps in chunks; -> True when finished, False when the budget ran out."""
-    done_path = os.path.join(run_dir, "train_done.json")
+def train_run(run, size, tokens_dir, run_dir, record_dir, device, clock):
+    """Trains run up to size.train_steps in chunks; -> True when finished, False when the budget ran out.
+    A finished run's train_done.json and log.csv go to its record folder."""
+    done_path = os.path.join(record_dir, "train_done.json")
     if os.path.isfile(done_path):
         return True
     checkpoint, progress_path = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "train_seconds.json")
@@ -270,7 +275,9 @@ def train_run(run, size, tokens_dir, run_dir, device, clock):
         if step != target:
             raise RuntimeError(f"[{run.name}] train.py stopped at step {step}, expected {target}")
         write_json_atomically(progress_path, {"step": step, "seconds": seconds})
-    rows = train.Log.read(os.path.join(run_dir, "log.csv"))
+    with open(os.path.join(run_dir, "log.csv")) as f:
+        write_text_atomically(os.path.join(record_dir, "log.csv"), f.read())
+    rows = train.Log.read(os.path.join(record_dir, "log.csv"))
     speeds = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
     params = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["model"]
     write_json_atomically(
@@ -432,20 +439,21 @@ def pca_2d(x):
 MEASURE = {"ppl": measure_ppl, "context": measure_context, "niah": measure_niah, "trigger": measure_trigger}
 
 
-def measured_seconds(runs_dir):
+def measured_seconds(records):
     """{measurement: the longest time it took any run so far}: the estimate for the next one."""
     seconds = {}
-    for path in Path(runs_dir).glob("*/measure/*.json"):
+    for path in Path(records).glob("*/measure/*.json"):
         seconds[path.stem] = max(seconds.get(path.stem, 0.0), read_json(path)["seconds"])
     return seconds
 
 
-def measure_run(run, size, run_dir, eval_sets, device, clock):
-    """Each missing measurement of a finished run, while the budget allows; -> True when all exist."""
-    todo = [m for m in MEASUREMENTS if not os.path.isfile(os.path.join(run_dir, "measure", m + ".json"))]
+def measure_run(run, size, run_dir, record_dir, eval_sets, device, clock):
+    """Each missing measurement of a finished run, into its record folder, while the budget allows; -> True
+    when all exist."""
+    todo = [m for m in MEASUREMENTS if not os.path.isfile(os.path.join(record_dir, "measure", m + ".json"))]
     if not todo:
         return True
-    estimates = measured_seconds(os.path.dirname(run_dir))
+    estimates = measured_seconds(os.path.dirname(record_dir))
     model, tok = evaluation.load_model(os.path.join(run_dir, "ckpt.pt"), device)
     for name in todo:
         if not clock.fits(estimates.get(name, FIRST_CHUNK_SECONDS)):
@@ -454,7 +462,7 @@ def measure_run(run, size, run_dir, eval_sets, device, clock):
         started = time.time()
         result = MEASURE[name](model, tok, size, eval_sets)
         write_json_atomically(
-            os.path.join(run_dir, "measure", name + ".json"),
+            os.path.join(record_dir, "measure", name + ".json"),
             {"result": result, "seconds": time.time() - started},
         )
     return True
@@ -463,11 +471,11 @@ def measure_run(run, size, run_dir, eval_sets, device, clock):
 # ----------------------------------------------------------------------------- the report
 
 
-def run_results(runs_dir):
-    """{run name: {"train": ..., measurement: result}} of whatever exists."""
+def run_results(records):
+    """{run name: {"train": ..., measurement: result}} of whatever the records hold."""
     results = {}
     for run in RUNS:
-        run_dir = os.path.join(runs_dir, run.name)
+        run_dir = os.path.join(records, run.name)
         entry = {}
         if os.path.isfile(os.path.join(run_dir, "train_done.json")):
             entry["train"] = read_json(os.path.join(run_dir, "train_done.json"))
@@ -741,21 +749,21 @@ def plots(results, size, domains, out_dir):
 # ----------------------------------------------------------------------------- the command
 
 
-def work(runs, size, tokens_dir, eval_sets, runs_dir, device, clock):
+def work(runs, size, tokens_dir, eval_sets, runs_dir, records, device, clock):
     """Trains then measures each run in turn; -> the runs left unfinished."""
     pending = []
     for run in runs:
-        run_dir = os.path.join(runs_dir, run.name)
-        finished = train_run(run, size, tokens_dir, run_dir, device, clock)
-        if not finished or not measure_run(run, size, run_dir, eval_sets, device, clock):
+        run_dir, record_dir = os.path.join(runs_dir, run.name), os.path.join(records, run.name)
+        finished = train_run(run, size, tokens_dir, run_dir, record_dir, device, clock)
+        if not finished or not measure_run(run, size, run_dir, record_dir, eval_sets, device, clock):
             pending.append(run.name)
     return pending
 
 
-def complete(runs_dir, run):
-    """Is the run trained and every measurement of it written?"""
+def complete(records, run):
+    """Is the run trained and every measurement of it recorded?"""
     names = ["train_done.json"] + [os.path.join("measure", m + ".json") for m in MEASUREMENTS]
-    return all(os.path.isfile(os.path.join(runs_dir, run.name, name)) for name in names)
+    return all(os.path.isfile(os.path.join(records, run.name, name)) for name in names)
 
 
 def spawn_workers(args, runs, gpus, device, clock):
@@ -826,16 +834,17 @@ def main(argv: list[str] | None = None) -> dict | None:
             f"size {args.size} trains with the Triton kernels and needs a GPU; use --size tiny on the CPU"
         )
     clock = Clock(args.time_budget)
+    records = os.path.join(args.results, "runs")
     if args.gpus:
         gpus = [g for g in args.gpus.split(",") if g.strip()]
-        codes = spawn_workers(args, [r for r in runs if not complete(args.runs, r)], gpus, device, clock)
+        codes = spawn_workers(args, [r for r in runs if not complete(records, r)], gpus, device, clock)
         if any(codes):
             raise RuntimeError(f"worker(s) failed (exit status {codes}); see {args.runs}/worker_*.log")
     else:
-        work(runs, size, tokens_dir, eval_sets, args.runs, device, clock)
+        work(runs, size, tokens_dir, eval_sets, args.runs, records, device, clock)
     if args.no_report:
         return None
-    results = run_results(args.runs)
+    results = run_results(records)
     text = report(results, args.size, size, sorted(eval_sets), args.results)
     print(text)
     pending = [r.name for r in runs if not all(k in results[r.name] for k in ("train",) + MEASUREMENTS)]
