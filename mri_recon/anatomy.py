@@ -180,11 +180,18 @@ def slice_spacing(anatomy, n_slices):
 
 @functools.lru_cache(maxsize=4)
 def blurred(path, kernel):
-    """(image, brain) box-filtered by kernel (kz, ky, kx) voxels, odd: the slab's pixels and slice spacing are
-    coarser than the voxels, and trilinear sampling alone would alias."""
+    """(image, brain) box-filtered by kernel (kz, ky, kx) voxels, odd, one axis at a time: the slab's pixels
+    and slice spacing are coarser than the voxels, and trilinear sampling alone would alias."""
     anatomy = read_anatomy(path)
-    pad = tuple(k // 2 for k in kernel)
-    smooth = lambda volume: F.avg_pool3d(volume[None, None], kernel, 1, pad, count_include_pad=False)[0, 0]
+
+    def smooth(volume):
+        volume = volume[None, None]
+        for axis, k in enumerate(kernel):
+            box, pad = [1, 1, 1], [0, 0, 0]
+            box[axis], pad[axis] = k, k // 2
+            volume = F.avg_pool3d(volume, box, 1, pad, count_include_pad=False)
+        return volume[0, 0]
+
     return smooth(anatomy.image), smooth(anatomy.brain)
 
 
@@ -223,7 +230,7 @@ def sample_slab(rng, anatomy, n_slices, size):
     grid = torch.from_numpy(2 * voxel / (shape_xyz - 1) - 1).float()[
         None
     ]  # grid_sample's (x, y, z) in [-1, 1]
-    pixel_mm = anatomy.fov_mm / size / zoom
+    pixel_mm = anatomy.fov_mm / size  # nominal (before zoom): one filtered image serves every volume of a set
     kernel = tuple(
         2 * int(target / mm / 2) + 1
         for target, mm in zip((spacing, pixel_mm, pixel_mm), anatomy.voxel_mm[::-1])
