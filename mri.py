@@ -19,7 +19,8 @@ Every trained method keeps the checkpoint of its best validation loss (the valid
 volumes are only scored). Outputs in --out: results.md / results.json (SSIM, PSNR, NMSE per method and
 acceleration like Table 11, validation SSIM, gate and Trigger statistics of each backbone),
 recon_grid_<acc>x.png (ground truth, zero-filled, baselines, each backbone; SSIM in each title),
-training_curves.png, reports.md.
+training_curves.png, reports.md; a generated data set (--generate DIR, or <out>/synthetic, <out>/anatomy) comes
+with preview.png, a few of its slices and their reports.
 The code is in the mri_recon package; this script checks the options and runs its steps.
 """
 

@@ -227,9 +227,8 @@ def sample_slab(rng, anatomy, n_slices, size):
     world = centre + offsets @ turn.T / zoom
     voxel = apply_affine(np.linalg.inv(anatomy.affine), world)  # (S, H, W, 3) as (i, j, k)
     shape_xyz = np.array(anatomy.image.shape[::-1])
-    grid = torch.from_numpy(2 * voxel / (shape_xyz - 1) - 1).float()[
-        None
-    ]  # grid_sample's (x, y, z) in [-1, 1]
+    # (1, S, H, W, 3): grid_sample's (x, y, z), -1 and 1 the first and last voxel
+    grid = torch.from_numpy(2 * voxel / (shape_xyz - 1) - 1).float()[None]
     pixel_mm = anatomy.fov_mm / size  # nominal (before zoom): one filtered image serves every volume of a set
     kernel = tuple(
         2 * int(target / mm / 2) + 1
