@@ -8,6 +8,9 @@ the same data and masks.
     python mri.py --data /path/to/multicoil_files   # fastMRI multi-coil .h5 files (split by volume)
     python mri.py --backbone ckpt.pt --backbone notrigger.pt --backbone transformer.pt  # train.py checkpoints
     python mri.py --generate DIR --volumes 200 --slices 16 --size 64   # only write a synthetic data set
+    python mri.py --generate data/anatomy --anatomy --volumes 200 --slices 16 --size 64 --coils 8
+                                                    # ... of real anatomy (the Colin27 brain of mricron-data)
+    python mri.py --anatomy PATH.nii.gz             # a run on volumes of any T1 NIfTI head image
 
 Sequence fed to the backbone: [k-space tokens][prompt tokens][M image-query embeddings][report tokens].
 Stage 1 trains the encoder (and the image queries) with cross-entropy on the report tokens; stage 2 trains
@@ -16,11 +19,13 @@ Every trained method keeps the checkpoint of its best validation loss (the valid
 volumes are only scored). Outputs in --out: results.md / results.json (SSIM, PSNR, NMSE per method and
 acceleration like Table 11, validation SSIM, gate and Trigger statistics of each backbone),
 recon_grid_<acc>x.png (ground truth, zero-filled, baselines, each backbone; SSIM in each title),
-training_curves.png, reports.md.
+training_curves.png, reports.md; a generated data set (--generate DIR, or <out>/synthetic, <out>/anatomy) comes
+with preview.png, a few of its slices and their reports.
 The code is in the mri_recon package; this script checks the options and runs its steps.
 """
 
 import argparse
+import gzip
 import os
 import time
 
@@ -61,6 +66,31 @@ def volume_folder(text):
     return text
 
 
+DEFAULT_ANATOMY = "/usr/share/mricron/templates/ch2.nii.gz"  # the Colin27 T1 brain of Debian's mricron-data
+
+
+def nifti_file(text):
+    """--anatomy: an existing NIfTI-1 or NIfTI-2 image, .nii or .nii.gz, checked by its header's magic."""
+    if not os.path.isfile(text):
+        what = "is a folder" if os.path.isdir(text) else "does not exist"
+        hint = (
+            "; install it with `apt-get install mricron-data` (Debian/Ubuntu) or give another T1 NIfTI image"
+            if text == DEFAULT_ANATOMY
+            else "; give a T1 NIfTI head image (.nii or .nii.gz)"
+        )
+        raise argparse.ArgumentTypeError(f"{text} {what}{hint}")
+    if not text.endswith((".nii", ".nii.gz")):
+        raise argparse.ArgumentTypeError(f"{text} is not named .nii or .nii.gz; give a NIfTI image")
+    try:
+        with (gzip.open if text.endswith(".gz") else open)(text, "rb") as f:
+            header = f.read(540)
+    except (OSError, EOFError) as error:
+        raise argparse.ArgumentTypeError(f"{text}: unreadable ({error}); give a NIfTI image") from None
+    if header[344:348] != b"n+1\0" and header[4:8] != b"n+2\0":  # NIfTI-1 / NIfTI-2 magic
+        raise argparse.ArgumentTypeError(f"{text} has no NIfTI-1 or NIfTI-2 header; give a NIfTI image")
+    return text
+
+
 def output_folder(text):
     """--out, --generate: a folder, created if missing (not an existing file)."""
     if os.path.exists(text) and not os.path.isdir(text):
@@ -82,7 +112,15 @@ def parse_args(argv=None):
         "--generate",
         type=output_folder,
         metavar="DIR",
-        help="only write a synthetic data set to DIR and exit",
+        help="only write a synthetic data set (phantoms, or --anatomy) to DIR and exit",
+    )
+    p.add_argument(
+        "--anatomy",
+        nargs="?",
+        const=DEFAULT_ANATOMY,
+        metavar="NIFTI",
+        help=f"volumes of real anatomy from this T1 NIfTI head image instead of phantoms (no value: "
+        f"{DEFAULT_ANATOMY}, `apt-get install mricron-data`), for a run or --generate",
     )
     p.add_argument(
         "--backbone", action="append", default=[], type=existing_file, help="train.py checkpoint (repeatable)"
@@ -92,7 +130,7 @@ def parse_args(argv=None):
         default="nirvana,nirvana-notrigger",
         help="tiny random-init backbones to build when no --backbone is given",
     )
-    p.add_argument("--volumes", type=positive_int, default=16, help="synthetic volumes")
+    p.add_argument("--volumes", type=positive_int, default=16, help="synthetic volumes (phantoms or anatomy)")
     p.add_argument("--slices", type=positive_int, default=6, help="synthetic slices per volume")
     p.add_argument("--size", type=positive_int, default=32, help="synthetic image size")
     p.add_argument("--coils", type=positive_int, default=4, help="synthetic coils")
@@ -150,6 +188,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=non_negative_int, default=0)
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
+    if args.anatomy is not None:
+        if args.data:
+            p.error("--anatomy and --data exclude each other: --data reads files, --anatomy generates them")
+        try:
+            nifti_file(args.anatomy)  # here, not as the type: argparse does not check the value-less default
+        except argparse.ArgumentTypeError as error:
+            p.error(f"argument --anatomy: {error}")
     if not args.data and not args.generate:  # the synthetic data of a run
         if args.volumes < 3:
             p.error(f"--volumes {args.volumes}: train, validation and test need at least 3 volumes")

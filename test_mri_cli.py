@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 import mri
+from mri_recon import experiment
+from test_mri_data import write_head_nifti
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TINY = (
@@ -79,13 +81,18 @@ def out_folder(tmp_path):
 
 @pytest.fixture
 def inputs(tmp_path):
-    """Bad inputs on disk: a text file, a folder of text files named .h5, a folder without .h5 files, and
-    a folder of fastMRI files without the reports stage 1 needs."""
+    """Bad inputs on disk: a text file, a folder of text files named .h5, a folder without .h5 files, a
+    folder of fastMRI files without the reports stage 1 needs, text files named .nii / .nii.gz, a NIfTI head
+    image and that file cut short."""
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
     for folder, names in (("text_h5", ["a.h5", "b.h5", "c.h5"]), ("no_h5", ["readme.txt"])):
         (tmp_path / folder).mkdir()
         for name in names:
             (tmp_path / folder / name).write_text("not a volume\n")
+    (tmp_path / "fake.nii").write_text("not an image\n")
+    (tmp_path / "fake.nii.gz").write_text("not gzip\n")
+    head = write_head_nifti(tmp_path / "head.nii.gz")
+    (tmp_path / "truncated.nii.gz").write_bytes(open(head, "rb").read()[:2000])  # its header reads, no more
     (tmp_path / "no_reports").mkdir()
     for name in ("a.h5", "b.h5", "c.h5"):
         with h5py.File(tmp_path / "no_reports" / name, "w") as f:
@@ -111,6 +118,18 @@ OPTION_CASES = [
     (["--data", "{inputs}/notes.txt"], ["argument --data:", "notes.txt is a file", "give a folder"]),
     (["--data", "{inputs}/no_h5"], ["argument --data: no .h5 files in", "no_h5"]),
     (["--generate", "{inputs}/notes.txt"], ["argument --generate:", "notes.txt is a file"]),
+    (["--anatomy", "{inputs}/missing.nii.gz"], ["argument --anatomy:", "missing.nii.gz does not exist"]),
+    (["--anatomy", "{inputs}"], ["argument --anatomy:", "is a folder"]),
+    (["--anatomy", "{inputs}/notes.txt"], ["argument --anatomy:", "notes.txt is not named .nii or .nii.gz"]),
+    (
+        ["--anatomy", "{inputs}/fake.nii"],
+        ["argument --anatomy:", "fake.nii has no NIfTI-1 or NIfTI-2 header"],
+    ),
+    (["--anatomy", "{inputs}/fake.nii.gz"], ["argument --anatomy:", "fake.nii.gz: unreadable"]),
+    (
+        ["--anatomy", "{inputs}/head.nii.gz", "--data", "{inputs}/no_reports"],
+        ["--anatomy and --data exclude each other"],
+    ),
 ]
 
 
@@ -139,6 +158,7 @@ RUN_CASES = [
     (["--variants", "nirvana,nirvanna"], ["--variants: no variant 'nirvanna'", "transformer"]),
     (["--vit-dim", "100"], ["--vit-dim 100 must be a multiple of 4 and of its 3 attention heads"]),
     (["--device", "tpu"], ["--device tpu is not a device"]),
+    (["--anatomy", "{inputs}/truncated.nii.gz"], ["truncated.nii.gz: not a readable NIfTI image"]),
 ]
 
 
@@ -160,3 +180,24 @@ def test_bad_inputs_of_a_run_are_refused_before_training(inputs, out_folder):
         assert not os.path.exists(out), args
     assert_one_line_error(results[-1], "text_h5", ".h5: corrupt or not an HDF5 file", "replace or remove it")
     assert snapshot(out_folder) == before
+
+
+def test_anatomy_without_a_value_names_the_package_when_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mri, "DEFAULT_ANATOMY", str(tmp_path / "templates" / "ch2.nii.gz"))
+    with pytest.raises(SystemExit) as exit_status:
+        mri.parse_args(["--anatomy", "--volumes", "3"])
+    assert exit_status.value.code == 2
+    assert (
+        "ch2.nii.gz does not exist; install it with `apt-get install mricron-data`" in capsys.readouterr().err
+    )
+
+
+def test_anatomy_generates_a_set_and_the_data_of_a_run(inputs, tmp_path):
+    head, sizes = str(inputs / "head.nii.gz"), "--volumes 3 --slices 3 --size 16 --coils 2 --patch 4".split()
+    mri.main(["--generate", str(tmp_path / "set"), "--anatomy", head, *sizes])
+    assert sorted(os.listdir(tmp_path / "set")) == [f"anatomy_0000{i}.h5" for i in range(3)] + ["preview.png"]
+    args = mri.parse_args(["--out", str(tmp_path / "out"), "--anatomy", head, "--device", "cpu", *sizes])
+    experiment.set_up(args)
+    data = experiment.load_data(args)  # a run's data: written to <out>/anatomy
+    assert len(os.listdir(tmp_path / "out" / "anatomy")) == 4 and len(data.train + data.val + data.test) == 3
+    assert data.note.startswith("data: simulated multi-coil from head.nii.gz (one subject")

@@ -107,7 +107,8 @@ def parses(script, args, monkeypatch):
     """argparse accepts args (files the command would read need not exist)."""
     with monkeypatch.context() as patch:
         for module in SCRIPTS.values():
-            for path_type in ("existing_file", "volume_folder"):  # cli.existing_file, mri.py's --data check
+            # cli.existing_file, mri.py's --data and --anatomy checks
+            for path_type in ("existing_file", "volume_folder", "nifti_file"):
                 if hasattr(module, path_type):
                     patch.setattr(module, path_type, lambda text: text)
         if script == "eval.py":

@@ -4,7 +4,9 @@ Named mri_recon, not mri, because the script mri.py sits beside it: with a folde
 `import mri` would find the package and the script could no longer be imported (by its tests) under its name.
 
     fourier.py        centred FFTs, root sum of squares, centre crop
-    phantoms.py       synthetic brain phantoms with lesions and templated reports, written as fastMRI files
+    phantoms.py       synthetic brain phantoms with lesions and templated reports, written as fastMRI files;
+                      the lesions, report grammar, simulated acquisition and parallel writer anatomy.py shares
+    anatomy.py        volumes of real anatomy (one T1 NIfTI head image, e.g. Colin27) with those lesions
     fastmri_files.py  reading / writing / listing fastMRI multi-coil .h5 files, the split by volume
     masks.py          undersampling masks of Table 10
     batches.py        training batches and undersampled evaluation slices
@@ -16,6 +18,6 @@ Named mri_recon, not mri, because the script mri.py sits beside it: with a folde
     evaluation.py     scoring on held-out volumes, test reports, gate / Trigger statistics
     metrics.py        SSIM / PSNR / NMSE as fastMRI computes them, report scores
     results.py        the Markdown of the results and of the generated reports
-    plots.py          training curves and reconstruction grids
+    plots.py          training curves, reconstruction grids, the preview of a generated data set
     experiment.py     the steps of `python mri.py`: checks, data, training, evaluation, outputs
 """

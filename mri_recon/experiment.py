@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from cli import UserError, no_half_made_output, write_text_atomically
+from mri_recon import phantoms
 from mri_recon.backbones import (
     describe_backbone,
     load_backbones,
@@ -23,7 +24,6 @@ from mri_recon.evaluation import evaluate, gate_statistics, generate_test_report
 from mri_recon.fastmri_files import list_volume_files, load_volumes, split_by_volume
 from mri_recon.metrics import SSIM_WINDOW, score_reports, summarize
 from mri_recon.models import E2EVarNet, UNetBaseline, zero_filled
-from mri_recon.phantoms import generate_dataset
 from mri_recon.pipeline import PROMPTS, build_nirvana_mri, count_trainable, heads_for, mri_sequence_length
 from mri_recon.plots import save_curves, save_grid
 from mri_recon.results import reports_markdown, results_markdown
@@ -45,10 +45,20 @@ def set_up(args):
     return np.random.default_rng(args.seed)
 
 
+def generate_dataset(args, folder):
+    """Phantoms, or volumes of the --anatomy image, written to folder; their paths."""
+    shape = (args.volumes, args.slices, args.size, args.coils)
+    if args.anatomy:
+        from mri_recon import anatomy  # it needs nibabel, which runs on phantoms or --data do not
+
+        return anatomy.generate_dataset(folder, args.anatomy, *shape, args.seed)
+    return phantoms.generate_dataset(folder, *shape, args.seed)
+
+
 def generate(args):
     """--generate: only write a synthetic data set."""
     with no_half_made_output(args.generate):
-        generate_dataset(args.generate, args.volumes, args.slices, args.size, args.coils, args.seed)
+        generate_dataset(args, args.generate)
 
 
 def check_run(args):
@@ -87,18 +97,17 @@ class Data:
 
 
 def load_data(args):
-    """The --data files, or synthetic phantoms written to <out>/synthetic, split by volume and loaded."""
+    """The --data files, or synthetic phantoms written to <out>/synthetic (volumes of the --anatomy image to
+    <out>/anatomy), split by volume and loaded."""
     if args.data:
         paths = list_volume_files(args.data, args.max_volumes)
     else:
         print(
             f"generating {args.volumes} synthetic volumes x {args.slices} slices, {args.size}x{args.size}, "
-            f"{args.coils} coils",
+            f"{args.coils} coils" + (f", from {args.anatomy}" if args.anatomy else ""),
             flush=True,
         )
-        paths = generate_dataset(
-            os.path.join(args.out, "synthetic"), args.volumes, args.slices, args.size, args.coils, args.seed
-        )
+        paths = generate_dataset(args, os.path.join(args.out, "anatomy" if args.anatomy else "synthetic"))
     train_paths, val_paths, test_paths = split_by_volume(paths, args.seed)
     train, val, test = (load_volumes(p, args.device) for p in (train_paths, val_paths, test_paths))
     note = data_note(args, paths)
@@ -125,13 +134,13 @@ def load_data(args):
 
 def data_note(args, paths):
     """Where the data came from, for the log and results.md (the files are known to be readable)."""
-    if not args.data:
-        return (
-            f"data: synthetic phantoms, {args.volumes} volumes x {args.slices} slices, "
-            f"{args.size}x{args.size}, {args.coils} coils"
-        )
     with h5py.File(paths[0], "r") as f:
         acquisition = f.attrs.get("acquisition", "not recorded")
+    if not args.data:
+        return (
+            f"data: {acquisition if args.anatomy else 'synthetic phantoms'}, {args.volumes} volumes x "
+            f"{args.slices} slices, {args.size}x{args.size}, {args.coils} coils"
+        )
     return (
         f"data: {len(paths)} fastMRI-format files from {args.data} (acquisition of the first: {acquisition})"
     )

@@ -16,8 +16,9 @@ class VolumeFileError(UserError, ValueError):
     """A path that is not a readable fastMRI multi-coil volume: missing, corrupt, not HDF5, wrong contents."""
 
 
-def write_volume(path, kspace, target, reports, patient_id):
-    """Write one volume as fastMRI stores it (plus a `reports` dataset), atomically."""
+def write_volume(path, kspace, target, reports, patient_id, acquisition="SYNTH_T2"):
+    """Write one volume as fastMRI stores it (plus a `reports` dataset), atomically; `acquisition` says where
+    the data came from (fastMRI's attribute names the scanner protocol)."""
 
     def write(tmp):
         with h5py.File(tmp, "w") as f:
@@ -26,7 +27,7 @@ def write_volume(path, kspace, target, reports, patient_id):
             f.create_dataset(
                 "reports", data=np.array(reports, dtype=object), dtype=h5py.string_dtype("utf-8")
             )
-            f.attrs["acquisition"] = "SYNTH_T2"
+            f.attrs["acquisition"] = acquisition
             f.attrs["max"] = float(target.max())
             f.attrs["norm"] = float(np.linalg.norm(target))
             f.attrs["patient_id"] = patient_id

@@ -66,12 +66,12 @@ def sample_lesions(rng, n_slices):
     return lesions
 
 
-def report_text(lesions):
-    """The templated report of one slice, lesions in REGIONS order."""
-    if not lesions:
-        return "lesions: 0."
+def report_text(lesions, level=None):
+    """The templated report of one slice, lesions in REGIONS order, then the slice's level in the head when
+    one is given (real anatomy): "lesions: 1. left frontal: small round bright. level: ventricles."."""
     ordered = sorted(lesions, key=lambda l: REGIONS.index((l.side, l.lobe)))
-    return f"lesions: {len(ordered)}. " + " ".join(l.describe() + "." for l in ordered)
+    text = " ".join([f"lesions: {len(ordered)}.", *(l.describe() + "." for l in ordered)])
+    return text + (f" level: {level}." if level else "")
 
 
 REPORT_FIELD = re.compile(
@@ -81,7 +81,8 @@ REPORT_FIELD = re.compile(
 
 
 def parse_report(text):
-    """-> (lesion count or None, [(side, lobe, size, shape, contrast), ...]) read from a report."""
+    """-> (lesion count or None, [(side, lobe, size, shape, contrast), ...]) read from a report (a level
+    finding at its end is not part of either)."""
     count = re.match(r"\s*lesions: (\d+)\.", text)
     return (int(count.group(1)) if count else None), REPORT_FIELD.findall(text)
 
@@ -119,20 +120,33 @@ def brain_slice(xx, yy, z, head, lesions, edge):
             )
             img += soft_inside(rv, edge * 4) * (1.0 - img)
     bx, by = u / (0.92 * ax), v / (0.92 * ay)  # brain-normalised coordinates
-    for lesion in lesions:
-        dx, dy = (bx - lesion.x) * 0.92 * ax, (by - lesion.y) * 0.92 * ay
-        if lesion.shape == "oval":
-            ca, sa = math.cos(lesion.angle), math.sin(lesion.angle)
-            dx, dy = (dx * ca + dy * sa) / 1.6, (-dx * sa + dy * ca) * 1.3
-        r = np.sqrt(dx * dx + dy * dy) / lesion.radius
-        if lesion.shape == "irregular":
-            phi = np.arctan2(dy, dx)
-            r = r / (1 + 0.25 * np.sin(3 * phi + lesion.angle) + 0.15 * np.sin(5 * phi + 2 * lesion.angle))
-        inside = soft_inside(r, edge / lesion.radius)
-        target = np.minimum(img + 0.45, 1.1) if lesion.contrast == "bright" else img * 0.35
-        img = img * (1 - inside) + target * inside
+    img = paint_lesions(img, lesions, bx, by, 0.92 * ax, 0.92 * ay, edge)
     bias = 1 + head["bias_x"] * xx + head["bias_y"] * yy  # smooth intensity non-uniformity
     return img * bias
+
+
+def lesion_outline(lesion, dx, dy, edge):
+    """(H, W) ~1 inside the lesion's outline, ~0 outside; dx, dy (H, W) offsets from its centre in units of
+    the half field of view, edge the width of the border in the same units."""
+    if lesion.shape == "oval":
+        ca, sa = math.cos(lesion.angle), math.sin(lesion.angle)
+        dx, dy = (dx * ca + dy * sa) / 1.6, (-dx * sa + dy * ca) * 1.3
+    r = np.sqrt(dx * dx + dy * dy) / lesion.radius
+    if lesion.shape == "irregular":
+        phi = np.arctan2(dy, dx)
+        r = r / (1 + 0.25 * np.sin(3 * phi + lesion.angle) + 0.15 * np.sin(5 * phi + 2 * lesion.angle))
+    return soft_inside(r, edge / lesion.radius)
+
+
+def paint_lesions(img, lesions, bx, by, half_x, half_y, edge, brain=1.0):
+    """img (H, W) with the lesions blended in (bright: +0.45, at most 1.1; dark: 35% of the tissue).
+    bx, by (H, W): brain-normalised coordinates (the lesions' x, y); half_x, half_y: the brain's half axes in
+    units of the half field of view; brain: (H, W) weight that confines lesions to the brain (1: none)."""
+    for lesion in lesions:
+        inside = lesion_outline(lesion, (bx - lesion.x) * half_x, (by - lesion.y) * half_y, edge) * brain
+        target = np.minimum(img + 0.45, 1.1) if lesion.contrast == "bright" else img * 0.35
+        img = img * (1 - inside) + target * inside
+    return img
 
 
 def coil_sensitivities(rng, xx, yy, n_coils):
@@ -148,13 +162,42 @@ def coil_sensitivities(rng, xx, yy, n_coils):
     return np.stack(maps)
 
 
+def field_of_view_grid(height, width):
+    """xx, yy (height, width): pixel coordinates in units of the half field of view (width pixels across;
+    height > width for readout oversampling)."""
+    return np.meshgrid(
+        (np.arange(height) - height / 2) / (width / 2),
+        (np.arange(width) - width / 2) / (width / 2),
+        indexing="ij",
+    )[::-1]
+
+
+def acquire(rng, magnitudes, xx, yy, n_coils, noise=0.01):
+    """The simulated multi-coil scan of magnitude slices (S, H, W): coil sensitivities and a signal level per
+    volume, a smooth image phase and complex Gaussian k-space noise per slice.
+    Returns kspace (S, C, H, W) complex64 and reconstruction_rss (S, W, W) float32 (the RSS of the fully
+    sampled coil images, cropped to the field of view as fastMRI crops it)."""
+    sens = coil_sensitivities(rng, xx, yy, n_coils)
+    scale = rng.uniform(0.5, 2.0)  # volumes differ in signal level
+    kspace = []
+    for mag in magnitudes:
+        a0, ax_, ay_ = rng.uniform(-np.pi, np.pi), rng.uniform(-0.5, 0.5), rng.uniform(-0.5, 0.5)
+        phase = np.exp(1j * (a0 + ax_ * xx + ay_ * yy))  # smooth image phase
+        k = fft2c(torch.from_numpy(scale * sens * mag * phase)).numpy()
+        k = k + scale * noise * (
+            rng.standard_normal(k.shape) + 1j * rng.standard_normal(k.shape)
+        ) / math.sqrt(2)
+        kspace.append(k.astype(np.complex64))
+    kspace = np.stack(kspace)
+    width = kspace.shape[-1]
+    target = center_crop(rss(ifft2c(torch.from_numpy(kspace))), (width, width)).numpy().astype(np.float32)
+    return kspace, target
+
+
 def make_volume(rng, n_slices, size, n_coils, noise=0.01, readout_oversampling=1):
     """One synthetic volume in fastMRI's layout.
     Returns kspace (S, C, H*os, W) complex64, reconstruction_rss (S, H, W) float32, reports [S str]."""
-    H = size * readout_oversampling
-    yy, xx = np.meshgrid(
-        (np.arange(H) - H / 2) / (size / 2), (np.arange(size) - size / 2) / (size / 2), indexing="ij"
-    )
+    xx, yy = field_of_view_grid(size * readout_oversampling, size)
     head = dict(
         ax=rng.uniform(0.62, 0.72),
         ay=rng.uniform(0.78, 0.86),
@@ -167,25 +210,13 @@ def make_volume(rng, n_slices, size, n_coils, noise=0.01, readout_oversampling=1
         bias_y=rng.uniform(-0.15, 0.15),
     )
     lesions = sample_lesions(rng, n_slices)
-    sens = coil_sensitivities(rng, xx, yy, n_coils)
-    scale = rng.uniform(0.5, 2.0)  # volumes differ in signal level
-    kspace, reports = [], []
-    for s in range(n_slices):
-        z = -0.6 + 1.2 * s / max(1, n_slices - 1)
-        visible = [l for l in lesions if l.first_slice <= s <= l.last_slice]
-        mag = brain_slice(xx, yy, z, head, visible, edge=1.0 / size)
-        a0, ax_, ay_ = rng.uniform(-np.pi, np.pi), rng.uniform(-0.5, 0.5), rng.uniform(-0.5, 0.5)
-        phase = np.exp(1j * (a0 + ax_ * xx + ay_ * yy))  # smooth image phase
-        coil_images = torch.from_numpy(scale * sens * mag * phase)
-        k = fft2c(coil_images).numpy()
-        k = k + scale * noise * (
-            rng.standard_normal(k.shape) + 1j * rng.standard_normal(k.shape)
-        ) / math.sqrt(2)
-        kspace.append(k.astype(np.complex64))
-        reports.append(report_text(visible))
-    kspace = np.stack(kspace)
-    target = center_crop(rss(ifft2c(torch.from_numpy(kspace))), (size, size)).numpy().astype(np.float32)
-    return kspace, target, reports
+    visible = [[l for l in lesions if l.first_slice <= s <= l.last_slice] for s in range(n_slices)]
+    magnitudes = [
+        brain_slice(xx, yy, -0.6 + 1.2 * s / max(1, n_slices - 1), head, visible[s], edge=1.0 / size)
+        for s in range(n_slices)
+    ]
+    kspace, target = acquire(rng, magnitudes, xx, yy, n_coils, noise)
+    return kspace, target, [report_text(v) for v in visible]
 
 
 def generate_volume_file(folder, seed, i, n_slices, size, n_coils, readout_oversampling):
@@ -198,8 +229,10 @@ def generate_volume_file(folder, seed, i, n_slices, size, n_coils, readout_overs
     return path
 
 
-def generate_volume_job(job):
-    return generate_volume_file(*job)
+def call_job(job):
+    """job = (function, arguments): a picklable call for a worker process."""
+    function, arguments = job
+    return function(*arguments)
 
 
 # Below this much work (volumes x slices x pixels x coils, ~1 microsecond each) one process is faster than
@@ -207,26 +240,34 @@ def generate_volume_job(job):
 PARALLEL_WORK = 10_000_000
 
 
-def generate_dataset(folder, n_volumes, n_slices, size, n_coils, seed=0, readout_oversampling=1):
-    """Write n_volumes synthetic .h5 files into folder (volume i seeded by (seed, i)); large sets in parallel
-    processes. Prints progress lines with an ETA."""
+def write_dataset(folder, write_file, jobs, work):
+    """write_file(*job) for every job (each writes one volume file and returns its path), in parallel
+    processes when the work is large; progress lines with an ETA; then <folder>/preview.png of a few slices.
+    Returns the paths."""
     os.makedirs(folder, exist_ok=True)
+    workers = min(8, os.cpu_count() or 1, len(jobs)) if work > PARALLEL_WORK else 1
+    progress = Progress(f"generating {len(jobs)} volumes", total=len(jobs))
+    paths = []
+    if workers <= 1:
+        for job in jobs:
+            paths.append(write_file(*job))
+            progress.update()
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for path in pool.imap(call_job, [(write_file, job) for job in jobs]):
+                paths.append(path)
+                progress.update()
+        print(f"  generated {len(jobs)} volumes with {workers} processes", flush=True)
+    from mri_recon.plots import save_preview  # plots reads the report grammar from this module
+
+    save_preview(os.path.join(folder, "preview.png"), paths)
+    return paths
+
+
+def generate_dataset(folder, n_volumes, n_slices, size, n_coils, seed=0, readout_oversampling=1):
+    """Write n_volumes synthetic .h5 files into folder (volume i seeded by (seed, i)) and preview.png."""
     jobs = [(folder, seed, i, n_slices, size, n_coils, readout_oversampling) for i in range(n_volumes)]
     work = n_volumes * n_slices * size * size * readout_oversampling * n_coils
-    workers = min(8, os.cpu_count() or 1, n_volumes) if work > PARALLEL_WORK else 1
-    progress = Progress(f"generating {n_volumes} volumes", total=n_volumes)
-    if workers <= 1:
-        paths = []
-        for job in jobs:
-            paths.append(generate_volume_file(*job))
-            progress.update()
-        return paths
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        paths = []
-        for path in pool.imap(generate_volume_job, jobs):
-            paths.append(path)
-            progress.update()
-    print(f"  generated {n_volumes} volumes with {workers} processes", flush=True)
-    return paths
+    return write_dataset(folder, generate_volume_file, jobs, work)

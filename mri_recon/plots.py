@@ -1,11 +1,14 @@
-"""Pictures: the training curves of every phase and the reconstruction grid of the test slices."""
+"""Pictures: the training curves of every phase, the reconstruction grid of the test slices and the preview of
+a generated data set."""
 
 import math
+import textwrap
 
 import numpy as np
 import torch
 
 from cli import write_atomically
+from mri_recon.fastmri_files import read_volume
 from mri_recon.metrics import ssim
 from mri_recon.phantoms import parse_report
 
@@ -74,6 +77,30 @@ def save_grid(path, recons, volumes, acc, rows=3):
             axes[r, c].set_title(title, fontsize=7)
             axes[r, c].axis("off")
     fig.suptitle(f"{acc}x undersampling", fontsize=9)
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def save_preview(path, volume_paths, rows=3, cols=4):
+    """PNG: the targets of `cols` evenly spaced slices of the first `rows` volume files, each titled with its
+    report (what a generated data set looks like)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    volumes = [read_volume(p) for p in volume_paths[:rows]]
+    cols = min(cols, min(v.target.shape[0] for v in volumes))
+    fig, axes = plt.subplots(len(volumes), cols, figsize=(2.3 * cols, 2.9 * len(volumes)), squeeze=False)
+    for r, vol in enumerate(volumes):
+        n = vol.target.shape[0]
+        for c, s in enumerate(np.linspace(0, n - 1, cols).round().astype(int)):
+            axes[r, c].imshow(vol.target[s].numpy(), cmap="gray", vmin=0, vmax=vol.maxval)
+            report = vol.reports[s] if vol.reports else "(no report)"
+            title = f"{vol.name} slice {s}\n" + "\n".join(textwrap.wrap(report, 34))
+            axes[r, c].set_title(title, fontsize=5.5)
+            axes[r, c].axis("off")
     fig.tight_layout()
     write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
