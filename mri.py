@@ -10,8 +10,14 @@ the same data and masks.
     python mri.py --generate DIR --volumes 200 --slices 16 --size 64   # only write a synthetic data set
 
 Sequence fed to the backbone: [k-space tokens][prompt tokens][M image-query embeddings][report tokens].
-Stage 1 trains the encoder (and the image queries) with cross-entropy on the report tokens; stage 2 trains
-the image decoder alone with -SSIM (eq. 9). The backbone's weights never change; its Trigger still adapts p.
+Stage 0 (this code's choice, --encoder-pretrain-steps 0 turns it off) trains the encoder's VarNet cascades to
+reconstruct (-SSIM on their own image); stage 1 trains the encoder (and the image queries) with cross-entropy
+on the report tokens; stage 2 trains the image decoder alone with -SSIM (eq. 9). Every stage and baseline
+takes --steps optimizer steps. The backbone's weights never change; its Trigger still adapts p.
+--image-skip (an ablation, off by default) also hands the decoder the encoder's image, a path around the
+backbone; the run then scores "skip only" too (the backbone's image tokens replaced by their mean).
+--diagnose measures whether the image passes through the backbone (decoder SSIM with another slice's tokens
+or the mean token, linear probes of the tokens); see mri_recon/diagnostics.py.
 Every trained method keeps the checkpoint of its best validation loss (the validation volumes; the test
 volumes are only scored). Outputs in --out: results.md / results.json (SSIM, PSNR, NMSE per method and
 acceleration like Table 11, validation SSIM, gate and Trigger statistics of each backbone),
@@ -111,6 +117,24 @@ def parse_args(argv=None):
         "--steps", type=positive_int, default=100, help="optimizer steps per baseline and per Nirvana stage"
     )
     p.add_argument(
+        "--encoder-pretrain-steps",
+        type=non_negative_int,
+        help="stage 0: steps training the encoder's VarNet cascades for reconstruction before stage 1 "
+        "(default: --steps; 0: off, the paper's two stages alone)",
+    )
+    p.add_argument(
+        "--image-skip",
+        action="store_true",
+        help="ablation: the image decoder also gets the encoder's image (a path around the backbone); "
+        "adds a 'skip only' row (the backbone's tokens replaced by their mean)",
+    )
+    p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="after stage 2: decoder SSIM with another slice's / the mean image tokens, linear probes of the "
+        "tokens for the zero-filled image (results.md)",
+    )
+    p.add_argument(
         "--phase-seconds",
         type=non_negative_float,
         default=0,
@@ -150,6 +174,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=non_negative_int, default=0)
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
+    if args.encoder_pretrain_steps is None:
+        args.encoder_pretrain_steps = args.steps
     if not args.data and not args.generate:  # the synthetic data of a run
         if args.volumes < 3:
             p.error(f"--volumes {args.volumes}: train, validation and test need at least 3 volumes")

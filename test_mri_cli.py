@@ -2,6 +2,7 @@
 bad input (bad option value, bad path, wrong file type, corrupt file, unknown variant, unusable output folder)
 gets one line on stderr naming the problem, exit status 2, and leaves nothing written or overwritten."""
 
+import json
 import os
 import subprocess
 import sys
@@ -22,8 +23,10 @@ TINY = (
 
 
 def test_main_end_to_end_writes_outputs(tmp_path):
+    """With --diagnose and --image-skip: every output, every method with --steps optimizer steps in each phase
+    (stage 0 on by default), the diagnostics, the skip-only row and the majority baseline beside the reports."""
     out = str(tmp_path / "out")
-    mri.main(["--out", out, *TINY])
+    mri.main(["--out", out, *TINY, "--diagnose", "--image-skip"])
     for name in (
         "results.md",
         "results.json",
@@ -34,8 +37,22 @@ def test_main_end_to_end_writes_outputs(tmp_path):
     ):
         assert os.path.getsize(os.path.join(out, name)) > 0
     table = open(os.path.join(out, "results.md")).read()
-    for method in ("zero-filled", "U-Net", "E2E-VarNet", "LLM[nirvana]"):
-        assert method in table
+    for method in ("zero-filled", "U-Net", "E2E-VarNet", "LLM[nirvana]", "LLM[nirvana] skip only"):
+        assert f"| {method} |" in table
+    results = json.load(open(os.path.join(out, "results.json")))
+    nirvana_steps = "2 (stage 0) + 2 (stage 1) + 2 (stage 2)"
+    assert results["steps"] == {
+        "zero-filled": "-",
+        "U-Net": "2",
+        "E2E-VarNet": "2",
+        "LLM[nirvana]": nirvana_steps,
+        "LLM[nirvana] skip only": nirvana_steps,
+    }
+    assert f"| {nirvana_steps} |" in table and "| U-Net | " in table
+    assert set(results["diagnostics"]) == {"LLM[nirvana] 4x", "LLM[nirvana] 8x"}
+    assert "Does the image pass through the backbone?" in table and "| majority (" in table
+    assert "same report" in table  # the gate / Trigger distances between slices
+    assert "Majority baseline, 4x" in open(os.path.join(out, "reports.md")).read()
 
 
 def run_mri(*args):
@@ -101,6 +118,8 @@ OPTION_CASES = [
     (["--batch-size", "-4"], ["argument --batch-size: expected a positive integer"]),
     (["--lr", "nan"], ["argument --lr: expected a number > 0"]),
     (["--phase-seconds", "-1"], ["argument --phase-seconds: expected a number >= 0"]),
+    (["--encoder-pretrain-steps", "-1"], ["argument --encoder-pretrain-steps: expected an integer >= 0"]),
+    (["--image-skip", "yes"], ["unrecognized arguments: yes"]),
     (["--val-checks", "0"], ["argument --val-checks"]),
     (["--volumes", "2"], ["--volumes 2: train, validation and test need at least 3 volumes"]),
     (["--size", "30"], ["--size 30 must be a multiple of --patch 8"]),
@@ -160,3 +179,10 @@ def test_bad_inputs_of_a_run_are_refused_before_training(inputs, out_folder):
         assert not os.path.exists(out), args
     assert_one_line_error(results[-1], "text_h5", ".h5: corrupt or not an HDF5 file", "replace or remove it")
     assert snapshot(out_folder) == before
+
+
+def test_stage0_steps_default_to_steps_and_zero_turns_it_off():
+    assert mri.parse_args(["--steps", "7"]).encoder_pretrain_steps == 7
+    assert mri.parse_args(["--steps", "7", "--encoder-pretrain-steps", "0"]).encoder_pretrain_steps == 0
+    args = mri.parse_args([])
+    assert not args.image_skip and not args.diagnose and args.phase_seconds == 0  # equal steps by default
