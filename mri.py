@@ -123,6 +123,12 @@ def parse_args(argv=None):
         "(default: --steps; 0: off, the paper's two stages alone)",
     )
     p.add_argument(
+        "--stage1-cascades",
+        choices=["train", "freeze"],
+        help="whether stage 1 also trains the encoder's VarNet cascades on the report (default: freeze after "
+        "stage 0, which made them a reconstruction network; train without stage 0, the paper's recipe)",
+    )
+    p.add_argument(
         "--image-skip",
         action="store_true",
         help="ablation: the image decoder also gets the encoder's image (a path around the backbone); "
@@ -176,6 +182,12 @@ def parse_args(argv=None):
     args.variants = [v for v in args.variants.split(",") if v]
     if args.encoder_pretrain_steps is None:
         args.encoder_pretrain_steps = args.steps
+    if args.stage1_cascades is None:
+        args.stage1_cascades = "freeze" if args.encoder_pretrain_steps else "train"
+    elif args.stage1_cascades == "freeze" and not args.encoder_pretrain_steps:
+        p.error(
+            "--stage1-cascades freeze needs stage 0 (--encoder-pretrain-steps > 0): frozen random cascades"
+        )
     if not args.data and not args.generate:  # the synthetic data of a run
         if args.volumes < 3:
             p.error(f"--volumes {args.volumes}: train, validation and test need at least 3 volumes")

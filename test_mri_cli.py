@@ -120,6 +120,11 @@ OPTION_CASES = [
     (["--phase-seconds", "-1"], ["argument --phase-seconds: expected a number >= 0"]),
     (["--encoder-pretrain-steps", "-1"], ["argument --encoder-pretrain-steps: expected an integer >= 0"]),
     (["--image-skip", "yes"], ["unrecognized arguments: yes"]),
+    (
+        ["--encoder-pretrain-steps", "0", "--stage1-cascades", "freeze"],
+        ["--stage1-cascades freeze needs stage 0"],
+    ),
+    (["--stage1-cascades", "keep"], ["argument --stage1-cascades: invalid choice: 'keep'"]),
     (["--val-checks", "0"], ["argument --val-checks"]),
     (["--volumes", "2"], ["--volumes 2: train, validation and test need at least 3 volumes"]),
     (["--size", "30"], ["--size 30 must be a multiple of --patch 8"]),
@@ -184,5 +189,7 @@ def test_bad_inputs_of_a_run_are_refused_before_training(inputs, out_folder):
 def test_stage0_steps_default_to_steps_and_zero_turns_it_off():
     assert mri.parse_args(["--steps", "7"]).encoder_pretrain_steps == 7
     assert mri.parse_args(["--steps", "7", "--encoder-pretrain-steps", "0"]).encoder_pretrain_steps == 0
+    assert mri.parse_args([]).stage1_cascades == "freeze"  # after stage 0
+    assert mri.parse_args(["--encoder-pretrain-steps", "0"]).stage1_cascades == "train"  # the paper's recipe
     args = mri.parse_args([])
     assert not args.image_skip and not args.diagnose and args.phase_seconds == 0  # equal steps by default

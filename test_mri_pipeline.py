@@ -366,3 +366,13 @@ def test_gate_distances_between_slices_equal_the_pairwise_loop(volumes):
             want = np.mean([(p[i] - p[j]).abs().mean().item() for i, j in chosen])
             got = stats["distance"]["p queries"][f"{kind} {key}"][0]
             assert got == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("cascades", ["freeze", "train"])
+def test_stage1_freezes_or_trains_the_encoder_cascades(volumes, cascades):
+    model, tokenizer = tiny_model(init_std=0.2)
+    args = tiny_args(steps=3, stage1_cascades=cascades)
+    before, vit = state_fingerprint(model.encoder.varnet), state_fingerprint(model.encoder.vit)
+    train_stage1("t", model, volumes, tokenizer, args, np.random.default_rng(0))
+    assert unchanged(model.encoder.varnet, before) == (cascades == "freeze")
+    assert not unchanged(model.encoder.vit, vit)

@@ -1,11 +1,11 @@
-"""The MRI pipeline's open choices side by side: stage 0 (the encoder's reconstruction pre-training) on / off
-and the decoder's image skip off / on, each around the same frozen backbone(s), on the same data, masks and
+"""The MRI pipeline's open choices side by side: stage 0 (the encoder's reconstruction pre-training) on / off,
+stage 1 training or freezing the encoder's VarNet cascades, and the decoder's image skip off / on, each around the same frozen backbone(s), on the same data, masks and
 seed, with the same baselines. Every other option is mri.py's and is passed through:
 
     python experiments/mri_options.py --out mri_options --steps 150 --size 32 --variants nirvana
     python experiments/mri_options.py --out mri_options --data /path/to/multicoil --backbone ckpt.pt
 
-Writes to --out mri.py's outputs for all four variants together (results.md with --diagnose's measurements,
+Writes to --out mri.py's outputs for all the variants together (results.md with --diagnose's measurements,
 results.json, reports.md, ...) and options.md: one table, a row per backbone and variant."""
 
 import copy
@@ -21,12 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 import mri
 from cli import no_half_made_output, run_main, write_text_atomically
 
-# (label, stage 0 on, image skip on); the first is the paper's recipe as it stands, the second mri.py's default
+# (label, stage 0 on, stage 1 trains the cascades, image skip on); the first is the paper's recipe as it
+# stands, the third mri.py's default
 OPTIONS = [
-    ("paper: stages 1+2", False, False),
-    ("stage 0 + stages 1+2 (default)", True, False),
-    ("stages 1+2, image skip", False, True),
-    ("stage 0 + stages 1+2, image skip", True, True),
+    ("paper: stages 1+2", False, True, False),
+    ("stage 0, stage 1 trains cascades", True, True, False),
+    ("stage 0, stage 1 freezes cascades (default)", True, False, False),
+    ("paper + image skip", False, True, True),
+    ("stage 0, frozen cascades + image skip", True, False, True),
 ]
 
 
@@ -82,9 +84,10 @@ def main(argv=None):
         run = experiment.Run()
         experiment.train_baselines(run, data, args, np.random.default_rng(args.seed))
         rows = []
-        for label, stage0, skip in OPTIONS:
+        for label, stage0, train_cascades, skip in OPTIONS:
             variant = copy.copy(args)
             variant.encoder_pretrain_steps = args.steps if stage0 else 0
+            variant.stage1_cascades = "train" if train_cascades else "freeze"
             variant.image_skip = skip
             for name, llm, tokenizer, how in load_backbones(variant):  # seeded: the same backbone each time
                 experiment.set_up(variant)  # the same seed for the encoder and decoder of every variant

@@ -241,6 +241,9 @@ class KspaceEncoder(nn.Module):
         self.vit = T2TViT(3, vit_dim, vit_depth, vit_heads)
         self.to_model = nn.Linear(vit_dim, d_model)
 
+    def non_cascade_parameters(self):  # the T2T-ViT and the projection to d_model
+        return list(self.vit.parameters()) + list(self.to_model.parameters())
+
     def image_estimate(self, kspace, mask):  # -> (B, h, w) complex in units of the k-space scale, scale (B,)
         kspace, scale = kspace_layer_norm(kspace, mask)
         k, sens = self.varnet.refine(kspace, mask)

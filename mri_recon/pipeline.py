@@ -38,8 +38,11 @@ class NirvanaMRI(nn.Module):
         """Stage 0 (reconstruction pre-training of the encoder): its VarNet cascades and sensitivity model."""
         return list(self.encoder.varnet.parameters())
 
-    def stage1_parameters(self):
-        return list(self.encoder.parameters()) + [self.image_queries]
+    def stage1_parameters(self, cascades=True):
+        """Stage 1: the encoder and the image queries; cascades=False leaves out the encoder's VarNet cascades
+        and sensitivity model (as stage 0 trained them)."""
+        encoder = self.encoder.parameters() if cascades else self.encoder.non_cascade_parameters()
+        return list(encoder) + [self.image_queries]
 
     def prefix(self, kspace, mask, prompt_ids):
         """[k-space tokens][prompt tokens][image queries] -> embeddings (B, N+Lp+M, d), the encoder's magnitude
