@@ -193,3 +193,25 @@ def test_stage0_steps_default_to_steps_and_zero_turns_it_off():
     assert mri.parse_args(["--encoder-pretrain-steps", "0"]).stage1_cascades == "train"  # the paper's recipe
     args = mri.parse_args([])
     assert not args.image_skip and not args.diagnose and args.phase_seconds == 0  # equal steps by default
+
+
+def test_options_script_writes_one_table_of_every_variant(tmp_path):
+    """experiments/mri_options.py: every variant around the same backbone, one row each with its optimizer
+    steps (stage 0 only where it is on), and the baselines trained once."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    try:
+        import mri_options
+    finally:
+        sys.path.remove(os.path.join(ROOT, "experiments"))
+    out = tmp_path / "options"
+    mri_options.main(["--out", str(out), *TINY])
+    rows = [
+        line for line in (out / "options.md").read_text().splitlines() if line.startswith("| LLM[nirvana] |")
+    ]
+    assert [row.split(" | ")[1] for row in rows] == [label for label, *_ in mri_options.OPTIONS]
+    for row, (_, stage0, _, skip) in zip(rows, mri_options.OPTIONS):
+        steps = "2 (stage 0) + 2 (stage 1) + 2 (stage 2)" if stage0 else "2 (stage 1) + 2 (stage 2)"
+        assert row.endswith(f"| {steps} |")
+        assert (row.split(" | ")[4] != "-") == skip  # the skip-only score where the skip is on
+    assert "| - | U-Net |" in (out / "options.md").read_text()
+    assert "Does the image pass through the backbone?" in (out / "results.md").read_text()

@@ -32,10 +32,10 @@ OPTIONS = [
 ]
 
 
-def options_markdown(results, command, accelerations):
+def options_markdown(rows, run, summary, command, accelerations):
     """One row per (backbone, variant): test SSIM, the skip alone, the diagnostics, the report scores beside
-    the majority baseline and the optimizer steps. results: [(backbone, label, variant name)] + the run."""
-    rows, run, summary = results
+    the majority baseline and the optimizer steps; then the baselines. rows: [(backbone, variant label, method
+    name)]; run: experiment.Run; summary: the test summary."""
     head = " | ".join(f"SSIM {a}x" for a in accelerations)
     lines = [
         "# MRI pipeline options (experiments/mri_options.py)",
@@ -43,13 +43,13 @@ def options_markdown(results, command, accelerations):
         f"`{command}`",
         "",
         "Test SSIM per acceleration; then at the first acceleration: the 'skip only' SSIM (decoder with the "
-        "image tokens at their mean), the decoder with another slice's tokens, the encoder's own image, "
-        "ridge-probe R² of the zero-filled image from the image tokens and from the k-space tokens, and the "
-        "report count accuracy beside the majority baseline.",
+        "image tokens at their mean), the decoder with another slice's tokens and with the mean token, the "
+        "encoder's own image, ridge-probe R² of the zero-filled image from the image tokens and from the k-space "
+        "tokens, and the report count accuracy beside the majority baseline.",
         "",
-        f"| backbone | variant | {head} | skip only | other slice's tokens | encoder image | probe R² image "
-        "tokens | probe R² k-space tokens | count acc (majority) | optimizer steps |",
-        "|---|---|" + "---|" * len(accelerations) + "---|---|---|---|---|---|---|",
+        f"| backbone | variant | {head} | skip only | other slice's tokens | mean token | encoder image | probe R² "
+        "image tokens | probe R² k-space tokens | count acc (majority) | optimizer steps |",
+        "|---|---|" + "---|" * len(accelerations) + "---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"
     acc = accelerations[0]
@@ -60,13 +60,13 @@ def options_markdown(results, command, accelerations):
         count, majority = run.report_scores[(name, acc)]["count_acc"], run.majority[acc]["count_acc"]
         lines.append(
             f"| {backbone} | {label} | {ssims} | {fmt(skip[acc]['ssim'][0]) if skip else '-'} | "
-            f"{fmt(d['ssim_other_slice_tokens'])} | {fmt(d['ssim_encoder_image'])} | "
+            f"{fmt(d['ssim_other_slice_tokens'])} | {fmt(d['ssim_mean_token'])} | {fmt(d['ssim_encoder_image'])} | "
             f"{fmt(d['probe_image_tokens']['r2'])} | {fmt(d['probe_kspace_tokens']['r2'])} | "
             f"{count:.3f} ({majority:.3f}) | {run.steps[name]} |"
         )
     for method in ("U-Net", "E2E-VarNet", "zero-filled"):
         ssims = " | ".join(fmt(summary[method][a]["ssim"][0]) for a in accelerations)
-        lines.append(f"| - | {method} | {ssims} | - | - | - | - | - | - | {run.steps[method]} |")
+        lines.append(f"| - | {method} | {ssims} | - | - | - | - | - | - | - | {run.steps[method]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -98,7 +98,7 @@ def main(argv=None):
                 rows.append((name, label, tagged))
         summary = experiment.evaluate_and_write(run, data, args, t_start)
         command = "python experiments/mri_options.py " + " ".join(argv)
-        table = options_markdown((rows, run, summary), command, args.eval_acc)
+        table = options_markdown(rows, run, summary, command, args.eval_acc)
         write_text_atomically(os.path.join(args.out, "options.md"), table)
         print(table)
 

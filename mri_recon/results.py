@@ -62,12 +62,13 @@ def results_markdown(
             "|---|---|---|---|---|---|---|",
         ]
         fmt = lambda values, i: "-" if values is None else f"{values[i]:.4f}"
+        sci = lambda values, i: "-" if values is None else f"{values[i]:.2e}"
         for name, st in stats.items():
             for i in range(len(st["gate_kspace"])):
                 lines.append(
                     f"| {name} | {i} | {st['gate_kspace'][i]:.4f} | {st['gate_queries'][i]:.4f} | "
                     f"{fmt(st.get('p_shift_kspace'), i)} | {fmt(st.get('p_shift_queries'), i)} | "
-                    f"{fmt(st.get('p_slice_std_queries'), i)} |"
+                    f"{sci(st.get('p_slice_std_queries'), i)} |"
                 )
         lines.append("")
         lines += distance_table(acc, stats)
@@ -144,7 +145,7 @@ def distance_table(acc, stats):
         "| backbone | layer | value | same report | different report | same count | different count |",
         "|---|---|---|---|---|---|---|",
     ]
-    fmt = lambda values, i: "-" if values is None else f"{values[i]:.5f}"
+    fmt = lambda values, i: "-" if values is None else f"{values[i]:.2e}"
     for name, st in rows:
         for value, d in st["distance"].items():
             for i in range(len(st["gate_kspace"])):
