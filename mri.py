@@ -12,7 +12,7 @@ the same data and masks.
 Sequence fed to the backbone: [k-space tokens][prompt tokens][M image-query embeddings][report tokens].
 Stage 0 (this code's choice, --encoder-pretrain-steps 0 turns it off) trains the encoder's VarNet cascades to
 reconstruct (-SSIM on their own image); stage 1 trains the encoder (and the image queries) with cross-entropy
-on the report tokens; stage 2 trains the image decoder alone with -SSIM (eq. 9). Every stage and baseline
+on the report tokens, leaving the cascades as stage 0 made them (--stage1-cascades); stage 2 trains the image decoder alone with -SSIM (eq. 9). Every stage and baseline
 takes --steps optimizer steps. The backbone's weights never change; its Trigger still adapts p.
 --image-skip (an ablation, off by default) also hands the decoder the encoder's image, a path around the
 backbone; the run then scores "skip only" too (the backbone's image tokens replaced by their mean).
@@ -174,6 +174,14 @@ def parse_args(argv=None):
         help="T2T-ViT width in the k-space encoder (a multiple of 4 and of its heads, one per 32)",
     )
     p.add_argument("--vit-depth", type=non_negative_int, default=2)
+    p.add_argument(
+        "--vit-stride",
+        type=int,
+        choices=[4, 8, 16],
+        default=16,
+        help="image pixels per k-space token (side): T2T-ViT soft splits 7/4, then 3/2 until this stride; "
+        "16 gives (size/16)^2 k-space tokens",
+    )
     p.add_argument("--patch", type=positive_int, default=8, help="image pixels per image-query token (side)")
     p.add_argument("--dec-chans", type=positive_int, default=16, help="image decoder U-Net width")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one, else cpu)")

@@ -125,6 +125,7 @@ OPTION_CASES = [
         ["--stage1-cascades freeze needs stage 0"],
     ),
     (["--stage1-cascades", "keep"], ["argument --stage1-cascades: invalid choice: 'keep'"]),
+    (["--vit-stride", "32"], ["argument --vit-stride: invalid choice: 32"]),
     (["--val-checks", "0"], ["argument --val-checks"]),
     (["--volumes", "2"], ["--volumes 2: train, validation and test need at least 3 volumes"]),
     (["--size", "30"], ["--size 30 must be a multiple of --patch 8"]),

@@ -18,7 +18,7 @@ from mri_recon.fastmri_files import load_volumes
 from mri_recon.fit import fit
 from mri_recon.masks import make_mask, volume_mask
 from mri_recon.metrics import ssim
-from mri_recon.models import E2EVarNet, ImageDecoder, KspaceEncoder, UNetBaseline, centre_lines
+from mri_recon.models import E2EVarNet, ImageDecoder, KspaceEncoder, T2TViT, UNetBaseline, centre_lines
 from mri_recon.phantoms import generate_dataset, parse_report
 from mri_recon.pipeline import PROMPTS, build_nirvana_mri, encode_reports, mri_sequence_length
 from mri_recon.training import train_stage0, train_stage1, train_stage2
@@ -70,6 +70,18 @@ def test_baselines_and_encoder_shapes():
     assert ImageDecoder(48, (16, 16), 4, 8, 1)(torch.randn(2, 16, 48)).shape == (2, 16, 16)
     with pytest.raises(ValueError, match="patch"):
         ImageDecoder(48, (18, 16), 4, 8, 1)
+
+
+@pytest.mark.parametrize("stride, tokens", [(4, 16), (8, 4), (16, 1)])
+def test_t2t_vit_stride_sets_the_number_of_kspace_tokens(stride, tokens):
+    vit = T2TViT(3, 32, 1, 1, stride=stride)
+    assert vit(torch.randn(2, 3, 16, 16)).shape == (2, tokens, 32) and vit.n_tokens(16, 16) == tokens
+    assert len(vit.splits) == {4: 1, 8: 2, 16: 3}[stride] == len(vit.t2t_blocks) + 1
+
+
+def test_t2t_vit_refuses_another_stride():
+    with pytest.raises(ValueError, match="stride 32 is not one of"):
+        T2TViT(3, 32, 1, 1, stride=32)
 
 
 def test_centre_lines_are_the_contiguous_run_around_the_centre():

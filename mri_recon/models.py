@@ -175,22 +175,29 @@ def sincos_2d(gh, gw, dim, device):
 
 
 class T2TViT(nn.Module):
-    """A light Tokens-to-Token ViT (Yuan et al. 2021): soft split 7/4, re-structurise + soft split 3/2 twice
-    (a small transformer layer between splits), then `depth` ViT blocks. (B, cin, H, W) -> (B, N, dim),
-    N = ceil(H/16) * ceil(W/16) tokens."""
+    """A light Tokens-to-Token ViT (Yuan et al. 2021): soft split 7/4, then re-structurise + soft split 3/2 (a
+    small transformer layer between splits) until the tokens' stride is `stride` (4, 8 or 16: one, two or three
+    splits), then `depth` ViT blocks. (B, cin, H, W) -> (B, N, dim), N = ceil(H/stride) * ceil(W/stride)."""
 
-    def __init__(self, cin, dim, depth, heads, token_dim=32):
+    STRIDES = (4, 8, 16)
+
+    def __init__(self, cin, dim, depth, heads, token_dim=32, stride=16):
         super().__init__()
+        if stride not in self.STRIDES:
+            raise ValueError(f"T2T-ViT stride {stride} is not one of {self.STRIDES}")
+        n_splits = self.STRIDES.index(stride) + 1
         self.splits = nn.ModuleList(
             [
                 nn.Unfold(7, stride=4, padding=2),
                 nn.Unfold(3, stride=2, padding=1),
                 nn.Unfold(3, stride=2, padding=1),
-            ]
+            ][:n_splits]
         )
-        self.t2t_in = nn.ModuleList([nn.Linear(cin * 49, token_dim), nn.Linear(token_dim * 9, token_dim)])
-        self.t2t_blocks = nn.ModuleList([Block(token_dim, 1), Block(token_dim, 1)])
-        self.project = nn.Linear(token_dim * 9, dim)
+        self.t2t_in = nn.ModuleList(
+            [nn.Linear(cin * 49, token_dim), nn.Linear(token_dim * 9, token_dim)][: n_splits - 1]
+        )
+        self.t2t_blocks = nn.ModuleList([Block(token_dim, 1) for _ in range(n_splits - 1)])
+        self.project = nn.Linear(token_dim * 9 if n_splits > 1 else cin * 49, dim)
         self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
 
@@ -234,11 +241,13 @@ class KspaceEncoder(nn.Module):
     The cascades' coil-combined image (`image_estimate`) is what the ViT tokenises; stage 0 trains the
     cascades to make it a reconstruction, as the E2E-VarNet baseline is trained."""
 
-    def __init__(self, d_model, out_shape, cascades, chans, sens_chans, vit_dim, vit_depth, vit_heads):
+    def __init__(
+        self, d_model, out_shape, cascades, chans, sens_chans, vit_dim, vit_depth, vit_heads, vit_stride=16
+    ):
         super().__init__()
         self.out_shape = out_shape
         self.varnet = E2EVarNet(cascades, chans, sens_chans)
-        self.vit = T2TViT(3, vit_dim, vit_depth, vit_heads)
+        self.vit = T2TViT(3, vit_dim, vit_depth, vit_heads, stride=vit_stride)
         self.to_model = nn.Linear(vit_dim, d_model)
 
     def non_cascade_parameters(self):  # the T2T-ViT and the projection to d_model

@@ -115,6 +115,7 @@ def build_nirvana_mri(llm, out_shape, args):
         args.vit_dim,
         args.vit_depth,
         heads_for(args.vit_dim),
+        args.vit_stride,
     )
     decoder = ImageDecoder(
         d_model, out_shape, args.patch, args.dec_chans, args.pools, image_skip=args.image_skip
