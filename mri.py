@@ -13,8 +13,14 @@ the same data and masks.
     python mri.py --anatomy PATH.nii.gz             # a run on volumes of any T1 NIfTI head image
 
 Sequence fed to the backbone: [k-space tokens][prompt tokens][M image-query embeddings][report tokens].
-Stage 1 trains the encoder (and the image queries) with cross-entropy on the report tokens; stage 2 trains
-the image decoder alone with -SSIM (eq. 9). The backbone's weights never change; its Trigger still adapts p.
+Stage 0 (this code's choice, --encoder-pretrain-steps 0 turns it off) trains the encoder's VarNet cascades to
+reconstruct (-SSIM on their own image); stage 1 trains the encoder (and the image queries) with cross-entropy
+on the report tokens, leaving the cascades as stage 0 made them (--stage1-cascades); stage 2 trains the image decoder alone with -SSIM (eq. 9). Every stage and baseline
+takes --steps optimizer steps. The backbone's weights never change; its Trigger still adapts p.
+--image-skip (an ablation, off by default) also hands the decoder the encoder's image, a path around the
+backbone; the run then scores "skip only" too (the backbone's image tokens replaced by their mean).
+--diagnose measures whether the image passes through the backbone (decoder SSIM with another slice's tokens
+or the mean token, linear probes of the tokens); see mri_recon/diagnostics.py.
 Every trained method keeps the checkpoint of its best validation loss (the validation volumes; the test
 volumes are only scored). Outputs in --out: results.md / results.json (SSIM, PSNR, NMSE per method and
 acceleration like Table 11, validation SSIM, gate and Trigger statistics of each backbone),
@@ -149,6 +155,30 @@ def parse_args(argv=None):
         "--steps", type=positive_int, default=100, help="optimizer steps per baseline and per Nirvana stage"
     )
     p.add_argument(
+        "--encoder-pretrain-steps",
+        type=non_negative_int,
+        help="stage 0: steps training the encoder's VarNet cascades for reconstruction before stage 1 "
+        "(default: --steps; 0: off, the paper's two stages alone)",
+    )
+    p.add_argument(
+        "--stage1-cascades",
+        choices=["train", "freeze"],
+        help="whether stage 1 also trains the encoder's VarNet cascades on the report (default: freeze after "
+        "stage 0, which made them a reconstruction network; train without stage 0, the paper's recipe)",
+    )
+    p.add_argument(
+        "--image-skip",
+        action="store_true",
+        help="ablation: the image decoder also gets the encoder's image (a path around the backbone); "
+        "adds a 'skip only' row (the backbone's tokens replaced by their mean)",
+    )
+    p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="after stage 2: decoder SSIM with another slice's / the mean image tokens, linear probes of the "
+        "tokens for the zero-filled image (results.md)",
+    )
+    p.add_argument(
         "--phase-seconds",
         type=non_negative_float,
         default=0,
@@ -182,6 +212,14 @@ def parse_args(argv=None):
         help="T2T-ViT width in the k-space encoder (a multiple of 4 and of its heads, one per 32)",
     )
     p.add_argument("--vit-depth", type=non_negative_int, default=2)
+    p.add_argument(
+        "--vit-stride",
+        type=int,
+        choices=[4, 8, 16],
+        default=16,
+        help="image pixels per k-space token (side): T2T-ViT soft splits 7/4, then 3/2 until this stride; "
+        "16 gives (size/16)^2 k-space tokens",
+    )
     p.add_argument("--patch", type=positive_int, default=8, help="image pixels per image-query token (side)")
     p.add_argument("--dec-chans", type=positive_int, default=16, help="image decoder U-Net width")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one, else cpu)")
@@ -195,6 +233,14 @@ def parse_args(argv=None):
             nifti_file(args.anatomy)  # here, not as the type: argparse does not check the value-less default
         except argparse.ArgumentTypeError as error:
             p.error(f"argument --anatomy: {error}")
+    if args.encoder_pretrain_steps is None:
+        args.encoder_pretrain_steps = args.steps
+    if args.stage1_cascades is None:
+        args.stage1_cascades = "freeze" if args.encoder_pretrain_steps else "train"
+    elif args.stage1_cascades == "freeze" and not args.encoder_pretrain_steps:
+        p.error(
+            "--stage1-cascades freeze needs stage 0 (--encoder-pretrain-steps > 0): frozen random cascades"
+        )
     if not args.data and not args.generate:  # the synthetic data of a run
         if args.volumes < 3:
             p.error(f"--volumes {args.volumes}: train, validation and test need at least 3 volumes")

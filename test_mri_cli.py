@@ -2,6 +2,7 @@
 bad input (bad option value, bad path, wrong file type, corrupt file, unknown variant, unusable output folder)
 gets one line on stderr naming the problem, exit status 2, and leaves nothing written or overwritten."""
 
+import json
 import os
 import subprocess
 import sys
@@ -24,8 +25,10 @@ TINY = (
 
 
 def test_main_end_to_end_writes_outputs(tmp_path):
+    """With --diagnose and --image-skip: every output, every method with --steps optimizer steps in each phase
+    (stage 0 on by default), the diagnostics, the skip-only row and the majority baseline beside the reports."""
     out = str(tmp_path / "out")
-    mri.main(["--out", out, *TINY])
+    mri.main(["--out", out, *TINY, "--diagnose", "--image-skip"])
     for name in (
         "results.md",
         "results.json",
@@ -36,8 +39,22 @@ def test_main_end_to_end_writes_outputs(tmp_path):
     ):
         assert os.path.getsize(os.path.join(out, name)) > 0
     table = open(os.path.join(out, "results.md")).read()
-    for method in ("zero-filled", "U-Net", "E2E-VarNet", "LLM[nirvana]"):
-        assert method in table
+    for method in ("zero-filled", "U-Net", "E2E-VarNet", "LLM[nirvana]", "LLM[nirvana] skip only"):
+        assert f"| {method} |" in table
+    results = json.load(open(os.path.join(out, "results.json")))
+    nirvana_steps = "2 (stage 0) + 2 (stage 1) + 2 (stage 2)"
+    assert results["steps"] == {
+        "zero-filled": "-",
+        "U-Net": "2",
+        "E2E-VarNet": "2",
+        "LLM[nirvana]": nirvana_steps,
+        "LLM[nirvana] skip only": nirvana_steps,
+    }
+    assert f"| {nirvana_steps} |" in table and "| U-Net | " in table
+    assert set(results["diagnostics"]) == {"LLM[nirvana] 4x", "LLM[nirvana] 8x"}
+    assert "Does the image pass through the backbone?" in table and "| majority (" in table
+    assert "same report" in table  # the gate / Trigger distances between slices
+    assert "Majority baseline, 4x" in open(os.path.join(out, "reports.md")).read()
 
 
 def run_mri(*args):
@@ -108,6 +125,14 @@ OPTION_CASES = [
     (["--batch-size", "-4"], ["argument --batch-size: expected a positive integer"]),
     (["--lr", "nan"], ["argument --lr: expected a number > 0"]),
     (["--phase-seconds", "-1"], ["argument --phase-seconds: expected a number >= 0"]),
+    (["--encoder-pretrain-steps", "-1"], ["argument --encoder-pretrain-steps: expected an integer >= 0"]),
+    (["--image-skip", "yes"], ["unrecognized arguments: yes"]),
+    (
+        ["--encoder-pretrain-steps", "0", "--stage1-cascades", "freeze"],
+        ["--stage1-cascades freeze needs stage 0"],
+    ),
+    (["--stage1-cascades", "keep"], ["argument --stage1-cascades: invalid choice: 'keep'"]),
+    (["--vit-stride", "32"], ["argument --vit-stride: invalid choice: 32"]),
     (["--val-checks", "0"], ["argument --val-checks"]),
     (["--volumes", "2"], ["--volumes 2: train, validation and test need at least 3 volumes"]),
     (["--size", "30"], ["--size 30 must be a multiple of --patch 8"]),
@@ -201,3 +226,34 @@ def test_anatomy_generates_a_set_and_the_data_of_a_run(inputs, tmp_path):
     data = experiment.load_data(args)  # a run's data: written to <out>/anatomy
     assert len(os.listdir(tmp_path / "out" / "anatomy")) == 4 and len(data.train + data.val + data.test) == 3
     assert data.note.startswith("data: simulated multi-coil from head.nii.gz (one subject")
+
+
+def test_stage0_steps_default_to_steps_and_zero_turns_it_off():
+    assert mri.parse_args(["--steps", "7"]).encoder_pretrain_steps == 7
+    assert mri.parse_args(["--steps", "7", "--encoder-pretrain-steps", "0"]).encoder_pretrain_steps == 0
+    assert mri.parse_args([]).stage1_cascades == "freeze"  # after stage 0
+    assert mri.parse_args(["--encoder-pretrain-steps", "0"]).stage1_cascades == "train"  # the paper's recipe
+    args = mri.parse_args([])
+    assert not args.image_skip and not args.diagnose and args.phase_seconds == 0  # equal steps by default
+
+
+def test_options_script_writes_one_table_of_every_variant(tmp_path):
+    """experiments/mri_options.py: every variant around the same backbone, one row each with its optimizer
+    steps (stage 0 only where it is on), and the baselines trained once."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    try:
+        import mri_options
+    finally:
+        sys.path.remove(os.path.join(ROOT, "experiments"))
+    out = tmp_path / "options"
+    mri_options.main(["--out", str(out), *TINY])
+    rows = [
+        line for line in (out / "options.md").read_text().splitlines() if line.startswith("| LLM[nirvana] |")
+    ]
+    assert [row.split(" | ")[1] for row in rows] == [label for label, *_ in mri_options.OPTIONS]
+    for row, (_, stage0, _, skip) in zip(rows, mri_options.OPTIONS):
+        steps = "2 (stage 0) + 2 (stage 1) + 2 (stage 2)" if stage0 else "2 (stage 1) + 2 (stage 2)"
+        assert row.endswith(f"| {steps} |")
+        assert (row.split(" | ")[4] != "-") == skip  # the skip-only score where the skip is on
+    assert "| - | U-Net |" in (out / "options.md").read_text()
+    assert "Does the image pass through the backbone?" in (out / "results.md").read_text()

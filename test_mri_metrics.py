@@ -1,10 +1,11 @@
-"""Tests of the MRI metrics: SSIM, PSNR and NMSE against their definitions written out by hand."""
+"""Tests of the MRI metrics: SSIM, PSNR and NMSE against their definitions written out by hand, and the
+majority baseline of the report scores on a hand-made example."""
 
 import numpy as np
 import pytest
 import torch
 
-from mri_recon.metrics import ssim, volume_metrics
+from mri_recon.metrics import majority_report, score_majority, ssim, volume_metrics
 
 
 def ssim_by_hand(x, y, data_range):
@@ -55,3 +56,25 @@ def test_psnr_and_nmse_equal_hand_values():
     assert m["nmse"] == pytest.approx(0.25 / 128)
     same = volume_metrics(gt + 1, gt + 1)
     assert same["ssim"] == pytest.approx(1.0) and same["nmse"] == 0.0
+
+
+def test_majority_baseline_scores_the_most_common_training_report_on_the_test_reports():
+    none, one = "lesions: 0.", "lesions: 1. left frontal: small round dark."
+    two = "lesions: 2. left frontal: small round dark. right posterior: large oval bright."
+    train = [one, none, " lesions: 0. ", one, none]  # 'lesions: 0.' 3 of 5 (spaces stripped), 'one' 2 of 5
+    assert majority_report(train) == (none, 0.6)
+    assert majority_report([one, none]) == (one, 0.5)  # a tie goes to the first seen
+    test = [none, one, two, none]
+    # always 'lesions: 0.': count right on the two empty slices, places ([] = []) too, exact on both
+    assert score_majority(train, test) == {
+        "count_acc": 0.5,
+        "place_acc": 0.5,
+        "exact": 0.5,
+        "n": 4,
+        "report": none,
+        "train_share": 0.6,
+    }
+    # a count that matches but places that do not: 'one' against a different single lesion
+    other_one = "lesions: 1. right posterior: small round dark."
+    scores = score_majority([one], [other_one, one])
+    assert (scores["count_acc"], scores["place_acc"], scores["exact"]) == (1.0, 0.5, 0.5)

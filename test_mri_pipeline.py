@@ -1,7 +1,7 @@
 """Tests of the MRI networks and the pipeline around the frozen backbone (CPU, tiny sizes): shapes, both
-post-training stages, the frozen backbone whose Trigger still adapts, train.py checkpoints of other variants
-(the transformer of Fig. 4) as backbones, cached report generation, and model selection on the validation
-split."""
+post-training stages and stage 0, the image skip, the diagnostics, the gate statistics between slices, the frozen
+backbone whose Trigger still adapts, train.py checkpoints of other variants (the transformer of Fig. 4) as
+backbones, cached report generation, and model selection on the validation split."""
 
 import numpy as np
 import pytest
@@ -10,14 +10,18 @@ import torch
 import mri
 import train
 from mri_recon.backbones import load_backbones, state_fingerprint, unchanged, window_note
+from mri_recon.batches import masked
+from mri_recon.diagnostics import decoder_ssim, diagnose, linear_probe, partner_slices, slice_features
 from mri_recon.evaluation import gate_statistics, generate_test_reports
+from mri_recon.experiment import Data
 from mri_recon.fastmri_files import load_volumes
 from mri_recon.fit import fit
-from mri_recon.masks import make_mask
-from mri_recon.models import E2EVarNet, ImageDecoder, KspaceEncoder, UNetBaseline, centre_lines
-from mri_recon.phantoms import generate_dataset
+from mri_recon.masks import make_mask, volume_mask
+from mri_recon.metrics import ssim
+from mri_recon.models import E2EVarNet, ImageDecoder, KspaceEncoder, T2TViT, UNetBaseline, centre_lines
+from mri_recon.phantoms import generate_dataset, parse_report
 from mri_recon.pipeline import PROMPTS, build_nirvana_mri, encode_reports, mri_sequence_length
-from mri_recon.training import train_stage1, train_stage2
+from mri_recon.training import train_stage0, train_stage1, train_stage2
 from nirvana import Nirvana, NirvanaConfig
 from prepare import prepare
 from tokenizer import load_tokenizer
@@ -40,7 +44,7 @@ def tiny_args(**overrides):
     return args
 
 
-def tiny_model(variant="nirvana", init_std=0.02):
+def tiny_model(variant="nirvana", init_std=0.02, **overrides):
     """A tiny random backbone. init_std 0.2 gives it an output layer that can be confident, as a pretrained
     one is (at 0.02 its logits are bounded near uniform and stage 1 can hardly move the loss)."""
     torch.manual_seed(0)
@@ -50,7 +54,7 @@ def tiny_model(variant="nirvana", init_std=0.02):
             f"{variant}-tiny", vocab_size=tokenizer.vocab_size, n_layers=3, window=16, init_std=init_std
         )
     ).eval()
-    return build_nirvana_mri(llm, (16, 16), tiny_args()), tokenizer
+    return build_nirvana_mri(llm, (16, 16), tiny_args(**overrides)), tokenizer
 
 
 def test_baselines_and_encoder_shapes():
@@ -61,11 +65,23 @@ def test_baselines_and_encoder_shapes():
     kspace = kspace * mask[:, None, None, :]
     assert E2EVarNet(2, 4, 2, 1)(kspace, mask, (16, 16)).shape == (2, 16, 16)
     assert UNetBaseline(4, 2)(kspace, mask, (16, 16)).shape == (2, 16, 16)
-    tokens, scale = KspaceEncoder(48, (16, 16), 1, 4, 2, 32, 1, 1)(kspace, mask)
-    assert tokens.shape == (2, 1, 48) and scale.shape == (2,)
+    tokens, image, scale = KspaceEncoder(48, (16, 16), 1, 4, 2, 32, 1, 1)(kspace, mask)
+    assert tokens.shape == (2, 1, 48) and image.shape == (2, 16, 16) and scale.shape == (2,)
     assert ImageDecoder(48, (16, 16), 4, 8, 1)(torch.randn(2, 16, 48)).shape == (2, 16, 16)
     with pytest.raises(ValueError, match="patch"):
         ImageDecoder(48, (18, 16), 4, 8, 1)
+
+
+@pytest.mark.parametrize("stride, tokens", [(4, 16), (8, 4), (16, 1)])
+def test_t2t_vit_stride_sets_the_number_of_kspace_tokens(stride, tokens):
+    vit = T2TViT(3, 32, 1, 1, stride=stride)
+    assert vit(torch.randn(2, 3, 16, 16)).shape == (2, tokens, 32) and vit.n_tokens(16, 16) == tokens
+    assert len(vit.splits) == {4: 1, 8: 2, 16: 3}[stride] == len(vit.t2t_blocks) + 1
+
+
+def test_t2t_vit_refuses_another_stride():
+    with pytest.raises(ValueError, match="stride 32 is not one of"):
+        T2TViT(3, 32, 1, 1, stride=32)
 
 
 def test_centre_lines_are_the_contiguous_run_around_the_centre():
@@ -220,7 +236,7 @@ def test_any_variant_checkpoint_is_a_frozen_backbone(volumes, pretrained_backbon
 def test_gate_statistics_see_the_trigger_move_p(volumes):
     model, tokenizer = tiny_model()
     stats = gate_statistics(model, volumes, torch.tensor(tokenizer.encode("hi")), 8, tiny_args())
-    assert stats["slices"] == 3 and len(stats["p_shift_queries"]) == 1
+    assert stats["slices"] == 12 and len(stats["p_shift_queries"]) == 1  # every slice, not the middle ones
     assert (
         0 < stats["gate_kspace"][0] < 1
         and stats["p_shift_kspace"][0] > 0
@@ -236,7 +252,7 @@ def test_cached_report_generation_equals_greedy_full_recompute():
     ids = model.generate_reports(kspace, mask, prompt, tokenizer.eos_id, max_len=6)
     assert len(ids) == 2 and all(len(i) <= 6 and tokenizer.eos_id not in i for i in ids)
     with torch.no_grad():
-        seq, _ = model.prefix(kspace, mask, prompt)
+        seq, _, _ = model.prefix(kspace, mask, prompt)
         steps = []
         for _ in range(6):  # greedy, recomputing the whole sequence
             steps.append(model.llm.lm_head(model.llm.backbone(seq)[:, -1]).argmax(-1))
@@ -244,3 +260,131 @@ def test_cached_report_generation_equals_greedy_full_recompute():
     for got, want in zip(ids, torch.stack(steps, 1).tolist()):
         want = want[: want.index(tokenizer.eos_id)] if tokenizer.eos_id in want else want
         assert got == want
+
+
+def test_stage0_reduces_the_encoder_reconstruction_loss_and_trains_only_its_cascades(volumes):
+    model, tokenizer = tiny_model()
+    args, rng = tiny_args(), np.random.default_rng(0)
+    assert args.encoder_pretrain_steps == args.steps  # on by default, as many steps as every other phase
+    rest = [model.encoder.vit, model.encoder.to_model, model.decoder, model.llm]
+    before = [state_fingerprint(m) for m in rest]
+    queries, cascades = model.image_queries.detach().clone(), state_fingerprint(model.encoder.varnet)
+    result = train_stage0("t", model, volumes, args, rng)
+    assert len(result.losses) == args.steps
+    assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5]) - 0.05  # -SSIM of the encoder's image
+    assert not unchanged(model.encoder.varnet, cascades)
+    assert all(unchanged(m, f) for m, f in zip(rest, before)) and torch.equal(model.image_queries, queries)
+
+
+def test_image_skip_is_off_by_default_and_feeds_the_encoder_image_when_on():
+    tokens, images = torch.randn(2, 16, 64), torch.rand(2, 2, 16, 16)
+    plain, _ = tiny_model()
+    assert not tiny_args().image_skip and not plain.decoder.image_skip
+    with torch.no_grad():
+        outputs = [plain.decoder(tokens, image) for image in images]
+    assert torch.equal(outputs[0], outputs[1])  # the encoder's image does not reach the paper's decoder
+    skip, _ = tiny_model(image_skip=True)
+    assert skip.decoder.unet.downs[0][0].in_channels == plain.decoder.unet.downs[0][0].in_channels + 1
+    with torch.no_grad():
+        outputs = [skip.decoder(tokens, image) for image in images]
+        assert not torch.allclose(outputs[0], outputs[1])
+        # skip only: every token at the training mean, whatever the k-space; the image comes from the encoder
+        kspace = torch.randn(2, 2, 16, 16, dtype=torch.complex64)
+        mask = torch.ones(2, 16, dtype=torch.bool)
+        _, image, scale = skip.encoder(kspace, mask)
+        mean = skip.decoder.token_mean.expand(2, -1, -1)
+        expected = skip.decoder(mean, image.abs()) * scale.reshape(-1, 1, 1)
+        assert torch.allclose(skip.reconstruct_skip_only(kspace, mask), expected)
+
+
+def test_partner_slices_pair_each_slice_with_another_one():
+    assert partner_slices([3, 3]).tolist() == [3, 4, 5, 0, 1, 2]  # same slice index, next volume
+    assert partner_slices([2, 3]).tolist() == [2, 3, 0, 1, 1]  # the next volume's last when it is shorter
+    assert partner_slices([4]).tolist() == [2, 3, 0, 1]  # one volume: half a volume away
+    assert partner_slices([1]) is None
+
+
+def test_diagnostics_score_the_decoder_on_the_right_token_pairs(volumes):
+    model, tokenizer = tiny_model()
+    args = tiny_args()
+    prompt = torch.tensor(tokenizer.encode(PROMPTS[0]))
+    data = Data(volumes[:1], volumes[1:2], volumes[1:], "", "", (16, 16))
+    with torch.no_grad():
+        test = slice_features(model, data.test, prompt, 4, args)
+        model.decoder.set_token_statistics(test.image_tokens)
+        result = diagnose(model, data, prompt, 4, args)
+        by_hand = lambda source: np.mean(
+            [
+                ssim(
+                    model.reconstruct_from_tokens(
+                        test.image_tokens[j][None], test.encoder_image[[i]], test.scale[[i]]
+                    ),
+                    test.target[[i]],
+                    test.maxval[[i]],
+                ).item()
+                for i, j in enumerate(source)
+            ]
+        )
+        assert result["ssim_own_tokens"] == pytest.approx(by_hand(range(8)), abs=1e-6)
+        # slice s of the first test volume gets the tokens of slice s of the second, and back
+        assert result["ssim_other_slice_tokens"] == pytest.approx(by_hand([4, 5, 6, 7, 0, 1, 2, 3]), abs=1e-6)
+        assert result["ssim_other_slice_tokens"] != pytest.approx(result["ssim_own_tokens"], abs=1e-5)
+        mean_tokens = model.decoder.token_mean.expand_as(test.image_tokens)
+        assert result["ssim_mean_token"] == pytest.approx(decoder_ssim(model, mean_tokens, test, 3), abs=1e-6)
+    assert result["slices"] == {"train": 4, "val": 4, "test": 8}
+    assert set(result["probe_image_tokens"]) == {"r2", "ssim", "strength"}
+
+
+def test_linear_probe_reads_a_linear_image_and_not_noise():
+    rng = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 20, generator=rng)
+    w = torch.randn(20, 64, generator=rng)
+    y = x @ w + 3.0  # an "8x8 image" exactly linear in the features
+    split = lambda t: (t[:40], t[40:50], t[50:])
+    (tx, vx, ex), (ty, vy, ey) = split(x), split(y)
+    exact = linear_probe(tx, ty, vx, vy, ex, ey, (8, 8))
+    assert exact["r2"] > 0.99 and exact["ssim"] > 0.99 and exact["strength"] <= 1e-2
+    noise = torch.randn(60, 64, generator=rng)
+    (ny, nvy, ney) = split(noise)
+    assert linear_probe(tx, ny, vx, nvy, ex, ney, (8, 8))["r2"] < 0.1
+
+
+def test_gate_distances_between_slices_equal_the_pairwise_loop(volumes):
+    model, tokenizer = tiny_model()
+    args = tiny_args()
+    prompt = torch.tensor(tokenizer.encode("hi"))
+    stats = gate_statistics(model, volumes, prompt, 8, args)
+    reports = [r.strip() for v in volumes for r in v.reports]
+    counts = [parse_report(r)[0] for r in reports]
+    n = len(reports)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    same = sum(reports[i] == reports[j] for i, j in pairs)
+    assert stats["pairs"]["report"] == {"same": same, "different": len(pairs) - same}
+    # p at the image queries, by a plain loop over the slices and their pairs
+    ps = []
+    with torch.no_grad():
+        for v in volumes:
+            mask = volume_mask(v.name, v.kspace.shape[-1], 8, args.mask_type)
+            trace = {}
+            model.image_tokens(*masked(v, 0, v.kspace.shape[0], mask), prompt, trace=trace)
+            ps.append(trace["p"][0][:, -model.decoder.n_queries :])  # layer 0: (S, M, K)
+    p = torch.cat(ps)
+    for key, label in (("report", reports), ("count", counts)):
+        for kind, keep in (("same", lambda a, b: a == b), ("different", lambda a, b: a != b)):
+            chosen = [(i, j) for i, j in pairs if keep(label[i], label[j])]
+            if not chosen:
+                assert stats["distance"]["p queries"][f"{kind} {key}"] is None
+                continue
+            want = np.mean([(p[i] - p[j]).abs().mean().item() for i, j in chosen])
+            got = stats["distance"]["p queries"][f"{kind} {key}"][0]
+            assert got == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("cascades", ["freeze", "train"])
+def test_stage1_freezes_or_trains_the_encoder_cascades(volumes, cascades):
+    model, tokenizer = tiny_model(init_std=0.2)
+    args = tiny_args(steps=3, stage1_cascades=cascades)
+    before, vit = state_fingerprint(model.encoder.varnet), state_fingerprint(model.encoder.vit)
+    train_stage1("t", model, volumes, tokenizer, args, np.random.default_rng(0))
+    assert unchanged(model.encoder.varnet, before) == (cascades == "freeze")
+    assert not unchanged(model.encoder.vit, vit)

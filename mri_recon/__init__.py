@@ -14,9 +14,10 @@ Named mri_recon, not mri, because the script mri.py sits beside it: with a folde
     pipeline.py       the frozen language backbone around them (every call into the language model is there)
     backbones.py      loading train.py checkpoints or tiny random backbones; the frozen-weights fingerprint
     fit.py            the training loop (AdamW, train.py's schedule, time budget, model selection)
-    training.py       what each method trains: baselines, stage 1, stage 2
-    evaluation.py     scoring on held-out volumes, test reports, gate / Trigger statistics
-    metrics.py        SSIM / PSNR / NMSE as fastMRI computes them, report scores
+    training.py       what each method trains: baselines, stage 0, stage 1, stage 2
+    evaluation.py     scoring on held-out volumes, test reports, gate / Trigger statistics between slices
+    diagnostics.py    does the image pass through the backbone: token swaps, linear probes (--diagnose)
+    metrics.py        SSIM / PSNR / NMSE as fastMRI computes them, report scores, the majority baseline
     results.py        the Markdown of the results and of the generated reports
     plots.py          training curves, reconstruction grids, the preview of a generated data set
     experiment.py     the steps of `python mri.py`: checks, data, training, evaluation, outputs

@@ -8,6 +8,7 @@ from cli import Progress
 from mri_recon.batches import masked
 from mri_recon.masks import volume_mask
 from mri_recon.metrics import volume_metrics
+from mri_recon.phantoms import parse_report
 from mri_recon.pipeline import PROMPTS
 
 
@@ -73,41 +74,71 @@ def generate_test_reports(model, volumes, tokenizer, acc, args, max_len):
     return generated, truth
 
 
+MAX_GATE_SLICES = 256  # test slices the gate / Trigger statistics look at (their pair distances are N x N)
+
+
 @torch.no_grad()
-def gate_statistics(model, volumes, prompt_ids, acc, args):
-    """What the frozen backbone does with the MRI sequence, on each test volume's middle slice (its evaluation
-    mask at `acc`): per post-prelude layer, the mean Updater gate t (eq. 8) at the k-space tokens and at the
-    image queries, and, with a Trigger, how far p moved from p^0 = 1 (mean |p - 1|) and how much p differs
-    between slices (std over slices, mean over K and queries) at the image queries.
-    None for a backbone without gates (the transformer)."""
-    items = [
-        masked(
-            v,
-            v.kspace.shape[0] // 2,
-            v.kspace.shape[0] // 2 + 1,
-            volume_mask(v.name, v.kspace.shape[-1], acc, args.mask_type),
-        )
-        for v in volumes[:64]
-    ]
+def gate_statistics(model, volumes, prompt_ids, acc, args, max_slices=MAX_GATE_SLICES):
+    """What the frozen backbone does with the MRI sequence, on every test slice (at most max_slices, those of
+    the most common k-space shape; each volume with its evaluation mask at `acc`): per post-prelude layer, the
+    mean Updater gate t (eq. 8) at the k-space tokens and at the image queries, and, with a Trigger, how far p
+    moved from p^0 = 1 (mean |p - 1|) and how much p differs between slices (std over slices, mean over K and
+    queries) at the image queries.
+    With reports: `distance`, the mean L1 distance (per entry) of t and of p between two slices, at the
+    k-space tokens and at the image queries, averaged over pairs of slices with the same report and with
+    different reports (and with the same / different lesion count): p and t that follow the findings are
+    closer within a finding than across. None for a backbone without gates (the transformer)."""
     groups = {}
-    for kspace, mask in items:
-        groups.setdefault(tuple(kspace.shape[1:]), []).append((kspace, mask))
-    kspace, mask = (torch.cat(x) for x in zip(*max(groups.values(), key=len)))
-    trace = {}
-    model.image_tokens(kspace, mask, prompt_ids, trace=trace)
-    if "gate" not in trace:
-        return None
+    for vol in volumes:
+        mask = volume_mask(vol.name, vol.kspace.shape[-1], acc, args.mask_type)
+        for s in range(vol.kspace.shape[0]):
+            report = vol.reports[s] if vol.reports is not None else None
+            groups.setdefault(tuple(vol.kspace.shape[1:]), []).append((vol, s, mask, report))
+    items = max(groups.values(), key=len)[:max_slices]
+    traces, chunk = [], 4 * args.batch_size
+    for i in range(0, len(items), chunk):
+        kspace, mask = (
+            torch.cat(x) for x in zip(*(masked(v, s, s + 1, m) for v, s, m, _ in items[i : i + chunk]))
+        )
+        trace = {}
+        model.image_tokens(kspace, mask, prompt_ids, trace=trace)
+        if "gate" not in trace:
+            return None
+        traces.append(trace)
     M = model.decoder.n_queries
-    n_kspace = trace["gate"][0].shape[1] - len(prompt_ids) - M
-    gates = torch.stack(trace["gate"]).float().reshape(len(trace["gate"]), kspace.shape[0], -1)  # (L, B, T)
+    gates = torch.cat([torch.stack(t["gate"]).float() for t in traces], dim=1)  # (L, N, T)
+    n_kspace = gates.shape[2] - len(prompt_ids) - M
+    where = {"k-space": slice(0, n_kspace), "queries": slice(gates.shape[2] - M, None)}
     stats = {
-        "slices": kspace.shape[0],
-        "gate_kspace": gates[:, :, :n_kspace].mean((1, 2)).tolist(),
-        "gate_queries": gates[:, :, -M:].mean((1, 2)).tolist(),
+        "slices": gates.shape[1],
+        "gate_kspace": gates[:, :, where["k-space"]].mean((1, 2)).tolist(),
+        "gate_queries": gates[:, :, where["queries"]].mean((1, 2)).tolist(),
     }
-    if "p" in trace:
-        p = torch.stack(trace["p"]).float()  # (L, B, T, K)
-        stats["p_shift_kspace"] = (p[:, :, :n_kspace] - 1).abs().mean((1, 2, 3)).tolist()
-        stats["p_shift_queries"] = (p[:, :, -M:] - 1).abs().mean((1, 2, 3)).tolist()
-        stats["p_slice_std_queries"] = p[:, :, -M:].std(1).mean((1, 2)).tolist() if p.shape[1] > 1 else None
+    values = {"t": gates.unsqueeze(-1)}  # (L, N, T, 1)
+    if "p" in traces[0]:
+        p = torch.cat([torch.stack(t["p"]).float() for t in traces], dim=1)  # (L, N, T, K)
+        values["p"] = p
+        stats["p_shift_kspace"] = (p[:, :, where["k-space"]] - 1).abs().mean((1, 2, 3)).tolist()
+        stats["p_shift_queries"] = (p[:, :, where["queries"]] - 1).abs().mean((1, 2, 3)).tolist()
+        stats["p_slice_std_queries"] = (
+            p[:, :, where["queries"]].std(1).mean((1, 2)).tolist() if p.shape[1] > 1 else None
+        )
+    reports = [r for *_, r in items]
+    if None not in reports and len(reports) > 1:
+        labels = {"report": [r.strip() for r in reports], "count": [parse_report(r)[0] for r in reports]}
+        stats["pairs"], stats["distance"] = {}, {}
+        for key, label in labels.items():
+            same = torch.tensor([[a == b for b in label] for a in label], device=gates.device)
+            off_diagonal = ~torch.eye(len(label), dtype=torch.bool, device=gates.device)
+            stats["pairs"][key] = {
+                "same": int((same & off_diagonal).sum()) // 2,
+                "different": int((~same).sum()) // 2,
+            }
+            for name, value in values.items():
+                for place, cols in where.items():
+                    x = value[:, :, cols].flatten(2)  # (L, N, F)
+                    dist = torch.cdist(x, x, p=1) / x.shape[-1]  # (L, N, N) mean |difference| per entry
+                    entry = stats["distance"].setdefault(f"{name} {place}", {})
+                    for kind, pairs in (("same", same & off_diagonal), ("different", ~same)):
+                        entry[f"{kind} {key}"] = dist[:, pairs].mean(1).tolist() if pairs.any() else None
     return stats

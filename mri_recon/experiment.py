@@ -20,14 +20,15 @@ from mri_recon.backbones import (
     unchanged,
     window_note,
 )
+from mri_recon.diagnostics import diagnose
 from mri_recon.evaluation import evaluate, gate_statistics, generate_test_reports
 from mri_recon.fastmri_files import list_volume_files, load_volumes, split_by_volume
-from mri_recon.metrics import SSIM_WINDOW, score_reports, summarize
+from mri_recon.metrics import SSIM_WINDOW, score_majority, score_reports, summarize
 from mri_recon.models import E2EVarNet, UNetBaseline, zero_filled
 from mri_recon.pipeline import PROMPTS, build_nirvana_mri, count_trainable, heads_for, mri_sequence_length
 from mri_recon.plots import save_curves, save_grid
 from mri_recon.results import reports_markdown, results_markdown
-from mri_recon.training import train_image_baseline, train_stage1, train_stage2
+from mri_recon.training import train_image_baseline, train_stage0, train_stage1, train_stage2
 
 
 def set_up(args):
@@ -156,8 +157,11 @@ class Run:
     params: dict = dataclasses.field(default_factory=lambda: {"zero-filled": 0})
     timings: dict = dataclasses.field(default_factory=dict)
     fits: dict = dataclasses.field(default_factory=dict)
+    steps: dict = dataclasses.field(default_factory=lambda: {"zero-filled": "-"})  # optimizer steps taken
     report_scores: dict = dataclasses.field(default_factory=dict)
     report_examples: dict = dataclasses.field(default_factory=dict)
+    majority: dict = dataclasses.field(default_factory=dict)  # {acc: scores of the most common report}
+    diagnostics: dict = dataclasses.field(default_factory=dict)  # {(backbone, acc): diagnose(...)}
     backbone_notes: list = dataclasses.field(default_factory=list)
     gates: dict = dataclasses.field(default_factory=dict)
 
@@ -175,10 +179,12 @@ def train_baselines(run, data, args, rng):
         run.timings[name] = time.time() - t0
         model.eval()
         run.methods[name], run.params[name] = model, count_trainable(model)
+        run.steps[name] = str(len(run.fits[name].losses))
 
 
 def train_backbone(run, backbone, data, args, rng):
-    """Both post-training stages around one frozen backbone, then its test reports and gate statistics."""
+    """Stage 0 (unless --encoder-pretrain-steps 0) and both post-training stages around one frozen backbone,
+    then its test reports beside the majority baseline, gate statistics and (--diagnose) diagnostics."""
     name, llm, tokenizer, how = backbone
     train = data.train
     model = build_nirvana_mri(llm, data.out_shape, args)
@@ -187,6 +193,10 @@ def train_backbone(run, backbone, data, args, rng):
     print(f"{name}: {describe_backbone(llm)}; {how}; {fits_in}", flush=True)
     fingerprint = state_fingerprint(llm)
     t0 = time.time()
+    stages = [1, 2]
+    if args.encoder_pretrain_steps:
+        run.fits[f"{name} stage 0"] = train_stage0(name, model, train, args, rng, data.val)
+        stages.insert(0, 0)
     run.fits[f"{name} stage 1"] = train_stage1(name, model, train, tokenizer, args, rng, data.val)
     run.fits[f"{name} stage 2"] = train_stage2(name, model, train, tokenizer, args, rng, data.val)
     run.timings[name] = time.time() - t0
@@ -195,6 +205,13 @@ def train_backbone(run, backbone, data, args, rng):
     prompt_ids = torch.tensor(tokenizer.encode(PROMPTS[0]), device=args.device)
     run.methods[name] = lambda k, m, shape, model=model, prompt_ids=prompt_ids: model(k, m, prompt_ids)
     run.params[name] = count_trainable(model.encoder, model.image_queries, model.decoder)
+    run.steps[name] = " + ".join(f"{len(run.fits[f'{name} stage {i}'].losses)} (stage {i})" for i in stages)
+    if (
+        args.image_skip
+    ):  # what the backbone adds over the skip: the same decoder, the image tokens at their mean
+        skip_only = f"{name} skip only"
+        run.methods[skip_only] = lambda k, m, shape, model=model: model.reconstruct_skip_only(k, m)
+        run.params[skip_only], run.steps[skip_only] = run.params[name], run.steps[name]
     run.backbone_notes.append(
         f"- {name}: {describe_backbone(llm)}; {how}; {fits_in}; frozen (bit-equal after "
         f"both stages: {frozen})"
@@ -204,14 +221,17 @@ def train_backbone(run, backbone, data, args, rng):
         generated, truth = generate_test_reports(model, data.test, tokenizer, acc, args, max_len)
         run.report_scores[(name, acc)] = score_reports(generated, truth)
         run.report_examples[(name, acc)] = list(zip(generated, truth))[:12]
+        run.majority[acc] = score_majority([r for v in train for r in v.reports], truth)
         stats = gate_statistics(model, data.test, prompt_ids, acc, args)
         if stats is not None:
             run.gates.setdefault(acc, {})[name] = stats
+        if args.diagnose:
+            run.diagnostics[(name, acc)] = diagnose(model, data, prompt_ids, acc, args)
 
 
 def evaluate_and_write(run, data, args, t_start):
     """Scores every method on the test (and validation) volumes; writes results.md, results.json, reports.md,
-    recon_grid_<acc>x.png and training_curves.png to --out."""
+    recon_grid_<acc>x.png and training_curves.png to --out. Returns the test summary."""
     print("evaluating", flush=True)
     scores, recons = evaluate(
         run.methods,
@@ -246,7 +266,21 @@ def evaluate_and_write(run, data, args, t_start):
         *run.backbone_notes,
         "training time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in run.timings.items()),
     ]
-    table = results_markdown(summary, run.params, notes, val_summary, run.gates)
+    reports_by_acc = {}
+    for (name, acc), s in run.report_scores.items():
+        reports_by_acc.setdefault(acc, {})[name] = s
+    for acc, s in run.majority.items():
+        reports_by_acc[acc]["majority"] = s
+    table = results_markdown(
+        summary,
+        run.params,
+        notes,
+        val_summary,
+        run.gates,
+        steps=run.steps,
+        reports=reports_by_acc,
+        diagnostics=run.diagnostics,
+    )
     write_text_atomically(os.path.join(args.out, "results.md"), table)
     write_text_atomically(
         os.path.join(args.out, "results.json"),
@@ -261,11 +295,14 @@ def evaluate_and_write(run, data, args, t_start):
                 "fits": {k: dataclasses.asdict(f) for k, f in run.fits.items()},
                 "gates": {f"{a}x": g for a, g in run.gates.items()},
                 "reports": {f"{n} {a}x": s for (n, a), s in run.report_scores.items()},
+                "majority_report": {f"{a}x": s for a, s in run.majority.items()},
+                "diagnostics": {f"{n} {a}x": d for (n, a), d in run.diagnostics.items()},
+                "steps": run.steps,
             },
             indent=1,
         ),
     )
-    reports = reports_markdown(run.report_scores, run.report_examples)
+    reports = reports_markdown(run.report_scores, run.report_examples, run.majority)
     write_text_atomically(os.path.join(args.out, "reports.md"), reports)
     for acc in args.eval_acc:
         save_grid(os.path.join(args.out, f"recon_grid_{acc}x.png"), recons, data.test, acc)
@@ -277,3 +314,4 @@ def evaluate_and_write(run, data, args, t_start):
         f"wrote results.md, results.json, reports.md, recon_grid_<acc>x.png, training_curves.png to "
         f"{args.out} ({time.time() - t_start:.0f}s)"
     )
+    return summary

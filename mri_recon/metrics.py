@@ -66,3 +66,23 @@ def score_reports(generated, truth):
         exact += g.strip() == t.strip()
     n = max(1, len(truth))
     return {"count_acc": count / n, "place_acc": place / n, "exact": exact / n, "n": len(truth)}
+
+
+def majority_report(reports):
+    """The most common report (ties: the first seen) and its share of reports: the answer of a model that
+    ignores its input, which the generated reports' scores must beat."""
+    counts = {}
+    for r in reports:
+        counts[r.strip()] = counts.get(r.strip(), 0) + 1
+    best = max(counts, key=counts.get)  # dicts keep insertion order: ties go to the first seen
+    return best, counts[best] / len(reports)
+
+
+def score_majority(train_reports, test_reports):
+    """score_reports of always answering the most common training report, on the test reports."""
+    report, share = majority_report(train_reports)
+    return {
+        **score_reports([report] * len(test_reports), test_reports),
+        "report": report,
+        "train_share": share,
+    }

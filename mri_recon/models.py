@@ -175,22 +175,29 @@ def sincos_2d(gh, gw, dim, device):
 
 
 class T2TViT(nn.Module):
-    """A light Tokens-to-Token ViT (Yuan et al. 2021): soft split 7/4, re-structurise + soft split 3/2 twice
-    (a small transformer layer between splits), then `depth` ViT blocks. (B, cin, H, W) -> (B, N, dim),
-    N = ceil(H/16) * ceil(W/16) tokens."""
+    """A light Tokens-to-Token ViT (Yuan et al. 2021): soft split 7/4, then re-structurise + soft split 3/2 (a
+    small transformer layer between splits) until the tokens' stride is `stride` (4, 8 or 16: one, two or three
+    splits), then `depth` ViT blocks. (B, cin, H, W) -> (B, N, dim), N = ceil(H/stride) * ceil(W/stride)."""
 
-    def __init__(self, cin, dim, depth, heads, token_dim=32):
+    STRIDES = (4, 8, 16)
+
+    def __init__(self, cin, dim, depth, heads, token_dim=32, stride=16):
         super().__init__()
+        if stride not in self.STRIDES:
+            raise ValueError(f"T2T-ViT stride {stride} is not one of {self.STRIDES}")
+        n_splits = self.STRIDES.index(stride) + 1
         self.splits = nn.ModuleList(
             [
                 nn.Unfold(7, stride=4, padding=2),
                 nn.Unfold(3, stride=2, padding=1),
                 nn.Unfold(3, stride=2, padding=1),
-            ]
+            ][:n_splits]
         )
-        self.t2t_in = nn.ModuleList([nn.Linear(cin * 49, token_dim), nn.Linear(token_dim * 9, token_dim)])
-        self.t2t_blocks = nn.ModuleList([Block(token_dim, 1), Block(token_dim, 1)])
-        self.project = nn.Linear(token_dim * 9, dim)
+        self.t2t_in = nn.ModuleList(
+            [nn.Linear(cin * 49, token_dim), nn.Linear(token_dim * 9, token_dim)][: n_splits - 1]
+        )
+        self.t2t_blocks = nn.ModuleList([Block(token_dim, 1) for _ in range(n_splits - 1)])
+        self.project = nn.Linear(token_dim * 9 if n_splits > 1 else cin * 49, dim)
         self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
 
@@ -230,21 +237,35 @@ def kspace_layer_norm(kspace, mask):
 
 
 class KspaceEncoder(nn.Module):
-    """LayerNorm -> VarNet cascades with sensitivity estimation -> light T2T-ViT -> Linear to d_model."""
+    """LayerNorm -> VarNet cascades with sensitivity estimation -> light T2T-ViT -> Linear to d_model.
+    The cascades' coil-combined image (`image_estimate`) is what the ViT tokenises; stage 0 trains the
+    cascades to make it a reconstruction, as the E2E-VarNet baseline is trained."""
 
-    def __init__(self, d_model, out_shape, cascades, chans, sens_chans, vit_dim, vit_depth, vit_heads):
+    def __init__(
+        self, d_model, out_shape, cascades, chans, sens_chans, vit_dim, vit_depth, vit_heads, vit_stride=16
+    ):
         super().__init__()
         self.out_shape = out_shape
         self.varnet = E2EVarNet(cascades, chans, sens_chans)
-        self.vit = T2TViT(3, vit_dim, vit_depth, vit_heads)
+        self.vit = T2TViT(3, vit_dim, vit_depth, vit_heads, stride=vit_stride)
         self.to_model = nn.Linear(vit_dim, d_model)
 
-    def forward(self, kspace, mask):  # -> k-space tokens (B, N, d_model), scale (B,)
+    def non_cascade_parameters(self):  # the T2T-ViT and the projection to d_model
+        return list(self.vit.parameters()) + list(self.to_model.parameters())
+
+    def image_estimate(self, kspace, mask):  # -> (B, h, w) complex in units of the k-space scale, scale (B,)
         kspace, scale = kspace_layer_norm(kspace, mask)
         k, sens = self.varnet.refine(kspace, mask)
-        image = center_crop(sens_reduce(k, sens), self.out_shape)  # (B, h, w) complex
+        return center_crop(sens_reduce(k, sens), self.out_shape), scale
+
+    def reconstruct(self, kspace, mask):  # stage 0's output: the magnitude image (B, h, w)
+        image, scale = self.image_estimate(kspace, mask)
+        return image.abs() * scale.reshape(-1, 1, 1)
+
+    def forward(self, kspace, mask):  # -> k-space tokens (B, N, d_model), image (B, h, w) complex, scale (B,)
+        image, scale = self.image_estimate(kspace, mask)
         features = torch.stack([image.real, image.imag, image.abs()], dim=1)
-        return self.to_model(self.vit(features)), scale
+        return self.to_model(self.vit(features)), image, scale
 
 
 class ImageDecoder(nn.Module):
@@ -252,19 +273,21 @@ class ImageDecoder(nn.Module):
     (B, M, d_model) image tokens, M = (h/patch) * (w/patch) -> (B, h, w), in units of the k-space scale.
     Before the LayerNorm, tokens are standardised per (query, feature) with training-set statistics (fixed
     buffers, set once in stage 2): a frozen backbone's image tokens share a large input-independent part, and
-    what depends on the k-space is ~0.1-1% of it at init, too small for the LayerNorm alone to expose."""
+    what depends on the k-space is ~0.1-1% of it at init, too small for the LayerNorm alone to expose.
+    image_skip (an ablation, not the paper's decoder): the U-Net also gets the encoder's magnitude image
+    (B, h, w) as one more input channel, a path around the backbone."""
 
-    def __init__(self, d_model, out_shape, patch, chans, num_pools, feat=8):
+    def __init__(self, d_model, out_shape, patch, chans, num_pools, feat=8, image_skip=False):
         super().__init__()
         h, w = out_shape
         if h % patch or w % patch:
             raise ValueError(f"image size {h}x{w} is not a multiple of the decoder patch {patch}")
-        self.grid, self.patch, self.feat = (h // patch, w // patch), patch, feat
+        self.grid, self.patch, self.feat, self.image_skip = (h // patch, w // patch), patch, feat, image_skip
         self.register_buffer("token_mean", torch.zeros(self.grid[0] * self.grid[1], d_model))
         self.register_buffer("token_std", torch.ones(self.grid[0] * self.grid[1], d_model))
         self.norm = nn.LayerNorm(d_model)
         self.to_pixels = nn.Linear(d_model, feat * patch * patch)
-        self.unet = UNet(feat, 1, chans, num_pools)
+        self.unet = UNet(feat + int(image_skip), 1, chans, num_pools)
 
     @property
     def n_queries(self):
@@ -275,7 +298,7 @@ class ImageDecoder(nn.Module):
         self.token_mean.copy_(tokens.mean(0))
         self.token_std.copy_(tokens.std(0).clamp_min(1e-6 * tokens.std().item()))
 
-    def forward(self, tokens):
+    def forward(self, tokens, image=None):  # tokens (B, M, d); image (B, h, w) magnitude, with image_skip
         B, (gh, gw), p = tokens.shape[0], self.grid, self.patch
         x = self.to_pixels(self.norm((tokens - self.token_mean) / self.token_std))  # (B, M, feat*p*p)
         x = (
@@ -283,4 +306,6 @@ class ImageDecoder(nn.Module):
             .permute(0, 3, 1, 4, 2, 5)
             .reshape(B, self.feat, gh * p, gw * p)
         )
+        if self.image_skip:
+            x = torch.cat([x, image.unsqueeze(1)], dim=1)  # (B, feat + 1, h, w)
         return F.softplus(self.unet(x).squeeze(1))  # a magnitude image is >= 0

@@ -34,33 +34,49 @@ class NirvanaMRI(nn.Module):
         # (which must not change the reports) leaves them alone
         self.image_queries = nn.Parameter(0.02 * torch.randn(decoder.n_queries, d_model))
 
-    def stage1_parameters(self):
-        return list(self.encoder.parameters()) + [self.image_queries]
+    def stage0_parameters(self):
+        """Stage 0 (reconstruction pre-training of the encoder): its VarNet cascades and sensitivity model."""
+        return list(self.encoder.varnet.parameters())
+
+    def stage1_parameters(self, cascades=True):
+        """Stage 1: the encoder and the image queries; cascades=False leaves out the encoder's VarNet cascades
+        and sensitivity model (as stage 0 trained them)."""
+        encoder = self.encoder.parameters() if cascades else self.encoder.non_cascade_parameters()
+        return list(encoder) + [self.image_queries]
 
     def prefix(self, kspace, mask, prompt_ids):
-        """[k-space tokens][prompt tokens][image queries] -> embeddings (B, N+Lp+M, d), scale (B,)."""
-        ks_tokens, scale = self.encoder(kspace, mask)
+        """[k-space tokens][prompt tokens][image queries] -> embeddings (B, N+Lp+M, d), the encoder's magnitude
+        image (B, h, w) and the k-space scale (B,)."""
+        ks_tokens, image, scale = self.encoder(kspace, mask)
         B = ks_tokens.shape[0]
         prompt = self.llm.embed(prompt_ids[None]).expand(B, -1, -1)
         queries = self.image_queries[None].expand(B, -1, -1)
-        return torch.cat([ks_tokens, prompt, queries], dim=1), scale
+        return torch.cat([ks_tokens, prompt, queries], dim=1), image.abs(), scale
 
     def report_loss(self, kspace, mask, prompt_ids, report_targets, eos_id):
         """Stage 1: cross-entropy of the report tokens only. report_targets (B, L) ids + eos, -1 = padding."""
-        prefix, _ = self.prefix(kspace, mask, prompt_ids)
+        prefix, _, _ = self.prefix(kspace, mask, prompt_ids)
         report_in = report_targets[:, :-1].masked_fill(report_targets[:, :-1] < 0, eos_id)
         h = self.llm.backbone(torch.cat([prefix, self.llm.embed(report_in)], dim=1))
         logits = self.llm.lm_head(h[:, prefix.shape[1] - 1 :])  # position t predicts report token t
         return F.cross_entropy(logits.flatten(0, 1), report_targets.flatten(), ignore_index=-1)
 
     def image_tokens(self, kspace, mask, prompt_ids, trace=None):
-        """The backbone's final hidden states at the M image-query positions: (B, M, d), scale (B,)."""
-        prefix, scale = self.prefix(kspace, mask, prompt_ids)
+        """The backbone's final hidden states at the M image-query positions (B, M, d), the encoder's magnitude
+        image (B, h, w) (the decoder uses it only with image_skip) and the k-space scale (B,)."""
+        prefix, image, scale = self.prefix(kspace, mask, prompt_ids)
         h = self.llm.backbone(prefix, trace=trace)
-        return h[:, -self.decoder.n_queries :], scale
+        return h[:, -self.decoder.n_queries :], image, scale
 
-    def reconstruct_from_tokens(self, tokens, scale):
-        return self.decoder(tokens) * scale.reshape(-1, 1, 1)
+    def reconstruct_from_tokens(self, tokens, image, scale):
+        return self.decoder(tokens, image) * scale.reshape(-1, 1, 1)
+
+    def reconstruct_skip_only(self, kspace, mask):
+        """With image_skip: the decoder's image from the encoder's image alone, every image token at the
+        training mean (decoder.token_mean; the backbone is not run): what the skip gives without the backbone."""
+        _, image, scale = self.encoder(kspace, mask)
+        tokens = self.decoder.token_mean.expand(kspace.shape[0], -1, -1)
+        return self.reconstruct_from_tokens(tokens, image.abs(), scale)
 
     def forward(self, kspace, mask, prompt_ids):  # -> image (B, h, w)
         return self.reconstruct_from_tokens(*self.image_tokens(kspace, mask, prompt_ids))
@@ -68,7 +84,7 @@ class NirvanaMRI(nn.Module):
     @torch.no_grad()
     def generate_reports(self, kspace, mask, prompt_ids, eos_id, max_len):
         """Greedy decoding of the report after the image queries -> list of token-id lists."""
-        prefix, _ = self.prefix(kspace, mask, prompt_ids)
+        prefix, _, _ = self.prefix(kspace, mask, prompt_ids)
         B = prefix.shape[0]
         tokens, done = [], torch.zeros(B, dtype=torch.bool, device=prefix.device)
         self.llm.setup_caches(B, prefix.shape[1] + max_len)  # prefill, then O(1) per token
@@ -99,8 +115,11 @@ def build_nirvana_mri(llm, out_shape, args):
         args.vit_dim,
         args.vit_depth,
         heads_for(args.vit_dim),
+        args.vit_stride,
     )
-    decoder = ImageDecoder(d_model, out_shape, args.patch, args.dec_chans, args.pools)
+    decoder = ImageDecoder(
+        d_model, out_shape, args.patch, args.dec_chans, args.pools, image_skip=args.image_skip
+    )
     return NirvanaMRI(llm, encoder, decoder).to(args.device)
 
 

@@ -1,4 +1,5 @@
-"""What each method trains: the image baselines (-SSIM), Nirvana's stage 1 (the k-space encoder and image
+"""What each method trains: the image baselines (-SSIM), Nirvana's stage 0 (the encoder's VarNet cascades,
+-SSIM on their own image: a choice of this code, see train_stage0), stage 1 (the k-space encoder and image
 queries, cross-entropy on the report) and stage 2 (the image decoder alone, -SSIM, eq. 9), each with its
 validation loss for model selection."""
 
@@ -37,6 +38,30 @@ def train_image_baseline(name, model, volumes, args, rng, val_volumes=()):
     )
 
 
+def train_stage0(name, model, volumes, args, rng, val_volumes=()):
+    """Stage 0, before the paper's two stages: the encoder's VarNet cascades and sensitivity model (nothing
+    else) trained with -SSIM on their own magnitude image, for --encoder-pretrain-steps steps.
+    The paper leaves open how the encoder comes to carry the anatomy: it builds the encoder from a multi-coil
+    VarNet (a reconstruction network) but trains it only on the report cross-entropy, and a templated report
+    (lesion count, place, size) needs little of the image. Measured with `mri.py --diagnose` (README): after
+    the paper's stage 1 the encoder's own image scores SSIM ~0.13, not a reconstruction. Stages 1 and 2 keep
+    their losses; by default stage 1 then leaves these cascades frozen (--stage1-cascades)."""
+    batches = random_batches(volumes, args.batch_size, args.train_acc, args.mask_type, rng)
+    reconstruct = lambda kspace, mask, out_shape: model.encoder.reconstruct(kspace, mask)
+    validate = (lambda: -mean_ssim(reconstruct, val_volumes, args.train_acc, args)) if val_volumes else None
+    return fit(
+        f"{name} stage 0",
+        model.stage0_parameters(),
+        lambda b: ssim_loss(model.encoder.reconstruct(b.kspace, b.mask), b),
+        batches,
+        args.encoder_pretrain_steps,
+        args.lr,
+        args.phase_seconds,
+        validate,
+        args.val_checks,
+    )
+
+
 @torch.no_grad()
 def report_val_loss(model, volumes, tokenizer, prompt_ids, args):
     """Stage 1's validation loss: the report cross-entropy (mean over batches) of every slice of volumes, each
@@ -62,7 +87,10 @@ def report_val_loss(model, volumes, tokenizer, prompt_ids, args):
 
 def train_stage1(name, model, volumes, tokenizer, args, rng, val_volumes=()):
     """Stage 1: the encoder (and image queries) only, cross-entropy on the report tokens; backbone frozen.
-    With val_volumes (all with reports), the parameters of the best validation cross-entropy."""
+    --stage1-cascades freeze (the default after stage 0) leaves the encoder's VarNet cascades as stage 0 made
+    them: trained on the report, they forget the reconstruction (measured: the encoder's image fell from SSIM
+    ~0.8 after stage 0 to ~0.17 after stage 1, see README). With val_volumes (all with reports), the parameters
+    of the best validation cross-entropy."""
     prompts = [torch.tensor(tokenizer.encode(p), device=args.device) for p in PROMPTS]
     batches = random_batches(volumes, args.batch_size, args.train_acc, args.mask_type, rng)
     loss_fn = lambda b: model.report_loss(
@@ -77,7 +105,7 @@ def train_stage1(name, model, volumes, tokenizer, args, rng, val_volumes=()):
         validate = lambda: report_val_loss(model, val_volumes, tokenizer, prompts[0], args)
     return fit(
         f"{name} stage 1",
-        model.stage1_parameters(),
+        model.stage1_parameters(cascades=args.stage1_cascades == "train"),
         loss_fn,
         batches,
         args.steps,
@@ -92,15 +120,17 @@ def train_stage1(name, model, volumes, tokenizer, args, rng, val_volumes=()):
 def cache_image_tokens(model, volumes, prompt_ids, args, masks_for):
     """Stage 2 inputs: encoder and backbone are frozen, so each slice's image tokens are computed once per
     training acceleration. masks_for(volume, acceleration, n) -> n (W,) masks.
-    Returns [(tokens, scale, target, maxval)], one entry per image shape."""
+    Returns [(tokens, encoder image, scale, target, maxval)], one entry per image shape."""
     cache = {}
     for acc in args.train_acc:
         for v, vol in enumerate(volumes):
             for s0 in range(0, vol.kspace.shape[0], 4 * args.batch_size):
                 items = [(v, s) for s in range(s0, min(s0 + 4 * args.batch_size, vol.kspace.shape[0]))]
                 b = make_batch(volumes, items, masks_for(vol, acc, len(items)))
-                tokens, scale = model.image_tokens(b.kspace, b.mask, prompt_ids)
-                cache.setdefault(tuple(b.target.shape[-2:]), []).append((tokens, scale, b.target, b.maxval))
+                tokens, image, scale = model.image_tokens(b.kspace, b.mask, prompt_ids)
+                cache.setdefault(tuple(b.target.shape[-2:]), []).append(
+                    (tokens, image, scale, b.target, b.maxval)
+                )
     return [tuple(torch.cat(parts) for parts in zip(*v)) for v in cache.values()]
 
 
@@ -108,10 +138,11 @@ def cache_image_tokens(model, volumes, prompt_ids, args, masks_for):
 def decoder_val_loss(model, cache, batch_size):
     """-SSIM of the decoder over every cached slice (mean over slices)."""
     total, count = 0.0, 0
-    for tokens, scale, target, maxval in cache:
+    for tokens, image, scale, target, maxval in cache:
         for i in range(0, tokens.shape[0], batch_size):
-            pred = model.reconstruct_from_tokens(tokens[i : i + batch_size], scale[i : i + batch_size])
-            total += ssim(pred, target[i : i + batch_size], maxval[i : i + batch_size]).sum().item()
+            part = slice(i, i + batch_size)
+            pred = model.reconstruct_from_tokens(tokens[part], image[part], scale[part])
+            total += ssim(pred, target[part], maxval[part]).sum().item()
             count += pred.shape[0]
     return -total / count
 
@@ -139,13 +170,13 @@ def train_stage2(name, model, volumes, tokenizer, args, rng, val_volumes=()):
 
     def batches():
         while True:
-            tokens, scale, target, maxval = cache[rng.choice(len(cache), p=sizes / sizes.sum())]
+            tokens, image, scale, target, maxval = cache[rng.choice(len(cache), p=sizes / sizes.sum())]
             i = torch.from_numpy(
                 rng.choice(tokens.shape[0], size=min(args.batch_size, tokens.shape[0]), replace=False)
             )
-            yield tokens[i], scale[i], Batch(None, None, target[i], maxval[i], None)
+            yield tokens[i], image[i], scale[i], Batch(None, None, target[i], maxval[i], None)
 
-    loss_fn = lambda b: ssim_loss(model.reconstruct_from_tokens(b[0], b[1]), b[2])
+    loss_fn = lambda b: ssim_loss(model.reconstruct_from_tokens(b[0], b[1], b[2]), b[3])
     return fit(
         f"{name} stage 2",
         model.decoder.parameters(),

@@ -1,0 +1,167 @@
+"""Does the image reach the decoder through the backbone? Measured after stage 2 (`mri.py --diagnose`):
+
+- the decoder's SSIM with each slice's own image tokens, with the tokens of another slice (`partner_slices`:
+  the same slice index in the next volume), and with the mean training token (the decoder's token_mean).
+  With --image-skip the decoder keeps the slice's own encoder image in all three, so the mean-token score is
+  the "skip only" reconstruction and the gap to the own-token score is what the backbone adds over the skip;
+- ridge-regression linear probes from the image tokens, and from the k-space tokens the encoder emits, to the
+  zero-filled image (in units of the k-space scale): fitted on the training slices, the ridge strength chosen
+  on the validation slices, scored on the test slices (R^2 over pixels, and SSIM of the probe's image);
+- the SSIM of the encoder's own image estimate (what stage 0 trains).
+
+Every slice is undersampled with its volume's evaluation mask at the acceleration scored."""
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from mri_recon.batches import masked
+from mri_recon.masks import volume_mask
+from mri_recon.metrics import ssim
+from mri_recon.models import zero_filled
+
+RIDGE_STRENGTHS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # x the mean squared feature norm
+MAX_PROBE_SLICES = 2048  # training slices a probe is fitted on (the dual solve is N x N)
+
+
+@dataclasses.dataclass
+class SliceFeatures:
+    image_tokens: torch.Tensor  # (N, M, d) the backbone's states at the image queries
+    kspace_tokens: torch.Tensor  # (N, Nk, d) the encoder's output
+    encoder_image: torch.Tensor  # (N, h, w) the encoder's magnitude image, units of the k-space scale
+    scale: torch.Tensor  # (N,) the k-space scale
+    zero_filled: torch.Tensor  # (N, h, w) the zero-filled image, units of the k-space scale
+    target: torch.Tensor  # (N, h, w)
+    maxval: torch.Tensor  # (N,) the volume max of each slice's volume
+    slice_counts: list  # slices per volume, in order
+
+
+@torch.no_grad()
+def slice_features(model, volumes, prompt_ids, acc, args, max_slices=None):
+    """SliceFeatures of every slice of volumes (at most max_slices), each volume with its evaluation mask."""
+    parts, counts, total = [], [], 0
+    for vol in volumes:
+        S = vol.kspace.shape[0] if max_slices is None else min(vol.kspace.shape[0], max_slices - total)
+        if S <= 0:
+            break
+        mask = volume_mask(vol.name, vol.kspace.shape[-1], acc, args.mask_type)
+        for s0 in range(0, S, 4 * args.batch_size):
+            kspace, m = masked(vol, s0, min(S, s0 + 4 * args.batch_size), mask)
+            tokens, image, scale = model.image_tokens(kspace, m, prompt_ids)
+            kspace_tokens = model.encoder(kspace, m)[0]
+            zf = zero_filled(kspace, model.encoder.out_shape) / scale.reshape(-1, 1, 1)
+            target = vol.target[s0 : s0 + kspace.shape[0]]
+            maxval = torch.full((kspace.shape[0],), vol.maxval, device=target.device)
+            parts.append((tokens, kspace_tokens, image, scale, zf, target, maxval))
+        counts.append(S)
+        total += S
+    return SliceFeatures(*(torch.cat(p) for p in zip(*parts)), counts)
+
+
+def partner_slices(slice_counts):
+    """Index of "another slice" for every slice of volumes laid end to end: the same slice index in the next
+    volume (cyclically; its last slice when it has fewer), or with one volume the slice half a volume away.
+    None when there is only one slice."""
+    starts = np.concatenate([[0], np.cumsum(slice_counts)[:-1]])
+    if len(slice_counts) == 1:
+        S = slice_counts[0]
+        return None if S < 2 else (np.arange(S) + S // 2) % S
+    partners = []
+    for v, S in enumerate(slice_counts):
+        nxt = (v + 1) % len(slice_counts)
+        partners += [starts[nxt] + min(s, slice_counts[nxt] - 1) for s in range(S)]
+    return np.array(partners)
+
+
+@torch.no_grad()
+def decoder_ssim(model, tokens, feats, batch_size):
+    """Mean SSIM over slices of the decoder's image from tokens (N, M, d), with each slice's own encoder image
+    (used with image_skip) and k-space scale, against its target."""
+    scores = []
+    for i in range(0, tokens.shape[0], batch_size):
+        part = slice(i, i + batch_size)
+        pred = model.reconstruct_from_tokens(tokens[part], feats.encoder_image[part], feats.scale[part])
+        scores.append(ssim(pred, feats.target[part], feats.maxval[part]))
+    return torch.cat(scores).mean().item()
+
+
+def ridge_fit_predict(x_train, y_train, x_eval, strength):
+    """Ridge regression in its dual form (N_train x N_train), features standardised with the training
+    statistics, an intercept from the training mean. x (N, F), y (N, P) -> predictions (N_eval, P)."""
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-12)
+    xt, xe = (x_train - mean) / std, (x_eval - mean) / std
+    y_mean = y_train.mean(0)
+    gram = xt @ xt.T  # (N, N)
+    lam = strength * gram.diagonal().mean()
+    alpha = torch.linalg.solve(
+        gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device), y_train - y_mean
+    )
+    return xe @ xt.T @ alpha + y_mean
+
+
+def r_squared(pred, y):
+    """1 - SSE / SST over every pixel of every slice, SST around the per-pixel mean of y. (N, P)."""
+    return (1 - (y - pred).pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-30)).item()
+
+
+def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, shape):
+    """The probe's R^2 and SSIM on the test slices, the ridge strength chosen by the validation R^2.
+    x (N, F) features, y (N, h*w) images; SSIM with each slice's own max as data range."""
+    to64 = lambda t: t.double()
+    train_x, train_y, val_x, val_y, test_x, test_y = map(
+        to64, (train_x, train_y, val_x, val_y, test_x, test_y)
+    )
+    strength = max(
+        RIDGE_STRENGTHS, key=lambda s: r_squared(ridge_fit_predict(train_x, train_y, val_x, s), val_y)
+    )
+    pred = ridge_fit_predict(train_x, train_y, test_x, strength)
+    images = lambda t: t.reshape(-1, *shape)
+    data_range = test_y.max(1).values
+    return {
+        "r2": r_squared(pred, test_y),
+        "ssim": ssim(images(pred), images(test_y), data_range).mean().item(),
+        "strength": strength,
+    }
+
+
+@torch.no_grad()
+def diagnose(model, data, prompt_ids, acc, args):
+    """The measurements of this module's docstring for one trained pipeline at one acceleration."""
+    train = slice_features(model, data.train, prompt_ids, acc, args, MAX_PROBE_SLICES)
+    val = slice_features(model, data.val, prompt_ids, acc, args)
+    test = slice_features(model, data.test, prompt_ids, acc, args)
+    batch = 4 * args.batch_size
+    partners = partner_slices(test.slice_counts)
+    mean_tokens = model.decoder.token_mean.expand_as(test.image_tokens)
+    flat = lambda t: t.flatten(1)
+    shape = tuple(test.zero_filled.shape[-2:])
+    probes = {
+        name: linear_probe(
+            flat(getattr(train, name)),
+            flat(train.zero_filled),
+            flat(getattr(val, name)),
+            flat(val.zero_filled),
+            flat(getattr(test, name)),
+            flat(test.zero_filled),
+            shape,
+        )
+        for name in ("image_tokens", "kspace_tokens")
+    }
+    encoder_images = test.encoder_image * test.scale.reshape(-1, 1, 1)
+    return {
+        "slices": {
+            "train": sum(train.slice_counts),
+            "val": sum(val.slice_counts),
+            "test": sum(test.slice_counts),
+        },
+        "ssim_own_tokens": decoder_ssim(model, test.image_tokens, test, batch),
+        "ssim_other_slice_tokens": (
+            None if partners is None else decoder_ssim(model, test.image_tokens[partners], test, batch)
+        ),
+        "ssim_mean_token": decoder_ssim(model, mean_tokens, test, batch),
+        "ssim_encoder_image": ssim(encoder_images, test.target, test.maxval).mean().item(),
+        "probe_image_tokens": probes["image_tokens"],
+        "probe_kspace_tokens": probes["kspace_tokens"],
+        "image_skip": model.decoder.image_skip,
+    }
