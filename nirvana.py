@@ -542,7 +542,7 @@ def load_backend(name):
         gated_delta_rule_step=decode.gated_delta_rule_step,  # one token per sequence
         sliding_window_attention=kernels.sliding_window_attention,
         attention_step=decode.attention_step,  # one query per sequence over the ring buffer
-        trigger_step=trigger_decode.trigger_step,  # fused kernel, or closed form to decode
+        trigger_step=trigger_decode.trigger_step,  # fused kernel, or the decode kernels for a few tokens
         causal_conv=fused_causal_conv,
         gated_rms_norm=fused_gated_rms_norm,
         linear_cross_entropy=chunked_linear_cross_entropy,

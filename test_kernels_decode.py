@@ -158,8 +158,8 @@ def test_attention_step_attends_exactly_the_window():
 
 
 # ------------------------------------------------------------------------------------------------------
-# The model: decoding with backend="triton" (both one-token kernels, the Trigger's closed form) equals the
-# torch backend's decoding
+# The model: decoding with backend="triton" (both one-token kernels, the Trigger's decode kernels) equals
+# the torch backend's decoding
 
 
 def test_tiny_model_decodes_like_the_torch_backend():
