@@ -6,9 +6,13 @@ attention_step (write the ring slot, attend the window), and of a tiny model dec
     NIRVANA_KERNEL_TESTS=cuda python -m pytest -q test_kernels_decode.py    # GPU: more examples
 
 The reference is the twin in float64 on the same (dtype-rounded) inputs; errors are ||x - ref|| / ||ref||.
-Bounds: float32 1e-5 (float32 arithmetic, only the order of the sums differs); bfloat16 1e-2 (the kernel
-rounds o to bf16, 2^-9 relative, and the delta rule's normalised q and k to bf16 as the parallel path does,
-where the float64 twin keeps them exact). The caches the kernels write must equal the twin's.
+Bounds: float32 1e-5 (float32 arithmetic, only the order of the sums differs; worst seen on the CPU 2.4e-7);
+bfloat16 1e-2 on a GPU, 3e-2 on the CPU: the kernels round o to bf16, and the delta-rule step its normalised
+q and k as the parallel path does (the float64 twin keeps them exact), and Triton's interpreter rounds a cast
+to bf16 toward zero (half of the values differ from torch's round-to-nearest), doubling that error. Worst seen
+on the CPU in 40 random cases: delta-rule step o 1.4e-2 after three steps (the float32 twin run on the bf16
+inputs, rounding to nearest: 3e-3), state 3.9e-3, attention 5.0e-3. The caches the kernels write must equal
+the twin's.
 """
 
 import os
@@ -26,7 +30,7 @@ import nirvana
 from kernels import decode
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2 if ON_CUDA else 3e-2}
 EXAMPLES = 30 if ON_CUDA else 12
 PROPERTY = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=not ON_CUDA)
 HEAD_DIMS = st.sampled_from([16, 24, 64, 100]) if ON_CUDA else st.sampled_from([16, 24, 40])

@@ -8,9 +8,12 @@ nirvana.attention_step (test_kernels_decode.py compares them).
   _delta_rule_step_kernel      one program = one (sequence, head, BV value columns): the L2 norm of q and k,
                                the gates, one step of the recurrence on its (Dk, BV) block of the float32 state
                                in place, and o's BV columns.
-  _attention_step_kernel       one program = one (sequence, head): writes the new key and value into their
-                               ring slot and attends the query over the slots inside the window, BLOCK_N slots
-                               at a time (online softmax).
+  _attention_step_kernel       one program = one (sequence, head, range of ring slots): attends the query over
+                               the slots of its range inside the window, BLOCK_N slots at a time (online
+                               softmax), and writes the new key and value into their slot if it is in range.
+  _attention_combine_kernel    one program = one (sequence, head): combines the ranges' partial softmaxes
+                               (split over slots as in flash-decoding: B * H programs alone would leave most of
+                               a GPU idle while each reads a 2048-slot window).
 Head sizes need not be powers of two: blocks are the sizes rounded up (kernels.common.block_size), pad
 columns masked. Arithmetic in float32; inputs of any float dtype.
 """
@@ -148,10 +151,11 @@ def _attention_step_kernel(
     v_cache_ptr,
     slot_positions_ptr,
     position_ptr,
-    o_ptr,
+    partial_ptr,
     scale_log2,
     window,
     SLOTS,
+    SPLIT_SLOTS,
     H: tl.constexpr,
     DK: tl.constexpr,
     DV: tl.constexpr,
@@ -159,17 +163,19 @@ def _attention_step_kernel(
     BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """One program = sequence i_b, head i_h: the query at `position` over the SLOTS ring slots.
+    """One program = sequence i_b, head i_h, ring slots [i_s SPLIT_SLOTS, (i_s + 1) SPLIT_SLOTS): the query at
+    `position` over them; writes the split's softmax max m, sum l and unnormalised output acc (BLOCK_DV,).
 
-    Blocks: q, the new k (BLOCK_DK,), the new v and the accumulator (BLOCK_DV,), BLOCK_N slots per step of
-    the loop (keys (BLOCK_N, BLOCK_DK), values (BLOCK_N, BLOCK_DV)). Slot j holds position slot_positions[j]
-    (-1: empty); the new token's slot (position mod SLOTS) is read as holding it, from registers, so that the
-    loop never reads the slot this program writes. A slot is visible when position - window < its position
-    <= position. Online softmax in base 2, float32. Afterwards the new key and value go into their slot, and
-    program (0, 0) writes the slot's position (the other programs read either value there and replace it).
+    Blocks: q, the new k (BLOCK_DK,), the new v and acc (BLOCK_DV,), BLOCK_N slots per step of the loop (keys
+    (BLOCK_N, BLOCK_DK), values (BLOCK_N, BLOCK_DV)). Slot j holds position slot_positions[j] (-1: empty); the
+    new token's slot (position mod SLOTS) is read as holding it, from registers, so that no program reads the
+    slot being written. A slot is visible when position - window < its position <= position. Online softmax in
+    base 2, float32. The program whose range holds the new slot writes the new key and value there, and that
+    of (0, 0) the slot's position (the other programs read either value there and replace it).
     """
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
+    i_s = tl.program_id(2)
     position = tl.load(position_ptr)
     slot = position % SLOTS
     dk = tl.arange(0, BLOCK_DK)
@@ -182,12 +188,14 @@ def _attention_step_kernel(
     m_i = tl.full([], -1.0e30, tl.float32)  # running max of the online softmax
     l_i = tl.zeros([], tl.float32)
     acc = tl.zeros([BLOCK_DV], tl.float32)
-    for start in range(0, SLOTS, BLOCK_N):
+    first = i_s * SPLIT_SLOTS
+    last = tl.minimum(first + SPLIT_SLOTS, SLOTS)
+    for start in range(first, last, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         is_new = n == slot
-        held = tl.load(slot_positions_ptr + n, mask=n < SLOTS, other=-1)
+        held = tl.load(slot_positions_ptr + n, mask=n < last, other=-1)
         held = tl.where(is_new, position, held)
-        visible = (n < SLOTS) & (held >= 0) & (held <= position) & (held > position - window)
+        visible = (n < last) & (held >= 0) & (held <= position) & (held > position - window)
         cache_rows = (i_b * SLOTS + n) * H + i_h  # (BLOCK_N,) rows of the (B * SLOTS * H, D) caches
         keys = tl.load(
             k_cache_ptr + cache_rows[:, None] * DK + dk[None, :],
@@ -208,18 +216,46 @@ def _attention_step_kernel(
         l_i = l_i * alpha + tl.sum(p, 0)
         acc = acc * alpha + tl.sum(p[:, None] * values, 0)
         m_i = m_new
-    tl.store(o_ptr + row * DV + dv, (acc / l_i).to(o_ptr.dtype.element_ty), mask=dv_ok)
-    new_row = (i_b * SLOTS + slot) * H + i_h
-    tl.store(k_cache_ptr + new_row * DK + dk, k_new.to(k_cache_ptr.dtype.element_ty), mask=dk_ok)
-    tl.store(v_cache_ptr + new_row * DV + dv, v_new.to(v_cache_ptr.dtype.element_ty), mask=dv_ok)
-    if (i_b == 0) & (i_h == 0):
-        tl.store(slot_positions_ptr + slot, position)
+    partial = partial_ptr + (row * tl.num_programs(2) + i_s) * (BLOCK_DV + 2)  # [m, l, acc]
+    tl.store(partial, m_i)
+    tl.store(partial + 1, l_i)
+    tl.store(partial + 2 + dv, acc)
+    if (first <= slot) & (slot < last):
+        new_row = (i_b * SLOTS + slot) * H + i_h
+        tl.store(k_cache_ptr + new_row * DK + dk, k_new.to(k_cache_ptr.dtype.element_ty), mask=dk_ok)
+        tl.store(v_cache_ptr + new_row * DV + dv, v_new.to(v_cache_ptr.dtype.element_ty), mask=dv_ok)
+        if (i_b == 0) & (i_h == 0):
+            tl.store(slot_positions_ptr + slot, position)
 
 
-def _attention_slot_block(DK, DV):
-    """BLOCK_N: ring slots per loop step, 64 (keys and values of 64 slots at head size 128 in registers),
-    16 under the CPU interpreter."""
-    return 16 if INTERPRET else (64 if max(DK, DV) <= 128 else 32)
+@triton.jit
+def _attention_combine_kernel(
+    partial_ptr, o_ptr, SPLITS, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_SPLITS: tl.constexpr
+):
+    """One program = one (sequence, head): o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over its SPLITS
+    partial results (M their largest m; a split that saw no visible slot has l = 0 and acc = 0)."""
+    row = tl.program_id(0).to(tl.int64)
+    splits = tl.arange(0, BLOCK_SPLITS)
+    dv = tl.arange(0, BLOCK_DV)
+    split_ok = splits < SPLITS
+    partial = partial_ptr + (row * SPLITS + splits) * (BLOCK_DV + 2)  # (BLOCK_SPLITS,)
+    m = tl.load(partial, mask=split_ok, other=-1.0e30)
+    weight = tl.math.exp2(m - tl.max(m, 0))
+    l_total = tl.sum(weight * tl.load(partial + 1, mask=split_ok, other=0.0), 0)
+    acc = tl.load(partial[:, None] + 2 + dv[None, :], mask=split_ok[:, None], other=0.0)
+    o = tl.sum(weight[:, None] * acc, 0) / l_total
+    tl.store(o_ptr + row * DV + dv, o.to(o_ptr.dtype.element_ty), mask=dv < DV)
+
+
+def _attention_blocks(B, H, DK, DV, slots):
+    """BLOCK_N, the ring slots per loop step: 64 (keys and values of 64 slots at head size 128 in registers),
+    16 under the CPU interpreter; and SPLITS, the programs per (sequence, head), each over an equal range of
+    whole BLOCK_N blocks: enough for about 512 programs in all (16 at B4 H8), at most one per block."""
+    BLOCK_N = 16 if INTERPRET else (64 if max(DK, DV) <= 128 else 32)
+    blocks = triton.cdiv(slots, BLOCK_N)
+    splits = max(1, min(blocks, triton.cdiv(512, B * H)))
+    split_slots = triton.cdiv(blocks, splits) * BLOCK_N
+    return BLOCK_N, triton.cdiv(slots, split_slots), split_slots
 
 
 @torch.compiler.disable
@@ -255,9 +291,11 @@ def attention_step(q, k, v, k_cache, v_cache, slot_positions, position, window=N
         raise ValueError(f"attention_step: window must be a positive integer or None, got {window}")
     check_device("attention_step", q, k, v, k_cache, v_cache, slot_positions, position)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = torch.empty_like(v)
     scale = DK**-0.5 if scale is None else float(scale)
-    _attention_step_kernel[(B, H)](
+    BLOCK_N, splits, split_slots = _attention_blocks(B, H, DK, DV, slots)
+    BLOCK_DV = block_size(DV)
+    partial = torch.empty(B * H * splits, BLOCK_DV + 2, device=q.device, dtype=torch.float32)
+    _attention_step_kernel[(B, H, splits)](
         q,
         k,
         v,
@@ -265,16 +303,27 @@ def attention_step(q, k, v, k_cache, v_cache, slot_positions, position, window=N
         v_cache,
         slot_positions,
         position,
-        o,
+        partial,
         scale * LOG2E,
         slots if window is None else int(window),
         slots,
+        split_slots,
         H=H,
         DK=DK,
         DV=DV,
         BLOCK_DK=block_size(DK),
-        BLOCK_DV=block_size(DV),
-        BLOCK_N=_attention_slot_block(DK, DV),
+        BLOCK_DV=BLOCK_DV,
+        BLOCK_N=BLOCK_N,
+        num_warps=1 if INTERPRET else 4,
+    )
+    o = torch.empty_like(v)
+    _attention_combine_kernel[(B * H,)](
+        partial,
+        o,
+        splits,
+        DV=DV,
+        BLOCK_DV=BLOCK_DV,
+        BLOCK_SPLITS=triton.next_power_of_2(splits),
         num_warps=1 if INTERPRET else 4,
     )
     return o
