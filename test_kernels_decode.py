@@ -89,7 +89,13 @@ def test_delta_rule_step_rejects_bad_inputs():
         with pytest.raises(ValueError, match="state must be"):
             decode.gated_delta_rule_step(q, q, v, gates, gates, A_log, A_log, state)
     with pytest.raises(ValueError, match="expected q, k"):
-        decode.gated_delta_rule_step(q, q[..., :8], v, gates, gates, A_log, A_log, torch.zeros(2, 3, 16, 16))
+        decode.gated_delta_rule_step(
+            q, q[..., :8], v, gates, gates, A_log, A_log, torch.zeros(2, 3, 16, 16, device=DEVICE)
+        )
+    with pytest.raises(ValueError, match="no gradients"):
+        decode.gated_delta_rule_step(
+            q, q, v, gates, gates, A_log.requires_grad_(), A_log, torch.zeros(2, 3, 16, 16, device=DEVICE)
+        )
 
 
 def test_attention_step_rejects_bad_inputs():

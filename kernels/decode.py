@@ -27,6 +27,15 @@ from kernels.common import INTERPRET, block_size, check_device
 LOG2E = 1.4426950408889634
 
 
+def _check_no_gradient(name, *tensors):
+    """Raises ValueError if autograd would want a gradient: these kernels have no backward (decoding runs under
+    torch.no_grad(), as generate() and eval.py do)."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        raise ValueError(
+            f"{name} (Triton) computes no gradients: decode under torch.no_grad(), or use backend='torch'"
+        )
+
+
 @triton.jit
 def _softplus(x):
     """log(1 + exp(x)) in float32, accurate where exp(x) is small (log1p written out: log(u) e / (u - 1))."""
@@ -115,6 +124,7 @@ def gated_delta_rule_step(q, k, v, decay, beta, A_log, dt_bias, state, scale=Non
             f"got {tuple(state.shape)} {state.dtype}"
         )
     check_device("gated_delta_rule_step", q, k, v, decay, beta, A_log, dt_bias, state)
+    _check_no_gradient("gated_delta_rule_step", q, k, v, decay, beta, A_log, dt_bias)
     if decay.stride() != beta.stride() or decay.stride(1) != 1:
         decay, beta = decay.contiguous(), beta.contiguous()
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -290,6 +300,7 @@ def attention_step(q, k, v, k_cache, v_cache, slot_positions, position, window=N
     if window is not None and (int(window) != window or window < 1):
         raise ValueError(f"attention_step: window must be a positive integer or None, got {window}")
     check_device("attention_step", q, k, v, k_cache, v_cache, slot_positions, position)
+    _check_no_gradient("attention_step", q, k, v)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     scale = DK**-0.5 if scale is None else float(scale)
     BLOCK_N, splits, split_slots = _attention_blocks(B, H, DK, DV, slots)
