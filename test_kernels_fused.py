@@ -32,6 +32,9 @@ from kernels.trigger_decode import trigger_step_decode
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # worst seen on the CPU: 2e-7, 2.4e-3 (dW)
+# the Trigger's decode kernels' c in bf16: rounded to nearest on a GPU (2^-9 relative); Triton's interpreter
+# rounds casts to bf16 toward zero (worst seen in 30 random CPU cases: 3.9e-3)
+TRIGGER_C_BF16 = 4e-3 if ON_CUDA else 6e-3
 
 
 def relative_error(actual, expected):
@@ -134,8 +137,8 @@ def test_trigger_decode_matches_reference(lead, d_t, K, dtype, seed):
         c_model.shape,
         p_model.shape,
     )
-    # float32 arithmetic here: c within its dtype's rounding (bf16: 2^-8 relative), p within float32's
-    assert relative_error(c, c_ref) <= (1e-5 if dtype == torch.float32 else 4e-3)
+    # float32 arithmetic here: c within its dtype's rounding, p within float32's
+    assert relative_error(c, c_ref) <= (1e-5 if dtype == torch.float32 else TRIGGER_C_BF16)
     assert relative_error(p, p_ref) <= 1e-5
 
 
@@ -157,7 +160,7 @@ def test_trigger_decode_takes_the_models_layouts():
             c, p = trigger_step_decode(*inputs)
             c_ref, p_ref = nirvana.trigger_step(*(x.double() for x in inputs))
         assert c.shape == (4, 1, d_t) and p.shape == (4, 1, K) and c.dtype == dtype
-        assert relative_error(c, c_ref) <= (1e-5 if dtype == torch.float32 else 4e-3)
+        assert relative_error(c, c_ref) <= (1e-5 if dtype == torch.float32 else TRIGGER_C_BF16)
         assert relative_error(p, p_ref) <= 1e-5
 
 
