@@ -34,8 +34,9 @@ DECODE_TOKENS = 256  # at most this many tokens per call take this path (N * S p
 
 
 @triton.jit
-def _bank_applied(weight_ptr, bias_ptr, x, blocks, cols, K, D: tl.constexpr):
-    """A_k = W_k x + b_k for the bank blocks `blocks` (KB,): (KB, BLOCK_D) float32, zero outside K x D."""
+def _bank_tile(weight_ptr, bias_ptr, blocks, cols, K, D: tl.constexpr):
+    """W (KB, BLOCK_D, BLOCK_D) and b (KB, BLOCK_D) of the bank blocks `blocks` (KB,) in float32, zero outside
+    K x D x D."""
     block_ok = blocks < K
     col_ok = cols < D
     rows = blocks[:, None, None] * D * D + cols[None, :, None] * D + cols[None, None, :]  # (KB, i, j)
@@ -44,7 +45,13 @@ def _bank_applied(weight_ptr, bias_ptr, x, blocks, cols, K, D: tl.constexpr):
     bias = tl.load(
         bias_ptr + blocks[:, None] * D + cols[None, :], mask=block_ok[:, None] & col_ok[None, :], other=0.0
     )
-    return tl.sum(weight * x[None, None, :], 2) + bias.to(tl.float32)
+    return weight, bias.to(tl.float32)
+
+
+@triton.jit
+def _applied(weight, bias, x):
+    """W_k x + b_k for each block of the tile: (KB, BLOCK_D)."""
+    return tl.sum(weight * x[None, None, :], 2) + bias
 
 
 @triton.jit
@@ -82,7 +89,8 @@ def _partial_fast_weight(
     blocks = s * KB + tl.arange(0, KB)
     k = _load_row(k_ptr, n, k_row_stride, cols, cols < D)
     p = tl.load(p_ptr + n * K + blocks, mask=blocks < K, other=0.0).to(tl.float32)
-    A = _bank_applied(weight_ptr, bias_ptr, k, blocks, cols, K, D)
+    weight, bias = _bank_tile(weight_ptr, bias_ptr, blocks, cols, K, D)
+    A = _applied(weight, bias, k)
     tl.store(z_part_ptr + (n * S + s) * BLOCK_D + cols, tl.sum(p[:, None] * A, 0))
 
 
@@ -130,12 +138,13 @@ def _update_fast_weights(
     dz = tl.where(col_ok, rstd * (df - tl.sum(df, 0) / D - y * (tl.sum(df * y, 0) / D)), 0.0)
     blocks = s * KB + tl.arange(0, KB)
     block_ok = blocks < K
-    grad = tl.sum(_bank_applied(weight_ptr, bias_ptr, k, blocks, cols, K, D) * dz[None, :], 1)  # eq.(4)
+    weight, bias = _bank_tile(weight_ptr, bias_ptr, blocks, cols, K, D)  # read once for A_k and Q_k
+    grad = tl.sum(_applied(weight, bias, k) * dz[None, :], 1)  # eq.(4)
     p = tl.load(p_ptr + n * K + blocks, mask=block_ok, other=0.0).to(tl.float32)
     p_new = p - tl.load(eta_ptr + n).to(tl.float32) * grad  # eq.(5)
     tl.store(p_new_ptr + n * K + blocks, p_new.to(p_new_ptr.dtype.element_ty), mask=block_ok)
     q = _load_row(q_ptr, n, q_row_stride, cols, col_ok)
-    Q = _bank_applied(weight_ptr, bias_ptr, q, blocks, cols, K, D)
+    Q = _applied(weight, bias, q)
     tl.store(zq_part_ptr + (n * S + s) * BLOCK_D + cols, tl.sum(p_new[:, None] * Q, 0))
 
 
