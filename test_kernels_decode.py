@@ -172,12 +172,13 @@ def test_attention_step_attends_exactly_the_window():
 # the torch backend's decoding
 
 
-def test_tiny_model_decodes_like_the_torch_backend():
+@pytest.mark.parametrize("variant", ["nirvana", "transformer"])  # SWA and Trigger; full attention with RoPE
+def test_tiny_model_decodes_like_the_torch_backend(variant):
     idx = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     logits = {}
     for backend in ("torch", "triton"):
         torch.manual_seed(0)
-        config = nirvana.NirvanaConfig.from_preset("nirvana-tiny", window=8, backend=backend)
+        config = nirvana.NirvanaConfig.from_preset(f"{variant}-tiny", window=8, backend=backend)
         model = nirvana.Nirvana(config).to(DEVICE).eval()
         model.setup_caches(batch_size=2, max_seq_len=20)
         with torch.no_grad():
