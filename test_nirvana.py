@@ -1,6 +1,7 @@
 """Properties of nirvana.py: the executable spec must be causal, decodable, differentiable and checked."""
 
 import math
+import os
 import sys
 
 import pytest
@@ -298,8 +299,6 @@ def test_bf16_greedy_decoding_follows_the_parallel_argmax(tmp_path):
     over the same tokens. The model: the checkpoint at NIRVANA_DECODE_CHECKPOINT if set, else nirvana-tiny
     trained here on the built-in corpus for 300 steps (random weights put near-ties everywhere). The prompts
     are 32 tokens sampled from the model itself, so that no data or tokenizer is needed."""
-    import os
-
     import train
     from prepare import prepare_builtin
 
