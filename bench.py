@@ -29,11 +29,16 @@ Sections:
            training step of --profile-presets (default gated-deltanet-350m, nirvana-350m) and fla's model,
            GPU kernel time forward / backward (charged to the module whose forward op made the autograd node)
            / clipping / optimizer, kernel launches, bytes saved for backward; and one eager decode step of
-           each preset after a 4096-token prompt (batch --batch). Tables on stdout and in profile.txt under --out.
+           each preset after a 4096-token prompt (batch --batch), with the decode kernels and with their
+           plain twins (rows Trigger, Attention, GatedDeltaNet, ...: each component's share of the step).
+           Tables on stdout and in profile.txt under --out.
   decode   the paper's Table 4: generated tokens/s at prompt 4096, batch 4, 128 new tokens for nirvana,
            nirvana-notrigger, gated-deltanet and transformer (KV cache) of one size (--decode-size, default
-           350m, random weights, CUDA-graph replays of the decode step), through eval.decode_speed.
-           `python eval.py speed` adds the ms/token-vs-context curve and its PNG.
+           350m, random weights, CUDA-graph replays of the decode step), through eval.decode_speed; each with
+           the decode kernels (kernels/decode.py: delta-rule step, ring-buffer attention; the Trigger's,
+           kernels/trigger_decode.py) and with their plain twins instead, and nirvana's tokens/s over
+           gated-deltanet's. `python eval.py speed` adds the
+           ms/token-vs-context curve and its PNG.
 Every row has the floor: max(FLOPs / measured bf16 matmul rate, bytes / measured copy bandwidth), both
 measured at the start of the run. Times are medians of triton.testing.do_bench on random non-zero data.
 Results: a table on stdout, and bench.json + bench.csv under --out.
@@ -928,7 +933,8 @@ def profile_decode_step(name, model, batch_size, prompt_len, steps=8, use_device
 
 def bench_profile(table, args):
     """Per-component breakdown of one training step (our gated-deltanet and nirvana presets, fla's model) and
-    of one decode step (nirvana and gated-deltanet); the tables go to stdout and profile.txt under --out."""
+    of one decode step (nirvana and gated-deltanet, with and without the decode kernels); the tables go to
+    stdout and profile.txt under --out."""
     import eval as evaluation
     import train
 
@@ -948,12 +954,15 @@ def bench_profile(table, args):
         torch.cuda.empty_cache()
     for preset in presets:
         variant, size = preset.rsplit("-", 1)
-        model = evaluation.speed_model(variant, size, "triton", "cuda", torch.bfloat16, 32000)
-        model_lines = profile_decode_step(preset, model, args.batch, 4096)
-        print("\n".join(model_lines), flush=True)
-        lines += model_lines + [""]
-        del model
-        torch.cuda.empty_cache()
+        for paths in ("decode kernels", "torch twins"):
+            model = evaluation.speed_model(variant, size, "triton", "cuda", torch.bfloat16, 32000)
+            if paths == "torch twins":
+                with_torch_decode_steps(model)
+            model_lines = profile_decode_step(f"{preset} ({paths})", model, args.batch, 4096)
+            print("\n".join(model_lines), flush=True)
+            lines += model_lines + [""]
+            del model
+            torch.cuda.empty_cache()
     text = "\n".join(lines)
     from cli import write_text_atomically
 
@@ -961,24 +970,49 @@ def bench_profile(table, args):
     write_text_atomically(os.path.join(args.out, "profile.txt"), text + "\n")
 
 
+def with_torch_decode_steps(model):
+    """The model with its decode paths (kernels/decode.py's one-token steps of the delta rule and attention,
+    kernels/trigger_decode.py's Trigger step) replaced by their plain twins in nirvana.py."""
+    import nirvana
+
+    twins = dict(
+        gated_delta_rule_step=nirvana.TORCH_OPS.gated_delta_rule_step,
+        attention_step=nirvana.TORCH_OPS.attention_step,
+        trigger_step=nirvana.TORCH_OPS.trigger_step,
+    )
+    for module in model.modules():
+        if isinstance(getattr(module, "ops", None), type(nirvana.TORCH_OPS)):
+            module.ops = type(nirvana.TORCH_OPS)(**{**vars(module.ops), **twins})
+    return model
+
+
 def bench_decode(table, args):
-    """Table 4 of the paper: decode throughput of four variants of one size, side by side."""
+    """Table 4 of the paper: decode throughput of four variants of one size, side by side, each with the
+    triton backend's decode kernels and with their plain twins; the note gives generated tokens/s and the
+    ratio to gated-deltanet's with the same paths (the target: nirvana >= 1.0x)."""
     import eval as evaluation
 
+    case = f"{args.decode_size} prompt4096 B4"
+    tokens_per_s = {}
     for variant in ("nirvana", "nirvana-notrigger", "gated-deltanet", "transformer"):
-        model = evaluation.speed_model(variant, args.decode_size, "triton", "cuda", torch.bfloat16, 32000)
-        result = evaluation.decode_speed(model, prompt_len=4096, batch_size=4, new_tokens=128)
-        note = f"{result['decode_tokens_per_s']:.1f} generated tokens/s, cuda_graph={result['cuda_graph']}"
-        table.add(
-            "decode",
-            f"{args.decode_size} prompt4096 B4",
-            variant,
-            "decode",
-            result["ms_per_token"],
-            note=note,
-        )
-        del model
-        torch.cuda.empty_cache()
+        for paths in ("decode kernels", "torch twins"):
+            model = evaluation.speed_model(variant, args.decode_size, "triton", "cuda", torch.bfloat16, 32000)
+            if paths == "torch twins":
+                with_torch_decode_steps(model)
+            result = evaluation.decode_speed(model, prompt_len=4096, batch_size=4, new_tokens=128)
+            tokens_per_s[variant, paths] = result["decode_tokens_per_s"]
+            note = (
+                f"{result['decode_tokens_per_s']:.1f} generated tokens/s, cuda_graph={result['cuda_graph']}"
+            )
+            if ("gated-deltanet", paths) in tokens_per_s:
+                ratio = result["decode_tokens_per_s"] / tokens_per_s["gated-deltanet", paths]
+                note += f", {ratio:.2f}x gated-deltanet's"
+            table.add("decode", case, f"{variant}, {paths}", "decode", result["ms_per_token"], note=note)
+            del model
+            torch.cuda.empty_cache()
+    for paths in ("decode kernels", "torch twins"):
+        ratio = tokens_per_s["nirvana", paths] / tokens_per_s["gated-deltanet", paths]
+        print(f"decode, {paths}: nirvana / gated-deltanet tokens/s = {ratio:.2f} (target >= 1.0)")
 
 
 def main() -> None:

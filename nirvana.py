@@ -340,6 +340,45 @@ def gated_delta_rule(
     return rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
 
 
+def l2_normalize(x, dtype):
+    """x / ||x|| over the last dimension, computed in float32 and rounded once to dtype (q and k of the delta
+    rule: a bf16 norm leaves |k| = 1 only to about 4e-3)."""
+    return F.normalize(x.float(), dim=-1).to(dtype)
+
+
+def delta_rule_gates(decay, beta, A_log, dt_bias):
+    """Gated DeltaNet's gates in float32 from the projections Wa x, Wb x (..., H) and the per-head A_log,
+    dt_bias (H,): g = -exp(A_log) softplus(Wa x + dt_bias) (log alpha), beta = sigmoid(Wb x)."""
+    g = -A_log.float().exp() * F.softplus(decay.float() + dt_bias.float())
+    return g, beta.float().sigmoid()
+
+
+def gated_delta_rule_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay: Tensor,
+    beta: Tensor,
+    A_log: Tensor,
+    dt_bias: Tensor,
+    state: Tensor,
+    scale: float | None = None,
+) -> Tensor:
+    """One token per sequence through the cached state (decoding): the L2 norm of q and k, the gates and one
+    step of the recurrence, as the parallel path computes them for that token.
+
+    q, k (B, H, Dk) before the L2 norm; v (B, H, Dv); decay, beta (B, H) the projections Wa x, Wb x; A_log,
+    dt_bias (H,); state (B, H, Dk, Dv) float32, updated in place. Returns o (B, H, Dv) in v's dtype.
+    """
+    q1, k1 = l2_normalize(q, v.dtype), l2_normalize(k, v.dtype)
+    g, beta = delta_rule_gates(decay, beta, A_log, dt_bias)
+    o, new_state = gated_delta_rule_recurrent(
+        *(x[:, None] for x in (q1, k1, v, g, beta)), scale, state, output_final_state=True
+    )
+    state.copy_(new_state)
+    return o[:, 0]
+
+
 def windowed_attention(q, k, v, q_positions, k_positions, window=None, scale=None):
     """Softmax attention where query at position i sees keys at positions j with i - window < j <= i.
 
@@ -365,6 +404,32 @@ def sliding_window_attention(
     """
     positions = torch.arange(q.shape[1], device=q.device)
     return windowed_attention(q, k, v, positions, positions, window, scale)
+
+
+def attention_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_positions: Tensor,
+    position: Tensor,
+    window: int | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """One query per sequence through a ring buffer of keys and values (decoding).
+
+    The new key and value (of the token at `position`, a (1,) tensor) go into slot position mod slots, then
+    the query attends the slots whose position j satisfies position - window < j <= position (window None:
+    every filled slot). q, k (B, H, Dk), v (B, H, Dv); k_cache (B, slots, H, Dk), v_cache (B, slots, H, Dv),
+    slot_positions (slots,) (-1: empty), all updated in place. Returns (B, H, Dv) in v's dtype.
+    """
+    slot = position % slot_positions.shape[0]
+    k_cache.index_copy_(1, slot, k[:, None].to(k_cache.dtype))
+    v_cache.index_copy_(1, slot, v[:, None].to(v_cache.dtype))
+    slot_positions.index_copy_(0, slot, position)
+    keys, values = k_cache.to(q.dtype), v_cache.to(v.dtype)
+    return windowed_attention(q[:, None], keys, values, position, slot_positions, window, scale)[:, 0]
 
 
 def fast_weight_function(x, p, bank_weight, bank_bias):
@@ -471,7 +536,9 @@ def linear_cross_entropy(h, weight, targets):
 
 TORCH_OPS = SimpleNamespace(
     gated_delta_rule=gated_delta_rule,
+    gated_delta_rule_step=gated_delta_rule_step,
     sliding_window_attention=sliding_window_attention,
+    attention_step=attention_step,
     trigger_step=trigger_step,
     causal_conv=causal_conv,
     rms_norm=rms_norm,
@@ -492,7 +559,7 @@ def load_backend(name):
             f"backend='triton' needs the kernels/ package and Triton ({error}); "
             "use backend='torch' or install triton"
         ) from error
-    from kernels import trigger_decode
+    from kernels import decode, trigger_decode
     from kernels.causal_conv import causal_conv as fused_causal_conv
     from kernels.linear_cross_entropy import chunked_linear_cross_entropy
     from kernels.rms_norm import gated_rms_norm as fused_gated_rms_norm
@@ -501,8 +568,10 @@ def load_backend(name):
 
     return SimpleNamespace(
         gated_delta_rule=kernels.gated_delta_rule,
+        gated_delta_rule_step=decode.gated_delta_rule_step,  # one token per sequence
         sliding_window_attention=kernels.sliding_window_attention,
-        trigger_step=trigger_decode.trigger_step,  # fused kernel, or closed form to decode
+        attention_step=decode.attention_step,  # one query per sequence over the ring buffer
+        trigger_step=trigger_decode.trigger_step,  # fused kernel, or the decode kernels for a few tokens
         causal_conv=fused_causal_conv,
         rms_norm=fused_rms_norm,
         gated_rms_norm=fused_gated_rms_norm,
@@ -627,9 +696,21 @@ class Attention(nn.Module):
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
                 ).transpose(1, 2)
             return self.ops.sliding_window_attention(q, k, v, self.window)
+        if q.shape[1] == 1:  # decoding: the backend's one-query step writes the ring and attends it
+            o = self.ops.attention_step(
+                q[:, 0],
+                k[:, 0],
+                v[:, 0],
+                self.k_cache,
+                self.v_cache,
+                self.slot_positions,
+                positions,
+                self.window,
+            )
+            return o[:, None]
         # Writing first overwrites no key that a query of this call still sees when every key fits (full
-        # attention) or one token arrives (its write evicts position i - W); then the cache alone is attended.
-        if self.window is None or q.shape[1] == 1:
+        # attention); then the cache alone is attended.
+        if self.window is None:
             self.write_cache(k, v, positions)
             return windowed_attention(
                 q,
@@ -693,17 +774,21 @@ class GatedDeltaNet(nn.Module):
     def forward(self, q, k, v, decay, beta, gate):
         """q, k (B, T, H*Dk); v (B, T, H*Dv); Wa x, Wb x (B, T, H); Wg x (B, T, H*Dv) -> b (B, T, H*Dv)."""
         B, T, _ = q.shape
-        q1 = F.normalize(F.silu(self.q_conv(q)).view(B, T, self.H, self.Dk), dim=-1)
-        k1 = F.normalize(F.silu(self.k_conv(k)).view(B, T, self.H, self.Dk), dim=-1)
+        q = F.silu(self.q_conv(q)).view(B, T, self.H, self.Dk)
+        k = F.silu(self.k_conv(k)).view(B, T, self.H, self.Dk)
         v1 = F.silu(self.v_conv(v)).view(B, T, self.H, self.Dv)
-        q1, k1 = q1.to(v1.dtype), k1.to(v1.dtype)  # autocast normalises in float32
-        g = -self.A_log.float().exp() * F.softplus(decay.float() + self.dt_bias)  # (B, T, H) log alpha
-        beta = beta.float().sigmoid()  # (B, T, H)
-        o, state = self.ops.gated_delta_rule(
-            q1, k1, v1, g, beta, initial_state=self.state, output_final_state=self.state is not None
-        )
-        if self.state is not None:
-            self.state.copy_(state)
+        if self.state is not None and T == 1:  # decoding: the backend's one-token step updates the state
+            o = self.ops.gated_delta_rule_step(
+                q[:, 0], k[:, 0], v1[:, 0], decay[:, 0], beta[:, 0], self.A_log, self.dt_bias, self.state
+            )[:, None]
+        else:
+            q1, k1 = l2_normalize(q, v1.dtype), l2_normalize(k, v1.dtype)  # (B, T, H, Dk)
+            g, beta = delta_rule_gates(decay, beta, self.A_log, self.dt_bias)  # (B, T, H) log alpha, beta
+            o, state = self.ops.gated_delta_rule(
+                q1, k1, v1, g, beta, initial_state=self.state, output_final_state=self.state is not None
+            )
+            if self.state is not None:
+                self.state.copy_(state)
         gate = gate.view(B, T, self.H, self.Dv)
         return self.norm(o.to(gate.dtype), gate).view(B, T, self.H * self.Dv)
 

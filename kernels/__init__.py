@@ -7,8 +7,10 @@ nirvana.py (see nirvana.load_backend):
 
 Each works on CUDA tensors, or on the CPU when TRITON_INTERPRET=1 is set before triton is imported.
 The other fast paths of the model are modules beside these: causal_conv, rms_norm (the pre-norms and
-gated_rms_norm), swiglu (SwiGLU's output projection), linear_cross_entropy, and trigger_decode (the closed-form Trigger step for decoding, which falls back to
-trigger_step); nirvana.load_backend puts them all in the backend's table.
+gated_rms_norm), swiglu (SwiGLU's output projection), linear_cross_entropy, trigger_decode (the Trigger step
+of a few tokens without gradients, for decoding, which falls back to trigger_step) and decode (the one-token
+steps of the delta rule and of attention over the ring buffer); nirvana.load_backend puts them all in the
+backend's table.
 """
 
 import torch
