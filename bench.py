@@ -32,13 +32,14 @@ Sections:
            each preset after a 4096-token prompt (batch --batch), with the decode kernels and with their
            plain twins (rows Trigger, Attention, GatedDeltaNet, ...: each component's share of the step).
            Tables on stdout and in profile.txt under --out.
-  decode   the paper's Table 4: generated tokens/s at prompt 4096, batch 4, 128 new tokens for nirvana,
-           nirvana-notrigger, gated-deltanet and transformer (KV cache) of one size (--decode-size, default
-           350m, random weights, CUDA-graph replays of the decode step), through eval.decode_speed; each with
-           the decode kernels (kernels/decode.py: delta-rule step, ring-buffer attention; the Trigger's,
-           kernels/trigger_decode.py) and with their plain twins instead, and nirvana's tokens/s over
-           gated-deltanet's. `python eval.py speed` adds the
-           ms/token-vs-context curve and its PNG.
+  decode   the paper's Table 4 at each --decode-sizes size (default 350m,1.3b; random weights, bf16, CUDA-graph
+           replays of the decode step, eval.decode_speed): generated tokens/s at prompt 4096, batch 4, 128 new
+           tokens for the six variants (the transformer with its KV cache), with the decode kernels
+           (kernels/decode.py: delta-rule step, ring-buffer attention; kernels/trigger_decode.py: the Trigger)
+           and with their plain twins; ratios to gated-deltanet and the transformer,
+           the Trigger's share of nirvana's step (from nirvana-notrigger); then ms per token at batch 1 after
+           contexts of 4k, 16k and 64k (section 'latency'). The floor of these rows is one bf16 read of the
+           weights. `python eval.py speed` draws the ms/token-vs-context curve as a PNG.
 Every row has the floor: max(FLOPs / measured bf16 matmul rate, bytes / measured copy bandwidth), both
 measured at the start of the run. Times are medians of triton.testing.do_bench on random non-zero data.
 Results: a table on stdout, and bench.json + bench.csv under --out.
@@ -89,7 +90,12 @@ def parse_args():
         default="gated-deltanet-350m,nirvana-350m",
         help="presets of the profile section (training step at --train-shape, decode step)",
     )
-    parser.add_argument("--decode-size", default="350m", help="preset size of the decode section")
+    parser.add_argument(
+        "--decode-sizes",
+        type=lambda text: [size for size in text.split(",") if size],
+        default="350m,1.3b",
+        help="comma-separated preset sizes of the decode section",
+    )
     args = parser.parse_args()
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(args.only) - set(SECTIONS)
@@ -986,33 +992,63 @@ def with_torch_decode_steps(model):
     return model
 
 
+DECODE_VARIANTS = ("nirvana", "nirvana-notrigger", "nirvana-rope", "gated-deltanet", "hybrid", "transformer")
+LATENCY_CONTEXTS = (4096, 16384, 65536)
+
+
 def bench_decode(table, args):
-    """Table 4 of the paper: decode throughput of four variants of one size, side by side, each with the
-    triton backend's decode kernels and with their plain twins; the note gives generated tokens/s and the
-    ratio to gated-deltanet's with the same paths (the target: nirvana >= 1.0x)."""
+    """Table 4 of the paper at each --decode-sizes size: generated tokens/s of the six variants at prompt 4096,
+    batch 4, with the triton backend's decode kernels and with their plain twins (the kernels' gain), then
+    milliseconds per token at batch 1 after contexts of 4k, 16k and 64k tokens (with the kernels). Each row's
+    floor is one read of the weights in bf16 (all but the embedding table, of which a step reads a row per
+    sequence); a summary gives the ratios to gated-deltanet and to the transformer (the paper, 1.3b: nirvana
+    1.12x and 2.7x) and the Trigger's share of nirvana's step."""
     import eval as evaluation
 
-    case = f"{args.decode_size} prompt4096 B4"
-    tokens_per_s = {}
-    for variant in ("nirvana", "nirvana-notrigger", "gated-deltanet", "transformer"):
-        for paths in ("decode kernels", "torch twins"):
-            model = evaluation.speed_model(variant, args.decode_size, "triton", "cuda", torch.bfloat16, 32000)
-            if paths == "torch twins":
-                with_torch_decode_steps(model)
-            result = evaluation.decode_speed(model, prompt_len=4096, batch_size=4, new_tokens=128)
-            tokens_per_s[variant, paths] = result["decode_tokens_per_s"]
-            note = (
-                f"{result['decode_tokens_per_s']:.1f} generated tokens/s, cuda_graph={result['cuda_graph']}"
-            )
-            if ("gated-deltanet", paths) in tokens_per_s:
-                ratio = result["decode_tokens_per_s"] / tokens_per_s["gated-deltanet", paths]
-                note += f", {ratio:.2f}x gated-deltanet's"
-            table.add("decode", case, f"{variant}, {paths}", "decode", result["ms_per_token"], note=note)
+    for size in args.decode_sizes:
+        case, tokens_per_s = f"{size} prompt4096 B4", {}
+        for variant in DECODE_VARIANTS:
+            model = evaluation.speed_model(variant, size, "triton", "cuda", torch.bfloat16, 32000)
+            weight_bytes = 2 * (model.num_params() - model.token_embedding.weight.numel())
+            for path in ("decode kernels", "torch twins"):
+                if path == "torch twins":
+                    with_torch_decode_steps(model)
+                result = evaluation.decode_speed(model, prompt_len=4096, batch_size=4, new_tokens=128)
+                tokens_per_s[variant, path] = result["decode_tokens_per_s"]
+                note = f"{result['decode_tokens_per_s']:.1f} tokens/s, cuda_graph={result['cuda_graph']}"
+                table.add(
+                    "decode",
+                    case,
+                    f"{variant}, {path}",
+                    "decode",
+                    result["ms_per_token"],
+                    nbytes=weight_bytes,
+                    note=note,
+                )
+                if path == "decode kernels":
+                    for row in evaluation.decode_latency(model, LATENCY_CONTEXTS, batch_size=1, steps=32):
+                        table.add(
+                            "latency",
+                            f"{size} B1 context {row['context'] // 1024}k",
+                            variant,
+                            "decode",
+                            row["ms_per_token"],
+                            nbytes=weight_bytes,
+                            note=f"cuda_graph={row['cuda_graph']}",
+                        )
             del model
             torch.cuda.empty_cache()
-    for paths in ("decode kernels", "torch twins"):
-        ratio = tokens_per_s["nirvana", paths] / tokens_per_s["gated-deltanet", paths]
-        print(f"decode, {paths}: nirvana / gated-deltanet tokens/s = {ratio:.2f} (target >= 1.0)")
+        print(
+            f"Table 4, {size}, prompt 4096, batch 4: generated tokens/s, x gated-deltanet's, x the transformer's"
+        )
+        for (variant, path), value in tokens_per_s.items():
+            ratios = [value / tokens_per_s[peer, path] for peer in ("gated-deltanet", "transformer")]
+            print(f"  {variant:18} {path:15} {value:8.1f} {ratios[0]:6.2f}x {ratios[1]:6.2f}x")
+        kernels = {v: tokens_per_s[v, "decode kernels"] for v in ("nirvana", "nirvana-notrigger")}
+        trigger_share = 1 - kernels["nirvana"] / kernels["nirvana-notrigger"]  # of nirvana's step time
+        print(
+            f"decode {size}: the Trigger's share of nirvana's step (from nirvana-notrigger) {trigger_share:.1%}"
+        )
 
 
 def main() -> None:
