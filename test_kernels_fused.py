@@ -45,6 +45,16 @@ def relative_error(actual, expected):
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
+def assert_gradients_match(out, expected, inputs, reference, grad_out, names, bound):
+    """The gradients of out (from inputs) against those of the float64 twin's expected (from reference), for
+    the same output gradient: each in its input's dtype, within bound."""
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    expected_grads = torch.autograd.grad(expected, reference, grad_out.double())
+    for name, actual, want, given_input in zip(names, grads, expected_grads, inputs):
+        assert actual.dtype == given_input.dtype, name
+        assert relative_error(actual, want) <= bound, f"{name}: {relative_error(actual, want):.2e}"
+
+
 def loss_and_grads(loss_fn, h, weight, targets, dtype, **kwargs):
     h, weight = h.clone().requires_grad_(), weight.clone().requires_grad_()
     with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -244,11 +254,7 @@ def test_gated_rms_norm_matches_reference(lead, D, dtype, x_float32, seed):
     assert x.numel() == 0 or relative_error(out, expected) <= bound
     if x.numel() == 0:
         return
-    grads = torch.autograd.grad(out, inputs, grad_out)
-    expected_grads = torch.autograd.grad(expected, reference, grad_out.double())
-    for name, actual, want, given_input in zip(("dx", "dgate", "dw"), grads, expected_grads, inputs):
-        assert actual.dtype == given_input.dtype, name
-        assert relative_error(actual, want) <= bound, f"{name}: {relative_error(actual, want):.2e}"
+    assert_gradients_match(out, expected, inputs, reference, grad_out, ("dx", "dgate", "dw"), bound)
 
 
 @settings(max_examples=30 if ON_CUDA else 12, deadline=None, database=None, derandomize=not ON_CUDA)
@@ -276,11 +282,7 @@ def test_rms_norm_matches_reference(lead, D, dtype, seed):
     assert x.numel() == 0 or relative_error(out, expected) <= bound
     if x.numel() == 0:
         return
-    grads = torch.autograd.grad(out, inputs, grad_out)
-    expected_grads = torch.autograd.grad(expected, reference, grad_out.double())
-    for name, actual, want in zip(("dx", "dw"), grads, expected_grads):
-        assert actual.dtype == torch.float32, name
-        assert relative_error(actual, want) <= bound, f"{name}: {relative_error(actual, want):.2e}"
+    assert_gradients_match(out, expected, inputs, reference, grad_out, ("dx", "dw"), bound)
 
 
 def test_norms_reject_mismatched_shapes():
@@ -321,11 +323,7 @@ def test_swiglu_linear_matches_reference(lead, F_, D, dtype, seed):
     assert gate.numel() == 0 or relative_error(out, expected) <= bound
     if gate.numel() == 0:
         return
-    grads = torch.autograd.grad(out, inputs, grad_out)
-    expected_grads = torch.autograd.grad(expected, reference, grad_out.double())
-    for name, actual, want, given_input in zip(("dgate", "dup", "dw"), grads, expected_grads, inputs):
-        assert actual.dtype == given_input.dtype, name
-        assert relative_error(actual, want) <= bound, f"{name}: {relative_error(actual, want):.2e}"
+    assert_gradients_match(out, expected, inputs, reference, grad_out, ("dgate", "dup", "dw"), bound)
 
 
 def test_swiglu_linear_rejects_mismatched_shapes():

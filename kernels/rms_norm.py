@@ -17,26 +17,24 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import INTERPRET
+from kernels.common import INTERPRET, load_rows, store_rows
 
 
 @triton.jit
 def _rms_norm_fwd(
     X, G, W, Y, RSTD, n_rows, D, eps, HAS_GATE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr
 ):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     row_ok, col_ok = rows < n_rows, cols < D
-    mask = row_ok[:, None] & col_ok[None, :]
-    offsets = rows[:, None].to(tl.int64) * D + cols[None, :]
-    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    x = load_rows(X, rows, cols, D, row_ok, col_ok).to(tl.float32)
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # (BLOCK_ROWS,)
     y = x * rstd[:, None] * w[None, :]
     if HAS_GATE:
-        g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = load_rows(G, rows, cols, D, row_ok, col_ok).to(tl.float32)
         y = y * (g * tl.sigmoid(g))
-    tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
+    store_rows(Y, y, rows, cols, D, row_ok, col_ok)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
@@ -57,26 +55,24 @@ def _rms_norm_bwd(
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    rows = (pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     row_ok, col_ok = rows < n_rows, cols < D
-    mask = row_ok[:, None] & col_ok[None, :]
-    offsets = rows[:, None].to(tl.int64) * D + cols[None, :]
-    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
+    x = load_rows(X, rows, cols, D, row_ok, col_ok).to(tl.float32)
+    dy = load_rows(DY, rows, cols, D, row_ok, col_ok).to(tl.float32)
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
     x_hat = x * rstd[:, None]
     dnormed = dy  # the gradient of RMSNorm(x) * w
     if HAS_GATE:
-        g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = load_rows(G, rows, cols, D, row_ok, col_ok).to(tl.float32)
         sigmoid = tl.sigmoid(g)
         dg = dy * x_hat * w[None, :] * sigmoid * (1.0 + g * (1.0 - sigmoid))  # d SiLU(g) / dg
-        tl.store(DG + offsets, dg.to(DG.dtype.element_ty), mask=mask)
+        store_rows(DG, dg, rows, cols, D, row_ok, col_ok)
         dnormed = dy * g * sigmoid
     dx_hat = dnormed * w[None, :]
     dx = rstd[:, None] * (dx_hat - x_hat * (tl.sum(dx_hat * x_hat, axis=1) / D)[:, None])
-    tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+    store_rows(DX, dx, rows, cols, D, row_ok, col_ok)
     tl.store(DW_PART + pid * D + cols, tl.sum(dnormed * x_hat, axis=0), mask=col_ok)
 
 
