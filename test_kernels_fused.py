@@ -353,13 +353,15 @@ def saved_bytes(fn, *inputs):
 
 def test_fused_norm_and_swiglu_keep_less_for_backward():
     # what makes the triton backend's training step smaller: per token at d_model 1024 and ffn 2816, in bf16,
-    # the pre-norm keeps one float32 rstd beside its input (its twin also the float32 normed x), and SwiGLU
-    # only gate and up (its twin also SiLU(gate) and the product)
+    # the pre-norm keeps one float32 rstd beside its input (its twin on the CPU also the float32 normed x;
+    # torch's CUDA rms_norm is fused and keeps the rstd alone too), and SwiGLU only gate and up (its twin
+    # also SiLU(gate) and the product)
     T, D, F_ = 64, 1024, 2816
     h = torch.randn(T, D, device=DEVICE, requires_grad=True)
     weight = torch.ones(D, device=DEVICE, requires_grad=True)
-    assert saved_bytes(lambda x, w: rms_norm(x, w, 1e-6), h, weight) == 4 * T
-    assert saved_bytes(lambda x, w: nirvana.rms_norm(x, w, 1e-6), h, weight) >= 4 * T * D
+    twin_norm = saved_bytes(lambda x, w: nirvana.rms_norm(x, w, 1e-6), h, weight)
+    assert saved_bytes(lambda x, w: rms_norm(x, w, 1e-6), h, weight) == 4 * T <= twin_norm
+    assert twin_norm >= (4 * T if ON_CUDA else 4 * T * D)
     gate, up = (torch.randn(T, F_, device=DEVICE).bfloat16().requires_grad_() for _ in range(2))
     down = torch.randn(D, F_, device=DEVICE, requires_grad=True)
     assert saved_bytes(swiglu_linear, gate, up, down) == 0

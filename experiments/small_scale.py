@@ -98,7 +98,7 @@ SIZES = {
         eval_tokens=65_536,
         save_every=50,
         first_chunk_steps=20,
-        chunk_seconds=90,
+        chunk_seconds=150,
         ppl_tokens=262_144,
         context_windows=32,
         niah_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
@@ -249,6 +249,19 @@ def checkpoint_step(path):
     return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
 
 
+def whole_run_seconds(run, size, records):
+    """What training run from scratch plus its measurements should take, judged by the finished runs'
+    records (those of the same variant if any); None before any run has finished."""
+    per_step = {}
+    for path in Path(records).glob("*/train_done.json"):
+        done = read_json(path)
+        per_step.setdefault(done.get("variant"), []).append(done["seconds"] / done["steps"])
+    if not per_step:
+        return None
+    rates = per_step.get(run.variant) or [r for rates in per_step.values() for r in rates]
+    return float(np.mean(rates)) * size.train_steps + sum(measured_seconds(records).values())
+
+
 def train_run(run, size, tokens_dir, run_dir, record_dir, device, clock):
     """Trains run up to size.train_steps in chunks; -> True when finished, False when the budget ran out.
     A finished run's train_done.json and log.csv go to its record folder."""
@@ -258,6 +271,9 @@ def train_run(run, size, tokens_dir, run_dir, record_dir, device, clock):
     checkpoint, progress_path = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "train_seconds.json")
     step, chunk_steps, seconds_per_step = checkpoint_step(checkpoint), size.first_chunk_steps, None
     seconds = read_json(progress_path)["seconds"] if step and os.path.isfile(progress_path) else 0.0
+    whole_run = whole_run_seconds(run, size, os.path.dirname(record_dir))
+    if step == 0 and whole_run is not None and not clock.fits(whole_run):
+        return False  # a run begun now would be cut, and its checkpoint may not outlive the machine
     while step < size.train_steps:
         if seconds_per_step is not None:
             chunk_steps = max(1, int(size.chunk_seconds / seconds_per_step))
@@ -287,6 +303,7 @@ def train_run(run, size, tokens_dir, run_dir, record_dir, device, clock):
             "tokens": step * size.global_batch_tokens,
             "seconds": seconds,
             "seed": run.seed,
+            "variant": run.variant,
             "params": int(sum(v.numel() for v in params.values())),
             "tokens_per_s": float(np.median(speeds)) if speeds else None,
             "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
