@@ -361,7 +361,8 @@ def test_fused_norm_and_swiglu_keep_less_for_backward():
     weight = torch.ones(D, device=DEVICE, requires_grad=True)
     twin_norm = saved_bytes(lambda x, w: nirvana.rms_norm(x, w, 1e-6), h, weight)
     assert saved_bytes(lambda x, w: rms_norm(x, w, 1e-6), h, weight) == 4 * T <= twin_norm
-    assert twin_norm >= (4 * T if ON_CUDA else 4 * T * D)
+    if not ON_CUDA:
+        assert twin_norm >= 4 * T * D
     gate, up = (torch.randn(T, F_, device=DEVICE).bfloat16().requires_grad_() for _ in range(2))
     down = torch.randn(D, F_, device=DEVICE, requires_grad=True)
     assert saved_bytes(swiglu_linear, gate, up, down) == 0

@@ -271,9 +271,10 @@ def train_run(run, size, tokens_dir, run_dir, record_dir, device, clock):
     checkpoint, progress_path = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "train_seconds.json")
     step, chunk_steps, seconds_per_step = checkpoint_step(checkpoint), size.first_chunk_steps, None
     seconds = read_json(progress_path)["seconds"] if step and os.path.isfile(progress_path) else 0.0
-    whole_run = whole_run_seconds(run, size, os.path.dirname(record_dir))
-    if step == 0 and whole_run is not None and not clock.fits(whole_run):
-        return False  # a run begun now would be cut, and its checkpoint may not outlive the machine
+    if step == 0:
+        whole_run = whole_run_seconds(run, size, os.path.dirname(record_dir))
+        if whole_run is not None and not clock.fits(whole_run):
+            return False  # a run begun now would be cut, and its checkpoint may not outlive the machine
     while step < size.train_steps:
         if seconds_per_step is not None:
             chunk_steps = max(1, int(size.chunk_seconds / seconds_per_step))
