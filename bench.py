@@ -597,8 +597,9 @@ class FlaAsNirvana(torch.nn.Module):
 
 
 def train_contenders(presets, fla_peer):
-    """(name, NirvanaConfig for the FLOP count, model builder) of each preset, then fla's model beside the
-    first gated-deltanet preset when fla_peer and fla is importable."""
+    """(name, NirvanaConfig for the FLOP count, model builder) of each preset, with fla's model of the first
+    gated-deltanet preset's configuration ahead of them when fla_peer and fla is importable (the reference
+    of the ratios comes first, so a run cut short still has it)."""
     import nirvana
 
     contenders = []
@@ -613,7 +614,7 @@ def train_contenders(presets, fla_peer):
             )
         else:
             name = f"fla GatedDeltaNetForCausalLM ({peer.d_model}x{peer.n_layers})"
-            contenders.append((name, peer, lambda: FlaAsNirvana(fla_gated_deltanet_model(peer))))
+            contenders.insert(0, (name, peer, lambda: FlaAsNirvana(fla_gated_deltanet_model(peer))))
     return contenders
 
 

@@ -123,19 +123,30 @@ def test_tiny_pipeline_end_to_end_and_resumes(tmp_path, capsys):
     assert "training steps" not in out and "measuring" not in out and "all done" in out
 
 
-def test_a_run_that_cannot_finish_in_the_budget_is_not_begun(tmp_path):
-    # judged from a finished run's record: 10 s a step for 4 steps plus 5 s of measurements
+def test_a_run_that_cannot_finish_in_the_budget_is_not_begun(tmp_path, monkeypatch):
+    # judged from a finished run's record: 100 s a step for 4 steps plus 5 s of measurements
     size, records = small_scale.SIZES["tiny"], tmp_path / "results" / "runs"
     (records / "nirvana-s1" / "measure").mkdir(parents=True)
-    done = {"steps": 4, "seconds": 40.0, "variant": "nirvana"}
+    done = {"steps": 4, "seconds": 400.0, "variant": "nirvana"}
     (records / "nirvana-s1" / "train_done.json").write_text(json.dumps(done))
     (records / "nirvana-s1" / "measure" / "ppl.json").write_text(json.dumps({"seconds": 5.0}))
     run = next(r for r in small_scale.RUNS if r.name == "transformer-s1")
-    assert small_scale.whole_run_seconds(run, size, records) == 45.0
+    assert small_scale.whole_run_seconds(run, size, records) == 405.0
     run_dir = tmp_path / "runs" / run.name
-    clock = small_scale.Clock(44.0)
+    clock = small_scale.Clock(small_scale.FIRST_CHUNK_SECONDS + 1)  # a first chunk fits, the whole run not
     started = small_scale.train_run(run, size, "unused", str(run_dir), str(records / run.name), "cpu", clock)
     assert started is False and not run_dir.exists()
+
+    class Begun(Exception):
+        pass
+
+    def train_main(argv):
+        raise Begun(argv)
+
+    monkeypatch.setattr(small_scale.train, "main", train_main)
+    clock = small_scale.Clock(small_scale.FIRST_CHUNK_SECONDS + 1, runs_persist=True)
+    with pytest.raises(Begun):  # the runs folder outlives the call: the run begins, the next call resumes it
+        small_scale.train_run(run, size, "unused", str(run_dir), str(records / run.name), "cpu", clock)
 
 
 def test_missing_corpus_and_unknown_run_are_one_line_errors(tmp_path):

@@ -177,10 +177,11 @@ def read_json(path):
 
 
 class Clock:
-    """The call's time budget: work starts only when its estimated length still fits."""
+    """The call's time budget: work starts only when its estimated length still fits. runs_persist: the
+    runs folder outlives the call, so a run may begin even when it cannot finish within the budget."""
 
-    def __init__(self, budget):
-        self.budget, self.start = budget, time.time()
+    def __init__(self, budget, runs_persist=False):
+        self.budget, self.start, self.runs_persist = budget, time.time(), runs_persist
 
     def left(self):
         return math.inf if not self.budget else self.budget - (time.time() - self.start)
@@ -273,7 +274,7 @@ def train_run(run, size, tokens_dir, run_dir, record_dir, device, clock):
     seconds = read_json(progress_path)["seconds"] if step and os.path.isfile(progress_path) else 0.0
     if step == 0:
         whole_run = whole_run_seconds(run, size, os.path.dirname(record_dir))
-        if whole_run is not None and not clock.fits(whole_run):
+        if whole_run is not None and not clock.runs_persist and not clock.fits(whole_run):
             return False  # a run begun now would be cut, and its checkpoint may not outlive the machine
     while step < size.train_steps:
         if seconds_per_step is not None:
@@ -829,6 +830,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         default=0,
         help="seconds this call may work; unfinished runs continue in the next call (0: no limit)",
     )
+    parser.add_argument(
+        "--runs-persist",
+        action="store_true",
+        help="the runs folder outlives this call (a kept disk, a GPU machine kept warm for the next call): "
+        "begin a run even when it cannot finish within --time-budget",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--gpus", default="", help="e.g. 0,1,2,3: one worker process per GPU")
     parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)
@@ -851,7 +858,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         raise UserError(
             f"size {args.size} trains with the Triton kernels and needs a GPU; use --size tiny on the CPU"
         )
-    clock = Clock(args.time_budget)
+    clock = Clock(args.time_budget, args.runs_persist)
     records = os.path.join(args.results, "runs")
     if args.gpus:
         gpus = [g for g in args.gpus.split(",") if g.strip()]
