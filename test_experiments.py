@@ -7,6 +7,7 @@ import os
 import random
 import re
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -196,3 +197,14 @@ def test_wikipedia_articles_from_a_wheel_lose_their_markup(tmp_path):
     )
     assert "Diet\nAnts and termites, see the site." in text
     assert not any(mark in text for mark in ("{{", "[[", "<ref", "'''", "cited work", "File:"))
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_run_records_are_not_ignored_by_git():
+    """The records are what a fresh checkout continues from: an ignore rule that catches them loses runs."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    if not os.path.isdir(os.path.join(root, ".git")):
+        pytest.skip("not a git checkout")
+    record = os.path.join("experiments", "results", "small", "runs", "nirvana-s1", "train_done.json")
+    checked = subprocess.run(["git", "check-ignore", "-q", record], cwd=root)
+    assert checked.returncode == 1, f"{record} is ignored by git: its run would be lost with the machine"

@@ -462,7 +462,9 @@ def measured_seconds(records):
     """{measurement: the longest time it took any run so far}: the estimate for the next one."""
     seconds = {}
     for path in Path(records).glob("*/measure/*.json"):
-        seconds[path.stem] = max(seconds.get(path.stem, 0.0), read_json(path)["seconds"])
+        took = read_json(path)["seconds"]  # None in a record rebuilt without its timing
+        if took is not None:
+            seconds[path.stem] = max(seconds.get(path.stem, 0.0), took)
     return seconds
 
 
@@ -651,9 +653,12 @@ def report(results, size_name, size, domains, out_dir):
     text = "\n".join(sections)
     write_text_atomically(os.path.join(out_dir, "results.md"), text)
     runs = {
-        name: {k: ({**v, "records": len(v["records"])} if k == "niah" else v) for k, v in entry.items()}
+        name: {
+            k: ({a: b for a, b in v.items() if a != "records"} if k == "niah" else v)
+            for k, v in entry.items()
+        }
         for name, entry in results.items()
-    }  # the answers themselves stay in <runs>/*/measure
+    }  # S-NIAH's answers themselves stay in each run's record, measure/niah.json
     write_json_atomically(
         os.path.join(out_dir, "results.json"),
         {"size": size_name, "config": dataclasses.asdict(size), "runs": runs},
