@@ -123,6 +123,12 @@ def test_tiny_pipeline_end_to_end_and_resumes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "training steps" not in out and "measuring" not in out and "all done" in out
 
+    # the same command on another corpus (other package versions from the mirror) refuses to mix the runs
+    train_tokens = tmp_path / "data" / "tokens" / "train_00000.bin"
+    train_tokens.write_bytes(train_tokens.read_bytes()[:-2])
+    with pytest.raises(UserError, match=r"nirvana-s1.*trained on another corpus"):
+        small_scale.main(argv)
+
 
 def test_a_run_that_cannot_finish_in_the_budget_is_not_begun(tmp_path, monkeypatch):
     # judged from a finished run's record: 100 s a step for 4 steps plus 5 s of measurements
@@ -135,7 +141,9 @@ def test_a_run_that_cannot_finish_in_the_budget_is_not_begun(tmp_path, monkeypat
     assert small_scale.whole_run_seconds(run, size, records) == 405.0
     run_dir = tmp_path / "runs" / run.name
     clock = small_scale.Clock(small_scale.FIRST_CHUNK_SECONDS + 1)  # a first chunk fits, the whole run not
-    started = small_scale.train_run(run, size, "unused", str(run_dir), str(records / run.name), "cpu", clock)
+    started = small_scale.train_run(
+        run, size, "unused", str(run_dir), str(records / run.name), "cpu", clock, "corpus"
+    )
     assert started is False and not run_dir.exists()
 
     class Begun(Exception):
@@ -147,7 +155,9 @@ def test_a_run_that_cannot_finish_in_the_budget_is_not_begun(tmp_path, monkeypat
     monkeypatch.setattr(small_scale.train, "main", train_main)
     clock = small_scale.Clock(small_scale.FIRST_CHUNK_SECONDS + 1, runs_persist=True)
     with pytest.raises(Begun):  # the runs folder outlives the call: the run begins, the next call resumes it
-        small_scale.train_run(run, size, "unused", str(run_dir), str(records / run.name), "cpu", clock)
+        small_scale.train_run(
+            run, size, "unused", str(run_dir), str(records / run.name), "cpu", clock, "corpus"
+        )
 
 
 def test_missing_corpus_and_unknown_run_are_one_line_errors(tmp_path):

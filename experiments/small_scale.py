@@ -33,6 +33,7 @@ With --gpus, each listed GPU takes a share of the pending runs in a worker proce
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -203,6 +204,34 @@ def data_paths(data):
     return os.path.abspath(tokens), {d: os.path.join(eval_dir, d + ".npz") for d in domains}
 
 
+def corpus_fingerprint(tokens_dir):
+    """The first 16 hex digits of a SHA-256 over the tokenizer, the token files and the held-out sets: the same
+    set-up command gives another corpus when a Debian mirror ships other package versions, and runs trained on
+    different corpora must not share a table."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(tokens_dir).rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(tokens_dir)).encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def check_same_corpus(records, corpus):
+    """Refuses to add runs on this corpus to records of runs trained on another one."""
+    others = sorted(
+        path.parent.name
+        for path in Path(records).glob("*/train_done.json")
+        if read_json(path).get("corpus") != corpus
+    )
+    if others:
+        raise UserError(
+            f"{records} holds run(s) {others} trained on another corpus than this one ({corpus}): "
+            "give --results a new folder, or delete those records to retrain them"
+        )
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -263,7 +292,7 @@ def whole_run_seconds(run, size, records):
     return float(np.mean(rates)) * size.train_steps + sum(measured_seconds(records).values())
 
 
-def train_run(run, size, tokens_dir, run_dir, record_dir, device, clock):
+def train_run(run, size, tokens_dir, run_dir, record_dir, device, clock, corpus):
     """Trains run up to size.train_steps in chunks; -> True when finished, False when the budget ran out.
     A finished run's train_done.json and log.csv go to its record folder."""
     done_path = os.path.join(record_dir, "train_done.json")
@@ -310,6 +339,7 @@ def train_run(run, size, tokens_dir, run_dir, record_dir, device, clock):
             "tokens_per_s": float(np.median(speeds)) if speeds else None,
             "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
             "backend": size.backend,
+            "corpus": corpus,
         },
     )
     return True
@@ -773,12 +803,12 @@ def plots(results, size, domains, out_dir):
 # ----------------------------------------------------------------------------- the command
 
 
-def work(runs, size, tokens_dir, eval_sets, runs_dir, records, device, clock):
-    """Trains then measures each run in turn; -> the runs left unfinished."""
+def work(runs, size, tokens_dir, eval_sets, runs_dir, records, device, clock, corpus):
+    """Trains then measures each run in turn on the corpus of that fingerprint; -> the runs left unfinished."""
     pending = []
     for run in runs:
         run_dir, record_dir = os.path.join(runs_dir, run.name), os.path.join(records, run.name)
-        finished = train_run(run, size, tokens_dir, run_dir, record_dir, device, clock)
+        finished = train_run(run, size, tokens_dir, run_dir, record_dir, device, clock, corpus)
         if not finished or not measure_run(run, size, run_dir, record_dir, eval_sets, device, clock):
             pending.append(run.name)
     return pending
@@ -865,13 +895,15 @@ def main(argv: list[str] | None = None) -> dict | None:
         )
     clock = Clock(args.time_budget, args.runs_persist)
     records = os.path.join(args.results, "runs")
+    corpus = corpus_fingerprint(tokens_dir)
+    check_same_corpus(records, corpus)
     if args.gpus:
         gpus = [g for g in args.gpus.split(",") if g.strip()]
         codes = spawn_workers(args, [r for r in runs if not complete(records, r)], gpus, device, clock)
         if any(codes):
             raise RuntimeError(f"worker(s) failed (exit status {codes}); see {args.runs}/worker_*.log")
     else:
-        work(runs, size, tokens_dir, eval_sets, args.runs, records, device, clock)
+        work(runs, size, tokens_dir, eval_sets, args.runs, records, device, clock, corpus)
     if args.no_report:
         return None
     results = run_results(records)
