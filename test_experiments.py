@@ -2,6 +2,7 @@
 packages needed), every run trained and measured, the report's tables and pictures, then a second call that
 resumes (nothing retrained or re-measured)."""
 
+import dataclasses
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
 
@@ -218,3 +220,50 @@ def test_run_records_are_not_ignored_by_git():
     record = os.path.join("experiments", "results", "small", "runs", "nirvana-s1", "train_done.json")
     checked = subprocess.run(["git", "check-ignore", "-q", record], cwd=root)
     assert checked.returncode == 1, f"{record} is ignored by git: its run would be lost with the machine"
+
+
+def test_chunks_shrink_to_the_budget_and_a_cut_run_stops_the_call(tmp_path, monkeypatch):
+    """Simulated time, 1 s per step: the first run trains chunks of chunk_seconds, then one shrunk to what the
+    budget leaves, and stops; the next run is not begun (two half-trained runs would help no one)."""
+    now = [0.0]
+    monkeypatch.setattr(small_scale.time, "time", lambda: now[0])
+    trained = []
+
+    def train_main(argv):
+        run_dir, target = argv[argv.index("--out") + 1], int(argv[argv.index("--stop-step") + 1])
+        step = small_scale.checkpoint_step(os.path.join(run_dir, "ckpt.pt"))
+        now[0] += target - step
+        os.makedirs(run_dir, exist_ok=True)
+        torch.save({"step": target}, os.path.join(run_dir, "ckpt.pt"))
+        trained.append((os.path.basename(run_dir), target))
+
+    monkeypatch.setattr(small_scale.train, "main", train_main)
+    size = dataclasses.replace(
+        small_scale.SIZES["tiny"], train_steps=1000, first_chunk_steps=20, chunk_seconds=150
+    )
+    runs = [r for r in small_scale.RUNS if r.name in ("nirvana-s1", "transformer-s1")]
+    clock = small_scale.Clock(200)
+    pending = small_scale.work(
+        runs, size, "unused", {}, str(tmp_path / "runs"), str(tmp_path / "records"), "cpu", clock, "corpus"
+    )
+    margin = small_scale.CHUNK_MARGIN_SECONDS
+    assert trained == [("nirvana-s1", 20), ("nirvana-s1", 170), ("nirvana-s1", 170 + 30 - margin)]
+    assert pending == ["nirvana-s1", "transformer-s1"]
+
+    # a wide margin leaves 100 s after the last chunk: room for another run's first chunk, which is not begun
+    monkeypatch.setattr(small_scale, "CHUNK_MARGIN_SECONDS", 100)
+    shutil.rmtree(tmp_path / "runs")
+    trained.clear()
+    pending = small_scale.work(
+        runs,
+        size,
+        "unused",
+        {},
+        str(tmp_path / "runs"),
+        str(tmp_path / "records"),
+        "cpu",
+        small_scale.Clock(300),
+        "c",
+    )
+    assert trained == [("nirvana-s1", 20), ("nirvana-s1", 170), ("nirvana-s1", 200)]
+    assert pending == ["nirvana-s1", "transformer-s1"]

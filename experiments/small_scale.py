@@ -167,6 +167,9 @@ RUNS = [
 ]
 MEASUREMENTS = ("ppl", "context", "niah", "trigger")
 FIRST_CHUNK_SECONDS = 60  # what a call's first chunk or a measurement is assumed to take before one was timed
+CHUNK_MARGIN_SECONDS = (
+    15  # left over after a chunk sized to the budget: train.py's start-up and its checkpoint
+)
 
 
 # ----------------------------------------------------------------------------- paths and small files
@@ -306,8 +309,12 @@ def train_run(run, size, tokens_dir, run_dir, record_dir, device, clock, corpus)
         if whole_run is not None and not clock.runs_persist and not clock.fits(whole_run):
             return False  # a run begun now would be cut, and its checkpoint may not outlive the machine
     while step < size.train_steps:
-        if seconds_per_step is not None:
-            chunk_steps = max(1, int(size.chunk_seconds / seconds_per_step))
+        if (
+            seconds_per_step is not None
+        ):  # chunks of chunk_seconds, the last one shrunk to what the budget has left
+            chunk_steps = int(min(size.chunk_seconds, clock.left() - CHUNK_MARGIN_SECONDS) / seconds_per_step)
+            if chunk_steps < 1:
+                return False
         estimate = FIRST_CHUNK_SECONDS if seconds_per_step is None else chunk_steps * seconds_per_step
         target = min(size.train_steps, step + chunk_steps)
         if not clock.fits(estimate):
@@ -806,9 +813,12 @@ def plots(results, size, domains, out_dir):
 def work(runs, size, tokens_dir, eval_sets, runs_dir, records, device, clock, corpus):
     """Trains then measures each run in turn on the corpus of that fingerprint; -> the runs left unfinished."""
     pending = []
-    for run in runs:
+    for i, run in enumerate(runs):
         run_dir, record_dir = os.path.join(runs_dir, run.name), os.path.join(records, run.name)
         finished = train_run(run, size, tokens_dir, run_dir, record_dir, device, clock, corpus)
+        if not finished and os.path.isfile(os.path.join(run_dir, "ckpt.pt")):
+            # begun and cut by the budget: starting the next runs would only leave more of them half-trained
+            return pending + [r.name for r in runs[i:]]
         if not finished or not measure_run(run, size, run_dir, record_dir, eval_sets, device, clock):
             pending.append(run.name)
     return pending
