@@ -267,3 +267,12 @@ def test_chunks_shrink_to_the_budget_and_a_cut_run_stops_the_call(tmp_path, monk
     )
     assert trained == [("nirvana-s1", 20), ("nirvana-s1", 170), ("nirvana-s1", 200)]
     assert pending == ["nirvana-s1", "transformer-s1"]
+
+
+def test_package_versions_name_each_package_and_say_unknown_when_dpkg_cannot_tell(monkeypatch):
+    monkeypatch.setattr(real_text, "PACKAGES", {"nothing": "no-such-package-here"})
+    assert real_text.package_versions() == {"nothing": "no-such-package-here unknown"}
+    if shutil.which("dpkg-query"):
+        monkeypatch.setattr(real_text, "PACKAGES", {"dpkg": "dpkg"})
+        version = real_text.package_versions()["dpkg"]
+        assert version.startswith("dpkg ") and version != "dpkg unknown"

@@ -38,6 +38,7 @@ import glob
 import gzip
 import html
 import html.parser
+import json
 import multiprocessing
 import os
 import random
@@ -325,6 +326,32 @@ def read_folders(root):
     return domains
 
 
+PACKAGES = {
+    "python": "python3.11-doc",
+    "perl": "perl-doc",
+    "kernel": "linux-doc-6.1",
+    "debian": "debian-handbook",
+    "bible": "bible-kjv",
+    "fortunes": "fortunes",
+}
+
+
+def package_versions():
+    """{domain: "package version"} as dpkg has them installed ("unknown" where it cannot tell). The same set-up
+    command installs whatever versions the mirror holds that day, and other versions make another corpus."""
+    versions = {}
+    for domain, package in PACKAGES.items():
+        try:
+            found = subprocess.run(
+                ["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True, text=True
+            )
+            version = found.stdout.strip() if found.returncode == 0 and found.stdout.strip() else "unknown"
+        except FileNotFoundError:
+            version = "unknown"
+        versions[domain] = f"{package} {version}"
+    return versions
+
+
 def read_packages(gensim_wheel):
     readers = {
         "python": read_python_docs,
@@ -339,8 +366,9 @@ def read_packages(gensim_wheel):
         print(f"reading {name} ...", flush=True)
         domains[name] = reader()
     print("reading wikipedia (held out) ...", flush=True)
-    domains[HELD_OUT] = read_wikipedia(gensim_wheel or find_gensim_wheel())
-    return domains
+    wheel = gensim_wheel or find_gensim_wheel()
+    domains[HELD_OUT] = read_wikipedia(wheel)
+    return domains, {**package_versions(), HELD_OUT: os.path.basename(wheel)}
 
 
 # ----------------------------------------------------------------------------- splitting and writing the text
@@ -566,6 +594,7 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 < args.val_fraction < 1:
         parser.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     stats_path = os.path.join(args.out, "corpus.json")
+    sources_path = os.path.join(args.out, "text", "sources.json")
     if args.from_archive or args.from_existing:
         if args.from_archive:
             unpack(args.from_archive, args.out)
@@ -580,15 +609,23 @@ def main(argv: list[str] | None = None) -> None:
                 "val_words": sum(len(Path(p).read_text().split()) for p in val.get(domain, [])),
             }
     else:
-        domains = read_folders(args.from_folders) if args.from_folders else read_packages(args.gensim_wheel)
+        if args.from_folders:
+            domains, sources = read_folders(args.from_folders), {}
+        else:
+            domains, sources = read_packages(args.gensim_wheel)
         stats = write_text(domains, args.out, args.val_fraction, args.min_val_docs)
+        write_json_atomically(sources_path, sources)  # inside text/: an archive written by --pack carries it
     if args.pack:
         pack(args.out, args.pack)
+    sources = json.loads(Path(sources_path).read_text()) if os.path.isfile(sources_path) else {}
     if not args.no_tokenize:
         meta = tokenize(args.out, args.vocab_size, args.workers, stats)
         stats = {"tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"], "domains": stats}
     else:
         stats = {"domains": stats}
+    stats["sources"] = sources
+    for domain, source in sources.items():
+        print(f"{domain}: {source}")
     write_json_atomically(stats_path, stats)
     print(summary_table(stats["domains"]), end="")
     print(f"wrote {args.out}" + ("" if args.no_tokenize else f" (train.py --data {args.out}/tokens)"))
