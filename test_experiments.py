@@ -254,25 +254,18 @@ def test_chunks_shrink_to_the_budget_and_a_cut_run_stops_the_call(tmp_path, monk
     monkeypatch.setattr(small_scale, "CHUNK_MARGIN_SECONDS", 100)
     shutil.rmtree(tmp_path / "runs")
     trained.clear()
+    clock = small_scale.Clock(300)
     pending = small_scale.work(
-        runs,
-        size,
-        "unused",
-        {},
-        str(tmp_path / "runs"),
-        str(tmp_path / "records"),
-        "cpu",
-        small_scale.Clock(300),
-        "c",
+        runs, size, "unused", {}, str(tmp_path / "runs"), str(tmp_path / "records"), "cpu", clock, "corpus"
     )
     assert trained == [("nirvana-s1", 20), ("nirvana-s1", 170), ("nirvana-s1", 200)]
     assert pending == ["nirvana-s1", "transformer-s1"]
 
 
 def test_package_versions_name_each_package_and_say_unknown_when_dpkg_cannot_tell(monkeypatch):
-    monkeypatch.setattr(real_text, "PACKAGES", {"nothing": "no-such-package-here"})
+    monkeypatch.setattr(real_text, "PACKAGES", {"nothing": ("no-such-package-here", None)})
     assert real_text.package_versions() == {"nothing": "no-such-package-here unknown"}
     if shutil.which("dpkg-query"):
-        monkeypatch.setattr(real_text, "PACKAGES", {"dpkg": "dpkg"})
+        monkeypatch.setattr(real_text, "PACKAGES", {"dpkg": ("dpkg", None)})
         version = real_text.package_versions()["dpkg"]
         assert version.startswith("dpkg ") and version != "dpkg unknown"

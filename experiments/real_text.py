@@ -326,13 +326,13 @@ def read_folders(root):
     return domains
 
 
-PACKAGES = {
-    "python": "python3.11-doc",
-    "perl": "perl-doc",
-    "kernel": "linux-doc-6.1",
-    "debian": "debian-handbook",
-    "bible": "bible-kjv",
-    "fortunes": "fortunes",
+PACKAGES = {  # domain: (the Debian package, its reader)
+    "python": ("python3.11-doc", read_python_docs),
+    "perl": ("perl-doc", read_perl_docs),
+    "kernel": ("linux-doc-6.1", read_kernel_docs),
+    "debian": ("debian-handbook", read_debian_handbook),
+    "bible": ("bible-kjv", read_bible),
+    "fortunes": ("fortunes", read_fortunes),
 }
 
 
@@ -340,7 +340,7 @@ def package_versions():
     """{domain: "package version"} as dpkg has them installed ("unknown" where it cannot tell). The same set-up
     command installs whatever versions the mirror holds that day, and other versions make another corpus."""
     versions = {}
-    for domain, package in PACKAGES.items():
+    for domain, (package, _) in PACKAGES.items():
         try:
             found = subprocess.run(
                 ["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True, text=True
@@ -353,16 +353,8 @@ def package_versions():
 
 
 def read_packages(gensim_wheel):
-    readers = {
-        "python": read_python_docs,
-        "perl": read_perl_docs,
-        "kernel": read_kernel_docs,
-        "debian": read_debian_handbook,
-        "bible": read_bible,
-        "fortunes": read_fortunes,
-    }
     domains = {}
-    for name, reader in readers.items():
+    for name, (_, reader) in PACKAGES.items():
         print(f"reading {name} ...", flush=True)
         domains[name] = reader()
     print("reading wikipedia (held out) ...", flush=True)

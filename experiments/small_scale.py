@@ -167,9 +167,8 @@ RUNS = [
 ]
 MEASUREMENTS = ("ppl", "context", "niah", "trigger")
 FIRST_CHUNK_SECONDS = 60  # what a call's first chunk or a measurement is assumed to take before one was timed
-CHUNK_MARGIN_SECONDS = (
-    15  # left over after a chunk sized to the budget: train.py's start-up and its checkpoint
-)
+# left over after a chunk sized to the budget: train.py's start-up and its checkpoint
+CHUNK_MARGIN_SECONDS = 15
 
 
 # ----------------------------------------------------------------------------- paths and small files
@@ -309,9 +308,8 @@ def train_run(run, size, tokens_dir, run_dir, record_dir, device, clock, corpus)
         if whole_run is not None and not clock.runs_persist and not clock.fits(whole_run):
             return False  # a run begun now would be cut, and its checkpoint may not outlive the machine
     while step < size.train_steps:
-        if (
-            seconds_per_step is not None
-        ):  # chunks of chunk_seconds, the last one shrunk to what the budget has left
+        if seconds_per_step is not None:
+            # chunks of chunk_seconds, the last one shrunk to what the budget has left
             chunk_steps = int(min(size.chunk_seconds, clock.left() - CHUNK_MARGIN_SECONDS) / seconds_per_step)
             if chunk_steps < 1:
                 return False
@@ -499,9 +497,7 @@ def measured_seconds(records):
     """{measurement: the longest time it took any run so far}: the estimate for the next one."""
     seconds = {}
     for path in Path(records).glob("*/measure/*.json"):
-        took = read_json(path)["seconds"]  # None in a record rebuilt without its timing
-        if took is not None:
-            seconds[path.stem] = max(seconds.get(path.stem, 0.0), took)
+        seconds[path.stem] = max(seconds.get(path.stem, 0.0), read_json(path)["seconds"])
     return seconds
 
 
