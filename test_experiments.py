@@ -179,6 +179,35 @@ def test_nearest_centroid_probe_separates_separable_domains_and_not_noise():
     assert noise_accuracy < 0.6
 
 
+def test_seed_spread_compares_the_difference_of_seed_means_with_the_seed_range():
+    def measured(python, held_out):
+        return {"ppl": {"python": {"ppl": python}, "perl": {"ppl": python}, "wikipedia": {"ppl": held_out}}}
+
+    results = {run.name: {} for run in small_scale.RUNS}
+    results["nirvana-s1"], results["nirvana-s2"] = measured(40.0, 250.0), measured(42.0, 260.0)
+    results["nirvana-notrigger-s1"] = measured(45.0, 255.0)
+    results["gated-deltanet-s1"] = measured(30.0, 200.0)  # one seed: no spread, in no pair
+    trained = ["perl", "python"]
+    spread, pairs = small_scale.seed_spread(results, trained)
+    assert list(spread) == ["nirvana"] and pairs == []  # nirvana-notrigger has one seed so far
+    assert spread["nirvana"]["geometric_mean"] == pytest.approx([40.0, 42.0])
+    assert spread["nirvana"]["geometric_mean_range"] == pytest.approx(2.0)
+    assert spread["nirvana"]["held_out_mean"] == pytest.approx(255.0)
+
+    results["nirvana-notrigger-s2"] = measured(47.0, 257.0)
+    spread, pairs = small_scale.seed_spread(results, trained)
+    assert list(spread) == ["nirvana", "nirvana-notrigger"]
+    (pair,) = pairs
+    assert pair["geometric_mean"]["difference"] == pytest.approx(41.0 - 46.0)
+    assert pair["geometric_mean"]["seed_range"] == pytest.approx(2.0) and pair["geometric_mean"]["beyond"]
+    assert pair["held_out"]["difference"] == pytest.approx(255.0 - 256.0)
+    assert pair["held_out"]["seed_range"] == pytest.approx(10.0) and not pair["held_out"]["beyond"]
+    text = "\n".join(small_scale.seed_spread_section(results, trained))
+    assert (
+        "nirvana - nirvana-notrigger | -5.00 (range 2.00: beyond it) | -1.00 (range 10.00: within it)" in text
+    )
+
+
 def test_missing_package_names_its_install_command():
     with pytest.raises(UserError, match="apt-get install linux-doc-6.1"):
         real_text.need("/nonexistent/**/*.rst.gz", "apt-get install linux-doc-6.1")

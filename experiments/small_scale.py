@@ -565,6 +565,107 @@ def run_label(run, entry):
 LABEL = ["run", "variant", "seed", "tokens"]
 
 
+def geometric_mean_ppl(ppl, domains):
+    """Geometric mean of the perplexities of `domains` in a run's ppl record; None until all are measured."""
+    values = [ppl.get(d, {}).get("ppl") for d in domains]
+    return math.exp(np.mean([math.log(v) for v in values])) if ppl and None not in values else None
+
+
+def seed_spread(results, trained):
+    """Per variant (an ablation counts as its own) with at least two measured seeds: each seed's geometric mean
+    over the trained domains and held-out perplexity, their mean and range (max - min). Then every pair of
+    such variants: the difference of the means against the larger of their two ranges, the scale on which
+    two seeds of one variant already differ (with two seeds a range, not a confidence interval)."""
+    groups = {}
+    for run in RUNS:
+        ppl = results[run.name].get("ppl", {})
+        geo, held_out = geometric_mean_ppl(ppl, trained), ppl.get(HELD_OUT, {}).get("ppl")
+        if geo is not None and held_out is not None:
+            groups.setdefault((run.variant, run.note), []).append((run.seed, geo, held_out))
+    spread = {}
+    for (variant, note), seeds in groups.items():
+        if len(seeds) < 2:
+            continue
+        geo, held_out = np.array([s[1] for s in seeds]), np.array([s[2] for s in seeds])
+        spread[variant + (f" ({note})" if note else "")] = dict(
+            seeds=[s[0] for s in seeds],
+            geometric_mean=geo.tolist(),
+            geometric_mean_mean=float(geo.mean()),
+            geometric_mean_range=float(np.ptp(geo)),
+            held_out=held_out.tolist(),
+            held_out_mean=float(held_out.mean()),
+            held_out_range=float(np.ptp(held_out)),
+        )
+    pairs = []
+    names = list(spread)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            pair = dict(a=a, b=b)
+            for key in ("geometric_mean", "held_out"):
+                difference = spread[a][f"{key}_mean"] - spread[b][f"{key}_mean"]
+                seed_range = max(spread[a][f"{key}_range"], spread[b][f"{key}_range"])
+                pair[key] = dict(
+                    difference=difference, seed_range=seed_range, beyond=abs(difference) > seed_range
+                )
+            pairs.append(pair)
+    return spread, pairs
+
+
+def seed_spread_section(results, trained):
+    """The seed-spread tables of results.md (seed_spread); nothing until a variant has two measured seeds."""
+    spread, pairs = seed_spread(results, trained)
+    if not spread:
+        return []
+    rows = [
+        [
+            name,
+            ", ".join(map(str, s["seeds"])),
+            " / ".join(number(v) for v in s["geometric_mean"]),
+            number(s["geometric_mean_mean"]),
+            number(s["geometric_mean_range"]),
+            " / ".join(number(v) for v in s["held_out"]),
+            number(s["held_out_mean"]),
+            number(s["held_out_range"]),
+        ]
+        for name, s in spread.items()
+    ]
+    text = [
+        "## Seeds: how far two runs of one variant differ\n",
+        "Geometric mean of the domains' perplexities and the held-out perplexity, per seed; range = max - min "
+        "(with two seeds a range, not a confidence interval).\n\n",
+        table(
+            [
+                "variant",
+                "seeds",
+                "geo. mean per seed",
+                "mean",
+                "range",
+                f"{HELD_OUT} per seed",
+                f"{HELD_OUT} mean",
+                f"{HELD_OUT} range",
+            ],
+            rows,
+        ),
+    ]
+    if pairs:
+        rows = [
+            [
+                f"{p['a']} - {p['b']}",
+                *(
+                    f"{number(p[key]['difference'])} (range {number(p[key]['seed_range'])}: "
+                    f"{'beyond' if p[key]['beyond'] else 'within'} it)"
+                    for key in ("geometric_mean", "held_out")
+                ),
+            ]
+            for p in pairs
+        ]
+        text += [
+            "Difference of the seed means, against the larger of the two variants' seed ranges:\n\n",
+            table(["variants", "geo. mean", HELD_OUT], rows),
+        ]
+    return text
+
+
 def report(results, size_name, size, domains, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     trained = [d for d in domains if d != HELD_OUT]
@@ -579,12 +680,10 @@ def report(results, size_name, size, domains, out_dir):
     rows = []
     for run in RUNS:
         ppl = results[run.name].get("ppl", {})
-        values = [ppl.get(d, {}).get("ppl") for d in trained]
-        mean = math.exp(np.mean([math.log(v) for v in values])) if ppl and None not in values else None
         rows.append(
             run_label(run, results[run.name])
-            + [number(v) for v in values]
-            + [number(mean)]
+            + [number(ppl.get(d, {}).get("ppl")) for d in trained]
+            + [number(geometric_mean_ppl(ppl, trained))]
             + [number(ppl.get(HELD_OUT, {}).get("ppl"))]
         )
     scored = next((r["ppl"] for r in results.values() if "ppl" in r), {})
@@ -594,6 +693,8 @@ def report(results, size_name, size, domains, out_dir):
         f"Held-out tokens scored, in windows of {size.context}: {counts or '-'}.\n\n",
         table(LABEL + trained + ["geometric mean", HELD_OUT + " (held out)"], rows),
     ]
+
+    sections += seed_spread_section(results, trained)
 
     lengths = [k * size.context for k in (1, 2, 4)]
     rows = []
