@@ -473,8 +473,8 @@ def trigger_step(
     return fast_weight_function(q, p, bank_weight, bank_bias), p  # eq.(2)
 
 
-def causal_conv(x, weight, history=None):
-    """Depthwise causal convolution over time: y_t = sum_j w_j x_{t-K+1+j} per channel.
+def causal_conv_silu(x, weight, history=None):
+    """SiLU of a depthwise causal convolution over time: y_t = SiLU(sum_j w_j x_{t-K+1+j}) per channel.
 
     x (B, T, C), weight (C, 1, K), history (B, K - 1, C): the inputs just before x (zeros when None).
     Returns (B, T, C) in x's dtype.
@@ -485,8 +485,8 @@ def causal_conv(x, weight, history=None):
     x = torch.cat([history, x], dim=1)  # (B, K - 1 + T, C)
     # as a (B, C, 1, K - 1 + T) image in channels-last layout, which is x's own memory: cuDNN's depthwise
     # kernel reads and writes it without the transposed copies conv1d makes; the output is (B, T, C) again
-    y = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight.unsqueeze(2).to(x.dtype), groups=C)
-    return y.squeeze(2).transpose(1, 2)
+    z = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight.unsqueeze(2).to(x.dtype), groups=C)
+    return F.silu(z.squeeze(2).transpose(1, 2))
 
 
 def autocast_input(x):
@@ -540,7 +540,7 @@ TORCH_OPS = SimpleNamespace(
     sliding_window_attention=sliding_window_attention,
     attention_step=attention_step,
     trigger_step=trigger_step,
-    causal_conv=causal_conv,
+    causal_conv_silu=causal_conv_silu,
     rms_norm=rms_norm,
     gated_rms_norm=gated_rms_norm,
     swiglu_linear=swiglu_linear,
@@ -560,7 +560,7 @@ def load_backend(name):
             "use backend='torch' or install triton"
         ) from error
     from kernels import decode, trigger_decode
-    from kernels.causal_conv import causal_conv as fused_causal_conv
+    from kernels.causal_conv import causal_conv_silu as fused_causal_conv_silu
     from kernels.linear_cross_entropy import chunked_linear_cross_entropy
     from kernels.rms_norm import gated_rms_norm as fused_gated_rms_norm
     from kernels.rms_norm import rms_norm as fused_rms_norm
@@ -572,7 +572,7 @@ def load_backend(name):
         sliding_window_attention=kernels.sliding_window_attention,
         attention_step=decode.attention_step,  # one query per sequence over the ring buffer
         trigger_step=trigger_decode.trigger_step,  # fused kernel, or the decode kernels for a few tokens
-        causal_conv=fused_causal_conv,
+        causal_conv_silu=fused_causal_conv_silu,  # keeps x alone for backward, not the conv's output
         rms_norm=fused_rms_norm,
         gated_rms_norm=fused_gated_rms_norm,
         swiglu_linear=fused_swiglu_linear,
@@ -625,14 +625,15 @@ class FusedLinear(nn.Linear):
 
 
 class CausalConv(nn.Module):
-    """Depthwise causal conv over time, kernel conv_size; its cache is the last conv_size - 1 inputs."""
+    """Depthwise causal conv over time, kernel conv_size, then SiLU; its cache is the last conv_size - 1
+    inputs."""
 
     def __init__(self, channels, kernel_size, ops):
         super().__init__()
         self.weight = nn.Parameter(
             torch.empty(channels, 1, kernel_size).uniform_(-1, 1) / math.sqrt(kernel_size)
         )
-        self.causal_conv = ops.causal_conv
+        self.causal_conv_silu = ops.causal_conv_silu
         self.register_buffer("tail", None, persistent=False)
 
     def setup_cache(self, batch_size, max_seq_len, device, dtype):
@@ -644,7 +645,7 @@ class CausalConv(nn.Module):
         self.tail = None
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
-        y = self.causal_conv(x, self.weight, self.tail)  # tail None: zeros
+        y = self.causal_conv_silu(x, self.weight, self.tail)  # tail None: zeros
         if self.tail is not None:
             self.tail.copy_(torch.cat([self.tail, x.to(self.tail.dtype)], dim=1)[:, -self.tail.shape[1] :])
         return y
@@ -774,9 +775,9 @@ class GatedDeltaNet(nn.Module):
     def forward(self, q, k, v, decay, beta, gate):
         """q, k (B, T, H*Dk); v (B, T, H*Dv); Wa x, Wb x (B, T, H); Wg x (B, T, H*Dv) -> b (B, T, H*Dv)."""
         B, T, _ = q.shape
-        q = F.silu(self.q_conv(q)).view(B, T, self.H, self.Dk)
-        k = F.silu(self.k_conv(k)).view(B, T, self.H, self.Dk)
-        v1 = F.silu(self.v_conv(v)).view(B, T, self.H, self.Dv)
+        q = self.q_conv(q).view(B, T, self.H, self.Dk)  # SiLU(conv(q))
+        k = self.k_conv(k).view(B, T, self.H, self.Dk)
+        v1 = self.v_conv(v).view(B, T, self.H, self.Dv)
         if self.state is not None and T == 1:  # decoding: the backend's one-token step updates the state
             o = self.ops.gated_delta_rule_step(
                 q[:, 0], k[:, 0], v1[:, 0], decay[:, 0], beta[:, 0], self.A_log, self.dt_bias, self.state

@@ -5,7 +5,7 @@ kernels.rms_norm.gated_rms_norm (Triton) vs nirvana.gated_rms_norm (output, dx, 
 kernels.rms_norm.rms_norm (Triton) vs nirvana.rms_norm (output, dx, dw);
 kernels.swiglu.swiglu_linear (Triton elementwise, product formed again in backward) vs nirvana.swiglu_linear;
 what the fused norm and SwiGLU save for backward against their twins;
-kernels.causal_conv.causal_conv (Triton) vs nirvana.causal_conv (output, dx, dw).
+kernels.causal_conv.causal_conv_silu (Triton) vs nirvana.causal_conv_silu (output, dx, dw), and what it keeps.
 
     python -m pytest -q test_kernels_fused.py                              # CPU
     NIRVANA_KERNEL_TESTS=cuda python -m pytest -q test_kernels_fused.py    # GPU: larger shapes
@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 import nirvana
 from kernels import trigger_decode
-from kernels.causal_conv import causal_conv
+from kernels.causal_conv import causal_conv_silu
 from kernels.linear_cross_entropy import chunked_linear_cross_entropy
 from kernels.rms_norm import gated_rms_norm, rms_norm
 from kernels.swiglu import swiglu_linear
@@ -370,7 +370,7 @@ def test_fused_norm_and_swiglu_keep_less_for_backward():
 
 
 # ------------------------------------------------------------------------------------------------------
-# Gated DeltaNet's short convolution: Triton forward and backward vs nirvana.causal_conv (cuDNN)
+# Gated DeltaNet's short convolution and its SiLU: Triton forward and backward vs nirvana.causal_conv_silu (cuDNN)
 
 
 @settings(max_examples=30 if ON_CUDA else 12, deadline=None, database=None, derandomize=not ON_CUDA)
@@ -382,7 +382,7 @@ def test_fused_norm_and_swiglu_keep_less_for_backward():
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**16),
 )
-def test_causal_conv_matches_reference(B, T, C, K, dtype, seed):
+def test_causal_conv_silu_matches_reference(B, T, C, K, dtype, seed):
     # as the model calls it: x in the compute dtype, weight float32
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(B, T, C, generator=generator).to(dtype).to(DEVICE)
@@ -390,8 +390,8 @@ def test_causal_conv_matches_reference(B, T, C, K, dtype, seed):
     grad_out = torch.randn(B, T, C, generator=generator).to(dtype).to(DEVICE)
     inputs = [t.clone().requires_grad_() for t in (x, weight)]
     reference = [t.detach().double().requires_grad_() for t in (x, weight)]
-    out = causal_conv(*inputs)
-    expected = nirvana.causal_conv(*reference)
+    out = causal_conv_silu(*inputs)
+    expected = nirvana.causal_conv_silu(*reference)
     assert out.dtype == dtype and out.shape == expected.shape
     bound = 1e-5 if dtype == torch.float32 else 1e-2
     assert relative_error(out, expected) <= bound
@@ -402,7 +402,7 @@ def test_causal_conv_matches_reference(B, T, C, K, dtype, seed):
         assert relative_error(actual, want) <= bound, f"{name}: {relative_error(actual, want):.2e}"
 
 
-def test_causal_conv_with_history_matches_the_reference():
+def test_causal_conv_silu_with_history_matches_the_reference():
     """Decoding through the cache: the kernels run on [history; x] (one token, and several), float32."""
     for T in (1, 3):
         x, weight, history = (
@@ -411,7 +411,20 @@ def test_causal_conv_with_history_matches_the_reference():
             torch.randn(2, 3, 8, device=DEVICE),
         )
         torch.testing.assert_close(
-            causal_conv(x, weight, history), nirvana.causal_conv(x, weight, history), rtol=1e-5, atol=1e-6
+            causal_conv_silu(x, weight, history),
+            nirvana.causal_conv_silu(x, weight, history),
+            rtol=1e-5,
+            atol=1e-6,
         )
     with pytest.raises(ValueError, match=r"x \(B, T, C\) and weight \(C, 1, K\)"):
-        causal_conv(x, weight[:4])
+        causal_conv_silu(x, weight[:4])
+
+
+def test_causal_conv_silu_keeps_only_its_input_for_backward():
+    # the twin keeps the convolution's output for SiLU's backward too: (B, T, C) more in the compute dtype
+    B, T, C, K = 2, 64, 48, 4
+    x = torch.randn(B, T, C, device=DEVICE).bfloat16().requires_grad_()
+    weight = torch.randn(C, 1, K, device=DEVICE, requires_grad=True)
+    kept = saved_bytes(causal_conv_silu, x, weight)
+    assert kept <= 4 * C * K  # the flattened float32 weight, when reshape copies it; x itself is not counted
+    assert saved_bytes(nirvana.causal_conv_silu, x, weight) >= kept + 2 * B * T * C
