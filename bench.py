@@ -473,9 +473,11 @@ def bench_model(table, args):
         torch=nirvana.load_backend("torch"),
         triton=nirvana.load_backend("triton"),
         swa_trigger=type(nirvana.TORCH_OPS)(
-            gated_delta_rule=nirvana.gated_delta_rule,
-            sliding_window_attention=kernels.sliding_window_attention,
-            trigger_step=kernels.trigger_step,
+            **{
+                **vars(nirvana.TORCH_OPS),
+                "sliding_window_attention": kernels.sliding_window_attention,
+                "trigger_step": kernels.trigger_step,
+            }
         ),
     )
     times = {}

@@ -541,6 +541,7 @@ TORCH_OPS = SimpleNamespace(
     attention_step=attention_step,
     trigger_step=trigger_step,
     causal_conv_silu=causal_conv_silu,
+    l2_normalize=l2_normalize,
     rms_norm=rms_norm,
     gated_rms_norm=gated_rms_norm,
     swiglu_linear=swiglu_linear,
@@ -561,6 +562,7 @@ def load_backend(name):
         ) from error
     from kernels import decode, trigger_decode
     from kernels.causal_conv import causal_conv_silu as fused_causal_conv_silu
+    from kernels.l2_norm import l2_normalize as fused_l2_normalize
     from kernels.linear_cross_entropy import chunked_linear_cross_entropy
     from kernels.rms_norm import gated_rms_norm as fused_gated_rms_norm
     from kernels.rms_norm import rms_norm as fused_rms_norm
@@ -573,6 +575,7 @@ def load_backend(name):
         attention_step=decode.attention_step,  # one query per sequence over the ring buffer
         trigger_step=trigger_decode.trigger_step,  # fused kernel, or the decode kernels for a few tokens
         causal_conv_silu=fused_causal_conv_silu,  # keeps x alone for backward, not the conv's output
+        l2_normalize=fused_l2_normalize,  # keeps its output (which the delta rule keeps too) and the norms
         rms_norm=fused_rms_norm,
         gated_rms_norm=fused_gated_rms_norm,
         swiglu_linear=fused_swiglu_linear,
@@ -783,7 +786,7 @@ class GatedDeltaNet(nn.Module):
                 q[:, 0], k[:, 0], v1[:, 0], decay[:, 0], beta[:, 0], self.A_log, self.dt_bias, self.state
             )[:, None]
         else:
-            q1, k1 = l2_normalize(q, v1.dtype), l2_normalize(k, v1.dtype)  # (B, T, H, Dk)
+            q1, k1 = self.ops.l2_normalize(q, v1.dtype), self.ops.l2_normalize(k, v1.dtype)  # (B, T, H, Dk)
             g, beta = delta_rule_gates(decay, beta, self.A_log, self.dt_bias)  # (B, T, H) log alpha, beta
             o, state = self.ops.gated_delta_rule(
                 q1, k1, v1, g, beta, initial_state=self.state, output_final_state=self.state is not None

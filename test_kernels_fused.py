@@ -5,7 +5,8 @@ kernels.rms_norm.gated_rms_norm (Triton) vs nirvana.gated_rms_norm (output, dx, 
 kernels.rms_norm.rms_norm (Triton) vs nirvana.rms_norm (output, dx, dw);
 kernels.swiglu.swiglu_linear (Triton elementwise, product formed again in backward) vs nirvana.swiglu_linear;
 what the fused norm and SwiGLU save for backward against their twins;
-kernels.causal_conv.causal_conv_silu (Triton) vs nirvana.causal_conv_silu (output, dx, dw), and what it keeps.
+kernels.causal_conv.causal_conv_silu (Triton) vs nirvana.causal_conv_silu (output, dx, dw), and what it keeps;
+kernels.l2_norm.l2_normalize (Triton) vs nirvana.l2_normalize (output, dx), and what it keeps.
 
     python -m pytest -q test_kernels_fused.py                              # CPU
     NIRVANA_KERNEL_TESTS=cuda python -m pytest -q test_kernels_fused.py    # GPU: larger shapes
@@ -29,6 +30,7 @@ from hypothesis import strategies as st
 import nirvana
 from kernels import trigger_decode
 from kernels.causal_conv import causal_conv_silu
+from kernels.l2_norm import l2_normalize
 from kernels.linear_cross_entropy import chunked_linear_cross_entropy
 from kernels.rms_norm import gated_rms_norm, rms_norm
 from kernels.swiglu import swiglu_linear
@@ -428,3 +430,61 @@ def test_causal_conv_silu_keeps_only_its_input_for_backward():
     kept = saved_bytes(causal_conv_silu, x, weight)
     assert kept <= 4 * C * K  # the flattened float32 weight, when reshape copies it; x itself is not counted
     assert saved_bytes(nirvana.causal_conv_silu, x, weight) >= kept + 2 * B * T * C
+
+
+# ------------------------------------------------------------------------------------------------------
+# The L2 norm of q and k: Triton forward and backward vs nirvana.l2_normalize (F.normalize in float32)
+
+
+@settings(max_examples=30 if ON_CUDA else 12, deadline=None, database=None, derandomize=not ON_CUDA)
+@given(
+    lead=st.one_of(
+        st.tuples(st.integers(0, 30)), st.tuples(st.integers(1, 3), st.integers(1, 17), st.integers(1, 4))
+    ),
+    D=st.sampled_from([1, 16, 64, 100, 128]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    zero_row=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_l2_normalize_matches_reference(lead, D, dtype, zero_row, seed):
+    # as the model calls it: x (the SiLU of the convolution) in the compute dtype, the output in that dtype
+    generator = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(*lead, D, generator=generator)).to(dtype)
+    if zero_row and x.numel():
+        x.view(-1, D)[0] = 0  # the clamped norm: y = 0, dx = dy / eps in both
+    x = x.to(DEVICE)
+    grad_out = torch.randn(*lead, D, generator=generator).to(dtype).to(DEVICE)
+    inputs = [x.clone().requires_grad_()]
+    reference = [x.detach().double().requires_grad_()]
+    out = l2_normalize(inputs[0], dtype)
+    expected = nirvana.l2_normalize(reference[0], torch.float64)
+    assert out.dtype == dtype and out.shape == expected.shape
+    if x.numel() == 0:
+        return
+    bound = TOLERANCE[dtype]
+
+    def assert_close(actual, want, name, scale=0.0):  # relative to want's norm, or to scale where larger
+        error = (actual.double() - want).norm().item()
+        assert error <= bound * max(want.norm().item(), scale), f"{name}: error {error:.2e}"
+
+    assert_close(out, expected, "y")
+    (dx,) = torch.autograd.grad(out, inputs, grad_out)
+    (expected_dx,) = torch.autograd.grad(expected, reference, grad_out.double())
+    assert dx.dtype == dtype
+    norm = reference[0].detach().norm(dim=-1, keepdim=True)
+    live = norm[..., 0] > 0  # a zero row's dx is dy / 1e-12 in both: compared apart, on its own scale
+    # at D = 1 dx is zero but for rounding: the scale of dx is that of dy / ||x||
+    assert_close(dx[live], expected_dx[live], "dx", (grad_out.double() / norm)[live].norm().item())
+    assert_close(dx[~live], expected_dx[~live], "dx of the zero row")
+
+
+def test_l2_normalize_keeps_its_output_and_the_norms_for_backward():
+    # the twin keeps x in float32 (4 bytes a value); the kernel its output, which the delta rule keeps too,
+    # and one float32 norm per row
+    rows, D = 256, 128
+    x = torch.randn(rows, D, device=DEVICE).bfloat16().requires_grad_()
+    kept = saved_bytes(lambda t: l2_normalize(t, torch.bfloat16), x)
+    assert kept == 2 * rows * D + 4 * rows
+    assert saved_bytes(lambda t: nirvana.l2_normalize(t, torch.bfloat16), x) >= 4 * rows * D
+    with pytest.raises(ValueError, match=r"x \(\.\.\., D\) with D >= 1"):
+        l2_normalize(torch.randn(3, 0, device=DEVICE), torch.float32)
