@@ -472,12 +472,10 @@ def bench_model(table, args):
     op_sets = dict(
         torch=nirvana.load_backend("torch"),
         triton=nirvana.load_backend("triton"),
-        swa_trigger=type(nirvana.TORCH_OPS)(
-            **{
-                **vars(nirvana.TORCH_OPS),
-                "sliding_window_attention": kernels.sliding_window_attention,
-                "trigger_step": kernels.trigger_step,
-            }
+        swa_trigger=nirvana.with_ops(
+            nirvana.TORCH_OPS,
+            sliding_window_attention=kernels.sliding_window_attention,
+            trigger_step=kernels.trigger_step,
         ),
     )
     times = {}
@@ -991,7 +989,7 @@ def with_torch_decode_steps(model):
     )
     for module in model.modules():
         if isinstance(getattr(module, "ops", None), type(nirvana.TORCH_OPS)):
-            module.ops = type(nirvana.TORCH_OPS)(**{**vars(module.ops), **twins})
+            module.ops = nirvana.with_ops(module.ops, **twins)
     return model
 
 

@@ -583,6 +583,12 @@ def load_backend(name):
     )
 
 
+def with_ops(ops, **replaced):
+    """A backend's op table with some of its functions replaced, e.g. the torch backend with one kernel
+    swapped in (the tests and bench.py compare paths this way)."""
+    return SimpleNamespace(**{**vars(ops), **replaced})
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 3. Modules, in reading order
 

@@ -303,12 +303,10 @@ def assert_same_loss_and_gradients(forward, model, idx, reference_loss, referenc
 
 def test_tiny_model_with_kernels_matches_torch_backend():
     model, idx, loss, grads = tiny_model_loss_and_gradients()
-    kernel_ops = type(nirvana.TORCH_OPS)(
-        **{
-            **vars(nirvana.TORCH_OPS),
-            "sliding_window_attention": kernels.sliding_window_attention,
-            "trigger_step": kernels.trigger_step,
-        }
+    kernel_ops = nirvana.with_ops(
+        nirvana.TORCH_OPS,
+        sliding_window_attention=kernels.sliding_window_attention,
+        trigger_step=kernels.trigger_step,
     )
     swapped = 0
     for module in model.modules():

@@ -228,12 +228,15 @@ def test_trigger_dispatch_decode_kernels_only_without_gradients():
 # ------------------------------------------------------------------------------------------------------
 # Gated DeltaNet's output norm: one Triton kernel each way vs nirvana.gated_rms_norm
 
+# the leading dimensions of per-head rows: (N,) with N possibly 0, or (B, T, H)
+PER_HEAD_LEAD = st.one_of(
+    st.tuples(st.integers(0, 40)), st.tuples(st.integers(1, 3), st.integers(1, 20), st.integers(1, 4))
+)
+
 
 @settings(max_examples=30 if ON_CUDA else 12, deadline=None, database=None, derandomize=not ON_CUDA)
 @given(
-    lead=st.one_of(
-        st.tuples(st.integers(0, 40)), st.tuples(st.integers(1, 3), st.integers(1, 20), st.integers(1, 4))
-    ),
+    lead=PER_HEAD_LEAD,
     D=st.sampled_from([3, 16, 64, 100, 128]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     x_float32=st.booleans(),
@@ -438,9 +441,7 @@ def test_causal_conv_silu_keeps_only_its_input_for_backward():
 
 @settings(max_examples=30 if ON_CUDA else 12, deadline=None, database=None, derandomize=not ON_CUDA)
 @given(
-    lead=st.one_of(
-        st.tuples(st.integers(0, 30)), st.tuples(st.integers(1, 3), st.integers(1, 17), st.integers(1, 4))
-    ),
+    lead=PER_HEAD_LEAD,
     D=st.sampled_from([1, 16, 64, 100, 128]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     zero_row=st.booleans(),

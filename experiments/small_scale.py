@@ -554,9 +554,14 @@ def number(value, digits=2):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def variant_label(run):
+    """The run's variant, and its ablation where it has one: "nirvana (eta_ref 1.0)"."""
+    return run.variant + (f" ({run.note})" if run.note else "")
+
+
 def run_label(run, entry):
     """The first columns of every table: run, variant (and ablation), seed, tokens seen."""
-    variant = run.variant + (f" ({run.note})" if run.note else "")
+    variant = variant_label(run)
     tokens = entry.get("train", {}).get("tokens")
     shown = "-" if tokens is None else f"{tokens / 1e6:.1f}M" if tokens >= 1e6 else f"{tokens:,}"
     return [run.name, variant, str(run.seed), shown]
@@ -581,13 +586,13 @@ def seed_spread(results, trained):
         ppl = results[run.name].get("ppl", {})
         geo, held_out = geometric_mean_ppl(ppl, trained), ppl.get(HELD_OUT, {}).get("ppl")
         if geo is not None and held_out is not None:
-            groups.setdefault((run.variant, run.note), []).append((run.seed, geo, held_out))
+            groups.setdefault(variant_label(run), []).append((run.seed, geo, held_out))
     spread = {}
-    for (variant, note), seeds in groups.items():
+    for variant, seeds in groups.items():
         if len(seeds) < 2:
             continue
         geo, held_out = np.array([s[1] for s in seeds]), np.array([s[2] for s in seeds])
-        spread[variant + (f" ({note})" if note else "")] = dict(
+        spread[variant] = dict(
             seeds=[s[0] for s in seeds],
             geometric_mean=geo.tolist(),
             geometric_mean_mean=float(geo.mean()),

@@ -6,12 +6,11 @@ nirvana.py (see nirvana.load_backend):
   trigger_step(q, k, v, p_prev, eta, bank_weight, bank_bias, detach_inner_grad=False)
 
 Each works on CUDA tensors, or on the CPU when TRITON_INTERPRET=1 is set before triton is imported.
-The other fast paths of the model are modules beside these: causal_conv (the short convolution with its SiLU), l2_norm (q and k's
-L2 norm), rms_norm (the pre-norms and
-gated_rms_norm), swiglu (SwiGLU's output projection), linear_cross_entropy, trigger_decode (the Trigger step
-of a few tokens without gradients, for decoding, which falls back to trigger_step) and decode (the one-token
-steps of the delta rule and of attention over the ring buffer); nirvana.load_backend puts them all in the
-backend's table.
+The other fast paths of the model are modules beside these: causal_conv (the short convolution with its
+SiLU), l2_norm (q and k's L2 norm), rms_norm (the pre-norms and gated_rms_norm), swiglu (SwiGLU's output
+projection), linear_cross_entropy, trigger_decode (the Trigger step of a few tokens without gradients, for
+decoding, which falls back to trigger_step) and decode (the one-token steps of the delta rule and of attention
+over the ring buffer); nirvana.load_backend puts them all in the backend's table.
 """
 
 import torch
