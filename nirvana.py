@@ -473,16 +473,15 @@ def trigger_step(
     return fast_weight_function(q, p, bank_weight, bank_bias), p  # eq.(2)
 
 
-def causal_conv_silu(x, weight, history=None):
-    """SiLU of a depthwise causal convolution over time: y_t = SiLU(sum_j w_j x_{t-K+1+j}) per channel.
+def causal_conv_silu(x, weight):
+    """SiLU of a depthwise causal convolution over time: y_t = SiLU(sum_j w_j x_{t-K+1+j}) per channel,
+    zeros before x's first step.
 
-    x (B, T, C), weight (C, 1, K), history (B, K - 1, C): the inputs just before x (zeros when None).
-    Returns (B, T, C) in x's dtype.
+    x (B, T, C), weight (C, 1, K). Returns (B, T, C) in x's dtype.
     """
     B, T, C = x.shape
     K = weight.shape[-1]
-    history = x.new_zeros(B, K - 1, C) if history is None else history.to(x.dtype)
-    x = torch.cat([history, x], dim=1)  # (B, K - 1 + T, C)
+    x = torch.cat([x.new_zeros(B, K - 1, C), x], dim=1)  # (B, K - 1 + T, C)
     # as a (B, C, 1, K - 1 + T) image in channels-last layout, which is x's own memory: cuDNN's depthwise
     # kernel reads and writes it without the transposed copies conv1d makes; the output is (B, T, C) again
     z = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight.unsqueeze(2).to(x.dtype), groups=C)
@@ -635,7 +634,7 @@ class FusedLinear(nn.Linear):
 
 class CausalConv(nn.Module):
     """Depthwise causal conv over time, kernel conv_size, then SiLU; its cache is the last conv_size - 1
-    inputs."""
+    inputs (the tail). Decoding runs the convolution on [tail; x] and keeps that window's last inputs."""
 
     def __init__(self, channels, kernel_size, ops):
         super().__init__()
@@ -654,10 +653,12 @@ class CausalConv(nn.Module):
         self.tail = None
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
-        y = self.causal_conv_silu(x, self.weight, self.tail)  # tail None: zeros
-        if self.tail is not None:
-            self.tail.copy_(torch.cat([self.tail, x.to(self.tail.dtype)], dim=1)[:, -self.tail.shape[1] :])
-        return y
+        if self.tail is None:
+            return self.causal_conv_silu(x, self.weight)  # zeros before the first step
+        kept = self.tail.shape[1]
+        window = torch.cat([self.tail.to(x.dtype), x], dim=1)  # (B, K - 1 + T, C)
+        self.tail.copy_(window[:, -kept:])
+        return self.causal_conv_silu(window, self.weight)[:, kept:]  # the tail's own outputs dropped
 
 
 def apply_rope(x, positions, base):
@@ -748,10 +749,11 @@ class Attention(nn.Module):
 
 
 def gated_deltanet_projections(config):
-    """What the Gated DeltaNet branch reads from x, name -> width: q, k, v and Wa x, Wb x, Wg x (the
-    projections of the decay, of beta and of the output gate, before their nonlinearities)."""
+    """What the Gated DeltaNet branch reads from x, name -> width: q, k, v side by side (one short
+    convolution runs over all three) and Wa x, Wb x, Wg x (the projections of the decay, of beta and of the
+    output gate, before their nonlinearities)."""
     H, key_dim, value_dim = config.n_heads, config.key_dim, config.value_dim
-    return dict(q=key_dim, k=key_dim, v=value_dim, decay=H, beta=H, gate=value_dim)
+    return dict(qkv=2 * key_dim + value_dim, decay=H, beta=H, gate=value_dim)
 
 
 class GatedDeltaNet(nn.Module):
@@ -759,15 +761,15 @@ class GatedDeltaNet(nn.Module):
 
     q1, k1 = L2norm(SiLU(conv(q))), L2norm(SiLU(conv(k))); v1 = SiLU(conv(v));
     g = -exp(A_log) softplus(Wa x + dt_bias), beta = sigmoid(Wb x); b = GatedRMSNorm(S^T q1, SiLU(Wg x)).
-    Cache: the conv tails and the state S (B, H, Dk, Dv) in float32.
+    The three depthwise convolutions are one over q, k and v side by side (one launch, one cache).
+    Cache: the conv tail and the state S (B, H, Dk, Dv) in float32.
     """
 
     def __init__(self, config, ops):
         super().__init__()
         H, Dk, Dv = config.n_heads, config.head_dim, config.value_head_dim
         self.H, self.Dk, self.Dv, self.ops = H, Dk, Dv, ops
-        self.q_conv, self.k_conv = (CausalConv(H * Dk, config.conv_size, ops) for _ in range(2))
-        self.v_conv = CausalConv(H * Dv, config.conv_size, ops)
+        self.conv = CausalConv(2 * H * Dk + H * Dv, config.conv_size, ops)
         # Gated DeltaNet's initialisation: decay rate A ~ U(0, 16), time step dt ~ logU(1e-3, 1e-1)
         self.A_log = nn.Parameter(torch.empty(H).uniform_(0, 16).clamp_(min=1e-4).log())
         dt = torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)).exp()
@@ -781,12 +783,13 @@ class GatedDeltaNet(nn.Module):
     def clear_cache(self):
         self.state = None
 
-    def forward(self, q, k, v, decay, beta, gate):
-        """q, k (B, T, H*Dk); v (B, T, H*Dv); Wa x, Wb x (B, T, H); Wg x (B, T, H*Dv) -> b (B, T, H*Dv)."""
-        B, T, _ = q.shape
-        q = self.q_conv(q).view(B, T, self.H, self.Dk)  # SiLU(conv(q))
-        k = self.k_conv(k).view(B, T, self.H, self.Dk)
-        v1 = self.v_conv(v).view(B, T, self.H, self.Dv)
+    def forward(self, qkv, decay, beta, gate):
+        """q, k, v side by side (B, T, 2*H*Dk + H*Dv); Wa x, Wb x (B, T, H); Wg x (B, T, H*Dv)
+        -> b (B, T, H*Dv)."""
+        B, T, _ = qkv.shape
+        H, Dk, Dv = self.H, self.Dk, self.Dv
+        q, k, v1 = self.conv(qkv).split([H * Dk, H * Dk, H * Dv], dim=-1)  # SiLU(conv(q)), ...
+        q, k, v1 = q.view(B, T, H, Dk), k.view(B, T, H, Dk), v1.view(B, T, H, Dv)
         if self.state is not None and T == 1:  # decoding: the backend's one-token step updates the state
             o = self.ops.gated_delta_rule_step(
                 q[:, 0], k[:, 0], v1[:, 0], decay[:, 0], beta[:, 0], self.A_log, self.dt_bias, self.state
@@ -919,8 +922,13 @@ class NirvanaMixer(nn.Module):
     def forward(self, x, input_pos, p, bank):
         """x (B, T, d_model), p (B, T, K) from the layer below -> out (B, T, d_model), p, t (B, T)."""
         B, T, _ = x.shape
-        q, k, v, decay, beta, gate, q_delta, k_delta, v_delta, *trigger_qkv = self.in_proj(x)
-        b = self.gated_deltanet(q, k, v, decay, beta, gate)  # (B, T, H*Dv) linear attention
+        qkv, decay, beta, gate, q_delta, k_delta, v_delta, *trigger_qkv = self.in_proj(x)
+        b = self.gated_deltanet(qkv, decay, beta, gate)  # (B, T, H*Dv) linear attention
+        q, k, v = qkv.split([self.H * self.Dk, self.H * self.Dk, self.H * self.Dv], dim=-1)
+        # a Linear keeps its input for backward, and a view would keep in_proj's whole output alive: when
+        # training, the deltas' rank-r inputs are copied out of it
+        if torch.is_grad_enabled():
+            q_delta, k_delta, v_delta = (part.contiguous() for part in (q_delta, k_delta, v_delta))
         q2 = (q + self.q_delta_up(q_delta)).view(B, T, self.H, self.Dk)  # Sec. 2.1 low-rank deltas
         k2 = (k + self.k_delta_up(k_delta)).view(B, T, self.H, self.Dk)
         v2 = (v + self.v_delta_up(v_delta)).view(B, T, self.H, self.Dv)
@@ -982,9 +990,10 @@ class Block(nn.Module):
         return h + self.ffn(self.ffn_norm(h)), p, t
 
 
-# Checkpoints written before the projections of one input became one GEMM (FusedLinear) hold each part
-# under its own name. Per block, a fused weight <- the old weights of its parts, in row order; parts the
-# checkpoint lacks (the Trigger's, in a variant without it) are not in the fused weight either.
+# Checkpoints written before the projections of one input became one GEMM (FusedLinear), and before the short
+# convolutions of q, k and v became one, hold each part under its own name. Per block, a fused weight <- the
+# old weights of its parts, in row order; parts the checkpoint lacks (the Trigger's, in a variant without it)
+# are not in the fused weight either.
 UNFUSED_NAMES = {
     "mixer.qkv_proj.weight": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj"],
     "mixer.in_proj.weight": [
@@ -1005,6 +1014,11 @@ UNFUSED_NAMES = {
     "mixer.k_delta_up.weight": ["mixer.k_delta.up"],
     "mixer.v_delta_up.weight": ["mixer.v_delta.up"],
     "ffn.gate_up.weight": ["ffn.gate", "ffn.up"],
+    "mixer.gated_deltanet.conv.weight": [
+        "mixer.gated_deltanet.q_conv",
+        "mixer.gated_deltanet.k_conv",
+        "mixer.gated_deltanet.v_conv",
+    ],
 }
 
 

@@ -407,22 +407,23 @@ def test_causal_conv_silu_matches_reference(B, T, C, K, dtype, seed):
         assert relative_error(actual, want) <= bound, f"{name}: {relative_error(actual, want):.2e}"
 
 
-def test_causal_conv_silu_with_history_matches_the_reference():
-    """Decoding through the cache: the kernels run on [history; x] (one token, and several), float32."""
-    for T in (1, 3):
-        x, weight, history = (
-            torch.randn(2, T, 8, device=DEVICE),
-            torch.randn(8, 1, 4, device=DEVICE),
-            torch.randn(2, 3, 8, device=DEVICE),
-        )
-        torch.testing.assert_close(
-            causal_conv_silu(x, weight, history),
-            nirvana.causal_conv_silu(x, weight, history),
-            rtol=1e-5,
-            atol=1e-6,
-        )
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_causal_conv_decoding_through_its_tail_matches_the_whole_sequence(backend):
+    """nirvana.CausalConv with a cache: a prompt, then one token at a time and three at a time, each call
+    on [tail; x] -- the outputs are the convolution of the whole sequence, float32."""
+    conv_silu = causal_conv_silu if backend == "triton" else nirvana.causal_conv_silu
+    conv = nirvana.CausalConv(8, 4, nirvana.with_ops(nirvana.TORCH_OPS, causal_conv_silu=conv_silu))
+    conv = conv.to(DEVICE)
+    x = torch.randn(2, 12, 8, device=DEVICE)
+    with torch.no_grad():
+        whole = conv(x)
+        conv.setup_cache(2, 12, DEVICE, torch.float32)
+        pieces = [conv(x[:, :5])] + [conv(x[:, t : t + 1]) for t in (5, 6)] + [conv(x[:, 7:10])]
+        pieces += [conv(x[:, 10:11]), conv(x[:, 11:])]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(conv.tail, x[:, -3:])
     with pytest.raises(ValueError, match=r"x \(B, T, C\) and weight \(C, 1, K\)"):
-        causal_conv_silu(x, weight[:4])
+        causal_conv_silu(x, conv.weight[:4])
 
 
 def test_causal_conv_silu_keeps_only_its_input_for_backward():
@@ -433,6 +434,30 @@ def test_causal_conv_silu_keeps_only_its_input_for_backward():
     kept = saved_bytes(causal_conv_silu, x, weight)
     assert kept <= 4 * C * K  # the flattened float32 weight, when reshape copies it; x itself is not counted
     assert saved_bytes(nirvana.causal_conv_silu, x, weight) >= kept + 2 * B * T * C
+
+
+@pytest.mark.parametrize("variant", ["gated-deltanet", "nirvana"])
+def test_no_layer_keeps_its_fused_projections_output_for_backward(variant):
+    """Every part of in_proj's (B, T, width) output is a view of it; a consumer that kept its view would
+    keep the whole output alive (in nirvana-350m, 8.4 KiB per token per layer once held by the low-rank
+    deltas' up-projections). Triton backend, bf16 autocast."""
+    model = nirvana.Nirvana(nirvana.NirvanaConfig.from_preset(f"{variant}-tiny", backend="triton")).to(DEVICE)
+    outputs = []  # held here, so that no later tensor can take a freed output's address
+    for module in model.modules():
+        if isinstance(module, nirvana.FusedLinear) and module.parts.keys() >= {"qkv", "gate"}:
+            module.register_forward_hook(lambda _, __, out: outputs.append(out[0]))
+    kept = set()
+
+    def pack(t):
+        kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    idx = torch.randint(0, model.config.vocab_size, (2, 40), device=DEVICE)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            model(idx, idx)
+    assert len(outputs) == model.config.n_layers
+    assert not kept & {out.untyped_storage().data_ptr() for out in outputs}
 
 
 # ------------------------------------------------------------------------------------------------------

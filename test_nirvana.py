@@ -368,7 +368,7 @@ def test_gradients_reach_every_parameter():
                 if not grad.abs().sum() > 0:
                     no_gradient.append(f"{name}[{part}]")
     assert not no_gradient
-    assert {"q", "decay", "beta", "gate", "q_delta", "trigger_q", "trigger_k", "trigger_v"} <= fused_parts
+    assert {"qkv", "decay", "beta", "gate", "q_delta", "trigger_q", "trigger_k", "trigger_v"} <= fused_parts
 
 
 def test_notrigger_variant_has_no_trigger_parameters():
@@ -418,7 +418,8 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path):
         Nirvana.from_checkpoint(tmp_path / "missing.pt")
 
 
-# Before the projections of one input were fused into one GEMM, each had its own weight (per block).
+# Before the projections of one input were fused into one GEMM, each had its own weight (per block); so had
+# the short convolutions of q, k and v before they became one.
 UNFUSED = {
     "mixer.qkv_proj": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj"],
     "mixer.in_proj": [
@@ -436,6 +437,11 @@ UNFUSED = {
         "mixer.trigger.v_proj",
     ],
     "ffn.gate_up": ["ffn.gate", "ffn.up"],
+    "mixer.gated_deltanet.conv": [
+        "mixer.gated_deltanet.q_conv",
+        "mixer.gated_deltanet.k_conv",
+        "mixer.gated_deltanet.v_conv",
+    ],
 }
 RENAMED = {
     "mixer.q_delta_up": "mixer.q_delta.up",
@@ -450,7 +456,11 @@ def old_names(model, name):
         return [(name, None)]
     _, layer, module_name = name.removesuffix(".weight").split(".", 2)
     if module_name in UNFUSED:
-        widths = model.get_submodule(name.removesuffix(".weight")).parts.values()
+        config = model.config
+        qkv = [config.key_dim, config.key_dim, config.value_dim]  # q, k, v side by side: three old parts
+        module = model.get_submodule(name.removesuffix(".weight"))
+        parts = getattr(module, "parts", {"qkv": sum(qkv)})  # the convolution has channels, no parts
+        widths = [w for part, width in parts.items() for w in (qkv if part == "qkv" else [width])]
         # without the Trigger, its three parts (the last) are absent
         return [(f"blocks.{layer}.{old}.weight", rows) for old, rows in zip(UNFUSED[module_name], widths)]
     if module_name in RENAMED:
@@ -480,6 +490,7 @@ def test_checkpoints_from_before_the_fusion_load(tmp_path, variant):
     model = tiny_model(variant)
     old_state = unfused_state_dict(model)
     assert "blocks.0.mixer.q_proj.weight" in old_state and "blocks.0.ffn.up.weight" in old_state
+    assert any(name.endswith("mixer.gated_deltanet.v_conv.weight") for name in old_state)
     if variant == "nirvana":
         assert {"blocks.3.mixer.trigger.k_proj.weight", "blocks.3.mixer.q_delta.up.weight"} <= set(old_state)
     path = tmp_path / "old.pt"

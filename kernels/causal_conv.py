@@ -10,8 +10,8 @@ shifted loads of x (the overlap comes from cache), K multiply-adds in float32 an
 Backward, two launches over the same tiles: the first forms z again from x and writes dz = dy SiLU'(z) in
 float32; the second forms dx from K shifted loads of dz and each tap's dw summed over the program's time steps
 into a float32 partial sum per program (summed by PyTorch). Block sizes: BLOCK_T x BLOCK_C = 64 x 128, 4
-warps (16 x 16 under the CPU interpreter). A call with a history (decoding through the cache) runs on the
-history and x together. test_kernels_fused.py compares the two.
+warps (16 x 16 under the CPU interpreter). Decoding (nirvana.CausalConv) calls it on the cached inputs and
+the new ones together. test_kernels_fused.py compares the two.
 """
 
 import torch
@@ -129,13 +129,9 @@ class _CausalConvSiLU(torch.autograd.Function):
 
 
 @torch.compiler.disable  # under torch.compile it runs as it is, between two graphs (as the other kernels do)
-def causal_conv_silu(x, weight, history=None):
-    """nirvana.causal_conv_silu: x (B, T, C), weight (C, 1, K), history (B, K - 1, C) or None -> SiLU of the
-    convolution (B, T, C) in x's dtype, by the Triton kernels (the taps and the SiLU in float32). With a
-    history (decoding through the cache) the kernels run on [history; x] and the history's own outputs are
-    dropped."""
-    if history is not None:
-        return causal_conv_silu(torch.cat([history.to(x.dtype), x], dim=1), weight)[:, history.shape[1] :]
+def causal_conv_silu(x, weight):
+    """nirvana.causal_conv_silu: x (B, T, C), weight (C, 1, K) -> SiLU of the convolution (B, T, C) in x's
+    dtype, by the Triton kernels (the taps and the SiLU in float32)."""
     if x.dim() != 3 or weight.shape[0] != x.shape[-1] or weight.dim() != 3 or weight.shape[1] != 1:
         raise ValueError(
             f"x (B, T, C) and weight (C, 1, K) expected, got {tuple(x.shape)} and {tuple(weight.shape)}"
