@@ -661,14 +661,21 @@ class CausalConv(nn.Module):
         return self.causal_conv_silu(window, self.weight)[:, kept:]  # the tail's own outputs dropped
 
 
-def apply_rope(x, positions, base):
-    """Rotary position embedding (Su et al.) on (B, T, H, D) at absolute `positions` (T,)."""
-    half = x.shape[-1] // 2
-    frequencies = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+def rope_angles(positions, head_dim, base):
+    """cos and sin (T, 1, head_dim // 2) of the rotary angles at absolute `positions` (T,): computed once for
+    q and k."""
+    half = head_dim // 2
+    frequencies = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
     angles = positions.float()[:, None] * frequencies  # (T, D/2)
-    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
-    x1, x2 = x.float()[..., :half], x.float()[..., half : 2 * half]
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x.float()[..., 2 * half :]], dim=-1)
+    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+
+
+def apply_rope(x, cos, sin):
+    """Rotary position embedding (Su et al.) on (B, T, H, D), the halves of each head rotated by rope_angles."""
+    half = cos.shape[-1]
+    x_float = x.float()
+    x1, x2 = x_float[..., :half], x_float[..., half : 2 * half]
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x_float[..., 2 * half :]], dim=-1)
     return rotated.to(x.dtype)
 
 
@@ -700,7 +707,8 @@ class Attention(nn.Module):
         if input_pos is not None:
             positions = input_pos + positions  # int or device tensor
         if self.rope:
-            q, k = apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base)
+            cos, sin = rope_angles(positions, self.Dk, self.rope_base)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.k_cache is None:
             if self.window is None:
                 return F.scaled_dot_product_attention(

@@ -162,13 +162,11 @@ def test_swa_after_the_models_rope_matches_reference():
     # through the rotation
     generator = torch.Generator(DEVICE).manual_seed(3)
     q, k, v = (random(generator, 1, 33, 2, 16, dtype=torch.float32) for _ in range(3))
-    positions = torch.arange(q.shape[1], device=DEVICE)
+    cos, sin = nirvana.rope_angles(torch.arange(q.shape[1], device=DEVICE), q.shape[-1], 100.0)
 
     def after_rope(attention):
         return lambda q, k, v: (
-            attention(
-                nirvana.apply_rope(q, positions, 100.0), nirvana.apply_rope(k, positions, 100.0), v, 20
-            ),
+            attention(nirvana.apply_rope(q, cos, sin), nirvana.apply_rope(k, cos, sin), v, 20),
         )
 
     check_against_reference(
