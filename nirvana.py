@@ -756,12 +756,16 @@ class Attention(nn.Module):
         self.slot_positions[slots] = positions[-kept:]
 
 
+def qkv_widths(config):
+    """The widths of q, k and v side by side in the fused projection's qkv part: H*Dk, H*Dk, H*Dv."""
+    return [config.key_dim, config.key_dim, config.value_dim]
+
+
 def gated_deltanet_projections(config):
     """What the Gated DeltaNet branch reads from x, name -> width: q, k, v side by side (one short
     convolution runs over all three) and Wa x, Wb x, Wg x (the projections of the decay, of beta and of the
     output gate, before their nonlinearities)."""
-    H, key_dim, value_dim = config.n_heads, config.key_dim, config.value_dim
-    return dict(qkv=2 * key_dim + value_dim, decay=H, beta=H, gate=value_dim)
+    return dict(qkv=sum(qkv_widths(config)), decay=config.n_heads, beta=config.n_heads, gate=config.value_dim)
 
 
 class GatedDeltaNet(nn.Module):
@@ -777,7 +781,8 @@ class GatedDeltaNet(nn.Module):
         super().__init__()
         H, Dk, Dv = config.n_heads, config.head_dim, config.value_head_dim
         self.H, self.Dk, self.Dv, self.ops = H, Dk, Dv, ops
-        self.conv = CausalConv(2 * H * Dk + H * Dv, config.conv_size, ops)
+        self.qkv_widths = qkv_widths(config)
+        self.conv = CausalConv(sum(self.qkv_widths), config.conv_size, ops)
         # Gated DeltaNet's initialisation: decay rate A ~ U(0, 16), time step dt ~ logU(1e-3, 1e-1)
         self.A_log = nn.Parameter(torch.empty(H).uniform_(0, 16).clamp_(min=1e-4).log())
         dt = torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)).exp()
@@ -796,7 +801,7 @@ class GatedDeltaNet(nn.Module):
         -> b (B, T, H*Dv)."""
         B, T, _ = qkv.shape
         H, Dk, Dv = self.H, self.Dk, self.Dv
-        q, k, v1 = self.conv(qkv).split([H * Dk, H * Dk, H * Dv], dim=-1)  # SiLU(conv(q)), ...
+        q, k, v1 = self.conv(qkv).split(self.qkv_widths, dim=-1)  # SiLU(conv(q)), ...
         q, k, v1 = q.view(B, T, H, Dk), k.view(B, T, H, Dk), v1.view(B, T, H, Dv)
         if self.state is not None and T == 1:  # decoding: the backend's one-token step updates the state
             o = self.ops.gated_delta_rule_step(
@@ -932,7 +937,7 @@ class NirvanaMixer(nn.Module):
         B, T, _ = x.shape
         qkv, decay, beta, gate, q_delta, k_delta, v_delta, *trigger_qkv = self.in_proj(x)
         b = self.gated_deltanet(qkv, decay, beta, gate)  # (B, T, H*Dv) linear attention
-        q, k, v = qkv.split([self.H * self.Dk, self.H * self.Dk, self.H * self.Dv], dim=-1)
+        q, k, v = qkv.split(self.gated_deltanet.qkv_widths, dim=-1)
         # a Linear keeps its input for backward, and a view would keep in_proj's whole output alive: when
         # training, the deltas' rank-r inputs are copied out of it
         if torch.is_grad_enabled():

@@ -20,6 +20,7 @@ from nirvana import (
     fuse_optimizer_state,
     gated_delta_rule_chunked,
     gated_delta_rule_recurrent,
+    qkv_widths,
     sliding_window_attention,
     trigger_step,
 )
@@ -456,8 +457,7 @@ def old_names(model, name):
         return [(name, None)]
     _, layer, module_name = name.removesuffix(".weight").split(".", 2)
     if module_name in UNFUSED:
-        config = model.config
-        qkv = [config.key_dim, config.key_dim, config.value_dim]  # q, k, v side by side: three old parts
+        qkv = qkv_widths(model.config)  # q, k, v side by side: three old parts
         module = model.get_submodule(name.removesuffix(".weight"))
         parts = getattr(module, "parts", {"qkv": sum(qkv)})  # the convolution has channels, no parts
         widths = [w for part, width in parts.items() for w in (qkv if part == "qkv" else [width])]
