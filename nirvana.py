@@ -1226,7 +1226,8 @@ class Nirvana(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu", **overrides):
-        """A model from a checkpoint holding "config" (a dict of NirvanaConfig fields) and "model" (state dict)."""
+        """A model on the device map_location names (its tensors are read straight there), from a checkpoint
+        holding "config" (a dict of NirvanaConfig fields) and "model" (state dict)."""
         try:
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         except FileNotFoundError:
@@ -1237,4 +1238,4 @@ class Nirvana(nn.Module):
             raise ValueError(f"checkpoint {path} lacks the 'config' and 'model' entries")
         model = cls(NirvanaConfig.from_dict({**checkpoint["config"], **overrides}))
         model.load_state_dict(checkpoint["model"])
-        return model
+        return model.to(map_location)  # built on the CPU; load_state_dict copied into those parameters
