@@ -298,3 +298,27 @@ def test_package_versions_name_each_package_and_say_unknown_when_dpkg_cannot_tel
         monkeypatch.setattr(real_text, "PACKAGES", {"dpkg": ("dpkg", None)})
         version = real_text.package_versions()["dpkg"]
         assert version.startswith("dpkg ") and version != "dpkg unknown"
+
+
+def test_mri_gpu_script_parses_and_its_published_runs_are_complete():
+    """experiments/mri_gpu.sh is valid bash, and experiments/results/mri holds every run it names, each with
+    its tables and pictures, every trained method and stage at the script's step count."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.join(root, "experiments", "mri_gpu.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    text = open(script).read()
+    runs = re.search(r"^RUNS=\(([^)]*)\)", text, re.MULTILINE).group(1).split()
+    steps = re.search(r"^STEPS=\$\{STEPS:-(\d+)\}", text, re.MULTILINE).group(1)
+    published = os.path.join(root, "experiments", "results", "mri")
+    for name in ("phantoms-preview.png", "anatomy-preview.png", "pretrain-nirvana.log"):
+        assert os.path.isfile(os.path.join(published, name)), name
+    for run in runs:
+        folder = os.path.join(published, run)
+        for name in ("results.md", "reports.md", "training_curves.png", "recon_grid_6x.png"):
+            assert os.path.isfile(os.path.join(folder, name)), f"{run}/{name}"
+        results = json.load(open(os.path.join(folder, "results.json")))
+        trained = {method: taken for method, taken in results["steps"].items() if method != "zero-filled"}
+        assert trained and all(
+            re.fullmatch(rf"{steps}( \(stage \d\))?( \+ {steps} \(stage \d\))*", taken)
+            for taken in trained.values()
+        ), trained

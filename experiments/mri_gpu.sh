@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The MRI experiment on one GPU, from pretraining to the results tables:
+#   1. three backbones (nirvana, nirvana-notrigger, transformer; the small-scale size: d_model 512, 8 layers,
+#      window 512, context 1024, 16k vocabulary) pretrained side by side on the real-text corpus, the same
+#      TOKENS each, seed 0; meanwhile the phantom and real-anatomy data sets are generated on the CPU;
+#   2. the MRI runs side by side, every method and stage with the same STEPS optimizer steps: phantoms and
+#      real anatomy with the default recipe (stage 0, then the paper's stages 1 and 2), and phantoms with the
+#      paper's two stages alone (--encoder-pretrain-steps 0).
+# Results (results.md, recon_grid_<acc>x.png, reports.md, ...) go to RESULTS/<run>; backbones, data sets and
+# logs to WORK. A re-run keeps finished steps: a trained backbone, a generated data set, a finished MRI run.
+#
+# Needs the corpus (python experiments/real_text.py --out data/real_text; its tokens/ folder travels to a GPU
+# machine), nibabel and the Colin27 image of mricron-data (ANATOMY), as mri.py --anatomy does.
+# Time on one H100 (the published run): pretraining 390 s (three backbones side by side, 190-215k tokens/s
+# each), the data sets 90 s meanwhile, an MRI run of 90 steps about 200 s (two side by side), of which about
+# 120 s is training and the rest scoring and --diagnose; a step of every phase together takes about 1.3 s.
+#   bash experiments/mri_gpu.sh                             # the published run: 39M tokens, 90 MRI steps
+#   TOKENS=200000000 TRAIN_SECONDS=3600 STEPS=1000 bash experiments/mri_gpu.sh   # longer, both stages
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CORPUS=${CORPUS:-data/real_text/tokens}
+ANATOMY=${ANATOMY:-/usr/share/mricron/templates/ch2.nii.gz}
+WORK=${WORK:-out/mri_gpu}
+RESULTS=${RESULTS:-experiments/results/mri}
+TOKENS=${TOKENS:-39321600}              # pretraining tokens per backbone (300 steps of 131,072)
+TRAIN_SECONDS=${TRAIN_SECONDS:-420}     # pretraining stops here if TOKENS take longer (last checkpoint kept)
+VOLUMES=${VOLUMES:-120}
+STEPS=${STEPS:-90}                      # optimizer steps of every MRI method and stage
+SEED=${SEED:-0}
+BACKBONES=(nirvana nirvana-notrigger transformer)
+# Same data, masks, widths and steps for every method. Trainable parameters: E2E-VarNet (8 cascades of width
+# 12) 533k, U-Net (32 channels) 465k, the pipeline around each backbone 685k; 6x is trained as well as scored
+# (the paper's Table 11 is at 6x).
+MRI_ARGS=(--train-acc 4,6,8 --eval-acc 4,6,8 --vit-stride 8 --chans 12 --varnet-cascades 8 --unet-chans 32
+    --batch-size 16 --diagnose --seed "$SEED" --device cuda)
+mkdir -p "$WORK" "$RESULTS"
+export PYTHONUNBUFFERED=1
+log() { echo "[mri_gpu $(date +%H:%M:%S) +${SECONDS}s] $*"; }
+
+# ---- 1. backbones and data sets, side by side
+for variant in "${BACKBONES[@]}"; do
+    run="$WORK/$variant"
+    if [ -f "$run/done" ]; then continue; fi
+    resume=()
+    if [ -f "$run/ckpt.pt" ]; then resume=(--resume); fi
+    log "pretraining $variant (${TOKENS} tokens, at most ${TRAIN_SECONDS}s)"
+    (
+        timeout "$TRAIN_SECONDS" python train.py --preset "$variant-125m" --backend triton --data "$CORPUS" \
+            --out "$run" "${resume[@]}" --seed "$SEED" --micro-batch 16 --seq-len 1024 \
+            --global-batch-tokens 131072 --max-tokens "$TOKENS" --warmup-tokens 4194304 --lr 1e-3 \
+            --eval-every 100 --eval-tokens 65536 --save-every 25 --log-every 25 \
+            --set d_model=512 --set n_layers=8 --set n_heads=8 --set window=512 --set context_length=1024 \
+            && touch "$run/done"
+    ) > "$WORK/pretrain-$variant.log" 2>&1 &
+done
+for set in phantoms anatomy; do
+    if [ -f "$WORK/$set/preview.png" ]; then continue; fi
+    anatomy=()
+    if [ "$set" = anatomy ]; then anatomy=(--anatomy "$ANATOMY"); fi
+    log "generating $set: $VOLUMES volumes x 16 slices, 64x64, 8 coils"
+    python mri.py --generate "$WORK/$set" "${anatomy[@]}" --volumes "$VOLUMES" --slices 16 --size 64 \
+        --coils 8 --seed "$SEED" --device cpu > "$WORK/generate-$set.log" 2>&1 &
+done
+wait
+for variant in "${BACKBONES[@]}"; do
+    test -f "$WORK/$variant/ckpt.pt" || { log "no checkpoint for $variant: see $WORK/pretrain-$variant.log"; exit 1; }
+    log "$variant: $(grep -E '^step +[0-9]+/' "$WORK/pretrain-$variant.log" | tail -1)"
+done
+backbones=()
+for variant in "${BACKBONES[@]}"; do backbones+=(--backbone "$WORK/$variant/ckpt.pt"); done
+
+# the MRI runs: name, data set, extra options
+RUNS=(phantoms anatomy phantoms-paper-stages)
+data_of() { case $1 in anatomy) echo "$WORK/anatomy" ;; *) echo "$WORK/phantoms" ;; esac; }
+extra_of() { case $1 in phantoms-paper-stages) echo "--encoder-pretrain-steps 0" ;; *) echo "" ;; esac; }
+
+# ---- 2. the MRI runs, side by side
+log "MRI runs with $STEPS steps per method and stage: ${RUNS[*]}"
+pids=()
+for name in "${RUNS[@]}"; do
+    if [ -f "$RESULTS/$name/results.md" ]; then continue; fi
+    # shellcheck disable=SC2046
+    python mri.py --data "$(data_of "$name")" $(extra_of "$name") "${MRI_ARGS[@]}" "${backbones[@]}" \
+        --steps "$STEPS" --out "$RESULTS/$name" > "$WORK/mri-$name-$STEPS.log" 2>&1 &
+    pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || true; done  # a failed run is named below
+for name in "${RUNS[@]}"; do
+    test -f "$RESULTS/$name/results.md" || { log "$name failed: see $WORK/mri-$name-$STEPS.log"; exit 1; }
+done
+cp "$WORK"/pretrain-*.log "$RESULTS/"
+cp "$WORK/phantoms/preview.png" "$RESULTS/phantoms-preview.png"
+cp "$WORK/anatomy/preview.png" "$RESULTS/anatomy-preview.png"
+log "all done: $RESULTS"
