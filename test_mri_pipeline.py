@@ -11,7 +11,14 @@ import mri
 import train
 from mri_recon.backbones import load_backbones, state_fingerprint, unchanged, window_note
 from mri_recon.batches import masked
-from mri_recon.diagnostics import decoder_ssim, diagnose, linear_probe, partner_slices, slice_features
+from mri_recon.diagnostics import (
+    decoder_ssim,
+    diagnose,
+    linear_probe,
+    partner_slices,
+    ridge_fit_predict,
+    slice_features,
+)
 from mri_recon.evaluation import gate_statistics, generate_test_reports
 from mri_recon.experiment import Data
 from mri_recon.fastmri_files import load_volumes
@@ -333,6 +340,7 @@ def test_diagnostics_score_the_decoder_on_the_right_token_pairs(volumes):
         assert result["ssim_mean_token"] == pytest.approx(decoder_ssim(model, mean_tokens, test, 3), abs=1e-6)
     assert result["slices"] == {"train": 4, "val": 4, "test": 8}
     assert set(result["probe_image_tokens"]) == {"r2", "ssim", "strength"}
+    assert set(result["probe_truth_image_tokens"]) == {"r2", "ssim", "strength"}
 
 
 def test_linear_probe_reads_a_linear_image_and_not_noise():
@@ -346,7 +354,15 @@ def test_linear_probe_reads_a_linear_image_and_not_noise():
     assert exact["r2"] > 0.99 and exact["ssim"] > 0.99 and exact["strength"] <= 1e-2
     noise = torch.randn(60, 64, generator=rng)
     (ny, nvy, ney) = split(noise)
-    assert linear_probe(tx, ny, vx, nvy, ex, ney, (8, 8))["r2"] < 0.1
+    own_max = linear_probe(tx, ny, vx, nvy, ex, ney, (8, 8))
+    assert own_max["r2"] < 0.1
+    # a given data range (the decoder's: the volume max) replaces each slice's own max in the SSIM
+    data_range = torch.full((10,), 4 * ney.abs().max().item())
+    wide = linear_probe(tx, ny, vx, nvy, ex, ney, (8, 8), data_range=data_range)
+    pred = ridge_fit_predict(tx.double(), ny.double(), ex.double(), wide["strength"])
+    by_hand = ssim(pred.reshape(-1, 8, 8), ney.double().reshape(-1, 8, 8), data_range.double()).mean().item()
+    assert wide["ssim"] == pytest.approx(by_hand, abs=1e-9)
+    assert abs(wide["ssim"] - own_max["ssim"]) > 0.01
 
 
 def test_gate_distances_between_slices_equal_the_pairwise_loop(volumes):

@@ -7,6 +7,8 @@
 - ridge-regression linear probes from the image tokens, and from the k-space tokens the encoder emits, to the
   zero-filled image (in units of the k-space scale): fitted on the training slices, the ridge strength chosen
   on the validation slices, scored on the test slices (R^2 over pixels, and SSIM of the probe's image);
+- a ridge probe from the image tokens to the truth (fitted and chosen the same way; its SSIM uses the decoder's
+  data range): what a linear readout of all image tokens at once reaches, beside the trained decoder's score;
 - the SSIM of the encoder's own image estimate (what stage 0 trains).
 
 Every slice is undersampled with its volume's evaluation mask at the acceleration scored."""
@@ -105,9 +107,9 @@ def r_squared(pred, y):
     return (1 - (y - pred).pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-30)).item()
 
 
-def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, shape):
+def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, shape, data_range=None):
     """The probe's R^2 and SSIM on the test slices, the ridge strength chosen by the validation R^2.
-    x (N, F) features, y (N, h*w) images; SSIM with each slice's own max as data range."""
+    x (N, F) features, y (N, h*w) images; SSIM with data_range (N,), by default each slice's own max."""
     to64 = lambda t: t.double()
     train_x, train_y, val_x, val_y, test_x, test_y = map(
         to64, (train_x, train_y, val_x, val_y, test_x, test_y)
@@ -117,7 +119,7 @@ def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, shape):
     )
     pred = ridge_fit_predict(train_x, train_y, test_x, strength)
     images = lambda t: t.reshape(-1, *shape)
-    data_range = test_y.max(1).values
+    data_range = test_y.max(1).values if data_range is None else data_range.double()
     return {
         "r2": r_squared(pred, test_y),
         "ssim": ssim(images(pred), images(test_y), data_range).mean().item(),
@@ -148,6 +150,20 @@ def diagnose(model, data, prompt_ids, acc, args):
         )
         for name in ("image_tokens", "kspace_tokens")
     }
+    # The same probe from the image tokens to the truth (units of the k-space scale, as the decoder's output):
+    # its SSIM, with the decoder's data range, is what a linear readout of all tokens at once reaches, beside
+    # the decoder's "own tokens" score.
+    in_scale_units = lambda f: flat(f.target / f.scale.reshape(-1, 1, 1))
+    probes["truth_image_tokens"] = linear_probe(
+        flat(train.image_tokens),
+        in_scale_units(train),
+        flat(val.image_tokens),
+        in_scale_units(val),
+        flat(test.image_tokens),
+        in_scale_units(test),
+        shape,
+        data_range=test.maxval / test.scale,
+    )
     encoder_images = test.encoder_image * test.scale.reshape(-1, 1, 1)
     return {
         "slices": {
@@ -163,5 +179,6 @@ def diagnose(model, data, prompt_ids, acc, args):
         "ssim_encoder_image": ssim(encoder_images, test.target, test.maxval).mean().item(),
         "probe_image_tokens": probes["image_tokens"],
         "probe_kspace_tokens": probes["kspace_tokens"],
+        "probe_truth_image_tokens": probes["truth_image_tokens"],
         "image_skip": model.decoder.image_skip,
     }
