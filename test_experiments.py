@@ -307,7 +307,7 @@ def test_mri_gpu_script_parses_and_its_published_runs_are_complete():
     script = os.path.join(root, "experiments", "mri_gpu.sh")
     subprocess.run(["bash", "-n", script], check=True)
     text = open(script).read()
-    runs = re.search(r"^RUNS=\(([^)]*)\)", text, re.MULTILINE).group(1).split()
+    runs = re.search(r"^RUNS=\(\$\{MRI_RUNS:-([^}]*)\}\)", text, re.MULTILINE).group(1).split()
     steps = re.search(r"^STEPS=\$\{STEPS:-(\d+)\}", text, re.MULTILINE).group(1)
     published = os.path.join(root, "experiments", "results", "mri")
     for name in ("phantoms-preview.png", "anatomy-preview.png", "pretrain-nirvana.log"):

@@ -15,6 +15,7 @@
 # each), the data sets 90 s meanwhile, an MRI run of 90 steps about 200 s (two side by side), of which about
 # 120 s is training and the rest scoring and --diagnose; a step of every phase together takes about 1.3 s.
 #   bash experiments/mri_gpu.sh                             # the published run: 39M tokens, 90 MRI steps
+#   STEPS=500 MRI_RUNS="phantoms anatomy" bash experiments/mri_gpu.sh   # what one 30-minute GPU session allows
 #   TOKENS=200000000 TRAIN_SECONDS=3600 STEPS=1000 bash experiments/mri_gpu.sh   # longer, both stages
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,7 +71,8 @@ backbones=()
 for variant in "${BACKBONES[@]}"; do backbones+=(--backbone "$WORK/$variant/ckpt.pt"); done
 
 # the MRI runs: name, data set, extra options
-RUNS=(phantoms anatomy phantoms-paper-stages)
+# shellcheck disable=SC2206
+RUNS=(${MRI_RUNS:-phantoms anatomy phantoms-paper-stages})  # MRI_RUNS="phantoms anatomy": those alone
 data_of() { case $1 in anatomy) echo "$WORK/anatomy" ;; *) echo "$WORK/phantoms" ;; esac; }
 extra_of() { case $1 in phantoms-paper-stages) echo "--encoder-pretrain-steps 0" ;; *) echo "" ;; esac; }
 
