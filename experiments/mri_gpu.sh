@@ -37,6 +37,15 @@ MRI_ARGS=(--train-acc 4,6,8 --eval-acc 4,6,8 --vit-stride 8 --chans 12 --varnet-
 mkdir -p "$WORK" "$RESULTS"
 export PYTHONUNBUFFERED=1
 log() { echo "[mri_gpu $(date +%H:%M:%S) +${SECONDS}s] $*"; }
+# The small-scale reproduction's model size and training settings (SIZES["small"] of experiments/small_scale.py):
+# its preset size, then train.py options. Only the length (TOKENS), the micro-batch (three runs share the GPU)
+# and the checkpoint interval are this script's own.
+small=$(python -c 'import sys; sys.path.insert(0, "experiments"); from small_scale import SIZES
+s = SIZES["small"]
+print(s.preset_size, "--backend", s.backend, "--seq-len", s.context, "--global-batch-tokens", s.global_batch_tokens,
+      "--warmup-tokens", s.warmup_tokens, "--lr", s.lr, "--eval-every", s.eval_every, "--eval-tokens", s.eval_tokens,
+      *[f"--set {field}={value}" for field, value in s.overrides.items()])')
+read -r -a SMALL <<< "$small"
 
 # ---- 1. backbones and data sets, side by side
 for variant in "${BACKBONES[@]}"; do
@@ -46,12 +55,9 @@ for variant in "${BACKBONES[@]}"; do
     if [ -f "$run/ckpt.pt" ]; then resume=(--resume); fi
     log "pretraining $variant (${TOKENS} tokens, at most ${TRAIN_SECONDS}s)"
     (
-        timeout "$TRAIN_SECONDS" python train.py --preset "$variant-125m" --backend triton --data "$CORPUS" \
-            --out "$run" "${resume[@]}" --seed "$SEED" --micro-batch 16 --seq-len 1024 \
-            --global-batch-tokens 131072 --max-tokens "$TOKENS" --warmup-tokens 4194304 --lr 1e-3 \
-            --eval-every 100 --eval-tokens 65536 --save-every 25 --log-every 25 \
-            --set d_model=512 --set n_layers=8 --set n_heads=8 --set window=512 --set context_length=1024 \
-            && touch "$run/done"
+        timeout "$TRAIN_SECONDS" python train.py --preset "$variant-${SMALL[0]}" "${SMALL[@]:1}" --data "$CORPUS" \
+            --out "$run" "${resume[@]}" --seed "$SEED" --micro-batch 16 --max-tokens "$TOKENS" \
+            --save-every 25 --log-every 25 && touch "$run/done"
     ) > "$WORK/pretrain-$variant.log" 2>&1 &
 done
 for set in phantoms anatomy; do
