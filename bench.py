@@ -979,11 +979,13 @@ def bench_profile(table, args):
 
 def with_torch_decode_steps(model):
     """The model with its decode paths (kernels/decode.py's one-token steps of the delta rule and attention,
-    kernels/trigger_decode.py's Trigger step) replaced by their plain twins in nirvana.py."""
+    kernels/causal_conv.py's step, kernels/trigger_decode.py's Trigger step) replaced by their plain twins in
+    nirvana.py."""
     import nirvana
 
     twins = dict(
         gated_delta_rule_step=nirvana.TORCH_OPS.gated_delta_rule_step,
+        causal_conv_silu_step=nirvana.TORCH_OPS.causal_conv_silu_step,
         attention_step=nirvana.TORCH_OPS.attention_step,
         trigger_step=nirvana.TORCH_OPS.trigger_step,
     )

@@ -488,6 +488,14 @@ def causal_conv_silu(x, weight):
     return F.silu(z.squeeze(2).transpose(1, 2))
 
 
+def causal_conv_silu_step(x, tail, weight):
+    """causal_conv_silu for one new time step (decoding): x (B, C) the new input, tail (B, K - 1, C) the K - 1
+    inputs before it, updated in place (moved up one row, x its newest). Returns y (B, C) in x's dtype."""
+    window = torch.cat([tail.to(x.dtype), x[:, None]], dim=1)  # (B, K, C)
+    tail.copy_(window[:, 1:])
+    return causal_conv_silu(window, weight)[:, -1]
+
+
 def autocast_input(x):
     """x in the autocast dtype when autocast is on, else unchanged. A norm's float32 output feeds many
     projections (the Nirvana mixer's fused one, the Trigger's theta, the Updater's u without the Trigger);
@@ -540,6 +548,7 @@ TORCH_OPS = SimpleNamespace(
     attention_step=attention_step,
     trigger_step=trigger_step,
     causal_conv_silu=causal_conv_silu,
+    causal_conv_silu_step=causal_conv_silu_step,
     l2_normalize=l2_normalize,
     rms_norm=rms_norm,
     gated_rms_norm=gated_rms_norm,
@@ -561,6 +570,7 @@ def load_backend(name):
         ) from error
     from kernels import decode, trigger_decode
     from kernels.causal_conv import causal_conv_silu as fused_causal_conv_silu
+    from kernels.causal_conv import causal_conv_silu_step as fused_causal_conv_silu_step
     from kernels.l2_norm import l2_normalize as fused_l2_normalize
     from kernels.linear_cross_entropy import chunked_linear_cross_entropy
     from kernels.rms_norm import gated_rms_norm as fused_gated_rms_norm
@@ -574,6 +584,7 @@ def load_backend(name):
         attention_step=decode.attention_step,  # one query per sequence over the ring buffer
         trigger_step=trigger_decode.trigger_step,  # fused kernel, or the decode kernels for a few tokens
         causal_conv_silu=fused_causal_conv_silu,  # keeps x alone for backward, not the conv's output
+        causal_conv_silu_step=fused_causal_conv_silu_step,  # one token per sequence, the cache moved in place
         l2_normalize=fused_l2_normalize,  # keeps its output (which the delta rule keeps too) and the norms
         rms_norm=fused_rms_norm,
         gated_rms_norm=fused_gated_rms_norm,
@@ -634,14 +645,15 @@ class FusedLinear(nn.Linear):
 
 class CausalConv(nn.Module):
     """Depthwise causal conv over time, kernel conv_size, then SiLU; its cache is the last conv_size - 1
-    inputs (the tail). Decoding runs the convolution on [tail; x] and keeps that window's last inputs."""
+    inputs (the tail). A prefill runs the convolution on [tail; x] and keeps that window's last inputs;
+    decoding one token runs the backend's step, which moves the tail along in place."""
 
     def __init__(self, channels, kernel_size, ops):
         super().__init__()
         self.weight = nn.Parameter(
             torch.empty(channels, 1, kernel_size).uniform_(-1, 1) / math.sqrt(kernel_size)
         )
-        self.causal_conv_silu = ops.causal_conv_silu
+        self.ops = ops
         self.register_buffer("tail", None, persistent=False)
 
     def setup_cache(self, batch_size, max_seq_len, device, dtype):
@@ -654,11 +666,13 @@ class CausalConv(nn.Module):
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
         if self.tail is None:
-            return self.causal_conv_silu(x, self.weight)  # zeros before the first step
+            return self.ops.causal_conv_silu(x, self.weight)  # zeros before the first step
+        if x.shape[1] == 1:
+            return self.ops.causal_conv_silu_step(x[:, 0], self.tail, self.weight)[:, None]
         kept = self.tail.shape[1]
         window = torch.cat([self.tail.to(x.dtype), x], dim=1)  # (B, K - 1 + T, C)
         self.tail.copy_(window[:, -kept:])
-        return self.causal_conv_silu(window, self.weight)[:, kept:]  # the tail's own outputs dropped
+        return self.ops.causal_conv_silu(window, self.weight)[:, kept:]  # the tail's own outputs dropped
 
 
 def rope_angles(positions, head_dim, base):

@@ -1,6 +1,7 @@
-"""Property tests of the one-token decode kernels (kernels/decode.py) against their plain twins in nirvana.py:
-gated_delta_rule_step (L2 norm, gates, one step of the recurrence, the state updated in place) and
-attention_step (write the ring slot, attend the window), and of a tiny model decoding with backend="triton".
+"""Property tests of the one-token decode kernels (kernels/decode.py, and kernels/causal_conv.py's step) against
+their plain twins in nirvana.py: gated_delta_rule_step (L2 norm, gates, one step of the recurrence, the state
+updated in place), causal_conv_silu_step (convolve, SiLU, move the tail along) and attention_step (write the
+ring slot, attend the window), and of a tiny model decoding with backend="triton".
 
     python -m pytest -q test_kernels_decode.py                              # CPU: Triton interpreter
     NIRVANA_KERNEL_TESTS=cuda python -m pytest -q test_kernels_decode.py    # GPU: more examples
@@ -28,6 +29,7 @@ from hypothesis import strategies as st
 
 import nirvana
 from kernels import decode
+from kernels.causal_conv import causal_conv_silu_step as causal_conv_step
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2 if ON_CUDA else 3e-2}
@@ -55,8 +57,9 @@ def relative_error(actual, expected):
     seed=st.integers(0, 2**16),
 )
 def test_delta_rule_step_matches_the_twin(B, H, Dk, Dv, steps, dtype, seed):
-    """`steps` tokens one after the other from a random float32 state; decay and beta are strided columns of
-    one projection, as the model splits them from its fused GEMM."""
+    """`steps` tokens one after the other from a random float32 state; q, k and v are strided views of one
+    convolution output row, and decay and beta strided columns of one projection, as the model splits them
+    (the kernel reads them in place)."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -66,8 +69,8 @@ def test_delta_rule_step_matches_the_twin(B, H, Dk, Dv, steps, dtype, seed):
     state = randn(B, H, Dk, Dv, scale=0.3)
     reference_state = state.double()
     for _ in range(steps):
-        q, k = randn(B, H, Dk).to(dtype), randn(B, H, Dk).to(dtype)
-        v = randn(B, H, Dv).to(dtype)
+        row = randn(B, 1, 2 * H * Dk + H * Dv + 5).to(dtype)  # [q, k, v, 5 more columns]
+        q, k, v = (part.view(B, H, -1) for part in row[:, 0, :-5].split([H * Dk, H * Dk, H * Dv], dim=-1))
         projection = randn(B, 2 * H + 3).to(dtype)  # [decay, beta, other parts]
         decay, beta = projection[:, :H], projection[:, H : 2 * H]
         o = decode.gated_delta_rule_step(q, k, v, decay, beta, A_log, dt_bias, state)
@@ -110,6 +113,39 @@ def test_attention_step_rejects_bad_inputs():
         decode.attention_step(q, q, q, k_cache[:, :, :1], k_cache, slot_positions, torch.tensor([0]))
     with pytest.raises(ValueError, match="window"):
         decode.attention_step(q, q, q, k_cache, k_cache, slot_positions, torch.tensor([0]), window=0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The short convolution's one-token step
+
+
+@PROPERTY
+@given(
+    B=st.integers(1, 3),
+    C=st.integers(1, 70),
+    K=st.integers(1, 4),
+    steps=st.integers(1, 3),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    float32_tail=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_causal_conv_step_matches_the_twin(B, C, K, steps, dtype, float32_tail, seed):
+    """`steps` tokens from a random tail; x is a strided slice of a wider row (as the model's q, k, v of its
+    fused projection), the tail may be float32 under bf16 inputs (autocast). The tail the kernel moves along
+    must equal the twin's."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(C, 1, K, generator=generator) / K**0.5).to(DEVICE)
+    tail = torch.randn(B, K - 1, C, generator=generator).to(DEVICE, torch.float32 if float32_tail else dtype)
+    reference_tail = tail.double()
+    for _ in range(steps):
+        x = torch.randn(B, C + 7, generator=generator).to(DEVICE, dtype)[:, 3 : 3 + C]
+        y = causal_conv_step(x, tail, weight)
+        expected = nirvana.causal_conv_silu_step(x.double(), reference_tail, weight.double())
+        assert y.dtype == dtype and y.shape == (B, C)
+        assert relative_error(y, expected) <= TOLERANCE[dtype]
+        assert torch.equal(tail.double(), reference_tail)
+    with pytest.raises(ValueError, match=r"tail \(B, K - 1, C\)"):
+        causal_conv_step(x, tail[:, :0] if K > 1 else tail.new_zeros(B, 1, C), weight)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 import nirvana
 from kernels import trigger_decode
-from kernels.causal_conv import causal_conv_silu
+from kernels.causal_conv import causal_conv_silu, causal_conv_silu_step
 from kernels.l2_norm import l2_normalize
 from kernels.linear_cross_entropy import chunked_linear_cross_entropy
 from kernels.rms_norm import gated_rms_norm, rms_norm
@@ -409,10 +409,14 @@ def test_causal_conv_silu_matches_reference(B, T, C, K, dtype, seed):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_causal_conv_decoding_through_its_tail_matches_the_whole_sequence(backend):
-    """nirvana.CausalConv with a cache: a prompt, then one token at a time and three at a time, each call
-    on [tail; x] -- the outputs are the convolution of the whole sequence, float32."""
-    conv_silu = causal_conv_silu if backend == "triton" else nirvana.causal_conv_silu
-    conv = nirvana.CausalConv(8, 4, nirvana.with_ops(nirvana.TORCH_OPS, causal_conv_silu=conv_silu))
+    """nirvana.CausalConv with a cache: a prompt, then one token at a time (the step) and three at a time
+    (on [tail; x]) -- the outputs are the convolution of the whole sequence, float32."""
+    ops = nirvana.TORCH_OPS
+    if backend == "triton":
+        ops = nirvana.with_ops(
+            ops, causal_conv_silu=causal_conv_silu, causal_conv_silu_step=causal_conv_silu_step
+        )
+    conv = nirvana.CausalConv(8, 4, ops)
     conv = conv.to(DEVICE)
     x = torch.randn(2, 12, 8, device=DEVICE)
     with torch.no_grad():

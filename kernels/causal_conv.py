@@ -10,8 +10,10 @@ shifted loads of x (the overlap comes from cache), K multiply-adds in float32 an
 Backward, two launches over the same tiles: the first forms z again from x and writes dz = dy SiLU'(z) in
 float32; the second forms dx from K shifted loads of dz and each tap's dw summed over the program's time steps
 into a float32 partial sum per program (summed by PyTorch). Block sizes: BLOCK_T x BLOCK_C = 64 x 128, 4
-warps (16 x 16 under the CPU interpreter). Decoding (nirvana.CausalConv) calls it on the cached inputs and
-the new ones together. test_kernels_fused.py compares the two.
+warps (16 x 16 under the CPU interpreter). A prefill through the cache (nirvana.CausalConv) calls it on the
+cached inputs and the new ones together; decoding one token calls causal_conv_silu_step, which convolves,
+applies the SiLU and moves the cached inputs along in one launch. test_kernels_fused.py compares the
+convolution with its twin, test_kernels_decode.py the step with nirvana.causal_conv_silu_step.
 """
 
 import torch
@@ -126,6 +128,50 @@ class _CausalConvSiLU(torch.autograd.Function):
             _silu_bwd[grid](x, weight_flat, dy.contiguous(), dz, T, C, K=K, **config)
             _causal_conv_bwd[grid](x, weight_flat, dz, dx, dw_part, T, C, K=K, **config)
         return dx, dw_part.sum(0).view(ctx.weight_shape).to(ctx.weight_dtype)
+
+
+@triton.jit
+def _causal_conv_silu_step(X, TAIL, W, Y, x_row_stride, C, K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Decoding, one program = sequence i_b, channels c (BLOCK_C,): with the tail's K - 1 rows (the inputs
+    before x), z = sum_{j < K-1} w_j tail_j + w_{K-1} x in float32, y = SiLU(z); the tail moves up one row in
+    place (each row is read before the row above it is written) and x becomes its newest row."""
+    i_b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    x = tl.load(X + i_b * x_row_stride + c, mask=c_ok, other=0.0)
+    z = x.to(tl.float32) * tl.load(W + c * K + (K - 1), mask=c_ok, other=0.0).to(tl.float32)
+    tail = TAIL + i_b * (K - 1) * C + c
+    for j in tl.static_range(K - 1):
+        earlier = tl.load(tail + j * C, mask=c_ok, other=0.0)
+        z += earlier.to(tl.float32) * tl.load(W + c * K + j, mask=c_ok, other=0.0).to(tl.float32)
+        if j > 0:
+            tl.store(tail + (j - 1) * C, earlier, mask=c_ok)
+    if K > 1:
+        tl.store(tail + (K - 2) * C, x.to(TAIL.dtype.element_ty), mask=c_ok)
+    tl.store(Y + i_b * C + c, (z * tl.sigmoid(z)).to(Y.dtype.element_ty), mask=c_ok)
+
+
+@torch.compiler.disable
+def causal_conv_silu_step(x, tail, weight):
+    """nirvana.causal_conv_silu_step in one launch (decoding: the twin concatenates, copies and convolves):
+    x (B, C), its rows may be strided (a slice of the fused projection's output); tail (B, K - 1, C)
+    contiguous, updated in place; weight (C, 1, K). Returns (B, C) in x's dtype. Blocks of 128 channels
+    (16 under the CPU interpreter): B * C / 128 programs."""
+    B, C = x.shape
+    K = weight.shape[-1]
+    if weight.shape != (C, 1, K) or tail.shape != (B, K - 1, C) or not tail.is_contiguous():
+        raise ValueError(
+            f"causal_conv_silu_step: expected x (B, C), tail (B, K - 1, C) contiguous and weight (C, 1, K); "
+            f"got x {tuple(x.shape)}, tail {tuple(tail.shape)}, weight {tuple(weight.shape)}"
+        )
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = torch.empty(B, C, device=x.device, dtype=x.dtype)
+    BLOCK_C = 16 if INTERPRET else 128
+    _causal_conv_silu_step[(B, triton.cdiv(C, BLOCK_C))](
+        x, tail, weight.contiguous(), y, x.stride(0), C, K=K, BLOCK_C=BLOCK_C, num_warps=1 if INTERPRET else 4
+    )
+    return y
 
 
 @torch.compiler.disable  # under torch.compile it runs as it is, between two graphs (as the other kernels do)

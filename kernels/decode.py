@@ -57,6 +57,9 @@ def _delta_rule_step_kernel(
     state_ptr,
     o_ptr,
     scale,
+    q_row_stride,
+    k_row_stride,
+    v_row_stride,
     gate_row_stride,
     H: tl.constexpr,
     DK: tl.constexpr,
@@ -79,8 +82,8 @@ def _delta_rule_step_kernel(
     dk_ok = dk < DK
     cv = tl.program_id(2) * BV + tl.arange(0, BV)
     cv_ok = cv < DV
-    q = tl.load(q_ptr + row * DK + dk, mask=dk_ok, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + row * DK + dk, mask=dk_ok, other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + i_b * q_row_stride + i_h * DK + dk, mask=dk_ok, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + i_b * k_row_stride + i_h * DK + dk, mask=dk_ok, other=0.0).to(tl.float32)
     q = (q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)).to(q_ptr.dtype.element_ty).to(tl.float32)
     k = (k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)).to(k_ptr.dtype.element_ty).to(tl.float32)
     decay = tl.load(decay_ptr + i_b * gate_row_stride + i_h).to(tl.float32)
@@ -88,7 +91,7 @@ def _delta_rule_step_kernel(
         decay + tl.load(dt_bias_ptr + i_h).to(tl.float32)
     )
     beta = tl.sigmoid(tl.load(beta_ptr + i_b * gate_row_stride + i_h).to(tl.float32))
-    v = tl.load(v_ptr + row * DV + cv, mask=cv_ok, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + i_b * v_row_stride + i_h * DV + cv, mask=cv_ok, other=0.0).to(tl.float32)
     state_offsets = row * DK * DV + dk[:, None] * DV + cv[None, :]
     state_ok = dk_ok[:, None] & cv_ok[None, :]
     S = tl.load(state_ptr + state_offsets, mask=state_ok, other=0.0) * tl.exp(g)
@@ -97,6 +100,13 @@ def _delta_rule_step_kernel(
     o = tl.sum((q * scale)[:, None] * S, 0)
     tl.store(state_ptr + state_offsets, S, mask=state_ok)
     tl.store(o_ptr + row * DV + cv, o.to(o_ptr.dtype.element_ty), mask=cv_ok)
+
+
+def _rows_of_heads(x):
+    """Is x (B, H, D) laid out as the kernel reads it: heads side by side in each sequence's row, any stride
+    between rows? (q, k and v split from the convolution's (B, 1, 2*H*Dk + H*Dv) output are, so decoding
+    reads them in place instead of copying each.)"""
+    return x.stride(2) == 1 and x.stride(1) == x.shape[2]
 
 
 def _delta_rule_value_block(DV):
@@ -127,8 +137,8 @@ def gated_delta_rule_step(q, k, v, decay, beta, A_log, dt_bias, state, scale=Non
     _check_no_gradient("gated_delta_rule_step", q, k, v, decay, beta, A_log, dt_bias)
     if decay.stride() != beta.stride() or decay.stride(1) != 1:
         decay, beta = decay.contiguous(), beta.contiguous()
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = torch.empty_like(v)
+    q, k, v = (x if _rows_of_heads(x) else x.contiguous() for x in (q, k, v))
+    o = torch.empty(B, H, DV, device=v.device, dtype=v.dtype)
     BV = _delta_rule_value_block(DV)
     _delta_rule_step_kernel[(B, H, triton.cdiv(DV, BV))](
         q,
@@ -141,6 +151,9 @@ def gated_delta_rule_step(q, k, v, decay, beta, A_log, dt_bias, state, scale=Non
         state,
         o,
         DK**-0.5 if scale is None else float(scale),
+        q.stride(0),
+        k.stride(0),
+        v.stride(0),
         decay.stride(0),
         H=H,
         DK=DK,
