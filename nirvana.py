@@ -716,10 +716,10 @@ class Attention(nn.Module):
     def clear_cache(self):
         self.k_cache = self.v_cache = self.slot_positions = None
 
-    def forward(self, q, k, v, input_pos=None):  # q, k (B, T, H, Dk), v (B, T, H, Dv) -> (B, T, H, Dv)
-        positions = torch.arange(q.shape[1], device=q.device)
-        if input_pos is not None:
-            positions = input_pos + positions  # int or device tensor
+    def forward(self, q, k, v, positions=None):  # q, k (B, T, H, Dk), v (B, T, H, Dv) -> (B, T, H, Dv)
+        """positions (T,): the absolute positions of the tokens (on q's device), None: 0 .. T - 1 (no cache)."""
+        if positions is None:
+            positions = torch.arange(q.shape[1], device=q.device)
         if self.rope:
             cos, sin = rope_angles(positions, self.Dk, self.rope_base)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -909,11 +909,11 @@ class AttentionMixer(nn.Module):
         self.attention = Attention(config, window, config.swa_rope, ops)
         self.o_proj = nn.Linear(config.value_dim, config.d_model, bias=False)
 
-    def forward(self, x, input_pos):  # (B, T, d_model) -> (B, T, d_model)
+    def forward(self, x, positions):  # (B, T, d_model) -> (B, T, d_model)
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x)
         q, k, v = q.view(B, T, self.H, self.Dk), k.view(B, T, self.H, self.Dk), v.view(B, T, self.H, self.Dv)
-        return self.o_proj(self.attention(q, k, v, input_pos).reshape(B, T, -1))
+        return self.o_proj(self.attention(q, k, v, positions).reshape(B, T, -1))
 
 
 class NirvanaMixer(nn.Module):
@@ -946,7 +946,7 @@ class NirvanaMixer(nn.Module):
         self.updater = Updater(config)
         self.o_proj = nn.Linear(config.value_dim, config.d_model, bias=False)
 
-    def forward(self, x, input_pos, p, bank):
+    def forward(self, x, positions, p, bank):
         """x (B, T, d_model), p (B, T, K) from the layer below -> out (B, T, d_model), p, t (B, T)."""
         B, T, _ = x.shape
         qkv, decay, beta, gate, q_delta, k_delta, v_delta, *trigger_qkv = self.in_proj(x)
@@ -959,7 +959,7 @@ class NirvanaMixer(nn.Module):
         q2 = (q + self.q_delta_up(q_delta)).view(B, T, self.H, self.Dk)  # Sec. 2.1 low-rank deltas
         k2 = (k + self.k_delta_up(k_delta)).view(B, T, self.H, self.Dk)
         v2 = (v + self.v_delta_up(v_delta)).view(B, T, self.H, self.Dv)
-        a = self.attention(q2, k2, v2, input_pos).reshape(B, T, -1)  # (B, T, H*Dv) SWA
+        a = self.attention(q2, k2, v2, positions).reshape(B, T, -1)  # (B, T, H*Dv) SWA
         if self.trigger is None:
             o, t = self.updater(a, b, x)
         else:
@@ -999,7 +999,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps, ops)
         self.ffn = SwiGLU(config, ops)
 
-    def forward(self, h, input_pos=None, p=None, bank=None):
+    def forward(self, h, positions=None, p=None, bank=None):
         """h (B, T, d_model) -> h, and the Trigger's p (B, T, K) and the gate t (B, T) of a Nirvana layer.
 
         Each mixer gets what it reads: the Gated DeltaNet only x; attention also the positions; a Nirvana
@@ -1008,11 +1008,11 @@ class Block(nn.Module):
         x = self.mixer_norm(h)  # in the autocast dtype under autocast
         t = None
         if self.kind == "nirvana":
-            out, p, t = self.mixer(x, input_pos, p, bank)
+            out, p, t = self.mixer(x, positions, p, bank)
         elif self.kind == "gdn":
             out = self.mixer(x)
         else:
-            out = self.mixer(x, input_pos)
+            out = self.mixer(x, positions)
         h = h + out
         return h + self.ffn(self.ffn_norm(h)), p, t
 
@@ -1141,12 +1141,15 @@ class Nirvana(nn.Module):
                 f"embeddings must have shape (B, T, {self.config.d_model}), got {tuple(h.shape)}"
             )
         self.check_input_pos(input_pos, h.shape[1])
+        positions = None  # without caches every attention layer counts from 0
+        if input_pos is not None:  # (T,) the tokens' absolute positions, formed once for all attention layers
+            positions = input_pos + torch.arange(h.shape[1], device=h.device)
         p = None
         if self.config.trigger:
             # p^0 = all-ones
             p = h.new_ones(h.shape[0], h.shape[1], self.config.bank_size, dtype=torch.float32)
         for block in self.blocks:
-            h, p, t = block(h, input_pos, p, self.trigger_bank)
+            h, p, t = block(h, positions, p, self.trigger_bank)
             if trace is not None and t is not None:
                 trace.setdefault("gate", []).append(t.detach())
                 if self.config.trigger:
