@@ -308,20 +308,16 @@ def test_norms_reject_mismatched_shapes():
     F_=st.sampled_from([1, 24, 100, 352]),
     D=st.sampled_from([8, 40, 64]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-    halves=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_swiglu_linear_matches_reference(lead, F_, D, dtype, halves, seed):
-    # as the model calls it: gate and up out of a GEMM in the compute dtype, weight float32 (bf16: autocast);
-    # halves: gate and up are the two halves of one (..., 2F) tensor (SwiGLU's fused projection), read in place
+def test_swiglu_linear_matches_reference(lead, F_, D, dtype, seed):
+    # as the model calls it: gate and up out of a GEMM in the compute dtype, weight float32 (bf16: autocast)
     generator = torch.Generator().manual_seed(seed)
     gate = (2 * torch.randn(*lead, F_, generator=generator)).to(dtype).to(DEVICE)
     up = torch.randn(*lead, F_, generator=generator).to(dtype).to(DEVICE)
     weight = (torch.randn(D, F_, generator=generator) / F_**0.5).to(DEVICE)
     grad_out = torch.randn(*lead, D, generator=generator).to(dtype).to(DEVICE)
     inputs = [t.clone().requires_grad_() for t in (gate, up, weight)]
-    if halves:
-        inputs[:2] = torch.cat([gate, up], dim=-1).requires_grad_().split(F_, dim=-1)
     reference = [t.detach().double().requires_grad_() for t in (gate, up, weight)]
     with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         out = swiglu_linear(*inputs)

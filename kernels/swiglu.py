@@ -5,8 +5,7 @@
 The plain PyTorch twin saves four (..., F) tensors for backward: gate (for SiLU), SiLU(gate) and up (for the
 product) and the product (for the projection's dW): at F = 2816 that is 22 KiB per token per layer in bf16.
 Here forward forms the product in one Triton kernel, projects it and keeps only gate and up; backward forms the
-product again for dW, then dgate and dup in one Triton kernel. gate and up are read where they are, each row
-at its own stride: the two halves of SwiGLU's fused projection, neither copied (nor kept twice). The elementwise kernels: one program per BLOCK
+product again for dW, then dgate and dup in one Triton kernel. The elementwise kernels: one program per BLOCK
 = 1024 values (256 under the interpreter), SiLU in float32. test_kernels_fused.py compares it with the twin.
 """
 
@@ -20,78 +19,53 @@ BLOCK = 256 if INTERPRET else 1024
 
 
 @triton.jit
-def _load_gate_and_up(G, U, offsets, ok, F, g_row_stride, u_row_stride):
-    """gate and up at the flat (rows, F) offsets, each row at its own stride (the halves of one projection)."""
-    row = offsets // F
-    col = offsets - row * F
-    g = tl.load(G + row * g_row_stride + col, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(U + row * u_row_stride + col, mask=ok, other=0.0).to(tl.float32)
-    return g, u
-
-
-@triton.jit
-def _swiglu_fwd(G, U, P, n, F, g_row_stride, u_row_stride, BLOCK: tl.constexpr):
+def _swiglu_fwd(G, U, P, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offsets < n
-    g, u = _load_gate_and_up(G, U, offsets, ok, F, g_row_stride, u_row_stride)
+    g = tl.load(G + offsets, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(U + offsets, mask=ok, other=0.0).to(tl.float32)
     tl.store(P + offsets, (g * tl.sigmoid(g) * u).to(P.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _swiglu_bwd(G, U, DP, DG, DU, n, F, g_row_stride, u_row_stride, BLOCK: tl.constexpr):
+def _swiglu_bwd(G, U, DP, DG, DU, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offsets < n
-    g, u = _load_gate_and_up(G, U, offsets, ok, F, g_row_stride, u_row_stride)
+    g = tl.load(G + offsets, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(U + offsets, mask=ok, other=0.0).to(tl.float32)
     dp = tl.load(DP + offsets, mask=ok, other=0.0).to(tl.float32)
     sigmoid = tl.sigmoid(g)
     tl.store(DG + offsets, (dp * u * sigmoid * (1.0 + g * (1.0 - sigmoid))).to(DG.dtype.element_ty), mask=ok)
     tl.store(DU + offsets, (dp * g * sigmoid).to(DU.dtype.element_ty), mask=ok)
 
 
-def _rows(x):
-    """x (..., F) as (rows, F) with unit column stride: a view where the leading dimensions merge (gate and up
-    split from the fused projection's (B, T, 2F) output do), else a copy."""
-    rows = x.reshape(-1, x.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
-def _launch(gate, up):
-    """Grid and the arguments after the pointers that locate gate and up (rows, F)."""
-    n, F = gate.numel(), gate.shape[-1]
-    return (triton.cdiv(n, BLOCK),), (n, F, gate.stride(0), up.stride(0))
-
-
-def _product(gate, up):  # gate, up (rows, F) -> SiLU(gate) * up (rows, F) contiguous
-    product = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+def _product(gate, up):
+    product = torch.empty_like(gate)
     if gate.numel():
-        grid, sizes = _launch(gate, up)
-        _swiglu_fwd[grid](gate, up, product, *sizes, BLOCK=BLOCK)
+        _swiglu_fwd[(triton.cdiv(gate.numel(), BLOCK),)](gate, up, product, gate.numel(), BLOCK=BLOCK)
     return product
 
 
 class _SwiGLULinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight):
-        shape = gate.shape
-        gate, up = _rows(gate), _rows(up)  # views of the fused projection's output: read in place, not copied
+        gate, up = gate.contiguous(), up.contiguous()
         ctx.save_for_backward(gate, up, weight)
-        ctx.shape = shape
-        return (_product(gate, up) @ weight.to(gate.dtype).T).view(
-            *shape[:-1], weight.shape[0]
-        )  # (..., d_model)
+        return _product(gate, up) @ weight.to(gate.dtype).T  # (..., d_model)
 
     @staticmethod
     def backward(ctx, dy):
         gate, up, weight = ctx.saved_tensors
+        F = gate.shape[-1]
         product = _product(gate, up)  # formed again rather than kept
-        dy = dy.reshape(-1, dy.shape[-1]).to(gate.dtype)
-        dweight = dy.T @ product
-        dproduct = (dy @ weight.to(gate.dtype)).contiguous()
-        dgate, dup = torch.empty_like(product), torch.empty_like(product)
+        dweight = dy.reshape(-1, dy.shape[-1]).T.to(gate.dtype) @ product.reshape(-1, F)
+        dproduct = (dy.to(gate.dtype) @ weight.to(gate.dtype)).contiguous()
+        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
         if gate.numel():
-            grid, sizes = _launch(gate, up)
-            _swiglu_bwd[grid](gate, up, dproduct, dgate, dup, *sizes, BLOCK=BLOCK)
-        return dgate.view(ctx.shape), dup.view(ctx.shape), dweight.to(weight.dtype)
+            _swiglu_bwd[(triton.cdiv(gate.numel(), BLOCK),)](
+                gate, up, dproduct, dgate, dup, gate.numel(), BLOCK=BLOCK
+            )
+        return dgate, dup, dweight.to(weight.dtype)
 
 
 @torch.compiler.disable  # under torch.compile it runs as it is, between two graphs (as the other kernels do)
