@@ -671,7 +671,7 @@ class CausalConv(nn.Module):
             return self.ops.causal_conv_silu_step(x[:, 0], self.tail, self.weight)[:, None]
         kept = self.tail.shape[1]
         window = torch.cat([self.tail.to(x.dtype), x], dim=1)  # (B, K - 1 + T, C)
-        self.tail.copy_(window[:, -kept:])
+        self.tail.copy_(window[:, window.shape[1] - kept :])  # kept may be 0 (conv_size 1)
         return self.ops.causal_conv_silu(window, self.weight)[:, kept:]  # the tail's own outputs dropped
 
 

@@ -407,16 +407,18 @@ def test_causal_conv_silu_matches_reference(B, T, C, K, dtype, seed):
         assert relative_error(actual, want) <= bound, f"{name}: {relative_error(actual, want):.2e}"
 
 
+@pytest.mark.parametrize("kernel_size", [1, 2, 4])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_causal_conv_decoding_through_its_tail_matches_the_whole_sequence(backend):
+def test_causal_conv_decoding_through_its_tail_matches_the_whole_sequence(backend, kernel_size):
     """nirvana.CausalConv with a cache: a prompt, then one token at a time (the step) and three at a time
-    (on [tail; x]) -- the outputs are the convolution of the whole sequence, float32."""
+    (on [tail; x]) -- the outputs are the convolution of the whole sequence, float32; kernel size 1 keeps an
+    empty tail."""
     ops = nirvana.TORCH_OPS
     if backend == "triton":
         ops = nirvana.with_ops(
             ops, causal_conv_silu=causal_conv_silu, causal_conv_silu_step=causal_conv_silu_step
         )
-    conv = nirvana.CausalConv(8, 4, ops)
+    conv = nirvana.CausalConv(8, kernel_size, ops)
     conv = conv.to(DEVICE)
     x = torch.randn(2, 12, 8, device=DEVICE)
     with torch.no_grad():
@@ -425,7 +427,7 @@ def test_causal_conv_decoding_through_its_tail_matches_the_whole_sequence(backen
         pieces = [conv(x[:, :5])] + [conv(x[:, t : t + 1]) for t in (5, 6)] + [conv(x[:, 7:10])]
         pieces += [conv(x[:, 10:11]), conv(x[:, 11:])]
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(conv.tail, x[:, -3:])
+    torch.testing.assert_close(conv.tail, x[:, x.shape[1] - (kernel_size - 1) :])
     with pytest.raises(ValueError, match=r"x \(B, T, C\) and weight \(C, 1, K\)"):
         causal_conv_silu(x, conv.weight[:4])
 
