@@ -763,9 +763,12 @@ def phase(name):
 def attribute_time(events, use_device):
     """{(phase, component): microseconds} and {(phase, component): kernel launches} from profiler events.
 
-    Each CPU op's own kernels (their device time; its own CPU time when use_device is False) go to the
-    innermost component range around it; an op outside every component (the backward, on the autograd
-    thread) goes to the component whose forward op has its autograd node's sequence number, else "other"."""
+    With use_device, every device kernel is charged once, through the CPU op the profiler links it to: to the
+    innermost component range around that op; an op outside every component (the backward, on the autograd
+    thread) to the component whose forward op has its autograd node's sequence number, else "other". A kernel
+    linked to no CPU op (the profiler does not link Triton's own launches: the decode kernels, for one) goes to
+    the innermost component range around it on the device's timeline. Without use_device, each CPU op's own
+    CPU time is charged the same way."""
     from torch.autograd import DeviceType
 
     cpu_events = [e for e in events if e.device_type == DeviceType.CPU]
@@ -775,9 +778,9 @@ def attribute_time(events, use_device):
         if e.name.startswith("phase: ")
     )
 
-    def phase_of(event):
+    def phase_of(event, ranges=phases):
         start = event.time_range.start
-        return next((name for begin, end, name in phases if begin <= start <= end), None)
+        return next((name for begin, end, name in ranges if begin <= start <= end), None)
 
     def component_of(event):
         while event is not None:
@@ -805,21 +808,63 @@ def attribute_time(events, use_device):
         return "other"
 
     times, launches = {}, {}
-    for event in cpu_events:
-        if event.name.startswith(("phase: ", ComponentProfile.PREFIX)):
-            continue
-        cost = sum(k.duration for k in event.kernels) if use_device else event.self_cpu_time_total
-        if not cost:
-            continue
-        step_phase = phase_of(event)
-        if step_phase is None:
-            continue
-        component = component_of(event) or (
-            backward_component_of(event) if step_phase == "backward" else "other"
-        )
+
+    def charge(step_phase, component, cost):
         key = (step_phase, component)
         times[key] = times.get(key, 0.0) + cost
-        launches[key] = launches.get(key, 0) + (len(event.kernels) if use_device else 1)
+        launches[key] = launches.get(key, 0) + 1
+
+    if not use_device:
+        for event in cpu_events:
+            step_phase = phase_of(event)
+            if event.name.startswith(("phase: ", ComponentProfile.PREFIX)) or step_phase is None:
+                continue  # a range's own CPU time is the Python around the ops: not charged
+            if event.self_cpu_time_total:
+                component = component_of(event) or (
+                    backward_component_of(event) if step_phase == "backward" else "other"
+                )
+                charge(step_phase, component, event.self_cpu_time_total)
+        return times, launches
+
+    device_events = [e for e in events if e.device_type == DeviceType.CUDA]
+    is_range = [
+        e.name.startswith(("phase: ", ComponentProfile.PREFIX)) or getattr(e, "is_user_annotation", False)
+        for e in device_events
+    ]
+    ranges = [e for e, annotation in zip(device_events, is_range) if annotation]
+    device_phases = sorted(
+        (e.time_range.start, e.time_range.end, e.name[len("phase: ") :])
+        for e in ranges
+        if e.name.startswith("phase: ")
+    )
+    device_components = [
+        (e.time_range.end - e.time_range.start, e.time_range.start, e.time_range.end, e.name)
+        for e in ranges
+        if e.name.startswith(ComponentProfile.PREFIX)
+    ]
+    device_components.sort()  # the innermost (shortest) range first
+    # the ops kernels are linked to: CPU events not themselves linked to another (launch calls are)
+    ops = {e.id: e for e in cpu_events if not e.is_async and not getattr(e, "linked_correlation_id", 0)}
+    for kernel in (e for e, annotation in zip(device_events, is_range) if not annotation):
+        linked = getattr(kernel, "linked_correlation_id", 0)
+        op = ops.get(linked) if linked else None
+        if op is not None:
+            step_phase, component = phase_of(op), component_of(op)
+        else:
+            step_phase = phase_of(kernel, device_phases)
+            component = next(
+                (
+                    name[len(ComponentProfile.PREFIX) :]
+                    for _, begin, end, name in device_components
+                    if begin <= kernel.time_range.start and kernel.time_range.end <= end
+                ),
+                None,
+            )
+        if step_phase is None:
+            continue
+        if component is None:
+            component = backward_component_of(op) if step_phase == "backward" else "other"
+        charge(step_phase, component, kernel.time_range.end - kernel.time_range.start)
     return times, launches
 
 
@@ -931,7 +976,11 @@ def profile_decode_step(name, model, batch_size, prompt_len, steps=8, use_device
     times, launches = attribute_time(prof.events(), use_device)
     return profile_table(
         f"profile: eager decode step of {name}, batch {batch_size}, after a prompt of {prompt_len} "
-        "(GPU kernel time; the CUDA graph replays the same kernels without the host gaps)",
+        + (
+            "(GPU kernel time; the CUDA graph replays the same kernels without the host gaps)"
+            if use_device
+            else "(the ops' own CPU time)"
+        ),
         times,
         launches,
         steps=steps,
