@@ -646,6 +646,8 @@ def bench_train(table, args):
     for mode in modes:
         results = {}  # name -> (tokens/s, peak GiB)
         for name, config, build in train_contenders(presets, args.fla_peer):
+            # progress: a contender's warm-up steps can take minutes on a fresh machine (Triton autotuning)
+            print(f"train ({mode}): timing {name}", flush=True)
             torch.manual_seed(0)
             model = build().cuda()
             forward = torch.compile(model) if mode == "compiled" else model
