@@ -178,15 +178,23 @@ def no_half_made_output(folder):
     """A block that writes new files or folders into `folder`: when it fails (an error, Ctrl-C, or SIGTERM from
     a job's time limit or `kill`), what it added there is removed, and the folder too if the block created it,
     so a failed run leaves nothing half-made behind; a failure that is not a UserError also says what was
-    removed. Entries that were there before are kept (the block must not change those in place)."""
+    removed. Entries that were there before are kept (the block must not change those in place).
+    The block gets a function keep(): called once what the block has written so far is whole (each file
+    written atomically, e.g. the results of the methods finished so far), it keeps those entries through a
+    later failure, which then removes only what came after them."""
     existed = os.path.isdir(folder)
     before = set(os.listdir(folder)) if existed else set()
+    kept = set()
+
+    def keep():
+        kept.update(set(os.listdir(folder)) - before if os.path.isdir(folder) else ())
+
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may handle signals
     previous = signal.signal(signal.SIGTERM, _exit_on_signal) if in_main_thread else None
     try:
-        yield
+        yield keep
     except BaseException as error:
-        added = sorted(set(os.listdir(folder)) - before) if os.path.isdir(folder) else []
+        added = sorted(set(os.listdir(folder)) - before - kept) if os.path.isdir(folder) else []
         for name in added:
             path = os.path.join(folder, name)
             if os.path.isdir(path):
@@ -196,8 +204,11 @@ def no_half_made_output(folder):
         if not existed and os.path.isdir(folder) and not os.listdir(folder):
             os.rmdir(folder)
         if added and not isinstance(error, UserError):  # a user error is its one line alone
-            removed = folder if not existed else ", ".join(os.path.join(folder, name) for name in added)
+            whole = not existed and not kept
+            removed = folder if whole else ", ".join(os.path.join(folder, name) for name in added)
             print(f"the run failed: removed {removed}, which it had written", file=sys.stderr)
+        if kept:
+            print(f"kept what it had finished in {folder}: {', '.join(sorted(kept))}", file=sys.stderr)
         raise
     finally:
         if in_main_thread:

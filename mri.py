@@ -261,11 +261,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     experiment.check_run(args)  # before any training: backbones load, --data holds volumes, ...
     t_start = time.time()
-    with no_half_made_output(args.out):  # a failed run removes what it wrote there
+    with no_half_made_output(args.out) as keep:  # a failed run removes what it wrote, but the results so far
         data = experiment.load_data(args)
         run = experiment.Run()
+        backbones = experiment.load_backbones(args)
+        names = [backbone[0] for backbone in backbones]
         experiment.train_baselines(run, data, args, rng)
-        for backbone in experiment.load_backbones(args):
+        for i, backbone in enumerate(backbones):  # the results so far are written after each method
+            experiment.evaluate_and_write(run, data, args, t_start, still_to_train=names[i:])
+            keep()
             experiment.train_backbone(run, backbone, data, args, rng)
         experiment.evaluate_and_write(run, data, args, t_start)
 

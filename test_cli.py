@@ -357,3 +357,27 @@ def test_scripts_report_user_errors_in_one_line_and_bugs_with_a_traceback(worksp
     for process in running:
         process.stdout.close()
         process.stderr.close()
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_failed_block_removes_what_it_wrote_but_what_it_kept(tmp_path, capsys, existed):
+    """cli.no_half_made_output: entries written before keep() stay through a failure, later ones go, and the
+    entries that were there before the block are untouched; without keep() a folder the block made goes."""
+    folder = tmp_path / "out"
+    if existed:
+        folder.mkdir()
+        (folder / "old.txt").write_text("before")
+    with pytest.raises(RuntimeError), cli.no_half_made_output(str(folder)) as keep:
+        folder.mkdir(exist_ok=True)
+        (folder / "results.md").write_text("so far")
+        keep()
+        (folder / "grid.png").write_text("after keep")
+        os.mkdir(folder / "later")
+        raise RuntimeError("stopped")
+    assert sorted(os.listdir(folder)) == sorted(["results.md"] + (["old.txt"] if existed else []))
+    assert "kept what it had finished in" in capsys.readouterr().err
+    with pytest.raises(RuntimeError), cli.no_half_made_output(str(tmp_path / "new")):
+        os.mkdir(tmp_path / "new")
+        (tmp_path / "new" / "results.md").write_text("never kept")
+        raise RuntimeError("stopped")
+    assert not (tmp_path / "new").exists()

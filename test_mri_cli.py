@@ -57,6 +57,54 @@ def test_main_end_to_end_writes_outputs(tmp_path):
     assert "Majority baseline, 4x" in open(os.path.join(out, "reports.md")).read()
 
 
+def test_results_so_far_are_written_after_each_method(tmp_path, monkeypatch):
+    """A run stopped part way keeps what finished: results.md and results.json after the baselines, again after
+    each backbone (marked PARTIAL, naming the methods still to train), then the whole; each method is scored
+    once, so its numbers do not change between the writes."""
+    out = tmp_path / "out"
+    writes = []
+    evaluate_and_write = experiment.evaluate_and_write
+
+    def spy(run, data, args, t_start, still_to_train=()):
+        summary = evaluate_and_write(run, data, args, t_start, still_to_train)
+        results = json.load(open(out / "results.json"))
+        writes.append((tuple(still_to_train), open(out / "results.md").read(), results["summary"]))
+        return summary
+
+    monkeypatch.setattr(experiment, "evaluate_and_write", spy)
+    mri.main(["--out", str(out), *TINY, "--variants", "nirvana,transformer"])
+    assert [still for still, _, _ in writes] == [
+        ("LLM[nirvana]", "LLM[transformer]"),
+        ("LLM[transformer]",),
+        (),
+    ]
+    for (still, table, summary), shown in zip(writes, (1, 2, 3)):
+        methods = ["zero-filled", "U-Net", "E2E-VarNet", "LLM[nirvana]", "LLM[transformer]"][: 2 + shown]
+        assert list(summary) == methods
+        assert (
+            "PARTIAL: written while the run goes on; still to train: " + ", ".join(still) in table
+        ) == bool(still)
+    assert all(summary["U-Net"] == writes[-1][2]["U-Net"] for _, _, summary in writes)
+    assert writes[1][2]["LLM[nirvana]"] == writes[-1][2]["LLM[nirvana]"]
+
+
+def test_a_run_stopped_part_way_keeps_the_results_of_the_finished_methods(tmp_path, monkeypatch):
+    """A failure while a backbone trains (here an error; a job's time limit sends SIGTERM, handled the same
+    way) leaves the baselines' results, marked PARTIAL, and nothing of the backbone."""
+    out = tmp_path / "out"
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("stopped while training a backbone")
+
+    monkeypatch.setattr(experiment, "train_backbone", fail)
+    with pytest.raises(RuntimeError):
+        mri.main(["--out", str(out), *TINY])
+    table = open(out / "results.md").read()
+    assert "PARTIAL: written while the run goes on; still to train: LLM[nirvana]" in table
+    assert "| U-Net |" in table and "LLM[nirvana]" not in table.split("still to train")[1].split("\n", 1)[1]
+    assert os.path.getsize(out / "recon_grid_4x.png") > 0
+
+
 def run_mri(*args):
     env = {k: v for k, v in os.environ.items() if k != "NIRVANA_DEBUG"}
     return subprocess.run(

@@ -7,7 +7,9 @@
 #      real anatomy with the default recipe (stage 0, then the paper's stages 1 and 2), and phantoms with the
 #      paper's two stages alone (--encoder-pretrain-steps 0).
 # Results (results.md, recon_grid_<acc>x.png, reports.md, ...) go to RESULTS/<run>; backbones, data sets and
-# logs to WORK. A re-run keeps finished steps: a trained backbone, a generated data set, a finished MRI run.
+# logs to WORK. A re-run keeps finished steps: a trained backbone, a generated data set, a finished MRI run. While
+# an MRI run goes on, its results.md holds the methods finished so far (marked PARTIAL), to copy off a machine
+# whose time runs out.
 #
 # Needs the corpus (python experiments/real_text.py --out data/real_text; its tokens/ folder travels to a GPU
 # machine), nibabel and the Colin27 image of mricron-data (ANATOMY), as mri.py --anatomy does.
@@ -85,8 +87,10 @@ extra_of() { case $1 in phantoms-paper-stages) echo "--encoder-pretrain-steps 0"
 # ---- 2. the MRI runs, side by side
 log "MRI runs with $STEPS steps per method and stage: ${RUNS[*]}"
 pids=()
+finished() { [ -f "$RESULTS/$1/results.md" ] && ! grep -q "^PARTIAL:" "$RESULTS/$1/results.md"; }
 for name in "${RUNS[@]}"; do
-    if [ -f "$RESULTS/$name/results.md" ]; then continue; fi
+    if finished "$name"; then continue; fi
+    rm -rf "${RESULTS:?}/$name"  # a run stopped part way left the results of the methods it had finished
     # shellcheck disable=SC2046
     python mri.py --data "$(data_of "$name")" $(extra_of "$name") "${MRI_ARGS[@]}" "${backbones[@]}" \
         --steps "$STEPS" --out "$RESULTS/$name" > "$WORK/mri-$name-$STEPS.log" 2>&1 &
@@ -94,7 +98,7 @@ for name in "${RUNS[@]}"; do
 done
 for pid in "${pids[@]}"; do wait "$pid" || true; done  # a failed run is named below
 for name in "${RUNS[@]}"; do
-    test -f "$RESULTS/$name/results.md" || { log "$name failed: see $WORK/mri-$name-$STEPS.log"; exit 1; }
+    finished "$name" || { log "$name failed: see $WORK/mri-$name-$STEPS.log"; exit 1; }
 done
 cp "$WORK"/pretrain-*.log "$RESULTS/"
 cp "$WORK/phantoms/preview.png" "$RESULTS/phantoms-preview.png"

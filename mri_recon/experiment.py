@@ -164,6 +164,11 @@ class Run:
     diagnostics: dict = dataclasses.field(default_factory=dict)  # {(backbone, acc): diagnose(...)}
     backbone_notes: list = dataclasses.field(default_factory=list)
     gates: dict = dataclasses.field(default_factory=dict)
+    # each method scored once, when it is first written: {method: {acc: [metrics per volume]}}, and the test
+    # reconstructions {acc: {method or "ground truth": [(S, h, w) per volume]}}
+    scores: dict = dataclasses.field(default_factory=dict)
+    val_scores: dict = dataclasses.field(default_factory=dict)
+    recons: dict = dataclasses.field(default_factory=dict)
 
 
 def train_baselines(run, data, args, rng):
@@ -229,34 +234,48 @@ def train_backbone(run, backbone, data, args, rng):
             run.diagnostics[(name, acc)] = diagnose(model, data, prompt_ids, acc, args)
 
 
-def evaluate_and_write(run, data, args, t_start):
-    """Scores every method on the test (and validation) volumes; writes results.md, results.json, reports.md,
-    recon_grid_<acc>x.png and training_curves.png to --out. Returns the test summary."""
-    print("evaluating", flush=True)
-    scores, recons = evaluate(
-        run.methods,
-        data.test,
-        args.eval_acc,
-        args.mask_type,
-        args.batch_size,
-        progress="scoring the test volumes",
-    )
-    summary = summarize(scores)
-    val_summary = summarize(
-        evaluate(
-            run.methods,
-            data.val,
+def evaluate_and_write(run, data, args, t_start, still_to_train=()):
+    """Scores the methods not scored yet on the test (and validation) volumes; writes results.md, results.json,
+    reports.md, recon_grid_<acc>x.png and training_curves.png to --out for every method so far. Called after
+    the baselines and after each backbone, so a run stopped part way (a GPU session's time limit) still has
+    the finished methods' results; still_to_train names the methods to come (results.md says they are missing).
+    Each method's masks depend only on the volume, so scoring methods at different times changes nothing.
+    Returns the test summary."""
+    new = {name: fn for name, fn in run.methods.items() if name not in run.scores}
+    if new:
+        print(f"evaluating {', '.join(new)}", flush=True)
+        scores, recons = evaluate(
+            new,
+            data.test,
             args.eval_acc,
             args.mask_type,
             args.batch_size,
-            progress="scoring the validation volumes",
-        )[0]
-    )
+            progress="scoring the test volumes",
+        )
+        run.scores.update(scores)
+        for acc, images in recons.items():
+            run.recons.setdefault(acc, {}).update(images)
+        run.val_scores.update(
+            evaluate(
+                new,
+                data.val,
+                args.eval_acc,
+                args.mask_type,
+                args.batch_size,
+                progress="scoring the validation volumes",
+            )[0]
+        )
+    summary, val_summary, recons = summarize(run.scores), summarize(run.val_scores), run.recons
     chosen = ", ".join(
         f"{k} {len(f.losses)}" + (f" (best val at {f.best_step})" if f.checks else "")
         for k, f in run.fits.items()
     )
-    notes = [
+    partial = (
+        [f"PARTIAL: written while the run goes on; still to train: {', '.join(still_to_train)}"]
+        if still_to_train
+        else []
+    )
+    notes = partial + [
         f"{data.note}; {data.split_note}",
         f"masks: {args.mask_type}, trained on {args.train_acc}x, scored on {args.eval_acc}x; "
         f"batch {args.batch_size}, lr {args.lr}, device {args.device}; optimizer steps "
@@ -307,6 +326,9 @@ def evaluate_and_write(run, data, args, t_start):
     for acc in args.eval_acc:
         save_grid(os.path.join(args.out, f"recon_grid_{acc}x.png"), recons, data.test, acc)
     save_curves(os.path.join(args.out, "training_curves.png"), run.fits)
+    if still_to_train:
+        print(f"wrote the results so far to {args.out} ({time.time() - t_start:.0f}s)", flush=True)
+        return summary
     print(table)
     lines = reports.split("\n")
     print("\n".join(lines[:3] + [line for line in lines if line.startswith("## ")]))
