@@ -19,6 +19,8 @@ on the report tokens, leaving the cascades as stage 0 made them (--stage1-cascad
 takes --steps optimizer steps. The backbone's weights never change; its Trigger still adapts p.
 --image-skip (an ablation, off by default) also hands the decoder the encoder's image, a path around the
 backbone; the run then scores "skip only" too (the backbone's image tokens replaced by their mean).
+--data-consistency (not in the paper, off by default) replaces the sampled k-space lines of the decoder's image
+by the measured ones; the run then also scores the decoder alone and the step on the encoder's own image.
 --diagnose measures whether the image passes through the backbone (decoder SSIM with another slice's tokens
 or the mean token, linear probes of the tokens); see mri_recon/diagnostics.py.
 Every trained method keeps the checkpoint of its best validation loss (the validation volumes; the test
@@ -171,6 +173,13 @@ def parse_args(argv=None):
         action="store_true",
         help="ablation: the image decoder also gets the encoder's image (a path around the backbone); "
         "adds a 'skip only' row (the backbone's tokens replaced by their mean)",
+    )
+    p.add_argument(
+        "--data-consistency",
+        action="store_true",
+        help="not in the paper: after the decoder, replace the sampled k-space lines of its image (with the "
+        "encoder's coil maps and phase) by the measured ones; adds rows for the decoder alone and for the "
+        "step on the encoder's own image (no backbone)",
     )
     p.add_argument(
         "--diagnose",

@@ -105,6 +105,17 @@ def test_a_run_stopped_part_way_keeps_the_results_of_the_finished_methods(tmp_pa
     assert os.path.getsize(out / "recon_grid_4x.png") > 0
 
 
+def test_data_consistency_run_scores_the_step_beside_the_decoder_alone_and_without_the_backbone(tmp_path):
+    out = tmp_path / "out"
+    mri.main(["--out", str(out), *TINY, "--data-consistency"])
+    results = json.load(open(out / "results.json"))
+    rows = ("LLM[nirvana]", "LLM[nirvana] decoder alone", "LLM[nirvana] encoder image + DC")
+    assert set(rows) <= set(results["summary"])
+    assert results["params"]["LLM[nirvana] encoder image + DC"] < results["params"]["LLM[nirvana]"]
+    ssim = {row: results["summary"][row]["4"]["ssim"][0] for row in rows}
+    assert ssim["LLM[nirvana]"] != ssim["LLM[nirvana] decoder alone"]
+
+
 def run_mri(*args):
     env = {k: v for k, v in os.environ.items() if k != "NIRVANA_DEBUG"}
     return subprocess.run(

@@ -23,9 +23,20 @@ from mri_recon.evaluation import gate_statistics, generate_test_reports
 from mri_recon.experiment import Data
 from mri_recon.fastmri_files import load_volumes
 from mri_recon.fit import fit
+from mri_recon.fourier import center_crop, ifft2c, rss
 from mri_recon.masks import make_mask, volume_mask
 from mri_recon.metrics import ssim
-from mri_recon.models import E2EVarNet, ImageDecoder, KspaceEncoder, T2TViT, UNetBaseline, centre_lines
+from mri_recon.models import (
+    E2EVarNet,
+    ImageDecoder,
+    KspaceEncoder,
+    T2TViT,
+    UNetBaseline,
+    centre_lines,
+    kspace_layer_norm,
+    sens_expand,
+    sens_reduce,
+)
 from mri_recon.phantoms import generate_dataset, parse_report
 from mri_recon.pipeline import PROMPTS, build_nirvana_mri, encode_reports, mri_sequence_length
 from mri_recon.training import train_stage0, train_stage1, train_stage2
@@ -404,3 +415,58 @@ def test_stage1_freezes_or_trains_the_encoder_cascades(volumes, cascades):
     train_stage1("t", model, volumes, tokenizer, args, np.random.default_rng(0))
     assert unchanged(model.encoder.varnet, before) == (cascades == "freeze")
     assert not unchanged(model.encoder.vit, vit)
+
+
+def test_data_consistency_keeps_the_measured_lines_and_fills_the_others_from_the_image(volumes):
+    """KspaceEncoder.data_consistency: with every line sampled the result is the measured k-space's own RSS
+    image whatever the decoder's image; otherwise each coil's k-space holds the measured lines where sampled
+    and the image's (with the encoder's maps and phase) elsewhere; at a crop smaller than the field of view
+    the image only replaces the crop."""
+    model, _ = tiny_model()
+    encoder = model.encoder
+    kspace = torch.stack([volumes[0].kspace[0], volumes[1].kspace[0]])  # (2, C, 16, 16)
+    magnitude = torch.rand(2, 16, 16, requires_grad=True)
+    k0, _ = kspace_layer_norm(kspace, torch.ones(2, 16, dtype=torch.bool))
+    full = encoder.data_consistency(magnitude, kspace, torch.ones(2, 16, dtype=torch.bool))
+    torch.testing.assert_close(full, center_crop(rss(ifft2c(k0)), (16, 16)))
+    mask = torch.from_numpy(
+        np.stack([make_mask(16, 4, "equispaced", np.random.default_rng(s)) for s in (0, 1)])
+    )
+    out = encoder.data_consistency(magnitude, kspace * mask[:, None, None, :], mask)
+    assert out.shape == (2, 16, 16) and torch.isfinite(out).all()
+    out.sum().backward()  # stage-2-style gradients reach the decoder's image
+    assert magnitude.grad.abs().sum() > 0
+    with torch.no_grad():  # the same step by hand
+        k0, _ = kspace_layer_norm(kspace * mask[:, None, None, :], mask)
+        refined, sens = encoder.varnet.refine(k0, mask)
+        image = sens_reduce(refined, sens)
+        x = magnitude * image / image.abs().clamp_min(1e-12)
+        expected = torch.where(mask[:, None, None, :], k0, sens_expand(x, sens))
+        torch.testing.assert_close(out, rss(ifft2c(expected)))
+        cropped = KspaceEncoder(32, (8, 8), 1, 4, 2, 32, 1, 1, 8)
+        small = cropped.data_consistency(torch.zeros(2, 8, 8), kspace * mask[:, None, None, :], mask)
+        refined, sens = cropped.varnet.refine(k0, mask)
+        outside = sens_reduce(refined, sens)
+        outside[:, 4:12, 4:12] = 0
+        expected = torch.where(mask[:, None, None, :], k0, sens_expand(outside, sens))
+        torch.testing.assert_close(small, center_crop(rss(ifft2c(expected)), (8, 8)))
+
+
+def test_data_consistency_is_off_by_default_and_adds_its_rows_when_on(volumes):
+    """The pipeline reconstructs through the step only with --data-consistency; its image then differs from
+    the decoder's alone, which is what stage 2 trains."""
+    model, tokenizer = tiny_model()
+    assert not model.data_consistency
+    mask = torch.from_numpy(
+        np.stack([make_mask(16, 4, "equispaced", np.random.default_rng(s)) for s in (0, 1)])
+    )
+    kspace = torch.stack([volumes[0].kspace[0], volumes[1].kspace[0]]) * mask[:, None, None, :]
+    prompt_ids = torch.tensor(tokenizer.encode(PROMPTS[0]))
+    with torch.no_grad():
+        plain = model(kspace, mask, prompt_ids)
+        torch.testing.assert_close(plain, model.decoder_alone(kspace, mask, prompt_ids))
+        model.data_consistency = True
+        stepped = model(kspace, mask, prompt_ids)
+        torch.testing.assert_close(model.decoder_alone(kspace, mask, prompt_ids), plain)
+        assert not torch.allclose(stepped, plain)
+        assert model.encoder_image_with_data_consistency(kspace, mask).shape == plain.shape

@@ -211,6 +211,17 @@ def train_backbone(run, backbone, data, args, rng):
     run.methods[name] = lambda k, m, shape, model=model, prompt_ids=prompt_ids: model(k, m, prompt_ids)
     run.params[name] = count_trainable(model.encoder, model.image_queries, model.decoder)
     run.steps[name] = " + ".join(f"{len(run.fits[f'{name} stage {i}'].losses)} (stage {i})" for i in stages)
+    if args.data_consistency:  # what the step adds to the decoder, and what it gives without the backbone
+        run.methods[f"{name} decoder alone"] = lambda k, m, shape, model=model, prompt_ids=prompt_ids: (
+            model.decoder_alone(k, m, prompt_ids)
+        )
+        run.methods[f"{name} encoder image + DC"] = lambda k, m, shape, model=model: (
+            model.encoder_image_with_data_consistency(k, m)
+        )
+        run.params[f"{name} decoder alone"] = run.params[name]
+        run.params[f"{name} encoder image + DC"] = count_trainable(model.encoder)
+        for row in (f"{name} decoder alone", f"{name} encoder image + DC"):
+            run.steps[row] = run.steps[name]
     if (
         args.image_skip
     ):  # what the backbone adds over the skip: the same decoder, the image tokens at their mean

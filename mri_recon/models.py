@@ -267,6 +267,26 @@ class KspaceEncoder(nn.Module):
         features = torch.stack([image.real, image.imag, image.abs()], dim=1)
         return self.to_model(self.vit(features)), image, scale
 
+    def data_consistency(self, magnitude, kspace, mask):
+        """Hard data consistency after the decoder (not in the paper; mri.py --data-consistency). magnitude
+        (B, h, w) in units of the k-space scale gets the phase of the cascades' coil-combined image and takes
+        its place inside that image's field of view (the encoder's image stays outside the crop); with the
+        encoder's sensitivity maps S its coil k-space is F(S x), of which the sampled lines are replaced by
+        the measured ones: k = (1 - m) F(S x) + m k0. -> the RSS of k's coil images cropped to (B, h, w), in
+        units of the k-space scale, as E2E-VarNet's output."""
+        k0, _ = kspace_layer_norm(kspace, mask)
+        refined, sens = self.varnet.refine(k0, mask)
+        image = sens_reduce(refined, sens)  # (B, H, W) complex
+        phase = image / image.abs().clamp_min(1e-12)
+        (H, W), (h, w) = image.shape[-2:], self.out_shape
+        top, left = (H - h) // 2, (W - w) // 2
+        inside = torch.zeros(H, W, dtype=torch.bool, device=image.device)
+        inside[top : top + h, left : left + w] = True
+        placed = F.pad(magnitude, (left, W - w - left, top, H - h - top)) * phase
+        x = torch.where(inside, placed, image)
+        k = torch.where(mask[:, None, None, :].bool(), k0, sens_expand(x, sens))
+        return center_crop(rss(ifft2c(k)), self.out_shape)
+
 
 class ImageDecoder(nn.Module):
     """LayerNorm -> Linear to patch pixels -> reshape to the image grid -> U-Net -> magnitude image.

@@ -23,8 +23,11 @@ PROMPTS = [
 class NirvanaMRI(nn.Module):
     """Frozen language backbone + k-space encoder + M image queries + image decoder (Sec. 3.2.2, Fig. 5)."""
 
-    def __init__(self, llm, encoder, decoder):
+    def __init__(self, llm, encoder, decoder, data_consistency=False):
         super().__init__()
+        # after the decoder, the sampled k-space lines replaced by the measured ones (not in the paper; applied
+        # when the pipeline reconstructs, stage 2 trains the decoder without it)
+        self.data_consistency = data_consistency
         self.llm = llm
         for p in self.llm.parameters():
             p.requires_grad_(False)  # frozen; gradients still flow through it
@@ -79,7 +82,21 @@ class NirvanaMRI(nn.Module):
         return self.reconstruct_from_tokens(tokens, image.abs(), scale)
 
     def forward(self, kspace, mask, prompt_ids):  # -> image (B, h, w)
+        tokens, image, scale = self.image_tokens(kspace, mask, prompt_ids)
+        if not self.data_consistency:
+            return self.reconstruct_from_tokens(tokens, image, scale)
+        magnitude = self.decoder(tokens, image)  # in units of the k-space scale
+        return self.encoder.data_consistency(magnitude, kspace, mask) * scale.reshape(-1, 1, 1)
+
+    def decoder_alone(self, kspace, mask, prompt_ids):
+        """With data_consistency: the decoder's image before that step."""
         return self.reconstruct_from_tokens(*self.image_tokens(kspace, mask, prompt_ids))
+
+    def encoder_image_with_data_consistency(self, kspace, mask):
+        """With data_consistency: the step applied to the encoder's own magnitude image, no backbone: what the
+        measured lines give without the backbone's image tokens."""
+        _, image, scale = self.encoder(kspace, mask)
+        return self.encoder.data_consistency(image.abs(), kspace, mask) * scale.reshape(-1, 1, 1)
 
     @torch.no_grad()
     def generate_reports(self, kspace, mask, prompt_ids, eos_id, max_len):
@@ -120,7 +137,7 @@ def build_nirvana_mri(llm, out_shape, args):
     decoder = ImageDecoder(
         d_model, out_shape, args.patch, args.dec_chans, args.pools, image_skip=args.image_skip
     )
-    return NirvanaMRI(llm, encoder, decoder).to(args.device)
+    return NirvanaMRI(llm, encoder, decoder, args.data_consistency).to(args.device)
 
 
 def heads_for(dim):
