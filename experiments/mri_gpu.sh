@@ -19,6 +19,7 @@
 #   bash experiments/mri_gpu.sh                             # the published run: 39M tokens, 90 MRI steps
 #   STEPS=500 MRI_RUNS="phantoms anatomy" bash experiments/mri_gpu.sh   # what one 30-minute GPU session allows
 #   TOKENS=200000000 TRAIN_SECONDS=3600 STEPS=1000 bash experiments/mri_gpu.sh   # longer, both stages
+#   MRI_EXTRA=--data-consistency STEPS=200 MRI_RUNS=phantoms bash experiments/mri_gpu.sh   # + an mri.py option
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CORPUS=${CORPUS:-data/real_text/tokens}
@@ -36,6 +37,8 @@ BACKBONES=(nirvana nirvana-notrigger transformer)
 # (the paper's Table 11 is at 6x).
 MRI_ARGS=(--train-acc 4,6,8 --eval-acc 4,6,8 --vit-stride 8 --chans 12 --varnet-cascades 8 --unet-chans 32
     --batch-size 16 --diagnose --seed "$SEED" --device cuda)
+# shellcheck disable=SC2206
+MRI_ARGS+=(${MRI_EXTRA:-})  # more mri.py options, e.g. MRI_EXTRA=--data-consistency (its two extra rows)
 mkdir -p "$WORK" "$RESULTS"
 export PYTHONUNBUFFERED=1
 log() { echo "[mri_gpu $(date +%H:%M:%S) +${SECONDS}s] $*"; }
