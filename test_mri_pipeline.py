@@ -39,7 +39,13 @@ from mri_recon.models import (
 )
 from mri_recon.phantoms import generate_dataset, parse_report
 from mri_recon.pipeline import PROMPTS, build_nirvana_mri, encode_reports, mri_sequence_length
-from mri_recon.training import train_stage0, train_stage1, train_stage2
+from mri_recon.training import (
+    cache_image_tokens,
+    decoder_val_loss,
+    train_stage0,
+    train_stage1,
+    train_stage2,
+)
 from nirvana import Nirvana, NirvanaConfig
 from prepare import prepare
 from tokenizer import load_tokenizer
@@ -454,7 +460,7 @@ def test_data_consistency_keeps_the_measured_lines_and_fills_the_others_from_the
 
 def test_data_consistency_is_off_by_default_and_adds_its_rows_when_on(volumes):
     """The pipeline reconstructs through the step only with --data-consistency; its image then differs from
-    the decoder's alone, which is what stage 2 trains."""
+    the decoder's alone."""
     model, tokenizer = tiny_model()
     assert not model.data_consistency
     mask = torch.from_numpy(
@@ -470,3 +476,25 @@ def test_data_consistency_is_off_by_default_and_adds_its_rows_when_on(volumes):
         torch.testing.assert_close(model.decoder_alone(kspace, mask, prompt_ids), plain)
         assert not torch.allclose(stepped, plain)
         assert model.encoder_image_with_data_consistency(kspace, mask).shape == plain.shape
+
+
+def test_stage2_trains_the_decoder_through_the_data_consistency_step(volumes):
+    """With the step, stage 2's cache keeps each slice's undersampled k-space and mask, and its validation loss
+    is -SSIM of the pipeline's own output (the step included); the decoder trains through it."""
+    model, tokenizer = tiny_model(data_consistency=True)
+    args = tiny_args(data_consistency=True, steps=4)
+    prompt_ids = torch.tensor(tokenizer.encode(PROMPTS[0]))
+    masks = lambda vol, acc, n: [volume_mask(vol.name, vol.kspace.shape[-1], acc, "random")] * n
+    cache = cache_image_tokens(model, volumes[:1], prompt_ids, tiny_args(train_acc=[4]), masks)
+    (tokens, image, scale, target, maxval, kspace, mask) = cache[0]
+    assert kspace.shape == (len(tokens), *volumes[0].kspace.shape[1:]) and mask.dtype == torch.bool
+    mask0 = volume_mask(volumes[0].name, 16, 4, "random")
+    with torch.no_grad():
+        pred = model(*masked(volumes[0], 0, len(tokens), mask0), prompt_ids)
+        alone = model.decoder_alone(*masked(volumes[0], 0, len(tokens), mask0), prompt_ids)
+    expected = -ssim(pred, target, maxval).mean().item()
+    assert abs(decoder_val_loss(model, cache, 8) - expected) < 1e-5
+    assert abs(-ssim(alone, target, maxval).mean().item() - expected) > 1e-4
+    before = state_fingerprint(model.decoder)
+    train_stage2("t", model, volumes, tokenizer, args, np.random.default_rng(0))
+    assert not unchanged(model.decoder, before)

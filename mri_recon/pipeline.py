@@ -25,8 +25,8 @@ class NirvanaMRI(nn.Module):
 
     def __init__(self, llm, encoder, decoder, data_consistency=False):
         super().__init__()
-        # after the decoder, the sampled k-space lines replaced by the measured ones (not in the paper; applied
-        # when the pipeline reconstructs, stage 2 trains the decoder without it)
+        # after the decoder, the sampled k-space lines replaced by the measured ones (not in the paper); stage 2
+        # trains the decoder through it
         self.data_consistency = data_consistency
         self.llm = llm
         for p in self.llm.parameters():
@@ -71,8 +71,13 @@ class NirvanaMRI(nn.Module):
         h = self.llm.backbone(prefix, trace=trace)
         return h[:, -self.decoder.n_queries :], image, scale
 
-    def reconstruct_from_tokens(self, tokens, image, scale):
-        return self.decoder(tokens, image) * scale.reshape(-1, 1, 1)
+    def reconstruct_from_tokens(self, tokens, image, scale, kspace=None, mask=None):
+        """The decoder's image (B, h, w) from image tokens; with data_consistency and the slices' (undersampled)
+        kspace and mask, after the data-consistency step."""
+        magnitude = self.decoder(tokens, image)  # in units of the k-space scale
+        if self.data_consistency and kspace is not None:
+            magnitude = self.encoder.data_consistency(magnitude, kspace, mask)
+        return magnitude * scale.reshape(-1, 1, 1)
 
     def reconstruct_skip_only(self, kspace, mask):
         """With image_skip: the decoder's image from the encoder's image alone, every image token at the
@@ -82,11 +87,7 @@ class NirvanaMRI(nn.Module):
         return self.reconstruct_from_tokens(tokens, image.abs(), scale)
 
     def forward(self, kspace, mask, prompt_ids):  # -> image (B, h, w)
-        tokens, image, scale = self.image_tokens(kspace, mask, prompt_ids)
-        if not self.data_consistency:
-            return self.reconstruct_from_tokens(tokens, image, scale)
-        magnitude = self.decoder(tokens, image)  # in units of the k-space scale
-        return self.encoder.data_consistency(magnitude, kspace, mask) * scale.reshape(-1, 1, 1)
+        return self.reconstruct_from_tokens(*self.image_tokens(kspace, mask, prompt_ids), kspace, mask)
 
     def decoder_alone(self, kspace, mask, prompt_ids):
         """With data_consistency: the decoder's image before that step."""

@@ -120,7 +120,8 @@ def train_stage1(name, model, volumes, tokenizer, args, rng, val_volumes=()):
 def cache_image_tokens(model, volumes, prompt_ids, args, masks_for):
     """Stage 2 inputs: encoder and backbone are frozen, so each slice's image tokens are computed once per
     training acceleration. masks_for(volume, acceleration, n) -> n (W,) masks.
-    Returns [(tokens, encoder image, scale, target, maxval)], one entry per image shape."""
+    Returns [(tokens, encoder image, scale, target, maxval, kspace, mask)], one entry per image and k-space
+    shape; kspace and mask (the undersampled k-space, for the data-consistency step) are None without it."""
     cache = {}
     for acc in args.train_acc:
         for v, vol in enumerate(volumes):
@@ -128,20 +129,24 @@ def cache_image_tokens(model, volumes, prompt_ids, args, masks_for):
                 items = [(v, s) for s in range(s0, min(s0 + 4 * args.batch_size, vol.kspace.shape[0]))]
                 b = make_batch(volumes, items, masks_for(vol, acc, len(items)))
                 tokens, image, scale = model.image_tokens(b.kspace, b.mask, prompt_ids)
-                cache.setdefault(tuple(b.target.shape[-2:]), []).append(
-                    (tokens, image, scale, b.target, b.maxval)
+                measured = (b.kspace, b.mask) if model.data_consistency else (None, None)
+                cache.setdefault((tuple(b.target.shape[-2:]), tuple(b.kspace.shape[1:])), []).append(
+                    (tokens, image, scale, b.target, b.maxval, *measured)
                 )
-    return [tuple(torch.cat(parts) for parts in zip(*v)) for v in cache.values()]
+    return [
+        tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*v)) for v in cache.values()
+    ]
 
 
 @torch.no_grad()
 def decoder_val_loss(model, cache, batch_size):
     """-SSIM of the decoder over every cached slice (mean over slices)."""
     total, count = 0.0, 0
-    for tokens, image, scale, target, maxval in cache:
+    for tokens, image, scale, target, maxval, kspace, mask in cache:
         for i in range(0, tokens.shape[0], batch_size):
             part = slice(i, i + batch_size)
-            pred = model.reconstruct_from_tokens(tokens[part], image[part], scale[part])
+            measured = (kspace[part], mask[part]) if kspace is not None else ()
+            pred = model.reconstruct_from_tokens(tokens[part], image[part], scale[part], *measured)
             total += ssim(pred, target[part], maxval[part]).sum().item()
             count += pred.shape[0]
     return -total / count
@@ -170,13 +175,19 @@ def train_stage2(name, model, volumes, tokenizer, args, rng, val_volumes=()):
 
     def batches():
         while True:
-            tokens, image, scale, target, maxval = cache[rng.choice(len(cache), p=sizes / sizes.sum())]
+            tokens, image, scale, target, maxval, kspace, mask = cache[
+                rng.choice(len(cache), p=sizes / sizes.sum())
+            ]
             i = torch.from_numpy(
                 rng.choice(tokens.shape[0], size=min(args.batch_size, tokens.shape[0]), replace=False)
             )
-            yield tokens[i], image[i], scale[i], Batch(None, None, target[i], maxval[i], None)
+            measured = (kspace[i], mask[i]) if kspace is not None else (None, None)
+            yield tokens[i], image[i], scale[i], Batch(*measured, target[i], maxval[i], None)
 
-    loss_fn = lambda b: ssim_loss(model.reconstruct_from_tokens(b[0], b[1], b[2]), b[3])
+    # with the data-consistency step, the decoder is trained through it
+    loss_fn = lambda b: ssim_loss(
+        model.reconstruct_from_tokens(b[0], b[1], b[2], b[3].kspace, b[3].mask), b[3]
+    )
     return fit(
         f"{name} stage 2",
         model.decoder.parameters(),
