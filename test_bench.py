@@ -86,3 +86,48 @@ def test_profile_decode_step_charges_every_component_on_the_cpu():
         assert rows.get(component, 0) > 0, component
     total = float(lines[0].split("total ")[1].split()[0])
     assert abs(sum(rows.values()) - total) <= 0.01 * total + 0.002 * len(rows)
+
+
+def test_decode_section_times_the_variants_in_both_orders(monkeypatch, capsys):
+    """bench's decode section with stand-ins for the model and the timing: the first pass builds the variants
+    in the listed order (kernels, then twins, then latencies), the second in reverse (kernels only); the summary
+    divides pass means, and the Trigger's share comes from them."""
+    import eval as evaluation
+
+    built, speeds = [], {}
+    for i, variant in enumerate(bench.DECODE_VARIANTS):
+        speeds[variant] = [100.0 + 10 * i, 120.0 + 10 * i]  # tokens/s of the first, second pass
+
+    def speed_model(variant, size, backend, device, dtype, vocab_size):
+        built.append(variant)
+        embedding = SimpleNamespace(weight=torch.empty(3))
+        return SimpleNamespace(variant=variant, num_params=lambda: 10, token_embedding=embedding, twins=False)
+
+    def decode_speed(model, prompt_len, batch_size, new_tokens):
+        passes = built.count(model.variant)
+        value = speeds[model.variant][passes - 1] / (2 if model.twins else 1)
+        return dict(decode_tokens_per_s=value, ms_per_token=1e3 * batch_size / value, cuda_graph=True)
+
+    latency = lambda model, contexts, batch_size, steps: [
+        dict(context=c, ms_per_token=1.0, cuda_graph=True) for c in contexts
+    ]
+    monkeypatch.setattr(evaluation, "speed_model", speed_model)
+    monkeypatch.setattr(evaluation, "decode_speed", decode_speed)
+    monkeypatch.setattr(evaluation, "decode_latency", latency)
+    monkeypatch.setattr(bench, "with_torch_decode_steps", lambda model: setattr(model, "twins", True))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    table = bench.Table(bandwidth=1e12, flops=1e15)
+    bench.bench_decode(table, SimpleNamespace(decode_sizes=["350m"], decode_passes=2))
+    assert built == list(bench.DECODE_VARIANTS) + list(reversed(bench.DECODE_VARIANTS))
+    impls = [row["impl"] for row in table.rows if row["section"] == "decode"]
+    assert impls[:2] == ["nirvana, decode kernels", "nirvana, torch twins"]
+    assert impls[-1] == "nirvana, decode kernels, pass 2" and len(impls) == 3 * len(bench.DECODE_VARIANTS)
+    assert sum(row["section"] == "latency" for row in table.rows) == 3 * len(bench.DECODE_VARIANTS)
+    out = capsys.readouterr().out
+    mean = {v: sum(s) / 2 for v, s in speeds.items()}
+    nirvana_line = next(
+        line for line in out.splitlines() if line.startswith("  nirvana ") and "kernels" in line
+    )
+    assert f"{mean['nirvana']:8.1f} {mean['nirvana'] / mean['gated-deltanet']:6.2f}x" in nirvana_line
+    assert "100.0 / 120.0" in nirvana_line
+    assert f"{1 - mean['nirvana'] / mean['nirvana-notrigger']:.1%}" in out
