@@ -277,13 +277,9 @@ class KspaceEncoder(nn.Module):
         k0, _ = kspace_layer_norm(kspace, mask)
         refined, sens = self.varnet.refine(k0, mask)
         image = sens_reduce(refined, sens)  # (B, H, W) complex
-        phase = image / image.abs().clamp_min(1e-12)
-        (H, W), (h, w) = image.shape[-2:], self.out_shape
-        top, left = (H - h) // 2, (W - w) // 2
-        inside = torch.zeros(H, W, dtype=torch.bool, device=image.device)
-        inside[top : top + h, left : left + w] = True
-        placed = F.pad(magnitude, (left, W - w - left, top, H - h - top)) * phase
-        x = torch.where(inside, placed, image)
+        crop = center_crop(image, self.out_shape)
+        x = image.clone()  # the encoder's image outside the crop, the decoder's with its phase inside
+        center_crop(x, self.out_shape).copy_(magnitude * crop / crop.abs().clamp_min(1e-12))
         k = torch.where(mask[:, None, None, :].bool(), k0, sens_expand(x, sens))
         return center_crop(rss(ifft2c(k)), self.out_shape)
 
