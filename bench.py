@@ -35,9 +35,10 @@ Sections:
   decode   the paper's Table 4 at each --decode-sizes size (default 350m,1.3b; random weights, bf16, CUDA-graph
            replays of the decode step, eval.decode_speed): generated tokens/s at prompt 4096, batch 4, 128 new
            tokens for the six variants (the transformer with its KV cache), with the decode kernels
-           (kernels/decode.py: delta-rule step, ring-buffer attention; kernels/trigger_decode.py: the Trigger)
-           and with their plain twins, the kernels in --decode-passes passes (default 2: the models built
-           in the listed order, then in reverse); ratios to gated-deltanet and the transformer (pass means),
+           (kernels/decode.py: delta-rule step, ring-buffer attention; kernels/trigger_decode.py: the Trigger),
+           the same step under torch.compile (eval.py speed --compile: inductor fuses the elementwise work
+           between the kernels) and with the kernels' plain twins; kernels and compiled in --decode-passes
+           passes (default 2: the models built in the listed order, then in reverse); ratios to gated-deltanet and the transformer (pass means),
            the Trigger's share of nirvana's step (from nirvana-notrigger); then ms per token at batch 1 after
            contexts of 4k, 16k and 64k (section 'latency'). The floor of these rows is one bf16 read of the
            weights. `python eval.py speed` draws the ms/token-vs-context curve as a PNG.
@@ -1056,21 +1057,25 @@ def with_torch_decode_steps(model):
 
 
 DECODE_VARIANTS = ("nirvana", "nirvana-notrigger", "nirvana-rope", "gated-deltanet", "hybrid", "transformer")
+# the decode kernels as the model runs them, the same step under torch.compile (eval.compiled_decode_step), and
+# the kernels' plain twins (first pass only)
+DECODE_PATHS = ("decode kernels", "compiled", "torch twins")
 LATENCY_CONTEXTS = (4096, 16384, 65536)
 
 
 def bench_decode(table, args):
     """Table 4 of the paper at each --decode-sizes size: generated tokens/s of the six variants at prompt 4096,
-    batch 4, with the triton backend's decode kernels and with their plain twins (the kernels' gain), then
+    batch 4, with the triton backend's decode kernels, the same under torch.compile (with its logit error
+    against eager decoding and its compile time) and with the kernels' plain twins (the kernels' gain), then
     milliseconds per token at batch 1 after contexts of 4k, 16k and 64k tokens (with the kernels). Each row's
     floor is one read of the weights in bf16 (all but the embedding table, of which a step reads a row per
     sequence); a summary gives the ratios to gated-deltanet and to the transformer (the paper, 1.3b: nirvana
     1.12x and 2.7x) and the Trigger's share of nirvana's step.
 
     Repeated runs found the first model built in a process faster than the later ones, so the decode kernels
-    are timed in --decode-passes passes over the variants, the models built in the listed order in the first
-    pass, in reverse in the second, and so on; the summary takes the mean over passes and shows each. The
-    torch twins and the latencies are measured in the first pass."""
+    and their compiled step are timed in --decode-passes passes over the variants, the models built in the
+    listed order in the first pass, in reverse in the second, and so on; the summary takes the mean over
+    passes and shows each. The torch twins and the latencies are measured in the first pass."""
     import eval as evaluation
 
     for size in args.decode_sizes:
@@ -1080,13 +1085,22 @@ def bench_decode(table, args):
             for variant in order:
                 model = evaluation.speed_model(variant, size, "triton", "cuda", torch.bfloat16, 32000)
                 weight_bytes = 2 * (model.num_params() - model.token_embedding.weight.numel())
-                paths = ("decode kernels", "torch twins") if attempt == 0 else ("decode kernels",)
+                paths = DECODE_PATHS if attempt == 0 else DECODE_PATHS[:2]
                 for path in paths:
                     if path == "torch twins":
                         with_torch_decode_steps(model)
-                    result = evaluation.decode_speed(model, prompt_len=4096, batch_size=4, new_tokens=128)
+                    torch._dynamo.reset()  # each model compiles afresh (no cache entries of another variant)
+                    compiled = path == "compiled"
+                    result = evaluation.decode_speed(
+                        model, prompt_len=4096, batch_size=4, new_tokens=128, compile=compiled
+                    )
                     tokens_per_s.setdefault((variant, path), []).append(result["decode_tokens_per_s"])
                     note = f"{result['decode_tokens_per_s']:.1f} tokens/s, cuda_graph={result['cuda_graph']}"
+                    if compiled:
+                        note += (
+                            f", rel. logit error vs eager {result['compiled_rel_error']:.1e}, "
+                            f"{result['setup_s']:.0f} s to compile and check"
+                        )
                     table.add(
                         "decode",
                         case,
@@ -1118,10 +1132,12 @@ def bench_decode(table, args):
             ratios = [value / mean[peer, path] for peer in ("gated-deltanet", "transformer")]
             passes = " / ".join(f"{v:.1f}" for v in tokens_per_s[variant, path])
             print(f"  {variant:18} {path:15} {value:8.1f} {ratios[0]:6.2f}x {ratios[1]:6.2f}x   {passes}")
-        trigger_share = 1 - mean["nirvana", "decode kernels"] / mean["nirvana-notrigger", "decode kernels"]
-        print(
-            f"decode {size}: the Trigger's share of nirvana's step (from nirvana-notrigger) {trigger_share:.1%}"
-        )
+        for path in DECODE_PATHS[:2]:
+            trigger_share = 1 - mean["nirvana", path] / mean["nirvana-notrigger", path]
+            print(
+                f"decode {size}, {path}: the Trigger's share of nirvana's step (from nirvana-notrigger) "
+                f"{trigger_share:.1%}"
+            )
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ prepare.py folder (its --split, default val: all of it, where train.py's validat
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -801,32 +802,48 @@ def decode_step(model, token, input_pos):
     return model.lm_head(model.backbone(model.token_embedding(token), input_pos))[:, -1]
 
 
+@functools.cache
+def compiled_decode_step():
+    """decode_step under torch.compile (gpt-fast's decode_one_token): inductor fuses the elementwise work
+    between the GEMMs (gates, norms, residuals, the Updater's interpolation) into a few kernels; the Triton
+    decode kernels run as they are between its graphs. Static shapes: a model compiles once per cache size,
+    and input_pos must be a device tensor (an int would recompile at every position)."""
+    return torch.compile(decode_step, dynamic=False)
+
+
+def decode_step_function(compile):
+    return compiled_decode_step() if compile else decode_step
+
+
 class GraphedStep:
     """One decode step captured as a CUDA graph and replayed at every position (gpt-fast style): the
     token and its position are device tensors that each call overwrites before the replay."""
 
-    def __init__(self, model, batch_size):
+    def __init__(self, model, batch_size, step=decode_step):
         device = model_device(model)
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # static inputs
         self.input_pos = torch.zeros((), dtype=torch.long, device=device)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = decode_step(model, self.token, self.input_pos)
+            self.logits = step(model, self.token, self.input_pos)
 
     def __call__(self, token, input_pos):
         self.token.copy_(token)
-        self.input_pos.fill_(input_pos)
+        self.input_pos.copy_(input_pos)
         self.graph.replay()
         return self.logits
 
 
 @torch.no_grad()
-def prefill_and_decode(model, prompt, steps, use_graph, tokens=None):
-    """Fresh caches, prefill prompt (B, T) (timed), WARMUP_STEPS eager steps, then `steps` timed decode
-    steps (eager, or replays of a CUDA graph captured before the clock starts) fed `tokens` (steps, B, 1)
-    or the greedy choice. -> (prefill seconds, decode seconds, logits of the timed steps (steps, B, V))."""
+def prefill_and_decode(model, prompt, steps, use_graph, tokens=None, compile=False, cache_len=None):
+    """Fresh caches (cache_len tokens, default the prompt, the warm-up and the steps), prefill prompt (B, T)
+    (timed), WARMUP_STEPS steps (they compile, with compile), then `steps` timed decode steps (eager or
+    compiled, or replays of a CUDA graph of that step captured before the clock starts) fed `tokens`
+    (steps, B, 1) or the greedy choice. -> (prefill seconds, decode seconds, logits of the timed steps
+    (steps, B, V)). The steps take their position as a device tensor, as a graph replay reads it."""
     device = prompt.device
-    model.setup_caches(prompt.shape[0], prompt.shape[1] + WARMUP_STEPS + steps)
+    model.setup_caches(prompt.shape[0], cache_len or prompt.shape[1] + WARMUP_STEPS + steps)
+    decode = decode_step_function(compile)
     try:
         sync(device)
         t0 = time.perf_counter()
@@ -835,11 +852,11 @@ def prefill_and_decode(model, prompt, steps, use_graph, tokens=None):
         sync(device)
         t1 = time.perf_counter()
         token = logits.argmax(-1, keepdim=True) if tokens is None else tokens[0]
-        position = prompt.shape[1]
+        position = torch.tensor(prompt.shape[1], device=device)
         for _ in range(WARMUP_STEPS):
-            decode_step(model, token, position)
-            position += 1
-        step = GraphedStep(model, prompt.shape[0]) if use_graph else lambda x, pos: decode_step(model, x, pos)
+            decode(model, token, position)
+            position = position + 1
+        step = GraphedStep(model, prompt.shape[0], decode) if use_graph else functools.partial(decode, model)
         sync(device)
         t2 = time.perf_counter()
         out = []
@@ -861,58 +878,87 @@ def random_prompt(model, batch_size, length, seed=0):
     )
 
 
+def relative_error(x, reference):
+    return ((x - reference).norm() / reference.norm()).item()
+
+
 @torch.no_grad()
-def graph_is_safe(model, batch_size, steps=6):
-    """Does a replayed CUDA graph of the decode step give what eager decoding gives on the same tokens?"""
-    if model_device(model).type != "cuda":
-        return False
+def decode_logits(model, batch_size, steps=6, use_graph=False, compile=False, cache_len=None):
+    """The logits of `steps` decode steps fed fixed random tokens after a fixed random 64-token prompt."""
     prompt = random_prompt(model, batch_size, 64, seed=1)
     tokens = random_prompt(model, batch_size, steps, seed=2).T.unsqueeze(-1)  # (steps, B, 1)
-    eager = prefill_and_decode(model, prompt, steps, False, tokens)[2]
+    return prefill_and_decode(model, prompt, steps, use_graph, tokens, compile, cache_len)[2]
+
+
+@torch.no_grad()
+def graph_is_safe(model, batch_size, compile=False, cache_len=None):
+    """Does a replayed CUDA graph of the decode step give what that step gives run directly, on the same
+    tokens?"""
+    if model_device(model).type != "cuda":
+        return False
+    direct = decode_logits(model, batch_size, compile=compile, cache_len=cache_len)
     try:
-        graphed = prefill_and_decode(model, prompt, steps, True, tokens)[2]
+        graphed = decode_logits(model, batch_size, use_graph=True, compile=compile, cache_len=cache_len)
     except RuntimeError as e:
         print(f"  CUDA graph capture failed: {str(e).splitlines()[0]}", flush=True)
         return False
-    error = ((graphed - eager).norm() / eager.norm()).item()
+    error = relative_error(graphed, direct)
     if error > 1e-3:
-        print(f"  CUDA graph replay differs from eager decoding (rel. error {error:.2e})", flush=True)
+        print(f"  CUDA graph replay differs from direct decoding (rel. error {error:.2e})", flush=True)
     return error <= 1e-3
 
 
 @torch.no_grad()
-def decode_speed(model, prompt_len=4096, batch_size=4, new_tokens=128, cuda_graph=True, seed=0):
+def decode_speed(
+    model, prompt_len=4096, batch_size=4, new_tokens=128, cuda_graph=True, seed=0, compile=False
+):
     """Table 4: prefill a random prompt (batch_size, prompt_len), then greedily generate new_tokens per
-    sequence through the cache path, replayed from CUDA graphs when cuda_graph and graph_is_safe, else
-    eager. decode_tokens_per_s = batch_size * new_tokens / decode seconds; end_to_end_tokens_per_s
-    also counts the prefill."""
-    use_graph = cuda_graph and graph_is_safe(model, batch_size)
+    sequence through the cache path (torch.compile'd with compile), replayed from CUDA graphs when
+    cuda_graph and graph_is_safe, else run directly. decode_tokens_per_s = batch_size * new_tokens / decode
+    seconds; end_to_end_tokens_per_s also counts the prefill. With compile, compiled_rel_error is the
+    compiled step's relative logit error against the eager one's on the same tokens (both in the model's
+    dtype), and setup_s the seconds before the timed run (the compilation in most of them)."""
+    start = time.perf_counter()
+    cache_len = prompt_len + WARMUP_STEPS + new_tokens  # one cache size: one compilation
+    use_graph = cuda_graph and graph_is_safe(model, batch_size, compile, cache_len)
     prompt = random_prompt(model, batch_size, prompt_len, seed)
-    prefill_and_decode(model, prompt, 4, use_graph)  # warm-up at this prompt length
-    prefill_s, decode_s, _ = prefill_and_decode(model, prompt, new_tokens, use_graph)
+    prefill_and_decode(model, prompt, 4, use_graph, compile=compile, cache_len=cache_len)  # warm-up
+    setup_s = time.perf_counter() - start
+    prefill_s, decode_s, _ = prefill_and_decode(
+        model, prompt, new_tokens, use_graph, compile=compile, cache_len=cache_len
+    )
     generated = batch_size * new_tokens
-    return {
+    result = {
         "prompt_len": prompt_len,
         "batch_size": batch_size,
         "new_tokens": new_tokens,
         "cuda_graph": use_graph,
+        "compile": compile,
         "prefill_s": prefill_s,
         "decode_s": decode_s,
         "ms_per_token": 1000.0 * decode_s / new_tokens,
         "decode_tokens_per_s": generated / decode_s,
         "end_to_end_tokens_per_s": generated / (prefill_s + decode_s),
     }
+    if compile:
+        eager = decode_logits(model, batch_size, cache_len=cache_len)
+        compiled = decode_logits(model, batch_size, compile=True, cache_len=cache_len)
+        result.update(compiled_rel_error=relative_error(compiled, eager), setup_s=setup_s)
+    return result
 
 
 @torch.no_grad()
-def decode_latency(model, contexts, batch_size=4, steps=32, cuda_graph=True, seed=0):
+def decode_latency(model, contexts, batch_size=4, steps=32, cuda_graph=True, seed=0, compile=False):
     """Decode milliseconds per token after each context length: flat for O(1) decoding, growing with the
     context for a KV-cache Transformer (its cache is sized to the context, as in a real deployment)."""
-    use_graph = cuda_graph and graph_is_safe(model, batch_size)
     rows = []
     for context in contexts:
+        cache_len = context + WARMUP_STEPS + steps
+        use_graph = cuda_graph and graph_is_safe(model, batch_size, compile, cache_len)
         prompt = random_prompt(model, batch_size, context, seed)
-        _, decode_s, _ = prefill_and_decode(model, prompt, steps, use_graph)
+        _, decode_s, _ = prefill_and_decode(
+            model, prompt, steps, use_graph, compile=compile, cache_len=cache_len
+        )
         rows.append({"context": context, "ms_per_token": 1000.0 * decode_s / steps, "cuda_graph": use_graph})
         print(f"  context {context}: {rows[-1]['ms_per_token']:.3f} ms/token", flush=True)
     return rows
@@ -1269,7 +1315,9 @@ def cmd_speed(args):
     for variant in args.variants:
         print(f"{variant}-{args.size} ({backend}, {dtype}, {device})", flush=True)
         model = speed_model(variant, args.size, backend, device, dtype, args.vocab_size)
-        result = decode_speed(model, args.prompt_len, args.batch_size, args.new_tokens, not args.eager)
+        result = decode_speed(
+            model, args.prompt_len, args.batch_size, args.new_tokens, not args.eager, compile=args.compile
+        )
         result.update(variant=variant, params=model.num_params(), backend=backend)
         results[variant] = result
         print(
@@ -1279,7 +1327,12 @@ def cmd_speed(args):
         )
         if args.contexts:
             latency[variant] = decode_latency(
-                model, args.contexts, args.batch_size, args.latency_steps, not args.eager
+                model,
+                args.contexts,
+                args.batch_size,
+                args.latency_steps,
+                not args.eager,
+                compile=args.compile,
             )
         del model
         if device.startswith("cuda"):
@@ -1469,6 +1522,11 @@ def build_parser():
     )
     p.add_argument("--latency-steps", type=positive_int, default=32)
     p.add_argument("--eager", action="store_true", help="time eager decoding, not CUDA-graph replays")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (fuses its elementwise work; compiles once per model and context)",
+    )
     add_output_args(p)
     p.set_defaults(run=cmd_speed)
     return parser

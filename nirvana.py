@@ -557,6 +557,19 @@ TORCH_OPS = SimpleNamespace(
 )
 
 
+def plain_when_compiled_without_grad(fused, plain):
+    """fused, except under torch.compile without gradients (a compiled decode step), where plain is traced:
+    these fused kernels exist to keep less for backward, and without one inductor fuses plain with the
+    elementwise work around it (one kernel where fused would stand alone between two graphs)."""
+
+    def op(*args):
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            return plain(*args)
+        return fused(*args)
+
+    return op
+
+
 def load_backend(name):
     """The hot functions for `backend`: this file's ("torch") or the fast ones of kernels/ ("triton")."""
     if name == "torch":
@@ -585,10 +598,11 @@ def load_backend(name):
         trigger_step=trigger_decode.trigger_step,  # fused kernel, or the decode kernels for a few tokens
         causal_conv_silu=fused_causal_conv_silu,  # keeps x alone for backward, not the conv's output
         causal_conv_silu_step=fused_causal_conv_silu_step,  # one token per sequence, the cache moved in place
-        l2_normalize=fused_l2_normalize,  # keeps its output (which the delta rule keeps too) and the norms
-        rms_norm=fused_rms_norm,
-        gated_rms_norm=fused_gated_rms_norm,
-        swiglu_linear=fused_swiglu_linear,
+        # keeps its output (which the delta rule keeps too) and the norms
+        l2_normalize=plain_when_compiled_without_grad(fused_l2_normalize, l2_normalize),
+        rms_norm=plain_when_compiled_without_grad(fused_rms_norm, rms_norm),
+        gated_rms_norm=plain_when_compiled_without_grad(fused_gated_rms_norm, gated_rms_norm),
+        swiglu_linear=plain_when_compiled_without_grad(fused_swiglu_linear, swiglu_linear),
         linear_cross_entropy=chunked_linear_cross_entropy,
     )
 
@@ -1166,7 +1180,10 @@ class Nirvana(nn.Module):
                 "the caches are set up: pass input_pos, the position of this call's first token "
                 "(0 for the prompt)"
             )
-        if isinstance(input_pos, int) or input_pos.device.type == "cpu":  # no device sync
+        # no device sync, and no host read of a traced tensor under torch.compile
+        if isinstance(input_pos, int) or (
+            input_pos.device.type == "cpu" and not torch.compiler.is_compiling()
+        ):
             if int(input_pos) < 0:
                 raise ValueError(f"input_pos must be >= 0, got {int(input_pos)}")
             if int(input_pos) + n_tokens > self.max_seq_len:

@@ -103,10 +103,11 @@ def test_decode_section_times_the_variants_in_both_orders(monkeypatch, capsys):
         embedding = SimpleNamespace(weight=torch.empty(3))
         return SimpleNamespace(variant=variant, num_params=lambda: 10, token_embedding=embedding, twins=False)
 
-    def decode_speed(model, prompt_len, batch_size, new_tokens):
+    def decode_speed(model, prompt_len, batch_size, new_tokens, compile):
         passes = built.count(model.variant)
-        value = speeds[model.variant][passes - 1] / (2 if model.twins else 1)
-        return dict(decode_tokens_per_s=value, ms_per_token=1e3 * batch_size / value, cuda_graph=True)
+        value = speeds[model.variant][passes - 1] / (2 if model.twins else 1) * (3 if compile else 1)
+        result = dict(decode_tokens_per_s=value, ms_per_token=1e3 * batch_size / value, cuda_graph=True)
+        return result | (dict(compiled_rel_error=1e-3, setup_s=5.0) if compile else {})
 
     latency = lambda model, contexts, batch_size, steps: [
         dict(context=c, ms_per_token=1.0, cuda_graph=True) for c in contexts
@@ -120,8 +121,9 @@ def test_decode_section_times_the_variants_in_both_orders(monkeypatch, capsys):
     bench.bench_decode(table, SimpleNamespace(decode_sizes=["350m"], decode_passes=2))
     assert built == list(bench.DECODE_VARIANTS) + list(reversed(bench.DECODE_VARIANTS))
     impls = [row["impl"] for row in table.rows if row["section"] == "decode"]
-    assert impls[:2] == ["nirvana, decode kernels", "nirvana, torch twins"]
-    assert impls[-1] == "nirvana, decode kernels, pass 2" and len(impls) == 3 * len(bench.DECODE_VARIANTS)
+    assert impls[:3] == ["nirvana, decode kernels", "nirvana, compiled", "nirvana, torch twins"]
+    assert impls[-2:] == ["nirvana, decode kernels, pass 2", "nirvana, compiled, pass 2"]
+    assert len(impls) == 5 * len(bench.DECODE_VARIANTS)
     assert sum(row["section"] == "latency" for row in table.rows) == 3 * len(bench.DECODE_VARIANTS)
     out = capsys.readouterr().out
     mean = {v: sum(s) / 2 for v, s in speeds.items()}
@@ -130,4 +132,10 @@ def test_decode_section_times_the_variants_in_both_orders(monkeypatch, capsys):
     )
     assert f"{mean['nirvana']:8.1f} {mean['nirvana'] / mean['gated-deltanet']:6.2f}x" in nirvana_line
     assert "100.0 / 120.0" in nirvana_line
-    assert f"{1 - mean['nirvana'] / mean['nirvana-notrigger']:.1%}" in out
+    compiled_line = next(
+        line for line in out.splitlines() if line.startswith("  nirvana ") and "compiled" in line
+    )
+    assert f"{3 * mean['nirvana']:8.1f} {mean['nirvana'] / mean['gated-deltanet']:6.2f}x" in compiled_line
+    share = f"{1 - mean['nirvana'] / mean['nirvana-notrigger']:.1%}"
+    assert f"decode kernels: the Trigger's share of nirvana's step (from nirvana-notrigger) {share}" in out
+    assert f"compiled: the Trigger's share of nirvana's step (from nirvana-notrigger) {share}" in out

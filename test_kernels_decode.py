@@ -222,3 +222,17 @@ def test_tiny_model_decodes_like_the_torch_backend(variant):
             steps += [model(idx[:, i : i + 1], input_pos=i)[0] for i in range(5, 20)]  # past the window
         logits[backend] = torch.cat(steps, dim=1)
     torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_decode_step_matches_the_eager_one():
+    """eval.py's torch.compile'd decode step (the fused norms and SwiGLU traced as their plain twins, which
+    inductor fuses with their neighbours; the decode kernels between its graphs) gives the eager step's logits,
+    float32, nirvana-tiny with a window of 8 (a 64-token prompt, then 3 warm-up and 6 compared steps)."""
+    import eval as evaluation
+
+    torch.manual_seed(0)
+    config = nirvana.NirvanaConfig.from_preset("nirvana-tiny", window=8, backend="triton")
+    model = nirvana.Nirvana(config).to(DEVICE).eval()
+    eager = evaluation.decode_logits(model, 2, steps=6, cache_len=80)
+    compiled = evaluation.decode_logits(model, 2, steps=6, compile=True, cache_len=80)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
