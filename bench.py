@@ -40,8 +40,8 @@ Sections:
            between the kernels) and with the kernels' plain twins; kernels and compiled in --decode-passes
            passes (default 2: the models built in the listed order, then in reverse); ratios to gated-deltanet and the transformer (pass means),
            the Trigger's share of nirvana's step (from nirvana-notrigger); then ms per token at batch 1 after
-           contexts of 4k, 16k and 64k (section 'latency'). The floor of these rows is one bf16 read of the
-           weights. `python eval.py speed` draws the ms/token-vs-context curve as a PNG.
+           contexts of 4k, 16k and 64k (section 'latency'). The floor of these rows is one read of the bf16
+           weights and of the caches (the SWA ring buffers, delta-rule states, KV cache). `python eval.py speed` draws the ms/token-vs-context curve as a PNG.
 Every row has the floor: max(FLOPs / measured bf16 matmul rate, bytes / measured copy bandwidth), both
 measured at the start of the run. Times are medians of triton.testing.do_bench on random non-zero data.
 Results: a table on stdout, and bench.json + bench.csv under --out.
@@ -1063,13 +1063,25 @@ DECODE_PATHS = ("decode kernels", "compiled", "torch twins")
 LATENCY_CONTEXTS = (4096, 16384, 65536)
 
 
+def decode_floor_bytes(model, batch_size, cache_len):
+    """The bytes one decode step reads at the least: the weights in bf16 but the embedding table (a step
+    reads one row of it per sequence), and every cache once (delta-rule states, convolution tails, the SWA
+    ring buffers, the transformer's KV cache) as setup_caches(batch_size, cache_len) allocates them. A
+    Nirvana layer reads its SWA ring as well as its delta-rule state: its floor is above gated-deltanet's."""
+    weights = 2 * (model.num_params() - model.token_embedding.weight.numel())
+    before = sum(buffer.nbytes for buffer in model.buffers())
+    model.setup_caches(batch_size, cache_len)
+    caches = sum(buffer.nbytes for buffer in model.buffers()) - before
+    model.clear_caches()
+    return weights + caches
+
+
 def bench_decode(table, args):
     """Table 4 of the paper at each --decode-sizes size: generated tokens/s of the six variants at prompt 4096,
     batch 4, with the triton backend's decode kernels, the same under torch.compile (with its logit error
     against eager decoding and its compile time) and with the kernels' plain twins (the kernels' gain), then
     milliseconds per token at batch 1 after contexts of 4k, 16k and 64k tokens (with the kernels). Each row's
-    floor is one read of the weights in bf16 (all but the embedding table, of which a step reads a row per
-    sequence); a summary gives the ratios to gated-deltanet and to the transformer (the paper, 1.3b: nirvana
+    floor is one read of the weights and the caches (decode_floor_bytes); a summary gives the ratios to gated-deltanet and to the transformer (the paper, 1.3b: nirvana
     1.12x and 2.7x) and the Trigger's share of nirvana's step.
 
     Repeated runs found the first model built in a process faster than the later ones, so the decode kernels
@@ -1084,7 +1096,7 @@ def bench_decode(table, args):
             order = DECODE_VARIANTS if attempt % 2 == 0 else DECODE_VARIANTS[::-1]
             for variant in order:
                 model = evaluation.speed_model(variant, size, "triton", "cuda", torch.bfloat16, 32000)
-                weight_bytes = 2 * (model.num_params() - model.token_embedding.weight.numel())
+                step_bytes = decode_floor_bytes(model, 4, 4096 + evaluation.WARMUP_STEPS + 128)
                 paths = DECODE_PATHS if attempt == 0 else DECODE_PATHS[:2]
                 for path in paths:
                     if path == "torch twins":
@@ -1107,7 +1119,7 @@ def bench_decode(table, args):
                         f"{variant}, {path}" + (f", pass {attempt + 1}" if attempt else ""),
                         "decode",
                         result["ms_per_token"],
-                        nbytes=weight_bytes,
+                        nbytes=step_bytes,
                         note=note,
                     )
                     if path == "decode kernels" and attempt == 0:
@@ -1118,7 +1130,9 @@ def bench_decode(table, args):
                                 variant,
                                 "decode",
                                 row["ms_per_token"],
-                                nbytes=weight_bytes,
+                                nbytes=decode_floor_bytes(
+                                    model, 1, row["context"] + evaluation.WARMUP_STEPS + 32
+                                ),
                                 note=f"cuda_graph={row['cuda_graph']}",
                             )
                 del model

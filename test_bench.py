@@ -101,7 +101,15 @@ def test_decode_section_times_the_variants_in_both_orders(monkeypatch, capsys):
     def speed_model(variant, size, backend, device, dtype, vocab_size):
         built.append(variant)
         embedding = SimpleNamespace(weight=torch.empty(3))
-        return SimpleNamespace(variant=variant, num_params=lambda: 10, token_embedding=embedding, twins=False)
+        return SimpleNamespace(
+            variant=variant,
+            num_params=lambda: 10,
+            token_embedding=embedding,
+            twins=False,
+            buffers=lambda: [],
+            setup_caches=lambda batch_size, max_seq_len: None,
+            clear_caches=lambda: None,
+        )
 
     def decode_speed(model, prompt_len, batch_size, new_tokens, compile):
         passes = built.count(model.variant)
@@ -139,3 +147,22 @@ def test_decode_section_times_the_variants_in_both_orders(monkeypatch, capsys):
     share = f"{1 - mean['nirvana'] / mean['nirvana-notrigger']:.1%}"
     assert f"decode kernels: the Trigger's share of nirvana's step (from nirvana-notrigger) {share}" in out
     assert f"compiled: the Trigger's share of nirvana's step (from nirvana-notrigger) {share}" in out
+
+
+def test_decode_floor_counts_the_weights_and_every_cache():
+    """The transformer's floor by hand: its weights but the embedding table in bf16, and per layer a float32
+    KV cache (B, slots, H, D) twice and the slots' int64 positions; a Nirvana layer adds its ring buffer."""
+    import nirvana
+
+    config = nirvana.NirvanaConfig.from_preset("transformer-tiny")
+    model = nirvana.Nirvana(config)
+    B, slots, H, D = 3, 40, config.n_heads, config.head_dim
+    weights = 2 * (model.num_params() - model.token_embedding.weight.numel())
+    caches = config.n_layers * (2 * B * slots * H * D * 4 + slots * 8)
+    assert bench.decode_floor_bytes(model, B, slots) == weights + caches
+    assert model.max_seq_len is None  # the caches are gone again
+    floors = {}
+    for variant in ("nirvana-notrigger", "gated-deltanet"):
+        model = nirvana.Nirvana(nirvana.NirvanaConfig.from_preset(f"{variant}-tiny"))
+        floors[variant] = bench.decode_floor_bytes(model, B, slots) - 2 * model.num_params()
+    assert floors["nirvana-notrigger"] > floors["gated-deltanet"] + B * slots * H * D * 4
