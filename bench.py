@@ -1081,8 +1081,9 @@ def bench_decode(table, args):
     batch 4, with the triton backend's decode kernels, the same under torch.compile (with its logit error
     against eager decoding and its compile time) and with the kernels' plain twins (the kernels' gain), then
     milliseconds per token at batch 1 after contexts of 4k, 16k and 64k tokens (with the kernels). Each row's
-    floor is one read of the weights and the caches (decode_floor_bytes); a summary gives the ratios to gated-deltanet and to the transformer (the paper, 1.3b: nirvana
-    1.12x and 2.7x) and the Trigger's share of nirvana's step.
+    floor is one read of the weights and the caches (decode_floor_bytes); a summary gives the ratios to
+    gated-deltanet and to the transformer (the paper, 1.3b: nirvana 1.12x and 2.7x) and the Trigger's share of
+    nirvana's step.
 
     Repeated runs found the first model built in a process faster than the later ones, so the decode kernels
     and their compiled step are timed in --decode-passes passes over the variants, the models built in the
@@ -1096,7 +1097,7 @@ def bench_decode(table, args):
             order = DECODE_VARIANTS if attempt % 2 == 0 else DECODE_VARIANTS[::-1]
             for variant in order:
                 model = evaluation.speed_model(variant, size, "triton", "cuda", torch.bfloat16, 32000)
-                step_bytes = decode_floor_bytes(model, 4, 4096 + evaluation.WARMUP_STEPS + 128)
+                step_bytes = decode_floor_bytes(model, 4, evaluation.check_cache_len(4096, 128))
                 paths = DECODE_PATHS if attempt == 0 else DECODE_PATHS[:2]
                 for path in paths:
                     if path == "torch twins":
@@ -1131,7 +1132,7 @@ def bench_decode(table, args):
                                 "decode",
                                 row["ms_per_token"],
                                 nbytes=decode_floor_bytes(
-                                    model, 1, row["context"] + evaluation.WARMUP_STEPS + 32
+                                    model, 1, evaluation.check_cache_len(row["context"], 32)
                                 ),
                                 note=f"cuda_graph={row['cuda_graph']}",
                             )

@@ -882,10 +882,19 @@ def relative_error(x, reference):
     return ((x - reference).norm() / reference.norm()).item()
 
 
+CHECK_PROMPT, CHECK_STEPS = 64, 6  # decode_logits: the prompt and the steps that checks compare
+
+
+def check_cache_len(prompt_len, steps):
+    """One cache size for a timed run and the checks before it (a compiled step compiles once per size)."""
+    return max(prompt_len, CHECK_PROMPT) + WARMUP_STEPS + max(steps, CHECK_STEPS)
+
+
 @torch.no_grad()
-def decode_logits(model, batch_size, steps=6, use_graph=False, compile=False, cache_len=None):
-    """The logits of `steps` decode steps fed fixed random tokens after a fixed random 64-token prompt."""
-    prompt = random_prompt(model, batch_size, 64, seed=1)
+def decode_logits(model, batch_size, steps=CHECK_STEPS, use_graph=False, compile=False, cache_len=None):
+    """The logits of `steps` decode steps fed fixed random tokens after a fixed random CHECK_PROMPT-token
+    prompt."""
+    prompt = random_prompt(model, batch_size, CHECK_PROMPT, seed=1)
     tokens = random_prompt(model, batch_size, steps, seed=2).T.unsqueeze(-1)  # (steps, B, 1)
     return prefill_and_decode(model, prompt, steps, use_graph, tokens, compile, cache_len)[2]
 
@@ -919,7 +928,7 @@ def decode_speed(
     compiled step's relative logit error against the eager one's on the same tokens (both in the model's
     dtype), and setup_s the seconds before the timed run (the compilation in most of them)."""
     start = time.perf_counter()
-    cache_len = prompt_len + WARMUP_STEPS + new_tokens  # one cache size: one compilation
+    cache_len = check_cache_len(prompt_len, new_tokens)
     use_graph = cuda_graph and graph_is_safe(model, batch_size, compile, cache_len)
     prompt = random_prompt(model, batch_size, prompt_len, seed)
     prefill_and_decode(model, prompt, 4, use_graph, compile=compile, cache_len=cache_len)  # warm-up
@@ -953,7 +962,7 @@ def decode_latency(model, contexts, batch_size=4, steps=32, cuda_graph=True, see
     context for a KV-cache Transformer (its cache is sized to the context, as in a real deployment)."""
     rows = []
     for context in contexts:
-        cache_len = context + WARMUP_STEPS + steps
+        cache_len = check_cache_len(context, steps)
         use_graph = cuda_graph and graph_is_safe(model, batch_size, compile, cache_len)
         prompt = random_prompt(model, batch_size, context, seed)
         _, decode_s, _ = prefill_and_decode(
@@ -1313,7 +1322,9 @@ def cmd_speed(args):
     backend = speed_backend(args.backend, device)
     table_rows, latency, results = [], {}, {}
     for variant in args.variants:
-        print(f"{variant}-{args.size} ({backend}, {dtype}, {device})", flush=True)
+        compiled = ", torch.compile" if args.compile else ""
+        print(f"{variant}-{args.size} ({backend}, {dtype}, {device}{compiled})", flush=True)
+        torch._dynamo.reset()  # each variant compiles afresh, within the recompile limit
         model = speed_model(variant, args.size, backend, device, dtype, args.vocab_size)
         result = decode_speed(
             model, args.prompt_len, args.batch_size, args.new_tokens, not args.eager, compile=args.compile
@@ -1365,7 +1376,8 @@ def cmd_speed(args):
     )
     print(
         f"prompt {args.prompt_len}, batch {args.batch_size}, {args.new_tokens} new tokens, "
-        f"{torch.cuda.get_device_name() if device.startswith('cuda') else device}\n{table}"
+        f"{torch.cuda.get_device_name() if device.startswith('cuda') else device}"
+        f"{', decode step under torch.compile' if args.compile else ''}\n{table}"
     )
     stem = os.path.join(args.out_dir, f"speed_{args.name or args.size}")
     write_text_atomically(stem + ".md", table)

@@ -549,3 +549,34 @@ def test_decode_speed_times_real_decoding():
     assert result["cuda_graph"] is False  # no CUDA graphs on the CPU
     rows = ev.decode_latency(model, [16, 64], batch_size=1, steps=3)
     assert [r["context"] for r in rows] == [16, 64] and all(r["ms_per_token"] > 0 for r in rows)
+
+
+def test_speed_command_compiles_the_decode_step(tmp_path, capsys):
+    """eval.py speed --compile on the CPU: the compiled step's logits match the eager step's (reported), and
+    the table says the step was compiled."""
+    argv = [
+        "speed",
+        "--size",
+        "tiny",
+        "--variants",
+        "gated-deltanet",
+        "--prompt-len",
+        "16",
+        "--new-tokens",
+        "3",
+    ]
+    argv += [
+        "--batch-size",
+        "1",
+        "--contexts",
+        "",
+        "--backend",
+        "torch",
+        "--compile",
+        "--out-dir",
+        str(tmp_path),
+    ]
+    ev.main(argv)
+    assert "decode step under torch.compile" in capsys.readouterr().out
+    result = json.loads((tmp_path / "speed_tiny.json").read_text())["speed"]["gated-deltanet"]
+    assert result["compile"] is True and result["compiled_rel_error"] < 1e-5
