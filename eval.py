@@ -811,25 +811,36 @@ def compiled_decode_step():
     return torch.compile(decode_step, dynamic=False)
 
 
-def decode_step_function(compile):
-    return compiled_decode_step() if compile else decode_step
+class DecodeStep:
+    """decode_step (torch.compile'd with compile) on static inputs, gpt-fast style: the token (B, 1) and its
+    position (a 0-dim device tensor) live in buffers that each call overwrites, so that every call, the
+    warm-up's included, hands the step the same tensors. After capture(), a call replays a CUDA graph of
+    the step instead of running it. A compiled step must not recompile after its warm-up (inside a capture
+    that breaks the capture): those calls run under dynamo's error_on_recompile."""
 
-
-class GraphedStep:
-    """One decode step captured as a CUDA graph and replayed at every position (gpt-fast style): the
-    token and its position are device tensors that each call overwrites before the replay."""
-
-    def __init__(self, model, batch_size, step=decode_step):
+    def __init__(self, model, batch_size, compile=False):
         device = model_device(model)
+        self.model, self.compile = model, compile
+        self.step = compiled_decode_step() if compile else decode_step
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # static inputs
         self.input_pos = torch.zeros((), dtype=torch.long, device=device)
+        self.graph = self.logits = None
+        self.warmed_up = False
+
+    def run(self):
+        with torch._dynamo.config.patch(error_on_recompile=self.compile and self.warmed_up):
+            return self.step(self.model, self.token, self.input_pos)
+
+    def capture(self):
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = step(model, self.token, self.input_pos)
+            self.logits = self.run()
 
     def __call__(self, token, input_pos):
         self.token.copy_(token)
-        self.input_pos.copy_(input_pos)
+        self.input_pos.fill_(input_pos)
+        if self.graph is None:
+            return self.run()
         self.graph.replay()
         return self.logits
 
@@ -840,10 +851,10 @@ def prefill_and_decode(model, prompt, steps, use_graph, tokens=None, compile=Fal
     (timed), WARMUP_STEPS steps (they compile, with compile), then `steps` timed decode steps (eager or
     compiled, or replays of a CUDA graph of that step captured before the clock starts) fed `tokens`
     (steps, B, 1) or the greedy choice. -> (prefill seconds, decode seconds, logits of the timed steps
-    (steps, B, V)). The steps take their position as a device tensor, as a graph replay reads it."""
+    (steps, B, V)). Every step runs on the same static inputs (DecodeStep)."""
     device = prompt.device
     model.setup_caches(prompt.shape[0], cache_len or prompt.shape[1] + WARMUP_STEPS + steps)
-    decode = decode_step_function(compile)
+    step = DecodeStep(model, prompt.shape[0], compile)
     try:
         sync(device)
         t0 = time.perf_counter()
@@ -852,11 +863,13 @@ def prefill_and_decode(model, prompt, steps, use_graph, tokens=None, compile=Fal
         sync(device)
         t1 = time.perf_counter()
         token = logits.argmax(-1, keepdim=True) if tokens is None else tokens[0]
-        position = torch.tensor(prompt.shape[1], device=device)
-        for _ in range(WARMUP_STEPS):
-            decode(model, token, position)
-            position = position + 1
-        step = GraphedStep(model, prompt.shape[0], decode) if use_graph else functools.partial(decode, model)
+        position = prompt.shape[1]
+        for i in range(WARMUP_STEPS):
+            step(token, position + i)
+        step.warmed_up = True
+        position += WARMUP_STEPS
+        if use_graph:
+            step.capture()
         sync(device)
         t2 = time.perf_counter()
         out = []

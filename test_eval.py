@@ -580,3 +580,21 @@ def test_speed_command_compiles_the_decode_step(tmp_path, capsys):
     assert "decode step under torch.compile" in capsys.readouterr().out
     result = json.loads((tmp_path / "speed_tiny.json").read_text())["speed"]["gated-deltanet"]
     assert result["compile"] is True and result["compiled_rel_error"] < 1e-5
+
+
+def test_compiled_decode_step_may_not_recompile_after_its_warm_up():
+    """A recompile inside a CUDA-graph capture breaks the capture (on a GPU, the token's strides changing
+    between the warm-up and the capture did): DecodeStep makes any recompile after its warm-up an error."""
+    model = tiny_model("gated-deltanet", seed=1)
+    model.setup_caches(2, 16)
+    try:
+        with torch.no_grad():
+            step = ev.DecodeStep(model, 2, compile=True)
+            step(torch.tensor([[1], [2]]), 0)
+            step.warmed_up = True
+            step(torch.tensor([[3], [4]]), 1)  # the same static inputs: no recompile
+            step.token = torch.zeros(2, 3, dtype=torch.long)[:, :1]  # (2, 1) with other strides
+            with pytest.raises(Exception, match="Recompiling function decode_step"):
+                step.run()
+    finally:
+        model.clear_caches()
