@@ -38,10 +38,12 @@ Sections:
            (kernels/decode.py: delta-rule step, ring-buffer attention; kernels/trigger_decode.py: the Trigger),
            the same step under torch.compile (eval.py speed --compile: inductor fuses the elementwise work
            between the kernels) and with the kernels' plain twins; kernels and compiled in --decode-passes
-           passes (default 2: the models built in the listed order, then in reverse); ratios to gated-deltanet and the transformer (pass means),
-           the Trigger's share of nirvana's step (from nirvana-notrigger); then ms per token at batch 1 after
-           contexts of 4k, 16k and 64k (section 'latency'). The floor of these rows is one read of the bf16
-           weights and of the caches (the SWA ring buffers, delta-rule states, KV cache). `python eval.py speed` draws the ms/token-vs-context curve as a PNG.
+           passes (default 2: the models built in the listed order, then in reverse); ratios to
+           gated-deltanet and the transformer (pass means), the Trigger's share of nirvana's step (from
+           nirvana-notrigger); then ms per token at batch 1 after contexts of 4k, 16k and 64k (section
+           'latency'). The floor of these rows is one read of the bf16 weights and of the caches (the SWA
+           ring buffers, delta-rule states, KV cache). `python eval.py speed` draws the ms/token-vs-context
+           curve as a PNG.
 Every row has the floor: max(FLOPs / measured bf16 matmul rate, bytes / measured copy bandwidth), both
 measured at the start of the run. Times are medians of triton.testing.do_bench on random non-zero data.
 Results: a table on stdout, and bench.json + bench.csv under --out.

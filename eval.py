@@ -828,7 +828,9 @@ class DecodeStep:
         self.warmed_up = False
 
     def run(self):
-        with torch._dynamo.config.patch(error_on_recompile=self.compile and self.warmed_up):
+        if not (self.compile and self.warmed_up):
+            return self.step(self.model, self.token, self.input_pos)
+        with torch._dynamo.config.patch(error_on_recompile=True):
             return self.step(self.model, self.token, self.input_pos)
 
     def capture(self):

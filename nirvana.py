@@ -598,7 +598,7 @@ def load_backend(name):
         trigger_step=trigger_decode.trigger_step,  # fused kernel, or the decode kernels for a few tokens
         causal_conv_silu=fused_causal_conv_silu,  # keeps x alone for backward, not the conv's output
         causal_conv_silu_step=fused_causal_conv_silu_step,  # one token per sequence, the cache moved in place
-        # keeps its output (which the delta rule keeps too) and the norms
+        # l2_normalize keeps its output (which the delta rule keeps too) and the norms
         l2_normalize=plain_when_compiled_without_grad(fused_l2_normalize, l2_normalize),
         rms_norm=plain_when_compiled_without_grad(fused_rms_norm, rms_norm),
         gated_rms_norm=plain_when_compiled_without_grad(fused_gated_rms_norm, gated_rms_norm),
