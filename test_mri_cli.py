@@ -60,7 +60,8 @@ def test_main_end_to_end_writes_outputs(tmp_path):
 def test_results_so_far_are_written_after_each_method(tmp_path, monkeypatch):
     """A run stopped part way keeps what finished: results.md and results.json after the baselines, again after
     each backbone (marked PARTIAL, naming the methods still to train), then the whole; each method is scored
-    once, so its numbers do not change between the writes."""
+    once, so its numbers do not change between the writes; results.json's per-volume scores hold every method
+    scored so far."""
     out = tmp_path / "out"
     writes = []
     evaluate_and_write = experiment.evaluate_and_write
@@ -68,6 +69,7 @@ def test_results_so_far_are_written_after_each_method(tmp_path, monkeypatch):
     def spy(run, data, args, t_start, still_to_train=()):
         summary = evaluate_and_write(run, data, args, t_start, still_to_train)
         results = json.load(open(out / "results.json"))
+        assert list(results["per_volume"]) == list(results["summary"])  # every method scored so far
         writes.append((tuple(still_to_train), open(out / "results.md").read(), results["summary"]))
         return summary
 

@@ -318,7 +318,7 @@ def evaluate_and_write(run, data, args, t_start, still_to_train=()):
             {
                 "summary": summary,
                 "val_summary": val_summary,
-                "per_volume": scores,
+                "per_volume": run.scores,
                 "params": run.params,
                 "timings_s": run.timings,
                 "notes": notes,
