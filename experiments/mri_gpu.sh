@@ -4,8 +4,8 @@
 #      window 512, context 1024, 16k vocabulary) pretrained side by side on the real-text corpus, the same
 #      TOKENS each, seed 0; meanwhile the phantom and real-anatomy data sets are generated on the CPU;
 #   2. the MRI runs side by side, every method and stage with the same STEPS optimizer steps: phantoms and
-#      real anatomy with the default recipe (stage 0, then the paper's stages 1 and 2), and phantoms with the
-#      paper's two stages alone (--encoder-pretrain-steps 0).
+#      real anatomy with the default recipe (stage 0, then the paper's stages 1 and 2); MRI_RUNS can add
+#      phantoms-paper-stages, the phantoms with the paper's two stages alone (--encoder-pretrain-steps 0).
 # Results (results.md, recon_grid_<acc>x.png, reports.md, ...) go to RESULTS/<run>; backbones, data sets and
 # logs to WORK. A re-run keeps finished steps: a trained backbone, a generated data set, a finished MRI run. While
 # an MRI run goes on, its results.md holds the methods finished so far (marked PARTIAL), to copy off a machine
@@ -13,11 +13,11 @@
 #
 # Needs the corpus (python experiments/real_text.py --out data/real_text; its tokens/ folder travels to a GPU
 # machine), nibabel and the Colin27 image of mricron-data (ANATOMY), as mri.py --anatomy does.
-# Time on one H100 (the published run): pretraining 390 s (three backbones side by side, 190-215k tokens/s
-# each), the data sets 90 s meanwhile, an MRI run of 90 steps about 200 s (two side by side), of which about
-# 120 s is training and the rest scoring and --diagnose; a step of every phase together takes about 1.3 s.
-#   bash experiments/mri_gpu.sh                             # the published run: 39M tokens, 90 MRI steps
-#   STEPS=500 MRI_RUNS="phantoms anatomy" bash experiments/mri_gpu.sh   # what one 30-minute GPU session allows
+# Time on one H100 (the published run): pretraining 405 s (three backbones side by side, 170-200k tokens/s
+# each), the data sets 90 s meanwhile, two MRI runs of 300 steps side by side 513 s, of which about 390 s is
+# training and the rest scoring and --diagnose.
+#   STEPS=300 MRI_RUNS="phantoms anatomy" bash experiments/mri_gpu.sh   # the published run (15.5 minutes)
+#   STEPS=90 MRI_RUNS=phantoms-paper-stages bash experiments/mri_gpu.sh # the published paper-stages run
 #   TOKENS=200000000 TRAIN_SECONDS=3600 STEPS=1000 bash experiments/mri_gpu.sh   # longer, both stages
 #   MRI_EXTRA=--data-consistency STEPS=200 MRI_RUNS=phantoms bash experiments/mri_gpu.sh   # + an mri.py option
 set -euo pipefail
@@ -29,7 +29,7 @@ RESULTS=${RESULTS:-experiments/results/mri}
 TOKENS=${TOKENS:-39321600}              # pretraining tokens per backbone (300 steps of 131,072)
 TRAIN_SECONDS=${TRAIN_SECONDS:-420}     # pretraining stops here if TOKENS take longer (last checkpoint kept)
 VOLUMES=${VOLUMES:-120}
-STEPS=${STEPS:-90}                      # optimizer steps of every MRI method and stage
+STEPS=${STEPS:-300}                     # optimizer steps of every MRI method and stage
 SEED=${SEED:-0}
 BACKBONES=(nirvana nirvana-notrigger transformer)
 # Same data, masks, widths and steps for every method. Trainable parameters: E2E-VarNet (8 cascades of width
@@ -83,7 +83,7 @@ for variant in "${BACKBONES[@]}"; do backbones+=(--backbone "$WORK/$variant/ckpt
 
 # the MRI runs: name, data set, extra options
 # shellcheck disable=SC2206
-RUNS=(${MRI_RUNS:-phantoms anatomy phantoms-paper-stages})  # MRI_RUNS="phantoms anatomy": those alone
+RUNS=(${MRI_RUNS:-phantoms anatomy})  # MRI_RUNS="phantoms anatomy phantoms-paper-stages": all three
 data_of() { case $1 in anatomy) echo "$WORK/anatomy" ;; *) echo "$WORK/phantoms" ;; esac; }
 extra_of() { case $1 in phantoms-paper-stages) echo "--encoder-pretrain-steps 0" ;; *) echo "" ;; esac; }
 
