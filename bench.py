@@ -661,6 +661,7 @@ def bench_train(table, args):
             # progress: a contender's warm-up steps can take minutes on a fresh machine (Triton autotuning)
             print(f"train ({mode}): timing {name}", flush=True)
             torch.manual_seed(0)
+            torch._dynamo.reset()  # each contender compiles afresh
             model = build().cuda()
             forward = torch.compile(model) if mode == "compiled" else model
             optimizer = train.build_optimizer(run_args, model)
@@ -668,8 +669,15 @@ def bench_train(table, args):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             flop = None
+            # fla's layer forward is a frame of its own (graph breaks around it) that dynamo specialises on the
+            # layer's integer layer_idx: one compile per layer, past dynamo's default limit of 8, after which
+            # the remaining layers ran eager. The limit is raised to cover every layer of the contender.
+            recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * config.n_layers)
             try:
-                ms = time_training_steps(training_step(model, forward, optimizer, idx, run_args.grad_clip))
+                with torch._dynamo.config.patch(recompile_limit=recompile_limit):
+                    ms = time_training_steps(
+                        training_step(model, forward, optimizer, idx, run_args.grad_clip)
+                    )
                 tokens_per_s = B * T / (ms * 1e-3)
                 peak_gib = torch.cuda.max_memory_allocated() / 2**30
                 results[name] = (tokens_per_s, peak_gib)
