@@ -22,7 +22,8 @@ backbone; the run then scores "skip only" too (the backbone's image tokens repla
 --data-consistency (not in the paper, off by default) replaces the sampled k-space lines of the decoder's image
 by the measured ones; the run then also scores the decoder alone and the step on the encoder's own image.
 --diagnose measures whether the image passes through the backbone (decoder SSIM with another slice's tokens
-or the mean token, linear probes of the tokens); see mri_recon/diagnostics.py.
+or the mean token, linear probes of the tokens) and whether the report depends on the slice (its
+cross-entropy with another slice's k-space); see mri_recon/diagnostics.py.
 Every trained method keeps the checkpoint of its best validation loss (the validation volumes; the test
 volumes are only scored). Outputs in --out: results.md / results.json (SSIM, PSNR, NMSE per method and
 acceleration like Table 11, validation SSIM, gate and Trigger statistics of each backbone),

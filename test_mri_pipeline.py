@@ -3,6 +3,8 @@ post-training stages and stage 0, the image skip, the diagnostics, the gate stat
 backbone whose Trigger still adapts, train.py checkpoints of other variants (the transformer of Fig. 4) as
 backbones, cached report generation, and model selection on the validation split."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from mri_recon.diagnostics import (
     diagnose,
     linear_probe,
     partner_slices,
+    report_cross_entropy,
     ridge_fit_predict,
     slice_features,
 )
@@ -39,6 +42,7 @@ from mri_recon.models import (
 )
 from mri_recon.phantoms import generate_dataset, parse_report
 from mri_recon.pipeline import PROMPTS, build_nirvana_mri, encode_reports, mri_sequence_length
+from mri_recon.results import diagnostics_table
 from mri_recon.training import (
     cache_image_tokens,
     decoder_val_loss,
@@ -336,7 +340,7 @@ def test_diagnostics_score_the_decoder_on_the_right_token_pairs(volumes):
     with torch.no_grad():
         test = slice_features(model, data.test, prompt, 4, args)
         model.decoder.set_token_statistics(test.image_tokens)
-        result = diagnose(model, data, prompt, 4, args)
+        result = diagnose(model, data, tokenizer, prompt, 4, args)
         by_hand = lambda source: np.mean(
             [
                 ssim(
@@ -358,6 +362,101 @@ def test_diagnostics_score_the_decoder_on_the_right_token_pairs(volumes):
     assert result["slices"] == {"train": 4, "val": 4, "test": 8}
     assert set(result["probe_image_tokens"]) == {"r2", "ssim", "strength"}
     assert set(result["probe_truth_image_tokens"]) == {"r2", "ssim", "strength"}
+    # the report cross-entropy, own k-space vs the other slice's (report_cross_entropy below checks the pairs)
+    ce_keys = (
+        "report_ce_own",
+        "report_ce_other_slice",
+        "report_ce_own_other_report_only",
+        "report_ce_other_report_only",
+    )
+    assert all(isinstance(result[k], float) and np.isfinite(result[k]) for k in ce_keys)
+    assert result["report_ce_slices"] == {"all": 8, "other_report": 4}
+    table = "\n".join(diagnostics_table({("tiny", 4): result}))
+    row = " | ".join(f"{result[k]:.4f}" for k in ce_keys[:2])
+    assert "Does the report depend on the slice?" in table and f"| tiny | 4x | 8 | {row} | 4 |" in table
+
+
+@pytest.mark.parametrize("pad_second_volume", [False, True])
+def test_report_cross_entropy_gives_each_slice_its_partners_kspace_and_its_own_report(
+    volumes, pad_second_volume
+):
+    """By hand: batches of 4 slices (batch size 1), each with its reports after its own k-space and after its
+    partner's (the same slice of the other volume). The second volume's k-space zero-padded to another height
+    (fastMRI volumes differ in size) keeps the same pairs, in batches of one own and one partner shape. Own and
+    other slice's differ, and are equal once the encoder's tokens no longer depend on the k-space."""
+    model, tokenizer = tiny_model(init_std=0.2)  # a backbone whose logits can follow the k-space tokens
+    args = tiny_args(batch_size=1)
+    prompt = torch.tensor(tokenizer.encode("hi"))  # short: the k-space token stays in the tiny window
+    test = volumes[1:]
+    if pad_second_volume:
+        k = test[1].kspace
+        rows = torch.zeros(*k.shape[:2], 2, k.shape[-1], dtype=k.dtype)
+        test = [test[0], dataclasses.replace(test[1], kspace=torch.cat([rows, k, rows], dim=2))]
+    kspace, masks = zip(
+        *[masked(v, 0, 4, volume_mask(v.name, v.kspace.shape[-1], 4, args.mask_type)) for v in test]
+    )
+    reports = [r for v in test for r in v.reports]
+    by_hand = lambda slices, sources: np.mean(
+        [
+            model.report_loss(
+                torch.stack([kspace[j // 4][j % 4] for j in source]),
+                torch.stack([masks[j // 4][j % 4] for j in source]),
+                prompt,
+                encode_reports(tokenizer, [reports[i] for i in batch], "cpu"),
+                tokenizer.eos_id,
+            ).item()
+            for batch, source in zip(slices, sources)
+        ]
+    )
+    with torch.no_grad():
+        result = report_cross_entropy(model, test, tokenizer, prompt, 4, args)
+        partner = [4, 5, 6, 7, 0, 1, 2, 3]
+        own_batches, partner_batches = [[0, 1, 2, 3], [4, 5, 6, 7]], [[4, 5, 6, 7], [0, 1, 2, 3]]
+        assert result["report_ce_own"] == pytest.approx(by_hand(own_batches, own_batches), abs=1e-6)
+        assert result["report_ce_other_slice"] == pytest.approx(
+            by_hand(own_batches, partner_batches), abs=1e-6
+        )
+        # slices 0 and 1 of each volume have a partner with another report (slices 2 and 3: 'lesions: 0.' both)
+        # one batch unless the volumes differ in k-space shape: a batch holds one own and one partner shape
+        other_report = [[0, 1], [4, 5]] if pad_second_volume else [[0, 1, 4, 5]]
+        assert result["report_ce_slices"] == {"all": 8, "other_report": 4}
+        assert result["report_ce_own_other_report_only"] == pytest.approx(
+            by_hand(other_report, other_report), abs=1e-6
+        )
+        assert result["report_ce_other_report_only"] == pytest.approx(
+            by_hand(other_report, [[partner[i] for i in b] for b in other_report]), abs=1e-6
+        )
+        # well apart, beside the by-hand tolerance: the partner's k-space changed the cross-entropy
+        assert abs(result["report_ce_own"] - result["report_ce_other_slice"]) > 2e-5
+        assert abs(result["report_ce_own_other_report_only"] - result["report_ce_other_report_only"]) > 2e-5
+        model.encoder.to_model.weight.zero_()  # the k-space tokens: the same bias for every slice
+        blind = report_cross_entropy(model, test, tokenizer, prompt, 4, args)
+        assert blind["report_ce_own"] == pytest.approx(blind["report_ce_other_slice"], abs=1e-6)
+        assert blind["report_ce_own_other_report_only"] == pytest.approx(
+            blind["report_ce_other_report_only"], abs=1e-6
+        )
+
+
+def test_report_cross_entropy_is_left_out_without_reports(volumes):
+    """Test volumes without reports: None values, shown as '-'; a single slice has no partner either."""
+    model, tokenizer = tiny_model()
+    args, prompt = tiny_args(), torch.tensor(tokenizer.encode(PROMPTS[0]))
+    no_reports = [dataclasses.replace(v, reports=None) for v in volumes[1:]]
+    with torch.no_grad():
+        result = diagnose(
+            model, Data(volumes[:1], volumes[:1], no_reports, "", "", (16, 16)), tokenizer, prompt, 4, args
+        )
+        single = dataclasses.replace(volumes[0], kspace=volumes[0].kspace[:1], reports=volumes[0].reports[:1])
+        alone = report_cross_entropy(model, [single], tokenizer, prompt, 4, args)
+    for ce in (result, alone):
+        assert [k for k in ce if k.startswith("report_ce_") and ce[k] is None] == [
+            "report_ce_own",
+            "report_ce_other_slice",
+            "report_ce_own_other_report_only",
+            "report_ce_other_report_only",
+        ]
+    assert result["report_ce_slices"] == {"all": 0, "other_report": 0} and result["slices"]["test"] == 8
+    assert "| tiny | 4x | 0 | - | - | 0 | - | - |" in diagnostics_table({("tiny", 4): result})
 
 
 def test_linear_probe_reads_a_linear_image_and_not_noise():

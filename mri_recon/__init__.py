@@ -16,7 +16,8 @@ Named mri_recon, not mri, because the script mri.py sits beside it: with a folde
     fit.py            the training loop (AdamW, train.py's schedule, time budget, model selection)
     training.py       what each method trains: baselines, stage 0, stage 1, stage 2
     evaluation.py     scoring on held-out volumes, test reports, gate / Trigger statistics between slices
-    diagnostics.py    does the image pass through the backbone: token swaps, linear probes (--diagnose)
+    diagnostics.py    does the image pass through the backbone (token swaps, linear probes), does the report
+                      depend on the slice (its cross-entropy with another slice's k-space) (--diagnose)
     metrics.py        SSIM / PSNR / NMSE as fastMRI computes them, report scores, the majority baseline
     results.py        the Markdown of the results and of the generated reports
     plots.py          training curves, reconstruction grids, the preview of a generated data set

@@ -9,7 +9,12 @@
   on the validation slices, scored on the test slices (R^2 over pixels, and SSIM of the probe's image);
 - a ridge probe from the image tokens to the truth (fitted and chosen the same way; its SSIM uses the decoder's
   data range): what a linear readout of all image tokens at once reaches, beside the trained decoder's score;
-- the SSIM of the encoder's own image estimate (what stage 0 trains).
+- the SSIM of the encoder's own image estimate (what stage 0 trains);
+- does the report depend on the slice? Stage 1's report cross-entropy (`report_loss`, the prompt of the
+  diagnostics, mean over batches) of the test slices that have reports, with each slice's own k-space and with
+  its partner's k-space and mask (the same reports, so only the encoder's k-space tokens change); and both again
+  on the slices whose partner has a different report. Own ~= other slice's: the k-space tokens carry nothing
+  the report needs (the reports then come out the same for every slice).
 
 Every slice is undersampled with its volume's evaluation mask at the acceleration scored."""
 
@@ -18,10 +23,11 @@ import dataclasses
 import numpy as np
 import torch
 
-from mri_recon.batches import masked
+from mri_recon.batches import make_batch, masked
 from mri_recon.masks import volume_mask
 from mri_recon.metrics import ssim
 from mri_recon.models import zero_filled
+from mri_recon.pipeline import encode_reports
 
 RIDGE_STRENGTHS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # x the mean squared feature norm
 MAX_PROBE_SLICES = 2048  # training slices a probe is fitted on (the dual solve is N x N)
@@ -77,6 +83,59 @@ def partner_slices(slice_counts):
 
 
 @torch.no_grad()
+def report_cross_entropy(model, volumes, tokenizer, prompt_ids, acc, args):
+    """Stage 1's report cross-entropy of every slice of volumes (all with reports), each volume undersampled with
+    its evaluation mask at acc: with each slice's own k-space and with its partner's (`partner_slices`), the
+    reports and batches the same in both. Each value is the mean of `report_loss` (the mean over a batch's
+    report tokens) over batches of 4 x batch-size slices; a batch holds slices of one own and one partner
+    k-space shape. Returns {"report_ce_own", "report_ce_other_slice"} over all slices, the same two restricted
+    to the slices whose partner has a different report ("..._other_report_only") and "report_ce_slices"
+    (how many of each); None values where no slice has a partner (or none a different report)."""
+    items = [(v, s) for v, vol in enumerate(volumes) for s in range(vol.kspace.shape[0])]
+    masks = [volume_mask(vol.name, vol.kspace.shape[-1], acc, args.mask_type) for vol in volumes]
+    reports = [volumes[v].reports[s] for v, s in items]
+    partners = partner_slices([vol.kspace.shape[0] for vol in volumes]) if volumes else None
+    if partners is None:
+        return {
+            "report_ce_own": None,
+            "report_ce_other_slice": None,
+            "report_ce_own_other_report_only": None,
+            "report_ce_other_report_only": None,
+            "report_ce_slices": {"all": len(items), "other_report": 0},
+        }
+    kspace_shape = lambda i: tuple(volumes[items[i][0]].kspace.shape[1:])
+
+    def loss(source, chunk):  # report_loss of the chunk's reports after the k-space and masks of source
+        batch = make_batch(volumes, [items[j] for j in source], [masks[items[j][0]] for j in source])
+        targets = encode_reports(tokenizer, [reports[i] for i in chunk], args.device)
+        return model.report_loss(batch.kspace, batch.mask, prompt_ids, targets, tokenizer.eos_id).item()
+
+    def own_and_other(slices):
+        """The mean loss over batches, with the slices' own k-space and with their partners'."""
+        groups = {}
+        for i in slices:
+            groups.setdefault((kspace_shape(i), kspace_shape(partners[i])), []).append(i)
+        own, other = [], []
+        for group in groups.values():
+            for b in range(0, len(group), 4 * args.batch_size):
+                chunk = group[b : b + 4 * args.batch_size]
+                own.append(loss(chunk, chunk))
+                other.append(loss(partners[chunk], chunk))
+        return float(np.mean(own)), float(np.mean(other))
+
+    all_own, all_other = own_and_other(range(len(items)))
+    other_report = [i for i in range(len(items)) if reports[partners[i]] != reports[i]]
+    own_restricted, other_restricted = own_and_other(other_report) if other_report else (None, None)
+    return {
+        "report_ce_own": all_own,
+        "report_ce_other_slice": all_other,
+        "report_ce_own_other_report_only": own_restricted,
+        "report_ce_other_report_only": other_restricted,
+        "report_ce_slices": {"all": len(items), "other_report": len(other_report)},
+    }
+
+
+@torch.no_grad()
 def decoder_ssim(model, tokens, feats, batch_size):
     """Mean SSIM over slices of the decoder's image from tokens (N, M, d), with each slice's own encoder image
     (used with image_skip) and k-space scale, against its target."""
@@ -128,8 +187,9 @@ def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, shape, data_ran
 
 
 @torch.no_grad()
-def diagnose(model, data, prompt_ids, acc, args):
-    """The measurements of this module's docstring for one trained pipeline at one acceleration."""
+def diagnose(model, data, tokenizer, prompt_ids, acc, args):
+    """The measurements of this module's docstring for one trained pipeline at one acceleration; the report
+    cross-entropy on the test volumes that have reports (None values when none has)."""
     train = slice_features(model, data.train, prompt_ids, acc, args, MAX_PROBE_SLICES)
     val = slice_features(model, data.val, prompt_ids, acc, args)
     test = slice_features(model, data.test, prompt_ids, acc, args)
@@ -180,5 +240,8 @@ def diagnose(model, data, prompt_ids, acc, args):
         "probe_image_tokens": probes["image_tokens"],
         "probe_kspace_tokens": probes["kspace_tokens"],
         "probe_truth_image_tokens": probes["truth_image_tokens"],
+        **report_cross_entropy(
+            model, [v for v in data.test if v.reports is not None], tokenizer, prompt_ids, acc, args
+        ),
         "image_skip": model.decoder.image_skip,
     }

@@ -242,7 +242,7 @@ def train_backbone(run, backbone, data, args, rng):
         if stats is not None:
             run.gates.setdefault(acc, {})[name] = stats
         if args.diagnose:
-            run.diagnostics[(name, acc)] = diagnose(model, data, prompt_ids, acc, args)
+            run.diagnostics[(name, acc)] = diagnose(model, data, tokenizer, prompt_ids, acc, args)
 
 
 def evaluate_and_write(run, data, args, t_start, still_to_train=()):

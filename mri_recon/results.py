@@ -128,6 +128,26 @@ def diagnostics_table(diagnostics):
             f"{fmt(truth)} | {fmt(d['ssim_other_slice_tokens'])} | {fmt(d['ssim_mean_token'])} | "
             f"{fmt(d['ssim_encoder_image'])} | {fmt(pi['r2'])} | {fmt(pi['ssim'])} | {fmt(pk['r2'])} | {fmt(pk['ssim'])} |"
         )
+    lines += [
+        "",
+        "### Does the report depend on the slice? (--diagnose, test slices with reports)",
+        "",
+        "Stage 1's report cross-entropy (per report token, mean over batches) with each slice's own k-space and "
+        "with another slice's (same slice index, next volume; the same reports): on every test slice with a "
+        "report, and on the slices whose other slice has a different report. Own ≈ other slice's: the k-space "
+        "tokens carry nothing the report needs. '-': no reports.",
+        "",
+        "| backbone | acc | slices | CE own k-space | CE other slice's | slices, other report differs | "
+        "CE own k-space | CE other slice's |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (name, acc), d in diagnostics.items():
+        counts = d["report_ce_slices"]
+        lines.append(
+            f"| {name} | {acc}x | {counts['all']} | {fmt(d['report_ce_own'])} | "
+            f"{fmt(d['report_ce_other_slice'])} | {counts['other_report']} | "
+            f"{fmt(d['report_ce_own_other_report_only'])} | {fmt(d['report_ce_other_report_only'])} |"
+        )
     return lines + [""]
 
 
