@@ -36,6 +36,8 @@ The code is in the mri_recon package; this script checks the options and runs it
 import argparse
 import gzip
 import os
+import shlex
+import sys
 import time
 
 from cli import (
@@ -258,6 +260,7 @@ def parse_args(argv=None):
             p.error(
                 f"--size {args.size} must be a multiple of --patch {args.patch} (the image decoder's tokens)"
             )
+    args.command = shlex.join(["python", "mri.py", *(sys.argv[1:] if argv is None else argv)])  # results.md
     return args
 
 

@@ -39,6 +39,7 @@ def test_main_end_to_end_writes_outputs(tmp_path):
     ):
         assert os.path.getsize(os.path.join(out, name)) > 0
     table = open(os.path.join(out, "results.md")).read()
+    assert f"command: `python mri.py --out {out} {' '.join(TINY)} --diagnose --image-skip`" in table
     for method in ("zero-filled", "U-Net", "E2E-VarNet", "LLM[nirvana]", "LLM[nirvana] skip only"):
         assert f"| {method} |" in table
     results = json.load(open(os.path.join(out, "results.json")))
@@ -317,4 +318,6 @@ def test_options_script_writes_one_table_of_every_variant(tmp_path):
         assert row.endswith(f"| {steps} |")
         assert (row.split(" | ")[4] != "-") == skip  # the skip-only score where the skip is on
     assert "| - | U-Net |" in (out / "options.md").read_text()
-    assert "Does the image pass through the backbone?" in (out / "results.md").read_text()
+    results = (out / "results.md").read_text()
+    assert "Does the image pass through the backbone?" in results
+    assert f"command: `python experiments/mri_options.py --out {out} " in results  # the script, not mri.py

@@ -10,6 +10,7 @@ results.json, reports.md, ...) and options.md: one table, a row per backbone and
 
 import copy
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,7 @@ def options_markdown(rows, run, summary, command, accelerations):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = mri.parse_args([*argv, "--diagnose"])
+    args.command = shlex.join(["python", "experiments/mri_options.py", *argv])  # results.md names this script
     from mri_recon import experiment
     from mri_recon.backbones import load_backbones
 
@@ -97,8 +99,7 @@ def main(argv=None):
                 )
                 rows.append((name, label, tagged))
         summary = experiment.evaluate_and_write(run, data, args, t_start)
-        command = "python experiments/mri_options.py " + " ".join(argv)
-        table = options_markdown(rows, run, summary, command, args.eval_acc)
+        table = options_markdown(rows, run, summary, args.command, args.eval_acc)
         write_text_atomically(os.path.join(args.out, "options.md"), table)
         print(table)
 

@@ -287,6 +287,7 @@ def evaluate_and_write(run, data, args, t_start, still_to_train=()):
         else []
     )
     notes = partial + [
+        f"command: `{args.command}`",
         f"{data.note}; {data.split_note}",
         f"masks: {args.mask_type}, trained on {args.train_acc}x, scored on {args.eval_acc}x; "
         f"batch {args.batch_size}, lr {args.lr}, device {args.device}; optimizer steps "
