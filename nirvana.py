@@ -421,14 +421,16 @@ def attention_step(
 
     The new key and value (of the token at `position`, a (1,) tensor) go into slot position mod slots, then
     the query attends the slots whose position j satisfies position - window < j <= position (window None:
-    every filled slot). q, k (B, H, Dk), v (B, H, Dv); k_cache (B, slots, H, Dk), v_cache (B, slots, H, Dv),
-    slot_positions (slots,) (-1: empty), all updated in place. Returns (B, H, Dv) in v's dtype.
+    every filled slot). q, k (B, H, Dk), v (B, H, Dv); k_cache (B, H, slots, Dk), v_cache (B, H, slots, Dv)
+    (each head's slots side by side, so a step reads one contiguous block per head), slot_positions (slots,)
+    (-1: empty), all updated in place. Returns (B, H, Dv) in v's dtype.
     """
     slot = position % slot_positions.shape[0]
-    k_cache.index_copy_(1, slot, k[:, None].to(k_cache.dtype))
-    v_cache.index_copy_(1, slot, v[:, None].to(v_cache.dtype))
+    k_cache.index_copy_(2, slot, k[:, :, None].to(k_cache.dtype))
+    v_cache.index_copy_(2, slot, v[:, :, None].to(v_cache.dtype))
     slot_positions.index_copy_(0, slot, position)
-    keys, values = k_cache.to(q.dtype), v_cache.to(v.dtype)
+    keys = k_cache.transpose(1, 2).to(q.dtype)  # (B, slots, H, Dk)
+    values = v_cache.transpose(1, 2).to(v.dtype)
     return windowed_attention(q[:, None], keys, values, position, slot_positions, window, scale)[:, 0]
 
 
@@ -711,7 +713,8 @@ class Attention(nn.Module):
     """Causal softmax attention over a window of W keys (SWA) or all keys (window None), optional RoPE.
 
     Cache: a ring buffer of the last W keys/values (SWA) or max_seq_len of them (full attention), with the
-    absolute position of each slot, so decoding one token costs O(W), not O(context).
+    absolute position of each slot, so decoding one token costs O(W), not O(context). Its layout is
+    (B, H, slots, D): a decode step reads each head's slots as one contiguous block.
     """
 
     def __init__(self, config, window, rope, ops):
@@ -723,8 +726,8 @@ class Attention(nn.Module):
 
     def setup_cache(self, batch_size, max_seq_len, device, dtype):
         slots = max_seq_len if self.window is None else min(self.window, max_seq_len)
-        self.k_cache = torch.zeros(batch_size, slots, self.H, self.Dk, device=device, dtype=dtype)
-        self.v_cache = torch.zeros(batch_size, slots, self.H, self.Dv, device=device, dtype=dtype)
+        self.k_cache = torch.zeros(batch_size, self.H, slots, self.Dk, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(batch_size, self.H, slots, self.Dv, device=device, dtype=dtype)
         self.slot_positions = torch.full((slots,), -1, device=device)  # -1: empty slot
 
     def clear_cache(self):
@@ -761,14 +764,14 @@ class Attention(nn.Module):
             self.write_cache(k, v, positions)
             return windowed_attention(
                 q,
-                self.k_cache.to(q.dtype),
-                self.v_cache.to(v.dtype),
+                self.k_cache.transpose(1, 2).to(q.dtype),
+                self.v_cache.transpose(1, 2).to(v.dtype),
                 positions,
                 self.slot_positions,
                 self.window,
             )
-        keys = torch.cat([self.k_cache.to(k.dtype), k], dim=1)
-        values = torch.cat([self.v_cache.to(v.dtype), v], dim=1)
+        keys = torch.cat([self.k_cache.transpose(1, 2).to(k.dtype), k], dim=1)  # (B, slots + T, H, Dk)
+        values = torch.cat([self.v_cache.transpose(1, 2).to(v.dtype), v], dim=1)
         o = windowed_attention(
             q, keys, values, positions, torch.cat([self.slot_positions, positions]), self.window
         )
@@ -779,8 +782,8 @@ class Attention(nn.Module):
         """Put the newest keys/values (at most one per slot) into the ring at slot = position mod slots."""
         kept = min(k.shape[1], self.slot_positions.shape[0])
         slots = positions[-kept:] % self.slot_positions.shape[0]
-        self.k_cache[:, slots] = k[:, -kept:].to(self.k_cache.dtype)
-        self.v_cache[:, slots] = v[:, -kept:].to(self.v_cache.dtype)
+        self.k_cache[:, :, slots] = k[:, -kept:].transpose(1, 2).to(self.k_cache.dtype)
+        self.v_cache[:, :, slots] = v[:, -kept:].transpose(1, 2).to(self.v_cache.dtype)
         self.slot_positions[slots] = positions[-kept:]
 
 

@@ -103,7 +103,7 @@ def test_delta_rule_step_rejects_bad_inputs():
 
 def test_attention_step_rejects_bad_inputs():
     q = torch.randn(1, 2, 16, device=DEVICE)
-    k_cache = torch.zeros(1, 4, 2, 16, device=DEVICE)
+    k_cache = torch.zeros(1, 2, 4, 16, device=DEVICE)  # (B, H, slots, D)
     slot_positions = torch.full((4,), -1, device=DEVICE)
     with pytest.raises(ValueError, match="int64"):
         decode.attention_step(
@@ -171,8 +171,8 @@ def test_attention_step_matches_the_twin(B, H, Dk, Dv, window, max_seq_len, dtyp
     generator = torch.Generator().manual_seed(seed)
     slots = max_seq_len if window is None else min(window, max_seq_len)
     cache_dtype = torch.float32 if float32_cache else dtype
-    k_cache = torch.zeros(B, slots, H, Dk, device=DEVICE, dtype=cache_dtype)
-    v_cache = torch.zeros(B, slots, H, Dv, device=DEVICE, dtype=cache_dtype)
+    k_cache = torch.zeros(B, H, slots, Dk, device=DEVICE, dtype=cache_dtype)
+    v_cache = torch.zeros(B, H, slots, Dv, device=DEVICE, dtype=cache_dtype)
     slot_positions = torch.full((slots,), -1, device=DEVICE)
     reference = [k_cache.double(), v_cache.double(), slot_positions.clone()]
     for position in range(max_seq_len):
@@ -190,8 +190,8 @@ def test_attention_step_matches_the_twin(B, H, Dk, Dv, window, max_seq_len, dtyp
 def test_attention_step_attends_exactly_the_window():
     """Values one-hot by position: the output's weights sit on positions (p - W, p] only."""
     B, H, D, W, slots = 1, 1, 16, 5, 5
-    k_cache = torch.zeros(B, slots, H, D, device=DEVICE)
-    v_cache = torch.zeros(B, slots, H, D, device=DEVICE)
+    k_cache = torch.zeros(B, H, slots, D, device=DEVICE)
+    v_cache = torch.zeros(B, H, slots, D, device=DEVICE)
     slot_positions = torch.full((slots,), -1, device=DEVICE)
     q = torch.zeros(B, H, D, device=DEVICE)  # equal scores: a mean over the visible positions
     for position in range(12):

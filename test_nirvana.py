@@ -247,7 +247,7 @@ def test_decoding_state_does_not_grow_with_context():
         for i in range(40):
             model(torch.tensor([[i]]), input_pos=i)
     assert sum(buffer.numel() for buffer in model.buffers()) == sizes
-    assert max(buffer.shape[1] for name, buffer in model.named_buffers() if name.endswith("k_cache")) == 8
+    assert max(buffer.shape[2] for name, buffer in model.named_buffers() if name.endswith("k_cache")) == 8
 
 
 def test_greedy_generation_equals_argmax_of_full_forward():

@@ -219,7 +219,7 @@ def _attention_step_kernel(
         held = tl.load(slot_positions_ptr + n, mask=n < last, other=-1)
         held = tl.where(is_new, position, held)
         visible = (n < last) & (held >= 0) & (held <= position) & (held > position - window)
-        cache_rows = (i_b * SLOTS + n) * H + i_h  # (BLOCK_N,) rows of the (B * SLOTS * H, D) caches
+        cache_rows = row * SLOTS + n  # (BLOCK_N,) rows of the (B * H * SLOTS, D) caches: one contiguous block
         keys = tl.load(
             k_cache_ptr + cache_rows[:, None] * DK + dk[None, :],
             mask=(visible & ~is_new)[:, None] & dk_ok[None, :],
@@ -244,7 +244,7 @@ def _attention_step_kernel(
     tl.store(partial + 1, l_i)
     tl.store(partial + 2 + dv, acc)
     if (first <= slot) & (slot < last):
-        new_row = (i_b * SLOTS + slot) * H + i_h
+        new_row = row * SLOTS + slot
         tl.store(k_cache_ptr + new_row * DK + dk, k_new.to(k_cache_ptr.dtype.element_ty), mask=dk_ok)
         tl.store(v_cache_ptr + new_row * DV + dv, v_new.to(v_cache_ptr.dtype.element_ty), mask=dv_ok)
         if (i_b == 0) & (i_h == 0):
@@ -283,8 +283,8 @@ def _attention_blocks(B, H, DK, DV, slots):
 
 @torch.compiler.disable
 def attention_step(q, k, v, k_cache, v_cache, slot_positions, position, window=None, scale=None):
-    """nirvana.attention_step in one launch: q, k (B, H, Dk), v (B, H, Dv); k_cache (B, slots, H, Dk),
-    v_cache (B, slots, H, Dv) and slot_positions (slots,) int64 contiguous, updated in place; position (1,)
+    """nirvana.attention_step in one launch: q, k (B, H, Dk), v (B, H, Dv); k_cache (B, H, slots, Dk),
+    v_cache (B, H, slots, Dv) and slot_positions (slots,) int64 contiguous, updated in place; position (1,)
     int64 on the device (a CUDA graph replays it); window None attends every filled slot. Returns
     (B, H, Dv) in v's dtype."""
     B, H, DK = q.shape
@@ -293,12 +293,12 @@ def attention_step(q, k, v, k_cache, v_cache, slot_positions, position, window=N
     if (
         k.shape != q.shape
         or v.shape[:2] != (B, H)
-        or k_cache.shape != (B, slots, H, DK)
-        or v_cache.shape != (B, slots, H, DV)
+        or k_cache.shape != (B, H, slots, DK)
+        or v_cache.shape != (B, H, slots, DV)
     ):
         raise ValueError(
-            "attention_step: expected q, k (B, H, Dk), v (B, H, Dv), k_cache (B, slots, H, Dk), v_cache "
-            f"(B, slots, H, Dv); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, k_cache "
+            "attention_step: expected q, k (B, H, Dk), v (B, H, Dv), k_cache (B, H, slots, Dk), v_cache "
+            f"(B, H, slots, Dv); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, k_cache "
             f"{tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
         )
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and slot_positions.is_contiguous()):
