@@ -21,6 +21,8 @@ takes --steps optimizer steps. The backbone's weights never change; its Trigger 
 backbone; the run then scores "skip only" too (the backbone's image tokens replaced by their mean).
 --data-consistency (not in the paper, off by default) replaces the sampled k-space lines of the decoder's image
 by the measured ones; the run then also scores the decoder alone and the step on the encoder's own image.
+--queries-see-kspace (not in the paper, off by default) adds a learned projection of the mean k-space token to
+every image query, next to the report.
 --diagnose measures whether the image passes through the backbone (decoder SSIM with another slice's tokens
 or the mean token, linear probes of the tokens) and whether the report depends on the slice (its
 cross-entropy with another slice's k-space); see mri_recon/diagnostics.py.
@@ -185,10 +187,16 @@ def parse_args(argv=None):
         "step on the encoder's own image (no backbone)",
     )
     p.add_argument(
+        "--queries-see-kspace",
+        action="store_true",
+        help="not in the paper: every image query gets a learned projection of the mean k-space token added "
+        "(zero at init: the paper's queries), so what the encoder found sits right before the report",
+    )
+    p.add_argument(
         "--diagnose",
         action="store_true",
         help="after stage 2: decoder SSIM with another slice's / the mean image tokens, linear probes of the "
-        "tokens for the zero-filled image (results.md)",
+        "tokens for the zero-filled image, the report's cross-entropy with another slice's k-space (results.md)",
     )
     p.add_argument(
         "--phase-seconds",

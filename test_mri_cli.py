@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import mri
+import nirvana
 from mri_recon import experiment
 from test_mri_data import write_head_nifti
 
@@ -117,6 +118,20 @@ def test_data_consistency_run_scores_the_step_beside_the_decoder_alone_and_witho
     assert results["params"]["LLM[nirvana] encoder image + DC"] < results["params"]["LLM[nirvana]"]
     ssim = {row: results["summary"][row]["4"]["ssim"][0] for row in rows}
     assert ssim["LLM[nirvana]"] != ssim["LLM[nirvana] decoder alone"]
+
+
+def test_queries_see_kspace_adds_its_projection_to_the_trainable_parameters(tmp_path):
+    """--queries-see-kspace end to end: the pipeline's trainable parameters grow by the projection of the mean
+    k-space token (d_model x d_model + d_model), and the run completes its three stages."""
+    params = {}
+    for extra in ([], ["--queries-see-kspace"]):
+        out = tmp_path / ("with" if extra else "without")
+        mri.main(["--out", str(out), *TINY, *extra])
+        results = json.load(open(out / "results.json"))
+        assert results["steps"]["LLM[nirvana]"] == "2 (stage 0) + 2 (stage 1) + 2 (stage 2)"
+        params[bool(extra)] = results["params"]["LLM[nirvana]"]
+    d_model = nirvana.NirvanaConfig.from_preset("nirvana-tiny").d_model
+    assert params[True] - params[False] == d_model * d_model + d_model
 
 
 def run_mri(*args):

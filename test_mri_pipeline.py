@@ -151,6 +151,35 @@ def test_both_stages_reduce_their_loss_and_the_backbone_stays_frozen(volumes):
     assert all(not p.requires_grad for p in model.llm.parameters())
 
 
+def test_queries_see_kspace_start_as_the_papers_and_learn_to_follow_the_slice():
+    """--queries-see-kspace: at init every slice gets the same image queries (the projection of the mean
+    k-space token is zero), the paper's; stage 1 trains the projection (and stage 2 freezes it), after which
+    the queries differ between slices. Without the option the queries never depend on the slice."""
+    kspace = torch.randn(2, 2, 16, 16, dtype=torch.complex64)
+    mask = torch.from_numpy(
+        np.stack([make_mask(16, 4, "random", np.random.default_rng(i)) for i in range(2)])
+    )
+    kspace = kspace * mask[:, None, None, :]
+    reports = ["lesions: 0.", "lesions: 1. left frontal: small round dark."]
+    for option in (False, True):
+        model, tokenizer = tiny_model(queries_see_kspace=option)
+        prompt = torch.tensor(tokenizer.encode(PROMPTS[0]))
+        M = model.decoder.n_queries
+        queries = lambda: model.prefix(kspace, mask, prompt)[0][:, -M:].detach()
+        assert torch.equal(queries()[0], queries()[1])  # the paper's queries at init
+        parameters = model.stage1_parameters(cascades=False)
+        assert (model.kspace_to_queries is not None) == option
+        if option:  # stage 1 trains the projection
+            assert all(any(p is q for q in parameters) for p in model.kspace_to_queries.parameters())
+        optimizer = torch.optim.Adam(parameters, lr=1e-2)
+        for _ in range(2):
+            optimizer.zero_grad()
+            targets = encode_reports(tokenizer, reports, "cpu")
+            model.report_loss(kspace, mask, prompt, targets, tokenizer.eos_id).backward()
+            optimizer.step()
+        assert torch.equal(queries()[0], queries()[1]) != option
+
+
 def test_gradients_flow_through_the_frozen_backbone_and_the_trigger_adapts():
     model, tokenizer = tiny_model()
     kspace = torch.randn(2, 2, 16, 16, dtype=torch.complex64)

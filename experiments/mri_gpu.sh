@@ -20,6 +20,7 @@
 #   STEPS=90 MRI_RUNS=phantoms-paper-stages bash experiments/mri_gpu.sh # the published paper-stages run
 #   TOKENS=200000000 TRAIN_SECONDS=3600 STEPS=1000 bash experiments/mri_gpu.sh   # longer, both stages
 #   MRI_EXTRA=--data-consistency STEPS=200 MRI_RUNS=phantoms bash experiments/mri_gpu.sh   # + an mri.py option
+#   MRI_EXTRA=--queries-see-kspace RESULTS=out/mri_queries bash experiments/mri_gpu.sh   # another option, apart
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CORPUS=${CORPUS:-data/real_text/tokens}

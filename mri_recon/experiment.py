@@ -209,7 +209,8 @@ def train_backbone(run, backbone, data, args, rng):
     model.eval()
     prompt_ids = torch.tensor(tokenizer.encode(PROMPTS[0]), device=args.device)
     run.methods[name] = lambda k, m, shape, model=model, prompt_ids=prompt_ids: model(k, m, prompt_ids)
-    run.params[name] = count_trainable(model.encoder, model.image_queries, model.decoder)
+    # every trained part: the encoder with its cascades, the queries (and their projection), the decoder
+    run.params[name] = count_trainable(*model.stage1_parameters(), model.decoder)
     run.steps[name] = " + ".join(f"{len(run.fits[f'{name} stage {i}'].losses)} (stage {i})" for i in stages)
     if args.data_consistency:  # what the step adds to the decoder, and what it gives without the backbone
         run.methods[f"{name} decoder alone"] = lambda k, m, shape, model=model, prompt_ids=prompt_ids: (

@@ -23,7 +23,7 @@ PROMPTS = [
 class NirvanaMRI(nn.Module):
     """Frozen language backbone + k-space encoder + M image queries + image decoder (Sec. 3.2.2, Fig. 5)."""
 
-    def __init__(self, llm, encoder, decoder, data_consistency=False):
+    def __init__(self, llm, encoder, decoder, data_consistency=False, queries_see_kspace=False):
         super().__init__()
         # after the decoder, the sampled k-space lines replaced by the measured ones (not in the paper); stage 2
         # trains the decoder through it
@@ -36,6 +36,14 @@ class NirvanaMRI(nn.Module):
         # the image queries sit before the report tokens, so stage 1 trains them with the encoder and stage 2
         # (which must not change the reports) leaves them alone
         self.image_queries = nn.Parameter(0.02 * torch.randn(decoder.n_queries, d_model))
+        # queries_see_kspace (not in the paper): each query also gets a projection of the mean k-space token, so
+        # what the encoder found sits right before the report instead of reaching it only through the frozen
+        # backbone from the first positions. The projection starts at zero: the paper's queries at init.
+        self.kspace_to_queries = None
+        if queries_see_kspace:
+            self.kspace_to_queries = nn.Linear(d_model, d_model)
+            nn.init.zeros_(self.kspace_to_queries.weight)
+            nn.init.zeros_(self.kspace_to_queries.bias)
 
     def stage0_parameters(self):
         """Stage 0 (reconstruction pre-training of the encoder): its VarNet cascades and sensitivity model."""
@@ -45,7 +53,10 @@ class NirvanaMRI(nn.Module):
         """Stage 1: the encoder and the image queries; cascades=False leaves out the encoder's VarNet cascades
         and sensitivity model (as stage 0 trained them)."""
         encoder = self.encoder.parameters() if cascades else self.encoder.non_cascade_parameters()
-        return list(encoder) + [self.image_queries]
+        queries = [self.image_queries]
+        if self.kspace_to_queries is not None:
+            queries += list(self.kspace_to_queries.parameters())
+        return list(encoder) + queries
 
     def prefix(self, kspace, mask, prompt_ids):
         """[k-space tokens][prompt tokens][image queries] -> embeddings (B, N+Lp+M, d), the encoder's magnitude
@@ -53,7 +64,9 @@ class NirvanaMRI(nn.Module):
         ks_tokens, image, scale = self.encoder(kspace, mask)
         B = ks_tokens.shape[0]
         prompt = self.llm.embed(prompt_ids[None]).expand(B, -1, -1)
-        queries = self.image_queries[None].expand(B, -1, -1)
+        queries = self.image_queries[None].expand(B, -1, -1)  # (B, M, d)
+        if self.kspace_to_queries is not None:
+            queries = queries + self.kspace_to_queries(ks_tokens.mean(1))[:, None]
         return torch.cat([ks_tokens, prompt, queries], dim=1), image.abs(), scale
 
     def report_loss(self, kspace, mask, prompt_ids, report_targets, eos_id):
@@ -138,7 +151,7 @@ def build_nirvana_mri(llm, out_shape, args):
     decoder = ImageDecoder(
         d_model, out_shape, args.patch, args.dec_chans, args.pools, image_skip=args.image_skip
     )
-    return NirvanaMRI(llm, encoder, decoder, args.data_consistency).to(args.device)
+    return NirvanaMRI(llm, encoder, decoder, args.data_consistency, args.queries_see_kspace).to(args.device)
 
 
 def heads_for(dim):
