@@ -561,12 +561,15 @@ def test_data_consistency_keeps_the_measured_lines_and_fills_the_others_from_the
     kspace = torch.stack([volumes[0].kspace[0], volumes[1].kspace[0]])  # (2, C, 16, 16)
     magnitude = torch.rand(2, 16, 16, requires_grad=True)
     k0, _ = kspace_layer_norm(kspace, torch.ones(2, 16, dtype=torch.bool))
-    full = encoder.data_consistency(magnitude, kspace, torch.ones(2, 16, dtype=torch.bool))
+    every_line = torch.ones(2, 16, dtype=torch.bool)
+    full = encoder.data_consistency(magnitude, *encoder.data_consistency_inputs(kspace, every_line))
     torch.testing.assert_close(full, center_crop(rss(ifft2c(k0)), (16, 16)))
     mask = torch.from_numpy(
         np.stack([make_mask(16, 4, "equispaced", np.random.default_rng(s)) for s in (0, 1)])
     )
-    out = encoder.data_consistency(magnitude, kspace * mask[:, None, None, :], mask)
+    out = encoder.data_consistency(
+        magnitude, *encoder.data_consistency_inputs(kspace * mask[:, None, None, :], mask)
+    )
     assert out.shape == (2, 16, 16) and torch.isfinite(out).all()
     out.sum().backward()  # stage-2-style gradients reach the decoder's image
     assert magnitude.grad.abs().sum() > 0
@@ -578,7 +581,9 @@ def test_data_consistency_keeps_the_measured_lines_and_fills_the_others_from_the
         expected = torch.where(mask[:, None, None, :], k0, sens_expand(x, sens))
         torch.testing.assert_close(out, rss(ifft2c(expected)))
         cropped = KspaceEncoder(32, (8, 8), 1, 4, 2, 32, 1, 1, 8)
-        small = cropped.data_consistency(torch.zeros(2, 8, 8), kspace * mask[:, None, None, :], mask)
+        small = cropped.data_consistency(
+            torch.zeros(2, 8, 8), *cropped.data_consistency_inputs(kspace * mask[:, None, None, :], mask)
+        )
         refined, sens = cropped.varnet.refine(k0, mask)
         outside = sens_reduce(refined, sens)
         outside[:, 4:12, 4:12] = 0
@@ -607,15 +612,17 @@ def test_data_consistency_is_off_by_default_and_adds_its_rows_when_on(volumes):
 
 
 def test_stage2_trains_the_decoder_through_the_data_consistency_step(volumes):
-    """With the step, stage 2's cache keeps each slice's undersampled k-space and mask, and its validation loss
-    is -SSIM of the pipeline's own output (the step included); the decoder trains through it."""
+    """With the step, stage 2's cache keeps what the step needs of each slice (the normalised undersampled
+    k-space, mask, coil maps and the cascades' image), its validation loss is -SSIM of the pipeline's own
+    output (the step included), and the decoder trains through it; the frozen cascades run once per cached
+    batch of slices, not at every training step."""
     model, tokenizer = tiny_model(data_consistency=True)
-    args = tiny_args(data_consistency=True, steps=4)
     prompt_ids = torch.tensor(tokenizer.encode(PROMPTS[0]))
     masks = lambda vol, acc, n: [volume_mask(vol.name, vol.kspace.shape[-1], acc, "random")] * n
     cache = cache_image_tokens(model, volumes[:1], prompt_ids, tiny_args(train_acc=[4]), masks)
-    (tokens, image, scale, target, maxval, kspace, mask) = cache[0]
-    assert kspace.shape == (len(tokens), *volumes[0].kspace.shape[1:]) and mask.dtype == torch.bool
+    (tokens, image, scale, target, maxval, k0, mask, sens, coil_image) = cache[0]
+    assert k0.shape == sens.shape == (len(tokens), *volumes[0].kspace.shape[1:]) and mask.dtype == torch.bool
+    assert coil_image.shape == (len(tokens), *volumes[0].kspace.shape[2:]) and coil_image.is_complex()
     mask0 = volume_mask(volumes[0].name, 16, 4, "random")
     with torch.no_grad():
         pred = model(*masked(volumes[0], 0, len(tokens), mask0), prompt_ids)
@@ -624,5 +631,18 @@ def test_stage2_trains_the_decoder_through_the_data_consistency_step(volumes):
     assert abs(decoder_val_loss(model, cache, 8) - expected) < 1e-5
     assert abs(-ssim(alone, target, maxval).mean().item() - expected) > 1e-4
     before = state_fingerprint(model.decoder)
-    train_stage2("t", model, volumes, tokenizer, args, np.random.default_rng(0))
+    refine, cascade_runs = model.encoder.varnet.refine, []
+    model.encoder.varnet.refine = lambda *inputs: cascade_runs.append(1) or refine(*inputs)
+    for steps in (4, 8):  # twice the steps, the same cascade runs: those of the cache alone
+        train_stage2(
+            "t",
+            model,
+            volumes,
+            tokenizer,
+            tiny_args(data_consistency=True, steps=steps),
+            np.random.default_rng(0),
+        )
+        cascade_runs.append(None)
     assert not unchanged(model.decoder, before)
+    first = cascade_runs.index(None)
+    assert first > 0 and len(cascade_runs) == 2 * first + 2

@@ -267,16 +267,23 @@ class KspaceEncoder(nn.Module):
         features = torch.stack([image.real, image.imag, image.abs()], dim=1)
         return self.to_model(self.vit(features)), image, scale
 
-    def data_consistency(self, magnitude, kspace, mask):
+    def data_consistency_inputs(self, kspace, mask):
+        """What the data-consistency step needs of each slice, none of it trained after stage 1 (stage 2 keeps
+        it per slice rather than run the cascades at every step): the measured k-space normalised as the
+        encoder normalises it, k0 (B, C, H, W) complex, the mask (B, W), the sensitivity maps S (B, C, H, W)
+        complex and the cascades' coil-combined image (B, H, W) complex, uncropped."""
+        k0, _ = kspace_layer_norm(kspace, mask)
+        refined, sens = self.varnet.refine(k0, mask)
+        return k0, mask, sens, sens_reduce(refined, sens)
+
+    def data_consistency(self, magnitude, k0, mask, sens, image):
         """Hard data consistency after the decoder (not in the paper; mri.py --data-consistency). magnitude
         (B, h, w) in units of the k-space scale gets the phase of the cascades' coil-combined image and takes
         its place inside that image's field of view (the encoder's image stays outside the crop); with the
         encoder's sensitivity maps S its coil k-space is F(S x), of which the sampled lines are replaced by
-        the measured ones: k = (1 - m) F(S x) + m k0. -> the RSS of k's coil images cropped to (B, h, w), in
-        units of the k-space scale, as E2E-VarNet's output."""
-        k0, _ = kspace_layer_norm(kspace, mask)
-        refined, sens = self.varnet.refine(k0, mask)
-        image = sens_reduce(refined, sens)  # (B, H, W) complex
+        the measured ones: k = (1 - m) F(S x) + m k0. k0, mask, sens, image: data_consistency_inputs of the
+        slices. -> the RSS of k's coil images cropped to (B, h, w), in units of the k-space scale, as
+        E2E-VarNet's output."""
         crop = center_crop(image, self.out_shape)
         x = image.clone()  # the encoder's image outside the crop, the decoder's with its phase inside
         center_crop(x, self.out_shape).copy_(magnitude * crop / crop.abs().clamp_min(1e-12))

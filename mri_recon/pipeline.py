@@ -84,12 +84,12 @@ class NirvanaMRI(nn.Module):
         h = self.llm.backbone(prefix, trace=trace)
         return h[:, -self.decoder.n_queries :], image, scale
 
-    def reconstruct_from_tokens(self, tokens, image, scale, kspace=None, mask=None):
-        """The decoder's image (B, h, w) from image tokens; with data_consistency and the slices' (undersampled)
-        kspace and mask, after the data-consistency step."""
+    def reconstruct_from_tokens(self, tokens, image, scale, measured=None):
+        """The decoder's image (B, h, w) from image tokens; with data_consistency and measured, the slices'
+        encoder.data_consistency_inputs, after the data-consistency step."""
         magnitude = self.decoder(tokens, image)  # in units of the k-space scale
-        if self.data_consistency and kspace is not None:
-            magnitude = self.encoder.data_consistency(magnitude, kspace, mask)
+        if self.data_consistency and measured is not None:
+            magnitude = self.encoder.data_consistency(magnitude, *measured)
         return magnitude * scale.reshape(-1, 1, 1)
 
     def reconstruct_skip_only(self, kspace, mask):
@@ -100,7 +100,8 @@ class NirvanaMRI(nn.Module):
         return self.reconstruct_from_tokens(tokens, image.abs(), scale)
 
     def forward(self, kspace, mask, prompt_ids):  # -> image (B, h, w)
-        return self.reconstruct_from_tokens(*self.image_tokens(kspace, mask, prompt_ids), kspace, mask)
+        measured = self.encoder.data_consistency_inputs(kspace, mask) if self.data_consistency else None
+        return self.reconstruct_from_tokens(*self.image_tokens(kspace, mask, prompt_ids), measured)
 
     def decoder_alone(self, kspace, mask, prompt_ids):
         """With data_consistency: the decoder's image before that step."""
@@ -110,7 +111,8 @@ class NirvanaMRI(nn.Module):
         """With data_consistency: the step applied to the encoder's own magnitude image, no backbone: what the
         measured lines give without the backbone's image tokens."""
         _, image, scale = self.encoder(kspace, mask)
-        return self.encoder.data_consistency(image.abs(), kspace, mask) * scale.reshape(-1, 1, 1)
+        measured = self.encoder.data_consistency_inputs(kspace, mask)
+        return self.encoder.data_consistency(image.abs(), *measured) * scale.reshape(-1, 1, 1)
 
     @torch.no_grad()
     def generate_reports(self, kspace, mask, prompt_ids, eos_id, max_len):

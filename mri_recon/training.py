@@ -120,8 +120,10 @@ def train_stage1(name, model, volumes, tokenizer, args, rng, val_volumes=()):
 def cache_image_tokens(model, volumes, prompt_ids, args, masks_for):
     """Stage 2 inputs: encoder and backbone are frozen, so each slice's image tokens are computed once per
     training acceleration. masks_for(volume, acceleration, n) -> n (W,) masks.
-    Returns [(tokens, encoder image, scale, target, maxval, kspace, mask)], one entry per image and k-space
-    shape; kspace and mask (the undersampled k-space, for the data-consistency step) are None without it."""
+    Returns [(tokens, encoder image, scale, target, maxval, k0, mask, sens, coil image)], one entry per image
+    and k-space shape; the last four are encoder.data_consistency_inputs with the data-consistency step (the
+    normalised undersampled k-space, its mask, the coil maps and the cascades' image: 2 C H W + H W complex
+    numbers per slice and training acceleration, on the device), four None without it."""
     cache = {}
     for acc in args.train_acc:
         for v, vol in enumerate(volumes):
@@ -129,7 +131,11 @@ def cache_image_tokens(model, volumes, prompt_ids, args, masks_for):
                 items = [(v, s) for s in range(s0, min(s0 + 4 * args.batch_size, vol.kspace.shape[0]))]
                 b = make_batch(volumes, items, masks_for(vol, acc, len(items)))
                 tokens, image, scale = model.image_tokens(b.kspace, b.mask, prompt_ids)
-                measured = (b.kspace, b.mask) if model.data_consistency else (None, None)
+                measured = (
+                    model.encoder.data_consistency_inputs(b.kspace, b.mask)
+                    if model.data_consistency
+                    else (None,) * 4
+                )
                 cache.setdefault((tuple(b.target.shape[-2:]), tuple(b.kspace.shape[1:])), []).append(
                     (tokens, image, scale, b.target, b.maxval, *measured)
                 )
@@ -142,11 +148,11 @@ def cache_image_tokens(model, volumes, prompt_ids, args, masks_for):
 def decoder_val_loss(model, cache, batch_size):
     """-SSIM of the decoder over every cached slice (mean over slices)."""
     total, count = 0.0, 0
-    for tokens, image, scale, target, maxval, kspace, mask in cache:
+    for tokens, image, scale, target, maxval, *measured in cache:
         for i in range(0, tokens.shape[0], batch_size):
             part = slice(i, i + batch_size)
-            measured = (kspace[part], mask[part]) if kspace is not None else ()
-            pred = model.reconstruct_from_tokens(tokens[part], image[part], scale[part], *measured)
+            inputs = None if measured[0] is None else [m[part] for m in measured]
+            pred = model.reconstruct_from_tokens(tokens[part], image[part], scale[part], inputs)
             total += ssim(pred, target[part], maxval[part]).sum().item()
             count += pred.shape[0]
     return -total / count
@@ -175,19 +181,17 @@ def train_stage2(name, model, volumes, tokenizer, args, rng, val_volumes=()):
 
     def batches():
         while True:
-            tokens, image, scale, target, maxval, kspace, mask = cache[
+            tokens, image, scale, target, maxval, *measured = cache[
                 rng.choice(len(cache), p=sizes / sizes.sum())
             ]
             i = torch.from_numpy(
                 rng.choice(tokens.shape[0], size=min(args.batch_size, tokens.shape[0]), replace=False)
             )
-            measured = (kspace[i], mask[i]) if kspace is not None else (None, None)
-            yield tokens[i], image[i], scale[i], Batch(*measured, target[i], maxval[i], None)
+            inputs = None if measured[0] is None else [m[i] for m in measured]
+            yield tokens[i], image[i], scale[i], inputs, Batch(None, None, target[i], maxval[i], None)
 
     # with the data-consistency step, the decoder is trained through it
-    loss_fn = lambda b: ssim_loss(
-        model.reconstruct_from_tokens(b[0], b[1], b[2], b[3].kspace, b[3].mask), b[3]
-    )
+    loss_fn = lambda b: ssim_loss(model.reconstruct_from_tokens(*b[:4]), b[4])
     return fit(
         f"{name} stage 2",
         model.decoder.parameters(),
