@@ -614,8 +614,8 @@ def test_data_consistency_is_off_by_default_and_adds_its_rows_when_on(volumes):
 def test_stage2_trains_the_decoder_through_the_data_consistency_step(volumes):
     """With the step, stage 2's cache keeps what the step needs of each slice (the normalised undersampled
     k-space, mask, coil maps and the cascades' image), its validation loss is -SSIM of the pipeline's own
-    output (the step included), and the decoder trains through it; the frozen cascades run once per cached
-    batch of slices, not at every training step."""
+    output (the step included), and the decoder trains through it; the frozen cascades run while the cache is
+    built, not at every training step."""
     model, tokenizer = tiny_model(data_consistency=True)
     prompt_ids = torch.tensor(tokenizer.encode(PROMPTS[0]))
     masks = lambda vol, acc, n: [volume_mask(vol.name, vol.kspace.shape[-1], acc, "random")] * n

@@ -253,10 +253,16 @@ class KspaceEncoder(nn.Module):
     def non_cascade_parameters(self):  # the T2T-ViT and the projection to d_model
         return list(self.vit.parameters()) + list(self.to_model.parameters())
 
+    def coil_estimate(self, kspace, mask):
+        """The cascades' estimate: the k-space normalised by kspace_layer_norm, k0 (B, C, H, W), its scale (B,),
+        the sensitivity maps S (B, C, H, W) and the coil-combined image (B, H, W) complex, uncropped."""
+        k0, scale = kspace_layer_norm(kspace, mask)
+        refined, sens = self.varnet.refine(k0, mask)
+        return k0, scale, sens, sens_reduce(refined, sens)
+
     def image_estimate(self, kspace, mask):  # -> (B, h, w) complex in units of the k-space scale, scale (B,)
-        kspace, scale = kspace_layer_norm(kspace, mask)
-        k, sens = self.varnet.refine(kspace, mask)
-        return center_crop(sens_reduce(k, sens), self.out_shape), scale
+        _, scale, _, image = self.coil_estimate(kspace, mask)
+        return center_crop(image, self.out_shape), scale
 
     def reconstruct(self, kspace, mask):  # stage 0's output: the magnitude image (B, h, w)
         image, scale = self.image_estimate(kspace, mask)
@@ -269,12 +275,10 @@ class KspaceEncoder(nn.Module):
 
     def data_consistency_inputs(self, kspace, mask):
         """What the data-consistency step needs of each slice, none of it trained after stage 1 (stage 2 keeps
-        it per slice rather than run the cascades at every step): the measured k-space normalised as the
-        encoder normalises it, k0 (B, C, H, W) complex, the mask (B, W), the sensitivity maps S (B, C, H, W)
-        complex and the cascades' coil-combined image (B, H, W) complex, uncropped."""
-        k0, _ = kspace_layer_norm(kspace, mask)
-        refined, sens = self.varnet.refine(k0, mask)
-        return k0, mask, sens, sens_reduce(refined, sens)
+        it per slice rather than run the cascades at every step): coil_estimate's k0, maps and image, and the
+        mask (B, W)."""
+        k0, _, sens, image = self.coil_estimate(kspace, mask)
+        return k0, mask, sens, image
 
     def data_consistency(self, magnitude, k0, mask, sens, image):
         """Hard data consistency after the decoder (not in the paper; mri.py --data-consistency). magnitude
