@@ -21,6 +21,7 @@
 #   TOKENS=200000000 TRAIN_SECONDS=3600 STEPS=1000 bash experiments/mri_gpu.sh   # longer, both stages
 #   MRI_EXTRA=--data-consistency STEPS=200 MRI_RUNS=phantoms bash experiments/mri_gpu.sh   # + an mri.py option
 #   MRI_EXTRA=--queries-see-kspace RESULTS=out/mri_queries bash experiments/mri_gpu.sh   # another option, apart
+#   BACKBONES=nirvana MRI_EXTRA=--queries-see-kspace bash experiments/mri_gpu.sh          # one backbone only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CORPUS=${CORPUS:-data/real_text/tokens}
@@ -32,7 +33,8 @@ TRAIN_SECONDS=${TRAIN_SECONDS:-420}     # pretraining stops here if TOKENS take 
 VOLUMES=${VOLUMES:-120}
 STEPS=${STEPS:-300}                     # optimizer steps of every MRI method and stage
 SEED=${SEED:-0}
-BACKBONES=(nirvana nirvana-notrigger transformer)
+# shellcheck disable=SC2206
+BACKBONES=(${BACKBONES:-nirvana nirvana-notrigger transformer})  # BACKBONES=nirvana: one backbone, a shorter run
 # Same data, masks, widths and steps for every method. Trainable parameters: E2E-VarNet (8 cascades of width
 # 12) 533k, U-Net (32 channels) 465k, the pipeline around each backbone 685k; 6x is trained as well as scored
 # (the paper's Table 11 is at 6x).
