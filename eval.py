@@ -915,12 +915,13 @@ def decode_logits(model, batch_size, steps=CHECK_STEPS, use_graph=False, compile
 
 
 @torch.no_grad()
-def graph_is_safe(model, batch_size, compile=False, cache_len=None):
+def graph_is_safe(model, batch_size, compile=False, cache_len=None, direct=None):
     """Does a replayed CUDA graph of the decode step give what that step gives run directly, on the same
-    tokens?"""
+    tokens? direct: decode_logits of the step run directly, when the caller has them already."""
     if model_device(model).type != "cuda":
         return False
-    direct = decode_logits(model, batch_size, compile=compile, cache_len=cache_len)
+    if direct is None:
+        direct = decode_logits(model, batch_size, compile=compile, cache_len=cache_len)
     try:
         graphed = decode_logits(model, batch_size, use_graph=True, compile=compile, cache_len=cache_len)
     except RuntimeError as e:
@@ -944,7 +945,9 @@ def decode_speed(
     dtype), and setup_s the seconds before the timed run (the compilation in most of them)."""
     start = time.perf_counter()
     cache_len = check_cache_len(prompt_len, new_tokens)
-    use_graph = cuda_graph and graph_is_safe(model, batch_size, compile, cache_len)
+    # the compiled step's check logits, computed once: the graph check and the error against eager share them
+    compiled = decode_logits(model, batch_size, compile=True, cache_len=cache_len) if compile else None
+    use_graph = cuda_graph and graph_is_safe(model, batch_size, compile, cache_len, direct=compiled)
     prompt = random_prompt(model, batch_size, prompt_len, seed)
     prefill_and_decode(model, prompt, 4, use_graph, compile=compile, cache_len=cache_len)  # warm-up
     setup_s = time.perf_counter() - start
@@ -966,7 +969,6 @@ def decode_speed(
     }
     if compile:
         eager = decode_logits(model, batch_size, cache_len=cache_len)
-        compiled = decode_logits(model, batch_size, compile=True, cache_len=cache_len)
         result.update(compiled_rel_error=relative_error(compiled, eager), setup_s=setup_s)
     return result
 

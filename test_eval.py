@@ -551,6 +551,25 @@ def test_decode_speed_times_real_decoding():
     assert [r["context"] for r in rows] == [16, 64] and all(r["ms_per_token"] > 0 for r in rows)
 
 
+def test_decode_speed_computes_the_compiled_check_once(monkeypatch):
+    """With compile, the compiled step's check logits serve both the CUDA-graph check and the error against
+    eager decoding: decode_logits runs once compiled and once eager (the timed runs are stubbed here)."""
+    calls = []
+
+    def decode_logits(model, batch_size, compile=False, **kwargs):
+        calls.append(compile)
+        return torch.full((2, batch_size, 8), 2.0 if compile else 1.0)
+
+    monkeypatch.setattr(ev, "decode_logits", decode_logits)
+    monkeypatch.setattr(ev, "prefill_and_decode", lambda *args, **kwargs: (0.5, 0.25, None))
+    result = ev.decode_speed(
+        tiny_model("nirvana", seed=2), prompt_len=16, batch_size=2, new_tokens=5, compile=True
+    )
+    assert calls == [True, False]
+    assert result["compiled_rel_error"] == pytest.approx(1.0)  # |2 - 1| / |1| from the two stubs
+    assert result["ms_per_token"] == pytest.approx(1000 * 0.25 / 5)
+
+
 def test_speed_command_compiles_the_decode_step(tmp_path, capsys):
     """eval.py speed --compile on the CPU: the compiled step's logits match the eager step's (reported), and
     the table says the step was compiled."""
