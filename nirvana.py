@@ -832,6 +832,8 @@ class GatedDeltaNet(nn.Module):
         -> b (B, T, H*Dv)."""
         B, T, _ = qkv.shape
         H, Dk, Dv = self.H, self.Dk, self.Dv
+        if torch.is_grad_enabled():  # the gates' inputs are copied out of in_proj's output (see NirvanaMixer)
+            decay, beta = decay.contiguous(), beta.contiguous()
         q, k, v1 = self.conv(qkv).split(self.qkv_widths, dim=-1)  # SiLU(conv(q)), ...
         q, k, v1 = q.view(B, T, H, Dk), k.view(B, T, H, Dk), v1.view(B, T, H, Dv)
         if self.state is not None and T == 1:  # decoding: the backend's one-token step updates the state
@@ -967,12 +969,15 @@ class NirvanaMixer(nn.Module):
         """x (B, T, d_model), p (B, T, K) from the layer below -> out (B, T, d_model), p, t (B, T)."""
         B, T, _ = x.shape
         qkv, decay, beta, gate, q_delta, k_delta, v_delta, *trigger_qkv = self.in_proj(x)
-        b = self.gated_deltanet(qkv, decay, beta, gate)  # (B, T, H*Dv) linear attention
-        q, k, v = qkv.split(self.gated_deltanet.qkv_widths, dim=-1)
-        # a Linear keeps its input for backward, and a view would keep in_proj's whole output alive: when
-        # training, the deltas' rank-r inputs are copied out of it
+        # A tensor kept for backward that is a view of in_proj's output keeps that whole output alive (8 KiB
+        # per token per layer at 350m). When training, the narrow parts whose consumers keep them are copied
+        # out of it first: the deltas' rank-r inputs (a Linear keeps its input) and, in GatedDeltaNet, the
+        # gates' inputs. Done before any kernel call: under torch.compile each Triton kernel splits the graph,
+        # and a later graph would take the views as inputs and keep them.
         if torch.is_grad_enabled():
             q_delta, k_delta, v_delta = (part.contiguous() for part in (q_delta, k_delta, v_delta))
+        b = self.gated_deltanet(qkv, decay, beta, gate)  # (B, T, H*Dv) linear attention
+        q, k, v = qkv.split(self.gated_deltanet.qkv_widths, dim=-1)
         q2 = (q + self.q_delta_up(q_delta)).view(B, T, self.H, self.Dk)  # Sec. 2.1 low-rank deltas
         k2 = (k + self.k_delta_up(k_delta)).view(B, T, self.H, self.Dk)
         v2 = (v + self.v_delta_up(v_delta)).view(B, T, self.H, self.Dv)
