@@ -22,7 +22,8 @@ backbone; the run then scores "skip only" too (the backbone's image tokens repla
 --data-consistency (not in the paper, off by default) replaces the sampled k-space lines of the decoder's image
 by the measured ones; the run then also scores the decoder alone and the step on the encoder's own image.
 --queries-see-kspace (not in the paper, off by default) adds a learned projection of the mean k-space token to
-every image query, next to the report.
+every image query, next to the report (on the GPU, at 300 steps, it made neither the images nor the reports
+better: README).
 --diagnose measures whether the image passes through the backbone (decoder SSIM with another slice's tokens
 or the mean token, linear probes of the tokens) and whether the report depends on the slice (its
 cross-entropy with another slice's k-space); see mri_recon/diagnostics.py.
