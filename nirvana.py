@@ -742,10 +742,10 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.k_cache is None:
             if self.window is None:
-                if (
-                    self.rope and torch.is_grad_enabled()
-                ):  # attention keeps v for backward, and v is a view of
-                    v = v.contiguous()  # the q/k/v projection's output: kept, it would keep all of it alive
+                # attention keeps v for backward beside the rotated q and k, and v is a view of the q/k/v
+                # projection's output: kept as it is, it would keep that whole output alive
+                if self.rope and torch.is_grad_enabled():
+                    v = v.contiguous()
                 return F.scaled_dot_product_attention(
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
                 ).transpose(1, 2)
