@@ -608,7 +608,17 @@ def test_data_consistency_is_off_by_default_and_adds_its_rows_when_on(volumes):
         stepped = model(kspace, mask, prompt_ids)
         torch.testing.assert_close(model.decoder_alone(kspace, mask, prompt_ids), plain)
         assert not torch.allclose(stepped, plain)
-        assert model.encoder_image_with_data_consistency(kspace, mask).shape == plain.shape
+        # the step on the encoder's own image, its cascades run once: what encoder() and the step's inputs give
+        refine, cascade_runs = model.encoder.varnet.refine, []
+        model.encoder.varnet.refine = lambda *inputs: cascade_runs.append(1) or refine(*inputs)
+        encoder_dc = model.encoder_image_with_data_consistency(kspace, mask)
+        assert len(cascade_runs) == 1
+        model.encoder.varnet.refine = refine
+        _, image, scale = model.encoder(kspace, mask)
+        measured = model.encoder.data_consistency_inputs(kspace, mask)
+        expected = model.encoder.data_consistency(image.abs(), *measured) * scale.reshape(-1, 1, 1)
+        torch.testing.assert_close(encoder_dc, expected)
+        assert encoder_dc.shape == plain.shape
 
 
 def test_stage2_trains_the_decoder_through_the_data_consistency_step(volumes):

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mri_recon.fourier import center_crop
 from mri_recon.models import ImageDecoder, KspaceEncoder
 
 # Instruction prompts (Sec. 3.2.2 quotes the first one); a training batch uses one of them.
@@ -110,9 +111,11 @@ class NirvanaMRI(nn.Module):
     def encoder_image_with_data_consistency(self, kspace, mask):
         """With data_consistency: the step applied to the encoder's own magnitude image, no backbone: what the
         measured lines give without the backbone's image tokens."""
-        _, image, scale = self.encoder(kspace, mask)
-        measured = self.encoder.data_consistency_inputs(kspace, mask)
-        return self.encoder.data_consistency(image.abs(), *measured) * scale.reshape(-1, 1, 1)
+        k0, scale, sens, image = self.encoder.coil_estimate(kspace, mask)  # the cascades once, no ViT
+        magnitude = center_crop(
+            image, self.encoder.out_shape
+        ).abs()  # the encoder's image, as encoder() gives it
+        return self.encoder.data_consistency(magnitude, k0, mask, sens, image) * scale.reshape(-1, 1, 1)
 
     @torch.no_grad()
     def generate_reports(self, kspace, mask, prompt_ids, eos_id, max_len):
