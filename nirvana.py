@@ -528,8 +528,10 @@ def gated_rms_norm(x, gate, weight, eps):
     return normed.to(gate.dtype) * F.silu(gate)
 
 
-def swiglu_linear(gate, up, weight):
-    """SwiGLU's output projection: (SiLU(gate) * up) W^T. gate, up (..., F), weight (d_model, F)."""
+def swiglu_linear(gate_up, weight):
+    """SwiGLU's output projection: (SiLU(gate) * up) W^T. gate_up (..., 2F): gate and up side by side, as
+    one GEMM gives them; weight (d_model, F)."""
+    gate, up = gate_up.chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, weight)
 
 
@@ -995,17 +997,20 @@ class NirvanaMixer(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(SiLU(gate x) * up x); the triton backend keeps only gate x and up x for backward."""
+    """down(SiLU(gate x) * up x); the triton backend keeps only [gate x; up x] for backward.
+
+    gate and up are one GEMM (gate_up: the gate's rows, then up's), and the output projection takes its
+    (B, T, 2 ffn_hidden) result whole: the triton backend reads gate and up in place and writes their
+    gradients into one tensor, where splitting them would copy each out and concatenate the gradients."""
 
     def __init__(self, config, ops):
         super().__init__()
-        self.gate_up = FusedLinear(config.d_model, gate=config.ffn_hidden, up=config.ffn_hidden)
+        self.gate_up = nn.Linear(config.d_model, 2 * config.ffn_hidden, bias=False)
         self.down = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
         self.swiglu_linear = ops.swiglu_linear
 
     def forward(self, x):  # (B, T, d_model) -> (B, T, d_model)
-        gate, up = self.gate_up(x)  # (B, T, ffn_hidden) each
-        return self.swiglu_linear(gate, up, self.down.weight)
+        return self.swiglu_linear(self.gate_up(x), self.down.weight)  # gate_up (B, T, 2 ffn_hidden)
 
 
 class Block(nn.Module):

@@ -203,6 +203,28 @@ def test_attention_step_attends_exactly_the_window():
         torch.testing.assert_close(o[0, 0], expected)
 
 
+def test_attention_step_ignores_what_empty_and_stale_slots_hold():
+    """The kernel loads every slot of its range before it knows which are visible: NaN in the empty slots (and
+    in a slot that falls out of the window) must not reach o. Compared with the twin on zero-filled caches."""
+    B, H, D, W, slots = 2, 2, 16, 3, 4  # slots > W: one filled slot is always outside the window
+    generator = torch.Generator().manual_seed(0)
+    k_cache = torch.full((B, H, slots, D), float("nan"), device=DEVICE)
+    v_cache = torch.full((B, H, slots, D), float("nan"), device=DEVICE)
+    slot_positions = torch.full((slots,), -1, device=DEVICE)
+    reference = [torch.zeros(B, H, slots, D, dtype=torch.float64, device=DEVICE) for _ in range(2)]
+    reference.append(slot_positions.clone())
+    for position in range(7):
+        q, k, v = (torch.randn(B, H, D, generator=generator).to(DEVICE) for _ in range(3))
+        at = torch.tensor([position], device=DEVICE)
+        if position == 5:  # the oldest filled slot, outside the window, gets NaN again
+            stale = (position - W) % slots
+            k_cache[:, :, stale] = v_cache[:, :, stale] = float("nan")
+        o = decode.attention_step(q, k, v, k_cache, v_cache, slot_positions, at, W)
+        expected = nirvana.attention_step(q.double(), k.double(), v.double(), *reference, at, W)
+        assert torch.isfinite(o).all(), f"position {position}"
+        assert relative_error(o, expected) <= TOLERANCE[torch.float32], f"position {position}"
+
+
 # ------------------------------------------------------------------------------------------------------
 # The model: decoding with backend="triton" (both one-token kernels, the Trigger's decode kernels) equals
 # the torch backend's decoding

@@ -299,7 +299,8 @@ def test_norms_reject_mismatched_shapes():
 
 
 # ------------------------------------------------------------------------------------------------------
-# SwiGLU's output projection: the product formed by a Triton kernel, and again in backward
+# SwiGLU's output projection: the product formed by a Triton kernel, and again in backward; gate and up
+# side by side in one input
 
 
 @settings(max_examples=30 if ON_CUDA else 12, deadline=None, database=None, derandomize=not ON_CUDA)
@@ -311,32 +312,49 @@ def test_norms_reject_mismatched_shapes():
     seed=st.integers(0, 2**16),
 )
 def test_swiglu_linear_matches_reference(lead, F_, D, dtype, seed):
-    # as the model calls it: gate and up out of a GEMM in the compute dtype, weight float32 (bf16: autocast)
+    # as the model calls it: gate and up side by side out of one GEMM in the compute dtype, weight float32
+    # (bf16: autocast)
     generator = torch.Generator().manual_seed(seed)
-    gate = (2 * torch.randn(*lead, F_, generator=generator)).to(dtype).to(DEVICE)
-    up = torch.randn(*lead, F_, generator=generator).to(dtype).to(DEVICE)
+    gate = 2 * torch.randn(*lead, F_, generator=generator)
+    up = torch.randn(*lead, F_, generator=generator)
+    gate_up = torch.cat([gate, up], dim=-1).to(dtype).to(DEVICE)
     weight = (torch.randn(D, F_, generator=generator) / F_**0.5).to(DEVICE)
     grad_out = torch.randn(*lead, D, generator=generator).to(dtype).to(DEVICE)
-    inputs = [t.clone().requires_grad_() for t in (gate, up, weight)]
-    reference = [t.detach().double().requires_grad_() for t in (gate, up, weight)]
+    inputs = [t.clone().requires_grad_() for t in (gate_up, weight)]
+    reference = [t.detach().double().requires_grad_() for t in (gate_up, weight)]
     with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         out = swiglu_linear(*inputs)
         out_model = nirvana.swiglu_linear(*(t.detach() for t in inputs))
     expected = nirvana.swiglu_linear(*reference)
     assert out.dtype == out_model.dtype == dtype and out.shape == expected.shape
     bound = TOLERANCE[dtype]
-    assert gate.numel() == 0 or relative_error(out, expected) <= bound
-    if gate.numel() == 0:
+    assert gate_up.numel() == 0 or relative_error(out, expected) <= bound
+    if gate_up.numel() == 0:
         return
-    assert_gradients_match(out, expected, inputs, reference, grad_out, ("dgate", "dup", "dw"), bound)
+    assert_gradients_match(out, expected, inputs, reference, grad_out, ("dgate_up", "dw"), bound)
+
+
+def test_swiglu_linear_reads_a_view_of_the_projection():
+    """The model passes the GEMM's output whole; a strided view (a slice of a wider tensor) gives the same
+    values and gradients as its contiguous copy."""
+    wide = torch.randn(3, 5, 20, device=DEVICE, requires_grad=True)
+    weight = torch.randn(4, 6, device=DEVICE)
+    copy = wide.detach()[..., 2:14].clone().requires_grad_()
+    out, out_copy = swiglu_linear(wide[..., 2:14], weight), swiglu_linear(copy, weight)
+    torch.testing.assert_close(out, out_copy)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_copy.backward(grad)
+    torch.testing.assert_close(wide.grad[..., 2:14], copy.grad)
+    assert wide.grad[..., :2].abs().sum() == 0 and wide.grad[..., 14:].abs().sum() == 0
 
 
 def test_swiglu_linear_rejects_mismatched_shapes():
-    gate = torch.randn(2, 6, device=DEVICE)
-    with pytest.raises(ValueError, match=r"got \(2, 6\), \(2, 5\) and \(4, 6\)"):
-        swiglu_linear(gate, gate[:, :5], torch.randn(4, 6, device=DEVICE))
-    with pytest.raises(ValueError, match="one dtype"):
-        swiglu_linear(gate, gate.bfloat16(), torch.randn(4, 6, device=DEVICE))
+    gate_up = torch.randn(2, 12, device=DEVICE)
+    with pytest.raises(ValueError, match=r"got \(2, 12\) and \(4, 5\)"):
+        swiglu_linear(gate_up, torch.randn(4, 5, device=DEVICE))
+    with pytest.raises(ValueError, match=r"got \(2, 11\) and \(4, 6\)"):
+        swiglu_linear(gate_up[:, :11], torch.randn(4, 6, device=DEVICE))
 
 
 def saved_bytes(fn, *inputs):
@@ -368,10 +386,10 @@ def test_fused_norm_and_swiglu_keep_less_for_backward():
     assert saved_bytes(lambda x, w: rms_norm(x, w, 1e-6), h, weight) == 4 * T <= twin_norm
     if not ON_CUDA:
         assert twin_norm >= 4 * T * D
-    gate, up = (torch.randn(T, F_, device=DEVICE).bfloat16().requires_grad_() for _ in range(2))
+    gate_up = torch.randn(T, 2 * F_, device=DEVICE).bfloat16().requires_grad_()
     down = torch.randn(D, F_, device=DEVICE, requires_grad=True)
-    assert saved_bytes(swiglu_linear, gate, up, down) == 0
-    assert saved_bytes(nirvana.swiglu_linear, gate, up, down) >= 2 * (2 * T * F_) + 2 * D * F_
+    assert saved_bytes(swiglu_linear, gate_up, down) == 0
+    assert saved_bytes(nirvana.swiglu_linear, gate_up, down) >= 2 * (2 * T * F_) + 2 * D * F_
 
 
 # ------------------------------------------------------------------------------------------------------

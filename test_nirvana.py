@@ -459,7 +459,10 @@ def old_names(model, name):
     if module_name in UNFUSED:
         qkv = qkv_widths(model.config)  # q, k, v side by side: three old parts
         module = model.get_submodule(name.removesuffix(".weight"))
-        parts = getattr(module, "parts", {"qkv": sum(qkv)})  # the convolution has channels, no parts
+        if module_name == "ffn.gate_up":  # a plain Linear: the gate's rows, then up's
+            parts = {"gate": model.config.ffn_hidden, "up": model.config.ffn_hidden}
+        else:
+            parts = getattr(module, "parts", {"qkv": sum(qkv)})  # the convolution has channels, no parts
         widths = [w for part, width in parts.items() for w in (qkv if part == "qkv" else [width])]
         # without the Trigger, its three parts (the last) are absent
         return [(f"blocks.{layer}.{old}.weight", rows) for old, rows in zip(UNFUSED[module_name], widths)]

@@ -191,10 +191,13 @@ def _attention_step_kernel(
 
     Blocks: q, the new k (BLOCK_DK,), the new v and acc (BLOCK_DV,), BLOCK_N slots per step of the loop (keys
     (BLOCK_N, BLOCK_DK), values (BLOCK_N, BLOCK_DV)). Slot j holds position slot_positions[j] (-1: empty); the
-    new token's slot (position mod SLOTS) is read as holding it, from registers, so that no program reads the
-    slot being written. A slot is visible when position - window < its position <= position. Online softmax in
-    base 2, float32. The program whose range holds the new slot writes the new key and value there, and that
-    of (0, 0) the slot's position (the other programs read either value there and replace it).
+    new token's slot (position mod SLOTS) is taken as holding it, its key and value from registers in place of
+    what the slot held. A slot is visible when position - window < its position <= position. Online softmax in
+    base 2, float32. The program whose range holds the new slot writes the new key and value there after its
+    loop (no other program reads that (sequence, head)'s slot), and that of (0, 0) the slot's position (the
+    other programs read either value there and replace it). Keys and values are loaded before the positions
+    and independently of them: loads that wait on the positions' load ran the kernel about 12% slower at
+    B 4, H 8, D 128, 2048 slots on an H100 (25.5 against 22.6 us).
     """
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
@@ -215,27 +218,33 @@ def _attention_step_kernel(
     last = tl.minimum(first + SPLIT_SLOTS, SLOTS)
     for start in range(first, last, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
-        is_new = n == slot
-        held = tl.load(slot_positions_ptr + n, mask=n < last, other=-1)
-        held = tl.where(is_new, position, held)
-        visible = (n < last) & (held >= 0) & (held <= position) & (held > position - window)
+        in_range = n < last
         cache_rows = row * SLOTS + n  # (BLOCK_N,) rows of the (B * H * SLOTS, D) caches: one contiguous block
+        # keys, values and the slots' positions are loaded independently (masked by the range alone), so the
+        # loads of the block's keys and values need not wait for its positions; slots found invisible are
+        # zeroed below, whatever they hold
         keys = tl.load(
             k_cache_ptr + cache_rows[:, None] * DK + dk[None, :],
-            mask=(visible & ~is_new)[:, None] & dk_ok[None, :],
+            mask=in_range[:, None] & dk_ok[None, :],
             other=0.0,
         ).to(tl.float32)
+        values = tl.load(
+            v_cache_ptr + cache_rows[:, None] * DV + dv[None, :],
+            mask=in_range[:, None] & dv_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        held = tl.load(slot_positions_ptr + n, mask=in_range, other=-1)
+        is_new = n == slot
+        held = tl.where(is_new, position, held)
+        visible = in_range & (held >= 0) & (held <= position) & (held > position - window)
         keys = tl.where(is_new[:, None], k_new.to(tl.float32)[None, :], keys)
         s = tl.where(visible, tl.sum(keys * q[None, :], 1) * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         p = tl.math.exp2(s - m_new)
         alpha = tl.math.exp2(m_i - m_new)
-        values = tl.load(
-            v_cache_ptr + cache_rows[:, None] * DV + dv[None, :],
-            mask=(visible & ~is_new)[:, None] & dv_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        values = tl.where(is_new[:, None], v_new.to(tl.float32)[None, :], values)
+        values = tl.where(
+            is_new[:, None], v_new.to(tl.float32)[None, :], tl.where(visible[:, None], values, 0.0)
+        )
         l_i = l_i * alpha + tl.sum(p, 0)
         acc = acc * alpha + tl.sum(p[:, None] * values, 0)
         m_i = m_new

@@ -1,12 +1,14 @@
-"""SwiGLU's output projection, nirvana.swiglu_linear, saving only its two inputs for backward.
+"""SwiGLU's output projection, nirvana.swiglu_linear, saving only its input for backward.
 
-  y = (SiLU(gate) * up) W^T      gate, up (..., F) in the compute dtype, W (d_model, F)
+  y = (SiLU(gate) * up) W^T      gate_up = [gate, up] (..., 2F) in the compute dtype, W (d_model, F)
 
-The plain PyTorch twin saves four (..., F) tensors for backward: gate (for SiLU), SiLU(gate) and up (for the
-product) and the product (for the projection's dW): at F = 2816 that is 22 KiB per token per layer in bf16.
-Here forward forms the product in one Triton kernel, projects it and keeps only gate and up; backward forms the
-product again for dW, then dgate and dup in one Triton kernel. The elementwise kernels: one program per BLOCK
-= 1024 values (256 under the interpreter), SiLU in float32. test_kernels_fused.py compares it with the twin.
+The plain PyTorch twin saves gate (for SiLU), SiLU(gate) and up (for the product) and the product (for the
+projection's dW): at F = 2816 that is 22 KiB per token per layer in bf16. Here forward forms the product in one
+Triton kernel, projects it and keeps only gate_up; backward forms the product again for dW, then the gradients
+of gate and up in one Triton kernel, written side by side into one (..., 2F) tensor as the GEMM before wants
+them. gate and up are read in place from gate_up's rows: nothing is copied out of it and no gradient is
+concatenated. The elementwise kernels: one program per BLOCK = 1024 product values (256 under the
+interpreter), SiLU in float32. test_kernels_fused.py compares it with the twin.
 """
 
 import torch
@@ -19,69 +21,76 @@ BLOCK = 256 if INTERPRET else 1024
 
 
 @triton.jit
-def _swiglu_fwd(G, U, P, n, BLOCK: tl.constexpr):
+def _swiglu_fwd(GU, P, n, F, BLOCK: tl.constexpr):
+    """One program = BLOCK of the n = N F values of the product P (N, F) = SiLU(gate) * up, gate and up read
+    from the rows of GU (N, 2F)."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offsets < n
-    g = tl.load(G + offsets, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(U + offsets, mask=ok, other=0.0).to(tl.float32)
+    gate_at = offsets + (offsets // F) * F  # row * 2F + column
+    g = tl.load(GU + gate_at, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(GU + gate_at + F, mask=ok, other=0.0).to(tl.float32)
     tl.store(P + offsets, (g * tl.sigmoid(g) * u).to(P.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _swiglu_bwd(G, U, DP, DG, DU, n, BLOCK: tl.constexpr):
+def _swiglu_bwd(GU, DP, DGU, n, F, BLOCK: tl.constexpr):
+    """One program = BLOCK of the n = N F values of dP (N, F): the gradients of gate and up, written at their
+    places in DGU (N, 2F)."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offsets < n
-    g = tl.load(G + offsets, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(U + offsets, mask=ok, other=0.0).to(tl.float32)
+    gate_at = offsets + (offsets // F) * F
+    g = tl.load(GU + gate_at, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(GU + gate_at + F, mask=ok, other=0.0).to(tl.float32)
     dp = tl.load(DP + offsets, mask=ok, other=0.0).to(tl.float32)
     sigmoid = tl.sigmoid(g)
-    tl.store(DG + offsets, (dp * u * sigmoid * (1.0 + g * (1.0 - sigmoid))).to(DG.dtype.element_ty), mask=ok)
-    tl.store(DU + offsets, (dp * g * sigmoid).to(DU.dtype.element_ty), mask=ok)
+    dgate = dp * u * sigmoid * (1.0 + g * (1.0 - sigmoid))
+    tl.store(DGU + gate_at, dgate.to(DGU.dtype.element_ty), mask=ok)
+    tl.store(DGU + gate_at + F, (dp * g * sigmoid).to(DGU.dtype.element_ty), mask=ok)
 
 
-def _product(gate, up):
-    product = torch.empty_like(gate)
-    if gate.numel():
-        _swiglu_fwd[(triton.cdiv(gate.numel(), BLOCK),)](gate, up, product, gate.numel(), BLOCK=BLOCK)
+def _product(gate_up):  # (N, 2F) contiguous -> (N, F)
+    N, F = gate_up.shape[0], gate_up.shape[1] // 2
+    product = gate_up.new_empty(N, F)
+    if product.numel():
+        _swiglu_fwd[(triton.cdiv(product.numel(), BLOCK),)](gate_up, product, product.numel(), F, BLOCK=BLOCK)
     return product
 
 
 class _SwiGLULinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up, weight):
-        gate, up = gate.contiguous(), up.contiguous()
-        ctx.save_for_backward(gate, up, weight)
-        return _product(gate, up) @ weight.to(gate.dtype).T  # (..., d_model)
+    def forward(ctx, gate_up, weight):
+        lead, width = gate_up.shape[:-1], gate_up.shape[-1]
+        rows = gate_up.reshape(-1, width).contiguous()  # a view of the GEMM's output: no copy
+        ctx.save_for_backward(rows, weight)
+        ctx.shape = gate_up.shape
+        return (_product(rows) @ weight.to(rows.dtype).T).view(*lead, weight.shape[0])  # (..., d_model)
 
     @staticmethod
     def backward(ctx, dy):
-        gate, up, weight = ctx.saved_tensors
-        F = gate.shape[-1]
-        product = _product(gate, up)  # formed again rather than kept
-        dweight = dy.reshape(-1, dy.shape[-1]).T.to(gate.dtype) @ product.reshape(-1, F)
-        dproduct = (dy.to(gate.dtype) @ weight.to(gate.dtype)).contiguous()
-        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-        if gate.numel():
-            _swiglu_bwd[(triton.cdiv(gate.numel(), BLOCK),)](
-                gate, up, dproduct, dgate, dup, gate.numel(), BLOCK=BLOCK
+        rows, weight = ctx.saved_tensors
+        product = _product(rows)  # formed again rather than kept
+        dy = dy.reshape(-1, dy.shape[-1]).to(rows.dtype)
+        dweight = dy.T @ product
+        dproduct = (dy @ weight.to(rows.dtype)).contiguous()
+        dgate_up = torch.empty_like(rows)
+        if dproduct.numel():
+            _swiglu_bwd[(triton.cdiv(dproduct.numel(), BLOCK),)](
+                rows, dproduct, dgate_up, dproduct.numel(), dproduct.shape[1], BLOCK=BLOCK
             )
-        return dgate, dup, dweight.to(weight.dtype)
+        return dgate_up.view(ctx.shape), dweight.to(weight.dtype)
 
 
 @torch.compiler.disable  # under torch.compile it runs as it is, between two graphs (as the other kernels do)
-def swiglu_linear(gate, up, weight):
-    """nirvana.swiglu_linear: gate, up (..., F), weight (d_model, F) -> (..., d_model) in the compute dtype
-    (autocast's under autocast, else gate's)."""
-    if up.shape != gate.shape or weight.dim() != 2 or weight.shape[1] != gate.shape[-1]:
+def swiglu_linear(gate_up, weight):
+    """nirvana.swiglu_linear: gate_up (..., 2F) = [gate, up], weight (d_model, F) -> (..., d_model) in the
+    compute dtype (autocast's under autocast, else gate_up's)."""
+    if weight.dim() != 2 or gate_up.shape[-1] != 2 * weight.shape[1]:
         raise ValueError(
-            f"gate and up (..., F) and weight (d_model, F) expected, got {tuple(gate.shape)}, "
-            f"{tuple(up.shape)} and {tuple(weight.shape)}"
+            f"gate_up (..., 2F) and weight (d_model, F) expected, got {tuple(gate_up.shape)} and "
+            f"{tuple(weight.shape)}"
         )
-    device_type = gate.device.type
+    device_type = gate_up.device.type
     if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        gate, up = gate.to(dtype), up.to(dtype)
-    elif up.dtype != gate.dtype:
-        raise ValueError(f"gate and up must have one dtype, got {gate.dtype} and {up.dtype}")
+        gate_up = gate_up.to(torch.get_autocast_dtype(device_type))
     with torch.autocast(device_type, enabled=False):
-        return _SwiGLULinear.apply(gate, up, weight)
+        return _SwiGLULinear.apply(gate_up, weight)
