@@ -20,6 +20,8 @@
 #   STEPS=90 MRI_RUNS=phantoms-paper-stages bash experiments/mri_gpu.sh # the published paper-stages run
 #   TOKENS=200000000 TRAIN_SECONDS=3600 STEPS=1000 bash experiments/mri_gpu.sh   # longer, both stages
 #   MRI_EXTRA=--data-consistency STEPS=200 MRI_RUNS=phantoms bash experiments/mri_gpu.sh   # + an mri.py option
+#   BACKBONES=nirvana MRI_EXTRA=--data-consistency RESULTS=experiments/results/mri-data-consistency \
+#       bash experiments/mri_gpu.sh   # the published data-consistency run (one H100, 9 minutes)
 #   MRI_EXTRA=--queries-see-kspace RESULTS=out/mri_queries bash experiments/mri_gpu.sh   # another option, apart
 #   BACKBONES=nirvana MRI_EXTRA=--queries-see-kspace bash experiments/mri_gpu.sh          # one backbone only
 set -euo pipefail
