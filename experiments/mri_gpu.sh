@@ -22,6 +22,8 @@
 #   MRI_EXTRA=--data-consistency STEPS=200 MRI_RUNS=phantoms bash experiments/mri_gpu.sh   # + an mri.py option
 #   BACKBONES=nirvana MRI_EXTRA=--data-consistency RESULTS=experiments/results/mri-data-consistency \
 #       bash experiments/mri_gpu.sh   # the published data-consistency run (one H100, 9 minutes)
+#   BACKBONES=nirvana MRI_EXTRA=--image-skip RESULTS=experiments/results/mri-image-skip \
+#       bash experiments/mri_gpu.sh   # the published skip run (one H100, 10.5 minutes)
 #   MRI_EXTRA=--queries-see-kspace RESULTS=out/mri_queries bash experiments/mri_gpu.sh   # another option, apart
 #   BACKBONES=nirvana MRI_EXTRA=--queries-see-kspace bash experiments/mri_gpu.sh          # one backbone only
 set -euo pipefail
