@@ -91,7 +91,8 @@ def test_profile_decode_step_charges_every_component_on_the_cpu():
 def test_decode_section_times_the_variants_in_both_orders(monkeypatch, capsys):
     """bench's decode section with stand-ins for the model and the timing: the first pass builds the variants
     in the listed order (kernels, then twins, then latencies), the second in reverse (kernels only); the summary
-    divides pass means, and the Trigger's share comes from them."""
+    divides pass means, and the Trigger's share comes from them; a row whose step ran without a CUDA graph is
+    marked as such."""
     import eval as evaluation
 
     built, speeds = [], {}
@@ -114,7 +115,8 @@ def test_decode_section_times_the_variants_in_both_orders(monkeypatch, capsys):
     def decode_speed(model, prompt_len, batch_size, new_tokens, compile):
         passes = built.count(model.variant)
         value = speeds[model.variant][passes - 1] / (2 if model.twins else 1) * (3 if compile else 1)
-        result = dict(decode_tokens_per_s=value, ms_per_token=1e3 * batch_size / value, cuda_graph=True)
+        graphed = not (model.twins and model.variant == "transformer")  # the graph check failed for these
+        result = dict(decode_tokens_per_s=value, ms_per_token=1e3 * batch_size / value, cuda_graph=graphed)
         return result | (dict(compiled_rel_error=1e-3, setup_s=5.0) if compile else {})
 
     latency = lambda model, contexts, batch_size, steps: [
@@ -144,6 +146,10 @@ def test_decode_section_times_the_variants_in_both_orders(monkeypatch, capsys):
         line for line in out.splitlines() if line.startswith("  nirvana ") and "compiled" in line
     )
     assert f"{3 * mean['nirvana']:8.1f} {mean['nirvana'] / mean['gated-deltanet']:6.2f}x" in compiled_line
+    summary = [line for line in out.splitlines() if line.startswith("  ")]
+    assert [line.split()[:3] for line in summary if line.endswith("run without a CUDA graph")] == [
+        ["transformer", "torch", "twins"]
+    ]
     share = f"{1 - mean['nirvana'] / mean['nirvana-notrigger']:.1%}"
     assert f"decode kernels: the Trigger's share of nirvana's step (from nirvana-notrigger) {share}" in out
     assert f"compiled: the Trigger's share of nirvana's step (from nirvana-notrigger) {share}" in out

@@ -4,6 +4,8 @@ backbone whose Trigger still adapts, train.py checkpoints of other variants (the
 backbones, cached report generation, and model selection on the validation split."""
 
 import dataclasses
+import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from mri_recon.diagnostics import (
     partner_slices,
     report_cross_entropy,
     ridge_fit_predict,
+    slice_blind_cross_entropy,
     slice_features,
 )
 from mri_recon.evaluation import gate_statistics, generate_test_reports
@@ -403,6 +406,19 @@ def test_diagnostics_score_the_decoder_on_the_right_token_pairs(volumes):
     table = "\n".join(diagnostics_table({("tiny", 4): result}))
     row = " | ".join(f"{result[k]:.4f}" for k in ce_keys[:2])
     assert "Does the report depend on the slice?" in table and f"| tiny | 4x | 8 | {row} | 4 |" in table
+    blind = slice_blind_cross_entropy(volumes[0].reports, tokenizer)  # the training volume's reports
+    assert result["report_ce_slice_blind"] == pytest.approx(blind) and f"| {blind:.4f} |" in table
+
+
+def test_slice_blind_cross_entropy_is_the_reports_entropy_per_token():
+    """Reports a, bb, a, ccc with one token per letter (+ eos): frequencies 1/2, 1/4, 1/2, 1/4, so the best
+    slice-blind model pays 2 log 2 + 2 log 4 = 6 log 2 nats over 2 + 3 + 2 + 4 = 11 tokens; reports that are
+    all the same cost nothing."""
+    letters = SimpleNamespace(encode=lambda report: list(report))
+    value = slice_blind_cross_entropy(["a", "bb", "a", "ccc"], letters)
+    assert value == pytest.approx(6 * math.log(2) / 11)
+    assert slice_blind_cross_entropy(["a", "a"], letters) == 0
+    assert slice_blind_cross_entropy([], letters) is None
 
 
 @pytest.mark.parametrize("pad_second_volume", [False, True])
@@ -485,7 +501,8 @@ def test_report_cross_entropy_is_left_out_without_reports(volumes):
             "report_ce_other_report_only",
         ]
     assert result["report_ce_slices"] == {"all": 0, "other_report": 0} and result["slices"]["test"] == 8
-    assert "| tiny | 4x | 0 | - | - | 0 | - | - |" in diagnostics_table({("tiny", 4): result})
+    blind = result["report_ce_slice_blind"]  # from the training volume, which has reports
+    assert f"| tiny | 4x | 0 | - | - | 0 | - | - | {blind:.4f} |" in diagnostics_table({("tiny", 4): result})
 
 
 def test_linear_probe_reads_a_linear_image_and_not_noise():

@@ -14,11 +14,15 @@
   diagnostics, mean over batches) of the test slices that have reports, with each slice's own k-space and with
   its partner's k-space and mask (the same reports, so only the encoder's k-space tokens change); and both again
   on the slices whose partner has a different report. Own ~= other slice's: the k-space tokens carry nothing
-  the report needs (the reports then come out the same for every slice).
+  the report needs (the reports then come out the same for every slice). Beside them, the cross-entropy of the
+  best model that ignores the slice (`slice_blind_cross_entropy` of the training reports): a stage 1 far above
+  it has not yet learned the reports' wording and their frequencies, before any question of the slice.
 
 Every slice is undersampled with its volume's evaluation mask at the acceleration scored."""
 
 import dataclasses
+import math
+from collections import Counter
 
 import numpy as np
 import torch
@@ -186,6 +190,17 @@ def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, shape, data_ran
     }
 
 
+def slice_blind_cross_entropy(reports, tokenizer):
+    """Report cross-entropy per token (eos included, as report_loss counts) of the best model that ignores the
+    slice, on these reports: it gives each report its frequency among them, so the total is their entropy. None
+    without reports."""
+    if not reports:
+        return None
+    counts = Counter(reports)
+    nll = sum(-math.log(counts[r] / len(reports)) for r in reports)
+    return nll / sum(len(tokenizer.encode(r)) + 1 for r in reports)
+
+
 @torch.no_grad()
 def diagnose(model, data, tokenizer, prompt_ids, acc, args):
     """The measurements of this module's docstring for one trained pipeline at one acceleration; the report
@@ -242,6 +257,9 @@ def diagnose(model, data, tokenizer, prompt_ids, acc, args):
         "probe_truth_image_tokens": probes["truth_image_tokens"],
         **report_cross_entropy(
             model, [v for v in data.test if v.reports is not None], tokenizer, prompt_ids, acc, args
+        ),
+        "report_ce_slice_blind": slice_blind_cross_entropy(
+            [r for v in data.train if v.reports is not None for r in v.reports], tokenizer
         ),
         "image_skip": model.decoder.image_skip,
     }

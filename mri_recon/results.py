@@ -135,18 +135,21 @@ def diagnostics_table(diagnostics):
         "Stage 1's report cross-entropy (per report token, mean over batches) with each slice's own k-space and "
         "with another slice's (same slice index, next volume; the same reports): on every test slice with a "
         "report, and on the slices whose other slice has a different report. Own ≈ other slice's: the k-space "
-        "tokens carry nothing the report needs. '-': no reports.",
+        "tokens carry nothing the report needs. Slice-blind: the cross-entropy per token of the best model that "
+        "ignores the slice, on the training reports (their entropy); CE far above it: stage 1 has not yet learned "
+        "the reports themselves. '-': no reports.",
         "",
         "| backbone | acc | slices | CE own k-space | CE other slice's | slices, other report differs | "
-        "CE own k-space | CE other slice's |",
-        "|---|---|---|---|---|---|---|---|",
+        "CE own k-space | CE other slice's | slice-blind CE |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (name, acc), d in diagnostics.items():
         counts = d["report_ce_slices"]
         lines.append(
             f"| {name} | {acc}x | {counts['all']} | {fmt(d['report_ce_own'])} | "
             f"{fmt(d['report_ce_other_slice'])} | {counts['other_report']} | "
-            f"{fmt(d['report_ce_own_other_report_only'])} | {fmt(d['report_ce_other_report_only'])} |"
+            f"{fmt(d['report_ce_own_other_report_only'])} | {fmt(d['report_ce_other_report_only'])} | "
+            f"{fmt(d['report_ce_slice_blind'])} |"
         )
     return lines + [""]
 
