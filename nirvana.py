@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -406,6 +407,12 @@ def sliding_window_attention(
     return windowed_attention(q, k, v, positions, positions, window, scale)
 
 
+# SDPA's backends for attention_step: all but cuDNN's, which PyTorch may pick first on Hopper. On an H100 this
+# step, replayed from a CUDA graph, gave other values than run directly (up to 1e-2 relative in bf16) where the
+# kernels' step did not; test_kernels_decode.py checks the replay.
+ONE_QUERY_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def attention_step(
     q: Tensor,
     k: Tensor,
@@ -431,7 +438,8 @@ def attention_step(
     slot_positions.index_copy_(0, slot, position)
     keys = k_cache.transpose(1, 2).to(q.dtype)  # (B, slots, H, Dk)
     values = v_cache.transpose(1, 2).to(v.dtype)
-    return windowed_attention(q[:, None], keys, values, position, slot_positions, window, scale)[:, 0]
+    with sdpa_kernel(ONE_QUERY_SDPA_BACKENDS):
+        return windowed_attention(q[:, None], keys, values, position, slot_positions, window, scale)[:, 0]
 
 
 def fast_weight_function(x, p, bank_weight, bank_bias):

@@ -258,3 +258,17 @@ def test_compiled_decode_step_matches_the_eager_one():
     eager = evaluation.decode_logits(model, 2, steps=6, cache_len=80)
     compiled = evaluation.decode_logits(model, 2, steps=6, compile=True, cache_len=80)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("variant", ["transformer", "nirvana"])  # full attention over 4,227 slots; SWA 2,048
+def test_torch_backend_decode_step_replays_from_a_cuda_graph(variant):
+    """The torch backend's decode step (the twins, attention_step's SDPA among them), captured in a CUDA graph
+    and replayed, gives what it gives run directly (eval.graph_is_safe: 1e-3 relative), in bf16 with the cache
+    sizes of bench's decode section (prompt 4096, 128 steps): else bench times the twins without a graph."""
+    import eval as evaluation
+
+    torch.manual_seed(0)
+    config = nirvana.NirvanaConfig.from_preset(f"{variant}-tiny", window=2048, backend="torch")
+    model = nirvana.Nirvana(config).to("cuda", torch.bfloat16).eval()
+    assert evaluation.graph_is_safe(model, 4, cache_len=evaluation.check_cache_len(4096, 128))
