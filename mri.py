@@ -16,7 +16,7 @@ Sequence fed to the backbone: [k-space tokens][prompt tokens][M image-query embe
 Stage 0 (this code's choice, --encoder-pretrain-steps 0 turns it off) trains the encoder's VarNet cascades to
 reconstruct (-SSIM on their own image); stage 1 trains the encoder (and the image queries) with cross-entropy
 on the report tokens, leaving the cascades as stage 0 made them (--stage1-cascades); stage 2 trains the image decoder alone with -SSIM (eq. 9). Every stage and baseline
-takes --steps optimizer steps. The backbone's weights never change; its Trigger still adapts p.
+takes --steps optimizer steps (--stage1-steps can give stage 1 more: see README on its cross-entropy). The backbone's weights never change; its Trigger still adapts p.
 --image-skip (an ablation, off by default) also hands the decoder the encoder's image, a path around the
 backbone; the run then scores "skip only" too (the backbone's image tokens replaced by their mean).
 --data-consistency (not in the paper, off by default) replaces the sampled k-space lines of the decoder's image
@@ -169,6 +169,12 @@ def parse_args(argv=None):
         "(default: --steps; 0: off, the paper's two stages alone)",
     )
     p.add_argument(
+        "--stage1-steps",
+        type=positive_int,
+        help="stage 1: steps training the encoder and image queries on the report cross-entropy (default: "
+        "--steps; the image methods and stages keep --steps)",
+    )
+    p.add_argument(
         "--stage1-cascades",
         choices=["train", "freeze"],
         help="whether stage 1 also trains the encoder's VarNet cascades on the report (default: freeze after "
@@ -256,6 +262,8 @@ def parse_args(argv=None):
             p.error(f"argument --anatomy: {error}")
     if args.encoder_pretrain_steps is None:
         args.encoder_pretrain_steps = args.steps
+    if args.stage1_steps is None:
+        args.stage1_steps = args.steps
     if args.stage1_cascades is None:
         args.stage1_cascades = "freeze" if args.encoder_pretrain_steps else "train"
     elif args.stage1_cascades == "freeze" and not args.encoder_pretrain_steps:

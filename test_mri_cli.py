@@ -203,6 +203,7 @@ OPTION_CASES = [
     (["--lr", "nan"], ["argument --lr: expected a number > 0"]),
     (["--phase-seconds", "-1"], ["argument --phase-seconds: expected a number >= 0"]),
     (["--encoder-pretrain-steps", "-1"], ["argument --encoder-pretrain-steps: expected an integer >= 0"]),
+    (["--stage1-steps", "0"], ["argument --stage1-steps: expected a positive integer, got '0'"]),
     (["--image-skip", "yes"], ["unrecognized arguments: yes"]),
     (
         ["--encoder-pretrain-steps", "0", "--stage1-cascades", "freeze"],
@@ -308,6 +309,8 @@ def test_anatomy_generates_a_set_and_the_data_of_a_run(inputs, tmp_path):
 def test_stage0_steps_default_to_steps_and_zero_turns_it_off():
     assert mri.parse_args(["--steps", "7"]).encoder_pretrain_steps == 7
     assert mri.parse_args(["--steps", "7", "--encoder-pretrain-steps", "0"]).encoder_pretrain_steps == 0
+    assert mri.parse_args(["--steps", "7"]).stage1_steps == 7
+    assert mri.parse_args(["--steps", "7", "--stage1-steps", "40"]).stage1_steps == 40
     assert mri.parse_args([]).stage1_cascades == "freeze"  # after stage 0
     assert mri.parse_args(["--encoder-pretrain-steps", "0"]).stage1_cascades == "train"  # the paper's recipe
     args = mri.parse_args([])

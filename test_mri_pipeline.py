@@ -139,7 +139,7 @@ def test_nirvana_reconstruction_scales_with_the_kspace():
 
 def test_both_stages_reduce_their_loss_and_the_backbone_stays_frozen(volumes):
     model, tokenizer = tiny_model(init_std=0.2)
-    args, rng = tiny_args(), np.random.default_rng(0)
+    args, rng = tiny_args(stage1_steps=30), np.random.default_rng(0)  # stage 2 keeps --steps, 25
     fingerprint = state_fingerprint(model.llm)
     decoder_before = state_fingerprint(model.decoder)
     stage1 = train_stage1("t", model, volumes, tokenizer, args, rng)
@@ -147,6 +147,7 @@ def test_both_stages_reduce_their_loss_and_the_backbone_stays_frozen(volumes):
     encoder_before = state_fingerprint(model.encoder)
     queries_before = model.image_queries.detach().clone()
     stage2 = train_stage2("t", model, volumes, tokenizer, args, rng)
+    assert (len(stage1.losses), len(stage2.losses)) == (30, 25)
     assert np.mean(stage1.losses[-5:]) < np.mean(stage1.losses[:5]) - 0.3
     assert np.mean(stage2.losses[-5:]) < np.mean(stage2.losses[:5]) - 0.02
     assert unchanged(model.encoder, encoder_before) and torch.equal(model.image_queries, queries_before)

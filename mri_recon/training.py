@@ -86,7 +86,8 @@ def report_val_loss(model, volumes, tokenizer, prompt_ids, args):
 
 
 def train_stage1(name, model, volumes, tokenizer, args, rng, val_volumes=()):
-    """Stage 1: the encoder (and image queries) only, cross-entropy on the report tokens; backbone frozen.
+    """Stage 1: the encoder (and image queries) only, cross-entropy on the report tokens, for --stage1-steps
+    steps; backbone frozen.
     --stage1-cascades freeze (the default after stage 0) leaves the encoder's VarNet cascades as stage 0 made
     them: trained on the report, they forget the reconstruction (measured: the encoder's image fell from SSIM
     ~0.8 after stage 0 to ~0.17 after stage 1, see README). With val_volumes (all with reports), the parameters
@@ -108,7 +109,7 @@ def train_stage1(name, model, volumes, tokenizer, args, rng, val_volumes=()):
         model.stage1_parameters(cascades=args.stage1_cascades == "train"),
         loss_fn,
         batches,
-        args.steps,
+        args.stage1_steps,
         args.lr,
         args.phase_seconds,
         validate,
