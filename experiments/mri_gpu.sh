@@ -26,6 +26,8 @@
 #       bash experiments/mri_gpu.sh   # the published skip run (one H100, 10.5 minutes)
 #   MRI_EXTRA=--queries-see-kspace RESULTS=out/mri_queries bash experiments/mri_gpu.sh   # another option, apart
 #   BACKBONES=nirvana MRI_EXTRA=--queries-see-kspace bash experiments/mri_gpu.sh          # one backbone only
+#   PER_BACKBONE=1 MRI_EXTRA="--image-skip --stage1-steps 1500" RESULTS=experiments/results/mri-long-stage1 \
+#       bash experiments/mri_gpu.sh   # six mri.py processes side by side (two sets x three backbones)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CORPUS=${CORPUS:-data/real_text/tokens}
@@ -95,20 +97,36 @@ data_of() { case $1 in anatomy) echo "$WORK/anatomy" ;; *) echo "$WORK/phantoms"
 extra_of() { case $1 in phantoms-paper-stages) echo "--encoder-pretrain-steps 0" ;; *) echo "" ;; esac; }
 
 # ---- 2. the MRI runs, side by side
-log "MRI runs with $STEPS steps per method and stage: ${RUNS[*]}"
+# PER_BACKBONE=1: one mri.py process per run and backbone, all side by side (the GPU is far from busy with one
+# backbone at a time; each process also trains and scores the baselines, which take about 30 s), written to
+# RESULTS/<run>/<variant>. Default: one process per run, every backbone in one results.md.
+PER_BACKBONE=${PER_BACKBONE:-0}
+jobs=()  # "<run> <out folder> <index of the backbone, or all>"
+for name in "${RUNS[@]}"; do
+    if [ "$PER_BACKBONE" = 1 ]; then
+        for i in "${!BACKBONES[@]}"; do jobs+=("$name $name/${BACKBONES[$i]} $i"); done
+    else
+        jobs+=("$name $name all")
+    fi
+done
+log "MRI runs with $STEPS steps per method and stage: ${RUNS[*]} (${#jobs[@]} processes)"
 pids=()
 finished() { [ -f "$RESULTS/$1/results.md" ] && ! grep -q "^PARTIAL:" "$RESULTS/$1/results.md"; }
-for name in "${RUNS[@]}"; do
-    if finished "$name"; then continue; fi
-    rm -rf "${RESULTS:?}/$name"  # a run stopped part way left the results of the methods it had finished
+for job in "${jobs[@]}"; do
+    read -r name out which <<< "$job"
+    if finished "$out"; then continue; fi
+    rm -rf "${RESULTS:?}/$out"  # a run stopped part way left the results of the methods it had finished
+    chosen=("${backbones[@]}")
+    if [ "$which" != all ]; then chosen=(--backbone "$WORK/${BACKBONES[$which]}/ckpt.pt"); fi
     # shellcheck disable=SC2046
-    python mri.py --data "$(data_of "$name")" $(extra_of "$name") "${MRI_ARGS[@]}" "${backbones[@]}" \
-        --steps "$STEPS" --out "$RESULTS/$name" > "$WORK/mri-$name-$STEPS.log" 2>&1 &
+    python mri.py --data "$(data_of "$name")" $(extra_of "$name") "${MRI_ARGS[@]}" "${chosen[@]}" \
+        --steps "$STEPS" --out "$RESULTS/$out" > "$WORK/mri-${out//\//-}-$STEPS.log" 2>&1 &
     pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid" || true; done  # a failed run is named below
-for name in "${RUNS[@]}"; do
-    finished "$name" || { log "$name failed: see $WORK/mri-$name-$STEPS.log"; exit 1; }
+for job in "${jobs[@]}"; do
+    read -r name out which <<< "$job"
+    finished "$out" || { log "$out failed: see $WORK/mri-${out//\//-}-$STEPS.log"; exit 1; }
 done
 cp "$WORK"/pretrain-*.log "$RESULTS/"
 cp "$WORK/phantoms/preview.png" "$RESULTS/phantoms-preview.png"
