@@ -292,7 +292,8 @@ def evaluate_and_write(run, data, args, t_start, still_to_train=()):
         f"{data.note}; {data.split_note}",
         f"masks: {args.mask_type}, trained on {args.train_acc}x, scored on {args.eval_acc}x; "
         f"batch {args.batch_size}, lr {args.lr}, device {args.device}; optimizer steps "
-        f"(--steps {args.steps}, --phase-seconds {args.phase_seconds:g}, {args.val_checks} validation checks "
+        f"(--steps {args.steps}, --stage1-steps {args.stage1_steps}, --phase-seconds {args.phase_seconds:g}, "
+        f"{args.val_checks} validation checks "
         f"per phase, the best kept): {chosen}",
         "backbones:",
         *run.backbone_notes,
