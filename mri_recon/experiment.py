@@ -293,8 +293,7 @@ def evaluate_and_write(run, data, args, t_start, still_to_train=()):
         f"masks: {args.mask_type}, trained on {args.train_acc}x, scored on {args.eval_acc}x; "
         f"batch {args.batch_size}, lr {args.lr}, device {args.device}; optimizer steps "
         f"(--steps {args.steps}, --stage1-steps {args.stage1_steps}, --phase-seconds {args.phase_seconds:g}, "
-        f"{args.val_checks} validation checks "
-        f"per phase, the best kept): {chosen}",
+        f"{args.val_checks} validation checks per phase, the best kept): {chosen}",
         "backbones:",
         *run.backbone_notes,
         "training time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in run.timings.items()),
