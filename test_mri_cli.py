@@ -14,6 +14,7 @@ import pytest
 
 import mri
 import nirvana
+from cli import UserError
 from mri_recon import experiment
 from test_mri_data import write_head_nifti
 
@@ -339,3 +340,50 @@ def test_options_script_writes_one_table_of_every_variant(tmp_path):
     results = (out / "results.md").read_text()
     assert "Does the image pass through the backbone?" in results
     assert f"command: `python experiments/mri_options.py --out {out} " in results  # the script, not mri.py
+
+
+def test_compare_script_pairs_the_volumes_of_runs_on_the_same_data(tmp_path, capsys):
+    """experiments/mri_compare.py: one table of every run's methods, paired per-volume SSIM differences
+    (backbone against backbone, skip only against skip only, backbone against its skip only) with the count of
+    volumes where the first is higher, compare.png; runs of different test volumes are refused by name."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    try:
+        import mri_compare
+    finally:
+        sys.path.remove(os.path.join(ROOT, "experiments"))
+
+    def write_run(name, backbone, ssims, skip_ssims, zero_filled=(0.5, 0.6, 0.4)):
+        per_volume = {
+            "zero-filled": {"4": [{"ssim": s, "psnr": 20.0, "nmse": 0.1} for s in zero_filled]},
+            backbone: {"4": [{"ssim": s, "psnr": 25.0, "nmse": 0.05} for s in ssims]},
+            backbone + " skip only": {"4": [{"ssim": s, "psnr": 24.0, "nmse": 0.06} for s in skip_ssims]},
+        }
+        summary = {
+            m: {"4": {k: [float(np.mean([v[k] for v in by["4"]])), 0.01] for k in ("ssim", "psnr", "nmse")}}
+            for m, by in per_volume.items()
+        }
+        folder = tmp_path / name
+        folder.mkdir()
+        steps = {"zero-filled": "-", backbone: "3 (stage 1) + 3 (stage 2)", backbone + " skip only": "3"}
+        (folder / "results.json").write_text(
+            json.dumps(dict(summary=summary, per_volume=per_volume, steps=steps))
+        )
+        return str(folder)
+
+    a = write_run("a", "LLM[nirvana]", [0.90, 0.80, 0.70], [0.85, 0.80, 0.60])
+    b = write_run("b", "LLM[transformer]", [0.88, 0.82, 0.60], [0.80, 0.81, 0.65])
+    mri_compare.main([a, b, "--out", str(tmp_path / "out")])
+    text = (tmp_path / "out" / "compare.md").read_text()
+    assert text == capsys.readouterr().out.rstrip("\n") + "\n"
+    assert "| a | LLM[nirvana] | 3 (stage 1) + 3 (stage 2) | 0.8000 ± 0.0100 | -" in text
+    # differences 0.02, -0.02, 0.10: mean 0.0333, population std 0.0499, higher on 2 of 3 volumes
+    assert "| LLM[nirvana] | LLM[transformer] | +0.0333 ± 0.0499 (2/3) |" in text
+    # skip only: 0.05, -0.01, -0.05
+    assert "| LLM[nirvana] skip only | LLM[transformer] skip only | -0.0033 ± 0.0411 (1/3) |" in text
+    assert "| LLM[nirvana] | LLM[nirvana] skip only | +0.0500 ± 0.0408 (2/3) |" in text
+    assert (tmp_path / "out" / "compare.png").stat().st_size > 0
+    c = write_run("c", "LLM[nirvana-notrigger]", [0.9] * 3, [0.9] * 3, zero_filled=(0.5, 0.6, 0.41))
+    with pytest.raises(UserError, match="c and a did not score the same test volumes"):
+        mri_compare.main([a, c])
+    with pytest.raises(UserError, match="not a results.json"):
+        mri_compare.main([str(tmp_path)])
