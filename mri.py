@@ -26,6 +26,8 @@ by the measured ones; the run then also scores the decoder alone and the step on
 --queries-see-kspace (not in the paper, off by default) adds a learned projection of the mean k-space token to
 every image query, next to the report (on the GPU, at 300 steps, it made neither the images nor the reports
 better: README).
+--backbone-autocast (off by default) runs the frozen backbone under bfloat16 autocast, as train.py trains it: on
+a GPU its kernels then take their bf16 paths (float32 runs them in exact float32, the slow part of stage 1).
 --diagnose measures whether the image passes through the backbone (decoder SSIM with another slice's tokens
 or the mean token, linear probes of the tokens) and whether the report depends on the slice (its
 cross-entropy with another slice's k-space); see mri_recon/diagnostics.py.
@@ -200,6 +202,12 @@ def parse_args(argv=None):
         action="store_true",
         help="not in the paper: every image query gets a learned projection of the mean k-space token added "
         "(zero at init: the paper's queries), so what the encoder found sits right before the report",
+    )
+    p.add_argument(
+        "--backbone-autocast",
+        action="store_true",
+        help="run the frozen backbone under bfloat16 autocast, as train.py trains it (its kernels' bf16 paths: "
+        "faster on a GPU); the encoder, queries and decoder stay float32, reports are decoded in float32",
     )
     p.add_argument(
         "--diagnose",

@@ -104,11 +104,13 @@ def test_reports_follow_the_lesions():
     assert text == "lesions: 1. left frontal: small round bright."
     assert parse_report(text) == (1, [("left", "frontal", "small", "round", "bright")])
     assert parse_report("garbage") == (None, [])
-    assert score_reports([text, "lesions: 0.", "xx"], [text, text, "lesions: 0."]) == {
+    assert score_reports([text, "lesions: 0.", "xx"], [text, text, "lesions: 0."], [" lesions: 0. "]) == {
         "count_acc": 1 / 3,
         "place_acc": 1 / 3,
         "exact": 1 / 3,
         "n": 3,
+        "distinct": 3,
+        "known": 1 / 3,  # only 'lesions: 0.' is a known report (spaces stripped)
     }
 
 

@@ -71,6 +71,8 @@ def test_majority_baseline_scores_the_most_common_training_report_on_the_test_re
         "place_acc": 0.5,
         "exact": 0.5,
         "n": 4,
+        "distinct": 1,
+        "known": 1.0,
         "report": none,
         "train_share": 0.6,
     }

@@ -674,3 +674,33 @@ def test_stage2_trains_the_decoder_through_the_data_consistency_step(volumes):
     assert not unchanged(model.decoder, before)
     first = cascade_runs.index(None)
     assert first > 0 and len(cascade_runs) == 2 * first + 2
+
+
+def test_backbone_autocast_runs_the_backbone_in_bf16_and_hands_back_float32(volumes):
+    """--backbone-autocast: the image tokens and the report loss come back float32 and close to the float32
+    backbone's (bf16 rounding: relative error under 5%), gradients still reach the encoder and not the frozen
+    weights, and the gate statistics (the Trigger's trace) still read."""
+    model, tokenizer = tiny_model()
+    kspace = torch.randn(2, 2, 16, 16, dtype=torch.complex64)
+    mask = torch.from_numpy(
+        np.stack([make_mask(16, 4, "random", np.random.default_rng(i)) for i in range(2)])
+    )
+    kspace = kspace * mask[:, None, None, :]
+    prompt = torch.tensor(tokenizer.encode(PROMPTS[0]))
+    reports = encode_reports(tokenizer, ["lesions: 0.", "lesions: 1. left frontal: small round dark."], "cpu")
+    with torch.no_grad():
+        exact_tokens = model.image_tokens(kspace, mask, prompt)[0]
+        exact_loss = model.report_loss(kspace, mask, prompt, reports, tokenizer.eos_id)
+    model.backbone_autocast = True
+    with torch.no_grad():
+        tokens = model.image_tokens(kspace, mask, prompt)[0]
+    assert tokens.dtype == torch.float32 and not torch.equal(tokens, exact_tokens)  # bf16 did run
+    assert (tokens - exact_tokens).norm() / exact_tokens.norm() < 5e-2
+    loss = model.report_loss(kspace, mask, prompt, reports, tokenizer.eos_id)
+    assert loss.dtype == torch.float32 and abs(loss.item() - exact_loss.item()) < 5e-2 * exact_loss.item()
+    loss.backward()
+    assert model.encoder.to_model.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.llm.parameters())
+    stats = gate_statistics(model, volumes, torch.tensor(tokenizer.encode("hi")), 8, tiny_args())
+    assert stats["p_slice_std_queries"][0] > 0
+    assert tiny_args().backbone_autocast is False  # off by default

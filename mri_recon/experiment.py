@@ -236,9 +236,10 @@ def train_backbone(run, backbone, data, args, rng):
     max_len = max(len(tokenizer.encode(r)) for v in train for r in v.reports) + 8
     for acc in args.eval_acc:
         generated, truth = generate_test_reports(model, data.test, tokenizer, acc, args, max_len)
-        run.report_scores[(name, acc)] = score_reports(generated, truth)
+        train_reports = [r for v in train for r in v.reports]
+        run.report_scores[(name, acc)] = score_reports(generated, truth, train_reports)
         run.report_examples[(name, acc)] = list(zip(generated, truth))[:12]
-        run.majority[acc] = score_majority([r for v in train for r in v.reports], truth)
+        run.majority[acc] = score_majority(train_reports, truth)
         stats = gate_statistics(model, data.test, prompt_ids, acc, args)
         if stats is not None:
             run.gates.setdefault(acc, {})[name] = stats

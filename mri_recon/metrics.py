@@ -55,9 +55,11 @@ def summarize(scores):
     }
 
 
-def score_reports(generated, truth):
+def score_reports(generated, truth, known_reports=()):
     """Simple report score: lesion count exact, set of lesion places exact (in a report that parses), whole
-    report exact."""
+    report exact; and whether the reports follow the slice at all: how many distinct reports were generated,
+    and the share of them that are one of known_reports (e.g. the training reports: the templates' wording,
+    not the language model's own continuation)."""
     count = place = exact = 0
     for g, t in zip(generated, truth):
         (gc, gf), (tc, tf) = parse_report(g), parse_report(t)
@@ -65,7 +67,15 @@ def score_reports(generated, truth):
         place += gc is not None and sorted(f[:2] for f in gf) == sorted(f[:2] for f in tf)
         exact += g.strip() == t.strip()
     n = max(1, len(truth))
-    return {"count_acc": count / n, "place_acc": place / n, "exact": exact / n, "n": len(truth)}
+    known = {r.strip() for r in known_reports}
+    return {
+        "count_acc": count / n,
+        "place_acc": place / n,
+        "exact": exact / n,
+        "n": len(truth),
+        "distinct": len({g.strip() for g in generated}),
+        "known": sum(g.strip() in known for g in generated) / max(1, len(generated)),
+    }
 
 
 def majority_report(reports):
@@ -82,7 +92,7 @@ def score_majority(train_reports, test_reports):
     """score_reports of always answering the most common training report, on the test reports."""
     report, share = majority_report(train_reports)
     return {
-        **score_reports([report] * len(test_reports), test_reports),
+        **score_reports([report] * len(test_reports), test_reports, train_reports),
         "report": report,
         "train_share": share,
     }

@@ -24,8 +24,14 @@ PROMPTS = [
 class NirvanaMRI(nn.Module):
     """Frozen language backbone + k-space encoder + M image queries + image decoder (Sec. 3.2.2, Fig. 5)."""
 
-    def __init__(self, llm, encoder, decoder, data_consistency=False, queries_see_kspace=False):
+    def __init__(
+        self, llm, encoder, decoder, data_consistency=False, queries_see_kspace=False, backbone_autocast=False
+    ):
         super().__init__()
+        # backbone_autocast (this code's option, off by default): the frozen backbone runs under bfloat16
+        # autocast, as train.py trains it, so its kernels take their bf16 paths; the encoder, queries and decoder
+        # stay float32, and the backbone's outputs come back as float32. Greedy report decoding stays float32.
+        self.backbone_autocast = backbone_autocast
         # after the decoder, the sampled k-space lines replaced by the measured ones (not in the paper); stage 2
         # trains the decoder through it
         self.data_consistency = data_consistency
@@ -70,11 +76,17 @@ class NirvanaMRI(nn.Module):
             queries = queries + self.kspace_to_queries(ks_tokens.mean(1))[:, None]
         return torch.cat([ks_tokens, prompt, queries], dim=1), image.abs(), scale
 
+    def backbone(self, h, trace=None):
+        """The frozen backbone on embeddings h (B, T, d) -> final hidden states (B, T, d) in h's dtype; under
+        bfloat16 autocast with backbone_autocast."""
+        with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=self.backbone_autocast):
+            return self.llm.backbone(h, trace=trace).to(h.dtype)
+
     def report_loss(self, kspace, mask, prompt_ids, report_targets, eos_id):
         """Stage 1: cross-entropy of the report tokens only. report_targets (B, L) ids + eos, -1 = padding."""
         prefix, _, _ = self.prefix(kspace, mask, prompt_ids)
         report_in = report_targets[:, :-1].masked_fill(report_targets[:, :-1] < 0, eos_id)
-        h = self.llm.backbone(torch.cat([prefix, self.llm.embed(report_in)], dim=1))
+        h = self.backbone(torch.cat([prefix, self.llm.embed(report_in)], dim=1))
         logits = self.llm.lm_head(h[:, prefix.shape[1] - 1 :])  # position t predicts report token t
         return F.cross_entropy(logits.flatten(0, 1), report_targets.flatten(), ignore_index=-1)
 
@@ -82,7 +94,7 @@ class NirvanaMRI(nn.Module):
         """The backbone's final hidden states at the M image-query positions (B, M, d), the encoder's magnitude
         image (B, h, w) (the decoder uses it only with image_skip) and the k-space scale (B,)."""
         prefix, image, scale = self.prefix(kspace, mask, prompt_ids)
-        h = self.llm.backbone(prefix, trace=trace)
+        h = self.backbone(prefix, trace=trace)
         return h[:, -self.decoder.n_queries :], image, scale
 
     def reconstruct_from_tokens(self, tokens, image, scale, measured=None):
@@ -156,7 +168,9 @@ def build_nirvana_mri(llm, out_shape, args):
     decoder = ImageDecoder(
         d_model, out_shape, args.patch, args.dec_chans, args.pools, image_skip=args.image_skip
     )
-    return NirvanaMRI(llm, encoder, decoder, args.data_consistency, args.queries_see_kspace).to(args.device)
+    return NirvanaMRI(
+        llm, encoder, decoder, args.data_consistency, args.queries_see_kspace, args.backbone_autocast
+    ).to(args.device)
 
 
 def heads_for(dim):
