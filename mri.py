@@ -27,7 +27,7 @@ by the measured ones; the run then also scores the decoder alone and the step on
 every image query, next to the report (on the GPU, at 300 steps, it made neither the images nor the reports
 better: README).
 --backbone-autocast (off by default) runs the frozen backbone under bfloat16 autocast, as train.py trains it: on
-a GPU its kernels then take their bf16 paths (float32 runs them in exact float32, the slow part of stage 1).
+a GPU its kernels then take their bf16 paths (with float32 they take their exact float32 paths).
 --diagnose measures whether the image passes through the backbone (decoder SSIM with another slice's tokens
 or the mean token, linear probes of the tokens) and whether the report depends on the slice (its
 cross-entropy with another slice's k-space); see mri_recon/diagnostics.py.
