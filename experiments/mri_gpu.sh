@@ -13,7 +13,7 @@
 #
 # Needs the corpus (python experiments/real_text.py --out data/real_text; its tokens/ folder travels to a GPU
 # machine), nibabel and the Colin27 image of mricron-data (ANATOMY), as mri.py --anatomy does.
-# Time on one H100 (the published run): pretraining 405 s (three backbones side by side, 170-200k tokens/s
+# Time on one H100 (the published run): pretraining 405-416 s (three backbones side by side, 170-200k tokens/s
 # each), the data sets 90 s meanwhile, two MRI runs of 300 steps side by side 513 s, of which about 390 s is
 # training and the rest scoring and --diagnose.
 #   STEPS=300 MRI_RUNS="phantoms anatomy" bash experiments/mri_gpu.sh   # the published run (15.5 minutes)
@@ -35,7 +35,7 @@ ANATOMY=${ANATOMY:-/usr/share/mricron/templates/ch2.nii.gz}
 WORK=${WORK:-out/mri_gpu}
 RESULTS=${RESULTS:-experiments/results/mri}
 TOKENS=${TOKENS:-39321600}              # pretraining tokens per backbone (300 steps of 131,072)
-TRAIN_SECONDS=${TRAIN_SECONDS:-420}     # pretraining stops here if TOKENS take longer (last checkpoint kept)
+TRAIN_SECONDS=${TRAIN_SECONDS:-600}     # pretraining stops here if TOKENS take longer (last checkpoint kept)
 VOLUMES=${VOLUMES:-120}
 STEPS=${STEPS:-300}                     # optimizer steps of every MRI method and stage
 SEED=${SEED:-0}
