@@ -99,7 +99,8 @@ extra_of() { case $1 in phantoms-paper-stages) echo "--encoder-pretrain-steps 0"
 # ---- 2. the MRI runs, side by side
 # PER_BACKBONE=1: one mri.py process per run and backbone, all side by side (the GPU is far from busy with one
 # backbone at a time; each process also trains and scores the baselines, which take about 30 s), written to
-# RESULTS/<run>/<variant>. Default: one process per run, every backbone in one results.md.
+# RESULTS/<run>/<variant>, and experiments/mri_compare.py then writes RESULTS/<run>/compare.md and compare.png (one
+# table, paired by test volume). Default: one process per run, every backbone in one results.md.
 PER_BACKBONE=${PER_BACKBONE:-0}
 jobs=()  # "<run> <out folder> <index of the backbone, or all>"
 for name in "${RUNS[@]}"; do
@@ -128,6 +129,11 @@ for job in "${jobs[@]}"; do
     read -r name out which <<< "$job"
     finished "$out" || { log "$out failed: see $WORK/mri-${out//\//-}-$STEPS.log"; exit 1; }
 done
+if [ "$PER_BACKBONE" = 1 ]; then  # one table per run, the backbones paired by test volume
+    for name in "${RUNS[@]}"; do
+        python experiments/mri_compare.py "$RESULTS/$name"/*/ --out "$RESULTS/$name" > /dev/null
+    done
+fi
 cp "$WORK"/pretrain-*.log "$RESULTS/"
 cp "$WORK/phantoms/preview.png" "$RESULTS/phantoms-preview.png"
 cp "$WORK/anatomy/preview.png" "$RESULTS/anatomy-preview.png"
