@@ -26,8 +26,9 @@
 #       bash experiments/mri_gpu.sh   # the published skip run (one H100, 10.5 minutes)
 #   MRI_EXTRA=--queries-see-kspace RESULTS=out/mri_queries bash experiments/mri_gpu.sh   # another option, apart
 #   BACKBONES=nirvana MRI_EXTRA=--queries-see-kspace bash experiments/mri_gpu.sh          # one backbone only
-#   PER_BACKBONE=1 MRI_EXTRA="--image-skip --stage1-steps 1500" RESULTS=experiments/results/mri-long-stage1 \
-#       bash experiments/mri_gpu.sh   # six mri.py processes side by side (two sets x three backbones)
+#   PER_BACKBONE=1 MRI_EXTRA="--image-skip --stage1-steps 1000" RESULTS=experiments/results/mri-long-stage1 \
+#       bash experiments/mri_gpu.sh   # the published long stage-1 run: six mri.py processes side by side (two
+#                                     # sets x three backbones; one H100, 19.3 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CORPUS=${CORPUS:-data/real_text/tokens}

@@ -233,10 +233,10 @@ def train_backbone(run, backbone, data, args, rng):
         f"- {name}: {describe_backbone(llm)}; {how}; {fits_in}; frozen (bit-equal after "
         f"both stages: {frozen})"
     )
-    max_len = max(len(tokenizer.encode(r)) for v in train for r in v.reports) + 8
+    train_reports = [r for v in train for r in v.reports]
+    max_len = max(len(tokenizer.encode(r)) for r in train_reports) + 8
     for acc in args.eval_acc:
         generated, truth = generate_test_reports(model, data.test, tokenizer, acc, args, max_len)
-        train_reports = [r for v in train for r in v.reports]
         run.report_scores[(name, acc)] = score_reports(generated, truth, train_reports)
         run.report_examples[(name, acc)] = list(zip(generated, truth))[:12]
         run.majority[acc] = score_majority(train_reports, truth)
