@@ -185,6 +185,14 @@ def parse_args(argv=None):
         "stage 0, which made them a reconstruction network; train without stage 0, the paper's recipe)",
     )
     p.add_argument(
+        "--stage1-backbone",
+        choices=["freeze", "train"],
+        default="freeze",
+        help="diagnostic, not the paper's recipe: 'train' lets stage 1 train the backbone's weights too (its "
+        "lr --lr), so the reports no longer rest on steering a frozen model; stage 2 and every score then use "
+        "the tuned backbone (default: freeze)",
+    )
+    p.add_argument(
         "--image-skip",
         action="store_true",
         help="ablation: the image decoder also gets the encoder's image (a path around the backbone); "

@@ -18,6 +18,8 @@ from mri_recon.batches import masked
 from mri_recon.diagnostics import (
     decoder_ssim,
     diagnose,
+    findings,
+    findings_probe,
     linear_probe,
     partner_slices,
     report_cross_entropy,
@@ -409,6 +411,12 @@ def test_diagnostics_score_the_decoder_on_the_right_token_pairs(volumes):
     assert "Does the report depend on the slice?" in table and f"| tiny | 4x | 8 | {row} | 4 |" in table
     blind = slice_blind_cross_entropy(volumes[0].reports, tokenizer)  # the training volume's reports
     assert result["report_ce_slice_blind"] == pytest.approx(blind) and f"| {blind:.4f} |" in table
+    # the findings probes: one per feature, each finding with two or more training values
+    probes = result["probe_findings"]
+    assert set(probes) == {"kspace_tokens", "image_tokens", "zero_filled"}
+    count = probes["kspace_tokens"]["count"]
+    row = f"| tiny | 4x | count | {count['classes']} | {count['majority']:.3f} | {count['accuracy']:.3f} |"
+    assert "Can the findings be read from the tokens?" in table and row in table
 
 
 def test_slice_blind_cross_entropy_is_the_reports_entropy_per_token():
@@ -567,6 +575,54 @@ def test_stage1_freezes_or_trains_the_encoder_cascades(volumes, cascades):
     train_stage1("t", model, volumes, tokenizer, args, np.random.default_rng(0))
     assert unchanged(model.encoder.varnet, before) == (cascades == "freeze")
     assert not unchanged(model.encoder.vit, vit)
+
+
+@pytest.mark.parametrize("backbone", ["freeze", "train"])
+def test_stage1_trains_the_backbone_only_when_asked_and_freezes_it_again(volumes, backbone):
+    """--stage1-backbone train: stage 1 changes the backbone's weights; afterwards they take no gradient again
+    (stage 2 must not change them). freeze (the default, the paper's recipe): bit-equal."""
+    model, tokenizer = tiny_model(init_std=0.2)
+    args = tiny_args(steps=3, stage1_backbone=backbone)
+    before = state_fingerprint(model.llm)
+    train_stage1("t", model, volumes, tokenizer, args, np.random.default_rng(0))
+    assert unchanged(model.llm, before) == (backbone == "freeze")
+    assert not any(p.requires_grad for p in model.llm.parameters())
+    after = state_fingerprint(model.llm)
+    train_stage2("t", model, volumes, tokenizer, args, np.random.default_rng(0))
+    assert unchanged(model.llm, after)
+
+
+def test_findings_are_read_from_both_report_grammars():
+    anatomy = findings(
+        "lesions: 2. left frontal: large irregular dark. right central: small round bright. level: basal ganglia."
+    )
+    assert anatomy == {"count": 2, "places": "left frontal, right central", "level": "basal ganglia"}
+    assert findings("lesions: 0.") == {"count": 0, "places": "", "level": None}
+    assert findings("vent ity of the") == {"count": None, "places": None, "level": None}
+
+
+def test_findings_probe_reads_a_finding_the_features_hold_and_not_one_they_do_not():
+    """Features that hold the lesion count (one-hot, plus noise) and nothing of where the one lesion is: the
+    count probe is right on every test slice, far above always the most common count; the place probe can
+    only tell no lesion from one, so it misses where the lesion is on about half the slices with one. The
+    level, which no phantom report states, is left out."""
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 3, 120)
+    sides = ["left frontal", "right central"]
+    reports = [
+        f"lesions: {c}." + "".join(f" {sides[rng.integers(2)]}: small round dark." for _ in range(c))
+        for c in counts
+    ]
+    x = torch.from_numpy(np.eye(3)[counts] * 3 + 0.1 * rng.standard_normal((120, 3)))
+    x = torch.cat([x, torch.from_numpy(rng.standard_normal((120, 5)))], dim=1)
+    result = findings_probe(x[:60], reports[:60], x[60:90], reports[60:90], x[90:], reports[90:])
+    assert set(result) == {"count", "places"}
+    majority = max(range(3), key=counts[:60].tolist().count)
+    assert result["count"]["majority"] == pytest.approx(np.mean(counts[90:] == majority))
+    assert result["count"]["accuracy"] == 1.0 > result["count"]["majority"] + 0.3
+    assert result["count"]["classes"] == 3
+    with_lesion = counts[90:] > 0
+    assert result["places"]["accuracy"] <= 1 - 0.25 * with_lesion.mean()
 
 
 def test_data_consistency_keeps_the_measured_lines_and_fills_the_others_from_the_image(volumes):

@@ -10,6 +10,12 @@
 - a ridge probe from the image tokens to the truth (fitted and chosen the same way; its SSIM uses the decoder's
   data range): what a linear readout of all image tokens at once reaches, beside the trained decoder's score;
 - the SSIM of the encoder's own image estimate (what stage 0 trains);
+- can the findings be read from the tokens? Ridge classifiers (one-hot targets, the arg-max class) from the
+  k-space tokens, from the image tokens and, for reference, from the zero-filled image itself, to each finding
+  of the report (`findings`: the lesion count, the set of lesion places, the level in the head), fitted and
+  chosen as the image probes, their test accuracy beside always answering the most common training label. A
+  k-space-token probe above that baseline while the generated reports are not: the encoder delivers the finding
+  and the frozen backbone does not turn it into words;
 - does the report depend on the slice? Stage 1's report cross-entropy (`report_loss`, the prompt of the
   diagnostics, mean over batches) of the test slices that have reports, with each slice's own k-space and with
   its partner's k-space and mask (the same reports, so only the encoder's k-space tokens change); and both again
@@ -22,6 +28,7 @@ Every slice is undersampled with its volume's evaluation mask at the acceleratio
 
 import dataclasses
 import math
+import re
 from collections import Counter
 
 import numpy as np
@@ -31,6 +38,7 @@ from mri_recon.batches import make_batch, masked
 from mri_recon.masks import volume_mask
 from mri_recon.metrics import ssim
 from mri_recon.models import zero_filled
+from mri_recon.phantoms import parse_report
 from mri_recon.pipeline import encode_reports
 
 RIDGE_STRENGTHS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # x the mean squared feature norm
@@ -190,6 +198,69 @@ def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, shape, data_ran
     }
 
 
+def findings(report):
+    """The findings a report states, as class labels: "count" (the lesion count), "places" (the sorted sides and
+    lobes of its lesions) and "level" (where anatomy reports give the slice's level in the head); None for
+    what the report does not state."""
+    count, fields = parse_report(report)
+    level = re.search(r"level: ([a-z ]+)\.", report)
+    return {
+        "count": count,
+        "places": None if count is None else ", ".join(sorted(f"{side} {lobe}" for side, lobe, *_ in fields)),
+        "level": level.group(1) if level else None,
+    }
+
+
+def findings_probe(train_x, train_reports, val_x, val_reports, test_x, test_reports):
+    """Ridge classifiers from features x (N, F) to each finding (`findings`) that every report of the three
+    splits states and that takes two or more values in training: one-hot targets (all findings in one solve),
+    the predicted class the arg-max, the ridge strength chosen per finding by validation accuracy.
+    Returns {finding: {"accuracy" (test), "majority" (test accuracy of always the most common training label),
+    "classes", "strength"}}."""
+    labels = [[findings(r) for r in reports] for reports in (train_reports, val_reports, test_reports)]
+    names = [
+        n
+        for n in ("count", "places", "level")
+        if all(f[n] is not None for split in labels for f in split) and len({f[n] for f in labels[0]}) > 1
+    ]
+    classes = {n: sorted({f[n] for f in labels[0]}, key=str) for n in names}
+    one_hot = torch.cat(
+        [
+            torch.tensor([[float(f[n] == c) for c in classes[n]] for f in labels[0]], dtype=torch.float64)
+            for n in names
+        ]
+        or [torch.zeros(len(labels[0]), 0, dtype=torch.float64)],
+        dim=1,
+    )
+    train_x, val_x, test_x = (x.double() for x in (train_x, val_x, test_x))
+
+    def accuracy(scores, split, n):  # scores (N, all classes) -> the share of slices whose finding n is right
+        start = sum(len(classes[m]) for m in names[: names.index(n)])
+        pred = scores[:, start : start + len(classes[n])].argmax(1).tolist()
+        return float(np.mean([classes[n][p] == f[n] for p, f in zip(pred, labels[split])]))
+
+    val_scores = {s: ridge_fit_predict(train_x, one_hot, val_x, s) for s in RIDGE_STRENGTHS}
+    result = {}
+    for n in names:
+        strength = max(RIDGE_STRENGTHS, key=lambda s: accuracy(val_scores[s], 1, n))
+        majority = Counter(f[n] for f in labels[0]).most_common(1)[0][0]
+        result[n] = {
+            "accuracy": accuracy(ridge_fit_predict(train_x, one_hot, test_x, strength), 2, n),
+            "majority": float(np.mean([f[n] == majority for f in labels[2]])),
+            "classes": len(classes[n]),
+            "strength": strength,
+        }
+    return result
+
+
+def split_reports(volumes, slice_counts):
+    """The reports of the slices slice_features took (the first slice_counts[v] of volume v); None when a volume
+    has no reports."""
+    if any(v.reports is None for v in volumes[: len(slice_counts)]):
+        return None
+    return [r for v, n in zip(volumes, slice_counts) for r in v.reports[:n]]
+
+
 def slice_blind_cross_entropy(reports, tokenizer):
     """Report cross-entropy per token (eos included, as report_loss counts) of the best model that ignores the
     slice, on these reports: it gives each report its frequency among them, so the total is their entropy. None
@@ -239,6 +310,22 @@ def diagnose(model, data, tokenizer, prompt_ids, acc, args):
         shape,
         data_range=test.maxval / test.scale,
     )
+    reports = [
+        split_reports(d, f.slice_counts) for d, f in ((data.train, train), (data.val, val), (data.test, test))
+    ]
+    findings_probes = None
+    if all(r is not None for r in reports):
+        findings_probes = {
+            name: findings_probe(
+                flat(getattr(train, name)),
+                reports[0],
+                flat(getattr(val, name)),
+                reports[1],
+                flat(getattr(test, name)),
+                reports[2],
+            )
+            for name in ("kspace_tokens", "image_tokens", "zero_filled")
+        }
     encoder_images = test.encoder_image * test.scale.reshape(-1, 1, 1)
     return {
         "slices": {
@@ -255,6 +342,7 @@ def diagnose(model, data, tokenizer, prompt_ids, acc, args):
         "probe_image_tokens": probes["image_tokens"],
         "probe_kspace_tokens": probes["kspace_tokens"],
         "probe_truth_image_tokens": probes["truth_image_tokens"],
+        "probe_findings": findings_probes,
         **report_cross_entropy(
             model, [v for v in data.test if v.reports is not None], tokenizer, prompt_ids, acc, args
         ),

@@ -188,7 +188,8 @@ def train_baselines(run, data, args, rng):
 
 
 def train_backbone(run, backbone, data, args, rng):
-    """Stage 0 (unless --encoder-pretrain-steps 0) and both post-training stages around one frozen backbone,
+    """Stage 0 (unless --encoder-pretrain-steps 0) and both post-training stages around one frozen backbone
+    (trained in stage 1 with --stage1-backbone train),
     then its test reports beside the majority baseline, gate statistics and (--diagnose) diagnostics."""
     name, llm, tokenizer, how = backbone
     train = data.train
@@ -209,8 +210,10 @@ def train_backbone(run, backbone, data, args, rng):
     model.eval()
     prompt_ids = torch.tensor(tokenizer.encode(PROMPTS[0]), device=args.device)
     run.methods[name] = lambda k, m, shape, model=model, prompt_ids=prompt_ids: model(k, m, prompt_ids)
-    # every trained part: the encoder with its cascades, the queries (and their projection), the decoder
-    run.params[name] = count_trainable(*model.stage1_parameters(), model.decoder)
+    # every trained part: the encoder with its cascades, the queries (and their projection), the decoder (and
+    # the backbone with --stage1-backbone train)
+    tuned = args.stage1_backbone == "train"
+    run.params[name] = count_trainable(*model.stage1_parameters(backbone=tuned), model.decoder)
     run.steps[name] = " + ".join(f"{len(run.fits[f'{name} stage {i}'].losses)} (stage {i})" for i in stages)
     if args.data_consistency:  # what the step adds to the decoder, and what it gives without the backbone
         run.methods[f"{name} decoder alone"] = lambda k, m, shape, model=model, prompt_ids=prompt_ids: (
@@ -229,8 +232,9 @@ def train_backbone(run, backbone, data, args, rng):
         skip_only = f"{name} skip only"
         run.methods[skip_only] = lambda k, m, shape, model=model: model.reconstruct_skip_only(k, m)
         run.params[skip_only], run.steps[skip_only] = run.params[name], run.steps[name]
+    state = "trained in stage 1 (--stage1-backbone train)" if tuned else "frozen"
     run.backbone_notes.append(
-        f"- {name}: {describe_backbone(llm)}; {how}; {fits_in}; frozen (bit-equal after "
+        f"- {name}: {describe_backbone(llm)}; {how}; {fits_in}; {state} (bit-equal after "
         f"both stages: {frozen})"
     )
     train_reports = [r for v in train for r in v.reports]

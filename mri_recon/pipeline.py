@@ -5,6 +5,8 @@ M trainable image queries and an image decoder. The sequence fed to the backbone
 Every call into the language model (llm.embed, llm.backbone, llm.lm_head, llm.setup_caches, llm.clear_caches)
 is in `NirvanaMRI` below, so a change of the model's interface is adapted here and nowhere else."""
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -56,14 +58,26 @@ class NirvanaMRI(nn.Module):
         """Stage 0 (reconstruction pre-training of the encoder): its VarNet cascades and sensitivity model."""
         return list(self.encoder.varnet.parameters())
 
-    def stage1_parameters(self, cascades=True):
+    def stage1_parameters(self, cascades=True, backbone=False):
         """Stage 1: the encoder and the image queries; cascades=False leaves out the encoder's VarNet cascades
-        and sensitivity model (as stage 0 trained them)."""
+        and sensitivity model (as stage 0 trained them); backbone=True adds the backbone's weights (mri.py
+        --stage1-backbone train, a diagnostic; they take gradients only inside backbone_trainable)."""
         encoder = self.encoder.parameters() if cascades else self.encoder.non_cascade_parameters()
         queries = [self.image_queries]
         if self.kspace_to_queries is not None:
             queries += list(self.kspace_to_queries.parameters())
-        return list(encoder) + queries
+        return list(encoder) + queries + (list(self.llm.parameters()) if backbone else [])
+
+    @contextlib.contextmanager
+    def backbone_trainable(self, trainable=True):
+        """Inside: the backbone's weights take gradients when trainable; frozen again on the way out."""
+        for p in self.llm.parameters():
+            p.requires_grad_(trainable)
+        try:
+            yield
+        finally:
+            for p in self.llm.parameters():
+                p.requires_grad_(False)
 
     def prefix(self, kspace, mask, prompt_ids):
         """[k-space tokens][prompt tokens][image queries] -> embeddings (B, N+Lp+M, d), the encoder's magnitude

@@ -153,6 +153,33 @@ def diagnostics_table(diagnostics):
             f"{fmt(d['report_ce_own_other_report_only'])} | {fmt(d['report_ce_other_report_only'])} | "
             f"{fmt(d['report_ce_slice_blind'])} |"
         )
+    return lines + [""] + findings_table(diagnostics)
+
+
+def findings_table(diagnostics):
+    """The findings probes of --diagnose: test accuracy per finding and feature, beside the majority label."""
+    rows = [(key, d["probe_findings"]) for key, d in diagnostics.items() if d.get("probe_findings")]
+    if not rows:
+        return []
+    features = ("kspace_tokens", "image_tokens", "zero_filled")
+    lines = [
+        "### Can the findings be read from the tokens? (--diagnose, test slices)",
+        "",
+        "Test accuracy of ridge classifiers (fitted on training slices, strength chosen on validation) from the "
+        "k-space tokens, from the image tokens and, for reference, from the zero-filled image, to each finding "
+        "of the report; majority: always the most common training label. A k-space-token probe above the "
+        "majority while the generated reports are not: the encoder delivers the finding, the frozen backbone "
+        "does not put it into words.",
+        "",
+        "| backbone | acc | finding | classes | majority | k-space tokens | image tokens | zero-filled image |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (name, acc), probes in rows:
+        for finding, first in probes[features[0]].items():
+            accuracies = " | ".join(f"{probes[f][finding]['accuracy']:.3f}" for f in features)
+            lines.append(
+                f"| {name} | {acc}x | {finding} | {first['classes']} | {first['majority']:.3f} | {accuracies} |"
+            )
     return lines + [""]
 
 

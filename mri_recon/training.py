@@ -90,7 +90,8 @@ def train_stage1(name, model, volumes, tokenizer, args, rng, val_volumes=()):
     steps; backbone frozen.
     --stage1-cascades freeze (the default after stage 0) leaves the encoder's VarNet cascades as stage 0 made
     them: trained on the report, they forget the reconstruction (measured: the encoder's image fell from SSIM
-    ~0.8 after stage 0 to ~0.17 after stage 1, see README). With val_volumes (all with reports), the parameters
+    ~0.8 after stage 0 to ~0.17 after stage 1, see README). --stage1-backbone train (a diagnostic, not the
+    paper's recipe) trains the backbone's weights as well, then freezes them again. With val_volumes (all with reports), the parameters
     of the best validation cross-entropy."""
     prompts = [torch.tensor(tokenizer.encode(p), device=args.device) for p in PROMPTS]
     batches = random_batches(volumes, args.batch_size, args.train_acc, args.mask_type, rng)
@@ -104,17 +105,19 @@ def train_stage1(name, model, volumes, tokenizer, args, rng, val_volumes=()):
     validate = None
     if val_volumes and all(v.reports is not None for v in val_volumes):
         validate = lambda: report_val_loss(model, val_volumes, tokenizer, prompts[0], args)
-    return fit(
-        f"{name} stage 1",
-        model.stage1_parameters(cascades=args.stage1_cascades == "train"),
-        loss_fn,
-        batches,
-        args.stage1_steps,
-        args.lr,
-        args.phase_seconds,
-        validate,
-        args.val_checks,
-    )
+    backbone = args.stage1_backbone == "train"
+    with model.backbone_trainable(backbone):
+        return fit(
+            f"{name} stage 1",
+            model.stage1_parameters(cascades=args.stage1_cascades == "train", backbone=backbone),
+            loss_fn,
+            batches,
+            args.stage1_steps,
+            args.lr,
+            args.phase_seconds,
+            validate,
+            args.val_checks,
+        )
 
 
 @torch.no_grad()
