@@ -413,7 +413,7 @@ def test_diagnostics_score_the_decoder_on_the_right_token_pairs(volumes):
     assert result["report_ce_slice_blind"] == pytest.approx(blind) and f"| {blind:.4f} |" in table
     # the findings probes: one per feature, each finding with two or more training values
     probes = result["probe_findings"]
-    assert set(probes) == {"kspace_tokens", "image_tokens", "zero_filled"}
+    assert set(probes) == {"kspace_tokens", "image_tokens", "zero_filled", "target"}
     count = probes["kspace_tokens"]["count"]
     row = f"| tiny | 4x | count | {count['classes']} | {count['majority']:.3f} | {count['accuracy']:.3f} |"
     assert "Can the findings be read from the tokens?" in table and row in table

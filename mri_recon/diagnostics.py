@@ -11,11 +11,12 @@
   data range): what a linear readout of all image tokens at once reaches, beside the trained decoder's score;
 - the SSIM of the encoder's own image estimate (what stage 0 trains);
 - can the findings be read from the tokens? Ridge classifiers (one-hot targets, the arg-max class) from the
-  k-space tokens, from the image tokens and, for reference, from the zero-filled image itself, to each finding
-  of the report (`findings`: the lesion count, the set of lesion places, the level in the head), fitted and
-  chosen as the image probes, their test accuracy beside always answering the most common training label. A
-  k-space-token probe above that baseline while the generated reports are not: the encoder delivers the finding
-  and the frozen backbone does not turn it into words;
+  k-space tokens, from the image tokens and, for reference, from the zero-filled and the true image, to each
+  finding of the report (`findings`: the lesion count, the set of lesion places, the level in the head), fitted
+  and chosen as the image probes, their test accuracy beside always answering the most common training label.
+  A k-space-token probe above that baseline while the generated reports are not: the encoder delivers the
+  finding and the backbone does not turn it into words; a true-image probe near the baseline: a linear readout
+  cannot find that finding even in the image;
 - does the report depend on the slice? Stage 1's report cross-entropy (`report_loss`, the prompt of the
   diagnostics, mean over batches) of the test slices that have reports, with each slice's own k-space and with
   its partner's k-space and mask (the same reports, so only the encoder's k-space tokens change); and both again
@@ -324,7 +325,7 @@ def diagnose(model, data, tokenizer, prompt_ids, acc, args):
                 flat(getattr(test, name)),
                 reports[2],
             )
-            for name in ("kspace_tokens", "image_tokens", "zero_filled")
+            for name in ("kspace_tokens", "image_tokens", "zero_filled", "target")
         }
     encoder_images = test.encoder_image * test.scale.reshape(-1, 1, 1)
     return {

@@ -161,18 +161,20 @@ def findings_table(diagnostics):
     rows = [(key, d["probe_findings"]) for key, d in diagnostics.items() if d.get("probe_findings")]
     if not rows:
         return []
-    features = ("kspace_tokens", "image_tokens", "zero_filled")
+    features = ("kspace_tokens", "image_tokens", "zero_filled", "target")
     lines = [
         "### Can the findings be read from the tokens? (--diagnose, test slices)",
         "",
         "Test accuracy of ridge classifiers (fitted on training slices, strength chosen on validation) from the "
-        "k-space tokens, from the image tokens and, for reference, from the zero-filled image, to each finding "
-        "of the report; majority: always the most common training label. A k-space-token probe above the "
-        "majority while the generated reports are not: the encoder delivers the finding, the frozen backbone "
-        "does not put it into words.",
+        "k-space tokens, from the image tokens and, for reference, from the zero-filled and the true image, to "
+        "each finding of the report; majority: always the most common training label. A k-space-token probe "
+        "above the majority while the generated reports are not: the encoder delivers the finding, the backbone "
+        "does not put it into words; a true-image probe near the majority: a linear readout cannot find it even "
+        "in the image.",
         "",
-        "| backbone | acc | finding | classes | majority | k-space tokens | image tokens | zero-filled image |",
-        "|---|---|---|---|---|---|---|---|",
+        "| backbone | acc | finding | classes | majority | k-space tokens | image tokens | zero-filled image | "
+        "true image |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (name, acc), probes in rows:
         for finding, first in probes[features[0]].items():
