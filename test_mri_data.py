@@ -108,6 +108,7 @@ def test_reports_follow_the_lesions():
         "count_acc": 1 / 3,
         "place_acc": 1 / 3,
         "exact": 1 / 3,
+        "level_acc": None,  # phantom reports state no level
         "n": 3,
         "distinct": 3,
         "known": 1 / 3,  # only 'lesions: 0.' is a known report (spaces stripped)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from mri_recon.metrics import majority_report, score_majority, ssim, volume_metrics
+from mri_recon.metrics import majority_report, score_majority, score_reports, ssim, volume_metrics
+from mri_recon.phantoms import parse_level
 
 
 def ssim_by_hand(x, y, data_range):
@@ -58,6 +59,19 @@ def test_psnr_and_nmse_equal_hand_values():
     assert same["ssim"] == pytest.approx(1.0) and same["nmse"] == 0.0
 
 
+def test_level_is_scored_on_the_reports_that_state_one():
+    """Anatomy reports end with the slice's level: scored over the truths that have one, whatever the count."""
+    truth = [
+        "lesions: 0. level: ventricles.",
+        "lesions: 1. left frontal: small round dark. level: vertex.",
+        "x",
+    ]
+    generated = ["lesions: 1. level: ventricles.", "lesions: 0. level: ventricles.", "lesions: 0."]
+    assert parse_level(truth[0]) == "ventricles" and parse_level("lesions: 0.") is None
+    scores = score_reports(generated, truth)
+    assert scores["level_acc"] == 0.5 and scores["count_acc"] == 0
+
+
 def test_majority_baseline_scores_the_most_common_training_report_on_the_test_reports():
     none, one = "lesions: 0.", "lesions: 1. left frontal: small round dark."
     two = "lesions: 2. left frontal: small round dark. right posterior: large oval bright."
@@ -70,6 +84,7 @@ def test_majority_baseline_scores_the_most_common_training_report_on_the_test_re
         "count_acc": 0.5,
         "place_acc": 0.5,
         "exact": 0.5,
+        "level_acc": None,
         "n": 4,
         "distinct": 1,
         "known": 1.0,

@@ -29,7 +29,6 @@ Every slice is undersampled with its volume's evaluation mask at the acceleratio
 
 import dataclasses
 import math
-import re
 from collections import Counter
 
 import numpy as np
@@ -39,7 +38,7 @@ from mri_recon.batches import make_batch, masked
 from mri_recon.masks import volume_mask
 from mri_recon.metrics import ssim
 from mri_recon.models import zero_filled
-from mri_recon.phantoms import parse_report
+from mri_recon.phantoms import parse_level, parse_report
 from mri_recon.pipeline import encode_reports
 
 RIDGE_STRENGTHS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # x the mean squared feature norm
@@ -204,11 +203,10 @@ def findings(report):
     lobes of its lesions) and "level" (where anatomy reports give the slice's level in the head); None for
     what the report does not state."""
     count, fields = parse_report(report)
-    level = re.search(r"level: ([a-z ]+)\.", report)
     return {
         "count": count,
         "places": None if count is None else ", ".join(sorted(f"{side} {lobe}" for side, lobe, *_ in fields)),
-        "level": level.group(1) if level else None,
+        "level": parse_level(report),
     }
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mri_recon.phantoms import parse_report
+from mri_recon.phantoms import parse_level, parse_report
 
 SSIM_WINDOW = 7  # the side of SSIM's uniform window: an image must be at least this large
 
@@ -57,21 +57,26 @@ def summarize(scores):
 
 def score_reports(generated, truth, known_reports=()):
     """Simple report score: lesion count exact, set of lesion places exact (in a report that parses), whole
-    report exact; and whether the reports follow the slice at all: how many distinct reports were generated,
-    and the share of them that are one of known_reports (e.g. the training reports: the templates' wording,
-    not the language model's own continuation)."""
+    report exact; the level in the head right, over the reports whose truth states one (None when none does);
+    and whether the reports follow the slice at all: how many distinct reports were generated, and the share of
+    them that are one of known_reports (e.g. the training reports: the templates' wording, not the language
+    model's own continuation)."""
     count = place = exact = 0
     for g, t in zip(generated, truth):
         (gc, gf), (tc, tf) = parse_report(g), parse_report(t)
         count += gc == tc
         place += gc is not None and sorted(f[:2] for f in gf) == sorted(f[:2] for f in tf)
         exact += g.strip() == t.strip()
+    levels = [
+        (parse_level(g), parse_level(t)) for g, t in zip(generated, truth) if parse_level(t) is not None
+    ]
     n = max(1, len(truth))
     known = {r.strip() for r in known_reports}
     return {
         "count_acc": count / n,
         "place_acc": place / n,
         "exact": exact / n,
+        "level_acc": sum(g == t for g, t in levels) / len(levels) if levels else None,
         "n": len(truth),
         "distinct": len({g.strip() for g in generated}),
         "known": sum(g.strip() in known for g in generated) / max(1, len(generated)),

@@ -87,6 +87,13 @@ def parse_report(text):
     return (int(count.group(1)) if count else None), REPORT_FIELD.findall(text)
 
 
+def parse_level(text):
+    """The slice's level in the head that real-anatomy reports end with ("level: ventricles." -> "ventricles"),
+    or None."""
+    level = re.search(r"level: ([a-z ]+)\.", text)
+    return level.group(1) if level else None
+
+
 def soft_inside(r, edge):
     """~1 inside r < 1, ~0 outside, a smooth edge of width ~edge (avoids aliasing the phantom)."""
     return 1.0 / (1.0 + np.exp(np.clip((r - 1.0) / edge, -50, 50)))
