@@ -225,10 +225,14 @@ def findings_probe(train_x, train_reports, val_x, val_reports, test_x, test_repo
     classes = {n: sorted({f[n] for f in labels[0]}, key=str) for n in names}
     one_hot = torch.cat(
         [
-            torch.tensor([[float(f[n] == c) for c in classes[n]] for f in labels[0]], dtype=torch.float64)
+            torch.tensor(
+                [[float(f[n] == c) for c in classes[n]] for f in labels[0]],
+                dtype=torch.float64,
+                device=train_x.device,
+            )
             for n in names
         ]
-        or [torch.zeros(len(labels[0]), 0, dtype=torch.float64)],
+        or [torch.zeros(len(labels[0]), 0, dtype=torch.float64, device=train_x.device)],
         dim=1,
     )
     train_x, val_x, test_x = (x.double() for x in (train_x, val_x, test_x))
