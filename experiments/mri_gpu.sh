@@ -29,6 +29,12 @@
 #   PER_BACKBONE=1 MRI_EXTRA="--image-skip --stage1-steps 1000" RESULTS=experiments/results/mri-long-stage1 \
 #       bash experiments/mri_gpu.sh   # the published long stage-1 run: six mri.py processes side by side (two
 #                                     # sets x three backbones; one H100, 19.3 minutes)
+#   BACKBONES=nirvana PER_BACKBONE=1 MRI_RUNS=anatomy RESULTS=experiments/results/mri-stage1-backbone/frozen \
+#       MRI_EXTRA="--image-skip --stage1-steps 1000 --backbone-autocast" bash experiments/mri_gpu.sh
+#   BACKBONES=nirvana PER_BACKBONE=1 RESULTS=experiments/results/mri-stage1-backbone/trained \
+#       MRI_EXTRA="--image-skip --stage1-steps 1000 --backbone-autocast --stage1-backbone train" \
+#       bash experiments/mri_gpu.sh   # the published stage-1-backbone runs (run side by side on one H100, with
+#                                     # the same WORK: the second starts once the first has its backbone and data)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CORPUS=${CORPUS:-data/real_text/tokens}
