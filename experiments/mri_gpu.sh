@@ -33,8 +33,8 @@
 #       MRI_EXTRA="--image-skip --stage1-steps 1000 --backbone-autocast" bash experiments/mri_gpu.sh
 #   BACKBONES=nirvana PER_BACKBONE=1 RESULTS=experiments/results/mri-stage1-backbone/trained \
 #       MRI_EXTRA="--image-skip --stage1-steps 1000 --backbone-autocast --stage1-backbone train" \
-#       bash experiments/mri_gpu.sh   # the published stage-1-backbone runs (run side by side on one H100, with
-#                                     # the same WORK: the second starts once the first has its backbone and data)
+#       bash experiments/mri_gpu.sh   # the published stage-1-backbone runs (one H100; one after the other, the
+#                                     # second reuses WORK's backbone and data sets)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CORPUS=${CORPUS:-data/real_text/tokens}
