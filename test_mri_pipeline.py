@@ -26,6 +26,7 @@ from mri_recon.diagnostics import (
     ridge_fit_predict,
     slice_blind_cross_entropy,
     slice_features,
+    slice_specific_share,
 )
 from mri_recon.evaluation import gate_statistics, generate_test_reports
 from mri_recon.experiment import Data
@@ -417,6 +418,16 @@ def test_diagnostics_score_the_decoder_on_the_right_token_pairs(volumes):
     count = probes["kspace_tokens"]["count"]
     row = f"| tiny | 4x | count | {count['classes']} | {count['majority']:.3f} | {count['accuracy']:.3f} |"
     assert "Can the findings be read from the tokens?" in table and row in table
+    share = result["slice_specific_share"]["kspace_tokens"]
+    assert 0 < share < 1 and f"tiny 4x: k-space tokens {share:.2e}" in table
+
+
+def test_slice_specific_share_is_the_part_that_differs_between_slices():
+    same = torch.ones(5, 3, 2)
+    assert slice_specific_share(same) == 0
+    # tokens 10 + e_i: mean square 100 + 2*10*mean(e) + mean(e^2); what differs is e minus its mean
+    e = torch.tensor([[1.0], [-1.0]])
+    assert slice_specific_share(10 + e) == pytest.approx(1 / 101)
 
 
 def test_slice_blind_cross_entropy_is_the_reports_entropy_per_token():

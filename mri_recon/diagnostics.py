@@ -16,7 +16,9 @@
   and chosen as the image probes, their test accuracy beside always answering the most common training label.
   A k-space-token probe above that baseline while the generated reports are not: the encoder delivers the
   finding and the backbone does not turn it into words; a true-image probe near the baseline: a linear readout
-  cannot find that finding even in the image;
+  cannot find that finding even in the image. Beside them, how much of the tokens differs between slices at all
+  (`slice_specific_share`): the probes standardise every feature, so they read differences the backbone, which
+  sees the tokens whole, may find too small to notice;
 - does the report depend on the slice? Stage 1's report cross-entropy (`report_loss`, the prompt of the
   diagnostics, mean over batches) of the test slices that have reports, with each slice's own k-space and with
   its partner's k-space and mask (the same reports, so only the encoder's k-space tokens change); and both again
@@ -256,6 +258,13 @@ def findings_probe(train_x, train_reports, val_x, val_reports, test_x, test_repo
     return result
 
 
+def slice_specific_share(tokens):
+    """The share of the tokens' mean square that differs between slices: sum_i ||x_i - mean||^2 / sum_i ||x_i||^2
+    over slices i of tokens (N, ...), the mean over slices. 0: every slice gets the same tokens."""
+    x = tokens.double().flatten(1)
+    return ((x - x.mean(0)).pow(2).sum() / x.pow(2).sum().clamp_min(1e-300)).item()
+
+
 def split_reports(volumes, slice_counts):
     """The reports of the slices slice_features took (the first slice_counts[v] of volume v); None when a volume
     has no reports."""
@@ -346,6 +355,9 @@ def diagnose(model, data, tokenizer, prompt_ids, acc, args):
         "probe_kspace_tokens": probes["kspace_tokens"],
         "probe_truth_image_tokens": probes["truth_image_tokens"],
         "probe_findings": findings_probes,
+        "slice_specific_share": {
+            name: slice_specific_share(getattr(test, name)) for name in ("kspace_tokens", "image_tokens")
+        },
         **report_cross_entropy(
             model, [v for v in data.test if v.reports is not None], tokenizer, prompt_ids, acc, args
         ),

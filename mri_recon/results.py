@@ -165,6 +165,11 @@ def diagnostics_table(diagnostics):
 def findings_table(diagnostics):
     """The findings probes of --diagnose: test accuracy per finding and feature, beside the majority label."""
     rows = [(key, d["probe_findings"]) for key, d in diagnostics.items() if d.get("probe_findings")]
+    shares = [
+        f"{name} {acc}x: k-space tokens {d['slice_specific_share']['kspace_tokens']:.2e}, image tokens "
+        f"{d['slice_specific_share']['image_tokens']:.2e}"
+        for (name, acc), d in diagnostics.items()
+    ]
     if not rows:
         return []
     features = ("kspace_tokens", "image_tokens", "zero_filled", "target")
@@ -188,7 +193,14 @@ def findings_table(diagnostics):
             lines.append(
                 f"| {name} | {acc}x | {finding} | {first['classes']} | {first['majority']:.3f} | {accuracies} |"
             )
-    return lines + [""]
+    return lines + [
+        "",
+        "The probes standardise every feature. How much of the tokens differs between test slices at all (the "
+        "share of their mean square that is not the mean over slices; 0: the same tokens for every slice): "
+        + "; ".join(shares)
+        + ".",
+        "",
+    ]
 
 
 def distance_table(acc, stats):
