@@ -193,13 +193,6 @@ def parse_args(argv=None):
         "the tuned backbone (default: freeze)",
     )
     p.add_argument(
-        "--standardise-kspace-tokens",
-        action="store_true",
-        help="not in the paper: before stage 1, standardise every feature of every k-space token with its "
-        "training mean and std over slices and scale it to the backbone's embedding RMS (the encoder's tokens "
-        "are otherwise nearly the same for every slice)",
-    )
-    p.add_argument(
         "--image-skip",
         action="store_true",
         help="ablation: the image decoder also gets the encoder's image (a path around the backbone); "

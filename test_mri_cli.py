@@ -317,7 +317,6 @@ def test_stage0_steps_default_to_steps_and_zero_turns_it_off():
     args = mri.parse_args([])
     assert not args.image_skip and not args.diagnose and args.phase_seconds == 0  # equal steps by default
     assert args.stage1_backbone == "freeze"  # the paper's recipe
-    assert not args.standardise_kspace_tokens
 
 
 def test_options_script_writes_one_table_of_every_variant(tmp_path):

@@ -603,30 +603,6 @@ def test_stage1_trains_the_backbone_only_when_asked_and_freezes_it_again(volumes
     assert unchanged(model.llm, after)
 
 
-def test_kspace_tokens_standardised_with_training_statistics_only_when_asked(volumes):
-    """The encoder's tokens are its projection unchanged by default; set_token_statistics standardises each
-    token feature over the slices it was given and scales it; stage 1 sets it (to the backbone's embedding RMS)
-    only with --standardise-kspace-tokens."""
-    model, tokenizer = tiny_model(init_std=0.2)
-    encoder = model.encoder
-    mask = volume_mask(volumes[0].name, 16, 4, "random")
-    kspace, m = masked(volumes[0], 0, 4, mask)
-    with torch.no_grad():
-        projected = encoder.projected_tokens(kspace, m)[0]
-        assert torch.equal(encoder(kspace, m)[0], projected)
-        encoder.set_token_statistics(projected, 0.5)
-        tokens = encoder(kspace, m)[0]
-    torch.testing.assert_close(tokens.mean(0), torch.zeros_like(tokens[0]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(tokens.std(0), torch.full_like(tokens[0], 0.5), atol=1e-4, rtol=0)
-    for standardise in (False, True):
-        model, tokenizer = tiny_model(init_std=0.2)
-        args = tiny_args(steps=2, standardise_kspace_tokens=standardise)
-        train_stage1("t", model, volumes, tokenizer, args, np.random.default_rng(0))
-        scale = model.encoder.token_scale.item()
-        assert scale == (pytest.approx(model.embedding_rms()) if standardise else 1.0)
-        assert bool(model.encoder.token_mean.any()) == standardise
-
-
 def test_findings_are_read_from_both_report_grammars():
     anatomy = findings(
         "lesions: 2. left frontal: large irregular dark. right central: small round bright. level: basal ganglia."

@@ -249,12 +249,6 @@ class KspaceEncoder(nn.Module):
         self.varnet = E2EVarNet(cascades, chans, sens_chans)
         self.vit = T2TViT(3, vit_dim, vit_depth, vit_heads, stride=vit_stride)
         self.to_model = nn.Linear(vit_dim, d_model)
-        # The tokens the backbone gets are (projection - token_mean) / token_std * token_scale: the identity
-        # unless set_token_statistics sets them (mri.py --standardise-kspace-tokens)
-        n_tokens = self.vit.n_tokens(*out_shape)
-        self.register_buffer("token_mean", torch.zeros(n_tokens, d_model))
-        self.register_buffer("token_std", torch.ones(n_tokens, d_model))
-        self.register_buffer("token_scale", torch.ones(()))
 
     def non_cascade_parameters(self):  # the T2T-ViT and the projection to d_model
         return list(self.vit.parameters()) + list(self.to_model.parameters())
@@ -274,22 +268,10 @@ class KspaceEncoder(nn.Module):
         image, scale = self.image_estimate(kspace, mask)
         return image.abs() * scale.reshape(-1, 1, 1)
 
-    def projected_tokens(self, kspace, mask):  # -> the projection to d_model (B, N, d_model), image, scale
+    def forward(self, kspace, mask):  # -> k-space tokens (B, N, d_model), image (B, h, w) complex, scale (B,)
         image, scale = self.image_estimate(kspace, mask)
         features = torch.stack([image.real, image.imag, image.abs()], dim=1)
         return self.to_model(self.vit(features)), image, scale
-
-    @torch.no_grad()
-    def set_token_statistics(self, tokens, token_scale):
-        """tokens (N, n, d_model): projected_tokens of training slices. From now on each token feature is
-        standardised with their mean and std over slices and scaled to token_scale."""
-        self.token_mean.copy_(tokens.mean(0))
-        self.token_std.copy_(tokens.std(0).clamp_min(1e-6 * tokens.std().item()))
-        self.token_scale.fill_(token_scale)
-
-    def forward(self, kspace, mask):  # -> k-space tokens (B, N, d_model), image (B, h, w) complex, scale (B,)
-        tokens, image, scale = self.projected_tokens(kspace, mask)
-        return (tokens - self.token_mean) / self.token_std * self.token_scale, image, scale
 
     def data_consistency_inputs(self, kspace, mask):
         """What the data-consistency step needs of each slice, none of it trained after stage 1 (stage 2 keeps

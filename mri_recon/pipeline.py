@@ -79,10 +79,6 @@ class NirvanaMRI(nn.Module):
             for p in self.llm.parameters():
                 p.requires_grad_(False)
 
-    def embedding_rms(self):
-        """The RMS of the backbone's token embeddings: the scale of what it reads at every position."""
-        return self.llm.token_embedding.weight.detach().float().pow(2).mean().sqrt().item()
-
     def prefix(self, kspace, mask, prompt_ids):
         """[k-space tokens][prompt tokens][image queries] -> embeddings (B, N+Lp+M, d), the encoder's magnitude
         image (B, h, w) and the k-space scale (B,)."""

@@ -3,9 +3,6 @@
 queries, cross-entropy on the report) and stage 2 (the image decoder alone, -SSIM, eq. 9), each with its
 validation loss for model selection."""
 
-import itertools
-import math
-
 import numpy as np
 import torch
 
@@ -88,21 +85,6 @@ def report_val_loss(model, volumes, tokenizer, prompt_ids, args):
     return float(np.mean(losses))
 
 
-@torch.no_grad()
-def standardise_kspace_tokens(model, volumes, args, rng):
-    """mri.py --standardise-kspace-tokens, before stage 1: every feature of every k-space token standardised with
-    its mean and std over one pass of the training slices (each with a random mask at a training
-    acceleration), scaled to the RMS of the backbone's token embeddings, and kept so for the rest of the run.
-    Why: the encoder's tokens are nearly the same for every slice (the shared anatomy and the ViT's position
-    code; --diagnose measures the share that differs between slices), so the backbone, which reads them whole
-    beside word embeddings, gets almost nothing of the slice."""
-    chunk = 4 * args.batch_size
-    passes = math.ceil(sum(v.kspace.shape[0] for v in volumes) / chunk)
-    batches = random_batches(volumes, chunk, args.train_acc, args.mask_type, rng)
-    tokens = [model.encoder.projected_tokens(b.kspace, b.mask)[0] for b in itertools.islice(batches, passes)]
-    model.encoder.set_token_statistics(torch.cat(tokens), model.embedding_rms())
-
-
 def train_stage1(name, model, volumes, tokenizer, args, rng, val_volumes=()):
     """Stage 1: the encoder (and image queries) only, cross-entropy on the report tokens, for --stage1-steps
     steps; backbone frozen.
@@ -123,8 +105,6 @@ def train_stage1(name, model, volumes, tokenizer, args, rng, val_volumes=()):
     validate = None
     if val_volumes and all(v.reports is not None for v in val_volumes):
         validate = lambda: report_val_loss(model, val_volumes, tokenizer, prompts[0], args)
-    if args.standardise_kspace_tokens:
-        standardise_kspace_tokens(model, volumes, args, rng)
     backbone = args.stage1_backbone == "train"
     with model.backbone_trainable(backbone):
         return fit(
