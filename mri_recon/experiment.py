@@ -189,8 +189,8 @@ def train_baselines(run, data, args, rng):
 
 def train_backbone(run, backbone, data, args, rng):
     """Stage 0 (unless --encoder-pretrain-steps 0) and both post-training stages around one frozen backbone
-    (trained in stage 1 with --stage1-backbone train),
-    then its test reports beside the majority baseline, gate statistics and (--diagnose) diagnostics."""
+    (trained in stage 1 with --stage1-backbone train), then its test reports beside the majority baseline, gate
+    statistics and (--diagnose) diagnostics."""
     name, llm, tokenizer, how = backbone
     train = data.train
     model = build_nirvana_mri(llm, data.out_shape, args)
