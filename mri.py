@@ -17,8 +17,8 @@ Stage 0 (this code's choice, --encoder-pretrain-steps 0 turns it off) trains the
 reconstruct (-SSIM on their own image); stage 1 trains the encoder (and the image queries) with cross-entropy
 on the report tokens, leaving the cascades as stage 0 made them (--stage1-cascades); stage 2 trains the image
 decoder alone with -SSIM (eq. 9). Every stage and baseline takes --steps optimizer steps (--stage1-steps can
-give stage 1 more: see README on its cross-entropy). The backbone's weights never change; its Trigger still
-adapts p.
+give stage 1 more: see README on its cross-entropy). The backbone's weights never change (unless
+--stage1-backbone train, a diagnostic); its Trigger still adapts p.
 --image-skip (an ablation, off by default) also hands the decoder the encoder's image, a path around the
 backbone; the run then scores "skip only" too (the backbone's image tokens replaced by their mean).
 --data-consistency (not in the paper, off by default) replaces the sampled k-space lines of the decoder's image

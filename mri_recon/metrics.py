@@ -67,9 +67,8 @@ def score_reports(generated, truth, known_reports=()):
         count += gc == tc
         place += gc is not None and sorted(f[:2] for f in gf) == sorted(f[:2] for f in tf)
         exact += g.strip() == t.strip()
-    levels = [
-        (parse_level(g), parse_level(t)) for g, t in zip(generated, truth) if parse_level(t) is not None
-    ]
+    levels = [(parse_level(g), parse_level(t)) for g, t in zip(generated, truth)]
+    levels = [(g, t) for g, t in levels if t is not None]
     n = max(1, len(truth))
     known = {r.strip() for r in known_reports}
     return {

@@ -165,13 +165,13 @@ def diagnostics_table(diagnostics):
 def findings_table(diagnostics):
     """The findings probes of --diagnose: test accuracy per finding and feature, beside the majority label."""
     rows = [(key, d["probe_findings"]) for key, d in diagnostics.items() if d.get("probe_findings")]
+    if not rows:
+        return []
     shares = [
         f"{name} {acc}x: k-space tokens {d['slice_specific_share']['kspace_tokens']:.2e}, image tokens "
         f"{d['slice_specific_share']['image_tokens']:.2e}"
         for (name, acc), d in diagnostics.items()
     ]
-    if not rows:
-        return []
     features = ("kspace_tokens", "image_tokens", "zero_filled", "target")
     lines = [
         "### Can the findings be read from the tokens? (--diagnose, test slices)",

@@ -87,12 +87,12 @@ def report_val_loss(model, volumes, tokenizer, prompt_ids, args):
 
 def train_stage1(name, model, volumes, tokenizer, args, rng, val_volumes=()):
     """Stage 1: the encoder (and image queries) only, cross-entropy on the report tokens, for --stage1-steps
-    steps; backbone frozen.
+    steps; backbone frozen (unless --stage1-backbone train).
     --stage1-cascades freeze (the default after stage 0) leaves the encoder's VarNet cascades as stage 0 made
     them: trained on the report, they forget the reconstruction (measured: the encoder's image fell from SSIM
     ~0.8 after stage 0 to ~0.17 after stage 1, see README). --stage1-backbone train (a diagnostic, not the
-    paper's recipe) trains the backbone's weights as well, then freezes them again. With val_volumes (all with reports), the parameters
-    of the best validation cross-entropy."""
+    paper's recipe) trains the backbone's weights as well, then freezes them again. With val_volumes (all with
+    reports), the parameters of the best validation cross-entropy."""
     prompts = [torch.tensor(tokenizer.encode(p), device=args.device) for p in PROMPTS]
     batches = random_batches(volumes, args.batch_size, args.train_acc, args.mask_type, rng)
     loss_fn = lambda b: model.report_loss(
