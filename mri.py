@@ -193,6 +193,14 @@ def parse_args(argv=None):
         "the tuned backbone (default: freeze)",
     )
     p.add_argument(
+        "--kspace-token-norm",
+        choices=["none", "batch"],
+        default="none",
+        help="not in the paper: 'batch' standardises the k-space tokens over the slices of each stage-1 batch "
+        "(per feature, to the backbone's embedding RMS; batch norm, without its affine), so the backbone gets "
+        "only what differs between slices and stage 1 cannot shrink it (default: none, the paper's encoder)",
+    )
+    p.add_argument(
         "--image-skip",
         action="store_true",
         help="ablation: the image decoder also gets the encoder's image (a path around the backbone); "

@@ -317,6 +317,7 @@ def test_stage0_steps_default_to_steps_and_zero_turns_it_off():
     args = mri.parse_args([])
     assert not args.image_skip and not args.diagnose and args.phase_seconds == 0  # equal steps by default
     assert args.stage1_backbone == "freeze"  # the paper's recipe
+    assert args.kspace_token_norm == "none"  # the paper's encoder
 
 
 def test_options_script_writes_one_table_of_every_variant(tmp_path):

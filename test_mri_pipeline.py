@@ -39,6 +39,7 @@ from mri_recon.models import (
     E2EVarNet,
     ImageDecoder,
     KspaceEncoder,
+    SliceStandardise,
     T2TViT,
     UNetBaseline,
     centre_lines,
@@ -47,7 +48,7 @@ from mri_recon.models import (
     sens_reduce,
 )
 from mri_recon.phantoms import generate_dataset, parse_report
-from mri_recon.pipeline import PROMPTS, build_nirvana_mri, encode_reports, mri_sequence_length
+from mri_recon.pipeline import PROMPTS, build_nirvana_mri, embedding_rms, encode_reports, mri_sequence_length
 from mri_recon.results import diagnostics_table
 from mri_recon.training import (
     cache_image_tokens,
@@ -601,6 +602,63 @@ def test_stage1_trains_the_backbone_only_when_asked_and_freezes_it_again(volumes
     after = state_fingerprint(model.llm)
     train_stage2("t", model, volumes, tokenizer, args, np.random.default_rng(0))
     assert unchanged(model.llm, after)
+
+
+def test_slice_standardise_uses_the_batch_while_training_and_its_stored_statistics_otherwise():
+    """Training with gradients: every token feature has mean 0 over the batch's slices and, pooled over
+    positions, std `scale`; the stored statistics follow as an exponential average. Without gradients, or in
+    eval mode, the stored ones; calibrate replaces them by a set's own (which then standardises that set)."""
+    torch.manual_seed(0)
+    norm = SliceStandardise(3, 5, scale=0.5, momentum=0.25)
+    x = 7 + 3 * torch.randn(6, 3, 5) * torch.arange(1, 6)  # a large common part, features of unequal spread
+    y = norm(x.requires_grad_())
+    torch.testing.assert_close(y.mean(0), torch.zeros(3, 5), atol=1e-5, rtol=0)
+    pooled = y.pow(2).mean((0, 1)) * 6 / 5
+    torch.testing.assert_close(pooled.sqrt(), torch.full((5,), 0.5), atol=1e-5, rtol=0)
+    mean, var = SliceStandardise.statistics(x.detach())
+    torch.testing.assert_close(norm.mean, 0.25 * mean)
+    torch.testing.assert_close(norm.var, 0.75 + 0.25 * var)
+    stored = (norm.mean.clone(), norm.var.clone())
+    expected = (x.detach() - stored[0]) * torch.rsqrt(stored[1] + norm.eps) * 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), expected)  # no gradients: the stored statistics, not updated
+    norm.eval()
+    torch.testing.assert_close(norm(x).detach(), expected)
+    assert torch.equal(norm.mean, stored[0]) and torch.equal(norm.var, stored[1])
+    norm.calibrate(x.detach())
+    with torch.no_grad():
+        y = norm(x)
+    torch.testing.assert_close(y.mean(0), torch.zeros(3, 5), atol=1e-5, rtol=0)
+
+
+def test_kspace_token_norm_only_when_asked_and_calibrated_after_stage1(volumes):
+    """By default the encoder's tokens are its projection (the paper's encoder). --kspace-token-norm batch:
+    standardised to the backbone's embedding RMS; stage 1's steps train through the batch statistics, and
+    after stage 1 the stored statistics are those of the training slices under their evaluation masks."""
+    mask = volume_mask(volumes[0].name, 16, 4, "random")
+    kspace, m = masked(volumes[0], 0, 4, mask)
+    model, tokenizer = tiny_model(init_std=0.2)
+    assert model.encoder.token_norm is None
+    with torch.no_grad():
+        assert torch.equal(model.encoder(kspace, m)[0], model.encoder.projected_tokens(kspace, m)[0])
+    model, tokenizer = tiny_model(init_std=0.2, kspace_token_norm="batch")
+    norm = model.encoder.token_norm
+    assert norm.scale == pytest.approx(embedding_rms(model.llm))
+    vit_before = [p.detach().clone() for p in model.encoder.vit.parameters()]
+    train_stage1("t", model, volumes, tokenizer, tiny_args(steps=3), np.random.default_rng(0))
+    assert any(not torch.equal(a, b) for a, b in zip(vit_before, model.encoder.vit.parameters()))
+    args = tiny_args()
+    with torch.no_grad():
+        projected = torch.cat(
+            [
+                model.encoder.projected_tokens(*masked(v, 0, 4, volume_mask(v.name, 16, acc, "random")))[0]
+                for acc in args.train_acc
+                for v in volumes
+            ]
+        )
+    mean, var = SliceStandardise.statistics(projected)
+    torch.testing.assert_close(norm.mean, mean)
+    torch.testing.assert_close(norm.var, var)
 
 
 def test_findings_are_read_from_both_report_grammars():

@@ -236,19 +236,73 @@ def kspace_layer_norm(kspace, mask):
     return kspace / scale.reshape(B, 1, 1, 1), scale
 
 
+class SliceStandardise(nn.Module):
+    """Batch norm over slices for the k-space tokens (mri.py --kspace-token-norm batch; not in the paper).
+    (B, N, d) -> (B, N, d): every token feature minus its mean over the batch's slices (per token position),
+    divided by the feature's std over slices (pooled over positions), times `scale` (the backbone's embedding
+    RMS). What is left is only what differs between slices, at the size of a word embedding, whatever the
+    encoder's weights: stage 1 cannot make the tokens the same for every slice by shrinking their differences.
+    Batch statistics while gradients flow in training mode (stage 1's steps); otherwise the stored ones, an
+    exponential average until `calibrate` sets them from a pass over the training slices."""
+
+    def __init__(self, n_tokens, dim, scale, momentum=0.1, eps=1e-12):
+        super().__init__()
+        self.scale, self.momentum, self.eps = scale, momentum, eps
+        self.register_buffer("mean", torch.zeros(n_tokens, dim))
+        self.register_buffer("var", torch.ones(dim))
+
+    @staticmethod
+    def statistics(
+        x,
+    ):  # (B, N, d) -> mean over slices (N, d), variance over slices pooled over positions (d,)
+        mean = x.mean(0)
+        return mean, (x - mean).pow(2).mean((0, 1)) * x.shape[0] / max(1, x.shape[0] - 1)
+
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled() and x.shape[0] > 1:
+            mean, var = self.statistics(x)
+            with torch.no_grad():
+                self.mean.lerp_(mean, self.momentum)
+                self.var.lerp_(var, self.momentum)
+        else:
+            mean, var = self.mean, self.var
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.scale
+
+    @torch.no_grad()
+    def calibrate(self, tokens):  # tokens (S, N, d): the encoder's projections of S training slices
+        mean, var = self.statistics(tokens)
+        self.mean.copy_(mean)
+        self.var.copy_(var)
+
+
 class KspaceEncoder(nn.Module):
     """LayerNorm -> VarNet cascades with sensitivity estimation -> light T2T-ViT -> Linear to d_model.
     The cascades' coil-combined image (`image_estimate`) is what the ViT tokenises; stage 0 trains the
     cascades to make it a reconstruction, as the E2E-VarNet baseline is trained."""
 
     def __init__(
-        self, d_model, out_shape, cascades, chans, sens_chans, vit_dim, vit_depth, vit_heads, vit_stride=16
+        self,
+        d_model,
+        out_shape,
+        cascades,
+        chans,
+        sens_chans,
+        vit_dim,
+        vit_depth,
+        vit_heads,
+        vit_stride=16,
+        token_norm_scale=None,
     ):
         super().__init__()
         self.out_shape = out_shape
         self.varnet = E2EVarNet(cascades, chans, sens_chans)
         self.vit = T2TViT(3, vit_dim, vit_depth, vit_heads, stride=vit_stride)
         self.to_model = nn.Linear(vit_dim, d_model)
+        # token_norm_scale: the tokens standardised over slices to this RMS (SliceStandardise); None: the
+        # projection as it is (the paper's encoder)
+        self.token_norm = None
+        if token_norm_scale is not None:
+            self.token_norm = SliceStandardise(self.vit.n_tokens(*out_shape), d_model, token_norm_scale)
 
     def non_cascade_parameters(self):  # the T2T-ViT and the projection to d_model
         return list(self.vit.parameters()) + list(self.to_model.parameters())
@@ -268,10 +322,14 @@ class KspaceEncoder(nn.Module):
         image, scale = self.image_estimate(kspace, mask)
         return image.abs() * scale.reshape(-1, 1, 1)
 
-    def forward(self, kspace, mask):  # -> k-space tokens (B, N, d_model), image (B, h, w) complex, scale (B,)
+    def projected_tokens(self, kspace, mask):  # -> the projection to d_model (B, N, d_model), image, scale
         image, scale = self.image_estimate(kspace, mask)
         features = torch.stack([image.real, image.imag, image.abs()], dim=1)
         return self.to_model(self.vit(features)), image, scale
+
+    def forward(self, kspace, mask):  # -> k-space tokens (B, N, d_model), image (B, h, w) complex, scale (B,)
+        tokens, image, scale = self.projected_tokens(kspace, mask)
+        return (tokens if self.token_norm is None else self.token_norm(tokens)), image, scale
 
     def data_consistency_inputs(self, kspace, mask):
         """What the data-consistency step needs of each slice, none of it trained after stage 1 (stage 2 keeps

@@ -178,6 +178,7 @@ def build_nirvana_mri(llm, out_shape, args):
         args.vit_depth,
         heads_for(args.vit_dim),
         args.vit_stride,
+        embedding_rms(llm) if args.kspace_token_norm == "batch" else None,
     )
     decoder = ImageDecoder(
         d_model, out_shape, args.patch, args.dec_chans, args.pools, image_skip=args.image_skip
@@ -185,6 +186,11 @@ def build_nirvana_mri(llm, out_shape, args):
     return NirvanaMRI(
         llm, encoder, decoder, args.data_consistency, args.queries_see_kspace, args.backbone_autocast
     ).to(args.device)
+
+
+def embedding_rms(llm):
+    """The RMS of the backbone's token embeddings: the size of what it reads at every position."""
+    return llm.token_embedding.weight.detach().float().pow(2).mean().sqrt().item()
 
 
 def heads_for(dim):

@@ -107,7 +107,7 @@ def train_stage1(name, model, volumes, tokenizer, args, rng, val_volumes=()):
         validate = lambda: report_val_loss(model, val_volumes, tokenizer, prompts[0], args)
     backbone = args.stage1_backbone == "train"
     with model.backbone_trainable(backbone):
-        return fit(
+        result = fit(
             f"{name} stage 1",
             model.stage1_parameters(cascades=args.stage1_cascades == "train", backbone=backbone),
             loss_fn,
@@ -118,6 +118,24 @@ def train_stage1(name, model, volumes, tokenizer, args, rng, val_volumes=()):
             validate,
             args.val_checks,
         )
+    if model.encoder.token_norm is not None:
+        calibrate_token_norm(model, volumes, args)
+    return result
+
+
+@torch.no_grad()
+def calibrate_token_norm(model, volumes, args):
+    """--kspace-token-norm batch, after stage 1: the standardisation's statistics from every training slice at
+    every training acceleration, each volume under its evaluation mask, with the encoder stage 1 kept; fixed from
+    then on (the running average of stage 1 followed weights that model selection may have undone)."""
+    tokens = []
+    for acc in args.train_acc:
+        for vol in volumes:
+            mask = volume_mask(vol.name, vol.kspace.shape[-1], acc, args.mask_type)
+            for s0 in range(0, vol.kspace.shape[0], 4 * args.batch_size):
+                kspace, m = masked(vol, s0, s0 + 4 * args.batch_size, mask)
+                tokens.append(model.encoder.projected_tokens(kspace, m)[0])
+    model.encoder.token_norm.calibrate(torch.cat(tokens))
 
 
 @torch.no_grad()
