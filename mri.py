@@ -26,6 +26,8 @@ by the measured ones; the run then also scores the decoder alone and the step on
 --queries-see-kspace (not in the paper, off by default) adds a learned projection of the mean k-space token to
 every image query, next to the report (on the GPU, at 300 steps, it made neither the images nor the reports
 better: README).
+--kspace-token-norm batch (not in the paper, off by default) standardises the k-space tokens over the slices of
+each stage-1 batch, so the backbone gets only what differs between slices, at the size of a word embedding.
 --backbone-autocast (off by default) runs the frozen backbone under bfloat16 autocast, as train.py trains it: on
 a GPU its kernels then take their bf16 paths (with float32 they take their exact float32 paths).
 --diagnose measures whether the image passes through the backbone (decoder SSIM with another slice's tokens
