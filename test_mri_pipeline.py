@@ -48,7 +48,7 @@ from mri_recon.models import (
     sens_reduce,
 )
 from mri_recon.phantoms import generate_dataset, parse_report
-from mri_recon.pipeline import PROMPTS, build_nirvana_mri, embedding_rms, encode_reports, mri_sequence_length
+from mri_recon.pipeline import PROMPTS, build_nirvana_mri, encode_reports, mri_sequence_length
 from mri_recon.results import diagnostics_table
 from mri_recon.training import (
     cache_image_tokens,
@@ -643,7 +643,7 @@ def test_kspace_token_norm_only_when_asked_and_calibrated_after_stage1(volumes):
         assert torch.equal(model.encoder(kspace, m)[0], model.encoder.projected_tokens(kspace, m)[0])
     model, tokenizer = tiny_model(init_std=0.2, kspace_token_norm="batch")
     norm = model.encoder.token_norm
-    assert norm.scale == pytest.approx(embedding_rms(model.llm))
+    assert norm.scale == pytest.approx(model.embedding_rms(model.llm))
     vit_before = [p.detach().clone() for p in model.encoder.vit.parameters()]
     train_stage1("t", model, volumes, tokenizer, tiny_args(steps=3), np.random.default_rng(0))
     assert any(not torch.equal(a, b) for a, b in zip(vit_before, model.encoder.vit.parameters()))

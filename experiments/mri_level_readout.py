@@ -40,7 +40,7 @@ from mri_recon.experiment import load_data
 from mri_recon.fit import fit
 from mri_recon.masks import volume_mask
 from mri_recon.phantoms import parse_level
-from mri_recon.pipeline import PROMPTS, build_nirvana_mri, embedding_rms, encode_reports
+from mri_recon.pipeline import PROMPTS, NirvanaMRI, build_nirvana_mri, encode_reports
 from mri_recon.training import calibrate_token_norm
 from nirvana import Nirvana, NirvanaConfig
 from tokenizer import load_tokenizer
@@ -65,9 +65,8 @@ def build(source, data, args, tokenizer):
     trained = list(llm.parameters()) + [model.image_queries]
     if source.endswith("code"):
         n_tokens = model.encoder.vit.n_tokens(*data.out_shape)
-        table = torch.randn(len(args.levels), n_tokens, config.d_model, device=args.device) * embedding_rms(
-            llm
-        )
+        scale = NirvanaMRI.embedding_rms(llm)
+        table = scale * torch.randn(len(args.levels), n_tokens, config.d_model, device=args.device)
         if source == "learned code":
             table.requires_grad_(True)
             trained.append(table)

@@ -252,9 +252,8 @@ class SliceStandardise(nn.Module):
         self.register_buffer("var", torch.ones(dim))
 
     @staticmethod
-    def statistics(
-        x,
-    ):  # (B, N, d) -> mean over slices (N, d), variance over slices pooled over positions (d,)
+    def statistics(x):
+        """(B, N, d) -> the mean over slices (N, d) and the variance over slices pooled over positions (d,)."""
         mean = x.mean(0)
         return mean, (x - mean).pow(2).mean((0, 1)) * x.shape[0] / max(1, x.shape[0] - 1)
 

@@ -54,6 +54,11 @@ class NirvanaMRI(nn.Module):
             nn.init.zeros_(self.kspace_to_queries.weight)
             nn.init.zeros_(self.kspace_to_queries.bias)
 
+    @staticmethod
+    def embedding_rms(llm):
+        """The RMS of the backbone's token embeddings: the size of what it reads at every position."""
+        return llm.token_embedding.weight.detach().float().pow(2).mean().sqrt().item()
+
     def stage0_parameters(self):
         """Stage 0 (reconstruction pre-training of the encoder): its VarNet cascades and sensitivity model."""
         return list(self.encoder.varnet.parameters())
@@ -178,7 +183,7 @@ def build_nirvana_mri(llm, out_shape, args):
         args.vit_depth,
         heads_for(args.vit_dim),
         args.vit_stride,
-        embedding_rms(llm) if args.kspace_token_norm == "batch" else None,
+        NirvanaMRI.embedding_rms(llm) if args.kspace_token_norm == "batch" else None,
     )
     decoder = ImageDecoder(
         d_model, out_shape, args.patch, args.dec_chans, args.pools, image_skip=args.image_skip
@@ -186,11 +191,6 @@ def build_nirvana_mri(llm, out_shape, args):
     return NirvanaMRI(
         llm, encoder, decoder, args.data_consistency, args.queries_see_kspace, args.backbone_autocast
     ).to(args.device)
-
-
-def embedding_rms(llm):
-    """The RMS of the backbone's token embeddings: the size of what it reads at every position."""
-    return llm.token_embedding.weight.detach().float().pow(2).mean().sqrt().item()
 
 
 def heads_for(dim):
