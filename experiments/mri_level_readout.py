@@ -88,23 +88,6 @@ def kspace_positions(source, model, table, kspace, mask, levels):
         return model.encoder(kspace, mask)[0]
 
 
-def report_logits(model, prefix_tokens, prompt, targets, eos_id):
-    """The backbone's logits for the report tokens (B, L, vocab), as NirvanaMRI.report_loss computes them."""
-    B = prefix_tokens.shape[0]
-    llm = model.llm
-    prefix = torch.cat(
-        [
-            prefix_tokens,
-            llm.embed(prompt[None]).expand(B, -1, -1),
-            model.image_queries[None].expand(B, -1, -1),
-        ],
-        1,
-    )
-    report_in = targets[:, :-1].masked_fill(targets[:, :-1] < 0, eos_id)
-    h = model.backbone(torch.cat([prefix, llm.embed(report_in)], dim=1))
-    return llm.lm_head(h[:, prefix.shape[1] - 1 :])
-
-
 @torch.no_grad()
 def test_accuracy(source, model, table, data, args, tokenizer, prompt):
     """Share of test slices (4x, each volume under its evaluation mask) whose true level is the one whose
@@ -121,7 +104,7 @@ def test_accuracy(source, model, table, data, args, tokenizer, prompt):
         scores = []
         for c in range(len(args.levels)):
             targets = candidates[c : c + 1].expand(len(truth), -1)
-            logits = report_logits(model, tokens, prompt, targets, tokenizer.eos_id)
+            logits = model.report_logits(model.prefix_of_tokens(tokens, prompt), targets, tokenizer.eos_id)
             nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-1, reduction="none").sum(1)
             scores.append(-nll)
         chosen = torch.stack(scores, 1).argmax(1)
@@ -142,7 +125,7 @@ def run_source(source, data, args, tokenizer):
         levels = torch.tensor([args.levels.index(parse_level(r)) for r in b.reports], device=args.device)
         targets = encode_reports(tokenizer, [level_report(args.levels[i]) for i in levels], args.device)
         tokens = kspace_positions(source, model, table, b.kspace, b.mask, levels)
-        logits = report_logits(model, tokens, prompt, targets, tokenizer.eos_id)
+        logits = model.report_logits(model.prefix_of_tokens(tokens, prompt), targets, tokenizer.eos_id)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
 
     t0 = time.time()

@@ -88,12 +88,16 @@ class NirvanaMRI(nn.Module):
         """[k-space tokens][prompt tokens][image queries] -> embeddings (B, N+Lp+M, d), the encoder's magnitude
         image (B, h, w) and the k-space scale (B,)."""
         ks_tokens, image, scale = self.encoder(kspace, mask)
+        return self.prefix_of_tokens(ks_tokens, prompt_ids), image.abs(), scale
+
+    def prefix_of_tokens(self, ks_tokens, prompt_ids):
+        """[ks_tokens (B, N, d)][prompt tokens][image queries] -> embeddings (B, N+Lp+M, d)."""
         B = ks_tokens.shape[0]
         prompt = self.llm.embed(prompt_ids[None]).expand(B, -1, -1)
         queries = self.image_queries[None].expand(B, -1, -1)  # (B, M, d)
         if self.kspace_to_queries is not None:
             queries = queries + self.kspace_to_queries(ks_tokens.mean(1))[:, None]
-        return torch.cat([ks_tokens, prompt, queries], dim=1), image.abs(), scale
+        return torch.cat([ks_tokens, prompt, queries], dim=1)
 
     def backbone(self, h, trace=None):
         """The frozen backbone on embeddings h (B, T, d) -> final hidden states (B, T, d) in h's dtype; under
@@ -103,11 +107,15 @@ class NirvanaMRI(nn.Module):
 
     def report_loss(self, kspace, mask, prompt_ids, report_targets, eos_id):
         """Stage 1: cross-entropy of the report tokens only. report_targets (B, L) ids + eos, -1 = padding."""
-        prefix, _, _ = self.prefix(kspace, mask, prompt_ids)
+        logits = self.report_logits(self.prefix(kspace, mask, prompt_ids)[0], report_targets, eos_id)
+        return F.cross_entropy(logits.flatten(0, 1), report_targets.flatten(), ignore_index=-1)
+
+    def report_logits(self, prefix, report_targets, eos_id):
+        """The backbone's logits (B, L, vocab) for the report tokens after prefix (B, P, d), teacher-forced:
+        position t predicts report token t."""
         report_in = report_targets[:, :-1].masked_fill(report_targets[:, :-1] < 0, eos_id)
         h = self.backbone(torch.cat([prefix, self.llm.embed(report_in)], dim=1))
-        logits = self.llm.lm_head(h[:, prefix.shape[1] - 1 :])  # position t predicts report token t
-        return F.cross_entropy(logits.flatten(0, 1), report_targets.flatten(), ignore_index=-1)
+        return self.llm.lm_head(h[:, prefix.shape[1] - 1 :])
 
     def image_tokens(self, kspace, mask, prompt_ids, trace=None):
         """The backbone's final hidden states at the M image-query positions (B, M, d), the encoder's magnitude
