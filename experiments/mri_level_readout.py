@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 import mri
 from cli import UserError, run_main, save_figure, write_text_atomically
 from mri_recon.batches import masked, random_batches
+from mri_recon.diagnostics import slice_blind_cross_entropy
 from mri_recon.experiment import load_data
 from mri_recon.fit import fit
 from mri_recon.masks import volume_mask
@@ -54,7 +55,8 @@ def level_report(level):
 
 def build(source, data, args, tokenizer):
     """The pipeline around a fresh tiny backbone (seeded, so every source starts from the same weights), the
-    level table of the code sources (None otherwise) and the parameters stage 1 trains."""
+    level table of the code sources (None otherwise), the parameters stage 1 trains and mri.py's options it
+    was built with."""
     torch.manual_seed(args.seed)
     config = NirvanaConfig.from_preset("nirvana-tiny", vocab_size=tokenizer.vocab_size, window=args.window)
     llm = Nirvana(config).eval()
@@ -77,7 +79,7 @@ def build(source, data, args, tokenizer):
         trained += list(model.encoder.parameters())
     for p in llm.parameters():
         p.requires_grad_(True)
-    return model, table, trained
+    return model, table, trained, mri_args
 
 
 def kspace_positions(source, model, table, kspace, mask, levels):
@@ -117,7 +119,7 @@ def test_accuracy(source, model, table, data, args, tokenizer, prompt):
 def run_source(source, data, args, tokenizer):
     """Stage 1 with mri.py's training loop (AdamW, warm-up and cosine schedule, clipping; no model selection)
     -> test accuracy, the most common test prediction and its share, the training losses."""
-    model, table, trained = build(source, data, args, tokenizer)
+    model, table, trained, mri_args = build(source, data, args, tokenizer)
     prompt = torch.tensor(tokenizer.encode(PROMPTS[0]), device=args.device)
     rng = np.random.default_rng(args.seed)
 
@@ -132,19 +134,11 @@ def run_source(source, data, args, tokenizer):
     batches = random_batches(data.train, args.batch_size, [4], "random", rng)
     losses = fit(source, trained, loss_fn, batches, args.steps, args.lr).losses
     if source == "encoder + batch norm":  # as mri.py's stage 1 ends: the training slices' statistics
-        calibrate_token_norm(model, data.train, mri.parse_args(["--train-acc", "4", "--device", args.device]))
+        calibrate_token_norm(model, data.train, mri_args)
     accuracy, predictions = test_accuracy(source, model, table, data, args, tokenizer, prompt)
     common, n = predictions.most_common(1)[0]
     print(f"{source}: test level accuracy {accuracy:.3f} ({time.time() - t0:.0f}s)", flush=True)
     return accuracy, f"{common} ({n / predictions.total():.0%})", losses
-
-
-def slice_blind_loss(reports, tokenizer):
-    """Cross-entropy per report token of always the training levels' frequencies: the bound of a backbone that
-    ignores the slice."""
-    counts = Counter(reports)
-    nll = sum(-np.log(counts[r] / len(reports)) for r in reports)
-    return nll / sum(len(tokenizer.encode(r)) + 1 for r in reports)
 
 
 def write_outputs(out, results, args, majority, bound, command):
@@ -218,7 +212,7 @@ def main(argv=None):
     common = Counter(train_levels).most_common(1)[0][0]
     test_levels = [parse_level(r) for v in data.test for r in v.reports]
     majority = sum(level == common for level in test_levels) / len(test_levels)
-    bound = slice_blind_loss([r for v in data.train for r in v.reports], tokenizer)
+    bound = slice_blind_cross_entropy([r for v in data.train for r in v.reports], tokenizer)
     results = {source: run_source(source, data, args, tokenizer) for source in sources}
     out = Path(args.out)
     command = "python experiments/mri_level_readout.py " + shlex.join(sys.argv[1:] if argv is None else argv)
