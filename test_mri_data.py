@@ -1,6 +1,6 @@
-"""Tests of the MRI data (CPU): the masks of Table 10, the synthetic phantoms and their reports, the fastMRI
-.h5 round trip and the reader's errors, the split by volume, the volumes of real anatomy (from a small NIfTI
-head written here; the Colin27 brain of mricron-data where it is installed)."""
+"""Tests of the MRI data (CPU): the masks of Table 10, the evaluation batches, the synthetic phantoms and their
+reports, the fastMRI .h5 round trip and the reader's errors, the split by volume, the volumes of real anatomy
+(from a small NIfTI head written here; the Colin27 brain of mricron-data where it is installed)."""
 
 import os
 import re
@@ -14,7 +14,9 @@ import torch
 import mri
 from cli import UserError
 from mri_recon import anatomy
+from mri_recon.batches import evaluation_batches
 from mri_recon.fastmri_files import (
+    Volume,
     VolumeFileError,
     list_volume_files,
     load_volumes,
@@ -75,6 +77,39 @@ def test_mask_rejects_unknown_acceleration_and_kind():
         make_mask(64, 5, "random", np.random.default_rng(0))
     with pytest.raises(ValueError, match="mask kind"):
         make_mask(64, 4, "spiral", np.random.default_rng(0))
+
+
+def test_evaluation_batches_walk_every_slice_once_under_the_volume_masks():
+    shapes = [(5, 16), (3, 32), (4, 16)]  # (slices, k-space height) per volume
+    volumes = [
+        Volume(
+            f"v{v}.h5", torch.randn(S, 2, H, 16, dtype=torch.complex64), torch.rand(S, 8, 8), v + 1.0, None
+        )
+        for v, (S, H) in enumerate(shapes)
+    ]
+    order = [(acc, v, s) for acc in (4, 8) for v, (S, _) in enumerate(shapes) for s in range(S)]
+    walk = lambda **options: list(evaluation_batches(volumes, [4, 8], "random", 3, **options))
+    batches = walk()
+    assert [s for b in batches for s in b.slices] == [(v, s) for _, v, s in order]
+    assert all(len(b.slices) <= 3 and len({v for v, _ in b.slices}) == 1 for b in batches)
+    rows = [(kspace, mask) for b in batches for kspace, mask in zip(b.kspace, b.mask)]
+    for (kspace, mask), (acc, v, s) in zip(rows, order):
+        assert torch.equal(mask, torch.from_numpy(volume_mask(f"v{v}.h5", 16, acc, "random")))
+        assert torch.equal(kspace, volumes[v].kspace[s] * mask)
+    again = walk()
+    assert all(
+        torch.equal(a.mask, b.mask) and torch.equal(a.kspace, b.kspace) for a, b in zip(batches, again)
+    )
+    assert [s for b in walk(max_slices=7) for s in b.slices] == [(0, s) for s in range(5)] + [(1, 0), (1, 1)]
+    pooled = walk(across_volumes=True)
+    for height in (16, 32):
+        of_height = [b for b in pooled if b.kspace.shape[2] == height]
+        expected = [(v, s) for _, v, s in order if shapes[v][1] == height]
+        assert [s for b in of_height for s in b.slices] == expected
+        assert len(of_height) == (len(expected) + 2) // 3  # batches span volumes and accelerations
+    random = [walk(rng=np.random.default_rng(0)) for _ in range(2)]
+    assert all(torch.equal(a.mask, b.mask) for a, b in zip(*random))
+    assert not all(torch.equal(a.mask, b.mask) for a, b in zip(random[0], batches))
 
 
 # ---------------------------------------------------------------- data: generator, h5 round trip, errors

@@ -771,8 +771,7 @@ def test_stage2_trains_the_decoder_through_the_data_consistency_step(volumes):
     built, not at every training step."""
     model, tokenizer = tiny_model(data_consistency=True)
     prompt_ids = torch.tensor(tokenizer.encode(PROMPTS[0]))
-    masks = lambda vol, acc, n: [volume_mask(vol.name, vol.kspace.shape[-1], acc, "random")] * n
-    cache = cache_image_tokens(model, volumes[:1], prompt_ids, tiny_args(train_acc=[4]), masks)
+    cache = cache_image_tokens(model, volumes[:1], prompt_ids, tiny_args(train_acc=[4]))
     (tokens, image, scale, target, maxval, k0, mask, sens, coil_image) = cache[0]
     assert k0.shape == sens.shape == (len(tokens), *volumes[0].kspace.shape[1:]) and mask.dtype == torch.bool
     assert coil_image.shape == (len(tokens), *volumes[0].kspace.shape[2:]) and coil_image.is_complex()

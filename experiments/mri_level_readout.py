@@ -35,11 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 import mri
 from cli import UserError, run_main, save_figure, write_text_atomically
-from mri_recon.batches import masked, random_batches
+from mri_recon.batches import evaluation_batches, random_batches
 from mri_recon.diagnostics import slice_blind_cross_entropy
 from mri_recon.experiment import load_data
 from mri_recon.fit import fit
-from mri_recon.masks import volume_mask
 from mri_recon.phantoms import parse_level
 from mri_recon.pipeline import PROMPTS, NirvanaMRI, build_nirvana_mri, encode_reports
 from mri_recon.training import calibrate_token_norm
@@ -98,11 +97,9 @@ def test_accuracy(source, model, table, data, args, tokenizer, prompt):
     hits = total = 0
     predictions = Counter()
     candidates = encode_reports(tokenizer, [level_report(level) for level in args.levels], args.device)
-    for vol in data.test:
-        mask = volume_mask(vol.name, vol.kspace.shape[-1], 4, "random")
-        kspace, m = masked(vol, 0, vol.kspace.shape[0], mask)
-        truth = torch.tensor([args.levels.index(parse_level(r)) for r in vol.reports], device=args.device)
-        tokens = kspace_positions(source, model, table, kspace, m, truth)
+    for batch in evaluation_batches(data.test, [4], "random", args.batch_size):
+        truth = torch.tensor([args.levels.index(parse_level(r)) for r in batch.reports], device=args.device)
+        tokens = kspace_positions(source, model, table, batch.kspace, batch.mask, truth)
         scores = []
         for c in range(len(args.levels)):
             targets = candidates[c : c + 1].expand(len(truth), -1)

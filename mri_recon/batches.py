@@ -1,12 +1,14 @@
 """Slices into batches: shuffled training batches with a fresh random mask per slice (Table 10 accelerations),
-and the undersampled slices of one volume under one mask (evaluation)."""
+every slice of some volumes once and in order, each under its volume's evaluation mask (validation, scoring,
+diagnostics), and the undersampled slices of one volume under one mask."""
 
 import dataclasses
+import functools
 
 import numpy as np
 import torch
 
-from mri_recon.masks import make_mask
+from mri_recon.masks import make_mask, volume_mask
 
 
 def slice_batches(volumes, batch_size, rng):
@@ -34,6 +36,7 @@ class Batch:
     target: torch.Tensor  # (B, h, w)
     maxval: torch.Tensor  # (B,) the volume max of each slice's volume
     reports: list
+    slices: list  # (volume index, slice index) of each slice
 
 
 def make_batch(volumes, items, masks):
@@ -46,6 +49,7 @@ def make_batch(volumes, items, masks):
         torch.stack([volumes[v].target[s] for v, s in items]),
         torch.tensor([volumes[v].maxval for v, _ in items], device=kspace.device),
         [volumes[v].reports[s] if volumes[v].reports else None for v, s in items],
+        items,
     )
 
 
@@ -56,6 +60,41 @@ def random_batches(volumes, batch_size, accelerations, mask_kind, rng):
         yield make_batch(
             volumes, items, [make_mask(W, int(rng.choice(accelerations)), mask_kind, rng) for _ in items]
         )
+
+
+def evaluation_batches(
+    volumes, accelerations, mask_kind, batch_size, max_slices=None, across_volumes=False, rng=None
+):
+    """Every slice of volumes at every acceleration, once, as Batches of at most batch_size slices.
+    The slices come acceleration by acceleration, volume by volume, slice by slice; only the first max_slices
+    of them (None: all). A batch holds slices of one volume at one acceleration; with across_volumes, slices of
+    one k-space shape from any volumes and accelerations (the shapes in order of first appearance, each one's
+    slices in order). Each slice is undersampled with its volume's evaluation mask (`volume_mask`: seeded by
+    the volume's name, the acceleration and the mask kind, so every call, run and method sees the same one),
+    or with rng with a fresh random mask per slice, drawn as the batches come."""
+    order = [
+        (acc, v, s)
+        for acc in accelerations
+        for v, vol in enumerate(volumes)
+        for s in range(vol.kspace.shape[0])
+    ]
+    groups = {}
+    for acc, v, s in order[:max_slices]:
+        key = tuple(volumes[v].kspace.shape[1:]) if across_volumes else (acc, v)
+        groups.setdefault(key, []).append((acc, v, s))
+    evaluation_mask = functools.cache(
+        lambda acc, v: volume_mask(volumes[v].name, volumes[v].kspace.shape[-1], acc, mask_kind)
+    )
+    for group in groups.values():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i : i + batch_size]
+            masks = [
+                evaluation_mask(acc, v)
+                if rng is None
+                else make_mask(volumes[v].kspace.shape[-1], acc, mask_kind, rng)
+                for acc, v, _ in chunk
+            ]
+            yield make_batch(volumes, [(v, s) for _, v, s in chunk], masks)
 
 
 def masked(vol, start, stop, mask):

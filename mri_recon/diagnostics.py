@@ -36,7 +36,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from mri_recon.batches import make_batch, masked
+from mri_recon.batches import evaluation_batches, make_batch
 from mri_recon.masks import volume_mask
 from mri_recon.metrics import ssim
 from mri_recon.models import zero_filled
@@ -62,23 +62,14 @@ class SliceFeatures:
 @torch.no_grad()
 def slice_features(model, volumes, prompt_ids, acc, args, max_slices=None):
     """SliceFeatures of every slice of volumes (at most max_slices), each volume with its evaluation mask."""
-    parts, counts, total = [], [], 0
-    for vol in volumes:
-        S = vol.kspace.shape[0] if max_slices is None else min(vol.kspace.shape[0], max_slices - total)
-        if S <= 0:
-            break
-        mask = volume_mask(vol.name, vol.kspace.shape[-1], acc, args.mask_type)
-        for s0 in range(0, S, 4 * args.batch_size):
-            kspace, m = masked(vol, s0, min(S, s0 + 4 * args.batch_size), mask)
-            tokens, image, scale = model.image_tokens(kspace, m, prompt_ids)
-            kspace_tokens = model.encoder(kspace, m)[0]
-            zf = zero_filled(kspace, model.encoder.out_shape) / scale.reshape(-1, 1, 1)
-            target = vol.target[s0 : s0 + kspace.shape[0]]
-            maxval = torch.full((kspace.shape[0],), vol.maxval, device=target.device)
-            parts.append((tokens, kspace_tokens, image, scale, zf, target, maxval))
-        counts.append(S)
-        total += S
-    return SliceFeatures(*(torch.cat(p) for p in zip(*parts)), counts)
+    parts, slice_counts = [], Counter()
+    for batch in evaluation_batches(volumes, [acc], args.mask_type, 4 * args.batch_size, max_slices):
+        tokens, image, scale = model.image_tokens(batch.kspace, batch.mask, prompt_ids)
+        kspace_tokens = model.encoder(batch.kspace, batch.mask)[0]
+        zf = zero_filled(batch.kspace, model.encoder.out_shape) / scale.reshape(-1, 1, 1)
+        parts.append((tokens, kspace_tokens, image, scale, zf, batch.target, batch.maxval))
+        slice_counts.update(v for v, _ in batch.slices)
+    return SliceFeatures(*(torch.cat(p) for p in zip(*parts)), list(slice_counts.values()))
 
 
 def partner_slices(slice_counts):

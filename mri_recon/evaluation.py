@@ -1,12 +1,13 @@
 """Scoring on held-out volumes, each with its evaluation mask: reconstructions and their metrics per method,
 greedy test reports, and the gate / Trigger statistics of a frozen backbone on the MRI sequence."""
 
+from collections import Counter
+
 import numpy as np
 import torch
 
 from cli import Progress
-from mri_recon.batches import masked
-from mri_recon.masks import volume_mask
+from mri_recon.batches import evaluation_batches
 from mri_recon.metrics import volume_metrics
 from mri_recon.phantoms import parse_report
 from mri_recon.pipeline import PROMPTS
@@ -23,16 +24,14 @@ def evaluate(methods, volumes, accelerations, mask_kind, batch_size, progress=No
     lines = Progress(progress, total=len(accelerations) * len(volumes)) if progress else None
     for acc in accelerations:
         for vol in volumes:
-            S, W = vol.kspace.shape[0], vol.kspace.shape[-1]
-            mask = volume_mask(vol.name, W, acc, mask_kind)
+            out_shape = tuple(vol.target.shape[-2:])
+            preds = {m: [] for m in methods}
+            for batch in evaluation_batches([vol], [acc], mask_kind, batch_size):
+                for m, fn in methods.items():
+                    preds[m].append(fn(batch.kspace, batch.mask, out_shape))
             recons[acc]["ground truth"].append(vol.target.cpu())
-            for m, fn in methods.items():
-                pred = torch.cat(
-                    [
-                        fn(*masked(vol, s0, s0 + batch_size, mask), tuple(vol.target.shape[-2:]))
-                        for s0 in range(0, S, batch_size)
-                    ]
-                )
+            for m, parts in preds.items():
+                pred = torch.cat(parts)
                 scores[m][acc].append(volume_metrics(vol.target, pred))
                 recons[acc][m].append(pred.float().cpu())
             if lines:
@@ -51,26 +50,15 @@ def generate_test_reports(model, volumes, tokenizer, acc, args, max_len):
     """Greedy reports for every test slice (each volume with its evaluation mask), batched across volumes of
     one k-space shape."""
     prompt_ids = torch.tensor(tokenizer.encode(PROMPTS[0]), device=args.device)
-    groups = {}
-    for vol in volumes:
-        if vol.reports is not None:
-            mask = volume_mask(vol.name, vol.kspace.shape[-1], acc, args.mask_type)
-            groups.setdefault(tuple(vol.kspace.shape[1:]), []).extend(
-                (*masked(vol, s, s + 1, mask), vol.reports[s]) for s in range(vol.kspace.shape[0])
-            )
-    generated, truth, chunk = [], [], 8 * args.batch_size
-    for items in groups.values():
-        for i in range(0, len(items), chunk):
-            part = items[i : i + chunk]
-            ids = model.generate_reports(
-                torch.cat([p[0] for p in part]),
-                torch.cat([p[1] for p in part]),
-                prompt_ids,
-                tokenizer.eos_id,
-                max_len,
-            )
-            generated += [tokenizer.decode(t) for t in ids]
-            truth += [p[2] for p in part]
+    with_reports = [vol for vol in volumes if vol.reports is not None]
+    batches = evaluation_batches(
+        with_reports, [acc], args.mask_type, 8 * args.batch_size, across_volumes=True
+    )
+    generated, truth = [], []
+    for batch in batches:
+        ids = model.generate_reports(batch.kspace, batch.mask, prompt_ids, tokenizer.eos_id, max_len)
+        generated += [tokenizer.decode(t) for t in ids]
+        truth += batch.reports
     return generated, truth
 
 
@@ -88,23 +76,22 @@ def gate_statistics(model, volumes, prompt_ids, acc, args, max_slices=MAX_GATE_S
     k-space tokens and at the image queries, averaged over pairs of slices with the same report and with
     different reports (and with the same / different lesion count): p and t that follow the findings are
     closer within a finding than across. None for a backbone without gates (the transformer)."""
-    groups = {}
+    slices_per_shape = Counter()
     for vol in volumes:
-        mask = volume_mask(vol.name, vol.kspace.shape[-1], acc, args.mask_type)
-        for s in range(vol.kspace.shape[0]):
-            report = vol.reports[s] if vol.reports is not None else None
-            groups.setdefault(tuple(vol.kspace.shape[1:]), []).append((vol, s, mask, report))
-    items = max(groups.values(), key=len)[:max_slices]
-    traces, chunk = [], 4 * args.batch_size
-    for i in range(0, len(items), chunk):
-        kspace, mask = (
-            torch.cat(x) for x in zip(*(masked(v, s, s + 1, m) for v, s, m, _ in items[i : i + chunk]))
-        )
+        slices_per_shape[tuple(vol.kspace.shape[1:])] += vol.kspace.shape[0]
+    shape = slices_per_shape.most_common(1)[0][0]
+    of_shape = [vol for vol in volumes if tuple(vol.kspace.shape[1:]) == shape]
+    batches = evaluation_batches(
+        of_shape, [acc], args.mask_type, 4 * args.batch_size, max_slices, across_volumes=True
+    )
+    traces, reports = [], []
+    for batch in batches:
         trace = {}
-        model.image_tokens(kspace, mask, prompt_ids, trace=trace)
+        model.image_tokens(batch.kspace, batch.mask, prompt_ids, trace=trace)
         if "gate" not in trace:
             return None
         traces.append(trace)
+        reports += batch.reports
     M = model.decoder.n_queries
     gates = torch.cat([torch.stack(t["gate"]).float() for t in traces], dim=1)  # (L, N, T)
     n_kspace = gates.shape[2] - len(prompt_ids) - M
@@ -123,7 +110,6 @@ def gate_statistics(model, volumes, prompt_ids, acc, args, max_slices=MAX_GATE_S
         stats["p_slice_std_queries"] = (
             p[:, :, where["queries"]].std(1).mean((1, 2)).tolist() if p.shape[1] > 1 else None
         )
-    reports = [r for *_, r in items]
     if None not in reports and len(reports) > 1:
         labels = {"report": [r.strip() for r in reports], "count": [parse_report(r)[0] for r in reports]}
         stats["pairs"], stats["distance"] = {}, {}

@@ -6,10 +6,9 @@ validation loss for model selection."""
 import numpy as np
 import torch
 
-from mri_recon.batches import Batch, make_batch, masked, random_batches
+from mri_recon.batches import Batch, evaluation_batches, random_batches
 from mri_recon.evaluation import mean_ssim
 from mri_recon.fit import fit
-from mri_recon.masks import make_mask, volume_mask
 from mri_recon.metrics import ssim
 from mri_recon.pipeline import PROMPTS, encode_reports
 
@@ -66,22 +65,15 @@ def train_stage0(name, model, volumes, args, rng, val_volumes=()):
 def report_val_loss(model, volumes, tokenizer, prompt_ids, args):
     """Stage 1's validation loss: the report cross-entropy (mean over batches) of every slice of volumes, each
     volume with its evaluation mask at every training acceleration; batches of 4 x batch-size slices."""
-    groups = {}
-    for acc in args.train_acc:
-        for vol in volumes:
-            mask = volume_mask(vol.name, vol.kspace.shape[-1], acc, args.mask_type)
-            kspace, m = masked(vol, 0, vol.kspace.shape[0], mask)
-            groups.setdefault(tuple(kspace.shape[1:]), []).extend(zip(kspace, m, vol.reports))
-    losses, chunk = [], 4 * args.batch_size
-    for items in groups.values():
-        for i in range(0, len(items), chunk):
-            kspace, mask, reports = zip(*items[i : i + chunk])
-            targets = encode_reports(tokenizer, reports, args.device)
-            losses.append(
-                model.report_loss(
-                    torch.stack(kspace), torch.stack(mask), prompt_ids, targets, tokenizer.eos_id
-                ).item()
-            )
+    batches = evaluation_batches(
+        volumes, args.train_acc, args.mask_type, 4 * args.batch_size, across_volumes=True
+    )
+    losses = [
+        model.report_loss(
+            b.kspace, b.mask, prompt_ids, encode_reports(tokenizer, b.reports, args.device), tokenizer.eos_id
+        ).item()
+        for b in batches
+    ]
     return float(np.mean(losses))
 
 
@@ -128,39 +120,28 @@ def calibrate_token_norm(model, volumes, args):
     """--kspace-token-norm batch, after stage 1: the standardisation's statistics from every training slice at
     every training acceleration, each volume under its evaluation mask, with the encoder stage 1 kept; fixed from
     then on (the running average of stage 1 followed weights that model selection may have undone)."""
-    tokens = []
-    for acc in args.train_acc:
-        for vol in volumes:
-            mask = volume_mask(vol.name, vol.kspace.shape[-1], acc, args.mask_type)
-            for s0 in range(0, vol.kspace.shape[0], 4 * args.batch_size):
-                kspace, m = masked(vol, s0, s0 + 4 * args.batch_size, mask)
-                tokens.append(model.encoder.projected_tokens(kspace, m)[0])
+    batches = evaluation_batches(volumes, args.train_acc, args.mask_type, 4 * args.batch_size)
+    tokens = [model.encoder.projected_tokens(b.kspace, b.mask)[0] for b in batches]
     model.encoder.token_norm.calibrate(torch.cat(tokens))
 
 
 @torch.no_grad()
-def cache_image_tokens(model, volumes, prompt_ids, args, masks_for):
+def cache_image_tokens(model, volumes, prompt_ids, args, rng=None):
     """Stage 2 inputs: encoder and backbone are frozen, so each slice's image tokens are computed once per
-    training acceleration. masks_for(volume, acceleration, n) -> n (W,) masks.
+    training acceleration, under its volume's evaluation mask (with rng: under a fresh random mask).
     Returns [(tokens, encoder image, scale, target, maxval, k0, mask, sens, coil image)], one entry per image
     and k-space shape; the last four are encoder.data_consistency_inputs with the data-consistency step (the
     normalised undersampled k-space, its mask, the coil maps and the cascades' image: 2 C H W + H W complex
     numbers per slice and training acceleration, on the device), four None without it."""
     cache = {}
-    for acc in args.train_acc:
-        for v, vol in enumerate(volumes):
-            for s0 in range(0, vol.kspace.shape[0], 4 * args.batch_size):
-                items = [(v, s) for s in range(s0, min(s0 + 4 * args.batch_size, vol.kspace.shape[0]))]
-                b = make_batch(volumes, items, masks_for(vol, acc, len(items)))
-                tokens, image, scale = model.image_tokens(b.kspace, b.mask, prompt_ids)
-                measured = (
-                    model.encoder.data_consistency_inputs(b.kspace, b.mask)
-                    if model.data_consistency
-                    else (None,) * 4
-                )
-                cache.setdefault((tuple(b.target.shape[-2:]), tuple(b.kspace.shape[1:])), []).append(
-                    (tokens, image, scale, b.target, b.maxval, *measured)
-                )
+    for b in evaluation_batches(volumes, args.train_acc, args.mask_type, 4 * args.batch_size, rng=rng):
+        tokens, image, scale = model.image_tokens(b.kspace, b.mask, prompt_ids)
+        measured = (
+            model.encoder.data_consistency_inputs(b.kspace, b.mask) if model.data_consistency else (None,) * 4
+        )
+        cache.setdefault((tuple(b.target.shape[-2:]), tuple(b.kspace.shape[1:])), []).append(
+            (tokens, image, scale, b.target, b.maxval, *measured)
+        )
     return [
         tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*v)) for v in cache.values()
     ]
@@ -187,18 +168,12 @@ def train_stage2(name, model, volumes, tokenizer, args, rng, val_volumes=()):
     for p in model.stage1_parameters():
         p.requires_grad_(False)
     prompt_ids = torch.tensor(tokenizer.encode(PROMPTS[0]), device=args.device)
-    random_masks = lambda vol, acc, n: [
-        make_mask(vol.kspace.shape[-1], acc, args.mask_type, rng) for _ in range(n)
-    ]
-    cache = cache_image_tokens(model, volumes, prompt_ids, args, random_masks)
+    cache = cache_image_tokens(model, volumes, prompt_ids, args, rng)
     model.decoder.set_token_statistics(torch.cat([c[0] for c in cache]))
     sizes = np.array([c[0].shape[0] for c in cache], dtype=np.float64)
     validate = None
     if val_volumes:
-        eval_masks = lambda vol, acc, n: (
-            [volume_mask(vol.name, vol.kspace.shape[-1], acc, args.mask_type)] * n
-        )
-        val_cache = cache_image_tokens(model, val_volumes, prompt_ids, args, eval_masks)
+        val_cache = cache_image_tokens(model, val_volumes, prompt_ids, args)
         validate = lambda: decoder_val_loss(model, val_cache, 4 * args.batch_size)
 
     def batches():
@@ -210,7 +185,7 @@ def train_stage2(name, model, volumes, tokenizer, args, rng, val_volumes=()):
                 rng.choice(tokens.shape[0], size=min(args.batch_size, tokens.shape[0]), replace=False)
             )
             inputs = None if measured[0] is None else [m[i] for m in measured]
-            yield tokens[i], image[i], scale[i], inputs, Batch(None, None, target[i], maxval[i], None)
+            yield tokens[i], image[i], scale[i], inputs, Batch(None, None, target[i], maxval[i], None, None)
 
     # with the data-consistency step, the decoder is trained through it
     loss_fn = lambda b: ssim_loss(model.reconstruct_from_tokens(*b[:4]), b[4])
