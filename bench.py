@@ -21,7 +21,8 @@ Sections:
            backend="triton" vs backend="torch" on the same weights and batch: speed-up and the two losses.
   train    training throughput of same-size presets (--train-presets, default nirvana-350m, gated-deltanet-350m,
            transformer-350m) as train.py trains them: backend triton, bf16 autocast, forward + backward + gradient
-           clipping + AdamW on one micro-batch (--train-shape, default 4,4096), eager and torch.compile'd:
+           clipping + AdamW on one micro-batch (--train-shape, default 4,4096), eager, torch.compile'd and
+           (--train-modes graphed) replayed from one CUDA graph of the whole step (train.py --cuda-graph):
            tokens/s, MFU (train.py's FLOP count), peak memory; beside the first gated-deltanet preset, fla's
            GatedDeltaNetForCausalLM of the same architecture in the same loop when flash-linear-attention is
            importable (--no-fla-peer leaves it out); tokens/s and peak memory relative to fla's model.
@@ -51,6 +52,7 @@ Results: a table on stdout, and bench.json + bench.csv under --out.
 
 import argparse
 import csv
+import functools
 import json
 import os
 import sys
@@ -81,7 +83,9 @@ def parse_args():
     )
     parser.add_argument("--train-shape", default="4,4096", help="micro-batch,tokens of the train section")
     parser.add_argument(
-        "--train-modes", default="eager,compiled", help="eager and/or compiled (torch.compile)"
+        "--train-modes",
+        default="eager,compiled",
+        help="eager, compiled (torch.compile) and/or graphed (one CUDA graph per step, train.py --cuda-graph)",
     )
     parser.add_argument(
         "--fla-peer",
@@ -655,9 +659,17 @@ def bench_train(table, args):
     idx = torch.randint(0, 32000, (B, T), device="cuda")
     peak = train.peak_flops(torch.device("cuda"))
     run_args = train.parse_args(["--preset", presets[0]])  # train.py's defaults: AdamW settings, clipping
+    unknown = set(modes) - {"eager", "compiled", "graphed"}
+    if unknown:
+        raise SystemExit(f"--train-modes: unknown {sorted(unknown)}; choose from eager, compiled, graphed")
+    reference = None  # (name, tokens/s, peak GiB) of fla's model in the first mode that timed it
     for mode in modes:
         results = {}  # name -> (tokens/s, peak GiB)
         for name, config, build in train_contenders(presets, args.fla_peer):
+            if mode == "graphed" and name.startswith("fla "):
+                # a failed capture can leave the CUDA context unusable for the contenders after it
+                print(f"train (graphed): {name} is not captured; its ratios are to its {modes[0]} step")
+                continue
             # progress: a contender's warm-up steps can take minutes on a fresh machine (Triton autotuning)
             print(f"train ({mode}): timing {name}", flush=True)
             torch.manual_seed(0)
@@ -668,16 +680,19 @@ def bench_train(table, args):
             params = sum(p.numel() for p in model.parameters())
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            flop = None
+            flop = step = None
             # fla's layer forward is a frame of its own (graph breaks around it) that dynamo specialises on the
             # layer's integer layer_idx: one compile per layer, past dynamo's default limit of 8, after which
             # the remaining layers ran eager. The limit is raised to cover every layer of the contender.
             recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * config.n_layers)
             try:
+                if mode == "graphed":
+                    graph_step = train.CudaGraphTrainStep(model, optimizer, 1, B, T, run_args.grad_clip)
+                    step = functools.partial(graph_step, [(idx, idx)], run_args.lr)
+                else:
+                    step = training_step(model, forward, optimizer, idx, run_args.grad_clip)
                 with torch._dynamo.config.patch(recompile_limit=recompile_limit):
-                    ms = time_training_steps(
-                        training_step(model, forward, optimizer, idx, run_args.grad_clip)
-                    )
+                    ms = time_training_steps(step)
                 tokens_per_s = B * T / (ms * 1e-3)
                 peak_gib = torch.cuda.max_memory_allocated() / 2**30
                 results[name] = (tokens_per_s, peak_gib)
@@ -692,9 +707,13 @@ def bench_train(table, args):
             except Exception as error:  # e.g. torch.compile failing on a peer: report it, time the others
                 ms, note = None, f"failed: {error!r}"[:160]
             table.add("train", f"{name} B{B} T{T}", f"step ({mode})", "step", ms, flop, note=note)
-            del model, forward, optimizer
+            del model, forward, optimizer, step
             torch.cuda.empty_cache()
-        print_train_ratios(mode, results)
+        if reference is None:
+            reference = next(
+                ((f"{name} ({mode})", *results[name]) for name in results if name.startswith("fla ")), None
+            )
+        print_train_ratios(mode, results, reference)
 
 
 def meta_model(config):
@@ -705,12 +724,14 @@ def meta_model(config):
         return nirvana.Nirvana(config)
 
 
-def print_train_ratios(mode, results):
-    """tokens/s and peak memory of every contender relative to fla's model (when timed), else to the first."""
+def print_train_ratios(mode, results, reference):
+    """tokens/s and peak memory of every contender relative to reference (name, tokens/s, peak GiB): fla's
+    model, from this mode or an earlier one of the same run; without it, to the first contender."""
     if not results:
         return
-    reference = next((name for name in results if name.startswith("fla ")), next(iter(results)))
-    ref_tokens, ref_peak = results[reference]
+    if reference is None:
+        reference = (next(iter(results)), *next(iter(results.values())))
+    reference, ref_tokens, ref_peak = reference
     print(f"train ({mode}): ratios to {reference}")
     print(f"  {'model':48} {'tokens/s':>10} {'ratio':>6} {'peak GiB':>9} {'ratio':>6}")
     for name, (tokens_per_s, peak_gib) in results.items():

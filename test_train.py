@@ -1,6 +1,7 @@
 """Tests of tokenizer.py, prepare.py and train.py on the CPU (a few minutes on 2 cores)."""
 
 import base64
+import contextlib
 import csv
 import json
 import math
@@ -440,3 +441,91 @@ def test_nan_loss_stops_with_step_number(corpus, tmp_path, monkeypatch):
                 "1",
             ]
         )
+
+
+def tiny_model_and_fused_adamw(device, backend="torch"):
+    """nirvana-tiny (seed 0) and train.py's AdamW groups as fused AdamW, the optimizer --cuda-graph needs."""
+    torch.manual_seed(0)
+    model = Nirvana(train.NirvanaConfig.from_preset("nirvana-tiny", backend=backend)).to(device)
+    args = train.parse_args(["--preset", "nirvana-tiny"])
+    groups = [
+        {"params": g["params"], "weight_decay": g["weight_decay"]}
+        for g in train.build_optimizer(args, model).param_groups
+    ]
+    return model, torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), fused=True)
+
+
+def eager_step(model, optimizer, x, y, grad_clip, autocast=contextlib.nullcontext()):
+    """train_step's work written plainly: the reference of device_train_step."""
+    total = 0.0
+    for micro in range(len(x)):
+        with autocast:
+            loss = model(x[micro], y[micro])[1]
+        (loss / len(x)).backward()
+        total += float(loss.detach())
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if math.isfinite(total):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / len(x), float(grad_norm)
+
+
+def test_device_train_step_equals_the_eager_step_and_skips_adamw_on_a_non_finite_loss():
+    """The body of --cuda-graph's step on the CPU: two steps of 2 micro-batches (the second clipped) give the
+    eager step's losses, gradient norms and weights; a NaN loss leaves weights and AdamW's state untouched."""
+    x = torch.randint(0, 512, (2, 2, 24), generator=torch.Generator().manual_seed(1))
+    y = torch.roll(x, -1, dims=-1)
+    reference, reference_optimizer = tiny_model_and_fused_adamw("cpu")
+    model, optimizer = tiny_model_and_fused_adamw("cpu")
+    for grad_clip in (1e9, 0.05):
+        want = eager_step(reference, reference_optimizer, x, y, grad_clip)
+        loss, grad_norm = train.device_train_step(model, optimizer, x, y, grad_clip, contextlib.nullcontext())
+        optimizer.zero_grad(set_to_none=True)
+        assert loss.shape == grad_norm.shape == ()
+        assert float(loss) == pytest.approx(want[0], rel=1e-6)
+        assert float(grad_norm) == pytest.approx(want[1], rel=1e-5)
+        assert want[1] > 0.05 or grad_clip > 1  # the second step's clipping does act
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = [optimizer.state[p]["step"].clone() for p in model.parameters()]
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    loss, _ = train.device_train_step(model, optimizer, x, y, 1.0, contextlib.nullcontext())
+    assert not math.isfinite(float(loss))
+    for p, b, s in zip(model.parameters(), before[:], steps):
+        if p is not model.lm_head.weight:
+            assert torch.equal(p, b)
+        assert torch.equal(optimizer.state[p]["step"], s)
+
+
+def test_cuda_graph_needs_one_gpu_process(corpus, tmp_path):
+    base = ["--data", corpus, "--out", str(tmp_path / "a"), "--max-tokens", "256"] + SMALL_RUN
+    with pytest.raises(UserError, match="--cuda-graph captures the eager step of one process on a GPU"):
+        train.main(base + ["--cuda-graph", "--device", "cpu"])
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_steps_equal_eager_steps_on_a_gpu():
+    """Six steps of nirvana-tiny on the Triton backend under bf16 autocast (2 micro-batches): the first two
+    eager on a side stream, the third captured, the rest replayed, against the eager step on the same weights.
+    bf16 autocast rounds the same way in both, so the losses agree to 1e-3 relative and the weights to 1e-3."""
+    generator = torch.Generator().manual_seed(2)
+    reference, reference_optimizer = tiny_model_and_fused_adamw("cuda", backend="triton")
+    model, optimizer = tiny_model_and_fused_adamw("cuda", backend="triton")
+    graph_step = train.CudaGraphTrainStep(model, optimizer, 2, 2, 96, grad_clip=1.0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    for step in range(6):
+        x = torch.randint(0, 512, (2, 2, 96), generator=generator).cuda()
+        y = torch.roll(x, -1, dims=-1)
+        lr = 1e-3 * (step + 1) / 6
+        for group in reference_optimizer.param_groups:
+            group["lr"] = lr
+        want = eager_step(reference, reference_optimizer, x, y, 1.0, autocast)
+        got = graph_step(list(zip(x, y)), lr)
+        assert got[0] == pytest.approx(want[0], rel=1e-3), step
+        assert got[1] == pytest.approx(want[1], rel=2e-2), step
+    assert graph_step.graph is not None
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-3)
