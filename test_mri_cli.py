@@ -2,6 +2,7 @@
 bad input (bad option value, bad path, wrong file type, corrupt file, unknown variant, unusable output folder)
 gets one line on stderr naming the problem, exit status 2, and leaves nothing written or overwritten."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -16,6 +17,8 @@ import mri
 import nirvana
 from cli import UserError
 from mri_recon import experiment
+from mri_recon.fastmri_files import write_volume
+from mri_recon.phantoms import acquire, field_of_view_grid
 from test_mri_data import write_head_nifti
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -24,6 +27,15 @@ TINY = (
     "--enc-cascades 1 --varnet-cascades 1 --unet-chans 4 --vit-dim 32 --vit-depth 1 --patch 4 --dec-chans 4 "
     "--variants nirvana --device cpu"
 ).split()
+
+
+def experiment_script(name):
+    """The module of experiments/<name>.py, imported as its tests call its main."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "experiments"))
 
 
 def test_main_end_to_end_writes_outputs(tmp_path):
@@ -323,11 +335,7 @@ def test_stage0_steps_default_to_steps_and_zero_turns_it_off():
 def test_options_script_writes_one_table_of_every_variant(tmp_path):
     """experiments/mri_options.py: every variant around the same backbone, one row each with its optimizer
     steps (stage 0 only where it is on), and the baselines trained once."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    try:
-        import mri_options
-    finally:
-        sys.path.remove(os.path.join(ROOT, "experiments"))
+    mri_options = experiment_script("mri_options")
     out = tmp_path / "options"
     mri_options.main(["--out", str(out), *TINY])
     rows = [
@@ -348,11 +356,7 @@ def test_compare_script_pairs_the_volumes_of_runs_on_the_same_data(tmp_path, cap
     """experiments/mri_compare.py: one table of every run's methods, paired per-volume SSIM differences
     (backbone against backbone, skip only against skip only, backbone against its skip only) with the count of
     volumes where the first is higher, compare.png; runs of different test volumes are refused by name."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    try:
-        import mri_compare
-    finally:
-        sys.path.remove(os.path.join(ROOT, "experiments"))
+    mri_compare = experiment_script("mri_compare")
 
     def write_run(name, backbone, ssims, skip_ssims, zero_filled=(0.5, 0.6, 0.4)):
         per_volume = {
@@ -391,20 +395,21 @@ def test_compare_script_pairs_the_volumes_of_runs_on_the_same_data(tmp_path, cap
         mri_compare.main([str(tmp_path)])
 
 
+def tiny_anatomy_set(tmp_path, volumes, slices):
+    """<tmp_path>/anatomy: a real-anatomy set of the small test head, 16x16, 2 coils, seed 0."""
+    data = tmp_path / "anatomy"
+    head = write_head_nifti(tmp_path / "head.nii.gz")
+    sizes = f"--volumes {volumes} --slices {slices} --size 16 --coils 2 --seed 0"
+    mri.main(f"--generate {data} --anatomy {head} {sizes}".split())
+    return data
+
+
 def test_level_readout_script_finds_a_clean_code_and_writes_its_table(tmp_path):
     """experiments/mri_level_readout.py on a tiny real-anatomy set: a row per source with its test accuracy beside
     the majority, the curves as a PNG; a learned code of the true level is read right (which the scoring by
     likelihood must find); a set without levels and an unknown source are named errors."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    try:
-        import mri_level_readout
-    finally:
-        sys.path.remove(os.path.join(ROOT, "experiments"))
-    data = tmp_path / "anatomy"
-    mri.main(
-        f"--generate {data} --anatomy {write_head_nifti(tmp_path / 'head.nii.gz')} --volumes 8 --slices 6 "
-        "--size 16 --coils 2 --seed 0".split()
-    )
+    mri_level_readout = experiment_script("mri_level_readout")
+    data = tiny_anatomy_set(tmp_path, volumes=8, slices=6)
     out = tmp_path / "readout"
     mri_level_readout.main(["--data", str(data), "--out", str(out), "--steps", "3", "--window", "128"])
     rows = [
@@ -425,3 +430,66 @@ def test_level_readout_script_finds_a_clean_code_and_writes_its_table(tmp_path):
     mri.main(f"--generate {phantoms} --volumes 6 --slices 2 --size 16 --coils 2 --seed 0".split())
     with pytest.raises(UserError, match="no level"):
         mri_level_readout.main(["--data", str(phantoms), "--out", str(out), "--steps", "1"])
+
+
+def write_toy_findings_set(folder, volumes=24, slices=4, size=16):
+    """Volumes whose lesions no reader can miss: slice s of volume v holds (v + s) % 3 bright squares on a
+    dark background, each always at its place ("left frontal", then "right posterior"), scanned as the
+    phantoms are (coils, signal level, phase, noise) and written with their reports."""
+    squares = [("left", "frontal", np.s_[2:7, 2:7]), ("right", "posterior", np.s_[9:14, 9:14])]
+    xx, yy = field_of_view_grid(size, size)
+    rng = np.random.default_rng(0)
+    os.makedirs(folder)
+    for v in range(volumes):
+        magnitudes, reports = np.full((slices, size, size), 0.1), []
+        for s in range(slices):
+            count = (v + s) % 3
+            for _, _, place in squares[:count]:
+                magnitudes[s][place] = 1.0
+            places = [f"{side} {lobe}: large round bright." for side, lobe, _ in squares[:count]]
+            reports.append(" ".join([f"lesions: {count}.", *places]))
+        kspace, target = acquire(rng, magnitudes, xx, yy, 2)
+        write_volume(os.path.join(folder, f"toy_{v:05d}.h5"), kspace, target, reports, f"toy {v}")
+    return str(folder)
+
+
+def findings_rows(out):
+    """The rows of findings_cnn.md's first table: [input, finding, classes, majority, ridge, CNN]."""
+    lines = (out / "findings_cnn.md").read_text().split("\n\n")
+    table = next(block for block in lines if block.startswith("| input | finding | classes |"))
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+
+
+def test_findings_cnn_script_writes_its_table_and_reads_a_visible_count(tmp_path):
+    """experiments/mri_findings_cnn.py: on a tiny real-anatomy set a row per input and finding (count,
+    places, level), accuracies in [0, 1], the figures; on a set whose lesions are bright squares the CNN reads
+    the count from the true and the zero-filled image, well above always the most common count; bad input is
+    a named error."""
+    mri_findings_cnn = experiment_script("mri_findings_cnn")
+    data = tiny_anatomy_set(tmp_path, volumes=6, slices=4)
+    out = tmp_path / "cnn"
+    tiny = ["--steps", "2", "--batch-size", "8", "--width", "2", "--val-checks", "1"]
+    mri_findings_cnn.main(["--data", str(data), "--out", str(out), *tiny])
+    rows = findings_rows(out)
+    assert [row[:2] for row in rows] == [
+        [kind, name] for kind in ("true image", "zero-filled 4x") for name in ("count", "places", "level")
+    ]
+    assert all(0 <= float(value) <= 1 for row in rows for value in row[3:])
+    assert (out / "findings_cnn.png").stat().st_size > 0 and (
+        out / "findings_cnn_curves.png"
+    ).stat().st_size > 0
+    toy = write_toy_findings_set(tmp_path / "toy")
+    visible = ["--findings", "count", "--steps", "100", "--batch-size", "16", "--width", "4", "--lr", "1e-2"]
+    mri_findings_cnn.main(["--data", toy, "--out", str(out), *visible])
+    rows = findings_rows(out)
+    assert [row[:3] for row in rows] == [["true image", "count", "3"], ["zero-filled 4x", "count", "3"]]
+    for row in rows:
+        assert float(row[5]) >= 0.9 and float(row[5]) > float(row[3]) + 0.4, row
+    for args, message in (
+        (["--data", str(tmp_path / "missing")], "does not exist"),
+        (["--data", toy, "--findings", "level"], r"no \['level'\] to classify"),
+        (["--data", toy, "--inputs", "kspace"], "--inputs: unknown"),
+    ):
+        with pytest.raises(UserError, match=message):
+            mri_findings_cnn.main([*args, "--out", str(tmp_path / "refused"), "--steps", "1"])
+    assert not (tmp_path / "refused").exists()

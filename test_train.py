@@ -455,11 +455,11 @@ def tiny_model_and_fused_adamw(device, backend="torch"):
     return model, torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), fused=True)
 
 
-def eager_step(model, optimizer, x, y, grad_clip, autocast=contextlib.nullcontext()):
+def eager_step(model, optimizer, x, y, grad_clip, autocast=None):
     """train_step's work written plainly: the reference of device_train_step."""
     total = 0.0
     for micro in range(len(x)):
-        with autocast:
+        with autocast or contextlib.nullcontext():
             loss = model(x[micro], y[micro])[1]
         (loss / len(x)).backward()
         total += float(loss.detach())
