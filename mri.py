@@ -175,6 +175,14 @@ def parse_args(argv=None):
         "(default: --steps; 0: off, the paper's two stages alone)",
     )
     p.add_argument(
+        "--encoder-findings-steps",
+        type=non_negative_int,
+        default=0,
+        help="not in the paper, off by default: before stage 1, this many steps train the encoder (what stage 1 "
+        "trains of it) with a linear head per report finding (lesion count, places, level) on its k-space "
+        "tokens, so that the tokens name the findings before the report is asked for them",
+    )
+    p.add_argument(
         "--stage1-steps",
         type=positive_int,
         help="stage 1: steps training the encoder and image queries on the report cross-entropy (default: "

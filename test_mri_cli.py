@@ -147,6 +147,15 @@ def test_queries_see_kspace_adds_its_projection_to_the_trainable_parameters(tmp_
     assert params[True] - params[False] == d_model * d_model + d_model
 
 
+def test_findings_stage_runs_between_stage_0_and_stage_1_and_is_counted(tmp_path):
+    out = tmp_path / "out"
+    mri.main(["--out", str(out), *TINY, "--encoder-findings-steps", "3"])
+    results = json.load(open(out / "results.json"))
+    steps = "2 (stage 0) + 3 (stage findings) + 2 (stage 1) + 2 (stage 2)"
+    assert results["steps"]["LLM[nirvana]"] == steps
+    assert len(results["fits"]["LLM[nirvana] stage findings"]["losses"]) == 3
+
+
 def run_mri(*args):
     env = {k: v for k, v in os.environ.items() if k != "NIRVANA_DEBUG"}
     return subprocess.run(

@@ -53,6 +53,7 @@ from mri_recon.results import diagnostics_table
 from mri_recon.training import (
     cache_image_tokens,
     decoder_val_loss,
+    train_findings,
     train_stage0,
     train_stage1,
     train_stage2,
@@ -602,6 +603,23 @@ def test_stage1_trains_the_backbone_only_when_asked_and_freezes_it_again(volumes
     after = state_fingerprint(model.llm)
     train_stage2("t", model, volumes, tokenizer, args, np.random.default_rng(0))
     assert unchanged(model.llm, after)
+
+
+def test_findings_stage_trains_the_encoders_token_path_to_name_the_findings(volumes):
+    """--encoder-findings-steps: the heads' cross-entropy falls on the training slices (the encoder's tokens come
+    to name count and places); the ViT changes, the VarNet cascades (frozen after stage 0) and the backbone do
+    not. Reports without findings that vary are a named error."""
+    model, _ = tiny_model()
+    args = tiny_args(encoder_findings_steps=40, stage1_cascades="freeze")
+    varnet, vit, llm = (state_fingerprint(m) for m in (model.encoder.varnet, model.encoder.vit, model.llm))
+    result = train_findings("t", model, volumes, args, np.random.default_rng(0))
+    assert len(result.losses) == 40
+    assert np.mean(result.losses[-5:]) < 0.8 * np.mean(result.losses[:5])
+    assert unchanged(model.encoder.varnet, varnet) and unchanged(model.llm, llm)
+    assert not unchanged(model.encoder.vit, vit)
+    same = [dataclasses.replace(v, reports=["lesions: 0."] * len(v.reports)) for v in volumes]
+    with pytest.raises(ValueError, match="state no finding with two or more values"):
+        train_findings("t", model, same, args, np.random.default_rng(0))
 
 
 def test_slice_standardise_uses_the_batch_while_training_and_its_stored_statistics_otherwise():

@@ -28,7 +28,7 @@ from mri_recon.models import E2EVarNet, UNetBaseline, zero_filled
 from mri_recon.pipeline import PROMPTS, build_nirvana_mri, count_trainable, heads_for, mri_sequence_length
 from mri_recon.plots import save_curves, save_grid
 from mri_recon.results import reports_markdown, results_markdown
-from mri_recon.training import train_image_baseline, train_stage0, train_stage1, train_stage2
+from mri_recon.training import train_findings, train_image_baseline, train_stage0, train_stage1, train_stage2
 
 
 def set_up(args):
@@ -203,6 +203,9 @@ def train_backbone(run, backbone, data, args, rng):
     if args.encoder_pretrain_steps:
         run.fits[f"{name} stage 0"] = train_stage0(name, model, train, args, rng, data.val)
         stages.insert(0, 0)
+    if args.encoder_findings_steps:
+        run.fits[f"{name} stage findings"] = train_findings(name, model, train, args, rng)
+        stages.insert(-2, "findings")
     run.fits[f"{name} stage 1"] = train_stage1(name, model, train, tokenizer, args, rng, data.val)
     run.fits[f"{name} stage 2"] = train_stage2(name, model, train, tokenizer, args, rng, data.val)
     run.timings[name] = time.time() - t0

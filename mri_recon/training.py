@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from mri_recon.batches import Batch, evaluation_batches, random_batches
+from mri_recon.diagnostics import findings
 from mri_recon.evaluation import mean_ssim
 from mri_recon.fit import fit
 from mri_recon.metrics import ssim
@@ -58,6 +59,52 @@ def train_stage0(name, model, volumes, args, rng, val_volumes=()):
         args.phase_seconds,
         validate,
         args.val_checks,
+    )
+
+
+def train_findings(name, model, volumes, args, rng):
+    """Before stage 1 (--encoder-findings-steps; not in the paper): the encoder's token path (what stage 1 trains
+    of it, per --stage1-cascades) and one linear head per finding on all its k-space tokens (N * d_model ->
+    classes), trained with the sum of the findings' cross-entropies for --encoder-findings-steps steps. The
+    findings are the report's labels (`diagnostics.findings`: lesion count, places, level), each one every
+    training report states with two or more values. Why: stage 1's one report per slice did not teach the
+    encoder to put a finding into its tokens (README), while a supervised CNN reads the findings from the
+    same images and the backbone reads a finding that arrives clean. The heads are dropped afterwards."""
+    labels = {n: [findings(r)[n] for v in volumes for r in v.reports] for n in ("count", "places", "level")}
+    classes = {n: sorted(set(v), key=str) for n, v in labels.items() if None not in v and len(set(v)) > 1}
+    if not classes:
+        raise ValueError(
+            "--encoder-findings-steps: the training reports state no finding with two or more values"
+        )
+    width = model.encoder.vit.n_tokens(*volumes[0].target.shape[-2:]) * model.llm.config.d_model
+    heads = torch.nn.ModuleDict({n: torch.nn.Linear(width, len(c)) for n, c in classes.items()}).to(
+        args.device
+    )
+    encoder = (
+        model.encoder.parameters()
+        if args.stage1_cascades == "train"
+        else model.encoder.non_cascade_parameters()
+    )
+
+    def loss_fn(b):
+        tokens = model.encoder(b.kspace, b.mask)[0].flatten(1)  # (B, N * d_model)
+        return sum(
+            torch.nn.functional.cross_entropy(
+                head(tokens),
+                torch.tensor([classes[n].index(findings(r)[n]) for r in b.reports], device=args.device),
+            )
+            for n, head in heads.items()
+        )
+
+    batches = random_batches(volumes, args.batch_size, args.train_acc, args.mask_type, rng)
+    return fit(
+        f"{name} findings",
+        list(encoder) + list(heads.parameters()),
+        loss_fn,
+        batches,
+        args.encoder_findings_steps,
+        args.lr,
+        args.phase_seconds,
     )
 
 
