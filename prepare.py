@@ -302,7 +302,9 @@ def write_shards(
         documents = iter_documents(files, text_field, Progress("encoding files", len(files)))
     pieces = iter_pieces(documents)
     _init_worker(tok.spec)
-    pool = multiprocessing.Pool(workers, _init_worker, (tok.spec,)) if workers > 1 else None
+    # spawned, not forked: a fork of a process whose torch threads hold a lock can hang in the child
+    spawn = multiprocessing.get_context("spawn")
+    pool = spawn.Pool(workers, _init_worker, (tok.spec,)) if workers > 1 else None
     encoded = pool.imap(_encode_piece, pieces, chunksize=16) if pool else map(_encode_piece, pieces)
     total, index = 0, -1
     try:

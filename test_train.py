@@ -155,6 +155,23 @@ def test_prepare_reads_txt_jsonl_and_dataset_folders(tmp_path):
     assert np.array_equal(train_split.read(train_split.num_tokens - 3, 6)[3:], train_split.read(0, 3))
 
 
+def test_prepare_with_worker_processes_writes_what_one_process_writes(tmp_path):
+    """--workers 2 encodes in spawned processes (a forked child of a process holding torch's thread locks can
+    hang): the shards are byte for byte those of one process."""
+    (tmp_path / "in.txt").write_text("\n\n".join(builtin_documents()[:40]))
+    for workers in (1, 2):
+        prepare(
+            [str(tmp_path / "in.txt")],
+            str(tmp_path / f"w{workers}"),
+            "bytes",
+            val_fraction=0.2,
+            workers=workers,
+        )
+    for split in ("train", "val"):
+        one, two = (TokenShards(str(tmp_path / f"w{w}"), split) for w in (1, 2))
+        assert np.array_equal(one.read(0, one.num_tokens), two.read(0, two.num_tokens))
+
+
 def test_prepare_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         prepare([str(tmp_path / "nowhere")], str(tmp_path / "out"), "bytes")
