@@ -11,7 +11,8 @@ report cross-entropy, as `mri.py --stage1-backbone train` does; what sits at the
     encoder             the encoder trained by the report (mri.py's stage 1, without stage 0)
     encoder + batch norm the same with --kspace-token-norm batch
     level-supervised encoder  the encoder first trained with a linear head on its tokens to name the level (the
-                        labels themselves, as many steps as stage 1), then as "encoder"
+                        labels themselves, as many steps as stage 1: mri.py's --encoder-findings-steps), then
+                        as "encoder"
 
 Scored on the test slices at 4x: the level the trained backbone finds most likely (the report's likelihood
 for each of the levels), beside always the most common training level.
@@ -43,7 +44,7 @@ from mri_recon.experiment import load_data
 from mri_recon.fit import fit
 from mri_recon.phantoms import parse_level
 from mri_recon.pipeline import PROMPTS, NirvanaMRI, build_nirvana_mri, encode_reports
-from mri_recon.training import calibrate_token_norm
+from mri_recon.training import calibrate_token_norm, train_findings
 from nirvana import Nirvana, NirvanaConfig
 from tokenizer import load_tokenizer
 
@@ -88,36 +89,6 @@ def build(source, data, args, tokenizer):
     for p in llm.parameters():
         p.requires_grad_(True)
     return model, table, trained, mri_args
-
-
-def supervise_encoder_on_level(model, data, args):
-    """The encoder and a linear head on all its k-space tokens trained with the level's cross-entropy (args.steps
-    steps of mri.py's batches and loop): tokens that name the level linearly before stage 1 starts. Returns
-    the test accuracy of the head."""
-    n_tokens = model.encoder.vit.n_tokens(*data.out_shape)
-    head = torch.nn.Linear(n_tokens * model.llm.config.d_model, len(args.levels)).to(args.device)
-
-    def levels_of(b):
-        return torch.tensor([args.levels.index(parse_level(r)) for r in b.reports], device=args.device)
-
-    def loss_fn(b):
-        return F.cross_entropy(head(model.encoder(b.kspace, b.mask)[0].flatten(1)), levels_of(b))
-
-    batches = random_batches(data.train, args.batch_size, [4], "random", np.random.default_rng(args.seed + 1))
-    fit(
-        "level head",
-        list(model.encoder.parameters()) + list(head.parameters()),
-        loss_fn,
-        batches,
-        args.steps,
-        args.lr,
-    )
-    with torch.no_grad():
-        hits = [
-            (head(model.encoder(b.kspace, b.mask)[0].flatten(1)).argmax(1) == levels_of(b)).float()
-            for b in evaluation_batches(data.test, [4], "random", args.batch_size)
-        ]
-    return torch.cat(hits).mean().item()
 
 
 def kspace_positions(source, model, table, kspace, mask, levels):
@@ -167,12 +138,10 @@ def run_source(source, data, args, tokenizer):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
 
     t0 = time.time()
-    if source == "level-supervised encoder":
-        print(
-            f"{source}: the level head on the encoder's tokens, test accuracy "
-            f"{supervise_encoder_on_level(model, data, args):.3f}",
-            flush=True,
-        )
+    if source == "level-supervised encoder":  # mri.py --encoder-findings-steps, the whole encoder, the level
+        mri_args.encoder_findings_steps, mri_args.stage1_cascades = args.steps, "train"
+        mri_args.batch_size, mri_args.lr = args.batch_size, args.lr
+        train_findings(source, model, data.train, mri_args, np.random.default_rng(args.seed + 1))
     batches = random_batches(data.train, args.batch_size, [4], "random", rng)
     losses = fit(source, trained, loss_fn, batches, args.steps, args.lr).losses
     if source == "encoder + batch norm":  # as mri.py's stage 1 ends: the training slices' statistics
