@@ -60,6 +60,8 @@ from pathlib import Path
 
 import torch
 
+from cli import comma_separated, names_from
+
 SECTIONS = ("swa", "trigger", "delta", "model", "step", "train", "decode", "profile")
 
 
@@ -84,6 +86,7 @@ def parse_args():
     parser.add_argument("--train-shape", default="4,4096", help="micro-batch,tokens of the train section")
     parser.add_argument(
         "--train-modes",
+        type=names_from(("eager", "compiled", "graphed"), "training modes"),
         default="eager,compiled",
         help="eager, compiled (torch.compile) and/or graphed (one CUDA graph per step, train.py --cuda-graph)",
     )
@@ -654,14 +657,11 @@ def bench_train(table, args):
     import train
 
     B, T = (int(x) for x in args.train_shape.split(","))
-    presets = [p.strip() for p in args.train_presets.split(",") if p.strip()]
-    modes = [m.strip() for m in args.train_modes.split(",") if m.strip()]
+    presets = comma_separated(args.train_presets)
+    modes = args.train_modes
     idx = torch.randint(0, 32000, (B, T), device="cuda")
     peak = train.peak_flops(torch.device("cuda"))
     run_args = train.parse_args(["--preset", presets[0]])  # train.py's defaults: AdamW settings, clipping
-    unknown = set(modes) - {"eager", "compiled", "graphed"}
-    if unknown:
-        raise SystemExit(f"--train-modes: unknown {sorted(unknown)}; choose from eager, compiled, graphed")
     reference = None  # (name, tokens/s, peak GiB) of fla's model in the first mode that timed it
     for mode in modes:
         results = {}  # name -> (tokens/s, peak GiB)
