@@ -53,7 +53,7 @@ from cli import (
     write_text_atomically,
 )
 from mri_recon.batches import evaluation_batches, random_batches
-from mri_recon.diagnostics import MAX_PROBE_SLICES, findings, findings_probe
+from mri_recon.diagnostics import MAX_PROBE_SLICES, finding_classes, findings, findings_probe
 from mri_recon.experiment import load_data
 from mri_recon.fastmri_files import list_volume_files
 from mri_recon.fit import fit
@@ -284,15 +284,14 @@ def main(argv=None):
             f"{args.data}: no {missing or 'finding'} to classify (one stated by every report, two or more "
             f"values in training); these reports give {stated or 'none'}"
         )
-    train_reports = [r for v in data.train for r in v.reports]
+    classes = finding_classes([r for v in data.train for r in v.reports])
     rows = {}
     for kind in inputs:
         for name in names:
-            classes = sorted({findings(r)[name] for r in train_reports}, key=str)
-            test, val, result, seconds = train_cnn(kind, name, classes, data, splits, args)
+            test, val, result, seconds = train_cnn(kind, name, classes[name], data, splits, args)
             probe = probes[kind][name]
             rows[(kind, name)] = dict(
-                classes=len(classes),
+                classes=len(classes[name]),
                 majority=probe["majority"],
                 ridge=probe["accuracy"],
                 cnn=test,

@@ -203,6 +203,14 @@ def findings(report):
     }
 
 
+def finding_classes(reports):
+    """{finding: its values, sorted} for each finding (`findings`) that every one of reports states with two or
+    more values among them: the findings a classifier can be trained on, in the order count, places, level."""
+    labels = [findings(r) for r in reports]
+    classes = {n: sorted({f[n] for f in labels}, key=str) for n in ("count", "places", "level")}
+    return {n: c for n, c in classes.items() if None not in c and len(c) > 1}
+
+
 def findings_probe(train_x, train_reports, val_x, val_reports, test_x, test_reports):
     """Ridge classifiers from features x (N, F) to each finding (`findings`) that every report of the three
     splits states and that takes two or more values in training: one-hot targets (all findings in one solve),
@@ -210,12 +218,12 @@ def findings_probe(train_x, train_reports, val_x, val_reports, test_x, test_repo
     Returns {finding: {"accuracy" (test), "majority" (test accuracy of always the most common training label),
     "classes", "strength"}}."""
     labels = [[findings(r) for r in reports] for reports in (train_reports, val_reports, test_reports)]
-    names = [
-        n
-        for n in ("count", "places", "level")
-        if all(f[n] is not None for split in labels for f in split) and len({f[n] for f in labels[0]}) > 1
-    ]
-    classes = {n: sorted({f[n] for f in labels[0]}, key=str) for n in names}
+    classes = {
+        n: c
+        for n, c in finding_classes(train_reports).items()
+        if all(f[n] is not None for split in labels[1:] for f in split)
+    }
+    names = list(classes)
     one_hot = torch.cat(
         [
             torch.tensor(

@@ -67,11 +67,14 @@ class NirvanaMRI(nn.Module):
         """Stage 1: the encoder and the image queries; cascades=False leaves out the encoder's VarNet cascades
         and sensitivity model (as stage 0 trained them); backbone=True adds the backbone's weights (mri.py
         --stage1-backbone train, a diagnostic; they take gradients only inside backbone_trainable)."""
-        encoder = self.encoder.parameters() if cascades else self.encoder.non_cascade_parameters()
         queries = [self.image_queries]
         if self.kspace_to_queries is not None:
             queries += list(self.kspace_to_queries.parameters())
-        return list(encoder) + queries + (list(self.llm.parameters()) if backbone else [])
+        return self.encoder_parameters(cascades) + queries + (list(self.llm.parameters()) if backbone else [])
+
+    def encoder_parameters(self, cascades=True):
+        """The encoder's parameters; cascades=False leaves out its VarNet cascades and sensitivity model."""
+        return list(self.encoder.parameters() if cascades else self.encoder.non_cascade_parameters())
 
     @contextlib.contextmanager
     def backbone_trainable(self, trainable=True):

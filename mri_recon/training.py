@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from mri_recon.batches import Batch, evaluation_batches, random_batches
-from mri_recon.diagnostics import findings
+from mri_recon.diagnostics import finding_classes, findings
 from mri_recon.evaluation import mean_ssim
 from mri_recon.fit import fit
 from mri_recon.metrics import ssim
@@ -70,8 +70,7 @@ def train_findings(name, model, volumes, args, rng):
     training report states with two or more values. Why: stage 1's one report per slice did not teach the
     encoder to put a finding into its tokens (README), while a supervised CNN reads the findings from the
     same images and the backbone reads a finding that arrives clean. The heads are dropped afterwards."""
-    labels = {n: [findings(r)[n] for v in volumes for r in v.reports] for n in ("count", "places", "level")}
-    classes = {n: sorted(set(v), key=str) for n, v in labels.items() if None not in v and len(set(v)) > 1}
+    classes = finding_classes([r for v in volumes for r in v.reports])
     if not classes:
         raise ValueError(
             "--encoder-findings-steps: the training reports state no finding with two or more values"
@@ -80,11 +79,7 @@ def train_findings(name, model, volumes, args, rng):
     heads = torch.nn.ModuleDict({n: torch.nn.Linear(width, len(c)) for n, c in classes.items()}).to(
         args.device
     )
-    encoder = (
-        model.encoder.parameters()
-        if args.stage1_cascades == "train"
-        else model.encoder.non_cascade_parameters()
-    )
+    encoder = model.encoder_parameters(cascades=args.stage1_cascades == "train")
 
     def loss_fn(b):
         tokens = model.encoder(b.kspace, b.mask)[0].flatten(1)  # (B, N * d_model)
