@@ -198,8 +198,8 @@ def out_folder(tmp_path):
 @pytest.fixture
 def inputs(tmp_path):
     """Bad inputs on disk: a text file, a folder of text files named .h5, a folder without .h5 files, a
-    folder of fastMRI files without the reports stage 1 needs, text files named .nii / .nii.gz, a NIfTI head
-    image and that file cut short."""
+    folder of fastMRI files without the reports stage 1 needs, one whose reports state no finding, text files
+    named .nii / .nii.gz, a NIfTI head image and that file cut short."""
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
     for folder, names in (("text_h5", ["a.h5", "b.h5", "c.h5"]), ("no_h5", ["readme.txt"])):
         (tmp_path / folder).mkdir()
@@ -214,6 +214,12 @@ def inputs(tmp_path):
         with h5py.File(tmp_path / "no_reports" / name, "w") as f:
             f["kspace"] = np.ones((2, 2, 16, 16), np.complex64)
             f["reconstruction_rss"] = np.ones((2, 16, 16), np.float32)
+    (tmp_path / "free_reports").mkdir()
+    for name in ("a.h5", "b.h5", "c.h5"):  # reports in words of their own: no finding to read from them
+        with h5py.File(tmp_path / "free_reports" / name, "w") as f:
+            f["kspace"] = np.ones((2, 2, 16, 16), np.complex64)
+            f["reconstruction_rss"] = np.ones((2, 16, 16), np.float32)
+            f["reports"] = ["unremarkable.", "unremarkable."]
     return tmp_path
 
 
@@ -276,6 +282,10 @@ def test_out_that_is_a_file_is_refused(inputs):
 # Refused after torch and the package are imported, before any training.
 RUN_CASES = [
     (["--data", "{inputs}/no_reports"], ["stage 1 needs a report per slice"]),
+    (
+        ["--data", "{inputs}/free_reports", "--encoder-findings-steps", "5"],
+        ["--encoder-findings-steps", "state no finding with two or more values"],
+    ),
     (
         ["--backbone", "{inputs}/notes.txt"],
         ["--backbone", "notes.txt is not a PyTorch checkpoint", "train.py"],

@@ -20,7 +20,7 @@ from mri_recon.backbones import (
     unchanged,
     window_note,
 )
-from mri_recon.diagnostics import diagnose
+from mri_recon.diagnostics import diagnose, finding_classes
 from mri_recon.evaluation import evaluate, gate_statistics, generate_test_reports
 from mri_recon.fastmri_files import list_volume_files, load_volumes, split_by_volume
 from mri_recon.metrics import SSIM_WINDOW, score_majority, score_reports, summarize
@@ -123,6 +123,11 @@ def load_data(args):
         raise UserError(
             "stage 1 needs a report per slice: add a 'reports' dataset (one string per slice) to "
             "every training .h5 file"
+        )
+    if args.encoder_findings_steps and not finding_classes([r for v in train for r in v.reports]):
+        raise UserError(
+            "--encoder-findings-steps: the training reports state no finding with two or more values (lesion "
+            "count, places, level in the templated form mri.py --generate writes); leave the option out"
         )
     h, w = out_shape
     if min(h, w) < SSIM_WINDOW or h % args.patch or w % args.patch:
