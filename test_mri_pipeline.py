@@ -265,6 +265,14 @@ def test_backbones_sized_with_train_py_set_keep_their_config(pretrained_backbone
     assert (config.variant, config.n_layers, config.window) == ("transformer", 3, 256)
 
 
+def test_random_backbones_attend_to_the_whole_mri_sequence():
+    """The tiny random-init backbones (no --backbone) have their whole context as the window, so the report
+    tokens see every k-space token; the preset's own window (32) is shorter than the MRI sequence."""
+    [(_, llm, _, _)] = load_backbones(tiny_args(backbone=[], variants=["nirvana"]))
+    assert llm.config.window == llm.config.context_length == 256
+    assert "fits in the window" in window_note(llm, 230)
+
+
 @pytest.mark.parametrize("variant", ["transformer", "nirvana-notrigger"])
 def test_any_variant_checkpoint_is_a_frozen_backbone(volumes, pretrained_backbones, variant):
     """A transformer (no Trigger, no gates) or nirvana-notrigger (gates, no p) checkpoint runs both stages,

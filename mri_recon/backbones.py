@@ -45,9 +45,12 @@ def load_backbones(args):
 
 
 def tiny_config(variant, vocab_size):
-    """The config of a tiny random-init backbone of one variant; an unknown variant is a UserError."""
+    """The config of a tiny random-init backbone of one variant; an unknown variant is a UserError.
+    Its window is its whole context (256 tokens), not the preset's 32: the image queries and report tokens
+    then attend to every k-space token, as they do in a pretrained backbone (window 2048)."""
     try:
-        return NirvanaConfig.from_preset(f"{variant}-tiny", vocab_size=vocab_size)
+        context = NirvanaConfig.from_preset(f"{variant}-tiny").context_length
+        return NirvanaConfig.from_preset(f"{variant}-tiny", vocab_size=vocab_size, window=context)
     except ValueError as error:
         raise UserError(
             f"--variants: no variant {variant!r}; the variants are {', '.join(VARIANTS)}"
