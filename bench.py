@@ -559,20 +559,23 @@ def bench_step(table, args):
 
 
 def time_training_steps(step, warmup=3, steps=10):
-    """Median ms of `steps` calls of step() after `warmup` calls (the first compiles)."""
+    """Median ms of `steps` calls of step() after `warmup` calls, and the seconds the warm-up calls took (the
+    first compiles the Triton kernels: minutes on a fresh machine, seconds from Triton's cache)."""
     import statistics
     import time
 
+    start = time.perf_counter()
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - start
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(times), warmup_s
 
 
 def fla_gated_deltanet_model(config):
@@ -670,7 +673,8 @@ def bench_train(table, args):
                 # a failed capture can leave the CUDA context unusable for the contenders after it
                 print(f"train (graphed): {name} is not captured; its ratios are to its {modes[0]} step")
                 continue
-            # progress: a contender's warm-up steps can take minutes on a fresh machine (Triton autotuning)
+            # progress: a contender's warm-up steps can take minutes on a fresh machine (Triton compiles our kernels,
+            # fla autotunes its own); the note gives how long they took
             print(f"train ({mode}): timing {name}", flush=True)
             torch.manual_seed(0)
             torch._dynamo.reset()  # each contender compiles afresh
@@ -692,7 +696,7 @@ def bench_train(table, args):
                 else:
                     step = training_step(model, forward, optimizer, idx, run_args.grad_clip)
                 with torch._dynamo.config.patch(recompile_limit=recompile_limit):
-                    ms = time_training_steps(step)
+                    ms, warmup_s = time_training_steps(step)
                 tokens_per_s = B * T / (ms * 1e-3)
                 peak_gib = torch.cuda.max_memory_allocated() / 2**30
                 results[name] = (tokens_per_s, peak_gib)
@@ -700,7 +704,7 @@ def bench_train(table, args):
                 mfu = flop / (ms * 1e-3) / peak if peak and flop else None
                 note = (
                     f"{tokens_per_s:,.0f} tok/s, MFU {'n/a' if mfu is None else f'{mfu:.1%}'}, "
-                    f"peak memory {peak_gib:.1f} GiB, {params:,} params"
+                    f"peak memory {peak_gib:.1f} GiB, {params:,} params, warm-up {warmup_s:.0f} s"
                 )
             except torch.OutOfMemoryError:
                 ms, note = None, "out of memory"
