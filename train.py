@@ -649,7 +649,7 @@ class CudaGraphTrainStep:
 
     The micro-batches, the learning rate, the loss and the gradient norm live in device buffers that every step
     overwrites (the graph reads and writes fixed addresses). The first `warmup` calls run device_train_step
-    eagerly on a side stream (they autotune the Triton kernels and create AdamW's state, which a capture cannot
+    eagerly on a side stream (they compile the Triton kernels and create AdamW's state, which a capture cannot
     do); the next one captures it and every call from then on replays it. All of them are real training steps.
     What the graph needs that the eager step does not: autocast without its cache of bf16 weight copies (a
     cached copy would be captured stale), the learning rate as a device tensor (fused AdamW takes one),

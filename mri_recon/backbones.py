@@ -1,6 +1,7 @@
 """The frozen language backbones: train.py checkpoints or tiny random-init presets, what each one is, whether
 its window holds the MRI sequence, and the fingerprint that proves it stayed frozen."""
 
+import dataclasses
 import os
 
 import torch
@@ -49,12 +50,12 @@ def tiny_config(variant, vocab_size):
     Its window is its whole context (256 tokens), not the preset's 32: the image queries and report tokens
     then attend to every k-space token, as they do in a pretrained backbone (window 2048)."""
     try:
-        context = NirvanaConfig.from_preset(f"{variant}-tiny").context_length
-        return NirvanaConfig.from_preset(f"{variant}-tiny", vocab_size=vocab_size, window=context)
+        config = NirvanaConfig.from_preset(f"{variant}-tiny", vocab_size=vocab_size)
     except ValueError as error:
         raise UserError(
             f"--variants: no variant {variant!r}; the variants are {', '.join(VARIANTS)}"
         ) from error
+    return dataclasses.replace(config, window=config.context_length)
 
 
 def pretraining_summary(checkpoint):

@@ -94,7 +94,7 @@ def train_findings(name, model, volumes, args, rng):
     batches = random_batches(volumes, args.batch_size, args.train_acc, args.mask_type, rng)
     return fit(
         f"{name} findings",
-        list(encoder) + list(heads.parameters()),
+        encoder + list(heads.parameters()),
         loss_fn,
         batches,
         args.encoder_findings_steps,
